@@ -1,0 +1,1 @@
+"""The fleet: node agents, the model catalog, placements and their load history."""

@@ -1,0 +1,221 @@
+"""The operator's view of the fleet in the Django admin."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.contrib import admin, messages
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from agents import actions
+from agents.choices import AgentState, PlacementState
+from agents.models import Agent, LoadEvent, Model, Placement
+
+_STATE_COLOURS = {
+    AgentState.IDLE: "#2e7d32",
+    AgentState.INFERRING: "#1565c0",
+    AgentState.LOADING_MODEL: "#6a1b9a",
+    AgentState.DRAINING: "#ef6c00",
+    AgentState.DEGRADED: "#c62828",
+    AgentState.OFFLINE: "#616161",
+}
+
+
+def format_bytes(value: int | None) -> str:
+    if not value:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_age(moment: datetime | None) -> str:
+    if moment is None:
+        return "never"
+    seconds = max((timezone.now() - moment).total_seconds(), 0)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{timedelta(seconds=int(seconds))} ago"
+
+
+class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+class AgentPlacementInline(ReadOnlyInline):
+    model = Placement
+    fields = readonly_fields = (
+        "model",
+        "state",
+        "cache_level",
+        "requests_in_flight",
+        "last_used_at",
+        "error",
+    )
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin[Agent]):
+    list_display = [
+        "agent_id", "state_badge", "gpu", "gpu_memory", "heartbeat",
+        "placement_count", "engine_queue_length", "version",
+    ]  # fmt: skip
+    list_filter = ["state", "gpu_name"]
+    search_fields = ["agent_id", "base_url"]
+    actions = ["drain", "undrain"]
+    inlines = [AgentPlacementInline]
+    readonly_fields = [
+        "agent_id", "base_url", "state", "reported_state", "drained_at", "version", "labels",
+        "gpus", "gpu_name", "gpu_count", "gpu_memory_total", "gpu_memory_free",
+        "gpu_utilization", "engine_queue_length", "last_heartbeat_at", "heartbeat_failures",
+        "registered_at", "updated_at",
+    ]  # fmt: skip
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Agent]:
+        return super().get_queryset(request).annotate(placement_total=Count("placements"))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Agents enter the fleet by registering themselves with the agent token.
+        return False
+
+    @admin.display(description="State", ordering="state")
+    def state_badge(self, agent: Agent) -> SafeString:
+        colour = _STATE_COLOURS.get(AgentState(agent.state), "#000")
+        return format_html('<b style="color:{}">{}</b>', colour, agent.get_state_display())
+
+    @admin.display(description="GPUs", ordering="gpu_name")
+    def gpu(self, agent: Agent) -> str:
+        return f"{agent.gpu_count} x {agent.gpu_name}" if agent.gpu_count else "no GPU"
+
+    @admin.display(description="GPU memory free", ordering="gpu_memory_free")
+    def gpu_memory(self, agent: Agent) -> str:
+        if not agent.gpu_memory_total:
+            return "-"
+        return f"{format_bytes(agent.gpu_memory_free)} of {format_bytes(agent.gpu_memory_total)}"
+
+    @admin.display(description="Last heartbeat", ordering="last_heartbeat_at")
+    def heartbeat(self, agent: Agent) -> str:
+        return format_age(agent.last_heartbeat_at)
+
+    @admin.display(description="Placements", ordering="placement_total")
+    def placement_count(self, agent: Agent) -> int:
+        return int(getattr(agent, "placement_total", 0))
+
+    @admin.action(description="Drain: send no new work to the selected agents")
+    def drain(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        agent_ids = list(queryset.values_list("agent_id", flat=True))
+        for agent_id in agent_ids:
+            actions.drain_agent(agent_id)
+        self.message_user(request, f"Draining {len(agent_ids)} agent(s).", messages.SUCCESS)
+
+    @admin.action(description="Undrain: let the selected agents take new work")
+    def undrain(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        agent_ids = list(queryset.values_list("agent_id", flat=True))
+        for agent_id in agent_ids:
+            actions.undrain_agent(agent_id)
+        self.message_user(
+            request, f"{len(agent_ids)} agent(s) take new work again.", messages.SUCCESS
+        )
+
+
+class ModelPlacementInline(ReadOnlyInline):
+    model = Placement
+    fields = readonly_fields = (
+        "agent",
+        "state",
+        "cache_level",
+        "requests_in_flight",
+        "last_used_at",
+        "error",
+    )
+
+
+@admin.register(Model)
+class CatalogModelAdmin(admin.ModelAdmin[Model]):
+    list_display = [
+        "model_id", "enabled", "pinned", "ready_replicas", "size", "gpu_memory",
+        "keep_alive", "min_replicas", "max_replicas", "source",
+    ]  # fmt: skip
+    list_filter = ["enabled", "pinned"]
+    search_fields = ["model_id", "source"]
+    readonly_fields = ["created_at", "updated_at"]
+    inlines = [ModelPlacementInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Model]:
+        ready = Count("placements", filter=Q(placements__state=PlacementState.READY))
+        return super().get_queryset(request).annotate(ready_total=ready)
+
+    @admin.display(description="Ready replicas", ordering="ready_total")
+    def ready_replicas(self, model: Model) -> int:
+        return int(getattr(model, "ready_total", 0))
+
+    @admin.display(description="Size", ordering="size_bytes")
+    def size(self, model: Model) -> str:
+        return format_bytes(model.size_bytes)
+
+    @admin.display(description="GPU memory", ordering="gpu_memory_bytes")
+    def gpu_memory(self, model: Model) -> str:
+        return format_bytes(model.gpu_memory_bytes)
+
+
+@admin.register(Placement)
+class PlacementAdmin(admin.ModelAdmin[Placement]):
+    list_display = [
+        "model", "agent", "state", "cache_level", "progress_percent",
+        "requests_in_flight", "requests_waiting", "last_used_at", "error",
+    ]  # fmt: skip
+    list_filter = ["state", "cache_level", ("model", admin.RelatedOnlyFieldListFilter)]
+    list_select_related = ["model", "agent"]
+    search_fields = ["model__model_id", "agent__agent_id"]
+    readonly_fields = [field.name for field in Placement._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Placements are made by scheduling (a cold start or an operator's load), not by hand.
+        return False
+
+    @admin.display(description="Progress")
+    def progress_percent(self, placement: Placement) -> str:
+        progress = placement.progress
+        return "-" if progress is None else f"{progress:.0%}"
+
+
+@admin.register(LoadEvent)
+class LoadEventAdmin(admin.ModelAdmin[LoadEvent]):
+    list_display = [
+        "queued_at", "kind", "model", "agent", "trigger", "outcome", "from_level", "to_level",
+        "download_seconds", "engine_start_seconds", "first_token_seconds", "short_error",
+    ]  # fmt: skip
+    list_filter = ["kind", "outcome", "trigger", "to_level"]
+    list_select_related = ["model", "agent"]
+    search_fields = ["model__model_id", "agent__agent_id", "error"]
+    date_hierarchy = "queued_at"
+    ordering = ["-queued_at", "-id"]
+    readonly_fields = [field.name for field in LoadEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        # History is written by loads and unloads; the page stays viewable.
+        return False
+
+    @admin.display(description="Error")
+    def short_error(self, event: LoadEvent) -> str:
+        return event.error[:80]

@@ -1,0 +1,128 @@
+"""Serializers of the fleet API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from agents.choices import REPORTED_AGENT_STATES
+from agents.models import Agent, LoadEvent, Model, Placement
+from agents.validators import validate_agent_id, validate_base_url
+from nodeagent.protocol import GpuInfo, RegisterRequest
+
+
+class PlacementSerializer(serializers.ModelSerializer[Placement]):
+    agent = serializers.SlugRelatedField[Agent](slug_field="agent_id", read_only=True)
+    model = serializers.SlugRelatedField[Model](slug_field="model_id", read_only=True)
+    progress = serializers.FloatField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Placement
+        fields = [
+            "id", "agent", "model", "state", "cache_level", "inference_endpoint_url",
+            "progress", "bytes_done", "bytes_total", "kv_cache_hit_rate", "kv_cache_usage",
+            "requests_in_flight", "requests_waiting", "last_used_at", "ready_at", "error",
+            "created_at", "updated_at",
+        ]  # fmt: skip
+
+
+class AgentPlacementSerializer(PlacementSerializer):
+    class Meta(PlacementSerializer.Meta):
+        fields = ["model", "state", "cache_level", "progress", "requests_in_flight", "last_used_at"]
+
+
+class AgentSerializer(serializers.ModelSerializer[Agent]):
+    placements = AgentPlacementSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Agent
+        fields = [
+            "agent_id", "base_url", "state", "reported_state", "drained_at", "version", "labels",
+            "gpus", "gpu_name", "gpu_count", "gpu_memory_total", "gpu_memory_free",
+            "gpu_utilization", "engine_queue_length", "last_heartbeat_at", "heartbeat_failures",
+            "registered_at", "updated_at", "placements",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class ModelSerializer(serializers.ModelSerializer[Model]):
+    class Meta:
+        model = Model
+        fields = [
+            "model_id", "source", "revision", "size_bytes", "gpu_memory_bytes", "engine_args",
+            "keep_alive", "min_replicas", "max_replicas", "pinned", "enabled", "owned_by",
+            "created_at", "updated_at",
+        ]  # fmt: skip
+        read_only_fields = ["created_at", "updated_at"]
+        extra_kwargs = {
+            "size_bytes": {"min_value": 0},
+            "gpu_memory_bytes": {"min_value": 0},
+            "max_replicas": {"min_value": 1},
+        }
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # A PATCH may carry only one of the two: compare with the stored other.
+        current = self.instance
+        low = attrs.get("min_replicas", current.min_replicas if current else 0)
+        high = attrs.get("max_replicas", current.max_replicas if current else 1)
+        if high < low:
+            raise serializers.ValidationError(
+                {"max_replicas": f"Must be at least min_replicas ({low})."}
+            )
+        return attrs
+
+
+class LoadEventSerializer(serializers.ModelSerializer[LoadEvent]):
+    class Meta:
+        model = LoadEvent
+        fields = "__all__"
+
+
+class GpuInfoSerializer(serializers.Serializer[GpuInfo]):
+    index = serializers.IntegerField(min_value=0)
+    name = serializers.CharField(max_length=128)
+    memory_total = serializers.IntegerField(min_value=0)
+    memory_free = serializers.IntegerField(min_value=0)
+    utilization = serializers.FloatField(
+        min_value=0, max_value=100, allow_null=True, required=False, default=None
+    )
+    uuid = serializers.CharField(max_length=128, required=False, default="", allow_blank=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["memory_free"] > attrs["memory_total"]:
+            raise serializers.ValidationError({"memory_free": "Exceeds memory_total."})
+        return attrs
+
+
+class RegisterSerializer(serializers.Serializer[RegisterRequest]):
+    """Validates `nodeagent.protocol.RegisterRequest` as an agent sends it."""
+
+    agent_id = serializers.CharField(max_length=128, validators=[validate_agent_id])
+    base_url = serializers.CharField(max_length=500, validators=[validate_base_url])
+    version = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
+    state = serializers.ChoiceField(
+        choices=[state.value for state in REPORTED_AGENT_STATES], required=False, default="IDLE"
+    )
+    gpus = GpuInfoSerializer(many=True, required=False, default=list)
+    labels = serializers.DictField(
+        child=serializers.CharField(max_length=256, allow_blank=True), required=False, default=dict
+    )
+
+    def to_request(self) -> RegisterRequest:
+        data = self.validated_data
+        return RegisterRequest(
+            agent_id=data["agent_id"],
+            base_url=data["base_url"],
+            version=data["version"],
+            state=data["state"],
+            gpus=tuple(GpuInfo(**gpu) for gpu in data["gpus"]),
+            labels=dict(data["labels"]),
+        )
+
+
+class RegisterResponseSerializer(serializers.Serializer[Any]):
+    agent_id = serializers.CharField()
+    created = serializers.BooleanField()
+    state = serializers.CharField()
+    heartbeat_interval_seconds = serializers.IntegerField()

@@ -1,0 +1,107 @@
+"""The fleet API: agents, the model catalog, placements, and agent registration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from django.conf import settings
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agents import actions
+from agents.api.authentication import AgentTokenAuthentication, IsAgent
+from agents.api.serializers import (
+    AgentSerializer,
+    ModelSerializer,
+    PlacementSerializer,
+    RegisterResponseSerializer,
+    RegisterSerializer,
+)
+from agents.models import Agent, Model, Placement
+from nodeagent.protocol import RegisterResponse
+
+# model_id may hold slashes (org/name): let the URL segment take them.
+MODEL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"
+
+
+class AgentViewSet(viewsets.ReadOnlyModelViewSet[Agent]):
+    queryset = Agent.objects.prefetch_related("placements__model")
+    serializer_class = AgentSerializer
+    lookup_field = "agent_id"
+    lookup_value_regex = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+    @extend_schema(request=None, responses=AgentSerializer)
+    @action(detail=True, methods=["post"])
+    def drain(self, request: Request, agent_id: str) -> Response:
+        """Stop sending new work to this agent."""
+        self.get_object()  # 404 for an unknown agent
+        return Response(AgentSerializer(actions.drain_agent(agent_id)).data)
+
+    @extend_schema(request=None, responses=AgentSerializer)
+    @action(detail=True, methods=["post"])
+    def undrain(self, request: Request, agent_id: str) -> Response:
+        """Let this agent take new work again."""
+        self.get_object()
+        return Response(AgentSerializer(actions.undrain_agent(agent_id)).data)
+
+
+class ModelViewSet(viewsets.ModelViewSet[Model]):
+    queryset = Model.objects.all()
+    serializer_class = ModelSerializer
+    lookup_field = "model_id"
+    lookup_value_regex = MODEL_ID_PATTERN
+
+
+@extend_schema(
+    parameters=[
+        OpenApiParameter("model", str, description="Only placements of this model_id"),
+        OpenApiParameter("agent", str, description="Only placements on this agent_id"),
+        OpenApiParameter("state", str, description="Only placements in this state"),
+        OpenApiParameter("cache_level", str, description="Only placements at this level"),
+    ]
+)
+class PlacementViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Placement]
+):
+    serializer_class = PlacementSerializer
+
+    def get_queryset(self) -> QuerySet[Placement]:
+        queryset = Placement.objects.select_related("agent", "model")
+        filters = {
+            "model": "model__model_id",
+            "agent": "agent__agent_id",
+            "state": "state",
+            "cache_level": "cache_level",
+        }
+        for param, lookup in filters.items():
+            value = self.request.query_params.get(param)
+            if value:
+                queryset = queryset.filter(**{lookup: value})
+        return queryset
+
+
+class RegisterAgentView(APIView):
+    """`POST /api/agents/register`: a node agent announces itself (idempotent by agent_id)."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+
+    @extend_schema(request=RegisterSerializer, responses=RegisterResponseSerializer)
+    def post(self, request: Request) -> Response:
+        serializer = RegisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        agent, created = actions.register_agent(serializer.to_request())
+        answer = RegisterResponse(
+            agent_id=agent.agent_id,
+            created=created,
+            state=agent.state,
+            heartbeat_interval_seconds=settings.HEARTBEAT_INTERVAL_SECONDS,
+        )
+        return Response(
+            asdict(answer), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )

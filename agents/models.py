@@ -1,0 +1,232 @@
+"""The fleet's state: agents, the model catalog, placements and load history."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import models
+from django.db.models import Q
+
+from agents.choices import (
+    UNROUTABLE_AGENT_STATES,
+    AgentState,
+    CacheLevel,
+    LoadEventKind,
+    LoadOutcome,
+    LoadTrigger,
+    PlacementState,
+)
+from agents.validators import (
+    validate_agent_id,
+    validate_base_url,
+    validate_engine_args,
+    validate_labels,
+    validate_model_id,
+    validate_source,
+)
+
+
+class Agent(models.Model):
+    """A GPU host running the node agent (`python -m nodeagent`).
+
+    Rows are created and refreshed by the agent's registration and by
+    heartbeats; the GPU and engine figures are the latest it reported.
+    """
+
+    agent_id = models.CharField(max_length=128, unique=True, validators=[validate_agent_id])
+    base_url = models.CharField(
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="Where the control plane reaches the agent.",
+    )
+    state = models.CharField(max_length=16, choices=AgentState.choices, default=AgentState.IDLE)
+    reported_state = models.CharField(
+        max_length=16,
+        choices=AgentState.choices,
+        default=AgentState.IDLE,
+        help_text="What the agent last said of itself; `state` adds health and draining.",
+    )
+    drained_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set while an operator has the agent draining."
+    )
+    version = models.CharField(max_length=64, blank=True)
+    labels = models.JSONField(default=dict, blank=True, validators=[validate_labels])
+
+    gpus = models.JSONField(default=list, blank=True, help_text="Per-GPU facts from NVML.")
+    gpu_name = models.CharField(max_length=128, blank=True)
+    gpu_count = models.PositiveSmallIntegerField(default=0)
+    gpu_memory_total = models.BigIntegerField(default=0, help_text="Bytes, all GPUs.")
+    gpu_memory_free = models.BigIntegerField(default=0, help_text="Bytes, all GPUs.")
+    gpu_utilization = models.FloatField(null=True, blank=True, help_text="Percent, mean of GPUs.")
+    engine_queue_length = models.PositiveIntegerField(default=0)
+
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_failures = models.PositiveIntegerField(default=0)
+    registered_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["agent_id"]
+        indexes = [models.Index(fields=["state"], name="agent_state")]
+
+    def __str__(self) -> str:
+        return self.agent_id
+
+    @property
+    def is_routable(self) -> bool:
+        return self.state not in UNROUTABLE_AGENT_STATES
+
+
+class Model(models.Model):
+    """A catalog entry: a checkpoint clients may ask for by `model_id`."""
+
+    model_id = models.CharField(max_length=200, unique=True, validators=[validate_model_id])
+    source = models.CharField(
+        max_length=1000,
+        validators=[validate_source],
+        help_text="azure://<container>/<prefix> or file:///<directory>",
+    )
+    revision = models.CharField(max_length=128, blank=True)
+    size_bytes = models.BigIntegerField(default=0, help_text="Checkpoint size on disk.")
+    gpu_memory_bytes = models.BigIntegerField(
+        default=0, help_text="GPU memory one replica needs (weights and KV cache)."
+    )
+    engine_args = models.JSONField(default=list, blank=True, validators=[validate_engine_args])
+    keep_alive = models.DurationField(
+        default=timedelta(minutes=10), help_text="Idle time before the model steps down a level."
+    )
+    min_replicas = models.PositiveSmallIntegerField(default=0, help_text="0 scales to zero.")
+    max_replicas = models.PositiveSmallIntegerField(default=1)
+    pinned = models.BooleanField(default=False, help_text="Never evicted from the GPU.")
+    enabled = models.BooleanField(default=True, help_text="Listed and served to clients.")
+    owned_by = models.CharField(max_length=64, default="llmfleet")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_replicas__gte=1) & Q(max_replicas__gte=models.F("min_replicas")),
+                name="model_replicas_in_order",
+                violation_error_message="max_replicas must be at least 1 and min_replicas.",
+            ),
+            models.CheckConstraint(
+                condition=Q(size_bytes__gte=0) & Q(gpu_memory_bytes__gte=0),
+                name="model_sizes_not_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.model_id
+
+
+class PlacementQuerySet(models.QuerySet["Placement"]):
+    def ready_for(self, model: Model) -> PlacementQuerySet:
+        """READY placements of `model` on agents that take new work: what routing picks from."""
+        return (
+            self.filter(model=model, state=PlacementState.READY)
+            .exclude(agent__state__in=UNROUTABLE_AGENT_STATES)
+            .select_related("agent")
+        )
+
+
+class Placement(models.Model):
+    """One model on one agent, at some level of the cache ladder."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="placements")
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="placements")
+    state = models.CharField(
+        max_length=16, choices=PlacementState.choices, default=PlacementState.DOWNLOADING
+    )
+    cache_level = models.CharField(
+        max_length=16, choices=CacheLevel.choices, default=CacheLevel.NONE
+    )
+    inference_endpoint_url = models.CharField(
+        max_length=500, blank=True, validators=[validate_base_url]
+    )
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    kv_cache_hit_rate = models.FloatField(null=True, blank=True)
+    kv_cache_usage = models.FloatField(null=True, blank=True)
+    requests_in_flight = models.PositiveIntegerField(default=0)
+    requests_waiting = models.PositiveIntegerField(default=0)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = PlacementQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["model__model_id", "agent__agent_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["agent", "model"], name="placement_one_per_agent_model"
+            ),
+        ]
+        indexes = [
+            # Routing's lookup: the READY replicas of one model. Partial, so it stays as
+            # small as the number of warm replicas however many placements pile up.
+            models.Index(
+                fields=["model"], condition=Q(state=PlacementState.READY), name="placement_ready"
+            ),
+            models.Index(fields=["state", "cache_level"], name="placement_state_level"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.model_id} on {self.agent.agent_id}"
+
+    @property
+    def progress(self) -> float | None:
+        """Download progress from 0 to 1, or None while the size is unknown."""
+        if not self.bytes_total:
+            return None
+        return min(self.bytes_done / self.bytes_total, 1.0)
+
+
+class LoadEvent(models.Model):
+    """One load or unload of a placement, with its outcome and per-phase timings.
+
+    The history the scheduler learns bandwidth and engine start times from,
+    and the dashboard's timeline of cold starts.
+    """
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="load_events")
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="load_events")
+    placement = models.ForeignKey(
+        Placement, on_delete=models.SET_NULL, null=True, blank=True, related_name="load_events"
+    )
+    kind = models.CharField(max_length=8, choices=LoadEventKind.choices)
+    trigger = models.CharField(max_length=16, choices=LoadTrigger.choices)
+    outcome = models.CharField(
+        max_length=16, choices=LoadOutcome.choices, default=LoadOutcome.PENDING
+    )
+    from_level = models.CharField(max_length=16, choices=CacheLevel.choices)
+    to_level = models.CharField(max_length=16, choices=CacheLevel.choices)
+    queued_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    queue_seconds = models.FloatField(null=True, blank=True)
+    download_seconds = models.FloatField(null=True, blank=True)
+    engine_start_seconds = models.FloatField(null=True, blank=True)
+    first_token_seconds = models.FloatField(null=True, blank=True)
+    bytes_downloaded = models.BigIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-queued_at", "-id"]
+        indexes = [
+            models.Index(fields=["-queued_at"], name="loadevent_newest"),
+            models.Index(fields=["agent", "kind", "outcome"], name="loadevent_agent_history"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.model.model_id} on {self.agent.agent_id}: {self.outcome}"
+
+    @property
+    def total_seconds(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.queued_at).total_seconds()

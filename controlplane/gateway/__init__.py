@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: keys, errors and (later) the streaming proxy."""

@@ -1,0 +1,57 @@
+"""Every write to API keys. The admin and the management command call these."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from django.db import transaction
+from django.utils import timezone
+
+from agents.models import Model
+from controlplane.gateway.models import ApiKey
+
+
+class UnknownModels(ValueError):
+    """Some model ids named for a key's allow-list are not in the catalog."""
+
+    def __init__(self, model_ids: list[str]) -> None:
+        super().__init__(f"not in the catalog: {', '.join(model_ids)}")
+        self.model_ids = model_ids
+
+
+def create_api_key(
+    name: str,
+    model_ids: Iterable[str] = (),
+    *,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its secret, which is stored only as a hash.
+
+    Raises `UnknownModels` (and creates nothing) when an allowed model is not in the catalog.
+    """
+    wanted = sorted(set(model_ids))
+    found = {model.model_id: model for model in Model.objects.filter(model_id__in=wanted)}
+    missing = [model_id for model_id in wanted if model_id not in found]
+    if missing:
+        raise UnknownModels(missing)
+    key = ApiKey(
+        name=name,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        expires_at=expires_at,
+    )
+    raw_key = key.set_new_secret()
+    with transaction.atomic():
+        key.save()
+        key.allowed_models.set(found.values())
+    return key, raw_key
+
+
+def revoke_api_keys(key_ids: Iterable[int]) -> int:
+    """Revoke keys at once (their next request gets 401); returns how many were newly revoked."""
+    return ApiKey.objects.filter(pk__in=list(key_ids), revoked_at=None).update(
+        revoked_at=timezone.now()
+    )

@@ -1,0 +1,49 @@
+"""API keys in the Django admin. A new key's secret is shown once, in the success message."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.forms import ModelForm
+from django.http import HttpRequest
+
+from controlplane.gateway import actions
+from controlplane.gateway.models import ApiKey
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
+    list_display = [
+        "name", "prefix", "allowed", "requests_per_minute", "tokens_per_minute",
+        "expires_at", "revoked_at", "last_used_at", "created_at",
+    ]  # fmt: skip
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter), "expires_at"]
+    search_fields = ["name", "prefix"]
+    filter_horizontal = ["allowed_models"]
+    readonly_fields = ["prefix", "revoked_at", "created_at", "last_used_at"]
+    actions = ["revoke"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
+        return super().get_queryset(request).prefetch_related("allowed_models")
+
+    @admin.display(description="Models")
+    def allowed(self, key: ApiKey) -> str:
+        names = [model.model_id for model in key.allowed_models.all()]
+        return ", ".join(names) if names else "all enabled"
+
+    def save_model(
+        self, request: HttpRequest, obj: ApiKey, form: ModelForm[ApiKey], change: bool
+    ) -> None:
+        if not change:
+            raw_key = obj.set_new_secret()
+            self.message_user(
+                request,
+                f"The key for {obj.name!r} is {raw_key} — copy it now; it cannot be shown again.",
+                messages.WARNING,
+            )
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        count = actions.revoke_api_keys(queryset.values_list("pk", flat=True))
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)

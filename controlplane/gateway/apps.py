@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class GatewayConfig(AppConfig):
+    name = "controlplane.gateway"
+    label = "gateway"
+    verbose_name = "OpenAI gateway"
+    default_auto_field = "django.db.models.BigAutoField"

@@ -1,0 +1,88 @@
+"""API keys of the OpenAI-compatible gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+
+from django.db import models
+from django.db.models import Exists, OuterRef, QuerySet
+from django.utils import timezone
+
+from agents.models import Model
+
+KEY_PREFIX = "llmf-"
+# Shown in the admin to tell keys apart: the fixed prefix plus a few random characters.
+DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 6
+
+
+def hash_key(raw_key: str) -> str:
+    """The stored form of a key. Keys carry 256 random bits, so a fast hash is safe here."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def new_raw_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
+    def for_secret(self, raw_key: str) -> ApiKeyQuerySet:
+        """The key with this secret, if any (one indexed lookup by hash)."""
+        return self.filter(key_hash=hash_key(raw_key))
+
+
+class ApiKey(models.Model):
+    """A client's credential for `/v1/*`. Only a hash of the key is stored."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=DISPLAY_PREFIX_LENGTH, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    allowed_models = models.ManyToManyField(
+        Model,
+        blank=True,
+        related_name="api_keys",
+        help_text="Models this key may use; none selected means every enabled model.",
+    )
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty: no limit."
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty: no limit."
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name", "id"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    def set_new_secret(self) -> str:
+        """Give the key a fresh secret and return it: the only time it exists in clear."""
+        raw_key = new_raw_key()
+        self.key_hash = hash_key(raw_key)
+        self.prefix = raw_key[:DISPLAY_PREFIX_LENGTH]
+        return raw_key
+
+    def usable_models(self) -> QuerySet[Model]:
+        """Enabled catalog models this key may use: its allow-list, or all when it has none."""
+        grants = ApiKey.allowed_models.through.objects.filter(apikey_id=self.pk)
+        return Model.objects.filter(enabled=True).filter(
+            Exists(grants.filter(model_id=OuterRef("pk"))) | ~Exists(grants)
+        )
+
+    def inactive_reason(self, now: datetime | None = None) -> str | None:
+        """Why the key may not be used now ("revoked", "expired"), or None if it may."""
+        now = now or timezone.now()
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return None

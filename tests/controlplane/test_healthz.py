@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import socket
+
+import pytest
+from django.db.utils import OperationalError
+
+pytestmark = pytest.mark.django_db
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_healthy_with_database_and_redis(client, settings):
+    assert settings.REDIS_URL, "the tests run against a real Redis"
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+
+
+def test_redis_down_is_503_naming_redis(client, settings):
+    settings.REDIS_URL = f"redis://127.0.0.1:{closed_port()}/0"
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failed"] == ["redis"]
+    assert body["checks"]["database"] == "ok"
+    assert "ConnectionError" in body["checks"]["redis"]
+
+
+def test_without_redis_configured_only_the_database_is_checked(client, settings):
+    settings.REDIS_URL = ""
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {"database": "ok"}}
+
+
+def test_database_down_is_503_naming_the_database(client, monkeypatch):
+    def broken_cursor():
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr("controlplane.health.connection.cursor", broken_cursor)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["failed"] == ["database"]
+    assert "connection refused" in response.json()["checks"]["database"]
+
+
+def test_healthz_needs_no_login_and_only_reads(client):
+    assert client.post("/healthz").status_code == 405
+
+
+def test_metrics_are_exposed_for_prometheus(client):
+    client.get("/healthz")
+    body = client.get("/metrics").content.decode()
+    assert "django_http_requests_total_by_view_transport_method_total" in body

@@ -1,0 +1,91 @@
+"""Settings load in a fresh interpreter per case: they are read once, at import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = (
+    "import json, django; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps({'db': s.DATABASES['default']['ENGINE'], 'broker': s.CELERY_BROKER_URL, "
+    "'layer': s.CHANNEL_LAYERS['default']['BACKEND'], 'hosts': s.ALLOWED_HOSTS, "
+    "'agent_token': s.AGENT_TOKEN, 'var': str(s.VAR_DIR)}))"
+)
+CONFIG_VARS = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN", "VAR_DIR", "DEBUG")
+
+
+def load_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    clean.update(
+        {"VAR_DIR": str(tmp_path / "var"), "DJANGO_SETTINGS_MODULE": "controlplane.settings"}
+    )
+    clean.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_embedded_defaults_need_nothing_configured(tmp_path):
+    result = load_settings(tmp_path)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert loaded["db"] == "django.db.backends.sqlite3"
+    assert loaded["broker"].startswith("filesystem://")
+    assert loaded["layer"] == "controlplane.layers.SQLiteChannelLayer"
+    # A generated agent token, kept where local agents can read it (AGENT_TOKEN_FILE).
+    assert (tmp_path / "var" / "agent-token").read_text() == loaded["agent_token"]
+
+
+def test_postgres_and_redis_when_configured(tmp_path):
+    result = load_settings(
+        tmp_path,
+        DATABASE_URL="postgres://u@db.internal:5432/fleet",
+        REDIS_URL="redis://cache.internal:6379/0",
+        SECRET_KEY="k" * 50,
+        AGENT_TOKEN="t",
+        ALLOWED_HOSTS="fleet.example.com, 10.0.0.5",
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert loaded["db"] == "django.db.backends.postgresql"
+    assert loaded["broker"] == "redis://cache.internal:6379/0"
+    assert loaded["layer"] == "channels_redis.core.RedisChannelLayer"
+    assert loaded["hosts"] == ["fleet.example.com", "10.0.0.5"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"DEBUG": "maybe"}, "DEBUG='maybe' is not a boolean"),
+        ({"HEARTBEAT_INTERVAL_SECONDS": "0"}, "HEARTBEAT_INTERVAL_SECONDS=0 is below its minimum"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD' is not a log level"),
+        (
+            {"AGENT_TOKEN_FILE": "/nonexistent/token"},
+            "AGENT_TOKEN_FILE='/nonexistent/token' cannot be read",
+        ),
+        (
+            {"DATABASE_URL": "postgres://u@h/db", "SECRET_KEY": "k"},
+            "AGENT_TOKEN (or AGENT_TOKEN_FILE) must be set",
+        ),
+        (
+            {"DATABASE_URL": "nosuchdb://x", "SECRET_KEY": "k", "AGENT_TOKEN": "t"},
+            "DATABASE_URL is not a database URL",
+        ),
+    ],
+)
+def test_a_bad_variable_stops_start_up_naming_it(tmp_path, env, named):
+    result = load_settings(tmp_path, **env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert named in result.stderr

@@ -1,0 +1,77 @@
+"""factory_boy factories for the fleet's rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from factory.declarations import LazyAttribute, Sequence, SubFactory
+from factory.django import DjangoModelFactory
+
+from agents.choices import AgentState, CacheLevel, LoadEventKind, LoadTrigger, PlacementState
+from agents.models import Agent, LoadEvent, Model, Placement
+from controlplane.gateway.actions import create_api_key
+from controlplane.gateway.models import ApiKey
+
+GIB = 1024**3
+
+
+class AgentFactory(DjangoModelFactory[Agent]):
+    class Meta:
+        model = Agent
+
+    agent_id = Sequence(lambda n: f"gpu-host-{n}")
+    base_url = LazyAttribute(lambda agent: f"http://{agent.agent_id}.internal:8100")
+    state = AgentState.IDLE
+    reported_state = AgentState.IDLE
+    gpu_name = "NVIDIA H100 80GB HBM3"
+    gpu_count = 1
+    gpu_memory_total = 80 * GIB
+    gpu_memory_free = 60 * GIB
+
+
+class ModelFactory(DjangoModelFactory[Model]):
+    class Meta:
+        model = Model
+
+    model_id = Sequence(lambda n: f"org/model-{n}")
+    source = LazyAttribute(lambda model: f"azure://models/{model.model_id}")
+    size_bytes = 2 * GIB
+    gpu_memory_bytes = 4 * GIB
+
+
+class PlacementFactory(DjangoModelFactory[Placement]):
+    class Meta:
+        model = Placement
+
+    agent = SubFactory(AgentFactory)
+    model = SubFactory(ModelFactory)
+    state = PlacementState.READY
+    cache_level = CacheLevel.GPU_RESIDENT
+    inference_endpoint_url = LazyAttribute(
+        lambda placement: f"{placement.agent.base_url}/models/{placement.model.model_id}"
+    )
+
+
+class LoadEventFactory(DjangoModelFactory[LoadEvent]):
+    class Meta:
+        model = LoadEvent
+
+    agent = SubFactory(AgentFactory)
+    model = SubFactory(ModelFactory)
+    kind = LoadEventKind.LOAD
+    trigger = LoadTrigger.REQUEST
+    from_level = CacheLevel.NONE
+    to_level = CacheLevel.GPU_RESIDENT
+
+
+def make_api_key(
+    name: str = "app", model_ids: tuple[str, ...] = (), **limits: Any
+) -> tuple[ApiKey, str]:
+    return create_api_key(name, model_ids, **limits)
+
+
+def make_staff_user(username: str = "operator") -> Any:
+    return get_user_model().objects.create_user(
+        username=username, password="correct horse battery staple", is_staff=True, is_superuser=True
+    )
