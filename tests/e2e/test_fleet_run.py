@@ -1,0 +1,157 @@
+"""`make run`'s process: web, worker and beat on embedded defaults, for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    out = subprocess.run(["ps", "-o", "pid=", "-g", str(pgid)], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+@pytest.fixture
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    """No DATABASE_URL, no REDIS_URL: what a fresh machine's `make run` gets."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN"}
+    }
+    env.update(
+        VAR_DIR=str(tmp_path / "var"), WEB_PORT=str(free_port()), CELERY_WORKER_CONCURRENCY="1"
+    )
+    return env
+
+
+def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp_path):
+    log_path = tmp_path / "fleet.log"
+    with log_path.open("wb") as log:
+        fleet = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.fleet"],
+            cwd=ROOT,
+            env=embedded_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{embedded_env['WEB_PORT']}"
+    try:
+        wait_for(lambda: healthy(f"{base}/healthz"), 90, "/healthz")
+        assert requests.get(f"{base}/healthz", timeout=5).json()["checks"] == {"database": "ok"}
+        wait_for(
+            lambda: b"celery@" in log_path.read_bytes() and b" ready." in log_path.read_bytes(),
+            60,
+            "worker",
+        )
+        wait_for(lambda: b"beat: Starting" in log_path.read_bytes(), 60, "beat")
+        # The worker is reachable through the embedded file-system broker from another process.
+        inspect = [sys.executable, "-m", "celery", "-A", "controlplane", "inspect"]
+        ping = subprocess.run(
+            [*inspect, "ping", "--timeout", "10"],
+            cwd=ROOT,
+            env=embedded_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "pong" in ping.stdout, ping.stdout + ping.stderr
+        # The admin's static files are served by the ASGI app itself.
+        assert requests.get(f"{base}/static/admin/css/base.css", timeout=5).status_code == 200
+        assert (Path(embedded_env["VAR_DIR"]) / "db.sqlite3").exists()
+    finally:
+        fleet.send_signal(signal.SIGINT)
+        try:
+            fleet.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(fleet.pid, signal.SIGKILL)
+            raise
+    log = log_path.read_text(errors="replace")
+    assert fleet.returncode == 0, log
+    assert "fleet: stopped" in log
+    assert not healthy(f"{base}/healthz")
+
+
+def children_of(pid: int) -> dict[int, str]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
+    )
+    return {
+        int(line.split(None, 1)[0]): line.split(None, 1)[1]
+        for line in out.stdout.strip().splitlines()
+    }
+
+
+def test_the_fleet_stops_everything_when_one_process_dies(embedded_env, tmp_path):
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.fleet"],
+        cwd=ROOT,
+        env=embedded_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: healthy(f"http://127.0.0.1:{embedded_env['WEB_PORT']}/healthz"), 90, "/healthz"
+        )
+        children = children_of(fleet.pid)
+        assert len(children) == 3, children
+        worker = next(pid for pid, args in children.items() if " worker " in args)
+        os.kill(worker, signal.SIGKILL)
+        output, _ = fleet.communicate(timeout=40)
+    finally:
+        if fleet.poll() is None:
+            os.killpg(fleet.pid, signal.SIGKILL)
+    assert fleet.returncode != 0
+    assert b"worker exited with status" in output
+    # Killed processes linger until init reaps them: allow it a moment.
+    wait_for(lambda: not any(group_alive(pid) for pid in children), 10, "every child group to exit")
+
+
+def test_a_bad_port_setting_is_refused_before_anything_starts(embedded_env):
+    embedded_env["WEB_PORT"] = "not-a-port"
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.fleet"],
+        cwd=ROOT,
+        env=embedded_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "WEB_PORT='not-a-port' is not a positive integer" in result.stderr
