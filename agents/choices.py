@@ -2,13 +2,16 @@
 
 from django.db import models
 
+from nodeagent.protocol import AGENT_REPORTED_STATES
+
 
 class AgentState(models.TextChoices):
     """What routing and scheduling see of an agent.
 
-    IDLE, LOADING_MODEL and INFERRING are what the agent reports; DEGRADED and
-    OFFLINE are the control plane's verdict on missed heartbeats; DRAINING is
-    an operator's order, which outlasts both (see `scheduling.effective_agent_state`).
+    IDLE, LOADING_MODEL, INFERRING and DEGRADED (it cannot load, e.g. its cache
+    is not writable) are what the agent reports; DEGRADED and OFFLINE are also
+    the control plane's verdict on missed heartbeats; DRAINING is an operator's
+    order, which outlasts a report (see `scheduling.effective_agent_state`).
     """
 
     IDLE = "IDLE", "Idle"
@@ -19,8 +22,8 @@ class AgentState(models.TextChoices):
     DRAINING = "DRAINING", "Draining"
 
 
-# States an agent itself may report in a heartbeat or at registration.
-REPORTED_AGENT_STATES = (AgentState.IDLE, AgentState.LOADING_MODEL, AgentState.INFERRING)
+# States an agent itself may report in a heartbeat or at registration: the contract's list.
+REPORTED_AGENT_STATES = tuple(AgentState(state) for state in AGENT_REPORTED_STATES)
 # Agents in these states get no new work: no new requests, no new placements.
 UNROUTABLE_AGENT_STATES = (AgentState.DRAINING, AgentState.DEGRADED, AgentState.OFFLINE)
 

@@ -131,3 +131,11 @@ def test_a_staff_session_cannot_register_agents(staff_client):
     response = post(staff_client, registration(), {})
     assert response.status_code == 401
     assert not Agent.objects.exists()
+
+
+def test_an_agent_that_reports_itself_degraded_registers_but_gets_no_work(client, agent_headers):
+    response = post(client, registration(state="DEGRADED"), agent_headers)
+    assert response.status_code == 201
+    agent = Agent.objects.get()
+    assert agent.state == AgentState.DEGRADED
+    assert not agent.is_routable

@@ -1,0 +1,280 @@
+"""The node agent's settings: each one a command-line flag with an environment fallback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodeagent import __version__
+from nodeagent.protocol import ENGINES
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Timings of the simulated engine."""
+
+    load_seconds: float = 2.0
+    ttft_ms: float = 20.0
+    tpot_ms: float = 5.0
+    wake_seconds: float = 0.5
+    max_num_seqs: int = 8
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent_id: str
+    host: str
+    port: int
+    advertise_url: str
+    token: str
+    cache_dir: Path
+    control_plane_url: str
+    engine: str
+    engine_python: str
+    gpu_memory_share: float
+    load_timeout: float
+    stop_grace: float
+    labels: dict[str, str]
+    sim: SimSettings
+    log_level: str
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.cache_dir / "logs"
+
+
+class _EnvDefault(argparse.Action):
+    """A flag whose default comes from an environment variable, named in --help."""
+
+    def __init__(self, env: str, environ: Mapping[str, str], **kwargs: object) -> None:
+        default = environ.get(env, kwargs.pop("default", None))
+        help_text = str(kwargs.pop("help", ""))
+        shown = (
+            f" (env {env}; default: %(default)s)" if default not in (None, "") else f" (env {env})"
+        )
+        super().__init__(default=default, help=help_text + shown, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+
+
+def _float_between(low: float, high: float) -> type[float]:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return number
+
+    return parse  # type: ignore[return-value]
+
+
+def _labels(value: str) -> dict[str, str]:
+    labels = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, label = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"labels are key=value pairs, not {item!r}")
+        labels[key.strip()] = label.strip()
+    return labels
+
+
+def _read_token(value: str | None, path: str | None) -> str:
+    if value and path:
+        raise SystemExit("nodeagent: set AGENT_TOKEN or AGENT_TOKEN_FILE (--token-file), not both")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(
+                f"nodeagent: cannot read the agent token from {path}: {exc.strerror}"
+            ) from None
+    if not value:
+        raise SystemExit(
+            "nodeagent: the agent token is required (--token, AGENT_TOKEN or AGENT_TOKEN_FILE)"
+        )
+    return value.strip()
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nodeagent",
+        description="llmfleet's node agent: downloads checkpoints, runs engines and proxies "
+        "inference on one GPU host. Every flag can also be set by the environment variable "
+        "named beside it.",
+    )
+
+    def flag(name: str, env: str, **kwargs: object) -> None:
+        parser.add_argument(name, action=_EnvDefault, env=env, environ=environ, **kwargs)  # type: ignore[arg-type]
+
+    flag(
+        "--agent-id",
+        "AGENT_ID",
+        default=socket.gethostname(),
+        help="this agent's unique name in the fleet",
+    )
+    flag("--host", "AGENT_HOST", default="127.0.0.1", help="address to listen on")
+    flag("--port", "AGENT_PORT", type=int, default=8100, help="port to listen on")
+    flag(
+        "--advertise-url",
+        "AGENT_ADVERTISE_URL",
+        default="",
+        help="URL the control plane and clients use to reach this agent (default: http://HOST:PORT)",
+    )
+    flag("--token", "AGENT_TOKEN", default="", help="bearer token shared with the control plane")
+    flag(
+        "--token-file",
+        "AGENT_TOKEN_FILE",
+        default="",
+        help="file holding the token, instead of --token",
+    )
+    flag(
+        "--cache-dir",
+        "AGENT_CACHE_DIR",
+        default=str(Path.home() / ".cache" / "llmfleet"),
+        help="local (NVMe) directory for model files and engine logs",
+    )
+    flag(
+        "--control-plane-url",
+        "CONTROL_PLANE_URL",
+        default="",
+        help="control plane to register with, e.g. http://fleet:8000 (none: serve unregistered)",
+    )
+    flag(
+        "--engine",
+        "AGENT_ENGINE",
+        choices=ENGINES,
+        default="vllm",
+        help="default engine for models",
+    )
+    flag(
+        "--engine-python",
+        "AGENT_ENGINE_PYTHON",
+        default="python3",
+        help="interpreter of the virtual environment that has vLLM (make builds .venv-engine)",
+    )
+    flag(
+        "--gpu-memory-share",
+        "AGENT_GPU_MEMORY_SHARE",
+        type=_float_between(0.05, 1.0),
+        default=0.9,
+        help="share of GPU memory one model's engine may take (vLLM --gpu-memory-utilization)",
+    )
+    flag(
+        "--load-timeout",
+        "AGENT_LOAD_TIMEOUT",
+        type=float,
+        default=900.0,
+        help="seconds a load may take",
+    )
+    flag(
+        "--stop-grace",
+        "AGENT_STOP_GRACE",
+        type=float,
+        default=15.0,
+        help="seconds between SIGTERM and SIGKILL",
+    )
+    flag(
+        "--labels",
+        "AGENT_LABELS",
+        type=_labels,
+        default={},
+        help="labels for scheduling, e.g. zone=eu-1a,tier=a",
+    )
+    flag(
+        "--sim-load-seconds",
+        "AGENT_SIM_LOAD_SECONDS",
+        type=float,
+        default=2.0,
+        help="sim engine: load time",
+    )
+    flag(
+        "--sim-ttft-ms",
+        "AGENT_SIM_TTFT_MS",
+        type=float,
+        default=20.0,
+        help="sim engine: time to first token",
+    )
+    flag(
+        "--sim-tpot-ms",
+        "AGENT_SIM_TPOT_MS",
+        type=float,
+        default=5.0,
+        help="sim engine: time per output token",
+    )
+    flag(
+        "--sim-wake-seconds",
+        "AGENT_SIM_WAKE_SECONDS",
+        type=float,
+        default=0.5,
+        help="sim engine: wake time",
+    )
+    flag(
+        "--sim-max-num-seqs",
+        "AGENT_SIM_MAX_NUM_SEQS",
+        type=int,
+        default=8,
+        help="sim engine: concurrent requests",
+    )
+    flag(
+        "--log-level",
+        "AGENT_LOG_LEVEL",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level",
+    )
+    parser.add_argument("--version", action="version", version=f"llmfleet nodeagent {__version__}")
+    return parser
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> AgentConfig:
+    """Settings from `argv` (flags win) and `environ`; exits with a message on a bad value."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    # argparse checks `choices` on flags only, not on defaults taken from the environment.
+    if args.engine not in ENGINES:
+        parser.error(f"AGENT_ENGINE must be one of {', '.join(ENGINES)}, not {args.engine!r}")
+    port = int(args.port)
+    host = str(args.host)
+    reachable_host = socket.gethostname() if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
+    advertise = (args.advertise_url or f"http://{reachable_host}:{port}").rstrip("/")
+    labels = args.labels if isinstance(args.labels, dict) else _labels(str(args.labels))
+    return AgentConfig(
+        agent_id=str(args.agent_id),
+        host=host,
+        port=port,
+        advertise_url=advertise,
+        token=_read_token(args.token, args.token_file),
+        cache_dir=Path(args.cache_dir).expanduser().resolve(),
+        control_plane_url=str(args.control_plane_url).rstrip("/"),
+        engine=str(args.engine),
+        engine_python=str(args.engine_python),
+        gpu_memory_share=float(args.gpu_memory_share),
+        load_timeout=float(args.load_timeout),
+        stop_grace=float(args.stop_grace),
+        labels=labels,
+        sim=SimSettings(
+            load_seconds=float(args.sim_load_seconds),
+            ttft_ms=float(args.sim_ttft_ms),
+            tpot_ms=float(args.sim_tpot_ms),
+            wake_seconds=float(args.sim_wake_seconds),
+            max_num_seqs=int(args.sim_max_num_seqs),
+        ),
+        log_level=str(args.log_level),
+    )

@@ -1,0 +1,1 @@
+"""Inference engines the agent runs: `vllm` (a supervised subprocess) and `sim` (simulated)."""

@@ -1,0 +1,115 @@
+"""What the agent needs of an engine, and the HTTP calls every engine answers.
+
+Both engines speak vLLM's HTTP API on 127.0.0.1 (`/health`, `/v1/models`,
+`/metrics`, and the sleep endpoints where supported), so readiness, metrics
+and sleep/wake are the same code for both; only starting and stopping differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+
+from nodeagent.metrics import EngineStats, parse_engine_metrics
+
+_QUICK = aiohttp.ClientTimeout(total=2)
+
+
+class EngineError(RuntimeError):
+    """An engine that would not start or stopped on its own. `code` names the kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class EngineExit:
+    """How an engine ended. `expected` is False when it ended without being asked to."""
+
+    expected: bool
+    returncode: int | None
+    detail: str
+
+
+class Engine(Protocol):
+    name: str
+    url: str
+    supports_sleep: bool
+
+    async def start(self, session: aiohttp.ClientSession, deadline: float) -> None:
+        """Start and return once it serves; raise EngineError (and leave nothing running) if not."""
+
+    async def stop(self) -> None:
+        """Stop for good and release everything it held. Safe to call twice."""
+
+    async def wait(self) -> EngineExit:
+        """Return when the engine has ended, asked to or not."""
+
+
+async def is_ready(session: aiohttp.ClientSession, url: str, model_id: str) -> bool:
+    """Ready when /health answers 200 and /v1/models lists the model."""
+    try:
+        async with session.get(f"{url}/health", timeout=_QUICK) as health:
+            if health.status != 200:
+                return False
+        async with session.get(f"{url}/v1/models", timeout=_QUICK) as models:
+            if models.status != 200:
+                return False
+            listed = await models.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    return any(entry.get("id") == model_id for entry in listed.get("data", []))
+
+
+async def wait_until_ready(
+    engine: Engine,
+    session: aiohttp.ClientSession,
+    model_id: str,
+    deadline: float,
+    exited: asyncio.Future[EngineExit],
+) -> None:
+    """Poll readiness until ready, the engine exits (EngineError) or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if exited.done():
+            gone = exited.result()
+            raise EngineError("engine_exited", f"engine exited during start-up ({gone.detail})")
+        if await is_ready(session, engine.url, model_id):
+            return
+        if loop.time() >= deadline:
+            raise EngineError("load_timeout", "engine was not ready before the load deadline")
+        await asyncio.wait([exited], timeout=0.5)
+
+
+async def read_stats(session: aiohttp.ClientSession, url: str) -> EngineStats | None:
+    """The engine's load from its /metrics, or None if it did not answer in time."""
+    try:
+        async with session.get(f"{url}/metrics", timeout=_QUICK) as response:
+            if response.status != 200:
+                return None
+            return parse_engine_metrics(await response.text())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+async def sleep_engine(session: aiohttp.ClientSession, url: str) -> None:
+    """vLLM sleep mode level 1: weights to host RAM, KV cache dropped."""
+    async with session.post(
+        f"{url}/sleep", params={"level": "1"}, timeout=aiohttp.ClientTimeout(total=120)
+    ) as r:
+        if r.status != 200:
+            raise EngineError(
+                "sleep_failed", f"engine refused to sleep: HTTP {r.status} {await r.text()}"
+            )
+
+
+async def wake_engine(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.post(f"{url}/wake_up", timeout=aiohttp.ClientTimeout(total=300)) as r:
+        if r.status != 200:
+            raise EngineError(
+                "wake_failed", f"engine refused to wake: HTTP {r.status} {await r.text()}"
+            )

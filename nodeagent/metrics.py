@@ -1,0 +1,115 @@
+"""Prometheus metrics of the agent, and reading an engine's own metrics.
+
+vLLM renames metrics between versions, so each figure is read under its new
+name and, failing that, its old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+# (new name, old name) of each vLLM series the agent reads.
+_RUNNING = ("vllm:num_requests_running",)
+_WAITING = ("vllm:num_requests_waiting",)
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
+_PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine's /metrics says about its load. None where it says nothing."""
+
+    requests_running: int = 0
+    requests_waiting: int = 0
+    kv_cache_usage: float | None = None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
+
+    @property
+    def kv_cache_hit_rate(self) -> float | None:
+        if not self.prefix_cache_queries or self.prefix_cache_hits is None:
+            return None
+        return self.prefix_cache_hits / self.prefix_cache_queries
+
+
+def parse_engine_metrics(text: str) -> EngineStats:
+    """Sum each series over its labels (engines, model names), preferring the new names."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+
+    def first(names: tuple[str, ...]) -> float | None:
+        return next((totals[name] for name in names if name in totals), None)
+
+    return EngineStats(
+        requests_running=int(first(_RUNNING) or 0),
+        requests_waiting=int(first(_WAITING) or 0),
+        kv_cache_usage=first(_KV_USAGE),
+        prefix_cache_queries=first(_PREFIX_QUERIES),
+        prefix_cache_hits=first(_PREFIX_HITS),
+    )
+
+
+class AgentMetrics:
+    """The agent's own series, in a registry of its own (several agents may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.engine_starts = Counter(
+            "llmfleet_agent_engine_starts",
+            "Engine starts by engine and outcome.",
+            ["engine", "outcome"],
+            registry=self.registry,
+        )
+        self.engine_exits = Counter(
+            "llmfleet_agent_engine_exits",
+            "Engines that ended, by engine and whether it was asked.",
+            ["engine", "reason"],
+            registry=self.registry,
+        )
+        self.engine_restarts = Counter(
+            "llmfleet_agent_engine_restarts",
+            "Engines started again for a model whose engine had failed.",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "llmfleet_agent_load_duration_seconds",
+            "Time from load_model to a serving engine.",
+            ["engine", "files_cached"],
+            registry=self.registry,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+        )
+        self.proxy_requests = Counter(
+            "llmfleet_agent_proxy_requests",
+            "Inference requests proxied, by status class.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.proxy_errors = Counter(
+            "llmfleet_agent_proxy_errors",
+            "Proxied requests that failed in the agent, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.copied_bytes = Counter(
+            "llmfleet_agent_model_bytes_fetched",
+            "Bytes of model files written into the cache.",
+            registry=self.registry,
+        )
+        self.requests_in_flight = Gauge(
+            "llmfleet_agent_requests_in_flight",
+            "Inference requests being proxied now.",
+            registry=self.registry,
+        )
+        self.models = Gauge(
+            "llmfleet_agent_models",
+            "Models on this agent by cache level.",
+            ["cache_level"],
+            registry=self.registry,
+        )

@@ -1,0 +1,122 @@
+"""`/models/<model_id>/v1/...`: the authenticated way into a model's engine.
+
+Request and response bytes pass through unchanged as they arrive (SSE
+included). The server cancels the handler when the client goes away, which
+closes the upstream connection, and the engine aborts the request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from nodeagent.metrics import AgentMetrics
+from nodeagent.registry import AgentError, ModelRegistry
+
+# Hop-by-hop headers belong to one connection, not to the message; the agent's
+# token is for the agent, not the engine.
+_REQUEST_DROP = {
+    "host",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "authorization",
+    "proxy-authorization",
+    "content-length",
+}
+_RESPONSE_DROP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "server",
+    "date",
+}
+_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5)
+
+
+def split_model_path(rest: str) -> tuple[str, str]:
+    """`org/name/v1/chat/completions` → (`org/name`, `chat/completions`): ids hold slashes."""
+    model_id, separator, tail = rest.partition("/v1/")
+    if not separator or not model_id:
+        raise AgentError("not_found", "expected /models/<model_id>/v1/<path>", 404)
+    return model_id, tail
+
+
+def _filtered(
+    headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders, drop: set[str]
+) -> CIMultiDict[str]:
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in CIMultiDict(headers).items():
+        if name.lower() not in drop:
+            kept.add(name, value)
+    return kept
+
+
+class InferenceProxy:
+    def __init__(self, registry: ModelRegistry, metrics: AgentMetrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    async def handle(
+        self, request: web.Request, session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
+        model_id, tail = split_model_path(request.match_info["rest"])
+        slot = self.registry.slots.get(model_id)
+        if slot is None:
+            raise AgentError("model_not_found", f"{model_id} is not on this agent", 404, model_id)
+        engine = slot.engine
+        if not slot.serving or engine is None:
+            raise AgentError(
+                "model_not_ready", f"{model_id} is {slot.state} ({slot.cache_level})", 503, model_id
+            )
+        body = await request.read()
+        slot.in_flight += 1
+        slot.last_used = time.time()
+        self.metrics.requests_in_flight.inc()
+        try:
+            return await self._forward(request, session, f"{engine.url}/v1/{tail}", body)
+        finally:
+            slot.in_flight -= 1
+            slot.last_used = time.time()
+            self.metrics.requests_in_flight.dec()
+
+    async def _forward(
+        self, request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes
+    ) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        try:
+            async with session.request(
+                request.method,
+                url,
+                params=request.query,
+                data=body or None,
+                headers=_filtered(request.headers, _REQUEST_DROP),
+                timeout=_UPSTREAM_TIMEOUT,
+                auto_decompress=False,
+            ) as upstream:
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=_filtered(upstream.headers, _RESPONSE_DROP),
+                )
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            if response is None:
+                self.metrics.proxy_errors.labels("engine_unreachable").inc()
+                raise AgentError(
+                    "engine_unreachable", f"the engine did not answer: {exc}", 502
+                ) from None
+            # The status line is sent: all that is left is to cut the stream where it broke.
+            self.metrics.proxy_errors.labels("engine_stream_broken").inc()
+            raise ConnectionResetError(f"the engine's stream broke: {exc}") from None
+        self.metrics.proxy_requests.labels(f"{upstream.status // 100}xx").inc()
+        return response

@@ -1,0 +1,410 @@
+"""The models on this agent and their lifecycle: load, sleep, wake, stop, delete.
+
+One `ModelSlot` per model. A load runs as one task per model that every
+concurrent `load_model` call for it awaits (so a second call joins the first
+instead of starting a second engine); transitions of a slot hold its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+
+from nodeagent.cache import CachedModel, ModelCache
+from nodeagent.config import AgentConfig
+from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
+from nodeagent.engines.sim import SimEngine
+from nodeagent.engines.vllm import VllmEngine, vllm_argv
+from nodeagent.fetch import FetchError, Progress, fetch_model
+from nodeagent.metrics import AgentMetrics, EngineStats
+from nodeagent.protocol import (
+    LoadModelRequest,
+    LoadModelResponse,
+    LoadTimings,
+    ModelStatus,
+    UnloadModelRequest,
+    UnloadModelResponse,
+)
+
+log = logging.getLogger(__name__)
+
+_ERROR_STATUS = {"engine_exited": 502, "engine_start_failed": 502, "load_timeout": 504}
+
+
+class AgentError(RuntimeError):
+    """A request the agent cannot carry out: `code` and HTTP `status` for the error body."""
+
+    def __init__(self, code: str, message: str, status: int, model_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.model_id = model_id
+
+
+@dataclass
+class ModelSlot:
+    model_id: str
+    state: str = "UNLOADED"
+    cache_level: str = "NONE"
+    source: str = ""
+    revision: str = ""
+    directory: Path | None = None
+    size_bytes: int = 0
+    engine: Engine | None = None
+    progress: Progress = field(default_factory=Progress)
+    stats: EngineStats = field(default_factory=EngineStats)
+    error: str = ""
+    last_used: float | None = None
+    in_flight: int = 0
+    load_task: asyncio.Task[LoadModelResponse] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    failed_before: bool = False
+
+    @property
+    def loading(self) -> bool:
+        return self.load_task is not None and not self.load_task.done()
+
+    @property
+    def serving(self) -> bool:
+        return self.state == "READY" and self.engine is not None
+
+
+class ModelRegistry:
+    def __init__(
+        self, config: AgentConfig, metrics: AgentMetrics, gpu: bool, environ: Mapping[str, str]
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.gpu = gpu
+        self.environ = dict(environ)
+        self.environ.setdefault("VLLM_CACHE_ROOT", str(config.cache_dir / "vllm-cache"))
+        self.cache = ModelCache(config.models_dir)
+        self.slots: dict[str, ModelSlot] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def endpoint_for(self, model_id: str) -> str:
+        return f"{self.config.advertise_url}/models/{model_id}"
+
+    def restore(self) -> None:
+        """Rebuild the index from disk at start: cached models are NVME_CACHED, no engine runs."""
+        for cached in self.cache.scan():
+            self.slots[cached.model_id] = ModelSlot(
+                model_id=cached.model_id,
+                cache_level="NVME_CACHED",
+                source=cached.source,
+                revision=cached.revision,
+                directory=cached.directory,
+                size_bytes=cached.size,
+            )
+        if self.slots:
+            log.info("cache holds %d model(s): %s", len(self.slots), ", ".join(sorted(self.slots)))
+
+    # --- load -------------------------------------------------------------------------------
+
+    async def load(
+        self, request: LoadModelRequest, session: aiohttp.ClientSession
+    ) -> LoadModelResponse:
+        """Serve the model on the GPU; a call while a load runs joins that load."""
+        slot = self.slots.setdefault(request.model_id, ModelSlot(request.model_id))
+        # No await between the check and the assignment: concurrent calls see the same task.
+        task = slot.load_task
+        if task is None or task.done():
+            task = slot.load_task = asyncio.create_task(self._load(slot, request, session))
+        return await asyncio.shield(task)
+
+    async def _load(
+        self, slot: ModelSlot, request: LoadModelRequest, session: aiohttp.ClientSession
+    ) -> LoadModelResponse:
+        started = time.monotonic()
+        async with slot.lock:
+            if slot.serving and (slot.source, slot.revision) == (request.source, request.revision):
+                return self._loaded(slot, LoadTimings(total_seconds=0.0, files_cached=True))
+            if slot.engine is not None and slot.cache_level == "DRAM_CACHED":
+                return await self._wake(slot, session, started)
+            if slot.engine is not None:  # a different revision is asked for: replace it
+                await self._stop_engine(slot)
+            try:
+                return await self._cold_load(slot, request, session, started)
+            except (EngineError, FetchError) as exc:
+                status = (
+                    exc.status if isinstance(exc, FetchError) else _ERROR_STATUS.get(exc.code, 502)
+                )
+                self._fail(slot, str(exc))
+                raise AgentError(exc.code, str(exc), status, slot.model_id) from None
+            except asyncio.CancelledError:
+                self._fail(slot, "the load was cancelled")
+                raise
+
+    async def _cold_load(
+        self,
+        slot: ModelSlot,
+        request: LoadModelRequest,
+        session: aiohttp.ClientSession,
+        started: float,
+    ) -> LoadModelResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.load_timeout
+        slot.state, slot.error, slot.progress = "DOWNLOADING", "", Progress()
+        fetch_started = time.monotonic()
+        cached, files_cached = await fetch_model(
+            self.cache, request.model_id, request.source, request.revision, slot.progress
+        )
+        if not files_cached:
+            self.metrics.copied_bytes.inc(slot.progress.done)
+        download_seconds = time.monotonic() - fetch_started
+        slot.source, slot.revision, slot.directory = (
+            request.source,
+            request.revision,
+            cached.directory,
+        )
+        slot.size_bytes = cached.size
+        slot.state, slot.cache_level = "LOADING_TO_GPU", "NVME_CACHED"
+        engine_started = time.monotonic()
+        engine = self._create_engine(request, cached)
+        try:
+            await engine.start(session, deadline)
+        except EngineError:
+            self.metrics.engine_starts.labels(engine.name, "failed").inc()
+            raise
+        self.metrics.engine_starts.labels(engine.name, "ready").inc()
+        if slot.failed_before:
+            self.metrics.engine_restarts.labels(engine.name).inc()
+        slot.engine, slot.failed_before = engine, False
+        self._watch(slot, engine)
+        timings = LoadTimings(
+            download_seconds=None if files_cached else download_seconds,
+            engine_start_seconds=time.monotonic() - engine_started,
+            total_seconds=time.monotonic() - started,
+            files_cached=files_cached,
+        )
+        self.metrics.load_seconds.labels(engine.name, str(files_cached).lower()).observe(
+            timings.total_seconds
+        )
+        return self._loaded(slot, timings)
+
+    async def _wake(
+        self, slot: ModelSlot, session: aiohttp.ClientSession, started: float
+    ) -> LoadModelResponse:
+        assert slot.engine is not None
+        try:
+            await wake_engine(session, slot.engine.url)
+        except (EngineError, aiohttp.ClientError) as exc:
+            raise AgentError("wake_failed", str(exc), 502, slot.model_id) from None
+        elapsed = time.monotonic() - started
+        return self._loaded(
+            slot, LoadTimings(wake_seconds=elapsed, total_seconds=elapsed, files_cached=True)
+        )
+
+    def _loaded(self, slot: ModelSlot, timings: LoadTimings) -> LoadModelResponse:
+        slot.state, slot.cache_level, slot.error = "READY", "GPU_RESIDENT", ""
+        slot.last_used = time.time()
+        return LoadModelResponse(slot.model_id, self.endpoint_for(slot.model_id), timings)
+
+    def _fail(self, slot: ModelSlot, error: str) -> None:
+        slot.state, slot.error, slot.failed_before = "FAILED", error, True
+        slot.cache_level = (
+            "NVME_CACHED" if slot.directory is not None and slot.directory.exists() else "NONE"
+        )
+        log.warning("model %s failed: %s", slot.model_id, error)
+
+    def _create_engine(self, request: LoadModelRequest, cached: CachedModel) -> Engine:
+        name = request.engine.name or self.config.engine
+        if name == "sim":
+            return SimEngine(request.model_id, self.config.sim)
+        port = _free_port()
+        safe = quote(request.model_id, safe="")
+        argv = vllm_argv(
+            self.config.engine_python,
+            cached.directory,
+            request.model_id,
+            port,
+            request.engine.args,
+            gpu=self.gpu,
+            gpu_memory_share=self.config.gpu_memory_share,
+        )
+        return VllmEngine(
+            model_id=request.model_id,
+            argv=argv,
+            port=port,
+            log_path=self.config.logs_dir / f"{safe}.log",
+            tmp_dir=engine_tmp_dir(),
+            grace=self.config.stop_grace,
+            gpu=self.gpu,
+            environ=self.environ,
+        )
+
+    def _watch(self, slot: ModelSlot, engine: Engine) -> None:
+        """Notice an engine that ends on its own: the next heartbeat reports the model FAILED."""
+
+        async def watch() -> None:
+            ended = await engine.wait()
+            self.metrics.engine_exits.labels(
+                engine.name, "stopped" if ended.expected else "crashed"
+            ).inc()
+            if not ended.expected and slot.engine is engine:
+                slot.engine = None
+                self._fail(slot, f"engine died: {ended.detail}")
+
+        task = asyncio.create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    # --- unload -----------------------------------------------------------------------------
+
+    async def unload(
+        self, request: UnloadModelRequest, session: aiohttp.ClientSession
+    ) -> UnloadModelResponse:
+        """Step the model down to `request.to`, or lower where the engine cannot sleep."""
+        slot = self.slots.get(request.model_id)
+        if slot is None:
+            raise AgentError(
+                "model_not_found", f"{request.model_id} is not on this agent", 404, request.model_id
+            )
+        if slot.loading:
+            raise AgentError(
+                "load_in_progress",
+                "the model is loading; unload it once loaded",
+                409,
+                slot.model_id,
+            )
+        if slot.in_flight and not request.force:
+            raise AgentError(
+                "requests_in_flight",
+                f"{slot.in_flight} request(s) in flight; wait, or send force=true",
+                409,
+                slot.model_id,
+            )
+        async with slot.lock:
+            note = await self._step_down(slot, request.to, session)
+        response = UnloadModelResponse(slot.model_id, slot.state, slot.cache_level, note)
+        if slot.cache_level == "NONE":
+            del self.slots[slot.model_id]
+        return response
+
+    async def _step_down(self, slot: ModelSlot, to: str, session: aiohttp.ClientSession) -> str:
+        if to == "DRAM_CACHED" and slot.engine is not None and slot.engine.supports_sleep:
+            if slot.cache_level != "DRAM_CACHED":
+                try:
+                    await sleep_engine(session, slot.engine.url)
+                except (EngineError, aiohttp.ClientError) as exc:
+                    raise AgentError("sleep_failed", str(exc), 502, slot.model_id) from None
+            slot.state, slot.cache_level = "UNLOADED", "DRAM_CACHED"
+            return ""
+        note = ""
+        if to == "DRAM_CACHED":
+            note = (
+                f"the {slot.engine.name} engine cannot sleep on this host; "
+                "stepped down to NVME_CACHED"
+                if slot.engine is not None
+                else "no engine runs; the model stays at its level"
+            )
+        slot.state = "UNLOADING"
+        await self._stop_engine(slot)
+        slot.state = "UNLOADED"
+        if to == "NONE":
+            self.cache.remove(slot.model_id)
+            slot.directory, slot.cache_level, slot.size_bytes = None, "NONE", 0
+        elif slot.directory is not None and slot.directory.exists():
+            slot.cache_level = "NVME_CACHED"
+        return note
+
+    async def _stop_engine(self, slot: ModelSlot) -> None:
+        engine, slot.engine = slot.engine, None
+        if engine is not None:
+            await engine.stop()
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    async def refresh_stats(self, session: aiohttp.ClientSession) -> None:
+        """Read every serving engine's /metrics at once (each with a short timeout)."""
+        serving = [slot for slot in self.slots.values() if slot.serving and slot.engine is not None]
+        results = await asyncio.gather(
+            *(read_stats(session, slot.engine.url) for slot in serving if slot.engine)
+        )
+        for slot, stats in zip(serving, results, strict=True):
+            if stats is not None:
+                slot.stats = stats
+
+    def statuses(self) -> list[ModelStatus]:
+        return [
+            self._status(slot) for slot in sorted(self.slots.values(), key=lambda s: s.model_id)
+        ]
+
+    def _status(self, slot: ModelSlot) -> ModelStatus:
+        serving = slot.serving
+        stats = slot.stats if serving else EngineStats()
+        total = slot.progress.total
+        return ModelStatus(
+            model_id=slot.model_id,
+            cache_state=slot.state,
+            cache_level=slot.cache_level,
+            inference_endpoint_url=self.endpoint_for(slot.model_id) if serving else "",
+            engine=slot.engine.name if slot.engine is not None else "",
+            progress=min(slot.progress.done / total, 1.0) if total else None,
+            bytes_done=slot.progress.done,
+            bytes_total=total,
+            kv_cache_usage=stats.kv_cache_usage,
+            kv_cache_hit_rate=stats.kv_cache_hit_rate,
+            requests_running=stats.requests_running,
+            requests_waiting=stats.requests_waiting,
+            requests_in_flight=slot.in_flight,
+            last_used_at=_iso(slot.last_used),
+            error=slot.error,
+        )
+
+    def agent_state(self) -> str:
+        if not os.access(self.config.cache_dir, os.W_OK):
+            return "DEGRADED"  # it cannot load anything new
+        if any(slot.loading for slot in self.slots.values()):
+            return "LOADING_MODEL"
+        if any(slot.in_flight for slot in self.slots.values()):
+            return "INFERRING"
+        return "IDLE"
+
+    def models_bytes(self) -> int:
+        return sum(slot.size_bytes for slot in self.slots.values() if slot.directory is not None)
+
+    async def stop_all(self) -> None:
+        """Cancel loads and stop every engine: nothing outlives the agent."""
+        for slot in self.slots.values():
+            if slot.load_task is not None and not slot.load_task.done():
+                slot.load_task.cancel()
+        await asyncio.gather(
+            *(slot.load_task for slot in self.slots.values() if slot.load_task),
+            return_exceptions=True,
+        )
+        await asyncio.gather(*(self._stop_engine(slot) for slot in self.slots.values()))
+
+
+def engine_tmp_dir() -> Path:
+    """A fresh, short temporary directory for one engine, removed when it stops.
+
+    vLLM binds ZMQ IPC sockets under TMPDIR, and a Unix socket path may not exceed
+    107 bytes: a directory under a deep cache path (or a long TMPDIR) breaks its start.
+    """
+    base = tempfile.gettempdir()
+    if len(base) > 32:
+        base = "/tmp"  # noqa: S108 - only for its short path; the directory is private (0700)
+    return Path(tempfile.mkdtemp(prefix="llmfleet-", dir=base))
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,270 @@
+"""The node agent's HTTP server: control API, inference proxy, health and metrics.
+
+One `AgentServer` holds everything with a lifetime: one HTTP client session
+opened at start-up and closed at shutdown, the NVML session, the engines.
+Signal handlers only set a flag; `serve` does the stopping, and stops every
+engine before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from nodeagent import __version__
+from nodeagent.config import AgentConfig
+from nodeagent.gpu import GpuMonitor
+from nodeagent.metrics import AgentMetrics
+from nodeagent.protocol import (
+    DiskInfo,
+    HeartbeatResponse,
+    LoadModelRequest,
+    ProtocolError,
+    RegisterRequest,
+    UnloadModelRequest,
+    error_body,
+)
+from nodeagent.proxy import InferenceProxy
+from nodeagent.registry import AgentError, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = {"/healthz"}
+MAX_CONTROL_BODY = 1024 * 1024
+MAX_PROXY_BODY = 64 * 1024 * 1024  # long prompts and images in chat requests
+REGISTER_BACKOFF_MAX = 60.0
+
+
+def _error(status: int, code: str, message: str, model_id: str | None = None) -> web.Response:
+    return web.json_response(error_body(code, message, model_id), status=status)
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        raise ProtocolError("the body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig, environ: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.gpu = GpuMonitor()
+        self.registry = ModelRegistry(
+            config, self.metrics, self.gpu.available, environ or dict(os.environ)
+        )
+        self.proxy = InferenceProxy(self.registry, self.metrics)
+        self._session: aiohttp.ClientSession | None = None
+        self._register_task: asyncio.Task[None] | None = None
+        self.stop_requested = asyncio.Event()
+        self.registered = asyncio.Event()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the server has not started"
+        return self._session
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=MAX_PROXY_BODY
+        )
+        app.add_routes(
+            [
+                web.post("/load_model", self.load_model),
+                web.post("/unload_model", self.unload_model),
+                web.post("/heartbeat", self.heartbeat),
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.prometheus),
+                web.route("*", "/models/{rest:.+}", self.inference),
+            ]
+        )
+        app.on_startup.append(self._startup)
+        app.on_shutdown.append(self._shutdown)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        for directory in (self.config.models_dir, self.config.logs_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        # Engines answer on loopback; the agent's own limits apply, not aiohttp's defaults.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, skip_auto_headers={"Accept-Encoding"}
+        )
+        self.registry.restore()
+        if self.config.control_plane_url:
+            self._register_task = asyncio.create_task(self.register_until_accepted())
+
+    async def _shutdown(self, app: web.Application) -> None:
+        if self._register_task is not None:
+            self._register_task.cancel()
+        await self.registry.stop_all()
+        if self._session is not None:
+            await self._session.close()
+        self.gpu.close()
+
+    async def serve(self) -> None:
+        """Listen until SIGTERM or SIGINT, then stop every engine and return."""
+        # handler_cancellation: a client that disconnects cancels its proxied engine request.
+        runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        await site.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop_requested.set)
+        log.info(
+            "agent %s listening on %s:%d (engine %s, cache %s, GPUs: %d)",
+            self.config.agent_id, self.config.host, self.config.port, self.config.engine,
+            self.config.cache_dir, len(self.gpu.snapshot()),
+        )  # fmt: skip
+        try:
+            await self.stop_requested.wait()
+            log.info("stopping: engines first")
+        finally:
+            await runner.cleanup()
+
+    async def register_until_accepted(self) -> None:
+        """POST /api/agents/register until accepted, backing off while the control plane is down."""
+        url = f"{self.config.control_plane_url}/api/agents/register"
+        body = RegisterRequest(
+            agent_id=self.config.agent_id,
+            base_url=self.config.advertise_url,
+            version=__version__,
+            state=self.registry.agent_state(),
+            gpus=tuple(self.gpu.snapshot()),
+            labels=self.config.labels,
+        ).to_json()
+        headers = {"Authorization": f"Bearer {self.config.token}"}
+        delay = 0.5
+        while True:
+            try:
+                async with self.session.post(
+                    url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+                ) as r:
+                    if r.status in (200, 201):
+                        log.info(
+                            "registered with %s as %s",
+                            self.config.control_plane_url,
+                            self.config.agent_id,
+                        )
+                        self.registered.set()
+                        return
+                    log.warning(
+                        "registration refused: HTTP %d %s", r.status, (await r.text())[:300]
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning(
+                    "control plane unreachable (%s); retrying in %.1f s",
+                    exc or type(exc).__name__,
+                    delay,
+                )
+            # Jitter spreads out a fleet of agents restarting together.
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311
+            delay = min(delay * 2, REGISTER_BACKOFF_MAX)
+
+    # --- middlewares ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _OPEN_PATHS:
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return _error(401, "unauthorized", "missing 'Authorization: Bearer <agent token>'")
+        if not hmac.compare_digest(token.strip().encode(), self.config.token.encode()):
+            return _error(401, "unauthorized", "invalid agent token")
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            return _error(400, "bad_request", str(exc))
+        except AgentError as exc:
+            return _error(exc.status, exc.code, str(exc), exc.model_id)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _error(413, "body_too_large", exc.text or "request body too large")
+
+    # --- control API ----------------------------------------------------------------------------
+
+    async def _control_body(self, request: web.Request) -> Any:
+        if request.content_length is not None and request.content_length > MAX_CONTROL_BODY:
+            raise AgentError(
+                "body_too_large", f"control requests are limited to {MAX_CONTROL_BODY} bytes", 413
+            )
+        return await _json_body(request)
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        load = LoadModelRequest.from_json(await self._control_body(request))
+        # Shielded: a caller that gives up does not cancel the load others may be waiting on.
+        result = await asyncio.shield(self.registry.load(load, self.session))
+        return web.json_response(result.to_json())
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        unload = UnloadModelRequest.from_json(await self._control_body(request))
+        result = await asyncio.shield(self.registry.unload(unload, self.session))
+        return web.json_response(result.to_json())
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        if request.can_read_body:  # a body is optional; when sent, it must be JSON
+            await self._control_body(request)
+        await self.registry.refresh_stats(self.session)
+        return web.json_response(self.heartbeat_snapshot().to_json())
+
+    def heartbeat_snapshot(self) -> HeartbeatResponse:
+        gpus = self.gpu.snapshot()
+        utilizations = [gpu.utilization for gpu in gpus if gpu.utilization is not None]
+        disk = shutil.disk_usage(self.config.cache_dir)
+        models = self.registry.statuses()
+        return HeartbeatResponse(
+            agent_id=self.config.agent_id,
+            state=self.registry.agent_state(),
+            version=__version__,
+            gpus=tuple(gpus),
+            gpu_utilization=sum(utilizations) / len(utilizations) if utilizations else None,
+            gpu_memory_total=sum(gpu.memory_total for gpu in gpus),
+            gpu_memory_free=sum(gpu.memory_free for gpu in gpus),
+            vllm_queue_length=sum(model.requests_waiting for model in models),
+            disk=DiskInfo(
+                str(self.config.cache_dir), disk.total, disk.free, self.registry.models_bytes()
+            ),
+            models=tuple(models),
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "agent_id": self.config.agent_id, "version": __version__}
+        )
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        levels: dict[str, int] = {}
+        for slot in self.registry.slots.values():
+            levels[slot.cache_level] = levels.get(slot.cache_level, 0) + 1
+        for level in ("GPU_RESIDENT", "DRAM_CACHED", "NVME_CACHED", "NONE"):
+            self.metrics.models.labels(level).set(levels.get(level, 0))
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        return await self.proxy.handle(request, self.session)

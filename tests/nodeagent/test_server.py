@@ -1,0 +1,331 @@
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from nodeagent.cache import ModelCache
+from nodeagent.engines.sim import SimEngine, words_for
+from nodeagent.protocol import HeartbeatResponse
+from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
+
+
+def load_body(tiny_model, model_id: str = "org/tiny", **extra) -> dict:
+    return {"model_id": model_id, "source": tiny_model.as_uri(), **extra}
+
+
+def starts(agent) -> float:
+    return agent.server.metrics.engine_starts.labels("sim", "ready")._value.get()
+
+
+async def test_load_serves_the_model_and_the_heartbeat_says_so(agent, tiny_model):
+    status, body = await agent.post("/load_model", load_body(tiny_model))
+    assert status == 200, body
+    assert body["status"] == "success"
+    assert body["inference_endpoint_url"] == f"{agent.url}/models/org/tiny"
+    assert (body["cache_state"], body["cache_level"]) == ("READY", "GPU_RESIDENT")
+    assert body["timings"]["files_cached"] is False
+    assert body["timings"]["engine_start_seconds"] > 0
+
+    heartbeat = await agent.heartbeat()
+    HeartbeatResponse.from_json(heartbeat)  # the documented shape, field for field
+    assert heartbeat["agent_id"] == "test-agent"
+    assert heartbeat["state"] == "IDLE"
+    assert heartbeat["gpus"] == []  # no GPU here: nothing invented
+    model = agent.model(heartbeat, "org/tiny")
+    assert (model["cache_state"], model["engine"], model["progress"]) == ("READY", "sim", 1.0)
+    assert model["kv_cache_usage"] == 0.0
+    assert heartbeat["disk"]["models_bytes"] > 1_000_000
+
+
+async def test_concurrent_loads_start_one_engine_and_get_the_same_answer(agent, tiny_model):
+    answers = await asyncio.gather(
+        *(agent.post("/load_model", load_body(tiny_model)) for _ in range(5))
+    )
+    assert {status for status, _ in answers} == {200}
+    assert len({json.dumps(body, sort_keys=True) for _, body in answers}) == 1
+    assert starts(agent) == 1
+
+
+async def test_loading_a_ready_model_again_is_instant(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    status, body = await agent.post("/load_model", load_body(tiny_model))
+    assert status == 200
+    assert body["timings"] == {
+        "download_seconds": None, "engine_start_seconds": None, "wake_seconds": None,
+        "total_seconds": 0.0, "files_cached": True,
+    }  # fmt: skip
+    assert starts(agent) == 1
+
+
+async def test_dram_cached_sleeps_and_a_load_wakes_it_without_a_restart(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    engine = agent.server.registry.slots["org/tiny"].engine
+
+    status, body = await agent.post("/unload_model", {"model_id": "org/tiny", "to": "DRAM_CACHED"})
+    assert (status, body["cache_state"], body["cache_level"], body["note"]) == (
+        200,
+        "UNLOADED",
+        "DRAM_CACHED",
+        "",
+    )
+    assert engine.server.sleeping
+    model = agent.model(await agent.heartbeat(), "org/tiny")
+    assert (model["cache_state"], model["cache_level"], model["inference_endpoint_url"]) == (
+        "UNLOADED",
+        "DRAM_CACHED",
+        "",
+    )
+
+    status, body = await agent.post("/load_model", load_body(tiny_model))
+    assert status == 200
+    assert body["timings"]["wake_seconds"] >= 0.05
+    assert body["timings"]["engine_start_seconds"] is None
+    assert agent.server.registry.slots["org/tiny"].engine is engine
+    assert not engine.server.sleeping
+    assert starts(agent) == 1
+
+
+async def test_nvme_cached_stops_the_engine_and_a_load_restarts_it_from_the_cache(
+    agent, tiny_model
+):
+    await agent.post("/load_model", load_body(tiny_model))
+    status, body = await agent.post("/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED"})
+    assert (status, body["cache_level"]) == (200, "NVME_CACHED")
+    assert agent.server.registry.slots["org/tiny"].engine is None
+
+    status, body = await agent.post("/load_model", load_body(tiny_model))
+    assert status == 200
+    assert body["timings"]["files_cached"] is True
+    assert body["timings"]["download_seconds"] is None
+    assert starts(agent) == 2
+
+
+async def test_unload_to_none_deletes_the_files(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    directory = agent.server.registry.slots["org/tiny"].directory
+    status, body = await agent.post("/unload_model", {"model_id": "org/tiny", "to": "NONE"})
+    assert (status, body["cache_level"]) == (200, "NONE")
+    assert not directory.exists()
+    assert (await agent.heartbeat())["models"] == []
+
+
+async def test_unload_refusals(agent, tiny_model):
+    status, body = await agent.post("/unload_model", {"model_id": "nope", "to": "NONE"})
+    assert (status, body["error"]["code"]) == (404, "model_not_found")
+
+    load = asyncio.ensure_future(agent.post("/load_model", load_body(tiny_model)))
+    await asyncio.sleep(0.01)
+    status, body = await agent.post("/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED"})
+    assert (status, body["error"]["code"]) == (409, "load_in_progress")
+    await load
+
+    agent.server.registry.slots["org/tiny"].in_flight = 1
+    status, body = await agent.post("/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED"})
+    assert (status, body["error"]["code"]) == (409, "requests_in_flight")
+    status, _ = await agent.post(
+        "/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED", "force": True}
+    )
+    assert status == 200
+
+
+async def test_a_source_that_does_not_exist_fails_the_load(agent, tmp_path):
+    status, body = await agent.post(
+        "/load_model", {"model_id": "m", "source": (tmp_path / "missing").as_uri()}
+    )
+    assert (status, body["status"], body["model_id"]) == (404, "error", "m")
+    assert body["error"]["code"] == "source_not_found"
+    assert agent.model(await agent.heartbeat(), "m")["cache_state"] == "FAILED"
+
+
+async def test_azure_sources_wait_for_the_model_store(agent):
+    status, body = await agent.post("/load_model", {"model_id": "m", "source": "azure://models/m"})
+    assert (status, body["error"]["code"]) == (501, "unsupported_source")
+
+
+async def test_an_engine_that_dies_is_failed_in_the_next_heartbeat(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    engine = agent.server.registry.slots["org/tiny"].engine
+    assert isinstance(engine, SimEngine)
+    await engine.crash()
+    await asyncio.sleep(0.05)
+    model = agent.model(await agent.heartbeat(), "org/tiny")
+    assert (model["cache_state"], model["cache_level"]) == ("FAILED", "NVME_CACHED")
+    assert "engine died" in model["error"]
+    # A new load starts a fresh engine: a restart.
+    status, _ = await agent.post("/load_model", load_body(tiny_model))
+    assert status == 200
+    assert agent.server.metrics.engine_restarts.labels("sim")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    "path", ["/load_model", "/unload_model", "/heartbeat", "/metrics", "/models/m/v1/models"]
+)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}"])
+async def test_every_endpoint_but_healthz_needs_the_token(agent, path, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    method = agent.http.get if path in {"/metrics", "/models/m/v1/models"} else agent.http.post
+    async with method(f"{agent.url}{path}", headers=headers, json={}) as response:
+        assert response.status == 401
+        body = await response.json()
+    assert body["error"]["code"] == "unauthorized"
+    async with agent.http.get(f"{agent.url}/healthz") as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("{not json", "malformed JSON"),
+        ("", "the body is empty"),
+        ('{"model_id": "m"}', "'source' is required"),
+        (
+            '{"model_id": "m", "source": "file:///x", "engine": {"name": "tgi"}}',
+            "'engine.name' must be one of",
+        ),
+    ],
+)
+async def test_malformed_bodies_are_400_with_the_reason(agent, body, message):
+    async with agent.http.post(
+        f"{agent.url}/load_model", data=body, headers=agent.headers
+    ) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert (error["code"], message in error["message"]) == ("bad_request", True)
+    assert agent.server.registry.slots == {}
+
+
+async def test_the_official_openai_client_streams_through_the_proxy(agent, tiny_model):
+    _, loaded = await agent.post("/load_model", load_body(tiny_model))
+    client = openai.AsyncOpenAI(base_url=f"{loaded['inference_endpoint_url']}/v1", api_key=TOKEN)
+    stream = await client.chat.completions.create(
+        model="org/tiny",
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    async for chunk in stream:
+        parts += [choice.delta.content or "" for choice in chunk.choices]
+        usage = chunk.usage or usage
+    await client.close()
+    assert "".join(parts) == " ".join(words_for("hello there", 6))
+    assert usage is not None
+    assert usage.completion_tokens == 6
+    slot = agent.server.registry.slots["org/tiny"]
+    assert slot.in_flight == 0
+    assert slot.last_used is not None
+    assert agent.server.metrics.proxy_requests.labels("2xx")._value.get() == 1
+
+
+async def test_engine_errors_pass_through_with_their_status(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    url = f"{agent.url}/models/org/tiny/v1/chat/completions"
+    async with agent.http.post(
+        url, json={"model": "org/other", "messages": []}, headers=agent.headers
+    ) as response:
+        assert response.status == 404
+        assert "does not exist" in (await response.json())["error"]["message"]
+
+
+async def test_proxy_to_a_model_that_is_not_ready(agent, tiny_model):
+    async with agent.http.get(
+        f"{agent.url}/models/org/tiny/v1/models", headers=agent.headers
+    ) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "model_not_found"
+    await agent.post("/load_model", load_body(tiny_model))
+    await agent.post("/unload_model", {"model_id": "org/tiny", "to": "DRAM_CACHED"})
+    async with agent.http.get(
+        f"{agent.url}/models/org/tiny/v1/models", headers=agent.headers
+    ) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "model_not_ready"
+
+
+async def test_a_client_that_disconnects_cancels_the_engine_request(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    engine = agent.server.registry.slots["org/tiny"].engine
+    body = {
+        "model": "org/tiny",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 5000,
+        "stream": True,
+    }
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(
+            f"{agent.url}/models/org/tiny/v1/chat/completions", json=body, headers=agent.headers
+        )
+        await response.content.readline()
+        assert engine.server.counters.running == 1
+        assert agent.server.registry.slots["org/tiny"].in_flight == 1
+        response.close()
+    for _ in range(100):
+        if engine.server.counters.running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.server.counters.running == 0
+    assert engine.server.counters.generation_tokens < 5000
+    assert agent.server.registry.slots["org/tiny"].in_flight == 0
+
+
+async def test_a_restarted_agent_finds_its_cached_models(tmp_path, tiny_model):
+    server, test_server, url = await start_agent(sim_args(tmp_path / "cache"))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        await http.post(f"{url}/load_model", json=load_body(tiny_model))
+    await test_server.close()
+    assert server.registry.slots["org/tiny"].engine is None  # shutdown stopped it
+
+    again, test_server, url = await start_agent(sim_args(tmp_path / "cache"))
+    try:
+        slot = again.registry.slots["org/tiny"]
+        assert (slot.state, slot.cache_level, slot.source) == (
+            "UNLOADED",
+            "NVME_CACHED",
+            tiny_model.as_uri(),
+        )
+        assert [cached.model_id for cached in ModelCache(tmp_path / "cache" / "models").scan()] == [
+            "org/tiny"
+        ]
+    finally:
+        await test_server.close()
+
+
+async def test_metrics_endpoint_exposes_agent_series(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    async with agent.http.get(f"{agent.url}/metrics", headers=agent.headers) as response:
+        text = await response.text()
+    assert 'llmfleet_agent_engine_starts_total{engine="sim",outcome="ready"} 1.0' in text
+    assert 'llmfleet_agent_models{cache_level="GPU_RESIDENT"} 1.0' in text
+    assert "llmfleet_agent_model_bytes_fetched_total" in text
+
+
+async def test_registration_retries_with_backoff_until_the_control_plane_answers(tmp_path) -> None:
+    calls: list[dict] = []
+
+    async def register(request: web.Request) -> web.Response:
+        calls.append({"auth": request.headers.get("Authorization"), "body": await request.json()})
+        if len(calls) < 3:
+            return web.json_response({"detail": "starting"}, status=503)
+        return web.json_response({"agent_id": "test-agent", "created": True}, status=201)
+
+    control_plane = web.Application()
+    control_plane.router.add_post("/api/agents/register", register)
+    async with TestServer(control_plane) as cp:
+        server, test_server, _ = await start_agent(
+            sim_args(tmp_path / "cache", "--control-plane-url", str(cp.make_url("")).rstrip("/"))
+        )
+        try:
+            await asyncio.wait_for(server.registered.wait(), timeout=10)
+        finally:
+            await test_server.close()
+    assert len(calls) == 3
+    assert calls[-1]["auth"] == f"Bearer {TOKEN}"
+    assert calls[-1]["body"]["agent_id"] == "test-agent"
+    assert calls[-1]["body"]["gpus"] == []

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from nodeagent.config import SimSettings
+from nodeagent.engines.sim import SimServer, words_for
+from nodeagent.metrics import parse_engine_metrics
+
+
+@pytest.fixture
+async def sim():
+    server = SimServer(
+        "org/sim", SimSettings(load_seconds=0, ttft_ms=1, tpot_ms=1, wake_seconds=0.05)
+    )
+    async with TestClient(TestServer(server.app())) as client:
+        yield server, client
+
+
+def chat(**extra):
+    return {
+        "model": "org/sim",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 5,
+    } | extra
+
+
+async def read_events(response) -> list[str]:
+    text = (await response.read()).decode()
+    return [line.removeprefix("data: ") for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+async def test_text_is_deterministic_and_as_long_as_asked(sim):
+    _, client = sim
+    first = await (await client.post("/v1/chat/completions", json=chat())).json()
+    second = await (await client.post("/v1/chat/completions", json=chat())).json()
+    content = first["choices"][0]["message"]["content"]
+    assert (
+        content
+        == second["choices"][0]["message"]["content"]
+        == " ".join(words_for("hello there", 5))
+    )
+    assert first["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert first["object"] == "chat.completion"
+
+
+async def test_chat_streams_sse_with_usage_and_done(sim):
+    _, client = sim
+    response = await client.post(
+        "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+    )
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = await read_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(
+        chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk["choices"]
+    )
+    assert text == " ".join(words_for("hello there", 5))
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_completions_stream_without_usage_unless_asked(sim):
+    _, client = sim
+    body = {"model": "org/sim", "prompt": "once upon", "max_tokens": 3, "stream": True}
+    chunks = [
+        json.loads(e)
+        for e in (await read_events(await client.post("/v1/completions", json=body)))[:-1]
+    ]
+    assert len(chunks) == 3
+    assert all("usage" not in chunk for chunk in chunks)
+    assert chunks[0]["object"] == "text_completion"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ("{oops", 400),
+        ({"model": "other", "messages": []}, 404),
+        ({"model": "org/sim", "max_tokens": 0}, 400),
+    ],
+)
+async def test_bad_requests(sim, body, status):
+    _, client = sim
+    kwargs = {"data": body} if isinstance(body, str) else {"json": body}
+    response = await client.post("/v1/chat/completions", **kwargs)
+    assert response.status == status
+    assert "message" in (await response.json())["error"]
+
+
+async def test_metrics_use_vllm_names_and_count_prefix_hits(sim):
+    _, client = sim
+    await client.post("/v1/chat/completions", json=chat())
+    await client.post("/v1/chat/completions", json=chat())
+    stats = parse_engine_metrics(await (await client.get("/metrics")).text())
+    assert stats.requests_running == 0
+    assert stats.kv_cache_usage == 0
+    assert stats.kv_cache_hit_rate == 0.5  # the second identical prompt hit
+
+
+async def test_sleep_and_wake(sim):
+    server, client = sim
+    assert (await (await client.get("/is_sleeping")).json()) == {"is_sleeping": False}
+    assert (await client.post("/sleep?level=1")).status == 200
+    assert (await client.post("/v1/chat/completions", json=chat())).status == 503
+    assert (await (await client.get("/is_sleeping")).json()) == {"is_sleeping": True}
+    assert (await client.post("/wake_up")).status == 200
+    assert not server.sleeping
+    assert (await client.post("/v1/chat/completions", json=chat())).status == 200
