@@ -1,0 +1,121 @@
+"""A real node agent process for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "e2e-agent-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    cache_dir: Path
+    log_path: Path
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def post(self, path: str, body: object | None = None, timeout: float = 30) -> requests.Response:
+        return requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=timeout)
+
+    def heartbeat(self) -> dict:
+        response = self.post("/heartbeat")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_agent(tmp_path: Path, *args: str, token: str = TOKEN) -> Iterator[AgentProcess]:
+    """Start `python -m nodeagent`, wait for /healthz, and stop it with SIGTERM at the end."""
+    port = free_port()
+    cache_dir = tmp_path / "agent-cache"
+    log_path = tmp_path / "agent.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AGENT_")}
+    # vLLM leaves files in TMPDIR and its cache root: keep them inside the test's directory.
+    env.update(TMPDIR=str(tmp_path), VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))
+    argv = [sys.executable, "-m", "nodeagent", "--port", str(port), "--token", token,
+            "--cache-dir", str(cache_dir), *args]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    agent = AgentProcess(process, f"http://127.0.0.1:{port}", cache_dir, log_path, token)
+    try:
+        _wait_healthy(agent)
+        yield agent
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+
+
+def _wait_healthy(agent: AgentProcess) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if agent.process.poll() is not None:
+            raise AssertionError(f"the agent exited: {agent.log()}")
+        try:
+            if requests.get(f"{agent.url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the agent did not answer /healthz: {agent.log()}")
+
+
+def processes_mentioning(text: str) -> list[tuple[int, int, str]]:
+    """(pid, pgid, command line) of live processes whose command line contains `text`."""
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        pid, pgid, stat, args = line.split(None, 3)
+        if text in args and not stat.startswith("Z"):
+            found.append((int(pid), int(pgid), args))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group: vLLM's EngineCore renames itself."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,stat=", "-g", str(pgid)], capture_output=True, text=True
+    ).stdout
+    return [
+        int(line.split()[0]) for line in out.splitlines() if not line.split()[1].startswith("Z")
+    ]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

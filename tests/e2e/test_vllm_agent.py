@@ -1,0 +1,149 @@
+"""The node agent with the real vLLM engine on the CPU and the tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import openai
+import pytest
+
+from nodeagent import tinymodel
+from tests.e2e.agent_process import (
+    ROOT,
+    group_members,
+    processes_mentioning,
+    running_agent,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+# What vLLM's CPU build needs for a fast start (../shared/FACTS.md).
+CPU_ARGS = [
+    "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
+    "--kv-cache-memory-bytes", "64M", "--max-num-seqs", "8", "--shutdown-timeout", "10",
+]  # fmt: skip
+LOAD_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def engine_python() -> str:
+    python = os.environ.get("AGENT_ENGINE_PYTHON") or str(ROOT / ".venv-engine" / "bin" / "python")
+    if not Path(python).exists():
+        pytest.fail(f"vLLM's environment is missing ({python}): `make engine` builds it")
+    return python
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tinymodel.build(tmp_path_factory.mktemp("checkpoint") / "tiny")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def engine_of(cache_dir: Path) -> tuple[int, int]:
+    """(pid, port) of the api_server serving from this agent's cache."""
+    [(pid, _, args)] = [
+        found for found in processes_mentioning(str(cache_dir)) if "api_server" in found[2]
+    ]
+    words = args.split()
+    return pid, int(words[words.index("--port") + 1])
+
+
+def test_load_stream_unload_and_load_again_from_the_cache(tmp_path, engine_python, tiny):
+    with running_agent(tmp_path, "--engine", "vllm", "--engine-python", engine_python) as agent:
+        load = {"model_id": "org/tiny", "source": tiny.as_uri(), "engine": {"args": CPU_ARGS}}
+        response = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
+        assert response.status_code == 200, response.text
+        loaded = response.json()
+        assert (loaded["cache_state"], loaded["cache_level"]) == ("READY", "GPU_RESIDENT")
+        assert loaded["timings"]["files_cached"] is False
+
+        # A streaming chat completion through the agent's proxy, with the official client.
+        client = openai.OpenAI(
+            base_url=f"{loaded['inference_endpoint_url']}/v1", api_key=agent.token
+        )
+        stream = client.chat.completions.create(
+            model="org/tiny",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},  # random weights: exactly max_tokens tokens
+        )
+        chunks = list(stream)
+        assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) >= 2
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 8
+
+        heartbeat = agent.heartbeat()
+        model = next(m for m in heartbeat["models"] if m["model_id"] == "org/tiny")
+        assert (model["cache_state"], model["engine"]) == ("READY", "vllm")
+        assert model["kv_cache_usage"] is not None  # read from vLLM's own /metrics
+        assert heartbeat["gpus"] == []
+
+        pid, port = engine_of(agent.cache_dir)
+        pgid = os.getpgid(pid)
+        response = agent.post(
+            "/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED"}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["cache_level"] == "NVME_CACHED"
+        assert [
+            found for found in processes_mentioning(str(agent.cache_dir)) if found[1] == pgid
+        ] == []
+        assert not port_open(port)
+
+        weights = next((agent.cache_dir / "models").glob("*/model.safetensors"))
+        before = weights.stat()
+        response = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
+        assert response.status_code == 200, response.text
+        timings = response.json()["timings"]
+        assert (timings["files_cached"], timings["download_seconds"]) == (True, None)
+        after = weights.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_mtime_ns,
+        )  # not copied
+
+        # kill -9 of the engine: the next heartbeat says FAILED, with the exit status.
+        pid, _ = engine_of(agent.cache_dir)
+        os.kill(pid, signal.SIGKILL)
+
+        def failed() -> bool:
+            model = next(m for m in agent.heartbeat()["models"] if m["model_id"] == "org/tiny")
+            return model["cache_state"] == "FAILED"
+
+        wait_for(failed, 15, "the heartbeat to report FAILED")
+        model = next(m for m in agent.heartbeat()["models"] if m["model_id"] == "org/tiny")
+        assert "exit status -9" in model["error"]
+        wait_for(lambda: group_members(pid) == [], 15, "the dead engine's group to be gone")
+
+    assert agent.process.returncode == 0, agent.log()
+    assert group_members(pid) == []
+
+
+def test_an_engine_that_cannot_start_fails_the_load_with_its_log_tail(
+    tmp_path, engine_python, tiny
+):
+    with running_agent(tmp_path, "--engine", "vllm", "--engine-python", engine_python) as agent:
+        load = {"model_id": "bad", "source": tiny.as_uri(), "engine": {"args": ["--no-such-flag"]}}
+        response = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert error["code"] == "engine_exited"
+        assert "exit status 2" in error["message"]
+        assert "unrecognized arguments: --no-such-flag" in error["message"]
+        model = next(m for m in agent.heartbeat()["models"] if m["model_id"] == "bad")
+        assert model["cache_state"] == "FAILED"
+        assert [
+            args
+            for _, _, args in processes_mentioning(str(agent.cache_dir))
+            if "api_server" in args
+        ] == []
