@@ -108,7 +108,7 @@ def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp
 
 def children_of(pid: int) -> dict[int, str]:
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
     )
     return {
         int(line.split(None, 1)[0]): line.split(None, 1)[1]
