@@ -1,17 +1,11 @@
 from __future__ import annotations
 
-import socket
-
 import pytest
 from django.db.utils import OperationalError
 
+from tests.support import free_port
+
 pytestmark = pytest.mark.django_db
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_healthy_with_database_and_redis(client, settings):
@@ -22,7 +16,7 @@ def test_healthy_with_database_and_redis(client, settings):
 
 
 def test_redis_down_is_503_naming_redis(client, settings):
-    settings.REDIS_URL = f"redis://127.0.0.1:{closed_port()}/0"
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
     response = client.get("/healthz")
     assert response.status_code == 503
     body = response.json()

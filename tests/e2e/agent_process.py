@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 
 import requests
 
+from tests.support import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-agent-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -110,12 +105,3 @@ def group_members(pgid: int) -> list[int]:
     return [
         int(line.split()[0]) for line in out.splitlines() if not line.split()[1].startswith("Z")
     ]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

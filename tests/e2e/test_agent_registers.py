@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agents.models import Agent
-from tests.e2e.agent_process import running_agent, wait_for
+from tests.e2e.agent_process import running_agent
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

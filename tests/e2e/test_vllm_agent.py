@@ -16,8 +16,8 @@ from tests.e2e.agent_process import (
     group_members,
     processes_mentioning,
     running_agent,
-    wait_for,
 )
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from aiohttp.test_utils import TestServer
 from nodeagent import tinymodel
 from nodeagent.config import parse_config
 from nodeagent.server import AgentServer
+from tests.support import free_port
 
 TOKEN = "agent-test-token"
 
@@ -61,12 +61,6 @@ def sim_args(cache_dir: Path, *extra: str) -> list[str]:
         "0.05",
         *extra,
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_agent(args: list[str]) -> tuple[AgentServer, TestServer, str]:
