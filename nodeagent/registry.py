@@ -144,6 +144,12 @@ class ModelRegistry:
             except asyncio.CancelledError:
                 self._fail(slot, "the load was cancelled")
                 raise
+            except Exception as exc:  # disk full, permissions: still an answer, never a stuck slot
+                log.exception("load of %s failed", slot.model_id)
+                self._fail(slot, f"{type(exc).__name__}: {exc}")
+                raise AgentError(
+                    "load_failed", f"{type(exc).__name__}: {exc}", 500, slot.model_id
+                ) from None
 
     async def _cold_load(
         self,

@@ -329,3 +329,34 @@ async def test_registration_retries_with_backoff_until_the_control_plane_answers
     assert calls[-1]["auth"] == f"Bearer {TOKEN}"
     assert calls[-1]["body"]["agent_id"] == "test-agent"
     assert calls[-1]["body"]["gpus"] == []
+
+
+async def test_an_engine_interpreter_that_does_not_exist_fails_the_load(tmp_path, tiny_model):
+    server, test_server, url = await start_agent(
+        sim_args(tmp_path / "cache", "--engine-python", str(tmp_path / "no-such-python"))
+    )
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            body = load_body(tiny_model, engine={"name": "vllm"})
+            async with http.post(f"{url}/load_model", json=body) as response:
+                assert response.status == 502
+                error = (await response.json())["error"]
+        assert error["code"] == "engine_start_failed"
+        assert "no-such-python" in error["message"]
+        assert server.registry.slots["org/tiny"].state == "FAILED"
+    finally:
+        await test_server.close()
+
+
+async def test_an_unexpected_failure_is_a_500_that_names_it_and_leaves_the_model_failed(
+    agent, tiny_model, monkeypatch
+):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nodeagent.fetch._copy_tree", disk_full)
+    status, body = await agent.post("/load_model", load_body(tiny_model))
+    assert (status, body["error"]["code"]) == (500, "load_failed")
+    assert "No space left on device" in body["error"]["message"]
+    assert agent.model(await agent.heartbeat(), "org/tiny")["cache_state"] == "FAILED"
+    assert list((agent.server.config.models_dir).iterdir()) == []  # no half-written model
