@@ -293,6 +293,10 @@ class SimEngine:
 
     async def start(self, session: aiohttp.ClientSession, deadline: float) -> None:
         # The simulated load: weights "move" to the GPU before the engine listens.
+        remaining = deadline - asyncio.get_running_loop().time()
+        if self.settings.load_seconds > remaining:
+            await asyncio.sleep(max(remaining, 0))
+            raise EngineError("load_timeout", "engine was not ready before the load deadline")
         await asyncio.sleep(self.settings.load_seconds)
         self._runner = web.AppRunner(self.server.app(), access_log=None, handle_signals=False)
         await self._runner.setup()

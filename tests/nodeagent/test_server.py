@@ -360,3 +360,29 @@ async def test_an_unexpected_failure_is_a_500_that_names_it_and_leaves_the_model
     assert "No space left on device" in body["error"]["message"]
     assert agent.model(await agent.heartbeat(), "org/tiny")["cache_state"] == "FAILED"
     assert list((agent.server.config.models_dir).iterdir()) == []  # no half-written model
+
+
+async def test_a_load_past_its_deadline_fails_with_504(tmp_path, tiny_model):
+    args = sim_args(tmp_path / "cache", "--sim-load-seconds", "5", "--load-timeout", "0.2")
+    server, test_server, url = await start_agent(args)
+    try:
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+            http.post(f"{url}/load_model", json=load_body(tiny_model)) as response,
+        ):
+            assert response.status == 504
+            assert (await response.json())["error"]["code"] == "load_timeout"
+        assert server.registry.slots["org/tiny"].state == "FAILED"
+    finally:
+        await test_server.close()
+
+
+async def test_an_engine_that_cannot_sleep_steps_down_to_nvme_and_says_so(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    engine = agent.server.registry.slots["org/tiny"].engine
+    engine.supports_sleep = False  # as vLLM on a host without a CUDA GPU
+    status, body = await agent.post("/unload_model", {"model_id": "org/tiny", "to": "DRAM_CACHED"})
+    assert (status, body["cache_state"], body["cache_level"]) == (200, "UNLOADED", "NVME_CACHED")
+    assert body["note"] == "the sim engine cannot sleep on this host; stepped down to NVME_CACHED"
+    assert agent.server.registry.slots["org/tiny"].engine is None
+    assert not engine.server.sleeping
