@@ -122,13 +122,17 @@ class AgentServer:
             await self._session.close()
         self.gpu.close()
 
-    async def serve(self) -> None:
-        """Listen until SIGTERM or SIGINT, then stop every engine and return."""
+    async def start(self) -> web.AppRunner:
+        """Listen; the returned runner's cleanup() stops the agent and its engines."""
         # handler_cancellation: a client that disconnects cancels its proxied engine request.
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port)
-        await site.start()
+        await web.TCPSite(runner, self.config.host, self.config.port).start()
+        return runner
+
+    async def serve(self) -> None:
+        """Listen until SIGTERM or SIGINT, then stop every engine and return."""
+        runner = await self.start()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_requested.set)
