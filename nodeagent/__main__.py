@@ -1,18 +1,49 @@
-"""`python -m nodeagent`: run the node agent (see --help for every setting)."""
+"""`python -m nodeagent`: run the node agent (see --help for every setting).
+
+`python -m nodeagent publish LOCAL_DIR URI` publishes a checkpoint to a store instead.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from nodeagent.config import parse_config
 from nodeagent.server import AgentServer
+from nodeagent.store import StoreError
+from nodeagent.store.publish import publish
+
+
+def publish_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nodeagent publish",
+        description="Publish a Hugging Face checkpoint directory to a model store, with its "
+        "manifest (sizes and sha256) written last. Azure credentials come from "
+        "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL with "
+        "AZURE_STORAGE_SAS_TOKEN or AZURE_STORAGE_KEY.",
+    )
+    parser.add_argument("local_dir", type=Path, help="the checkpoint directory")
+    parser.add_argument("uri", help="azure://<container>/<prefix> or file:///<directory>")
+    args = parser.parse_args(argv)
+    try:
+        manifest = publish(args.local_dir, args.uri, os.environ)
+    except StoreError as exc:
+        print(f"publish failed ({exc.code}): {exc}", file=sys.stderr)
+        return 1
+    print(f"published {args.uri}: {len(manifest.files)} files, {manifest.total_size} bytes")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["publish"]:
+        return publish_main(arguments[1:])
+    config = parse_config(arguments)
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -39,6 +39,10 @@ class AgentConfig:
     load_timeout: float
     stop_grace: float
     labels: dict[str, str]
+    cache_max_bytes: int
+    download_concurrency: int
+    download_range_bytes: int
+    download_limit_bytes_per_s: float
     sim: SimSettings
     log_level: str
 
@@ -90,6 +94,29 @@ def _labels(value: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"labels are key=value pairs, not {item!r}")
         labels[key.strip()] = label.strip()
     return labels
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _bytes(value: str) -> int:
+    """`500G`, `1.5T`, `512M` or a plain number of bytes."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)] if unit else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size like 500G or 512M") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is negative")
+    return int(number * _UNITS[unit])
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
 
 
 def _read_token(value: str | None, path: str | None) -> str:
@@ -195,6 +222,35 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="labels for scheduling, e.g. zone=eu-1a,tier=a",
     )
     flag(
+        "--cache-max-bytes",
+        "AGENT_CACHE_MAX_BYTES",
+        type=_bytes,
+        default="0",
+        help="largest size of the model cache, e.g. 500G; unused models are deleted least "
+        "recently used first to make room (0: only the disk's free space limits it)",
+    )
+    flag(
+        "--download-concurrency",
+        "AGENT_DOWNLOAD_CONCURRENCY",
+        type=_positive_int,
+        default=8,
+        help="range reads in flight per download",
+    )
+    flag(
+        "--download-range-mib",
+        "AGENT_DOWNLOAD_RANGE_MIB",
+        type=_positive_int,
+        default=16,
+        help="size of each range read, MiB",
+    )
+    flag(
+        "--download-limit-mb-s",
+        "AGENT_DOWNLOAD_LIMIT_MB_S",
+        type=float,
+        default=0.0,
+        help="cap on download bandwidth, MB/s (0: none)",
+    )
+    flag(
         "--sim-load-seconds",
         "AGENT_SIM_LOAD_SECONDS",
         type=float,
@@ -269,6 +325,10 @@ def parse_config(
         load_timeout=float(args.load_timeout),
         stop_grace=float(args.stop_grace),
         labels=labels,
+        cache_max_bytes=int(args.cache_max_bytes),
+        download_concurrency=int(args.download_concurrency),
+        download_range_bytes=int(args.download_range_mib) * 1024 * 1024,
+        download_limit_bytes_per_s=float(args.download_limit_mb_s) * 1e6,
         sim=SimSettings(
             load_seconds=float(args.sim_load_seconds),
             ttft_ms=float(args.sim_ttft_ms),

@@ -97,9 +97,30 @@ class AgentMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self.copied_bytes = Counter(
-            "llmfleet_agent_model_bytes_fetched",
-            "Bytes of model files written into the cache.",
+        self.download_bytes = Counter(
+            "llmfleet_agent_download_bytes",
+            "Bytes of model files downloaded into the cache.",
+            registry=self.registry,
+        )
+        self.downloads = Counter(
+            "llmfleet_agent_downloads",
+            "Model downloads by outcome (complete, resumed, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.download_retries = Counter(
+            "llmfleet_agent_download_retries",
+            "Range reads retried after throttling or failures.",
+            registry=self.registry,
+        )
+        self.download_throughput = Gauge(
+            "llmfleet_agent_download_bytes_per_second",
+            "Current download throughput, all models.",
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "llmfleet_agent_cache_evictions",
+            "Models deleted from the cache to make room.",
             registry=self.registry,
         )
         self.requests_in_flight = Gauge(

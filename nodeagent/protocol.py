@@ -214,6 +214,7 @@ class ModelStatus:
     progress: float | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    download_bytes_per_s: float | None = None
     kv_cache_usage: float | None = None
     kv_cache_hit_rate: float | None = None
     requests_running: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -20,12 +21,13 @@ from urllib.parse import quote
 
 import aiohttp
 
-from nodeagent.cache import CachedModel, ModelCache
+from nodeagent.cache import CachedModel, CacheEntry, ModelCache, plan_eviction
 from nodeagent.config import AgentConfig
+from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
 from nodeagent.engines.sim import SimEngine
 from nodeagent.engines.vllm import VllmEngine, vllm_argv
-from nodeagent.fetch import FetchError, Progress, fetch_model
+from nodeagent.fetch import fetch_model
 from nodeagent.metrics import AgentMetrics, EngineStats
 from nodeagent.protocol import (
     LoadModelRequest,
@@ -35,6 +37,7 @@ from nodeagent.protocol import (
     UnloadModelRequest,
     UnloadModelResponse,
 )
+from nodeagent.store import StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class ModelSlot:
     directory: Path | None = None
     size_bytes: int = 0
     engine: Engine | None = None
-    progress: Progress = field(default_factory=Progress)
+    progress: DownloadProgress = field(default_factory=DownloadProgress)
     stats: EngineStats = field(default_factory=EngineStats)
     error: str = ""
     last_used: float | None = None
@@ -89,6 +92,11 @@ class ModelRegistry:
         self.environ = dict(environ)
         self.environ.setdefault("VLLM_CACHE_ROOT", str(config.cache_dir / "vllm-cache"))
         self.cache = ModelCache(config.models_dir)
+        self.download_settings = DownloadSettings(
+            concurrency=config.download_concurrency,
+            range_bytes=config.download_range_bytes,
+            bandwidth_limit=config.download_limit_bytes_per_s or None,
+        )
         self.slots: dict[str, ModelSlot] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
@@ -105,6 +113,7 @@ class ModelRegistry:
                 revision=cached.revision,
                 directory=cached.directory,
                 size_bytes=cached.size,
+                last_used=cached.last_used,
             )
         if self.slots:
             log.info("cache holds %d model(s): %s", len(self.slots), ", ".join(sorted(self.slots)))
@@ -135,9 +144,9 @@ class ModelRegistry:
                 await self._stop_engine(slot)
             try:
                 return await self._cold_load(slot, request, session, started)
-            except (EngineError, FetchError) as exc:
+            except (EngineError, StoreError) as exc:
                 status = (
-                    exc.status if isinstance(exc, FetchError) else _ERROR_STATUS.get(exc.code, 502)
+                    exc.status if isinstance(exc, StoreError) else _ERROR_STATUS.get(exc.code, 502)
                 )
                 self._fail(slot, str(exc))
                 raise AgentError(exc.code, str(exc), status, slot.model_id) from None
@@ -160,13 +169,26 @@ class ModelRegistry:
     ) -> LoadModelResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.load_timeout
-        slot.state, slot.error, slot.progress = "DOWNLOADING", "", Progress()
+        slot.state, slot.error, slot.progress = "DOWNLOADING", "", DownloadProgress()
         fetch_started = time.monotonic()
-        cached, files_cached = await fetch_model(
-            self.cache, request.model_id, request.source, request.revision, slot.progress
-        )
-        if not files_cached:
-            self.metrics.copied_bytes.inc(slot.progress.done)
+        store = open_store(request.source, session, self.environ)
+
+        async def make_room(needed: int) -> None:
+            self._make_room(needed, request.model_id)
+
+        try:
+            cached, result = await fetch_model(
+                self.cache, store, request.model_id, request.revision, slot.progress,
+                self.download_settings, deadline, make_room,
+            )  # fmt: skip
+        except StoreError:
+            self.metrics.downloads.labels("failed").inc()
+            raise
+        files_cached = result is None
+        if result is not None:
+            self.metrics.downloads.labels("resumed" if result.resumed_bytes else "complete").inc()
+            self.metrics.download_bytes.inc(result.fetched_bytes)
+            self.metrics.download_retries.inc(result.retries)
         download_seconds = time.monotonic() - fetch_started
         slot.source, slot.revision, slot.directory = (
             request.source,
@@ -214,6 +236,7 @@ class ModelRegistry:
     def _loaded(self, slot: ModelSlot, timings: LoadTimings) -> LoadModelResponse:
         slot.state, slot.cache_level, slot.error = "READY", "GPU_RESIDENT", ""
         slot.last_used = time.time()
+        self.cache.touch(slot.model_id)
         return LoadModelResponse(slot.model_id, self.endpoint_for(slot.model_id), timings)
 
     def _fail(self, slot: ModelSlot, error: str) -> None:
@@ -222,6 +245,29 @@ class ModelRegistry:
             "NVME_CACHED" if slot.directory is not None and slot.directory.exists() else "NONE"
         )
         log.warning("model %s failed: %s", slot.model_id, error)
+
+    def _make_room(self, needed: int, model_id: str) -> None:
+        """Delete unused cached models, least recently used first, until `needed` bytes fit."""
+        entries = [
+            CacheEntry(slot.model_id, slot.size_bytes, slot.last_used or 0.0,
+                       in_use=slot.engine is not None or slot.loading)
+            for slot in self.slots.values()
+            if slot.directory is not None and slot.model_id != model_id
+        ]  # fmt: skip
+        disk_free = shutil.disk_usage(self.config.models_dir).free
+        plan = plan_eviction(entries, needed, self.config.cache_max_bytes or None, disk_free)
+        if plan is None:
+            raise StoreError(
+                "cache_full",
+                f"{model_id} needs {needed} bytes; the cache cannot make room without "
+                "deleting models in use",
+                507,
+            )
+        for victim in plan:
+            log.info("evicting %s from the cache to make room for %s", victim, model_id)
+            self.cache.remove(victim)
+            del self.slots[victim]
+            self.metrics.evictions.inc()
 
     def _create_engine(self, request: LoadModelRequest, cached: CachedModel) -> Engine:
         name = request.engine.name or self.config.engine
@@ -292,6 +338,7 @@ class ModelRegistry:
             )
         async with slot.lock:
             note = await self._step_down(slot, request.to, session)
+        self.cache.touch(slot.model_id)
         response = UnloadModelResponse(slot.model_id, slot.state, slot.cache_level, note)
         if slot.cache_level == "NONE":
             del self.slots[slot.model_id]
@@ -359,6 +406,9 @@ class ModelRegistry:
             progress=min(slot.progress.done / total, 1.0) if total else None,
             bytes_done=slot.progress.done,
             bytes_total=total,
+            download_bytes_per_s=(
+                slot.progress.bytes_per_second if slot.state == "DOWNLOADING" else None
+            ),
             kv_cache_usage=stats.kv_cache_usage,
             kv_cache_hit_rate=stats.kv_cache_hit_rate,
             requests_running=stats.requests_running,

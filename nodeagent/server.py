@@ -267,6 +267,8 @@ class AgentServer:
             levels[slot.cache_level] = levels.get(slot.cache_level, 0) + 1
         for level in ("GPU_RESIDENT", "DRAM_CACHED", "NVME_CACHED", "NONE"):
             self.metrics.models.labels(level).set(levels.get(level, 0))
+        downloading = [s for s in self.registry.slots.values() if s.state == "DOWNLOADING"]
+        self.metrics.download_throughput.set(sum(s.progress.bytes_per_second for s in downloading))
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

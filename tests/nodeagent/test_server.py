@@ -139,13 +139,14 @@ async def test_a_source_that_does_not_exist_fails_the_load(agent, tmp_path):
         "/load_model", {"model_id": "m", "source": (tmp_path / "missing").as_uri()}
     )
     assert (status, body["status"], body["model_id"]) == (404, "error", "m")
-    assert body["error"]["code"] == "source_not_found"
+    assert body["error"]["code"] == "model_not_found"
     assert agent.model(await agent.heartbeat(), "m")["cache_state"] == "FAILED"
 
 
-async def test_azure_sources_wait_for_the_model_store(agent):
+async def test_azure_sources_need_credentials(agent):
     status, body = await agent.post("/load_model", {"model_id": "m", "source": "azure://models/m"})
-    assert (status, body["error"]["code"]) == (501, "unsupported_source")
+    assert (status, body["error"]["code"]) == (400, "no_credentials")
+    assert "AZURE_STORAGE_CONNECTION_STRING" in body["error"]["message"]
 
 
 async def test_an_engine_that_dies_is_failed_in_the_next_heartbeat(agent, tiny_model):
@@ -303,7 +304,8 @@ async def test_metrics_endpoint_exposes_agent_series(agent, tiny_model):
         text = await response.text()
     assert 'llmfleet_agent_engine_starts_total{engine="sim",outcome="ready"} 1.0' in text
     assert 'llmfleet_agent_models{cache_level="GPU_RESIDENT"} 1.0' in text
-    assert "llmfleet_agent_model_bytes_fetched_total" in text
+    assert "llmfleet_agent_download_bytes_total 1.8" in text
+    assert 'llmfleet_agent_downloads_total{outcome="complete"} 1.0' in text
 
 
 async def test_registration_retries_with_backoff_until_the_control_plane_answers(tmp_path) -> None:
@@ -354,12 +356,12 @@ async def test_an_unexpected_failure_is_a_500_that_names_it_and_leaves_the_model
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nodeagent.fetch._copy_tree", disk_full)
+    monkeypatch.setattr("nodeagent.download._preallocate", disk_full)
     status, body = await agent.post("/load_model", load_body(tiny_model))
     assert (status, body["error"]["code"]) == (500, "load_failed")
     assert "No space left on device" in body["error"]["message"]
     assert agent.model(await agent.heartbeat(), "org/tiny")["cache_state"] == "FAILED"
-    assert list((agent.server.config.models_dir).iterdir()) == []  # no half-written model
+    assert agent.server.registry.cache.scan() == []  # no half-written model
 
 
 async def test_a_load_past_its_deadline_fails_with_504(tmp_path, tiny_model):

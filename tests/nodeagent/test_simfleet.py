@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from nodeagent.simfleet import fleet_configs
-from tests.support import free_port, wait_for
+from tests.support import free_port_block, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,8 @@ def rss_mib(pid: int) -> float:
 
 @pytest.mark.e2e
 def test_a_hundred_sim_agents_share_one_small_process(tmp_path, tiny_model):
-    count, base = 100, free_port()
+    count = 100
+    base = free_port_block(count)
     fleet = subprocess.Popen(
         [sys.executable, "-m", "nodeagent.simfleet", "--count", str(count),
          "--base-port", str(base), "--cache-root", str(tmp_path), "--token", "t",
@@ -59,6 +60,8 @@ def test_a_hundred_sim_agents_share_one_small_process(tmp_path, tiny_model):
     try:
 
         def all_up() -> bool:
+            if fleet.poll() is not None:
+                raise AssertionError(f"simfleet exited: {fleet.stderr.read().decode()[-2000:]}")
             try:
                 return requests.get(f"http://127.0.0.1:{base + count - 1}/healthz", timeout=1).ok
             except requests.ConnectionError:

@@ -1,0 +1,27 @@
+"""Model stores: where checkpoints are published and read from.
+
+`azure://<container>/<prefix>` (Azure Blob, or Azurite) and `file:///dir`.
+A model is one prefix in Hugging Face layout plus `llmfleet-manifest.json`,
+written last by `publish`, listing each file's size and sha256.
+"""
+
+from nodeagent.store.base import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    RemoteFile,
+    Store,
+    StoreError,
+)
+from nodeagent.store.open import open_store, read_manifest
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Manifest",
+    "ManifestFile",
+    "RemoteFile",
+    "Store",
+    "StoreError",
+    "open_store",
+    "read_manifest",
+]

@@ -1,0 +1,148 @@
+"""What every store offers the downloader, and the manifest that defines a published model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+MANIFEST_NAME = "llmfleet-manifest.json"
+MANIFEST_FORMAT = 1
+_HASH_BLOCK = 4 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    """A store problem that fails a load. `code` says which; `retryable` ones may pass."""
+
+    def __init__(self, code: str, message: str, status: int = 502, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The published model: every file with its size and sha256."""
+
+    files: tuple[ManifestFile, ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(file.size for file in self.files)
+
+    def to_json(self) -> str:
+        body = {"format": MANIFEST_FORMAT, "total_size": self.total_size,
+                "files": [asdict(file) for file in self.files]}  # fmt: skip
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            body: Any = json.loads(text)
+            files = tuple(
+                ManifestFile(str(f["path"]), int(f["size"]), str(f["sha256"]))
+                for f in body["files"]
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                "bad_manifest", f"the model's manifest cannot be read: {exc}"
+            ) from None
+        for file in files:
+            if file.path.startswith("/") or ".." in Path(file.path).parts:
+                raise StoreError(
+                    "bad_manifest", f"the manifest names a path outside the model: {file.path}"
+                )
+        return cls(files)
+
+    @classmethod
+    def of_directory(
+        cls, directory: Path, on_bytes: Callable[[int], None] = lambda n: None
+    ) -> Manifest:
+        """Sizes and sha256 of every file below `directory` (the manifest itself excepted)."""
+        files = []
+        for path in model_files(directory):
+            relative = path.relative_to(directory).as_posix()
+            files.append(ManifestFile(relative, path.stat().st_size, sha256_of(path, on_bytes)))
+        return cls(tuple(files))
+
+
+def model_files(directory: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and path.name != MANIFEST_NAME and not path.name.startswith(".llmfleet")
+    )
+
+
+def sha256_of(path: Path, on_bytes: Callable[[int], None] = lambda n: None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as reader:
+        while block := reader.read(_HASH_BLOCK):
+            digest.update(block)
+            on_bytes(len(block))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model in a store. `etag` pins every read to this version of it."""
+
+    path: str
+    size: int
+    etag: str
+    sha256: str | None
+
+
+class Store(Protocol):
+    uri: str
+
+    async def listing(self) -> list[RemoteFile]:
+        """The model's files with size, version and (from the manifest) sha256."""
+
+    async def read_range(
+        self, file: RemoteFile, start: int, end: int, sink: Callable[[int, bytes], None]
+    ) -> None:
+        """Read bytes start..end-1 of `file`, calling sink(offset, data) as they arrive.
+
+        Raises StoreError: `blob_changed` when the file is no longer the listed version;
+        retryable ones for throttling, server errors and broken connections.
+        """
+
+
+def join_listing(
+    manifest: Manifest | None, found: dict[str, tuple[int, str]], uri: str
+) -> list[RemoteFile]:
+    """The listing a download follows: the manifest's files, each with the store's size and etag."""
+    if manifest is None:
+        return [RemoteFile(path, size, etag, None) for path, (size, etag) in sorted(found.items())]
+    files = []
+    for entry in manifest.files:
+        if entry.path not in found:
+            raise StoreError(
+                "model_incomplete",
+                f"{uri}: {entry.path} is in the manifest but not in the store",
+                404,
+            )
+        size, etag = found[entry.path]
+        if size != entry.size:
+            raise StoreError(
+                "size_mismatch",
+                f"{uri}: {entry.path} is {size} bytes in the store, {entry.size} in the manifest",
+            )
+        files.append(RemoteFile(entry.path, size, etag, entry.sha256))
+    return files
+
+
+def files_named(files: Iterable[RemoteFile]) -> dict[str, RemoteFile]:
+    return {file.path: file for file in files}

@@ -1,0 +1,58 @@
+"""From a source URI to the store that reads it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+from nodeagent.store.azure import AzureCredentials, AzureStore, parse_azure_uri
+from nodeagent.store.base import MANIFEST_NAME, Manifest, Store, StoreError
+from nodeagent.store.local import LocalStore, local_path
+
+
+def open_store(uri: str, session: aiohttp.ClientSession, environ: Mapping[str, str]) -> Store:
+    if uri.startswith("azure://"):
+        return AzureStore(uri, session, AzureCredentials.from_environment(environ))
+    if uri.startswith("file://"):
+        return LocalStore(uri)
+    raise StoreError(
+        "bad_uri", f"{uri!r}: sources are azure://<container>/<prefix> or file:///<dir>", 400
+    )
+
+
+def read_manifest(uri: str, environ: Mapping[str, str]) -> Manifest:
+    """The published model's manifest, read synchronously (for management commands)."""
+    if uri.startswith("file://"):
+        path = local_path(uri) / MANIFEST_NAME
+        if not path.exists():
+            if not local_path(uri).is_dir():
+                raise StoreError("model_not_found", f"{uri} is not a directory on this host", 404)
+            return Manifest.of_directory(local_path(uri))
+        return Manifest.from_json(Path(path).read_bytes())
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+    )
+
+    from nodeagent.store.publish import blob_service
+
+    container, prefix = parse_azure_uri(uri)
+
+    client = blob_service(AzureCredentials.from_environment(environ)).get_blob_client(
+        container, f"{prefix}/{MANIFEST_NAME}"
+    )
+    try:
+        return Manifest.from_json(client.download_blob().readall())
+    except ResourceNotFoundError:
+        raise StoreError(
+            "model_not_found", f"{uri} holds no published model (no {MANIFEST_NAME})", 404
+        ) from None
+    except ClientAuthenticationError as exc:
+        raise StoreError(
+            "access_denied", f"the store denied access to {uri}: {exc.message}", 403
+        ) from None
+    except HttpResponseError as exc:
+        raise StoreError("store_error", f"reading {uri}: {exc.message}") from None

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nodeagent.cache import CacheEntry, plan_eviction
+from nodeagent.config import _bytes
+from nodeagent.store import Manifest, ManifestFile, StoreError
+from nodeagent.store.azure import AZURITE_ACCOUNT, AzureCredentials, parse_azure_uri
+
+GIB = 1024**3
+
+
+def entry(model_id: str, size_gib: int, last_used: float, in_use: bool = False) -> CacheEntry:
+    return CacheEntry(model_id, size_gib * GIB, last_used, in_use)
+
+
+def test_eviction_takes_the_least_recently_used_unused_models_first():
+    entries = [entry("old", 10, 1.0), entry("running", 10, 0.5, in_use=True), entry("new", 10, 9.0)]
+    assert plan_eviction(entries, 15 * GIB, capacity=40 * GIB, disk_free=10**15) == ["old"]
+    assert plan_eviction(entries, 25 * GIB, capacity=40 * GIB, disk_free=10**15) == ["old", "new"]
+    assert plan_eviction(entries, 5 * GIB, capacity=40 * GIB, disk_free=10**15) == []
+
+
+def test_eviction_never_takes_a_model_in_use_and_says_when_it_cannot_make_room():
+    entries = [entry("running", 30, 0.0, in_use=True), entry("idle", 5, 1.0)]
+    assert plan_eviction(entries, 20 * GIB, capacity=40 * GIB, disk_free=10**15) is None
+
+
+def test_eviction_also_answers_to_the_disk_s_free_space():
+    entries = [entry("a", 4, 1.0), entry("b", 4, 2.0)]
+    assert plan_eviction(entries, 6 * GIB, capacity=None, disk_free=3 * GIB) == ["a"]
+    assert plan_eviction(entries, 20 * GIB, capacity=None, disk_free=3 * GIB) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("0", 0),
+        ("512M", 512 * 1024**2),
+        ("1.5G", int(1.5 * GIB)),
+        ("2TiB", 2 * 1024**4),
+        ("100", 100),
+    ],
+)
+def test_cache_sizes(text, size):
+    assert _bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "1X"])
+def test_bad_cache_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        _bytes(text)
+
+
+def test_connection_strings():
+    azurite = AzureCredentials.from_connection_string(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+        "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+    )
+    assert (azurite.account_url, azurite.account_name, azurite.account_key) == (
+        "http://127.0.0.1:10000/devstoreaccount1", "devstoreaccount1", "a2V5",
+    )  # fmt: skip
+    azure = AzureCredentials.from_connection_string(
+        "DefaultEndpointsProtocol=https;AccountName=fleetmodels;AccountKey=a2V5;EndpointSuffix=core.windows.net"
+    )
+    assert azure.account_url == "https://fleetmodels.blob.core.windows.net"
+    sas = AzureCredentials.from_connection_string(
+        "BlobEndpoint=https://fleetmodels.blob.core.windows.net/;SharedAccessSignature=sv=2022&sig=abc"
+    )
+    assert (sas.account_name, sas.sas_for("models")) == ("fleetmodels", "sv=2022&sig=abc")
+    development = AzureCredentials.from_connection_string("UseDevelopmentStorage=true")
+    assert development.account_name == AZURITE_ACCOUNT
+
+
+def test_account_url_with_a_key_signs_a_read_and_list_sas():
+    credentials = AzureCredentials.from_environment(
+        {
+            "AZURE_STORAGE_ACCOUNT_URL": "http://127.0.0.1:10000/devstoreaccount1",
+            "AZURE_STORAGE_KEY": "a2V5a2V5",
+        }
+    )
+    sas = credentials.sas_for("models")
+    assert credentials.account_name == "devstoreaccount1"
+    assert "sp=rl" in sas
+    assert "sig=" in sas
+
+
+def test_missing_credentials_say_what_to_set():
+    with pytest.raises(StoreError, match="AZURE_STORAGE_CONNECTION_STRING") as raised:
+        AzureCredentials.from_environment({})
+    assert raised.value.status == 400
+
+
+@pytest.mark.parametrize("uri", ["azure://models", "azure:///prefix", "s3://models/x"])
+def test_bad_azure_uris(uri):
+    with pytest.raises(StoreError, match="azure://<container>/<prefix>"):
+        parse_azure_uri(uri)
+
+
+def test_manifest_round_trip_and_paths_that_escape_are_refused():
+    manifest = Manifest(
+        (
+            ManifestFile("config.json", 10, "ab" * 32),
+            ManifestFile("w/model.safetensors", 5, "cd" * 32),
+        )
+    )
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert manifest.total_size == 15
+    with pytest.raises(StoreError, match="outside the model"):
+        Manifest.from_json('{"files": [{"path": "../../etc/passwd", "size": 1, "sha256": "x"}]}')
+    with pytest.raises(StoreError, match="cannot be read"):
+        Manifest.from_json("{not json")
+
+
+def test_missing_ranges_are_the_gaps_whatever_range_size_wrote_the_journal():
+    from nodeagent.download import missing_ranges
+    from nodeagent.store import RemoteFile
+
+    file = RemoteFile("w.safetensors", 100, "etag", None)
+    done = {"w.safetensors": [(30, 40), (0, 10), (35, 50)]}  # unsorted, overlapping
+    pieces = [(p.start, p.end) for p in missing_ranges([file], done, 16)]
+    assert pieces == [(10, 26), (26, 30), (50, 66), (66, 82), (82, 98), (98, 100)]
+    assert [(p.start, p.end) for p in missing_ranges([file], {}, 64)] == [(0, 64), (64, 100)]
+    assert list(missing_ranges([file], {"w.safetensors": [(0, 100)]}, 16)) == []
