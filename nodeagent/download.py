@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nodeagent.store.base import RemoteFile, Store, StoreError, sha256_of
+from nodeagent.store.base import RemoteFile, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class DownloadResult:
     ranges_fetched: int
     retries: int
     seconds: float
+    verify_seconds: float
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,55 @@ def _preallocate(path: Path, size: int) -> int:
     return fd
 
 
+class _StreamingHash:
+    """sha256 of one file, computed while it downloads.
+
+    Ranges finish nearly in order, so the file's contiguous prefix grows steadily; a
+    task hashes each new stretch of it in a worker thread (reading back from the page
+    cache), and verification is done when the last byte lands instead of after.
+    """
+
+    BLOCK = 8 * MIB
+
+    def __init__(self, path: Path, size: int, hashing: asyncio.Semaphore) -> None:
+        self.path, self.size, self.hashing = path, size, hashing
+        self.digest = hashlib.sha256()
+        self.cursor = 0
+        self.ready: list[tuple[int, int]] = []
+        self.advanced = asyncio.Event()
+
+    def add(self, start: int, end: int) -> None:
+        self.ready.append((start, end))
+        self.advanced.set()
+
+    def _contiguous_end(self) -> int:
+        end = self.cursor
+        self.ready.sort()
+        while self.ready and self.ready[0][0] <= end:
+            end = max(end, self.ready.pop(0)[1])
+        return end
+
+    def _hash(self, fd: int, start: int, end: int) -> None:
+        for offset in range(start, end, self.BLOCK):
+            self.digest.update(os.pread(fd, min(self.BLOCK, end - offset), offset))
+
+    async def run(self) -> str:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while self.cursor < self.size:
+                await self.advanced.wait()
+                self.advanced.clear()
+                end = self._contiguous_end()
+                if end > self.cursor:
+                    # One hashing thread at a time: the event loop keeps the other core.
+                    async with self.hashing:
+                        await asyncio.to_thread(self._hash, fd, self.cursor, end)
+                    self.cursor = end
+            return self.digest.hexdigest()
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def _exclusive(staging: Path) -> Iterator[None]:
     """One download per model at a time, even across agent processes sharing a cache."""
@@ -195,6 +245,7 @@ class Downloader:
         self.progress = progress
         self.bandwidth = _Bandwidth(settings.bandwidth_limit)
         self.fds: dict[str, int] = {}
+        self.hashes: dict[str, _StreamingHash] = {}
         self.retries = 0
         self.fetched = 0
         self.ranges_fetched = 0
@@ -221,16 +272,36 @@ class Downloader:
                 log.info("resuming %s: %d of %d bytes already here", self.store.uri, resumed, total)
             try:
                 self.fds = {f.path: _preallocate(self.staging / f.path, f.size) for f in self.files}
-                await self._fetch_all(todo, journal, deadline)
+                hashing = asyncio.Semaphore(1)
+                self.hashes = {
+                    f.path: _StreamingHash(self.staging / f.path, f.size, hashing)
+                    for f in self.files
+                    if f.sha256
+                }
+                for path, intervals in done.items():
+                    for start, end in intervals:
+                        if path in self.hashes:
+                            self.hashes[path].add(start, end)
+                hashers = {path: asyncio.create_task(h.run()) for path, h in self.hashes.items()}
+                try:
+                    await self._fetch_all(todo, journal, deadline)
+                    verifying = time.monotonic()
+                    digests = {path: await task for path, task in hashers.items()}
+                finally:
+                    for task in hashers.values():
+                        task.cancel()
+                    await asyncio.gather(*hashers.values(), return_exceptions=True)
             finally:
                 for fd in self.fds.values():
                     os.close(fd)
-            await self._verify()
+            self._verify(digests)
+            verify_seconds = time.monotonic() - verifying
             (self.staging / JOURNAL).unlink()
         (self.staging / LOCK).unlink(missing_ok=True)
         return DownloadResult(
-            self.fetched, resumed, self.ranges_fetched, self.retries, time.monotonic() - started
-        )
+            self.fetched, resumed, self.ranges_fetched, self.retries,
+            time.monotonic() - started, verify_seconds,
+        )  # fmt: skip
 
     def _clear_staging(self) -> None:
         for path in self.staging.iterdir():
@@ -296,25 +367,24 @@ class Downloader:
                 continue
             self.fetched += written
             self.ranges_fetched += 1
+            if piece.file.path in self.hashes:
+                self.hashes[piece.file.path].add(piece.start, piece.end)
             return
 
-    async def _verify(self) -> None:
-        """Sizes, then sha256 (in worker threads, a file each) against the manifest."""
+    def _verify(self, digests: dict[str, str]) -> None:
+        """Sizes, and the sha256 computed during the download, against the manifest."""
         for file in self.files:
             size = (self.staging / file.path).stat().st_size
             if size != file.size:
                 raise StoreError(
                     "size_mismatch", f"{file.path} is {size} bytes, the manifest says {file.size}"
                 )
-        checked = [(file, file.sha256) for file in self.files if file.sha256]
-        digests = await asyncio.gather(
-            *(asyncio.to_thread(sha256_of, self.staging / file.path) for file, _ in checked)
-        )
-        for (file, expected), digest in zip(checked, digests, strict=True):
-            if digest != expected:
+            digest = digests.get(file.path)
+            if file.sha256 and digest != file.sha256:
                 raise StoreError(
                     "checksum_mismatch",
-                    f"{file.path}: sha256 {digest[:16]}… is not the manifest's {expected[:16]}…",
+                    f"{file.path}: sha256 {digest[:16] if digest else '?'}… is not the manifest's "
+                    f"{file.sha256[:16]}…",
                 )
 
 
