@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
 from agents.choices import AgentState
-from agents.models import Agent
+from agents.models import Agent, Model
 from agents.scheduling import effective_agent_state, health_verdict, summarize_gpus
 from nodeagent.protocol import RegisterRequest
 
@@ -73,3 +74,48 @@ def undrain_agent(agent_id: str) -> Agent:
         )
         agent.save(update_fields=["drained_at", "state", "updated_at"])
     return agent
+
+
+def register_catalog_model(
+    model_id: str,
+    source: str,
+    *,
+    size_bytes: int,
+    revision: str = "",
+    engine_args: list[str] | None = None,
+    gpu_memory_bytes: int | None = None,
+    keep_alive: timedelta | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    pinned: bool | None = None,
+    enabled: bool = True,
+) -> tuple[Model, bool]:
+    """Add a published model to the catalog, or update its entry; returns it and whether it is new.
+
+    Options left as None keep their current (or default) values. Raises ValidationError
+    (writing nothing) for an invalid id, source or replica bounds.
+    """
+    with transaction.atomic():
+        model = Model.objects.select_for_update().filter(model_id=model_id).first()
+        created = model is None
+        model = model or Model(model_id=model_id)
+        model.source, model.revision, model.size_bytes, model.enabled = (
+            source,
+            revision,
+            size_bytes,
+            enabled,
+        )
+        options = {
+            "engine_args": engine_args,
+            "gpu_memory_bytes": gpu_memory_bytes,
+            "keep_alive": keep_alive,
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "pinned": pinned,
+        }
+        for name, value in options.items():
+            if value is not None:
+                setattr(model, name, value)
+        model.full_clean()
+        model.save()
+    return model, created

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.test import Client
 
+from tests.azurite import Azurite
 from tests.factories import make_staff_user
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """One in-memory Azurite for the whole session, started and stopped by the tests."""
+    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import asyncio
 import hashlib
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -13,16 +12,8 @@ import pytest
 from nodeagent.download import DownloadProgress, DownloadResult, DownloadSettings, download
 from nodeagent.store import open_store
 from nodeagent.store.publish import publish
-from tests.azurite import Azurite
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,103 @@
+"""`python manage.py register_model MODEL_ID URI [options]`: catalog a published model."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from argparse import ArgumentParser, ArgumentTypeError
+from datetime import timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from agents.actions import register_catalog_model
+from nodeagent.store import StoreError, read_manifest
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str) -> timedelta:
+    """`300`, `90s`, `10m`, `2h`, `1d`."""
+    match = _DURATION.match(value.strip().lower())
+    if match is None:
+        raise ArgumentTypeError(f"{value!r} is not a duration like 300s, 10m or 2h")
+    return timedelta(seconds=float(match.group(1)) * _SECONDS[match.group(2)])
+
+
+def gigabytes(value: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ArgumentTypeError(f"{value!r} is not a number of GB") from None
+    if number < 0:
+        raise ArgumentTypeError(f"{value!r} is negative")
+    return int(number * 1e9)
+
+
+class Command(BaseCommand):
+    help = (
+        "Add a model published with `python -m nodeagent publish` to the catalog (or update it), "
+        "reading its size and files from the store's manifest. Azure credentials come from "
+        "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL with a SAS token or key."
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("model_id", help="the name clients send as `model`")
+        parser.add_argument("uri", help="azure://<container>/<prefix> or file:///<directory>")
+        parser.add_argument(
+            "--revision", default="", help="a label; changing it makes agents download again"
+        )
+        parser.add_argument(
+            "--engine-args",
+            default=None,
+            help='engine arguments, e.g. "--max-model-len 8192 --dtype bfloat16"',
+        )
+        parser.add_argument(
+            "--gpu-memory-gb", type=gigabytes, help="GPU memory one replica needs, in GB"
+        )
+        parser.add_argument(
+            "--keep-alive", type=duration, help="idle time before stepping down (10m, 1h)"
+        )
+        parser.add_argument(
+            "--min-replicas", type=int, help="replicas kept loaded (0: scale to zero)"
+        )
+        parser.add_argument("--max-replicas", type=int, help="most replicas loaded at once")
+        parser.add_argument(
+            "--pinned", action="store_true", default=None, help="never evicted from the GPU"
+        )
+        parser.add_argument("--disabled", action="store_true", help="in the catalog but not served")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        uri = options["uri"]
+        try:
+            manifest = read_manifest(uri, os.environ)
+        except StoreError as exc:
+            raise CommandError(f"{uri}: {exc} ({exc.code})") from None
+        engine_args = (
+            shlex.split(options["engine_args"]) if options["engine_args"] is not None else None
+        )
+        try:
+            model, created = register_catalog_model(
+                options["model_id"],
+                uri,
+                size_bytes=manifest.total_size,
+                revision=options["revision"],
+                engine_args=engine_args,
+                gpu_memory_bytes=options["gpu_memory_gb"],
+                keep_alive=options["keep_alive"],
+                min_replicas=options["min_replicas"],
+                max_replicas=options["max_replicas"],
+                pinned=options["pinned"],
+                enabled=not options["disabled"],
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{field}: {' '.join(errors)}" for field, errors in exc.message_dict.items()
+            )
+            raise CommandError(f"Not registered: {problems}") from None
+        verb = "Registered" if created else "Updated"
+        size = f"{len(manifest.files)} files, {manifest.total_size / 1e9:.2f} GB"
+        self.stdout.write(f"{verb} {model.model_id} from {uri}: {size}")
