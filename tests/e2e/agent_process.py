@@ -45,14 +45,18 @@ class AgentProcess:
 
 
 @contextmanager
-def running_agent(tmp_path: Path, *args: str, token: str = TOKEN) -> Iterator[AgentProcess]:
+def running_agent(
+    tmp_path: Path, *args: str, token: str = TOKEN, extra_env: dict[str, str] | None = None
+) -> Iterator[AgentProcess]:
     """Start `python -m nodeagent`, wait for /healthz, and stop it with SIGTERM at the end."""
     port = free_port()
     cache_dir = tmp_path / "agent-cache"
     log_path = tmp_path / "agent.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("AGENT_")}
     # vLLM leaves files in TMPDIR and its cache root: keep them inside the test's directory.
-    env.update(TMPDIR=str(tmp_path), VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))
+    env.update(
+        TMPDIR=str(tmp_path), VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), **(extra_env or {})
+    )
     argv = [sys.executable, "-m", "nodeagent", "--port", str(port), "--token", token,
             "--cache-dir", str(cache_dir), *args]  # fmt: skip
     with log_path.open("wb") as log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from nodeagent import tinymodel
+from nodeagent.store.publish import publish
 from tests.e2e.agent_process import (
     ROOT,
     group_members,
@@ -56,9 +58,18 @@ def engine_of(cache_dir: Path) -> tuple[int, int]:
     return pid, int(words[words.index("--port") + 1])
 
 
-def test_load_stream_unload_and_load_again_from_the_cache(tmp_path, engine_python, tiny):
-    with running_agent(tmp_path, "--engine", "vllm", "--engine-python", engine_python) as agent:
-        load = {"model_id": "org/tiny", "source": tiny.as_uri(), "engine": {"args": CPU_ARGS}}
+def test_publish_load_stream_unload_and_load_again_from_the_cache(
+    tmp_path, engine_python, tiny, azurite
+):
+    # The whole path of a checkpoint: published to Azure Blob (Azurite), downloaded by the agent.
+    publish(tiny, "azure://models/org/tiny", azurite.environ(), stream=io.StringIO())
+    agent_args = ("--engine", "vllm", "--engine-python", engine_python)
+    with running_agent(tmp_path, *agent_args, extra_env=azurite.environ()) as agent:
+        load = {
+            "model_id": "org/tiny",
+            "source": "azure://models/org/tiny",
+            "engine": {"args": CPU_ARGS},
+        }
         response = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
         assert response.status_code == 200, response.text
         loaded = response.json()

@@ -388,3 +388,32 @@ async def test_an_engine_that_cannot_sleep_steps_down_to_nvme_and_says_so(agent,
     assert body["note"] == "the sim engine cannot sleep on this host; stepped down to NVME_CACHED"
     assert agent.server.registry.slots["org/tiny"].engine is None
     assert not engine.server.sleeping
+
+
+async def test_cache_eviction_makes_room_but_keeps_the_running_model(tmp_path, tiny_model):
+    # The tiny checkpoint is 1.9 MB: two fit in 5 MB, three do not.
+    server, test_server, url = await start_agent(
+        sim_args(tmp_path / "cache", "--cache-max-bytes", "5M")
+    )
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+
+            async def call(path: str, body: dict) -> tuple[int, dict]:
+                async with http.post(f"{url}{path}", json=body) as response:
+                    return response.status, await response.json()
+
+            assert (await call("/load_model", load_body(tiny_model, "running")))[0] == 200
+            assert (await call("/load_model", load_body(tiny_model, "idle")))[0] == 200
+            await call("/unload_model", {"model_id": "idle", "to": "NVME_CACHED"})
+
+            status, _ = await call("/load_model", load_body(tiny_model, "new"))
+            assert status == 200
+            cached = {entry.model_id for entry in server.registry.cache.scan()}
+            assert cached == {"running", "new"}  # the idle one went; the running one stayed
+            assert "idle" not in server.registry.slots
+
+            status, body = await call("/load_model", load_body(tiny_model, "one-too-many"))
+            assert (status, body["error"]["code"]) == (507, "cache_full")
+            assert {entry.model_id for entry in server.registry.cache.scan()} == {"running", "new"}
+    finally:
+        await test_server.close()
