@@ -1,0 +1,246 @@
+"""Download speed of a 1 GiB model from Azurite: llmfleet's downloader, the Azure SDK, the wire.
+
+    .venv/bin/python bench/download.py [--size-mib 1024] [--files 4]
+
+Publishes a synthetic model (random bytes) to an in-memory Azurite, then in the
+same run measures MB/s for (a) llmfleet's downloader (sha256 verified, CPU
+seconds of this process counted), (b) the Azure SDK's `download_blob().readinto()`
+with default settings, and (c) the machine's ceiling: the same bytes fetched
+over loopback HTTP by curl from a plain static server (`python -m http.server`).
+Ends with one RESULT line. Needs `make azurite` (npm) and curl.
+
+Each method runs in a fresh process, after `sync` and (as root) dropping the
+page cache: on these VMs a process's writes slow to about a third once it has
+written about 1 GiB, whatever the write pattern, so a method measured in a
+process that already wrote would be handicapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from azure.storage.blob import BlobServiceClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodeagent.download import DownloadProgress, DownloadSettings, download  # noqa: E402
+from nodeagent.store import open_store  # noqa: E402
+from nodeagent.store.publish import publish  # noqa: E402
+from tests.azurite import Azurite  # noqa: E402
+from tests.support import free_port, wait_for  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def make_model(directory: Path, size_mib: int, files: int) -> dict[str, str]:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    digests = {}
+    for number in range(files):
+        name = f"model-{number + 1:05d}-of-{files:05d}.safetensors"
+        data = os.urandom(size_mib * MIB // files)
+        (directory / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+async def ours(
+    uri: str, environ: dict[str, str], staging: Path, settings: DownloadSettings
+) -> tuple[float, float, float]:
+    """(seconds, cpu seconds, seconds of which transfer) for llmfleet's downloader."""
+    async with aiohttp.ClientSession(skip_auto_headers={"Accept-Encoding"}) as session:
+        store = open_store(uri, session, environ)
+        files = await store.listing()
+        cpu, started = cpu_seconds(), time.perf_counter()
+        progress = DownloadProgress()
+        result = await download(
+            store,
+            files,
+            staging,
+            DownloadSettings(),
+            progress,
+            asyncio.get_running_loop().time() + 600,
+        )
+        return time.perf_counter() - started, cpu_seconds() - cpu, result.verify_seconds
+
+
+def sdk(connection_string: str, prefix: str, names: list[str], target: Path) -> float:
+    client = BlobServiceClient.from_connection_string(connection_string)
+    container = client.get_container_client("bench")
+    target.mkdir()
+    started = time.perf_counter()
+    for name in names:
+        with (target / name).open("wb") as handle:
+            container.download_blob(f"{prefix}/{name}").readinto(handle)
+    return time.perf_counter() - started
+
+
+def fresh_start() -> None:
+    """Flush dirty pages and, where allowed, drop the page cache: every method starts alike."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def measure(
+    method: str, connection_string: str, target: Path, names: list[str], tuning: list[str]
+) -> dict[str, float]:
+    """Run one method in a fresh process; its wall seconds, CPU seconds and verify seconds."""
+    fresh_start()
+    argv = [sys.executable, __file__, "--measure", method, "--connection-string", connection_string,
+            "--target", str(target), "--names", ",".join(names), *tuning]  # fmt: skip
+    output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(output.strip().splitlines()[-1]))
+
+
+def measure_here(
+    method: str, connection_string: str, target: Path, names: list[str], settings: DownloadSettings
+) -> None:
+    environ = {"AZURE_STORAGE_CONNECTION_STRING": connection_string}
+    cpu = cpu_seconds()
+    if method == "ours":
+        seconds, _, verify_seconds = asyncio.run(
+            ours("azure://bench/model", environ, target, settings)
+        )
+    else:
+        seconds, verify_seconds = sdk(connection_string, "model", names, target), 0.0
+    print(
+        json.dumps(
+            {"seconds": seconds, "cpu": cpu_seconds() - cpu, "verify_seconds": verify_seconds}
+        )
+    )
+
+
+def ceiling(source: Path, names: list[str], target: Path) -> float:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+         "--directory", str(source)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            return (
+                subprocess.run(
+                    ["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/config.json"]
+                ).returncode
+                == 0
+            )
+
+        wait_for(answers, 10, "the static server")
+        target.mkdir()
+        started = time.perf_counter()
+        for name in names:
+            subprocess.run(
+                ["curl", "-sf", "-o", str(target / name), f"http://127.0.0.1:{port}/{name}"],
+                check=True,
+            )
+        return time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def verify(directory: Path, digests: dict[str, str]) -> None:
+    for name, digest in digests.items():
+        if hashlib.sha256((directory / name).read_bytes()).hexdigest() != digest:
+            raise SystemExit(f"sha256 mismatch in {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--range-mib", type=int, default=16, help="downloader range size")
+    parser.add_argument("--concurrency", type=int, default=8, help="downloader ranges in flight")
+    parser.add_argument("--measure", choices=["ours", "sdk"], help=argparse.SUPPRESS)
+    parser.add_argument("--connection-string", help=argparse.SUPPRESS)
+    parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--names", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        settings = DownloadSettings(concurrency=args.concurrency, range_bytes=args.range_mib * MIB)
+        measure_here(
+            args.measure, args.connection_string, args.target, args.names.split(","), settings
+        )
+        return
+    work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-"))
+    azurite = Azurite(work / "azurite").start()
+    try:
+        model = work / "model"
+        digests = make_model(model, args.size_mib, args.files)
+        names = sorted(digests)
+        total = sum((model / name).stat().st_size for name in names)
+        print(f"publishing {total / MIB:.0f} MiB to Azurite (in memory)...", file=sys.stderr)
+        publish(model, "azure://bench/model", azurite.environ(), stream=io.StringIO())
+
+        connection = azurite.connection_string()
+        tuning = ["--range-mib", str(args.range_mib), "--concurrency", str(args.concurrency)]
+        result = measure("ours", connection, work / "ours", names, tuning)
+        seconds, cpu, verify_seconds = result["seconds"], result["cpu"], result["verify_seconds"]
+        verify(work / "ours", digests)
+        shutil.rmtree(work / "ours")
+        sdk_seconds = measure("sdk", connection, work / "sdk", names, tuning)["seconds"]
+        shutil.rmtree(work / "sdk")
+        fresh_start()
+        ceiling_seconds = ceiling(model, names, work / "curl")
+        shutil.rmtree(work / "curl")
+    finally:
+        azurite.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    weights = sum((args.size_mib * MIB // args.files) for _ in names)
+    rate = {name: weights / 1e6 / value for name, value in
+            (("ours", seconds), ("sdk", sdk_seconds), ("ceiling", ceiling_seconds))}  # fmt: skip
+    cpu_per_gib = cpu / (total / 1024**3)
+    rows = [
+        (
+            f"llmfleet ({args.range_mib} MiB ranges, {args.concurrency} in flight, sha256)",
+            seconds,
+            rate["ours"],
+        ),
+        ("Azure SDK download_blob().readinto(), defaults", sdk_seconds, rate["sdk"]),
+        ("ceiling: curl from python -m http.server, loopback", ceiling_seconds, rate["ceiling"]),
+    ]
+    print(f"\n{'method':<58} {'seconds':>8} {'MB/s':>8}")
+    for label, taken, mb_s in rows:
+        print(f"{label:<58} {taken:8.2f} {mb_s:8.0f}")
+    print(f"\nsha256 still running after the last byte: {verify_seconds:.2f} s")
+    print(
+        f"llmfleet downloader CPU: {cpu:.2f} s for {total / 1024**3:.2f} GiB "
+        f"({cpu_per_gib:.2f} s/GiB)"
+    )
+    summary = {
+        "ours_mb_s": f"{rate['ours']:.0f}",
+        "sdk_mb_s": f"{rate['sdk']:.0f}",
+        "ceiling_mb_s": f"{rate['ceiling']:.0f}",
+        "vs_ceiling": f"{rate['ours'] / rate['ceiling']:.2f}",
+        "vs_sdk": f"{rate['ours'] / rate['sdk']:.1f}",
+        "cpu_s_per_gib": f"{cpu_per_gib:.2f}",
+    }
+    print("RESULT " + " ".join(f"{key}={value}" for key, value in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
