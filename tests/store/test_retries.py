@@ -1,0 +1,80 @@
+"""Throttling, transient failures and exclusivity, with a store that fails on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from nodeagent.download import LOCK, DownloadProgress, DownloadSettings, download
+from nodeagent.store import RemoteFile, StoreError
+from nodeagent.store.azure import _status_error
+from nodeagent.store.local import LocalStore
+from tests.store.conftest import MIB, digests
+
+
+class FlakyStore:
+    """A local store whose first `failures` reads of each range answer like a throttled server."""
+
+    def __init__(self, inner: LocalStore, failures: int, status: int) -> None:
+        self.inner, self.failures, self.status = inner, failures, status
+        self.uri = inner.uri
+        self.attempts: dict[tuple[str, int], int] = {}
+
+    async def listing(self) -> list[RemoteFile]:
+        return await self.inner.listing()
+
+    async def read_range(
+        self, file: RemoteFile, start: int, end: int, sink: Callable[[int, bytes], None]
+    ) -> None:
+        key = (file.path, start)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.attempts[key] <= self.failures:
+            raise _status_error(self.status, file.path, "slow down")
+        await self.inner.read_range(file, start, end, sink)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_throttling_and_server_errors_are_retried_with_backoff(checkpoint, tmp_path, status):
+    store = FlakyStore(LocalStore(checkpoint.as_uri()), failures=2, status=status)
+    files = await store.listing()
+    settings = DownloadSettings(range_bytes=8 * MIB)
+    deadline = asyncio.get_running_loop().time() + 30
+    result = await download(
+        store, files, tmp_path / "staging", settings, DownloadProgress(), deadline
+    )
+    assert result.retries == 2 * len(store.attempts)
+    assert digests(tmp_path / "staging") == digests(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [
+        (404, "model_not_found", False),
+        (403, "access_denied", False),
+        (412, "blob_changed", False),
+        (429, "store_unavailable", True),
+        (503, "store_unavailable", True),
+        (400, "store_error", False),
+    ],
+)
+def test_store_answers_map_to_errors(status, code, retryable):
+    error = _status_error(status, "model.safetensors", "")
+    assert (error.code, error.retryable) == (code, retryable)
+
+
+async def test_one_download_per_model_at_a_time(checkpoint, tmp_path):
+    store = LocalStore(checkpoint.as_uri())
+    files = await store.listing()
+    staging = tmp_path / "staging"
+    slow = DownloadSettings(concurrency=1, range_bytes=1 * MIB, bandwidth_limit=20e6)
+    deadline = asyncio.get_running_loop().time() + 30
+    first = asyncio.create_task(download(store, files, staging, slow, DownloadProgress(), deadline))
+    while not (staging / LOCK).exists():  # noqa: ASYNC110 - a file appearing has no event
+        await asyncio.sleep(0.01)
+    with pytest.raises(StoreError) as raised:
+        await download(store, files, staging, DownloadSettings(), DownloadProgress(), deadline)
+    assert (raised.value.code, raised.value.status) == ("download_in_progress", 409)
+    await first
+    assert digests(staging) == digests(checkpoint)
