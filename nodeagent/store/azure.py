@@ -9,10 +9,12 @@ locally (no request leaves the host for it).
 
 from __future__ import annotations
 
+import contextlib
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -110,6 +112,38 @@ class AzureCredentials:
             raise StoreError(
                 "access_denied", f"the account key cannot sign requests: {exc}", 403
             ) from None
+
+
+def blob_service(credentials: AzureCredentials) -> Any:
+    """The Azure SDK's client, for what is not a download: publishing, reading a manifest."""
+    from azure.storage.blob import BlobServiceClient
+
+    credential: Any = credentials.sas_token or None
+    if credentials.account_key:
+        credential = {
+            "account_name": credentials.account_name,
+            "account_key": credentials.account_key,
+        }
+    return BlobServiceClient(credentials.account_url, credential=credential)
+
+
+@contextlib.contextmanager
+def sdk_errors(what: str, not_found: str = "") -> Iterator[None]:
+    """The Azure SDK's exceptions inside the block, as StoreErrors that name `what`."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    try:
+        yield
+    except ResourceNotFoundError:
+        raise StoreError(
+            "model_not_found", not_found or f"{what}: not found in the store", 404
+        ) from None
+    except HttpResponseError as exc:
+        if exc.status_code in (401, 403):
+            raise StoreError(
+                "access_denied", f"the store denied {what}: {exc.reason}", 403
+            ) from None
+        raise StoreError("store_error", f"{what} failed: {exc.message}") from None
 
 
 def _account_name(url: str) -> str:

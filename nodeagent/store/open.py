@@ -7,7 +7,13 @@ from pathlib import Path
 
 import aiohttp
 
-from nodeagent.store.azure import AzureCredentials, AzureStore, parse_azure_uri
+from nodeagent.store.azure import (
+    AzureCredentials,
+    AzureStore,
+    blob_service,
+    parse_azure_uri,
+    sdk_errors,
+)
 from nodeagent.store.base import MANIFEST_NAME, Manifest, Store, StoreError
 from nodeagent.store.local import LocalStore, local_path
 
@@ -31,28 +37,11 @@ def read_manifest(uri: str, environ: Mapping[str, str]) -> Manifest:
                 raise StoreError("model_not_found", f"{uri} is not a directory on this host", 404)
             return Manifest.of_directory(local_path(uri))
         return Manifest.from_json(Path(path).read_bytes())
-    from azure.core.exceptions import (
-        ClientAuthenticationError,
-        HttpResponseError,
-        ResourceNotFoundError,
-    )
-
-    from nodeagent.store.publish import blob_service
-
     container, prefix = parse_azure_uri(uri)
-
-    client = blob_service(AzureCredentials.from_environment(environ)).get_blob_client(
+    blob = blob_service(AzureCredentials.from_environment(environ)).get_blob_client(
         container, f"{prefix}/{MANIFEST_NAME}"
     )
-    try:
-        return Manifest.from_json(client.download_blob().readall())
-    except ResourceNotFoundError:
-        raise StoreError(
-            "model_not_found", f"{uri} holds no published model (no {MANIFEST_NAME})", 404
-        ) from None
-    except ClientAuthenticationError as exc:
-        raise StoreError(
-            "access_denied", f"the store denied access to {uri}: {exc.message}", 403
-        ) from None
-    except HttpResponseError as exc:
-        raise StoreError("store_error", f"reading {uri}: {exc.message}") from None
+    with sdk_errors(
+        f"reading {uri}", not_found=f"{uri} holds no published model (no {MANIFEST_NAME})"
+    ):
+        return Manifest.from_json(blob.download_blob().readall())

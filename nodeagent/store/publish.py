@@ -16,9 +16,9 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from nodeagent.store.azure import AzureCredentials, parse_azure_uri
+from nodeagent.store.azure import AzureCredentials, blob_service, parse_azure_uri, sdk_errors
 from nodeagent.store.base import MANIFEST_NAME, Manifest, StoreError
 from nodeagent.store.local import local_path
 
@@ -55,18 +55,6 @@ class ProgressBar:
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")
-
-
-def blob_service(credentials: AzureCredentials) -> Any:
-    from azure.storage.blob import BlobServiceClient
-
-    credential: Any = credentials.account_key or credentials.sas_token or None
-    if credentials.account_key:
-        credential = {
-            "account_name": credentials.account_name,
-            "account_key": credentials.account_key,
-        }
-    return BlobServiceClient(credentials.account_url, credential=credential)
 
 
 def publish(
@@ -113,15 +101,11 @@ def _publish_local(source: Path, target: Path, manifest: Manifest, bar: Progress
 def _publish_azure(
     source: Path, uri: str, manifest: Manifest, credentials: AzureCredentials, bar: ProgressBar
 ) -> None:
-    from azure.core.exceptions import (
-        ClientAuthenticationError,
-        HttpResponseError,
-        ResourceNotFoundError,
-    )
+    from azure.core.exceptions import ResourceNotFoundError
 
     container_name, prefix = parse_azure_uri(uri)
     container = blob_service(credentials).get_container_client(container_name)
-    try:
+    with sdk_errors(f"the upload to {uri}"):
         if not container.exists():
             container.create_container()
         # First make the prefix not-a-model, so readers never mix old and new files.
@@ -145,9 +129,3 @@ def _publish_azure(
         container.upload_blob(
             f"{prefix}/{MANIFEST_NAME}", manifest.to_json().encode(), overwrite=True
         )
-    except ClientAuthenticationError as exc:
-        raise StoreError(
-            "access_denied", f"the store refused the upload: {exc.message}", 403
-        ) from None
-    except HttpResponseError as exc:
-        raise StoreError("store_error", f"upload to {uri} failed: {exc.message}") from None
