@@ -44,6 +44,7 @@ def test_registers_a_published_model_with_its_size_from_the_manifest(published, 
     )
     assert model.source == published
     assert output.startswith("Registered org/tiny")
+    assert "6 files, 1.9 MB" in output
 
 
 def test_registering_again_updates_and_keeps_unset_options(published):

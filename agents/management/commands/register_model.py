@@ -99,5 +99,7 @@ class Command(BaseCommand):
             )
             raise CommandError(f"Not registered: {problems}") from None
         verb = "Registered" if created else "Updated"
-        size = f"{len(manifest.files)} files, {manifest.total_size / 1e9:.2f} GB"
+        total = manifest.total_size
+        shown = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
+        size = f"{len(manifest.files)} files, {shown}"
         self.stdout.write(f"{verb} {model.model_id} from {uri}: {size}")
