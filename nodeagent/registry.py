@@ -136,11 +136,12 @@ class ModelRegistry:
     ) -> LoadModelResponse:
         started = time.monotonic()
         async with slot.lock:
-            if slot.serving and (slot.source, slot.revision) == (request.source, request.revision):
+            same = (slot.source, slot.revision) == (request.source, request.revision)
+            if slot.serving and same:
                 return self._loaded(slot, LoadTimings(total_seconds=0.0, files_cached=True))
-            if slot.engine is not None and slot.cache_level == "DRAM_CACHED":
+            if slot.engine is not None and slot.cache_level == "DRAM_CACHED" and same:
                 return await self._wake(slot, session, started)
-            if slot.engine is not None:  # a different revision is asked for: replace it
+            if slot.engine is not None:  # another source or revision is asked for: replace it
                 await self._stop_engine(slot)
             try:
                 return await self._cold_load(slot, request, session, started)

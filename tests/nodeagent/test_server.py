@@ -417,3 +417,17 @@ async def test_cache_eviction_makes_room_but_keeps_the_running_model(tmp_path, t
             assert {entry.model_id for entry in server.registry.cache.scan()} == {"running", "new"}
     finally:
         await test_server.close()
+
+
+async def test_a_new_revision_replaces_a_sleeping_engine_instead_of_waking_it(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model, revision="v1"))
+    old_engine = agent.server.registry.slots["org/tiny"].engine
+    await agent.post("/unload_model", {"model_id": "org/tiny", "to": "DRAM_CACHED"})
+
+    status, body = await agent.post("/load_model", load_body(tiny_model, revision="v2"))
+    assert status == 200
+    assert body["timings"]["wake_seconds"] is None
+    assert body["timings"]["files_cached"] is False  # another revision: fetched again
+    assert agent.server.registry.slots["org/tiny"].engine is not old_engine
+    assert agent.server.registry.slots["org/tiny"].revision == "v2"
+    assert starts(agent) == 2
