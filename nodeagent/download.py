@@ -195,25 +195,27 @@ class _StreamingHash:
             end = max(end, self.ready.pop(0)[1])
         return end
 
-    def _hash(self, fd: int, start: int, end: int) -> None:
-        for offset in range(start, end, self.BLOCK):
-            self.digest.update(os.pread(fd, min(self.BLOCK, end - offset), offset))
-
-    async def run(self) -> str:
+    def _hash(self, start: int, end: int) -> None:
+        # The thread opens its own descriptor: a cancelled download may close everything
+        # it holds while this thread still reads.
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            while self.cursor < self.size:
-                await self.advanced.wait()
-                self.advanced.clear()
-                end = self._contiguous_end()
-                if end > self.cursor:
-                    # One hashing thread at a time: the event loop keeps the other core.
-                    async with self.hashing:
-                        await asyncio.to_thread(self._hash, fd, self.cursor, end)
-                    self.cursor = end
-            return self.digest.hexdigest()
+            for offset in range(start, end, self.BLOCK):
+                self.digest.update(os.pread(fd, min(self.BLOCK, end - offset), offset))
         finally:
             os.close(fd)
+
+    async def run(self) -> str:
+        while self.cursor < self.size:
+            await self.advanced.wait()
+            self.advanced.clear()
+            end = self._contiguous_end()
+            if end > self.cursor:
+                # One hashing thread at a time: the event loop keeps the other core.
+                async with self.hashing:
+                    await asyncio.to_thread(self._hash, self.cursor, end)
+                self.cursor = end
+        return self.digest.hexdigest()
 
 
 @contextlib.contextmanager
