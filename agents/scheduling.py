@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,3 +56,45 @@ def summarize_gpus(gpus: Sequence[GpuInfo]) -> GpuSummary:
         memory_free=sum(gpu.memory_free for gpu in gpus),
         utilization=sum(utilizations) / len(utilizations) if utilizations else None,
     )
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What routing knows of one READY replica: the gateway's own count of requests it has in
+    flight there, and the engine's queue and KV-cache use from the last heartbeat."""
+
+    key: str
+    in_flight: int = 0
+    waiting: int = 0
+    kv_cache_usage: float | None = None
+
+
+def replica_score(replica: ReplicaLoad) -> float:
+    """Lower is better. A queued request weighs double (it has not started); a full KV cache
+    adds one request's worth, so it breaks ties between equally busy replicas."""
+    return replica.in_flight + 2 * replica.waiting + (replica.kv_cache_usage or 0.0)
+
+
+def rendezvous_weight(session: str, replica_key: str) -> int:
+    """Highest-random-weight hashing: a session's replica changes only when that replica goes."""
+    digest = hashlib.blake2b(f"{session}\0{replica_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def choose_replica(
+    replicas: Sequence[ReplicaLoad], session: str | None = None, *, overload: float = 8.0
+) -> ReplicaLoad | None:
+    """The replica to send a request to; None when there is none.
+
+    With a session key (the request's `user`), its rendezvous replica while that one's
+    score stays under `overload`; otherwise, or without a key, the least loaded, ties broken
+    by the same hashing so that equal replicas share the work deterministically.
+    """
+    if not replicas:
+        return None
+    if session:
+        preferred = max(replicas, key=lambda replica: rendezvous_weight(session, replica.key))
+        if replica_score(preferred) < overload:
+            return preferred
+    salt = session or ""
+    return min(replicas, key=lambda r: (replica_score(r), -rendezvous_weight(salt, r.key)))
