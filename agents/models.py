@@ -122,13 +122,15 @@ class Model(models.Model):
 
 
 class PlacementQuerySet(models.QuerySet["Placement"]):
+    def ready_for_any(self) -> PlacementQuerySet:
+        """READY placements on agents that take new work."""
+        return self.filter(state=PlacementState.READY).exclude(
+            agent__state__in=UNROUTABLE_AGENT_STATES
+        )
+
     def ready_for(self, model: Model) -> PlacementQuerySet:
         """READY placements of `model` on agents that take new work: what routing picks from."""
-        return (
-            self.filter(model=model, state=PlacementState.READY)
-            .exclude(agent__state__in=UNROUTABLE_AGENT_STATES)
-            .select_related("agent")
-        )
+        return self.ready_for_any().filter(model=model).select_related("agent")
 
 
 class Placement(models.Model):

@@ -49,6 +49,13 @@ SECRET_KEY = _secret("SECRET_KEY")
 AGENT_TOKEN = _secret("AGENT_TOKEN")
 HEARTBEAT_INTERVAL_SECONDS = env_int("HEARTBEAT_INTERVAL_SECONDS", 5, minimum=1)
 
+# The OpenAI-compatible gateway.
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
+GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, minimum=1)
+GATEWAY_RETRY_AFTER_SECONDS = env_int("GATEWAY_RETRY_AFTER_SECONDS", 5, minimum=1)
+# Django refuses larger bodies before a view sees them; the gateway answers 413 itself.
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
+
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 

@@ -4,5 +4,7 @@ from controlplane.gateway import errors, views
 
 urlpatterns = [
     path("models", views.list_models, name="v1-models"),
+    path("chat/completions", views.chat_completions, name="v1-chat-completions"),
+    path("completions", views.completions, name="v1-completions"),
     re_path(r"^(?P<path>.*)$", errors.not_found),
 ]

@@ -2,28 +2,125 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+import aiohttp
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db.models import Exists, OuterRef
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from agents.models import Model, Placement
+from controlplane.gateway import upstream
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
+from controlplane.gateway.models import ApiKey
+from controlplane.gateway.validation import CompletionRequest, InvalidRequest, parse_completion
 
 
 @csrf_exempt
 async def list_models(request: HttpRequest) -> JsonResponse:
-    """`GET /v1/models` in OpenAI's list shape."""
+    """`GET /v1/models` in OpenAI's list shape, with whether each model is warm right now."""
     if request.method != "GET":
         return openai_error(405, f"Method {request.method} is not allowed here; use GET.")
     key = await authenticate(request)
     if isinstance(key, AuthFailure):
         return key.response
+    ready = Placement.objects.ready_for_any().filter(model=OuterRef("pk"))
+    models = key.usable_models().annotate(warm=Exists(ready)).order_by("model_id")
     data = [
         {
             "id": model.model_id,
             "object": "model",
             "created": int(model.created_at.timestamp()),
             "owned_by": model.owned_by,
+            "warm": model.warm,
         }
-        async for model in key.usable_models().order_by("model_id")
+        async for model in models
     ]
     return JsonResponse({"object": "list", "data": data})
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    """`POST /v1/chat/completions`, streaming or not."""
+    return await _complete(request, "chat/completions", chat=True)
+
+
+@csrf_exempt
+async def completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    """`POST /v1/completions`, streaming or not."""
+    return await _complete(request, "completions", chat=False)
+
+
+async def _read_request(request: HttpRequest, chat: bool) -> CompletionRequest | JsonResponse:
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    try:
+        if declared > limit:
+            raise RequestDataTooBig
+        raw = request.body
+    except RequestDataTooBig:
+        return openai_error(
+            413, f"The request body exceeds {limit} bytes.", code="request_too_large"
+        )
+    try:
+        return parse_completion(raw, chat=chat, max_tokens=settings.GATEWAY_MAX_TOKENS)
+    except InvalidRequest as exc:
+        return openai_error(exc.status, str(exc), code=exc.code, param=exc.param)
+
+
+async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
+    model = await Model.objects.filter(model_id=model_id, enabled=True).afirst()
+    if model is None:
+        return openai_error(
+            404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model"
+        )
+    if not await key.usable_models().filter(pk=model.pk).aexists():
+        return openai_error(
+            403,
+            f"This API key may not use the model `{model_id}`.",
+            code="model_not_allowed",
+            param="model",
+        )
+    return model
+
+
+async def _complete(
+    request: HttpRequest, path: str, chat: bool
+) -> HttpResponse | StreamingHttpResponse:
+    if request.method != "POST":
+        return openai_error(405, f"Method {request.method} is not allowed here; use POST.")
+    key = await authenticate(request)
+    if isinstance(key, AuthFailure):
+        return key.response
+    parsed = await _read_request(request, chat)
+    if isinstance(parsed, JsonResponse):
+        return parsed
+    model = await _model_for(key, parsed.model_id)
+    if isinstance(model, JsonResponse):
+        return model
+    placements = [p async for p in Placement.objects.ready_for(model)]
+    tried: set[int] = set()
+    while (placement := upstream.pick(placements, parsed.user, tried)) is not None:
+        upstream.in_flight[placement.pk] += 1
+        try:
+            answer = await upstream.open_upstream(placement, path, parsed.raw)
+        except upstream.Unreachable:
+            upstream.in_flight[placement.pk] -= 1
+            tried.add(placement.pk)
+            continue
+        try:
+            return await upstream.relay(answer, placement)
+        except aiohttp.ClientError as exc:
+            return openai_error(502, f"The model's server failed: {exc}", code="upstream_failed")
+    if tried:
+        return openai_error(
+            502, f"No replica of `{model.model_id}` could be reached.", code="upstream_unreachable"
+        )
+    response = openai_error(
+        503,
+        f"The model `{model.model_id}` is not loaded on any GPU yet; retry shortly.",
+        code="model_not_ready",
+    )
+    response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+    return response

@@ -43,12 +43,14 @@ def test_lists_enabled_models_in_openai_shape(client):
                 "object": "model",
                 "created": int(first.created_at.timestamp()),
                 "owned_by": "llmfleet",
+                "warm": False,
             },
             {
                 "id": "b/second",
                 "object": "model",
                 "created": response.json()["data"][1]["created"],
                 "owned_by": "acme",
+                "warm": False,
             },
         ],
     }

@@ -1,0 +1,110 @@
+"""Every refusal of the completion endpoints happens before anything goes upstream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.factories import ModelFactory, PlacementFactory, make_api_key
+
+pytestmark = pytest.mark.django_db
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def key():
+    ModelFactory(model_id="org/m")
+    ModelFactory(model_id="org/secret")
+    ModelFactory(model_id="org/off", enabled=False)
+    _, raw = make_api_key("app")
+    return raw
+
+
+def post(client, raw_key, body, url=CHAT):
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post(
+        url, data=data, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {raw_key}"
+    )
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.content
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def chat(**extra):
+    return {"model": "org/m", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ("{not json", None, "invalid_json"),
+        ("[1, 2]", None, "invalid_json"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model", "missing_required_parameter"),
+        (chat(model=7), "model", "invalid_type"),
+        ({"model": "org/m"}, "messages", "missing_required_parameter"),
+        (chat(messages="hi"), "messages", "invalid_type"),
+        (chat(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role", "invalid_value"),
+        (chat(max_tokens=0), "max_tokens", "invalid_value"),
+        (chat(max_tokens=10**9), "max_tokens", "invalid_value"),
+        (chat(max_tokens="100"), "max_tokens", "invalid_type"),
+        (chat(max_completion_tokens=True), "max_completion_tokens", "invalid_type"),
+        (chat(temperature=5), "temperature", "invalid_value"),
+        (chat(stream="yes"), "stream", "invalid_type"),
+        (chat(user=42), "user", "invalid_type"),
+    ],
+)
+def test_bad_bodies_are_400_naming_the_parameter(client, key, body, param, code):
+    error = error_of(post(client, key, body), 400)
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+def test_completions_need_a_prompt_of_a_known_shape(client, key):
+    assert (
+        error_of(post(client, key, {"model": "org/m"}, "/v1/completions"), 400)["param"] == "prompt"
+    )
+    bad = post(client, key, {"model": "org/m", "prompt": {"a": 1}}, "/v1/completions")
+    assert error_of(bad, 400)["code"] == "invalid_type"
+
+
+def test_unknown_and_disabled_models_are_404(client, key):
+    assert error_of(post(client, key, chat(model="org/nope")), 404)["code"] == "model_not_found"
+    assert error_of(post(client, key, chat(model="org/off")), 404)["code"] == "model_not_found"
+
+
+def test_a_model_the_key_may_not_use_is_403(client, key):
+    _, scoped = make_api_key("scoped", ("org/m",))
+    assert post(client, scoped, chat(model="org/secret")).status_code != 200
+    assert (
+        error_of(post(client, scoped, chat(model="org/secret")), 403)["code"] == "model_not_allowed"
+    )
+
+
+def test_a_body_over_the_limit_is_413(client, key, settings):
+    settings.GATEWAY_MAX_BODY_BYTES = 2048
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    body = chat(messages=[{"role": "user", "content": "x" * 5000}])
+    assert error_of(post(client, key, body), 413)["code"] == "request_too_large"
+
+
+def test_no_ready_replica_is_503_with_retry_after(client, key, settings):
+    PlacementFactory(model=ModelFactory(model_id="org/other"))  # warm, but another model
+    response = post(client, key, chat())
+    assert error_of(response, 503)["code"] == "model_not_ready"
+    assert response["Retry-After"] == str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+
+
+def test_keys_and_methods(client, key):
+    assert error_of(post(client, "llmf-wrong", chat()), 401)["code"] == "invalid_api_key"
+    assert error_of(client.get(CHAT, HTTP_AUTHORIZATION=f"Bearer {key}"), 405)["code"] is None
+
+
+def test_models_say_whether_they_are_warm(client, key):
+    PlacementFactory(model=ModelFactory._meta.model.objects.get(model_id="org/m"))
+    listed = client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}").json()["data"]
+    assert {entry["id"]: entry["warm"] for entry in listed} == {"org/m": True, "org/secret": False}
