@@ -1,0 +1,192 @@
+"""The gateway for real: daphne, a node agent and the official openai client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+from django.db import connection
+
+from agents.choices import AgentState, CacheLevel, PlacementState
+from agents.models import Agent, Model, Placement
+from nodeagent import tinymodel
+from nodeagent.engines.sim import words_for
+from tests.e2e.agent_process import ROOT, running_agent
+from tests.factories import make_api_key
+from tests.support import free_port, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def gateway(settings, tmp_path):
+    """daphne on the test database: what `make run` serves, with the rows the tests create."""
+    db = connection.settings_dict
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        AGENT_TOKEN=settings.AGENT_TOKEN, SECRET_KEY="gateway-test", VAR_DIR=str(tmp_path / "var"),
+    )  # fmt: skip
+    port = free_port()
+    log = (tmp_path / "daphne.log").open("wb")
+    web = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+         "controlplane.asgi:application"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(healthy, 30, "daphne")
+        yield url
+    finally:
+        web.terminate()
+        web.wait(timeout=30)
+
+
+@pytest.fixture
+def warm_model(settings, tmp_path):
+    """A sim agent serving org/tiny, and the catalog rows a finished load leaves behind."""
+    tiny = tinymodel.build(tmp_path / "tiny")
+    args = [
+        "--engine",
+        "sim",
+        "--sim-load-seconds",
+        "0",
+        "--sim-ttft-ms",
+        "1",
+        "--sim-tpot-ms",
+        "1",
+    ]
+    with running_agent(tmp_path, *args, token=settings.AGENT_TOKEN) as agent:
+        loaded = agent.post("/load_model", {"model_id": "org/tiny", "source": tiny.as_uri()}).json()
+        model = Model.objects.create(model_id="org/tiny", source=tiny.as_uri())
+        host = Agent.objects.create(agent_id="gpu-1", base_url=agent.url, state=AgentState.IDLE)
+        Placement.objects.create(
+            agent=host, model=model, state=PlacementState.READY,
+            cache_level=CacheLevel.GPU_RESIDENT,
+            inference_endpoint_url=loaded["inference_endpoint_url"],
+        )  # fmt: skip
+        yield agent
+
+
+@pytest.fixture
+def client(gateway):
+    _, raw_key = make_api_key("e2e")
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=raw_key, max_retries=0)
+
+
+def test_chat_and_completions_stream_and_not(client, warm_model):
+    messages = [{"role": "user", "content": "hello there"}]
+    expected = " ".join(words_for("hello there", 6))
+
+    answer = client.chat.completions.create(model="org/tiny", messages=messages, max_tokens=6)
+    assert answer.choices[0].message.content == expected
+    assert answer.usage.completion_tokens == 6
+
+    stream = client.chat.completions.create(
+        model="org/tiny",
+        messages=messages,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 6
+
+    text = client.completions.create(model="org/tiny", prompt="once upon", max_tokens=4)
+    assert text.choices[0].text == " ".join(words_for("once upon", 4))
+    streamed = client.completions.create(
+        model="org/tiny", prompt="once upon", max_tokens=4, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == " ".join(words_for("once upon", 4))
+
+    listed = {model.id: model.model_extra["warm"] for model in client.models.list()}
+    assert listed == {"org/tiny": True}
+
+
+def test_errors_reach_the_openai_client_with_their_status(client, warm_model):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="org/none", messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="org/tiny", messages=[{"role": "user", "content": "x"}], max_tokens=0
+        )
+    assert raised.value.body["param"] == "max_tokens"
+
+
+def test_an_unreachable_replica_is_skipped_before_the_first_byte(client, warm_model):
+    dead = Agent.objects.create(agent_id="gpu-dead", base_url=f"http://127.0.0.1:{free_port()}")
+    Placement.objects.create(
+        agent=dead, model=Model.objects.get(), state=PlacementState.READY,
+        inference_endpoint_url=f"{dead.base_url}/models/org/tiny",
+    )  # fmt: skip
+    for number in range(8):  # different users: some prefer the dead replica first
+        answer = client.chat.completions.create(
+            model="org/tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            user=f"user-{number}",
+        )
+        assert answer.choices[0].message.content
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_engine(gateway, warm_model):
+    _, raw_key = make_api_key("disconnect")
+    body = {
+        "model": "org/tiny",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 20000,
+        "stream": True,
+    }
+    response = requests.post(
+        f"{gateway}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {raw_key}"},
+        stream=True, timeout=30,
+    )  # fmt: skip
+    # Keep the iterator: a discarded one is collected, and requests closes the connection.
+    lines = response.iter_lines()
+    assert response.status_code == 200
+    assert next(lines).startswith(b"data: ")
+    model = warm_model.heartbeat()["models"][0]
+    assert model["requests_in_flight"] == 1
+    response.close()
+
+    def idle() -> bool:
+        model = warm_model.heartbeat()["models"][0]
+        return model["requests_in_flight"] == 0 and model["requests_running"] == 0
+
+    wait_for(idle, 10, "the engine request to be cancelled")
+
+
+def test_a_burst_of_a_thousand_requests_loses_nothing(client, warm_model):
+    def ask(number: int) -> tuple[str, str]:
+        prompt = f"question {number}"
+        answer = client.chat.completions.create(
+            model="org/tiny", messages=[{"role": "user", "content": prompt}], max_tokens=3
+        )
+        return answer.choices[0].message.content, " ".join(words_for(prompt, 3))
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(ask, range(1000)))
+    assert len(results) == 1000
+    assert all(got == expected for got, expected in results)
+
+
+def test_openai_client_models_list_needs_a_key(gateway):
+    anonymous = openai.OpenAI(base_url=f"{gateway}/v1", api_key="llmf-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
