@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from agents.models import Model
-from controlplane.gateway.models import ApiKey
+from controlplane.gateway.models import ApiKey, Usage
 
 
 class UnknownModels(ValueError):
@@ -55,3 +56,25 @@ def revoke_api_keys(key_ids: Iterable[int]) -> int:
     return ApiKey.objects.filter(pk__in=list(key_ids), revoked_at=None).update(
         revoked_at=timezone.now()
     )
+
+
+async def record_usage(
+    key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int
+) -> None:
+    """Add one request's tokens to the key's usage for the model today, and mark the key used."""
+    now = timezone.now()
+    counts = {
+        "requests": F("requests") + 1,
+        "prompt_tokens": F("prompt_tokens") + prompt_tokens,
+        "completion_tokens": F("completion_tokens") + completion_tokens,
+    }
+    rows = Usage.objects.filter(api_key_id=key_id, model_id=model_pk, day=now.date())
+    if not await rows.aupdate(**counts):
+        try:
+            await Usage.objects.acreate(
+                api_key_id=key_id, model_id=model_pk, day=now.date(), requests=1,
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            )  # fmt: skip
+        except IntegrityError:  # another process created today's row first
+            await rows.aupdate(**counts)
+    await ApiKey.objects.filter(pk=key_id).aupdate(last_used_at=now)

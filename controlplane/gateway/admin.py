@@ -8,7 +8,7 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 
 from controlplane.gateway import actions
-from controlplane.gateway.models import ApiKey
+from controlplane.gateway.models import ApiKey, Usage
 
 
 @admin.register(ApiKey)
@@ -47,3 +47,20 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         count = actions.revoke_api_keys(queryset.values_list("pk", flat=True))
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+
+@admin.register(Usage)
+class UsageAdmin(admin.ModelAdmin[Usage]):
+    list_display = ["day", "api_key", "model", "requests", "prompt_tokens", "completion_tokens"]
+    list_filter = ["day", ("model", admin.RelatedOnlyFieldListFilter)]
+    list_select_related = ["api_key", "model"]
+    search_fields = ["api_key__name", "model__model_id"]
+    date_hierarchy = "day"
+    readonly_fields = [field.name for field in Usage._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        # Written by the gateway from the engines' own counts.
+        return False

@@ -86,3 +86,26 @@ class ApiKey(models.Model):
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
         return None
+
+
+class Usage(models.Model):
+    """Tokens a key spent on a model in a day, as the engines reported them."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="usage")
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="usage")
+    day = models.DateField()
+    requests = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-day", "api_key", "model"]
+        verbose_name_plural = "usage"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["api_key", "model", "day"], name="usage_one_row_per_key_model_day"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api_key.name} / {self.model.model_id} on {self.day}"

@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from django.conf import settings
@@ -65,6 +66,60 @@ async def open_upstream(placement: Placement, path: str, raw: bytes) -> aiohttp.
         raise Unreachable(f"{placement.agent.agent_id}: {exc}") from None
 
 
+UsageSink = Callable[[dict[str, Any]], None]
+
+
+def ask_for_usage(raw: bytes) -> tuple[bytes, bool]:
+    """The body with `stream_options.include_usage` set, and whether the gateway added it
+    (then the usage event is the gateway's to read and remove, not the client's)."""
+    body = json.loads(raw)
+    options = body.get("stream_options") or {}
+    if options.get("include_usage"):
+        return raw, False
+    body["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(body).encode(), True
+
+
+class UsageScanner:
+    """Finds the engine's usage event in an SSE stream, dropping it when the client did not ask.
+
+    Bytes pass unchanged, held back at most to the end of the current event.
+    """
+
+    def __init__(self, strip: bool) -> None:
+        self.strip = strip
+        self.pending = b""
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.usage is not None and not self.strip:
+            # Found, and the client's to keep: pass the rest straight through, in order.
+            held, self.pending = self.pending, b""
+            return held + chunk
+        *events, self.pending = (self.pending + chunk).split(b"\n\n")
+        kept = []
+        for event in events:
+            taken = self.usage is None and b'"usage"' in event and self._take_usage(event)
+            if taken and self.strip:
+                continue
+            kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def _take_usage(self, event: bytes) -> bool:
+        try:
+            data = json.loads(event.removeprefix(b"data: "))
+        except ValueError:
+            return False
+        if isinstance(data, dict) and data.get("usage") and not data.get("choices"):
+            self.usage = data["usage"]
+            return True
+        return False
+
+    def rest(self) -> bytes:
+        pending, self.pending = self.pending, b""
+        return pending
+
+
 def _error_event(message: str) -> bytes:
     error = {
         "error": {
@@ -77,11 +132,16 @@ def _error_event(message: str) -> bytes:
     return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
-async def _relay(upstream: aiohttp.ClientResponse, placement_id: int) -> AsyncIterator[bytes]:
+async def _relay(
+    upstream: aiohttp.ClientResponse, placement_id: int, scanner: UsageScanner, on_usage: UsageSink
+) -> AsyncIterator[bytes]:
     finished = False
     try:
         async for chunk in upstream.content.iter_any():
-            yield chunk
+            if kept := scanner.feed(chunk):
+                yield kept
+        if rest := scanner.rest():
+            yield rest
         finished = True
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone: the stream ends with an error event, as OpenAI clients expect.
@@ -93,17 +153,19 @@ async def _relay(upstream: aiohttp.ClientResponse, placement_id: int) -> AsyncIt
         # which cancels the engine's request.
         upstream.release() if finished else upstream.close()
         in_flight[placement_id] -= 1
+        if scanner.usage is not None:
+            on_usage(scanner.usage)
 
 
 async def relay(
-    upstream: aiohttp.ClientResponse, placement: Placement
+    upstream: aiohttp.ClientResponse, placement: Placement, strip_usage: bool, on_usage: UsageSink
 ) -> HttpResponse | StreamingHttpResponse:
-    """The engine's answer as the client's: its status, content type and bytes, unchanged."""
+    """The engine's answer as the client's: its status, content type and bytes, unchanged
+    (but for a usage event the gateway asked for itself); its usage goes to `on_usage`."""
     content_type = upstream.headers.get("Content-Type", "application/json")
     if content_type.startswith("text/event-stream"):
-        response = StreamingHttpResponse(
-            _relay(upstream, placement.pk), status=upstream.status, content_type=content_type
-        )
+        chunks = _relay(upstream, placement.pk, UsageScanner(strip_usage), on_usage)
+        response = StreamingHttpResponse(chunks, status=upstream.status, content_type=content_type)
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
@@ -112,4 +174,11 @@ async def relay(
     finally:
         upstream.release()
         in_flight[placement.pk] -= 1
+    if upstream.status == 200 and b'"usage"' in body:
+        try:
+            usage = json.loads(body).get("usage")
+        except (ValueError, AttributeError):
+            usage = None
+        if usage:
+            on_usage(usage)
     return HttpResponse(body, status=upstream.status, content_type=content_type)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aiohttp
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -10,7 +13,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.models import Model, Placement
-from controlplane.gateway import upstream
+from controlplane.gateway import limits, upstream
+from controlplane.gateway.actions import record_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.models import ApiKey
@@ -85,6 +89,26 @@ async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
     return model
 
 
+# Usage is written after the answer, off the request's path; the set keeps tasks alive.
+_background: set[asyncio.Task[None]] = set()
+
+
+def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
+    def on_usage(usage: dict[str, Any]) -> None:
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+
+        async def write() -> None:
+            await record_usage(key.pk, model.pk, prompt, completion)
+            await limits.add_tokens(key, prompt + completion)
+
+        task = asyncio.get_running_loop().create_task(write())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    return on_usage
+
+
 async def _complete(
     request: HttpRequest, path: str, chat: bool
 ) -> HttpResponse | StreamingHttpResponse:
@@ -93,24 +117,31 @@ async def _complete(
     key = await authenticate(request)
     if isinstance(key, AuthFailure):
         return key.response
+    refusal = await limits.admit(key)
+    if refusal is not None:
+        response = openai_error(429, refusal.message, code="rate_limit_exceeded")
+        response["Retry-After"] = str(refusal.retry_after)
+        return response
     parsed = await _read_request(request, chat)
     if isinstance(parsed, JsonResponse):
         return parsed
     model = await _model_for(key, parsed.model_id)
     if isinstance(model, JsonResponse):
         return model
+    raw, strip_usage = upstream.ask_for_usage(parsed.raw) if parsed.stream else (parsed.raw, False)
+    on_usage = _usage_recorder(key, model)
     placements = [p async for p in Placement.objects.ready_for(model)]
     tried: set[int] = set()
     while (placement := upstream.pick(placements, parsed.user, tried)) is not None:
         upstream.in_flight[placement.pk] += 1
         try:
-            answer = await upstream.open_upstream(placement, path, parsed.raw)
+            answer = await upstream.open_upstream(placement, path, raw)
         except upstream.Unreachable:
             upstream.in_flight[placement.pk] -= 1
             tried.add(placement.pk)
             continue
         try:
-            return await upstream.relay(answer, placement)
+            return await upstream.relay(answer, placement, strip_usage, on_usage)
         except aiohttp.ClientError as exc:
             return openai_error(502, f"The model's server failed: {exc}", code="upstream_failed")
     if tried:

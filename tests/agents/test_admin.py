@@ -6,7 +6,7 @@ from django.urls import reverse
 
 from agents.choices import AgentState
 from agents.models import Agent
-from controlplane.gateway.models import ApiKey, hash_key
+from controlplane.gateway.models import ApiKey, Usage, hash_key
 from tests.factories import (
     AgentFactory,
     LoadEventFactory,
@@ -22,7 +22,10 @@ pytestmark = pytest.mark.django_db
 def fleet():
     placement = PlacementFactory(bytes_done=5, bytes_total=10)
     LoadEventFactory(agent=placement.agent, model=placement.model, placement=placement)
-    make_api_key("app", (placement.model.model_id,))
+    key, _ = make_api_key("app", (placement.model.model_id,))
+    Usage.objects.create(
+        api_key=key, model=placement.model, day="2026-11-27", requests=3, prompt_tokens=30
+    )
     AgentFactory(state=AgentState.OFFLINE, gpu_count=0, gpu_name="", gpu_memory_total=0)
     return placement
 
@@ -35,7 +38,7 @@ def registered_models():
 
 def test_every_fleet_model_is_in_the_admin():
     names = {model.__name__ for model in registered_models()}
-    assert names == {"Agent", "Model", "Placement", "LoadEvent", "ApiKey"}
+    assert names == {"Agent", "Model", "Placement", "LoadEvent", "ApiKey", "Usage"}
 
 
 @pytest.mark.parametrize("model", registered_models(), ids=lambda model: model.__name__)

@@ -1,0 +1,101 @@
+"""Per-key requests-per-minute and tokens-per-minute, enforced across web processes.
+
+Fixed one-minute windows kept in Redis (one pipelined round trip per request
+of a limited key, none for keys without limits). Tokens are known only when
+the engine answers, so a request is admitted while the window's tokens are
+under the limit and its usage is added afterwards. Without `REDIS_URL` the
+counters live in this process: right for the embedded single web process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from controlplane.gateway.models import ApiKey
+
+WINDOW_SECONDS = 60
+_local: Counter[str] = Counter()
+# One client per event loop: an asyncio Redis connection belongs to the loop that opened it.
+_clients: dict[tuple[asyncio.AbstractEventLoop, str], aioredis.Redis] = {}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request must wait, and for how long."""
+
+    message: str
+    retry_after: int
+
+
+def _window(now: float) -> tuple[int, int]:
+    """The current window's number and the seconds left in it."""
+    number = int(now // WINDOW_SECONDS)
+    return number, max(1, int((number + 1) * WINDOW_SECONDS - now))
+
+
+def _client() -> aioredis.Redis | None:
+    url = settings.REDIS_URL
+    if not url:
+        return None
+    loop = asyncio.get_running_loop()
+    if (loop, url) not in _clients:
+        for stale in [pair for pair in _clients if pair[0].is_closed()]:
+            del _clients[stale]
+        _clients[loop, url] = aioredis.Redis.from_url(
+            url, socket_timeout=1, socket_connect_timeout=1
+        )
+    return _clients[loop, url]
+
+
+async def _counts(key: ApiKey, window: int, add_request: bool) -> tuple[int, int]:
+    requests_name = f"llmfleet:rate:{key.pk}:{window}:requests"
+    tokens_name = f"llmfleet:rate:{key.pk}:{window}:tokens"
+    client = _client()
+    if client is None:
+        if add_request:
+            _local[requests_name] += 1
+        return _local[requests_name], _local[tokens_name]
+    async with client.pipeline(transaction=False) as pipe:
+        if add_request:
+            pipe.incr(requests_name)
+            pipe.expire(requests_name, WINDOW_SECONDS * 2)
+        else:
+            pipe.get(requests_name)
+        pipe.get(tokens_name)
+        results = await pipe.execute()
+    return int(results[0] or 0), int(results[-1] or 0)
+
+
+async def admit(key: ApiKey, now: float | None = None) -> Refusal | None:
+    """Count the request against the key's limits; a Refusal when it is over one."""
+    if key.requests_per_minute is None and key.tokens_per_minute is None:
+        return None
+    window, left = _window(time.time() if now is None else now)
+    requests, tokens = await _counts(key, window, add_request=key.requests_per_minute is not None)
+    if key.requests_per_minute is not None and requests > key.requests_per_minute:
+        return Refusal(f"Rate limit reached: {key.requests_per_minute} requests per minute.", left)
+    if key.tokens_per_minute is not None and tokens >= key.tokens_per_minute:
+        return Refusal(f"Rate limit reached: {key.tokens_per_minute} tokens per minute.", left)
+    return None
+
+
+async def add_tokens(key: ApiKey, tokens: int, now: float | None = None) -> None:
+    """Charge a finished request's tokens to the key's current window."""
+    if key.tokens_per_minute is None or tokens <= 0:
+        return
+    window, _ = _window(time.time() if now is None else now)
+    name = f"llmfleet:rate:{key.pk}:{window}:tokens"
+    client = _client()
+    if client is None:
+        _local[name] += tokens
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.incrby(name, tokens)
+        pipe.expire(name, WINDOW_SECONDS * 2)
+        await pipe.execute()

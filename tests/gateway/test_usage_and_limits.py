@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from asgiref.sync import async_to_sync
+
+from controlplane.gateway import limits
+from controlplane.gateway.actions import record_usage
+from controlplane.gateway.models import Usage
+from controlplane.gateway.upstream import UsageScanner, ask_for_usage
+from tests.factories import ModelFactory, make_api_key
+
+CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("split", [1, 7, 40, 1000])
+def test_the_scanner_finds_usage_across_chunk_boundaries_and_removes_it_when_asked(split):
+    stream = CHUNK + CHUNK + USAGE + DONE
+    pieces = [stream[i : i + split] for i in range(0, len(stream), split)]
+    kept_scanner, stripped_scanner = UsageScanner(strip=False), UsageScanner(strip=True)
+    kept = b"".join(kept_scanner.feed(piece) for piece in pieces) + kept_scanner.rest()
+    stripped = b"".join(stripped_scanner.feed(piece) for piece in pieces) + stripped_scanner.rest()
+    assert kept == stream  # the client asked for usage: its bytes unchanged
+    assert stripped == CHUNK + CHUNK + DONE  # the gateway asked: the client never sees it
+    assert (
+        kept_scanner.usage == stripped_scanner.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+    )
+
+
+def test_usage_is_asked_for_only_when_the_client_did_not():
+    raw, added = ask_for_usage(b'{"model": "m", "stream": true}')
+    assert added
+    assert json.loads(raw)["stream_options"] == {"include_usage": True}
+    own = b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}'
+    assert ask_for_usage(own) == (own, False)
+
+
+@pytest.mark.django_db
+def test_usage_accumulates_per_key_model_and_day():
+    model = ModelFactory()
+    key, _ = make_api_key()
+    for prompt, completion in [(3, 5), (10, 20)]:
+        async_to_sync(record_usage)(key.pk, model.pk, prompt, completion)
+    usage = Usage.objects.get()
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 13, 25)
+    key.refresh_from_db()
+    assert key.last_used_at is not None
+
+
+@pytest.fixture(params=["redis", "in-process"])
+def limiter(request, settings):
+    if request.param == "in-process":
+        settings.REDIS_URL = ""
+    else:
+        # The tests' own Redis database: counters of an earlier run must not count here.
+        redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    return request.param
+
+
+@pytest.mark.django_db
+def test_requests_per_minute_refuse_then_recover_in_the_next_window(limiter):
+    key, _ = make_api_key("rpm", requests_per_minute=2)
+    start = 1_800_000_000.0 + key.pk * 600  # a window of this key alone
+    admit = async_to_sync(limits.admit)
+    assert admit(key, start) is None
+    assert admit(key, start + 1) is None
+    refused = admit(key, start + 2)
+    assert refused is not None
+    assert 1 <= refused.retry_after <= 60
+    assert "2 requests per minute" in refused.message
+    assert admit(key, start + 60) is None  # the next minute
+
+
+@pytest.mark.django_db
+def test_tokens_per_minute_count_what_the_engines_reported(limiter):
+    key, _ = make_api_key("tpm", tokens_per_minute=100)
+    start = 1_900_000_000.0 + key.pk * 600
+    assert async_to_sync(limits.admit)(key, start) is None
+    async_to_sync(limits.add_tokens)(key, 100, start)
+    assert "100 tokens per minute" in async_to_sync(limits.admit)(key, start + 1).message
+    assert async_to_sync(limits.admit)(key, start + 60) is None
+
+
+@pytest.mark.django_db
+def test_keys_without_limits_touch_nothing(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # would fail if it were used
+    key, _ = make_api_key("free")
+    assert async_to_sync(limits.admit)(key) is None
