@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import redis
 import requests
 from django.db import connection
 
@@ -26,6 +27,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 @pytest.fixture
 def gateway(settings, tmp_path):
     """daphne on the test database: what `make run` serves, with the rows the tests create."""
+    if settings.REDIS_URL:  # the tests' own Redis database: no rate counters of earlier runs
+        redis.Redis.from_url(settings.REDIS_URL).flushdb()
     db = connection.settings_dict
     env = dict(os.environ)
     env.update(
@@ -190,3 +193,90 @@ def test_openai_client_models_list_needs_a_key(gateway):
     anonymous = openai.OpenAI(base_url=f"{gateway}/v1", api_key="llmf-nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
+
+
+def test_usage_is_recorded_as_the_engine_reported_it(client, warm_model):
+    from controlplane.gateway.models import Usage
+
+    messages = [{"role": "user", "content": "count these words"}]
+    client.chat.completions.create(model="org/tiny", messages=messages, max_tokens=5)
+    stream = client.chat.completions.create(
+        model="org/tiny", messages=messages, max_tokens=7, stream=True
+    )
+    chunks = list(stream)
+    # The gateway asked the engine for usage itself: the client, which did not, never sees it.
+    assert all(chunk.choices for chunk in chunks)
+    assert all(chunk.usage is None for chunk in chunks)
+
+    def recorded() -> bool:
+        usage = Usage.objects.first()
+        return usage is not None and usage.requests == 2
+
+    wait_for(recorded, 10, "the usage records")
+    usage = Usage.objects.get()
+    assert (usage.prompt_tokens, usage.completion_tokens) == (3 + 3, 5 + 7)
+
+
+def test_a_key_over_its_limit_gets_429_with_retry_after(gateway, warm_model):
+    _, raw_key = make_api_key("limited", requests_per_minute=2)
+    limited = openai.OpenAI(base_url=f"{gateway}/v1", api_key=raw_key, max_retries=0)
+    for _ in range(2):
+        limited.chat.completions.create(
+            model="org/tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1
+        )
+    with pytest.raises(openai.RateLimitError) as raised:
+        limited.chat.completions.create(
+            model="org/tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1
+        )
+    assert 1 <= int(raised.value.response.headers["Retry-After"]) <= 60
+
+
+def test_a_user_stays_on_one_replica_and_moves_when_it_drains(
+    client, warm_model, settings, tmp_path
+):
+    from agents.actions import drain_agent
+
+    tiny = tinymodel.build(tmp_path / "tiny2")
+    (tmp_path / "second").mkdir()
+    args = ["--engine", "sim", "--sim-load-seconds", "0"]
+    with running_agent(tmp_path / "second", *args, token=settings.AGENT_TOKEN) as second:
+        loaded = second.post(
+            "/load_model", {"model_id": "org/tiny", "source": tiny.as_uri()}
+        ).json()
+        other = Agent.objects.create(agent_id="gpu-2", base_url=second.url)
+        Placement.objects.create(
+            agent=other, model=Model.objects.get(), state=PlacementState.READY,
+            inference_endpoint_url=loaded["inference_endpoint_url"],
+        )  # fmt: skip
+
+        def served_by() -> dict[str, float]:
+            return {
+                agent.url: metric_value(agent, "llmfleet_agent_proxy_requests_total")
+                for agent in (warm_model, second)
+            }
+
+        def ask() -> None:
+            client.chat.completions.create(
+                model="org/tiny",
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=1,
+                user="alice",
+            )
+
+        before = served_by()
+        for _ in range(5):
+            ask()
+        after = served_by()
+        home = next(
+            url for url in after if after[url] - before[url] == 5
+        )  # all five on one replica
+        drain_agent(Agent.objects.get(base_url=home).agent_id)
+        ask()
+        moved = served_by()
+        assert moved[home] == after[home]
+        assert sum(moved.values()) == sum(after.values()) + 1
+
+
+def metric_value(agent, name: str) -> float:
+    text = requests.get(f"{agent.url}/metrics", headers=agent.headers, timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
