@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.support import free_port
@@ -109,3 +110,11 @@ def group_members(pgid: int) -> list[int]:
     return [
         int(line.split()[0]) for line in out.splitlines() if not line.split()[1].startswith("Z")
     ]
+
+
+def engine_python() -> str:
+    """vLLM's interpreter, as `make engine` built it (or AGENT_ENGINE_PYTHON); fails otherwise."""
+    python = os.environ.get("AGENT_ENGINE_PYTHON") or str(ROOT / ".venv-engine" / "bin" / "python")
+    if not Path(python).exists():
+        pytest.fail(f"vLLM's environment is missing ({python}): `make engine` builds it")
+    return python

@@ -280,3 +280,39 @@ def test_a_user_stays_on_one_replica_and_moves_when_it_drains(
 def metric_value(agent, name: str) -> float:
     text = requests.get(f"{agent.url}/metrics", headers=agent.headers, timeout=5).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_through_the_gateway_to_real_vllm(gateway, settings, tmp_path):
+    """Once with the real engine: vLLM on the CPU serving the tiny checkpoint."""
+    from tests.e2e.agent_process import engine_python
+    from tests.e2e.test_vllm_agent import CPU_ARGS, LOAD_TIMEOUT
+
+    tiny = tinymodel.build(tmp_path / "tiny")
+    python = engine_python()
+    with running_agent(
+        tmp_path, "--engine", "vllm", "--engine-python", python, token=settings.AGENT_TOKEN
+    ) as agent:
+        load = {"model_id": "org/tiny", "source": tiny.as_uri(), "engine": {"args": CPU_ARGS}}
+        loaded = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
+        assert loaded.status_code == 200, loaded.text
+        model = Model.objects.create(model_id="org/tiny", source=tiny.as_uri())
+        host = Agent.objects.create(agent_id="cpu-1", base_url=agent.url)
+        Placement.objects.create(
+            agent=host, model=model, state=PlacementState.READY,
+            inference_endpoint_url=loaded.json()["inference_endpoint_url"],
+        )  # fmt: skip
+        _, raw_key = make_api_key("vllm")
+        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=raw_key, max_retries=0)
+        stream = client.chat.completions.create(
+            model="org/tiny",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            stream=True,
+            extra_body={"ignore_eos": True},  # a vLLM parameter, passed through untouched
+        )
+        chunks = list(stream)
+        assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) >= 2
+        answer = client.completions.create(
+            model="org/tiny", prompt="Hello", max_tokens=5, extra_body={"ignore_eos": True}
+        )
+        assert answer.usage.completion_tokens == 5

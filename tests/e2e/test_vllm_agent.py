@@ -13,8 +13,8 @@ import pytest
 
 from nodeagent import tinymodel
 from nodeagent.store.publish import publish
+from tests.e2e.agent_process import engine_python as find_engine_python
 from tests.e2e.agent_process import (
-    ROOT,
     group_members,
     processes_mentioning,
     running_agent,
@@ -33,10 +33,7 @@ LOAD_TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def engine_python() -> str:
-    python = os.environ.get("AGENT_ENGINE_PYTHON") or str(ROOT / ".venv-engine" / "bin" / "python")
-    if not Path(python).exists():
-        pytest.fail(f"vLLM's environment is missing ({python}): `make engine` builds it")
-    return python
+    return find_engine_python()
 
 
 @pytest.fixture(scope="module")
