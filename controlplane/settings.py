@@ -53,6 +53,10 @@ HEARTBEAT_INTERVAL_SECONDS = env_int("HEARTBEAT_INTERVAL_SECONDS", 5, minimum=1)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, minimum=1)
 GATEWAY_RETRY_AFTER_SECONDS = env_int("GATEWAY_RETRY_AFTER_SECONDS", 5, minimum=1)
+# How long a web process remembers API keys and catalog models (0: ask the database every time).
+GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_SECONDS", 5, minimum=0)
+# How often a web process writes the usage it gathered (seconds).
+GATEWAY_USAGE_FLUSH_SECONDS = env_int("GATEWAY_USAGE_FLUSH_SECONDS", 1, minimum=0)
 # Django refuses larger bodies before a view sees them; the gateway answers 413 itself.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 
@@ -109,6 +113,8 @@ TEMPLATES = [
 def _database() -> dict[str, Any]:
     if DATABASE_URL:
         try:
+            # 0 under ASGI: Django gives each request's ORM calls their own thread, and
+            # persistent connections would pile up one per thread until PostgreSQL refuses.
             config = dj_database_url.parse(
                 DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0)
             )

@@ -28,3 +28,12 @@ def staff_client(db: None) -> Client:
 @pytest.fixture
 def agent_headers(settings: Any) -> dict[str, str]:
     return {"HTTP_AUTHORIZATION": f"Bearer {settings.AGENT_TOKEN}"}
+
+
+@pytest.fixture(autouse=True)
+def gateway_reads_the_database_every_time(settings: Any) -> None:
+    """Tests see their writes at once; tests/gateway/test_cache.py checks the cache itself."""
+    from controlplane.gateway import cache
+
+    settings.GATEWAY_CACHE_SECONDS = 0
+    cache.clear()

@@ -59,12 +59,12 @@ def revoke_api_keys(key_ids: Iterable[int]) -> int:
 
 
 async def record_usage(
-    key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int
+    key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int, requests: int = 1
 ) -> None:
-    """Add one request's tokens to the key's usage for the model today, and mark the key used."""
+    """Add requests and their tokens to the key's usage for the model today; mark the key used."""
     now = timezone.now()
     counts = {
-        "requests": F("requests") + 1,
+        "requests": F("requests") + requests,
         "prompt_tokens": F("prompt_tokens") + prompt_tokens,
         "completion_tokens": F("completion_tokens") + completion_tokens,
     }
@@ -72,7 +72,7 @@ async def record_usage(
     if not await rows.aupdate(**counts):
         try:
             await Usage.objects.acreate(
-                api_key_id=key_id, model_id=model_pk, day=now.date(), requests=1,
+                api_key_id=key_id, model_id=model_pk, day=now.date(), requests=requests,
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             )  # fmt: skip
         except IntegrityError:  # another process created today's row first

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
+from controlplane.gateway.cache import key_for_secret
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.models import ApiKey
 
@@ -28,7 +29,7 @@ async def authenticate(request: HttpRequest) -> ApiKey | AuthFailure:
                 code="missing_api_key",
             )
         )
-    key = await ApiKey.objects.for_secret(raw_key).afirst()
+    key = await key_for_secret(raw_key)
     if key is None:
         return AuthFailure(openai_error(401, "Incorrect API key provided.", code="invalid_api_key"))
     reason = key.inactive_reason(timezone.now())

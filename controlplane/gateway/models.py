@@ -56,6 +56,8 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
 
     objects = ApiKeyQuerySet.as_manager()
+    # Filled by the gateway's cache: the pks of allowed models (empty: every enabled model).
+    allowed_ids: set[int]
 
     class Meta:
         ordering = ["name", "id"]
@@ -77,6 +79,10 @@ class ApiKey(models.Model):
         return Model.objects.filter(enabled=True).filter(
             Exists(grants.filter(model_id=OuterRef("pk"))) | ~Exists(grants)
         )
+
+    def may_use(self, model: Model) -> bool:
+        """Whether the key may use the model; needs `allowed_ids` (the gateway's cache fills it)."""
+        return not self.allowed_ids or model.pk in self.allowed_ids
 
     def inactive_reason(self, now: datetime | None = None) -> str | None:
         """Why the key may not be used now ("revoked", "expired"), or None if it may."""

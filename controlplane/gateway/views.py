@@ -13,8 +13,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.models import Model, Placement
-from controlplane.gateway import limits, upstream
-from controlplane.gateway.actions import record_usage
+from controlplane.gateway import cache, limits, upstream
+from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.models import ApiKey
@@ -74,12 +74,12 @@ async def _read_request(request: HttpRequest, chat: bool) -> CompletionRequest |
 
 
 async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
-    model = await Model.objects.filter(model_id=model_id, enabled=True).afirst()
+    model = await cache.enabled_model(model_id)
     if model is None:
         return openai_error(
             404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model"
         )
-    if not await key.usable_models().filter(pk=model.pk).aexists():
+    if not key.may_use(model):
         return openai_error(
             403,
             f"This API key may not use the model `{model_id}`.",
@@ -89,7 +89,7 @@ async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
     return model
 
 
-# Usage is written after the answer, off the request's path; the set keeps tasks alive.
+# Token limits are charged after the answer, off the request's path; the set keeps tasks alive.
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -97,14 +97,13 @@ def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
-
-        async def write() -> None:
-            await record_usage(key.pk, model.pk, prompt, completion)
-            await limits.add_tokens(key, prompt + completion)
-
-        task = asyncio.get_running_loop().create_task(write())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        gateway_usage.buffer().add(key.pk, model.pk, prompt, completion)
+        if key.tokens_per_minute is not None:
+            task = asyncio.get_running_loop().create_task(
+                limits.add_tokens(key, prompt + completion)
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     return on_usage
 
@@ -130,7 +129,7 @@ async def _complete(
         return model
     raw, strip_usage = upstream.ask_for_usage(parsed.raw) if parsed.stream else (parsed.raw, False)
     on_usage = _usage_recorder(key, model)
-    placements = [p async for p in Placement.objects.ready_for(model)]
+    placements = await cache.ready_placements(model)
     tried: set[int] = set()
     while (placement := upstream.pick(placements, parsed.user, tried)) is not None:
         upstream.in_flight[placement.pk] += 1

@@ -34,6 +34,7 @@ def gateway(settings, tmp_path):
     env.update(
         DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         AGENT_TOKEN=settings.AGENT_TOKEN, SECRET_KEY="gateway-test", VAR_DIR=str(tmp_path / "var"),
+        GATEWAY_CACHE_SECONDS="0",
     )  # fmt: skip
     port = free_port()
     log = (tmp_path / "daphne.log").open("wb")

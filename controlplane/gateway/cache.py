@@ -1,0 +1,75 @@
+"""Short-lived, per-process memory of keys, models and replicas, off the request's path.
+
+Every `/v1` request needs its key and its model; reading both from the
+database each time costs more than the rest of the gateway together (see
+bench/README.md). Entries live `GATEWAY_CACHE_SECONDS` (0 turns this off):
+a revoked key or a disabled model takes at most that long to stop working.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from django.conf import settings
+
+from agents.models import Model, Placement
+from controlplane.gateway.models import ApiKey, hash_key
+
+T = TypeVar("T")
+_entries: dict[tuple[str, str], tuple[float, object]] = {}
+_MAX_ENTRIES = 10_000
+
+
+async def _remember(
+    kind: str, name: str, load: Callable[[], Awaitable[T]], most: float | None = None
+) -> T:
+    ttl = (
+        settings.GATEWAY_CACHE_SECONDS
+        if most is None
+        else min(settings.GATEWAY_CACHE_SECONDS, most)
+    )
+    now = time.monotonic()
+    entry = _entries.get((kind, name))
+    if ttl and entry is not None and now - entry[0] < ttl:
+        return entry[1]  # type: ignore[return-value]
+    value = await load()
+    if ttl:
+        if len(_entries) >= _MAX_ENTRIES:  # many one-off wrong keys: start afresh, never grow
+            _entries.clear()
+        _entries[kind, name] = (now, value)
+    return value
+
+
+async def key_for_secret(raw_key: str) -> ApiKey | None:
+    """The key with this secret, with its allow-list's model ids prefetched."""
+    digest = hash_key(raw_key)
+
+    async def load() -> ApiKey | None:
+        key = await ApiKey.objects.filter(key_hash=digest).afirst()
+        if key is not None:
+            key.allowed_ids = {pk async for pk in key.allowed_models.values_list("pk", flat=True)}
+        return key
+
+    return await _remember("key", digest, load)
+
+
+async def enabled_model(model_id: str) -> Model | None:
+    return await _remember(
+        "model", model_id, lambda: Model.objects.filter(model_id=model_id, enabled=True).afirst()
+    )
+
+
+async def ready_placements(model: Model) -> list[Placement]:
+    """The model's routable READY placements, at most a second old: a drain or a new replica
+    reaches routing within a second, well inside the heartbeat interval."""
+
+    async def load() -> list[Placement]:
+        return [placement async for placement in Placement.objects.ready_for(model)]
+
+    return await _remember("placements", model.model_id, load, most=1.0)
+
+
+def clear() -> None:
+    _entries.clear()
