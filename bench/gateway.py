@@ -1,0 +1,210 @@
+"""What the gateway adds to an engine's latency: direct, through the agent, through the gateway.
+
+    .venv/bin/python bench/gateway.py [--requests 2000]
+
+Starts a zero-delay sim engine alone, a node agent serving the same sim, and
+the control plane (daphne on embedded defaults in a temporary VAR_DIR, with
+one READY placement on that agent), then measures in the same run:
+non-streaming chat completions at concurrency 1 and 32, and the time to the
+first streamed chunk at concurrency 1, with p50/p99, requests/s and the
+gateway process's CPU milliseconds per request. The load comes from this
+process (aiohttp), on the same 2 cores. LiteLLM, which the issue also asks
+for, needs its own virtual environment and is not measured yet (`na`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import free_port, wait_for  # noqa: E402
+
+BODY = {"model": "bench/sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+SIM = [
+    "--sim-load-seconds",
+    "0",
+    "--sim-ttft-ms",
+    "0",
+    "--sim-tpot-ms",
+    "0",
+    "--sim-max-num-seqs",
+    "256",
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+
+
+def answers(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=1).status_code < 500
+    except requests.ConnectionError:
+        return False
+
+
+async def measure(
+    url: str, headers: dict[str, str], count: int, concurrency: int
+) -> tuple[list[float], float]:
+    """Latencies (ms) of `count` requests at `concurrency`, and the wall seconds."""
+    latencies: list[float] = []
+    queue = list(range(count))
+    async with aiohttp.ClientSession(
+        headers=headers, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                started = time.perf_counter()
+                async with session.post(url, json=BODY) as response:
+                    await response.read()
+                    assert response.status == 200, await response.text()
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - began
+
+
+async def first_chunk(url: str, headers: dict[str, str], count: int) -> list[float]:
+    times = []
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(url, json=BODY | {"stream": True}) as response:
+                await response.content.readany()
+                times.append((time.perf_counter() - started) * 1000)
+                await response.read()
+    return times
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-gw-"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "AGENT_TOKEN", "SECRET_KEY"}
+    }
+    env.update(
+        VAR_DIR=str(work / "var"),
+        AGENT_TOKEN="bench-token",
+        SECRET_KEY="bench",
+        LOG_LEVEL="WARNING",
+    )
+    engine_port, agent_port, web_port = free_port(), free_port(), free_port()
+    processes = []
+    try:
+        processes.append(start([sys.executable, "-m", "nodeagent.engines.sim", "--model-id", "bench/sim",
+                                "--port", str(engine_port), "--ttft-ms", "0", "--tpot-ms", "0",
+                                "--max-num-seqs", "256"], env, work / "engine.log"))  # fmt: skip
+        processes.append(start([sys.executable, "-m", "nodeagent", "--port", str(agent_port), "--token",
+                                "bench-token", "--engine", "sim", "--cache-dir", str(work / "cache"),
+                                "--log-level", "WARNING", *SIM], env, work / "agent.log"))  # fmt: skip
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True
+        )
+        checkpoint = work / "checkpoint"
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text("{}")
+        wait_for(lambda: answers(f"http://127.0.0.1:{agent_port}/healthz"), 30, "the agent")
+        import requests
+
+        loaded = requests.post(
+            f"http://127.0.0.1:{agent_port}/load_model",
+            json={"model_id": "bench/sim", "source": checkpoint.as_uri()},
+            headers={"Authorization": "Bearer bench-token"}, timeout=30,
+        ).json()  # fmt: skip
+        setup = (
+            "from agents.models import Agent, Model, Placement; from controlplane.gateway.actions import "
+            "create_api_key; m = Model.objects.create(model_id='bench/sim', source='file:///x'); "
+            f"a = Agent.objects.create(agent_id='bench', base_url='http://127.0.0.1:{agent_port}'); "
+            f"Placement.objects.create(agent=a, model=m, state='READY', cache_level='GPU_RESIDENT', "
+            f"inference_endpoint_url='{loaded['inference_endpoint_url']}'); print(create_api_key('bench')[1])"
+        )
+        key = subprocess.run([sys.executable, "manage.py", "shell", "-c", setup], cwd=ROOT, env=env,
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]  # fmt: skip
+        web = start([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port),
+                     "controlplane.asgi:application"], env, work / "web.log")  # fmt: skip
+        processes.append(web)
+        wait_for(lambda: answers(f"http://127.0.0.1:{web_port}/healthz"), 30, "daphne")
+        wait_for(lambda: answers(f"http://127.0.0.1:{engine_port}/health"), 30, "the engine")
+
+        paths = {
+            "direct": (f"http://127.0.0.1:{engine_port}/v1/chat/completions", {}),
+            "agent": (
+                f"{loaded['inference_endpoint_url']}/v1/chat/completions",
+                {"Authorization": "Bearer bench-token"},
+            ),
+            "gateway": (
+                f"http://127.0.0.1:{web_port}/v1/chat/completions",
+                {"Authorization": f"Bearer {key}"},
+            ),
+        }
+        results: dict[str, dict[str, float]] = {}
+        for name, (url, headers) in paths.items():
+            asyncio.run(measure(url, headers, 200, 8))  # warm up
+            cpu_before = cpu_seconds(web.pid)
+            single, _ = asyncio.run(measure(url, headers, args.requests // 4, 1))
+            many, seconds = asyncio.run(measure(url, headers, args.requests, 32))
+            cpu = cpu_seconds(web.pid) - cpu_before
+            firsts = asyncio.run(first_chunk(url, headers, 200))
+            results[name] = {
+                "p50": p(single, 50), "p99": p(single, 99), "rps": len(many) / seconds,
+                "ttfc": statistics.median(firsts),
+                "cpu_ms": cpu * 1000 / (len(single) + len(many)) if name == "gateway" else float("nan"),
+            }  # fmt: skip
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\n{'path':<10} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'req/s c=32':>11} {'1st chunk ms':>13} {'gateway CPU ms/req':>19}"
+    )
+    for name, row in results.items():
+        print(
+            f"{name:<10} {row['p50']:11.2f} {row['p99']:11.2f} {row['rps']:11.0f} {row['ttfc']:13.2f} {row['cpu_ms']:19.2f}"
+        )
+    direct, gateway = results["direct"], results["gateway"]
+    print(
+        f"RESULT gateway_added_p50_ms={gateway['p50'] - direct['p50']:.2f} "
+        f"gateway_added_p99_ms={gateway['p99'] - direct['p99']:.2f} "
+        f"stream_ttfc_added_ms={gateway['ttfc'] - direct['ttfc']:.2f} gateway_rps_c32={gateway['rps']:.0f} "
+        "litellm_added_p50_ms=na litellm_rps_c32=na"
+    )
+
+
+if __name__ == "__main__":
+    main()
