@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from controlplane.gateway.loops import per_loop
 from controlplane.gateway.models import ApiKey
 
 WINDOW_SECONDS = 60
 _local: Counter[str] = Counter()
 # One client per event loop: an asyncio Redis connection belongs to the loop that opened it.
-_clients: dict[tuple[asyncio.AbstractEventLoop, str], aioredis.Redis] = {}
+_clients: dict[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = {}
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,10 @@ def _client() -> aioredis.Redis | None:
     url = settings.REDIS_URL
     if not url:
         return None
-    loop = asyncio.get_running_loop()
-    if (loop, url) not in _clients:
-        for stale in [pair for pair in _clients if pair[0].is_closed()]:
-            del _clients[stale]
-        _clients[loop, url] = aioredis.Redis.from_url(
-            url, socket_timeout=1, socket_connect_timeout=1
-        )
-    return _clients[loop, url]
+    clients = per_loop(_clients, dict)
+    if url not in clients:
+        clients[url] = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    return clients[url]
 
 
 async def _counts(key: ApiKey, window: int, add_request: bool) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from agents.models import Placement
 from agents.scheduling import ReplicaLoad, choose_replica
+from controlplane.gateway.loops import per_loop
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,16 @@ in_flight: Counter[int] = Counter()
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
 
+def _new_session() -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers={"Accept-Encoding"}
+    )
+
+
 def session() -> aiohttp.ClientSession:
     """One long-lived client session per event loop (daphne runs one)."""
-    loop = asyncio.get_running_loop()
-    current = _sessions.get(loop)
-    if current is None or current.closed:
-        for stale in [other for other in _sessions if other.is_closed()]:
-            del _sessions[stale]
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        current = _sessions[loop] = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers={"Accept-Encoding"}
-        )
-    return current
+    return per_loop(_sessions, _new_session)
 
 
 def pick(placements: list[Placement], user: str | None, tried: set[int]) -> Placement | None:

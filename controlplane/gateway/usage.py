@@ -13,6 +13,7 @@ import logging
 from django.conf import settings
 
 from controlplane.gateway.actions import record_usage
+from controlplane.gateway.loops import per_loop
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,4 @@ _buffers: dict[asyncio.AbstractEventLoop, UsageBuffer] = {}
 
 def buffer() -> UsageBuffer:
     """The buffer of the running event loop (daphne runs one)."""
-    loop = asyncio.get_running_loop()
-    if loop not in _buffers:
-        for stale in [other for other in _buffers if other.is_closed()]:
-            del _buffers[stale]
-        _buffers[loop] = UsageBuffer()
-    return _buffers[loop]
+    return per_loop(_buffers, UsageBuffer)
