@@ -47,7 +47,7 @@ async def key_for_secret(raw_key: str) -> ApiKey | None:
     digest = hash_key(raw_key)
 
     async def load() -> ApiKey | None:
-        key = await ApiKey.objects.filter(key_hash=digest).afirst()
+        key = await ApiKey.objects.for_secret(raw_key).afirst()
         if key is not None:
             key.allowed_ids = {pk async for pk in key.allowed_models.values_list("pk", flat=True)}
         return key
