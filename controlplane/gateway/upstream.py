@@ -68,15 +68,13 @@ async def open_upstream(placement: Placement, path: str, raw: bytes) -> aiohttp.
 UsageSink = Callable[[dict[str, Any]], None]
 
 
-def ask_for_usage(raw: bytes) -> tuple[bytes, bool]:
-    """The body with `stream_options.include_usage` set, and whether the gateway added it
-    (then the usage event is the gateway's to read and remove, not the client's)."""
-    body = json.loads(raw)
+def ask_for_usage(raw: bytes, body: dict[str, Any]) -> tuple[bytes, bool]:
+    """The body (`raw`, already parsed as `body`) with `stream_options.include_usage` set, and
+    whether the gateway added it (then the usage event is the gateway's to read and remove)."""
     options = body.get("stream_options") or {}
     if options.get("include_usage"):
         return raw, False
-    body["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(body).encode(), True
+    return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode(), True
 
 
 class UsageScanner:

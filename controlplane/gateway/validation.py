@@ -29,6 +29,7 @@ class CompletionRequest:
     stream: bool
     user: str | None
     raw: bytes
+    body: dict[str, Any]
 
 
 def _number(
@@ -140,4 +141,4 @@ def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRe
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string.", "user", "invalid_type")
-    return CompletionRequest(model, bool(body.get("stream")), user or None, raw)
+    return CompletionRequest(model, bool(body.get("stream")), user or None, raw, body)

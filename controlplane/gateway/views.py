@@ -127,7 +127,9 @@ async def _complete(
     model = await _model_for(key, parsed.model_id)
     if isinstance(model, JsonResponse):
         return model
-    raw, strip_usage = upstream.ask_for_usage(parsed.raw) if parsed.stream else (parsed.raw, False)
+    raw, strip_usage = (
+        upstream.ask_for_usage(parsed.raw, parsed.body) if parsed.stream else (parsed.raw, False)
+    )
     on_usage = _usage_recorder(key, model)
     placements = await cache.ready_placements(model)
     tried: set[int] = set()

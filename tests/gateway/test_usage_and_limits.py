@@ -32,11 +32,11 @@ def test_the_scanner_finds_usage_across_chunk_boundaries_and_removes_it_when_ask
 
 
 def test_usage_is_asked_for_only_when_the_client_did_not():
-    raw, added = ask_for_usage(b'{"model": "m", "stream": true}')
+    raw, added = ask_for_usage(b'{"model": "m", "stream": true}', {"model": "m", "stream": True})
     assert added
     assert json.loads(raw)["stream_options"] == {"include_usage": True}
     own = b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}'
-    assert ask_for_usage(own) == (own, False)
+    assert ask_for_usage(own, json.loads(own)) == (own, False)
 
 
 @pytest.mark.django_db
