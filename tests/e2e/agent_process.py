@@ -41,6 +41,17 @@ class AgentProcess:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def metric(self, series: str) -> float:
+        """The agent's /metrics value of `series` (name with labels), or the sum over all label
+        sets when `series` is a bare name; 0 when the agent has no such series yet."""
+        text = requests.get(f"{self.url}/metrics", headers=self.headers, timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if not line.startswith("#") and (key == series or key.startswith(series + "{")):
+                total += float(value)
+        return total
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

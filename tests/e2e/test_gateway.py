@@ -252,7 +252,7 @@ def test_a_user_stays_on_one_replica_and_moves_when_it_drains(
 
         def served_by() -> dict[str, float]:
             return {
-                agent.url: metric_value(agent, "llmfleet_agent_proxy_requests_total")
+                agent.url: agent.metric("llmfleet_agent_proxy_requests_total")
                 for agent in (warm_model, second)
             }
 
@@ -276,11 +276,6 @@ def test_a_user_stays_on_one_replica_and_moves_when_it_drains(
         moved = served_by()
         assert moved[home] == after[home]
         assert sum(moved.values()) == sum(after.values()) + 1
-
-
-def metric_value(agent, name: str) -> float:
-    text = requests.get(f"{agent.url}/metrics", headers=agent.headers, timeout=5).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_through_the_gateway_to_real_vllm(gateway, settings, tmp_path):

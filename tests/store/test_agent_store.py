@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import threading
 
@@ -15,12 +14,6 @@ from tests.store.conftest import quiet_publish
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def metric(agent, name: str) -> float:
-    text = requests.get(f"{agent.url}/metrics", headers=agent.headers, timeout=5).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_an_agent_loads_a_model_published_to_azurite(azurite, checkpoint, tmp_path):
@@ -37,7 +30,7 @@ def test_an_agent_loads_a_model_published_to_azurite(azurite, checkpoint, tmp_pa
             model["bytes_total"],
             1.0,
         )
-        assert metric(agent, 'llmfleet_agent_downloads_total{outcome="complete"}') == 1
+        assert agent.metric('llmfleet_agent_downloads_total{outcome="complete"}') == 1
 
 
 def test_an_agent_killed_mid_download_resumes_after_a_restart(azurite, checkpoint, tmp_path):
@@ -81,6 +74,6 @@ def test_an_agent_killed_mid_download_resumes_after_a_restart(azurite, checkpoin
     with running_agent(tmp_path, "--engine", "sim", extra_env=azurite.environ()) as agent:
         response = agent.post("/load_model", load, timeout=60)
         assert response.status_code == 200, response.text
-        assert metric(agent, 'llmfleet_agent_downloads_total{outcome="resumed"}') == 1
-        fetched = metric(agent, "llmfleet_agent_download_bytes_total")
+        assert agent.metric('llmfleet_agent_downloads_total{outcome="resumed"}') == 1
+        fetched = agent.metric("llmfleet_agent_download_bytes_total")
         assert 0 < fetched < total * 0.7
