@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agents.choices import AgentState
+from agents.choices import AgentState, CacheLevel, LoadTrigger
 from nodeagent.protocol import GpuInfo
 
 # Verdicts on an agent's health that outrank what it last reported and any drain order.
@@ -98,3 +98,223 @@ def choose_replica(
             return preferred
     salt = session or ""
     return min(replicas, key=lambda r: (replica_score(r), -rendezvous_weight(salt, r.key)))
+
+
+# --- cold starts: where a model can be serving soonest -------------------------------------
+
+# Until an agent has a history of its own (LoadEvents), estimates use these.
+DEFAULT_BYTES_PER_SECOND = 200e6
+DEFAULT_ENGINE_START_SECONDS = 30.0
+DEFAULT_WAKE_SECONDS = 2.0
+# What stepping one resident model down (stopping or sleeping its engine) adds to a load.
+DEMOTION_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class LoadHistory:
+    """What an agent's past loads showed: download bandwidth and engine start and wake times."""
+
+    bytes_per_second: float | None = None
+    engine_start_seconds: float | None = None
+    wake_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model on a candidate agent's GPU that could step down to make room."""
+
+    placement_id: int
+    gpu_memory_bytes: int
+    idle_seconds: float
+    evictable: bool  # idle, not pinned, and its model keeps min_replicas without it
+
+
+@dataclass(frozen=True)
+class LoadCandidate:
+    """An agent that takes new work, seen from one model's cold start."""
+
+    agent_id: str
+    cache_level: str  # where the model already is on this agent (CacheLevel)
+    gpu_memory_total: int
+    gpu_memory_free: int
+    loads_in_progress: int = 0
+    history: LoadHistory = LoadHistory()
+    residents: tuple[Resident, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    agent_id: str
+    estimated_seconds: float
+    victims: tuple[int, ...] = ()  # placements to step down first, to make room
+
+
+def estimate_ready_seconds(level: str, size_bytes: int, history: LoadHistory) -> float:
+    """Seconds until the model serves on an agent where it is at `level` now."""
+    engine_start = history.engine_start_seconds or DEFAULT_ENGINE_START_SECONDS
+    if level == CacheLevel.GPU_RESIDENT:
+        return 0.0
+    if level == CacheLevel.DRAM_CACHED:
+        return history.wake_seconds or DEFAULT_WAKE_SECONDS
+    if level == CacheLevel.NVME_CACHED:
+        return engine_start
+    return size_bytes / (history.bytes_per_second or DEFAULT_BYTES_PER_SECOND) + engine_start
+
+
+def victims_for(candidate: LoadCandidate, needed: int) -> tuple[int, ...] | None:
+    """Placements to step down, least recently used first, so `needed` bytes of GPU memory are
+    free; () when they already are, None when no set of idle models frees enough.
+
+    An agent without GPU facts (gpu_memory_total 0: a CPU host) is not limited here; its own
+    cache limits apply when it loads.
+    """
+    if candidate.gpu_memory_total == 0 or needed <= candidate.gpu_memory_free:
+        return ()
+    free, chosen = candidate.gpu_memory_free, []
+    idle_first = sorted(
+        (r for r in candidate.residents if r.evictable), key=lambda r: -r.idle_seconds
+    )
+    for resident in idle_first:
+        chosen.append(resident.placement_id)
+        free += resident.gpu_memory_bytes
+        if free >= needed:
+            return tuple(chosen)
+    return None
+
+
+def plan_load(
+    candidates: Sequence[LoadCandidate], *, size_bytes: int, gpu_memory_bytes: int
+) -> LoadPlan | None:
+    """The agent where the model can serve soonest, and what must step down there first.
+
+    Ranked by estimated time to ready (a model already in host RAM beats one on local
+    disk beats a download at the agent's observed bandwidth, each load in progress on
+    the agent costing one engine start more), then by free GPU memory, then by name.
+    None when no agent has room even after stepping idle models down.
+    """
+    ranked: list[tuple[float, int, str, LoadPlan]] = []
+    for candidate in candidates:
+        victims = victims_for(candidate, gpu_memory_bytes)
+        if victims is None:
+            continue
+        history = candidate.history
+        seconds = (
+            estimate_ready_seconds(candidate.cache_level, size_bytes, history)
+            + candidate.loads_in_progress
+            * (history.engine_start_seconds or DEFAULT_ENGINE_START_SECONDS)
+            + len(victims) * DEMOTION_SECONDS
+        )
+        plan = LoadPlan(candidate.agent_id, seconds, victims)
+        ranked.append((seconds, -candidate.gpu_memory_free, candidate.agent_id, plan))
+    return min(ranked, key=lambda entry: entry[:3])[3] if ranked else None
+
+
+def needs_scale_out(
+    scores: Sequence[float], *, threshold: float, replicas: int, max_replicas: int
+) -> bool:
+    """Whether to load one more replica: every one is at the threshold and the model may grow."""
+    return bool(scores) and replicas < max_replicas and min(scores) >= threshold
+
+
+# --- heartbeats ------------------------------------------------------------------------------
+
+
+def missed_heartbeat_verdict(
+    failures: int, *, degraded_after: int, offline_after: int
+) -> AgentState | None:
+    """The health verdict after `failures` heartbeats missed in a row."""
+    if failures >= offline_after:
+        return AgentState.OFFLINE
+    if failures >= degraded_after:
+        return AgentState.DEGRADED
+    return None
+
+
+# --- the eviction ladder ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlacementFacts:
+    """What the sweep knows of one placement on a routable agent."""
+
+    placement_id: int
+    model: str
+    agent_id: str
+    cache_level: str
+    ready: bool
+    pinned: bool
+    keep_alive_seconds: float
+    min_replicas: int
+    idle_seconds: float
+    busy: bool  # requests in flight or queued at the engine
+
+
+@dataclass(frozen=True)
+class AgentMemory:
+    agent_id: str
+    total: int
+    free: int
+
+
+@dataclass(frozen=True)
+class Demotion:
+    placement_id: int
+    to_level: str
+    trigger: str  # LoadTrigger
+
+
+def plan_sweep(
+    placements: Sequence[PlacementFacts], agents: Sequence[AgentMemory], *, pressure_percent: int
+) -> list[Demotion]:
+    """One step down the ladder for each model idle past its keep-alive, and for the least
+    recently used idle model of each agent under GPU memory pressure.
+
+    GPU → host RAM after `keep_alive` idle, host RAM → local disk after twice that. Never a
+    pinned model off the GPU, never a busy one, never a model's GPU replicas below its
+    `min_replicas`. Local disk → gone is the agent's own cache eviction (disk pressure).
+    """
+    on_gpu: dict[str, int] = {}
+    for facts in placements:
+        if facts.ready and facts.cache_level == CacheLevel.GPU_RESIDENT:
+            on_gpu[facts.model] = on_gpu.get(facts.model, 0) + 1
+    demotions: list[Demotion] = []
+    chosen: set[int] = set()
+
+    def may_leave_gpu(facts: PlacementFacts) -> bool:
+        return (
+            facts.ready
+            and facts.cache_level == CacheLevel.GPU_RESIDENT
+            and not facts.pinned
+            and not facts.busy
+            and facts.placement_id not in chosen
+            and on_gpu[facts.model] > facts.min_replicas
+        )
+
+    def demote(facts: PlacementFacts, to_level: str, trigger: str) -> None:
+        demotions.append(Demotion(facts.placement_id, to_level, trigger))
+        chosen.add(facts.placement_id)
+        if facts.cache_level == CacheLevel.GPU_RESIDENT:
+            on_gpu[facts.model] -= 1
+
+    for facts in sorted(placements, key=lambda f: -f.idle_seconds):
+        if facts.idle_seconds < facts.keep_alive_seconds:
+            continue
+        if may_leave_gpu(facts):
+            demote(facts, CacheLevel.DRAM_CACHED, LoadTrigger.KEEP_ALIVE)
+        elif (
+            facts.cache_level == CacheLevel.DRAM_CACHED
+            and facts.idle_seconds >= 2 * facts.keep_alive_seconds
+        ):
+            demote(facts, CacheLevel.NVME_CACHED, LoadTrigger.KEEP_ALIVE)
+
+    pressed = {
+        agent.agent_id
+        for agent in agents
+        if agent.total and agent.free * 100 < agent.total * pressure_percent
+    }
+    for agent_id in sorted(pressed):
+        idle = [f for f in placements if f.agent_id == agent_id and may_leave_gpu(f)]
+        if idle:
+            demote(max(idle, key=lambda f: f.idle_seconds), CacheLevel.DRAM_CACHED,
+                   LoadTrigger.PRESSURE)  # fmt: skip
+    return demotions
