@@ -48,6 +48,27 @@ SECRET_KEY = _secret("SECRET_KEY")
 # The shared token between the control plane and its node agents, both ways.
 AGENT_TOKEN = _secret("AGENT_TOKEN")
 HEARTBEAT_INTERVAL_SECONDS = env_int("HEARTBEAT_INTERVAL_SECONDS", 5, minimum=1)
+# How long one agent's heartbeat may take before it counts as missed.
+HEARTBEAT_TIMEOUT_SECONDS = env_int("HEARTBEAT_TIMEOUT_SECONDS", 3, minimum=1)
+# Missed heartbeats in a row before an agent is DEGRADED, then OFFLINE (no traffic either way).
+HEARTBEAT_DEGRADED_AFTER = env_int("HEARTBEAT_DEGRADED_AFTER", 2, minimum=1)
+HEARTBEAT_OFFLINE_AFTER = env_int("HEARTBEAT_OFFLINE_AFTER", 4, minimum=1)
+
+# The serverless lifecycle: cold starts, the eviction ladder and scale-out.
+# How long a request waits for a cold start before it gets 503 with Retry-After.
+COLD_START_TIMEOUT_SECONDS = env_int("COLD_START_TIMEOUT_SECONDS", 600, minimum=1)
+# Agents one cold start tries before it gives up (a failed load moves to the next best).
+LOAD_ATTEMPTS = env_int("LOAD_ATTEMPTS", 3, minimum=1)
+# An agent where a model failed to load is not tried for that model again for this long.
+LOAD_RETRY_BACKOFF_SECONDS = env_int("LOAD_RETRY_BACKOFF_SECONDS", 60, minimum=0)
+# How often beat runs the eviction sweep.
+EVICTION_INTERVAL_SECONDS = env_int("EVICTION_INTERVAL_SECONDS", 15, minimum=1)
+# An agent whose free GPU memory is under this percentage of its total is under pressure:
+# the sweep steps its least recently used idle model down.
+GPU_MEMORY_PRESSURE_PERCENT = env_int("GPU_MEMORY_PRESSURE_PERCENT", 5, minimum=0)
+# A replica whose load score (in-flight + 2 x engine queue) reaches this is overloaded:
+# when all of a model's replicas are, another is loaded (up to the model's max_replicas).
+SCALE_OUT_QUEUE_THRESHOLD = env_int("SCALE_OUT_QUEUE_THRESHOLD", 8, minimum=1)
 
 # The OpenAI-compatible gateway.
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
@@ -186,6 +207,9 @@ else:
         "data_folder_out": str(_broker_dir / "queue"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        # The transport polls its folder; kombu's 1 s default would add up to a second to
+        # every cold start's queue time.
+        "polling_interval": 0.1,
     }
 # Tasks write their outcome to fleet state; nobody waits on a Celery result.
 CELERY_TASK_IGNORE_RESULT = True
@@ -194,6 +218,20 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TIMEZONE = TIME_ZONE
+# Beat's schedule. A run that would start after the next one is due is dropped (expires),
+# so a slow poll never piles up behind itself.
+CELERY_BEAT_SCHEDULE = {
+    "poll-heartbeats": {
+        "task": "agents.tasks.poll_heartbeats",
+        "schedule": float(HEARTBEAT_INTERVAL_SECONDS),
+        "options": {"expires": float(HEARTBEAT_INTERVAL_SECONDS)},
+    },
+    "sweep-eviction": {
+        "task": "agents.tasks.sweep",
+        "schedule": float(EVICTION_INTERVAL_SECONDS),
+        "options": {"expires": float(EVICTION_INTERVAL_SECONDS)},
+    },
+}
 
 if REDIS_URL:
     CHANNEL_LAYERS: dict[str, Any] = {

@@ -1,0 +1,112 @@
+"""Celery tasks: thin. Each takes ids, calls the agent through agent_client, and hands the
+answer to an action. Queued by actions with transaction.on_commit, or by beat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from celery import shared_task
+from django.conf import settings
+
+from agents import actions, agent_client
+from agents.choices import LoadTrigger
+from agents.models import Agent
+
+log = logging.getLogger(__name__)
+
+# What one unload may take: stopping an engine waits out its grace period.
+_UNLOAD_TIMEOUT_SECONDS = 120.0
+
+
+@shared_task(name="agents.tasks.load")
+def load(event_id: int, victim_event_ids: list[int] | None = None) -> None:
+    """Step the victims down (making room), then have the agent load the model."""
+    for victim in victim_event_ids or []:
+        unload(victim)
+    job = actions.begin_load(event_id)
+    if job is None:
+        return
+    try:
+        response = asyncio.run(
+            agent_client.load_model(
+                job.agent_url,
+                settings.AGENT_TOKEN,
+                job.request,
+                seconds=settings.COLD_START_TIMEOUT_SECONDS,
+            )
+        )
+    except agent_client.AgentCallFailed as exc:
+        actions.fail_load(event_id, f"{exc.code}: {exc}")
+        return
+    actions.finish_load(event_id, response)
+
+
+@shared_task(name="agents.tasks.unload")
+def unload(event_id: int) -> None:
+    job = actions.begin_unload(event_id)
+    if job is None:
+        return
+    try:
+        response = asyncio.run(
+            agent_client.unload_model(
+                job.agent_url, settings.AGENT_TOKEN, job.model_id, job.to_level,
+                seconds=_UNLOAD_TIMEOUT_SECONDS,
+            )
+        )  # fmt: skip
+    except agent_client.AgentCallFailed as exc:
+        actions.fail_unload(event_id, f"{exc.code}: {exc}")
+        return
+    actions.finish_unload(event_id, response)
+
+
+# One poll at a time per worker process: beat's `expires` drops a run that waited too long,
+# and this drops one that would overlap a slow predecessor.
+_polling = threading.Lock()
+
+
+@shared_task(name="agents.tasks.poll_heartbeats")
+def poll_heartbeats() -> None:
+    """Poll every agent's heartbeat at once and write what they said (or that they did not)."""
+    if not _polling.acquire(blocking=False):
+        log.warning("the previous heartbeat poll is still running; skipping this one")
+        return
+    try:
+        started = time.monotonic()
+        targets = [
+            agent_client.HeartbeatTarget(pk, base_url)
+            for pk, base_url in Agent.objects.values_list("pk", "base_url")
+        ]
+        results = asyncio.run(
+            agent_client.poll_heartbeats(
+                targets, settings.AGENT_TOKEN, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS
+            )
+        )
+        actions.apply_heartbeats(results)
+        log.info(
+            "polled %d agent(s) in %.2f s (%d missed)",
+            len(targets),
+            time.monotonic() - started,
+            sum(result.response is None for result in results),
+        )
+    finally:
+        _polling.release()
+
+
+@shared_task(name="agents.tasks.sweep")
+def sweep() -> None:
+    """The eviction ladder's sweep (actions.sweep)."""
+    events = actions.sweep()
+    if events:
+        log.info("sweep stepped %d placement(s) down", len(events))
+
+
+@shared_task(name="agents.tasks.scale_out")
+def scale_out(model_pk: int) -> None:
+    from agents.models import Model
+
+    model = Model.objects.filter(pk=model_pk).first()
+    if model is not None:
+        actions.scale_out(model, LoadTrigger.SCALE_OUT)

@@ -1,0 +1,286 @@
+"""Cold starts, load outcomes, heartbeats and the sweep, against the database."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from agents import actions
+from agents.agent_client import HeartbeatResult
+from agents.choices import (
+    AgentState,
+    CacheLevel,
+    LoadEventKind,
+    LoadOutcome,
+    LoadTrigger,
+    PlacementState,
+)
+from agents.models import Agent, LoadEvent, Placement
+from nodeagent.protocol import (
+    DiskInfo,
+    HeartbeatResponse,
+    LoadModelResponse,
+    LoadTimings,
+    ModelStatus,
+    UnloadModelResponse,
+)
+from tests.factories import GIB, AgentFactory, LoadEventFactory, ModelFactory, PlacementFactory
+
+
+@pytest.fixture
+def queued(monkeypatch):
+    """The tasks actions queue, instead of a broker: (task name, args)."""
+    sent: list[tuple[str, tuple[object, ...]]] = []
+    monkeypatch.setattr(actions, "_queue", lambda name, *args: sent.append((name, args)))
+    return sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_cold_requests_trigger_one_load(queued):
+    model = ModelFactory()
+    AgentFactory.create_batch(3)
+    results: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(20)
+
+    def cold_request() -> None:
+        try:
+            start.wait()
+            results.append(actions.ensure_placement(model).pk)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=cold_request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(set(results)) == 1
+    assert len(results) == 20
+    assert LoadEvent.objects.filter(kind=LoadEventKind.LOAD).count() == 1
+    assert [name for name, _ in queued] == ["agents.tasks.load"]
+
+
+@pytest.mark.django_db
+def test_the_agent_with_the_model_on_disk_is_chosen_and_unroutable_ones_never(queued):
+    model = ModelFactory()
+    AgentFactory(agent_id="empty")
+    disk = AgentFactory(agent_id="disk")
+    ram = AgentFactory(agent_id="ram-but-draining", state=AgentState.DRAINING)
+    PlacementFactory(agent=disk, model=model, state=PlacementState.UNLOADED,
+                     cache_level=CacheLevel.NVME_CACHED)  # fmt: skip
+    PlacementFactory(agent=ram, model=model, state=PlacementState.UNLOADED,
+                     cache_level=CacheLevel.DRAM_CACHED)  # fmt: skip
+    placement = actions.ensure_placement(model)
+    assert placement.agent == disk
+    assert placement.state == PlacementState.LOADING_TO_GPU
+    event = LoadEvent.objects.get(kind=LoadEventKind.LOAD)
+    assert (event.from_level, event.trigger) == (CacheLevel.NVME_CACHED, LoadTrigger.REQUEST)
+
+
+@pytest.mark.django_db
+def test_a_ready_replica_or_a_load_under_way_is_reused(queued):
+    model = ModelFactory()
+    loading = PlacementFactory(model=model, state=PlacementState.DOWNLOADING)
+    assert actions.ensure_placement(model) == loading
+    ready = PlacementFactory(model=model)
+    assert actions.ensure_placement(model) == ready
+    assert queued == []
+
+
+@pytest.mark.django_db
+def test_no_agent_is_no_capacity():
+    with pytest.raises(actions.NoCapacity, match="no agent that takes new work"):
+        actions.ensure_placement(ModelFactory())
+
+
+@pytest.mark.django_db
+def test_a_full_agent_steps_its_least_recently_used_idle_model_down_first(queued):
+    agent = AgentFactory(gpu_memory_total=80 * GIB, gpu_memory_free=2 * GIB)
+    old = timezone.now() - timedelta(hours=2)
+    idle = PlacementFactory(agent=agent, model=ModelFactory(gpu_memory_bytes=30 * GIB))
+    Placement.objects.filter(pk=idle.pk).update(last_used_at=old)
+    PlacementFactory(agent=agent, model=ModelFactory(gpu_memory_bytes=30 * GIB, pinned=True))
+    busy = PlacementFactory(agent=agent, model=ModelFactory(gpu_memory_bytes=18 * GIB))
+    Placement.objects.filter(pk=busy.pk).update(requests_in_flight=3)
+    actions.ensure_placement(ModelFactory(gpu_memory_bytes=20 * GIB))
+    unload = LoadEvent.objects.get(kind=LoadEventKind.UNLOAD)
+    assert (unload.placement_id, unload.trigger) == (idle.pk, LoadTrigger.PRESSURE)
+    assert Placement.objects.get(pk=idle.pk).state == PlacementState.UNLOADING
+    load = LoadEvent.objects.get(kind=LoadEventKind.LOAD)
+    assert queued == [("agents.tasks.load", (load.pk, [unload.pk]))]
+
+
+@pytest.mark.django_db
+def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
+    model = ModelFactory(size_bytes=GIB)
+    placement = actions.ensure_placement(model) if AgentFactory() else None
+    event = LoadEvent.objects.get()
+    job = actions.begin_load(event.pk)
+    assert job is not None
+    assert job.request.model_id == model.model_id
+    assert actions.begin_load(event.pk) is None  # a redelivered task does nothing
+    timings = LoadTimings(download_seconds=2.0, engine_start_seconds=25.0, total_seconds=27.5)
+    actions.finish_load(event.pk, LoadModelResponse(model.model_id, "http://a/models/m", timings))
+    placement = Placement.objects.get(pk=placement.pk)
+    assert (placement.state, placement.cache_level) == (
+        PlacementState.READY,
+        CacheLevel.GPU_RESIDENT,
+    )
+    assert placement.inference_endpoint_url == "http://a/models/m"
+    event.refresh_from_db()
+    assert event.outcome == LoadOutcome.SUCCEEDED
+    assert (event.download_seconds, event.engine_start_seconds) == (2.0, 25.0)
+    assert event.bytes_downloaded == GIB
+    assert event.queue_seconds is not None
+    actions.record_first_token(placement.pk)
+    event.refresh_from_db()
+    assert event.first_token_seconds is not None
+    assert event.first_token_seconds >= 0
+
+
+@pytest.mark.django_db
+def test_a_failed_load_moves_to_the_next_agent_until_attempts_run_out(queued, settings):
+    settings.LOAD_ATTEMPTS = 2
+    model = ModelFactory()
+    AgentFactory.create_batch(3)
+    first = actions.ensure_placement(model)
+    retry = actions.fail_load(LoadEvent.objects.get().pk, "engine_start_failed: boom")
+    assert retry is not None
+    assert retry.agent != first.agent
+    assert Placement.objects.get(pk=first.pk).state == PlacementState.FAILED
+    assert LoadEvent.objects.filter(trigger=LoadTrigger.FAILURE).count() == 1
+    last = LoadEvent.objects.get(outcome=LoadOutcome.PENDING)
+    assert actions.fail_load(last.pk, "engine_start_failed: boom again") is None
+    # Both tried agents sit out the backoff; the third is still tried by a new request.
+    third = actions.ensure_placement(model)
+    assert third.agent not in {first.agent, retry.agent}
+    actions.fail_load(LoadEvent.objects.get(outcome=LoadOutcome.PENDING).pk, "x: third")
+    with pytest.raises(actions.NoCapacity, match="failed on 3 agent"):
+        actions.ensure_placement(model)
+
+
+def beat(agent: Agent, *models: ModelStatus, state: str = "IDLE") -> HeartbeatResult:
+    response = HeartbeatResponse(
+        agent_id=agent.agent_id, state=state, version="1", gpus=(), gpu_utilization=None,
+        gpu_memory_total=0, gpu_memory_free=0, vllm_queue_length=0,
+        disk=DiskInfo("/", 1, 1, 0), models=models,
+    )  # fmt: skip
+    return HeartbeatResult(agent.pk, time.time(), response)
+
+
+def missed(agent: Agent) -> HeartbeatResult:
+    return HeartbeatResult(agent.pk, time.time(), None, "connection refused")
+
+
+@pytest.mark.django_db
+def test_missed_heartbeats_take_an_agent_offline_and_an_answer_brings_it_back(settings):
+    settings.HEARTBEAT_DEGRADED_AFTER, settings.HEARTBEAT_OFFLINE_AFTER = 1, 3
+    agent = AgentFactory()
+    states = []
+    for _ in range(3):
+        actions.apply_heartbeats([missed(agent)])
+        agent.refresh_from_db()
+        states.append(agent.state)
+    assert states == [AgentState.DEGRADED, AgentState.DEGRADED, AgentState.OFFLINE]
+    actions.apply_heartbeats([beat(agent, state="INFERRING")])
+    agent.refresh_from_db()
+    assert (agent.state, agent.heartbeat_failures) == (AgentState.INFERRING, 0)
+
+
+@pytest.mark.django_db
+def test_heartbeats_reconcile_what_the_agent_still_has_and_what_it_lost():
+    agent = AgentFactory()
+    kept, lost, found = ModelFactory(), ModelFactory(), ModelFactory()
+    PlacementFactory(agent=agent, model=kept, state=PlacementState.UNLOADED,
+                     cache_level=CacheLevel.NVME_CACHED)  # fmt: skip
+    PlacementFactory(agent=agent, model=lost)
+    Placement.objects.update(updated_at=timezone.now() - timedelta(minutes=5))
+    actions.apply_heartbeats([
+        beat(agent,
+             ModelStatus(kept.model_id, "READY", "GPU_RESIDENT", "http://x/models/k",
+                         requests_waiting=4, last_used_at="2026-11-27T10:00:00+00:00"),
+             ModelStatus(found.model_id, "UNLOADED", "NVME_CACHED"),
+             ModelStatus("org/not-in-the-catalog", "READY", "GPU_RESIDENT")),
+    ])  # fmt: skip
+    placements = {p.model_id: p for p in Placement.objects.all()}
+    assert placements[kept.pk].state == PlacementState.READY
+    assert placements[kept.pk].requests_waiting == 4
+    assert placements[kept.pk].inference_endpoint_url == "http://x/models/k"
+    assert (placements[lost.pk].state, placements[lost.pk].cache_level) == (
+        PlacementState.UNLOADED,
+        CacheLevel.NONE,
+    )
+    assert placements[found.pk].cache_level == CacheLevel.NVME_CACHED
+    assert len(placements) == 3
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_never_undoes_a_load_or_unload_the_control_plane_has_under_way(queued):
+    agent = AgentFactory()
+    model, other = ModelFactory(), ModelFactory()
+    placement = actions.ensure_placement(model)
+    going = PlacementFactory(agent=agent, model=other)
+    actions.unload(going, CacheLevel.NVME_CACHED)
+    Placement.objects.update(updated_at=timezone.now() - timedelta(seconds=1))
+    actions.apply_heartbeats([
+        beat(agent, ModelStatus(model.model_id, "FAILED", "NONE", error="an older failure"),
+             ModelStatus(other.model_id, "READY", "GPU_RESIDENT", "http://x/models/o")),
+    ])  # fmt: skip
+    assert Placement.objects.get(pk=placement.pk).state == PlacementState.DOWNLOADING
+    assert Placement.objects.get(pk=going.pk).state == PlacementState.UNLOADING
+
+
+@pytest.mark.django_db
+def test_the_sweep_steps_idle_models_down_and_records_each_step(queued):
+    idle = PlacementFactory(model=ModelFactory(keep_alive=timedelta(minutes=1)))
+    fresh = PlacementFactory(model=ModelFactory(keep_alive=timedelta(minutes=1)))
+    pinned = PlacementFactory(model=ModelFactory(keep_alive=timedelta(minutes=1), pinned=True))
+    long_ago = timezone.now() - timedelta(minutes=5)
+    Placement.objects.filter(pk__in=[idle.pk, pinned.pk]).update(last_used_at=long_ago)
+    Placement.objects.filter(pk=fresh.pk).update(last_used_at=timezone.now())
+    events = actions.sweep()
+    assert [(e.placement_id, e.trigger, e.to_level) for e in events] == [
+        (idle.pk, LoadTrigger.KEEP_ALIVE, CacheLevel.DRAM_CACHED)
+    ]
+    assert Placement.objects.get(pk=idle.pk).state == PlacementState.UNLOADING
+    assert queued == [("agents.tasks.unload", (events[0].pk,))]
+    # The engine could not sleep: the agent went further, to local disk.
+    actions.finish_unload(
+        events[0].pk,
+        UnloadModelResponse(idle.model.model_id, "UNLOADED", "NVME_CACHED", note="cannot sleep"),
+    )
+    idle.refresh_from_db()
+    assert (idle.state, idle.cache_level) == (PlacementState.UNLOADED, CacheLevel.NVME_CACHED)
+    assert LoadEvent.objects.get(pk=events[0].pk).to_level == CacheLevel.NVME_CACHED
+
+
+@pytest.mark.django_db
+def test_a_refused_unload_leaves_the_replica_serving(queued):
+    placement = PlacementFactory()
+    event = actions.unload(placement, CacheLevel.NVME_CACHED)
+    actions.fail_unload(event.pk, "requests_in_flight: 2 request(s) in flight")
+    assert Placement.objects.get(pk=placement.pk).state == PlacementState.READY
+    assert LoadEvent.objects.get(pk=event.pk).outcome == LoadOutcome.FAILED
+
+
+@pytest.mark.django_db
+def test_the_sweep_keeps_min_replicas_warm_and_fails_loads_left_pending(queued, settings):
+    model = ModelFactory(min_replicas=1)
+    AgentFactory()
+    stuck = LoadEventFactory(outcome=LoadOutcome.PENDING)
+    LoadEvent.objects.filter(pk=stuck.pk).update(
+        queued_at=timezone.now() - timedelta(seconds=settings.COLD_START_TIMEOUT_SECONDS + 120)
+    )
+    actions.sweep()
+    assert LoadEvent.objects.get(pk=stuck.pk).outcome == LoadOutcome.FAILED
+    started = LoadEvent.objects.get(model=model)
+    assert started.trigger == LoadTrigger.SCALE_OUT
