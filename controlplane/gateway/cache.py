@@ -71,5 +71,10 @@ async def ready_placements(model: Model) -> list[Placement]:
     return await _remember("placements", model.model_id, load, most=1.0)
 
 
+def forget_placements(model: Model) -> None:
+    """A load just finished here: the next request must not see the empty list from before."""
+    _entries.pop(("placements", model.model_id), None)
+
+
 def clear() -> None:
     _entries.clear()

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
 from agents.models import Placement
-from agents.scheduling import ReplicaLoad, choose_replica
+from agents.scheduling import ReplicaLoad, choose_replica, replica_score
 from controlplane.gateway.loops import per_loop
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,13 @@ def _new_session() -> aiohttp.ClientSession:
 def session() -> aiohttp.ClientSession:
     """One long-lived client session per event loop (daphne runs one)."""
     return per_loop(_sessions, _new_session)
+
+
+def scores(placements: list[Placement]) -> list[float]:
+    return [
+        replica_score(ReplicaLoad(str(p.pk), in_flight[p.pk], p.requests_waiting, p.kv_cache_usage))
+        for p in placements
+    ]
 
 
 def pick(placements: list[Placement], user: str | None, tried: set[int]) -> Placement | None:
@@ -117,21 +124,16 @@ class UsageScanner:
         return pending
 
 
-def _error_event(message: str) -> bytes:
-    error = {
-        "error": {
-            "message": message,
-            "type": "server_error",
-            "param": None,
-            "code": "upstream_failed",
-        }
-    }
+def error_event(message: str, code: str = "upstream_failed") -> bytes:
+    """An OpenAI-shaped error as the last event of a stream whose headers are already sent."""
+    error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
-async def _relay(
+async def relay_chunks(
     upstream: aiohttp.ClientResponse, placement_id: int, scanner: UsageScanner, on_usage: UsageSink
 ) -> AsyncIterator[bytes]:
+    """An SSE answer's bytes as they come; the placement's in-flight count ends with it."""
     finished = False
     try:
         async for chunk in upstream.content.iter_any():
@@ -143,7 +145,7 @@ async def _relay(
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone: the stream ends with an error event, as OpenAI clients expect.
         log.warning("stream from placement %s broke: %s", placement_id, exc)
-        yield _error_event(f"The model's server failed mid-stream: {exc}")
+        yield error_event(f"The model's server failed mid-stream: {exc}")
         finished = True
     finally:
         # A client that went away cancels us here: closing the connection tells the agent,
@@ -161,7 +163,7 @@ async def relay(
     (but for a usage event the gateway asked for itself); its usage goes to `on_usage`."""
     content_type = upstream.headers.get("Content-Type", "application/json")
     if content_type.startswith("text/event-stream"):
-        chunks = _relay(upstream, placement.pk, UsageScanner(strip_usage), on_usage)
+        chunks = relay_chunks(upstream, placement.pk, UsageScanner(strip_usage), on_usage)
         response = StreamingHttpResponse(chunks, status=upstream.status, content_type=content_type)
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"

@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.models import Model, Placement
-from controlplane.gateway import cache, limits, upstream
+from controlplane.gateway import cache, coldpath, coldstart, limits, upstream
 from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
@@ -132,6 +132,18 @@ async def _complete(
     )
     on_usage = _usage_recorder(key, model)
     placements = await cache.ready_placements(model)
+    cold = not placements
+    if cold:
+        if parsed.stream:
+            return coldpath.stream_after_load(model, path, raw, parsed.user, strip_usage, on_usage)
+        try:
+            ready = await coldstart.wait_until_ready(model, settings.COLD_START_TIMEOUT_SECONDS)
+        except coldstart.ColdStartFailed as exc:
+            return coldpath.not_ready(str(exc))
+        cache.forget_placements(model)
+        placements = [ready]
+    else:
+        coldpath.maybe_scale_out(model, placements)
     tried: set[int] = set()
     while (placement := upstream.pick(placements, parsed.user, tried)) is not None:
         upstream.in_flight[placement.pk] += 1
@@ -142,17 +154,12 @@ async def _complete(
             tried.add(placement.pk)
             continue
         try:
-            return await upstream.relay(answer, placement, strip_usage, on_usage)
+            answered = await upstream.relay(answer, placement, strip_usage, on_usage)
         except aiohttp.ClientError as exc:
             return openai_error(502, f"The model's server failed: {exc}", code="upstream_failed")
-    if tried:
-        return openai_error(
-            502, f"No replica of `{model.model_id}` could be reached.", code="upstream_unreachable"
-        )
-    response = openai_error(
-        503,
-        f"The model `{model.model_id}` is not loaded on any GPU yet; retry shortly.",
-        code="model_not_ready",
+        if cold:
+            coldpath.after_first_answer(placement)
+        return answered
+    return openai_error(
+        502, f"No replica of `{model.model_id}` could be reached.", code="upstream_unreachable"
     )
-    response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
-    return response

@@ -92,10 +92,21 @@ def test_a_body_over_the_limit_is_413(client, key, settings):
     assert error_of(post(client, key, body), 413)["code"] == "request_too_large"
 
 
-def test_no_ready_replica_is_503_with_retry_after(client, key, settings):
-    PlacementFactory(model=ModelFactory(model_id="org/other"))  # warm, but another model
+def test_a_cold_model_with_no_agent_to_load_it_is_503_with_retry_after(client, key, settings):
+    PlacementFactory(model=ModelFactory(model_id="org/other"), agent__state="DRAINING")
+    response = post(client, key, chat())
+    error = error_of(response, 503)
+    assert error["code"] == "model_not_ready"
+    assert "no agent that takes new work" in error["message"]
+    assert response["Retry-After"] == str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+
+
+def test_a_cold_start_past_its_deadline_is_503_with_retry_after(client, key, settings):
+    settings.COLD_START_TIMEOUT_SECONDS = 1
+    PlacementFactory(model=ModelFactory(model_id="org/other"))  # an agent, but no worker here
     response = post(client, key, chat())
     assert error_of(response, 503)["code"] == "model_not_ready"
+    assert "did not finish loading within 1 s" in response.json()["error"]["message"]
     assert response["Retry-After"] == str(settings.GATEWAY_RETRY_AFTER_SECONDS)
 
 

@@ -1,0 +1,148 @@
+"""Waiting for a cold model: start its load (once, fleet-wide) and wait until it serves.
+
+`actions.ensure_placement` gives a READY placement, the load under way, or a new
+load. The waiters of one web process share one poller per placement, which reads
+its row (by primary key, agent state joined) every `_POLL_SECONDS`: cheap, and the
+same with several web processes, SQLite or PostgreSQL. A placement that fails or
+whose agent goes away sends its waiters back to `ensure_placement`, which finds
+the retry on another agent or says that none is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+
+from agents import actions
+from agents.choices import UNROUTABLE_AGENT_STATES, PlacementState
+from agents.models import Model, Placement
+from controlplane.gateway.loops import per_loop
+
+_POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A placement's row as the waiters see it."""
+
+    state: str
+    bytes_done: int
+    bytes_total: int
+    agent_state: str
+    error: str
+
+    @property
+    def serving(self) -> bool:
+        return (
+            self.state == PlacementState.READY and self.agent_state not in UNROUTABLE_AGENT_STATES
+        )
+
+    @property
+    def loading(self) -> bool:
+        return (
+            self.state in actions.LOADING_STATES and self.agent_state not in UNROUTABLE_AGENT_STATES
+        )
+
+    def describe(self) -> str:
+        if self.state == PlacementState.DOWNLOADING and self.bytes_total:
+            share = min(self.bytes_done / self.bytes_total, 1.0)
+            return f"downloading {share:.0%}"
+        if self.state == PlacementState.DOWNLOADING:
+            return "downloading"
+        return "starting the engine"
+
+
+class ColdStartFailed(Exception):
+    """No replica will serve in time: the message says why."""
+
+
+class _Watch:
+    """One poller of one placement's row, shared by every waiter of this process."""
+
+    def __init__(self, placement_id: int) -> None:
+        self.placement_id = placement_id
+        self.snapshot: Snapshot | None = None
+        self.changed = asyncio.Condition()
+        self.waiters = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def ensure_running(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self.waiters:
+            row = await (
+                Placement.objects.filter(pk=self.placement_id)
+                .values_list("state", "bytes_done", "bytes_total", "agent__state", "error")
+                .afirst()
+            )
+            snapshot = Snapshot(*row) if row else Snapshot(PlacementState.FAILED, 0, 0, "", "")
+            if snapshot != self.snapshot:
+                self.snapshot = snapshot
+                async with self.changed:
+                    self.changed.notify_all()
+            await asyncio.sleep(_POLL_SECONDS)
+
+
+_watches: dict[asyncio.AbstractEventLoop, dict[int, _Watch]] = {}
+
+
+async def _follow(
+    placement_id: int, deadline: float, on_progress: Callable[[str], None] | None
+) -> Snapshot | None:
+    """Wait until the placement serves or stops loading; None at the deadline."""
+    watches = per_loop(_watches, dict)
+    watch = watches.get(placement_id) or watches.setdefault(placement_id, _Watch(placement_id))
+    watch.waiters += 1
+    watch.ensure_running()
+    try:
+        while True:
+            snapshot = watch.snapshot
+            if snapshot is not None:
+                if not snapshot.loading:
+                    return snapshot
+                if on_progress is not None:
+                    on_progress(snapshot.describe())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            async with watch.changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.changed.wait(), timeout=min(remaining, 5.0))
+    finally:
+        watch.waiters -= 1
+        if not watch.waiters:
+            watches.pop(placement_id, None)
+
+
+async def wait_until_ready(
+    model: Model, seconds: float, on_progress: Callable[[str], None] | None = None
+) -> Placement:
+    """A READY placement of `model`, loading it first if need be; raises ColdStartFailed.
+
+    `on_progress` hears a short description ("downloading 43%") whenever it changes.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            placement = await sync_to_async(actions.ensure_placement)(model)
+        except actions.NoCapacity as exc:
+            raise ColdStartFailed(str(exc)) from None
+        if placement.state != PlacementState.READY:
+            snapshot = await _follow(placement.pk, deadline, on_progress)
+            if snapshot is None:
+                break
+            if not snapshot.serving:
+                continue  # failed or its agent went away: ensure_placement finds what is next
+        ready = await Placement.objects.ready_for(model).filter(pk=placement.pk).afirst()
+        if ready is not None:
+            return ready
+    raise ColdStartFailed(
+        f"The model `{model.model_id}` did not finish loading within {seconds:.0f} s."
+    )
