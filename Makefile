@@ -47,8 +47,9 @@ $(AZURITE): package.json package-lock.json
 	npm ci --no-audit --no-fund --silent
 	touch $@
 
-## run: migrate, then run web, worker and beat together on this machine (Ctrl-C stops all)
-run: $(INSTALLED)
+## run: the whole fleet on this machine: web, worker, beat and a node agent with vLLM, plus the
+## tiny demo model and an API key; prints a ready-to-paste command (Ctrl-C stops everything)
+run: $(INSTALLED) $(if $(filter sim none,$(FLEET_AGENT)),,$(ENGINE_INSTALLED))
 	$(PY) -m controlplane.fleet
 
 ## agent: a node agent on this machine for `make run`'s control plane (vLLM engine by default)

@@ -1,9 +1,12 @@
-"""`python -m controlplane.fleet` (what `make run` starts): the control plane on one machine.
+"""`python -m controlplane.fleet` (what `make run` starts): the whole fleet on one machine.
 
-Migrates the database, then runs web (daphne), worker and beat (Celery) as
-child processes with their output prefixed by name, and stops them all on
-Ctrl-C, on SIGTERM, or as soon as one of them exits: a half-running control
-plane is worse than a stopped one.
+Migrates the database, publishes and registers the tiny demo model (`manage.py
+setup_demo`), then runs web (daphne), worker and beat (Celery) and one node agent
+(vLLM, or the sim engine with FLEET_AGENT=sim, or none with FLEET_AGENT=none) as
+child processes with their output prefixed by name. Once the agent has registered
+it prints ready-to-paste curl and openai commands; the first cold-starts the model.
+Ctrl-C, SIGTERM or the exit of any child stops them all: a half-running fleet is
+worse than a stopped one.
 """
 
 from __future__ import annotations
@@ -15,28 +18,58 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-GRACE_SECONDS = 10.0
+# Long enough for the agent to stop its engines (vLLM takes a few seconds) before SIGKILL.
+GRACE_SECONDS = 30.0
+AGENT_KINDS = ("vllm", "sim", "none")
+LOCAL_AGENT = "local-1"
 
 
 @dataclass(frozen=True)
 class ProcessSpec:
     name: str
     argv: Sequence[str]
+    env: Mapping[str, str] | None = None
 
 
 def process_specs(host: str, port: int, concurrency: int) -> list[ProcessSpec]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "controlplane"]
     web = [python, "-m", "daphne", "-b", host, "-p", str(port), "controlplane.asgi:application"]
-    worker = [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)]
+    # Threads: a load task waits on its agent for as long as the engine takes to start, and
+    # heartbeat polls and sweeps must not queue behind it.
+    worker = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads",
+              "--concurrency", str(concurrency)]  # fmt: skip
     beat = [*celery, "beat", "--loglevel", "INFO"]
     return [ProcessSpec("web", web), ProcessSpec("worker", worker), ProcessSpec("beat", beat)]
+
+
+def agent_spec(
+    kind: str, control_plane_url: str, port: int, var_dir: Path, token: str
+) -> ProcessSpec:
+    """One node agent on this machine, registering with the local control plane."""
+    argv = [sys.executable, "-m", "nodeagent", "--agent-id", LOCAL_AGENT, "--port", str(port),
+            "--control-plane-url", control_plane_url, "--cache-dir", str(var_dir / "agent-cache"),
+            "--engine", kind]  # fmt: skip
+    if kind == "vllm":
+        engine_python = os.environ.get("AGENT_ENGINE_PYTHON") or str(
+            ROOT / ".venv-engine" / "bin" / "python"
+        )
+        if not Path(engine_python).exists():
+            raise SystemExit(
+                f"fleet: vLLM's environment is missing ({engine_python}); `make run` builds it "
+                "(or set FLEET_AGENT=sim for the simulated engine)"
+            )
+        argv += ["--engine-python", engine_python]
+    # The token goes by environment, never argv, which `ps` shows to every user.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env["AGENT_TOKEN"] = token
+    return ProcessSpec("agent", argv, env)
 
 
 def _relay(name: str, stream: IO[bytes]) -> None:
@@ -65,6 +98,7 @@ class Supervisor:
             child = subprocess.Popen(
                 spec.argv,
                 cwd=ROOT,
+                env=None if spec.env is None else dict(spec.env),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -118,22 +152,91 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
+def _fleet_settings() -> tuple[Path, str]:
+    """VAR_DIR and the agent token, as the control plane's settings resolve them (an
+    embedded run generates the token into VAR_DIR on first use)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
+    import django
+    from django.conf import settings
+
+    django.setup()
+    return Path(settings.VAR_DIR), str(settings.AGENT_TOKEN)
+
+
+def _wait_for_agent(agent_id: str, supervisor: Supervisor, seconds: float) -> bool:
+    """Until the local agent has registered (its row exists), a stop, a child's exit, or
+    `seconds`: a request before that would find no agent to load onto."""
+    from django.db import connection
+
+    from agents.models import Agent
+
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and not supervisor.stop_requested:
+            if any(child.poll() is not None for child in supervisor.children.values()):
+                return False
+            if Agent.objects.filter(agent_id=agent_id).exists():
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
+        connection.close()
+
+
+def _banner(base: str, key_file: Path) -> str:
+    body = (
+        '{"model": "llmfleet/tiny", "messages": [{"role": "user", "content": "Hello!"}], '
+        '"max_tokens": 32, "stream": true}'
+    )
+    return f"""
+fleet: ready. The first request cold-starts llmfleet/tiny (download, engine start), then streams.
+
+  export LLMFLEET_KEY=$(cat {key_file})
+
+  curl -N {base}/v1/chat/completions -H "Authorization: Bearer $LLMFLEET_KEY" \\
+    -H "Content-Type: application/json" -d '{body}'
+
+  python -c 'import os, openai
+c = openai.OpenAI(base_url="{base}/v1", api_key=os.environ["LLMFLEET_KEY"])
+for chunk in c.chat.completions.create(model="llmfleet/tiny", stream=True, max_tokens=32,
+        messages=[{{"role": "user", "content": "Hello!"}}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()'
+"""
+
+
 def main() -> int:
     host = os.environ.get("WEB_HOST", "127.0.0.1")
     port = _env_int("WEB_PORT", 8000)
-    concurrency = _env_int("CELERY_WORKER_CONCURRENCY", 2)
+    concurrency = _env_int("CELERY_WORKER_CONCURRENCY", 8)
+    agent_port = _env_int("FLEET_AGENT_PORT", 8100)
+    kind = os.environ.get("FLEET_AGENT", "vllm").strip() or "vllm"
+    if kind not in AGENT_KINDS:
+        raise SystemExit(f"fleet: FLEET_AGENT={kind!r} is not one of {', '.join(AGENT_KINDS)}")
+    var_dir, token = _fleet_settings()
+    manage = [sys.executable, "manage.py"]
     print("fleet: migrating the database", flush=True)
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, check=True)
-    supervisor = Supervisor(process_specs(host, port, concurrency))
+    subprocess.run([*manage, "migrate", "--noinput"], cwd=ROOT, check=True)
+    key_file = var_dir / "demo-api-key"
+    if kind != "none":
+        print("fleet: preparing the demo model", flush=True)
+        subprocess.run([*manage, "setup_demo", "--key-file", str(key_file)], cwd=ROOT, check=True)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+    specs = process_specs(host, port, concurrency)
+    if kind != "none":
+        specs.append(agent_spec(kind, base, agent_port, var_dir, token))
+    supervisor = Supervisor(specs)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     supervisor.start()
     print(
-        f"fleet: web on http://{host}:{port}/ (admin /admin/, API /api/, OpenAI /v1/, "
+        f"fleet: web on {base}/ (admin /admin/, API /api/, OpenAI /v1/, "
         f"health /healthz, metrics /metrics); Ctrl-C stops everything",
         flush=True,
     )
     try:
+        if kind != "none" and _wait_for_agent(LOCAL_AGENT, supervisor, 120):
+            print(_banner(base, key_file), flush=True)
         status = supervisor.watch()
     finally:
         supervisor.stop()

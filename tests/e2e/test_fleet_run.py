@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 import requests
 
+from tests.e2e.agent_process import engine_python, processes_mentioning
 from tests.support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +40,9 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
         if k not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN"}
     }
     env.update(
-        VAR_DIR=str(tmp_path / "var"), WEB_PORT=str(free_port()), CELERY_WORKER_CONCURRENCY="1"
-    )
+        VAR_DIR=str(tmp_path / "var"), WEB_PORT=str(free_port()), CELERY_WORKER_CONCURRENCY="1",
+        FLEET_AGENT="none", FLEET_AGENT_PORT=str(free_port()),
+    )  # fmt: skip
     return env
 
 
@@ -140,3 +143,41 @@ def test_a_bad_port_setting_is_refused_before_anything_starts(embedded_env):
     )
     assert result.returncode != 0
     assert "WEB_PORT='not-a-port' is not a positive integer" in result.stderr
+
+
+def test_make_run_cold_starts_the_demo_model_with_vllm_and_ctrl_c_leaves_nothing(
+    embedded_env, tmp_path
+):
+    """The README's promise: one command, then the printed command streams an answer."""
+    embedded_env.update(FLEET_AGENT="vllm", AGENT_ENGINE_PYTHON=engine_python(),
+                        CELERY_WORKER_CONCURRENCY="4")  # fmt: skip
+    var_dir = embedded_env["VAR_DIR"]
+    log_path = tmp_path / "fleet.log"
+    with log_path.open("wb") as log:
+        fleet = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.fleet"], cwd=ROOT, env=embedded_env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"fleet: ready" in log_path.read_bytes(), 120, "the ready banner")
+        banner = log_path.read_text(errors="replace")
+        base = f"http://127.0.0.1:{embedded_env['WEB_PORT']}"
+        assert f"curl -N {base}/v1/chat/completions" in banner
+        key = (Path(var_dir) / "demo-api-key").read_text().strip()
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300)
+        stream = client.chat.completions.create(
+            model="llmfleet/tiny", messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=8, stream=True, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        words = [c.choices[0].delta.content for c in stream if c.choices]
+        assert sum(1 for word in words if word) >= 2
+        assert [p for p in processes_mentioning(var_dir) if "api_server" in p[2]]
+    finally:
+        fleet.send_signal(signal.SIGINT)
+        try:
+            fleet.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(fleet.pid, signal.SIGKILL)
+            raise
+    assert fleet.returncode == 0, log_path.read_text(errors="replace")
+    wait_for(lambda: not processes_mentioning(var_dir), 10, "every process of the fleet to end")

@@ -1,0 +1,76 @@
+"""`manage.py setup_demo`: what `make run` needs before its first request.
+
+Builds the tiny checkpoint (deterministic, offline), publishes it into the embedded
+local store, registers it in the catalog, and keeps one API key in a file for the
+printed commands. Idempotent: a second run reuses all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from agents.actions import register_catalog_model
+from controlplane.gateway.actions import create_api_key
+from controlplane.gateway.models import ApiKey
+from nodeagent import tinymodel
+from nodeagent.gpu import GpuMonitor
+from nodeagent.store import read_manifest
+from nodeagent.store.publish import publish
+
+DEMO_MODEL = "llmfleet/tiny"
+# What vLLM's CPU build needs to start the tiny model quickly (../shared/FACTS.md).
+CPU_ENGINE_ARGS = [
+    "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
+    "--kv-cache-memory-bytes", "64M", "--max-num-seqs", "8",
+]  # fmt: skip
+GPU_ENGINE_ARGS = ["--max-model-len", "512", "--enforce-eager"]
+
+
+class Command(BaseCommand):
+    help = "Publish and register the tiny demo model, and keep an API key for it in a file."
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--key-file",
+            type=Path,
+            default=None,
+            help="where the demo API key is kept (default: VAR_DIR/demo-api-key)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        var_dir = Path(settings.VAR_DIR)
+        checkpoint = var_dir / "demo" / "tiny-checkpoint"
+        store = var_dir / "store" / DEMO_MODEL
+        uri = store.as_uri()
+        if not (checkpoint / "config.json").exists():
+            self.stdout.write(f"Building the tiny checkpoint in {checkpoint}")
+            tinymodel.build(checkpoint)
+        if not store.exists():
+            self.stdout.write(f"Publishing it to {uri}")
+            publish(checkpoint, uri, os.environ, stream=sys.stdout)
+        manifest = read_manifest(uri, os.environ)
+        monitor = GpuMonitor()
+        engine_args = GPU_ENGINE_ARGS if monitor.snapshot() else CPU_ENGINE_ARGS
+        monitor.close()
+        model, created = register_catalog_model(
+            DEMO_MODEL, uri, size_bytes=manifest.total_size, engine_args=engine_args
+        )
+        self.stdout.write(f"{'Registered' if created else 'Kept'} {model.model_id} from {uri}")
+        key_file: Path = options["key_file"] or var_dir / "demo-api-key"
+        secret = key_file.read_text().strip() if key_file.exists() else ""
+        existing = ApiKey.objects.for_secret(secret).first() if secret else None
+        if existing is None or existing.inactive_reason() is not None:
+            _, secret = create_api_key("demo")
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            # Created private: the file holds a working credential.
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secret + "\n")
+            self.stdout.write(f"Created the demo API key; it is kept in {key_file}")
