@@ -522,11 +522,30 @@ def _begin_unload(placement: Placement, to_level: str, trigger: str, *, queue: b
     return event
 
 
+class CannotStepDown(Exception):
+    """The placement is not where it can step down to the level asked for (yet)."""
+
+
+# The ladder, top first: a step goes to a level further down.
+_LADDER = [CacheLevel.GPU_RESIDENT, CacheLevel.DRAM_CACHED, CacheLevel.NVME_CACHED, CacheLevel.NONE]
+
+
 def unload(placement: Placement, to_level: str, trigger: str = LoadTrigger.OPERATOR) -> LoadEvent:
-    """Step a placement down to `to_level` (DRAM_CACHED, NVME_CACHED or NONE)."""
+    """Step a placement down to `to_level` (DRAM_CACHED, NVME_CACHED or NONE). Raises
+    CannotStepDown while it loads or unloads, or when it is not above that level."""
     with transaction.atomic():
-        locked = Placement.objects.select_for_update().select_related("agent", "model")
-        return _begin_unload(locked.get(pk=placement.pk), to_level, trigger, queue=True)
+        locked = (
+            Placement.objects.select_for_update()
+            .select_related("agent", "model")
+            .get(pk=placement.pk)
+        )
+        if to_level not in _LADDER[1:]:
+            raise CannotStepDown(f"{to_level} is not a level to step down to")
+        if locked.state in (*LOADING_STATES, PlacementState.UNLOADING):
+            raise CannotStepDown(f"{locked} is {locked.get_state_display().lower()}; wait for it")
+        if _LADDER.index(CacheLevel(locked.cache_level)) >= _LADDER.index(CacheLevel(to_level)):
+            raise CannotStepDown(f"{locked} is at {locked.cache_level}, not above {to_level}")
+        return _begin_unload(locked, to_level, trigger, queue=True)
 
 
 @dataclass(frozen=True)

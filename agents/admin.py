@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from agents import actions
-from agents.choices import AgentState, PlacementState
+from agents.choices import UNROUTABLE_AGENT_STATES, AgentState, CacheLevel, PlacementState
 from agents.models import Agent, LoadEvent, Model, Placement
 
 _STATE_COLOURS = {
@@ -147,6 +150,13 @@ class ModelPlacementInline(ReadOnlyInline):
     )
 
 
+class LoadOntoAgentForm(forms.Form):
+    agent = forms.ModelChoiceField(
+        queryset=Agent.objects.exclude(state__in=UNROUTABLE_AGENT_STATES),
+        help_text="Agents that take new work. Idle models there step down if GPU memory is short.",
+    )
+
+
 @admin.register(Model)
 class CatalogModelAdmin(admin.ModelAdmin[Model]):
     list_display = [
@@ -157,6 +167,50 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
     search_fields = ["model_id", "source"]
     readonly_fields = ["created_at", "updated_at"]
     inlines = [ModelPlacementInline]
+    actions = ["load_where_soonest", "load_onto_agent"]
+
+    @admin.action(description="Load: onto the agent where it can serve soonest")
+    def load_where_soonest(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+        for model in queryset:
+            try:
+                placement = actions.ensure_placement(model)
+            except actions.NoCapacity as exc:
+                self.message_user(request, f"{model}: {exc}", messages.ERROR)
+                continue
+            self.message_user(
+                request, f"{placement}: {placement.get_state_display()}", messages.SUCCESS
+            )
+
+    @admin.action(description="Load onto an agent you choose…")
+    def load_onto_agent(
+        self, request: HttpRequest, queryset: QuerySet[Model]
+    ) -> HttpResponse | None:
+        form = LoadOntoAgentForm(request.POST if "apply" in request.POST else None)
+        if form.is_valid():
+            agent = form.cleaned_data["agent"]
+            for model in queryset:
+                try:
+                    placement = actions.load_on_agent(model, agent)
+                except actions.NoCapacity as exc:
+                    self.message_user(request, f"{model}: {exc}", messages.ERROR)
+                    continue
+                self.message_user(
+                    request, f"{placement}: {placement.get_state_display()}", messages.SUCCESS
+                )
+            return None
+        # The intermediate page: pick the agent, then post the same action again.
+        return TemplateResponse(
+            request,
+            "admin/agents/load_onto_agent.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Load onto an agent",
+                "models": queryset,
+                "form": form,
+                "opts": self.model._meta,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            },
+        )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Model]:
         ready = Count("placements", filter=Q(placements__state=PlacementState.READY))
@@ -186,9 +240,32 @@ class PlacementAdmin(admin.ModelAdmin[Placement]):
     search_fields = ["model__model_id", "agent__agent_id"]
     readonly_fields = [field.name for field in Placement._meta.fields]
 
+    actions = ["to_host_ram", "to_local_disk", "to_nothing"]
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Placements are made by scheduling (a cold start or an operator's load), not by hand.
         return False
+
+    def _step_down(self, request: HttpRequest, queryset: QuerySet[Placement], level: str) -> None:
+        for placement in queryset:
+            try:
+                actions.unload(placement, level)
+            except actions.CannotStepDown as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+                continue
+            self.message_user(request, f"{placement}: stepping down to {level}", messages.SUCCESS)
+
+    @admin.action(description="Step down to host RAM (engine asleep)")
+    def to_host_ram(self, request: HttpRequest, queryset: QuerySet[Placement]) -> None:
+        self._step_down(request, queryset, CacheLevel.DRAM_CACHED)
+
+    @admin.action(description="Step down to local disk (engine stopped)")
+    def to_local_disk(self, request: HttpRequest, queryset: QuerySet[Placement]) -> None:
+        self._step_down(request, queryset, CacheLevel.NVME_CACHED)
+
+    @admin.action(description="Remove from the agent (files deleted)")
+    def to_nothing(self, request: HttpRequest, queryset: QuerySet[Placement]) -> None:
+        self._step_down(request, queryset, CacheLevel.NONE)
 
     @admin.display(description="Progress")
     def progress_percent(self, placement: Placement) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from agents.choices import REPORTED_AGENT_STATES
+from agents.choices import REPORTED_AGENT_STATES, CacheLevel
 from agents.models import Agent, LoadEvent, Model, Placement
 from agents.validators import validate_agent_id, validate_base_url
 from nodeagent.protocol import GpuInfo, RegisterRequest
@@ -73,12 +73,6 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
         return attrs
 
 
-class LoadEventSerializer(serializers.ModelSerializer[LoadEvent]):
-    class Meta:
-        model = LoadEvent
-        fields = "__all__"
-
-
 class GpuInfoSerializer(serializers.Serializer[GpuInfo]):
     index = serializers.IntegerField(min_value=0)
     name = serializers.CharField(max_length=128)
@@ -126,3 +120,31 @@ class RegisterResponseSerializer(serializers.Serializer[Any]):
     created = serializers.BooleanField()
     state = serializers.CharField()
     heartbeat_interval_seconds = serializers.IntegerField()
+
+
+class LoadEventSerializer(serializers.ModelSerializer[LoadEvent]):
+    agent = serializers.SlugRelatedField[Agent](slug_field="agent_id", read_only=True)
+    model = serializers.SlugRelatedField[Model](slug_field="model_id", read_only=True)
+
+    class Meta:
+        model = LoadEvent
+        fields = [
+            "id", "agent", "model", "placement", "kind", "trigger", "outcome", "from_level",
+            "to_level", "queued_at", "started_at", "finished_at", "queue_seconds",
+            "download_seconds", "engine_start_seconds", "first_token_seconds",
+            "bytes_downloaded", "error",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class LoadRequestSerializer(serializers.Serializer[None]):
+    agent = serializers.CharField(
+        required=False, help_text="agent_id to load onto; omitted: the best agent"
+    )
+
+
+class UnloadRequestSerializer(serializers.Serializer[None]):
+    to = serializers.ChoiceField(
+        choices=[CacheLevel.DRAM_CACHED, CacheLevel.NVME_CACHED, CacheLevel.NONE],
+        help_text="the level to step down to",
+    )

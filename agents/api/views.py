@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from django.conf import settings
 from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -17,10 +18,13 @@ from agents import actions
 from agents.api.authentication import AgentTokenAuthentication, IsAgent
 from agents.api.serializers import (
     AgentSerializer,
+    LoadEventSerializer,
+    LoadRequestSerializer,
     ModelSerializer,
     PlacementSerializer,
     RegisterResponseSerializer,
     RegisterSerializer,
+    UnloadRequestSerializer,
 )
 from agents.models import Agent, Model, Placement
 from nodeagent.protocol import RegisterResponse
@@ -56,6 +60,25 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
     lookup_field = "model_id"
     lookup_value_regex = MODEL_ID_PATTERN
 
+    @extend_schema(request=LoadRequestSerializer, responses={202: PlacementSerializer})
+    @action(detail=True, methods=["post"])
+    def load(self, request: Request, model_id: str) -> Response:
+        """Load the model: onto `agent` when given, else where it can serve soonest (as a
+        cold request would). 202 with the placement; 409 when no agent can take it."""
+        model = self.get_object()
+        serializer = LoadRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        agent_id = serializer.validated_data.get("agent")
+        try:
+            if agent_id:
+                agent = get_object_or_404(Agent, agent_id=agent_id)
+                placement = actions.load_on_agent(model, agent)
+            else:
+                placement = actions.ensure_placement(model)
+        except actions.NoCapacity as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(PlacementSerializer(placement).data, status=status.HTTP_202_ACCEPTED)
+
 
 @extend_schema(
     parameters=[
@@ -83,6 +106,20 @@ class PlacementViewSet(
             if value:
                 queryset = queryset.filter(**{lookup: value})
         return queryset
+
+    @extend_schema(request=UnloadRequestSerializer, responses={202: LoadEventSerializer})
+    @action(detail=True, methods=["post"])
+    def unload(self, request: Request, pk: str) -> Response:
+        """Step the placement down to `to` (DRAM_CACHED, NVME_CACHED or NONE). 202 with the
+        LoadEvent that records it; 409 while it loads or when it is not above that level."""
+        placement = self.get_object()
+        serializer = UnloadRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            event = actions.unload(placement, serializer.validated_data["to"])
+        except actions.CannotStepDown as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(LoadEventSerializer(event).data, status=status.HTTP_202_ACCEPTED)
 
 
 class RegisterAgentView(APIView):
