@@ -284,3 +284,16 @@ def test_the_sweep_keeps_min_replicas_warm_and_fails_loads_left_pending(queued, 
     assert LoadEvent.objects.get(pk=stuck.pk).outcome == LoadOutcome.FAILED
     started = LoadEvent.objects.get(model=model)
     assert started.trigger == LoadTrigger.SCALE_OUT
+
+
+@pytest.mark.django_db
+def test_scale_out_loads_one_more_replica_elsewhere_up_to_max_replicas(queued):
+    model = ModelFactory(max_replicas=2)
+    first = PlacementFactory(model=model)
+    AgentFactory(agent_id="spare")
+    second = actions.scale_out(model)
+    assert second is not None
+    assert second.agent.agent_id == "spare"
+    assert LoadEvent.objects.get().trigger == LoadTrigger.SCALE_OUT
+    assert actions.scale_out(model) is None  # two replicas (one loading): the most allowed
+    assert first.agent != second.agent
