@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from agents import scheduling
 from agents.agent_client import HeartbeatResult
+from agents.bulk import update_rows
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
     AgentState,
@@ -701,8 +702,8 @@ def apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
                     changed.append(placement)
         changed_agents.append(agent)
     with transaction.atomic():
-        Agent.objects.bulk_update(changed_agents, _HEARTBEAT_AGENT_FIELDS, batch_size=500)
-        Placement.objects.bulk_update(changed, _HEARTBEAT_PLACEMENT_FIELDS, batch_size=500)
+        update_rows(changed_agents, _HEARTBEAT_AGENT_FIELDS)
+        update_rows(changed, _HEARTBEAT_PLACEMENT_FIELDS)
         Placement.objects.bulk_create(created, ignore_conflicts=True)
 
 

@@ -297,3 +297,26 @@ def test_scale_out_loads_one_more_replica_elsewhere_up_to_max_replicas(queued):
     assert LoadEvent.objects.get().trigger == LoadTrigger.SCALE_OUT
     assert actions.scale_out(model) is None  # two replicas (one loading): the most allowed
     assert first.agent != second.agent
+
+
+@pytest.mark.django_db
+def test_update_rows_writes_json_nulls_floats_and_times_by_primary_key():
+    from agents.bulk import update_rows
+
+    first, second, untouched = AgentFactory(), AgentFactory(), AgentFactory()
+    now = timezone.now()
+    first.gpus, first.gpu_utilization, first.last_heartbeat_at = [{"index": 0}], 12.5, now
+    second.gpus, second.gpu_utilization, second.last_heartbeat_at = [], None, None
+    first.gpu_name = untouched.gpu_name = "changed but not written"
+    update_rows([first, second], ["gpus", "gpu_utilization", "last_heartbeat_at"])
+    first.refresh_from_db()
+    second.refresh_from_db()
+    untouched.refresh_from_db()
+    assert (first.gpus, first.gpu_utilization, first.last_heartbeat_at) == (
+        [{"index": 0}],
+        12.5,
+        now,
+    )
+    assert (second.gpus, second.gpu_utilization, second.last_heartbeat_at) == ([], None, None)
+    assert first.gpu_name != "changed but not written"
+    assert untouched.gpu_name != "changed but not written"
