@@ -663,10 +663,22 @@ def apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
     """Write a round of heartbeat polls: agents that answered are refreshed and their
     placements reconciled with what they report; agents that did not count a miss and
     become DEGRADED, then OFFLINE."""
-    agents = Agent.objects.in_bulk([result.agent_pk for result in results])
+    with transaction.atomic():
+        _apply_heartbeats(results)
+
+
+def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
+    # Row locks from read to write: a load that fails, an unload that finishes or a drain
+    # between the two would otherwise be overwritten with what the agent said before it.
+    agents = {
+        agent.pk: agent
+        for agent in Agent.objects.select_for_update()
+        .filter(pk__in=[result.agent_pk for result in results])
+        .order_by("pk")
+    }
     catalog = dict(Model.objects.values_list("model_id", "pk"))
     placements: dict[int, dict[int, Placement]] = {}
-    for placement in Placement.objects.filter(agent__in=agents):
+    for placement in Placement.objects.select_for_update().filter(agent__in=agents).order_by("pk"):
         placements.setdefault(placement.agent_id, {})[placement.model_id] = placement
     now = timezone.now()
     changed_agents: list[Agent] = []
@@ -701,10 +713,9 @@ def apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
                 if model_pk not in seen and not fresh and _lost(placement, now):
                     changed.append(placement)
         changed_agents.append(agent)
-    with transaction.atomic():
-        update_rows(changed_agents, _HEARTBEAT_AGENT_FIELDS)
-        update_rows(changed, _HEARTBEAT_PLACEMENT_FIELDS)
-        Placement.objects.bulk_create(created, ignore_conflicts=True)
+    update_rows(changed_agents, _HEARTBEAT_AGENT_FIELDS)
+    update_rows(changed, _HEARTBEAT_PLACEMENT_FIELDS)
+    Placement.objects.bulk_create(created, ignore_conflicts=True)
 
 
 _HEARTBEAT_AGENT_FIELDS = [

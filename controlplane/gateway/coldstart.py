@@ -11,7 +11,6 @@ the retry on another agent or says that none is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,10 +92,16 @@ class _Watch:
 _watches: dict[asyncio.AbstractEventLoop, dict[int, _Watch]] = {}
 
 
+# A waiter asks ensure_placement again this often even while its placement still looks
+# like loading: another replica may have become READY meanwhile.
+_RECHECK_SECONDS = 5.0
+
+
 async def _follow(
     placement_id: int, deadline: float, on_progress: Callable[[str], None] | None
 ) -> Snapshot | None:
-    """Wait until the placement serves or stops loading; None at the deadline."""
+    """Wait until the placement serves or stops loading, or _RECHECK_SECONDS pass without a
+    change (then the last snapshot, still loading); None at the deadline."""
     watches = per_loop(_watches, dict)
     watch = watches.get(placement_id) or watches.setdefault(placement_id, _Watch(placement_id))
     watch.waiters += 1
@@ -113,8 +118,13 @@ async def _follow(
             if remaining <= 0:
                 return None
             async with watch.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.changed.wait(), timeout=min(remaining, 5.0))
+                try:
+                    await asyncio.wait_for(
+                        watch.changed.wait(), timeout=min(remaining, _RECHECK_SECONDS)
+                    )
+                except TimeoutError:
+                    if watch.snapshot is not None and time.monotonic() < deadline:
+                        return watch.snapshot
     finally:
         watch.waiters -= 1
         if not watch.waiters:
@@ -139,7 +149,7 @@ async def wait_until_ready(
             if snapshot is None:
                 break
             if not snapshot.serving:
-                continue  # failed or its agent went away: ensure_placement finds what is next
+                continue  # failed, gone, or slow: ensure_placement says what is next
         ready = await Placement.objects.ready_for(model).filter(pk=placement.pk).afirst()
         if ready is not None:
             return ready
