@@ -67,6 +67,10 @@ lint: $(INSTALLED)
 	$(PY) -m mypy .
 	$(PY) manage.py check --fail-level WARNING
 	$(PY) manage.py makemigrations --check --dry-run
+	@# docker/: Dockerfiles, YAML, and the Kubernetes manifests against the schemas
+	$(VENV)/bin/hadolint docker/*.Dockerfile
+	$(PY) -m yamllint --strict .
+	$(VENV)/bin/kubernetes-validate --strict --quiet docker/k8s/*.yaml
 
 ## services: make sure PostgreSQL and Redis answer (installs and starts them if needed)
 services:

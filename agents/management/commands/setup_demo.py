@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
 from controlplane.gateway.actions import create_api_key
 from controlplane.gateway.models import ApiKey
 from nodeagent import tinymodel
 from nodeagent.gpu import GpuMonitor
-from nodeagent.store import read_manifest
+from nodeagent.store import StoreError, read_manifest
 from nodeagent.store.publish import publish
 
 DEMO_MODEL = "llmfleet/tiny"
@@ -38,6 +38,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument(
+            "--store",
+            default=None,
+            help="where to publish it: azure://<container>/<prefix> or file:///<directory> "
+            "(default: file:// under VAR_DIR/store, which only agents on this machine can read)",
+        )
+        parser.add_argument(
             "--key-file",
             type=Path,
             default=None,
@@ -47,15 +53,18 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         var_dir = Path(settings.VAR_DIR)
         checkpoint = var_dir / "demo" / "tiny-checkpoint"
-        store = var_dir / "store" / DEMO_MODEL
-        uri = store.as_uri()
+        uri = options["store"] or (var_dir / "store" / DEMO_MODEL).as_uri()
         if not (checkpoint / "config.json").exists():
             self.stdout.write(f"Building the tiny checkpoint in {checkpoint}")
             tinymodel.build(checkpoint)
-        if not store.exists():
+        try:
+            manifest = read_manifest(uri, os.environ)
+        except StoreError as exc:
+            if exc.code != "model_not_found":
+                raise CommandError(f"{uri}: {exc}") from None
             self.stdout.write(f"Publishing it to {uri}")
             publish(checkpoint, uri, os.environ, stream=sys.stdout)
-        manifest = read_manifest(uri, os.environ)
+            manifest = read_manifest(uri, os.environ)
         monitor = GpuMonitor()
         engine_args = GPU_ENGINE_ARGS if monitor.snapshot() else CPU_ENGINE_ARGS
         monitor.close()
