@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import Avg, Count, Q, Sum
 from django.utils import timezone
 
-from agents import scheduling
+from agents import events, scheduling
 from agents.agent_client import HeartbeatResult
 from agents.bulk import update_rows
 from agents.choices import (
@@ -52,7 +52,7 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
     with transaction.atomic():
         # The lock orders a registration against a concurrent drain or heartbeat of the
         # same agent, so neither overwrites the other's half of the row.
-        agent, created = Agent.objects.select_for_update().get_or_create(
+        agent, created = Agent.objects.select_for_update(no_key=True).get_or_create(
             agent_id=request.agent_id, defaults={"base_url": request.base_url}
         )
         reported = AgentState(request.state)
@@ -71,13 +71,14 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
         agent.last_heartbeat_at = now
         agent.heartbeat_failures = 0
         agent.save()
+        events.announce(agents=[agent.pk])
     return agent, created
 
 
 def drain_agent(agent_id: str) -> Agent:
     """Stop sending new work to the agent; what it serves now finishes. Takes a row lock."""
     with transaction.atomic():
-        agent = Agent.objects.select_for_update().get(agent_id=agent_id)
+        agent = Agent.objects.select_for_update(no_key=True).get(agent_id=agent_id)
         if agent.drained_at is None:
             agent.drained_at = timezone.now()
         agent.state = effective_agent_state(
@@ -86,13 +87,14 @@ def drain_agent(agent_id: str) -> Agent:
             health=health_verdict(AgentState(agent.state)),
         )
         agent.save(update_fields=["drained_at", "state", "updated_at"])
+        events.announce(agents=[agent.pk])
     return agent
 
 
 def undrain_agent(agent_id: str) -> Agent:
     """Let the agent take new work again. Takes a row lock."""
     with transaction.atomic():
-        agent = Agent.objects.select_for_update().get(agent_id=agent_id)
+        agent = Agent.objects.select_for_update(no_key=True).get(agent_id=agent_id)
         agent.drained_at = None
         agent.state = effective_agent_state(
             AgentState(agent.reported_state),
@@ -100,6 +102,7 @@ def undrain_agent(agent_id: str) -> Agent:
             health=health_verdict(AgentState(agent.state)),
         )
         agent.save(update_fields=["drained_at", "state", "updated_at"])
+        events.announce(agents=[agent.pk])
     return agent
 
 
@@ -123,7 +126,7 @@ def register_catalog_model(
     (writing nothing) for an invalid id, source or replica bounds.
     """
     with transaction.atomic():
-        model = Model.objects.select_for_update().filter(model_id=model_id).first()
+        model = Model.objects.select_for_update(no_key=True).filter(model_id=model_id).first()
         created = model is None
         model = model or Model(model_id=model_id)
         model.source, model.revision, model.size_bytes, model.enabled = (
@@ -171,7 +174,7 @@ def ensure_placement(model: Model) -> Placement:
     requests arrive at once, the first starts one load and the rest find it.
     """
     with transaction.atomic():
-        locked = Model.objects.select_for_update().get(pk=model.pk)
+        locked = Model.objects.select_for_update(no_key=True).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
         usable = [p for p in placements if p.agent.is_routable]
         for state in (PlacementState.READY, *LOADING_STATES):
@@ -185,7 +188,7 @@ def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement |
     """Load one more replica of `model` in the background, if `max_replicas` allows and an
     agent without one has room; None when there is nothing to do."""
     with transaction.atomic():
-        locked = Model.objects.select_for_update().get(pk=model.pk)
+        locked = Model.objects.select_for_update(no_key=True).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
         active = [
             p
@@ -204,7 +207,7 @@ def load_on_agent(model: Model, agent: Agent) -> Placement:
     """An operator's order: serve `model` on `agent`, stepping idle models down there if its
     GPU memory needs it. Raises NoCapacity when the agent takes no work or has no room."""
     with transaction.atomic():
-        locked = Model.objects.select_for_update().get(pk=model.pk)
+        locked = Model.objects.select_for_update(no_key=True).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
         current = next((p for p in placements if p.agent_id == agent.pk), None)
         if current is not None and current.state in (PlacementState.READY, *LOADING_STATES):
@@ -261,6 +264,7 @@ def _start_load(
         model.model_id, agent.agent_id, trigger, plan.estimated_seconds, len(victims),
     )  # fmt: skip
     _queue("agents.tasks.load", event.pk, victims)
+    events.announce(placements=[placement.pk], loads=[event.pk])
     return placement
 
 
@@ -398,7 +402,7 @@ def begin_load(event_id: int) -> LoadJob | None:
     e.g. a redelivered task whose load another worker already finished."""
     with transaction.atomic():
         event = (
-            LoadEvent.objects.select_for_update()
+            LoadEvent.objects.select_for_update(no_key=True)
             .select_related("agent", "model")
             .filter(pk=event_id, outcome=LoadOutcome.PENDING, started_at__isnull=True)
             .first()
@@ -422,7 +426,11 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
     """The agent serves the model: the placement turns READY with its endpoint."""
     now = timezone.now()
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update().select_related("model").get(pk=event_id)
+        event = (
+            LoadEvent.objects.select_for_update(no_key=True)
+            .select_related("model")
+            .get(pk=event_id)
+        )
         timings = response.timings
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, now
         event.download_seconds = timings.download_seconds
@@ -430,7 +438,9 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
         placement = (
-            Placement.objects.select_for_update().filter(pk__in=_placement_of(event)).first()
+            Placement.objects.select_for_update(no_key=True)
+            .filter(pk__in=_placement_of(event))
+            .first()
         )
         if placement is None:
             return None
@@ -440,6 +450,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         placement.bytes_done = placement.bytes_total
         placement.error = ""
         placement.save()
+        events.announce(placements=[placement.pk], loads=[event.pk])
     return placement
 
 
@@ -447,15 +458,20 @@ def fail_load(event_id: int, error: str) -> Placement | None:
     """The load failed: record why, and try the next best agent while attempts remain.
     Returns the retry's placement, if one was started."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update().select_related("model").get(pk=event_id)
+        event = (
+            LoadEvent.objects.select_for_update(no_key=True)
+            .select_related("model")
+            .get(pk=event_id)
+        )
         if event.outcome != LoadOutcome.PENDING:
             return None
-        model = Model.objects.select_for_update().get(pk=event.model_id)
+        model = Model.objects.select_for_update(no_key=True).get(pk=event.model_id)
         event.outcome, event.finished_at, event.error = LoadOutcome.FAILED, timezone.now(), error
         event.save()
         Placement.objects.filter(pk__in=_placement_of(event)).update(
             state=PlacementState.FAILED, error=error[:4000], updated_at=timezone.now()
         )
+        events.announce(placements=_placement_of(event), loads=[event.pk])
         log.warning("load of %s on agent %s failed: %s", model.model_id, event.agent_id, error)
         placements = list(model.placements.select_related("agent"))
         if len(_recent_failures(model)) >= settings.LOAD_ATTEMPTS:
@@ -490,6 +506,7 @@ def record_first_token(placement_id: int) -> None:
         LoadEvent.objects.filter(pk=event.pk, first_token_seconds__isnull=True).update(
             first_token_seconds=(now - event.finished_at).total_seconds()
         )
+        events.announce(loads=[event.pk])
 
 
 def expire_stuck_loads() -> int:
@@ -518,6 +535,7 @@ def _begin_unload(placement: Placement, to_level: str, trigger: str, *, queue: b
     )  # fmt: skip
     placement.state = PlacementState.UNLOADING
     placement.save(update_fields=["state", "updated_at"])
+    events.announce(placements=[placement.pk], loads=[event.pk])
     if queue:
         _queue("agents.tasks.unload", event.pk)
     return event
@@ -536,7 +554,7 @@ def unload(placement: Placement, to_level: str, trigger: str = LoadTrigger.OPERA
     CannotStepDown while it loads or unloads, or when it is not above that level."""
     with transaction.atomic():
         locked = (
-            Placement.objects.select_for_update()
+            Placement.objects.select_for_update(no_key=True)
             .select_related("agent", "model")
             .get(pk=placement.pk)
         )
@@ -560,7 +578,7 @@ class UnloadJob:
 def begin_unload(event_id: int) -> UnloadJob | None:
     with transaction.atomic():
         event = (
-            LoadEvent.objects.select_for_update()
+            LoadEvent.objects.select_for_update(no_key=True)
             .select_related("agent", "model")
             .filter(pk=event_id, outcome=LoadOutcome.PENDING, started_at__isnull=True)
             .first()
@@ -576,7 +594,7 @@ def begin_unload(event_id: int) -> UnloadJob | None:
 def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
     """The agent stepped the model down, maybe further than asked (an engine that cannot sleep)."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update().get(pk=event_id)
+        event = LoadEvent.objects.select_for_update(no_key=True).get(pk=event_id)
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
         event.to_level = response.cache_level
         event.error = response.note
@@ -589,13 +607,14 @@ def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
             inference_endpoint_url="",
             updated_at=timezone.now(),
         )
+        events.announce(placements=_placement_of(event), loads=[event.pk])
 
 
 def fail_unload(event_id: int, error: str) -> None:
     """The agent refused or could not be reached: the placement keeps serving as it did
     (a heartbeat corrects it if the agent is gone)."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update().get(pk=event_id)
+        event = LoadEvent.objects.select_for_update(no_key=True).get(pk=event_id)
         event.outcome, event.finished_at, event.error = (
             LoadOutcome.FAILED,
             timezone.now(),
@@ -605,6 +624,7 @@ def fail_unload(event_id: int, error: str) -> None:
         Placement.objects.filter(
             pk__in=_placement_of(event), state=PlacementState.UNLOADING
         ).update(state=PlacementState.READY, updated_at=timezone.now())
+        events.announce(placements=_placement_of(event), loads=[event.pk])
 
 
 def sweep() -> list[LoadEvent]:
@@ -640,20 +660,20 @@ def sweep() -> list[LoadEvent]:
         facts, list(memory.values()), pressure_percent=settings.GPU_MEMORY_PRESSURE_PERCENT
     )
     by_pk = {p.pk: p for p in placements}
-    events = []
+    steps = []
     for demotion in plan:
         with transaction.atomic():
             placement = (
-                Placement.objects.select_for_update()
+                Placement.objects.select_for_update(no_key=True)
                 .select_related("agent", "model")
                 .get(pk=demotion.placement_id)
             )
             if placement.state != by_pk[demotion.placement_id].state:
                 continue  # it changed since the plan was made: next sweep decides again
-            events.append(_begin_unload(placement, demotion.to_level, demotion.trigger, queue=True))
+            steps.append(_begin_unload(placement, demotion.to_level, demotion.trigger, queue=True))
     for model in Model.objects.filter(enabled=True, min_replicas__gt=0):
         scale_out(model, LoadTrigger.SCALE_OUT)
-    return events
+    return steps
 
 
 # --- heartbeats ------------------------------------------------------------------------------
@@ -672,13 +692,15 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
     # between the two would otherwise be overwritten with what the agent said before it.
     agents = {
         agent.pk: agent
-        for agent in Agent.objects.select_for_update()
+        for agent in Agent.objects.select_for_update(no_key=True)
         .filter(pk__in=[result.agent_pk for result in results])
         .order_by("pk")
     }
     catalog = dict(Model.objects.values_list("model_id", "pk"))
     placements: dict[int, dict[int, Placement]] = {}
-    for placement in Placement.objects.select_for_update().filter(agent__in=agents).order_by("pk"):
+    for placement in (
+        Placement.objects.select_for_update(no_key=True).filter(agent__in=agents).order_by("pk")
+    ):
         placements.setdefault(placement.agent_id, {})[placement.model_id] = placement
     now = timezone.now()
     changed_agents: list[Agent] = []
@@ -716,6 +738,9 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
     update_rows(changed_agents, _HEARTBEAT_AGENT_FIELDS)
     update_rows(changed, _HEARTBEAT_PLACEMENT_FIELDS)
     Placement.objects.bulk_create(created, ignore_conflicts=True)
+    events.announce(
+        agents=[agent.pk for agent in changed_agents], placements=[p.pk for p in changed]
+    )
 
 
 _HEARTBEAT_AGENT_FIELDS = [

@@ -95,12 +95,20 @@ def poll_heartbeats() -> None:
         _polling.release()
 
 
+_sweeping = threading.Lock()
+
+
 @shared_task(name="agents.tasks.sweep")
 def sweep() -> None:
-    """The eviction ladder's sweep (actions.sweep)."""
-    events = actions.sweep()
-    if events:
-        log.info("sweep stepped %d placement(s) down", len(events))
+    """The eviction ladder's sweep (actions.sweep), one at a time per worker process."""
+    if not _sweeping.acquire(blocking=False):
+        return
+    try:
+        steps = actions.sweep()
+    finally:
+        _sweeping.release()
+    if steps:
+        log.info("sweep stepped %d placement(s) down", len(steps))
 
 
 @shared_task(name="agents.tasks.scale_out")
