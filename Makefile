@@ -19,7 +19,7 @@ TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test \
 	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
-.PHONY: run agent test lint services venv engine azurite clean
+.PHONY: run agent test lint services venv engine azurite browser clean
 
 venv: $(INSTALLED)
 
@@ -76,8 +76,12 @@ lint: $(INSTALLED)
 services:
 	scripts/ensure-services.sh
 
+## browser: Debian's chromium for the dashboard's browser test (Playwright drives it)
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 ## test: lint, then every test against PostgreSQL and Redis (ARGS=... passes pytest options)
-test: lint services engine azurite
+test: lint services engine azurite browser
 	$(TEST_ENV) $(PY) -m pytest $(ARGS)
 
 clean:

@@ -115,3 +115,27 @@ class Usage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.api_key.name} / {self.model.model_id} on {self.day}"
+
+
+class RequestMinute(models.Model):
+    """Requests to one model in one minute, summed over every web process: what the
+    dashboard's per-model panel shows for the last minutes (Prometheus has the rest)."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="request_minutes")
+    minute = models.DateTimeField(help_text="The minute's start, UTC.")
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0, help_text="Answers of status 500 and up.")
+    warm_ttft_seconds = models.FloatField(default=0, help_text="Sum over warm requests.")
+    warm_requests = models.PositiveIntegerField(default=0)
+    cold_ttft_seconds = models.FloatField(default=0, help_text="Sum over cold requests.")
+    cold_requests = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-minute", "model"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "minute"], name="request_minute_one_row")
+        ]
+        indexes = [models.Index(fields=["-minute"], name="request_minute_newest")]
+
+    def __str__(self) -> str:
+        return f"{self.model.model_id} at {self.minute:%H:%M}"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import aiohttp
 from django.conf import settings
@@ -13,7 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.models import Model, Placement
-from controlplane.gateway import cache, coldpath, coldstart, limits, upstream
+from controlplane.gateway import cache, coldpath, coldstart, limits, stats, upstream
 from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
@@ -111,6 +112,35 @@ def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
 async def _complete(
     request: HttpRequest, path: str, chat: bool
 ) -> HttpResponse | StreamingHttpResponse:
+    record = stats.RequestRecord()
+    response = await _answer(request, path, chat, record)
+    if isinstance(response, StreamingHttpResponse) and response.is_async:
+        chunks = cast(AsyncIterator[bytes], response.streaming_content)
+        response.streaming_content = _observed(chunks, record, response)
+    else:
+        record.finish(response.status_code)
+    return response
+
+
+async def _observed(
+    chunks: AsyncIterator[bytes], record: stats.RequestRecord, response: StreamingHttpResponse
+) -> AsyncIterator[bytes]:
+    """The stream as it was, timing its first token and counting how it ended."""
+    status = response.status_code
+    try:
+        async for chunk in chunks:
+            if chunk.startswith(b"data: {"):
+                if chunk.startswith(b'data: {"error"'):
+                    status = 502
+                record.first_token()
+            yield chunk
+    finally:
+        record.finish(status)
+
+
+async def _answer(
+    request: HttpRequest, path: str, chat: bool, record: stats.RequestRecord
+) -> HttpResponse | StreamingHttpResponse:
     if request.method != "POST":
         return openai_error(405, f"Method {request.method} is not allowed here; use POST.")
     key = await authenticate(request)
@@ -127,6 +157,7 @@ async def _complete(
     model = await _model_for(key, parsed.model_id)
     if isinstance(model, JsonResponse):
         return model
+    record.model, record.model_pk = model.model_id, model.pk
     raw, strip_usage = (
         upstream.ask_for_usage(parsed.raw, parsed.body) if parsed.stream else (parsed.raw, False)
     )
@@ -134,6 +165,7 @@ async def _complete(
     placements = await cache.ready_placements(model)
     cold = not placements
     if cold:
+        record.start = "cold"
         if parsed.stream:
             return coldpath.stream_after_load(model, path, raw, parsed.user, strip_usage, on_usage)
         try:

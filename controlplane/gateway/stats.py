@@ -1,0 +1,113 @@
+"""Per-model request figures: Prometheus metrics at once, dashboard minutes in batches.
+
+Each request ends in `RequestRecord.finish`: it counts the request in the process's
+Prometheus metrics (microseconds, on the request's path) and adds it to this
+process's minute buckets, which a task writes every `GATEWAY_USAGE_FLUSH_SECONDS`
+as one upsert per model and minute, then announces to the dashboard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from django.conf import settings
+from django.db import IntegrityError
+from django.db.models import F
+
+from controlplane import metrics
+from controlplane.gateway.loops import per_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestRecord:
+    """One /v1 completion request, filled in as the view learns about it."""
+
+    started: float = field(default_factory=time.perf_counter)
+    model: str = "-"  # a catalog model_id once known; never what a client made up
+    model_pk: int | None = None
+    start: str = "warm"  # or "cold": the request waited for a load
+    first_token_at: float | None = None
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def finish(self, status: int) -> None:
+        now = time.perf_counter()
+        duration = now - self.started
+        ttft = (self.first_token_at or now) - self.started
+        metrics.REQUESTS.labels(self.model, str(status)).inc()
+        if self.model_pk is None:
+            return
+        metrics.REQUEST_DURATION.labels(self.model, self.start).observe(duration)
+        if status < 400:
+            metrics.TIME_TO_FIRST_TOKEN.labels(self.model, self.start).observe(ttft)
+        buffer().add(self.model_pk, status, self.start, ttft if status < 400 else None)
+
+
+class StatsBuffer:
+    def __init__(self) -> None:
+        # (model pk, minute) -> requests, errors, warm ttft sum, warm n, cold ttft sum, cold n
+        self.pending: dict[tuple[int, datetime], list[float]] = {}
+        self.flusher: asyncio.Task[None] | None = None
+
+    def add(self, model_pk: int, status: int, start: str, ttft: float | None) -> None:
+        minute = datetime.now(UTC).replace(second=0, microsecond=0)
+        counts = self.pending.setdefault((model_pk, minute), [0, 0, 0.0, 0, 0.0, 0])
+        counts[0] += 1
+        counts[1] += status >= 500
+        if ttft is not None:
+            at = 2 if start == "warm" else 4
+            counts[at] += ttft
+            counts[at + 1] += 1
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(settings.GATEWAY_USAGE_FLUSH_SECONDS)
+        batch, self.pending = self.pending, {}
+        for (model_pk, minute), counts in batch.items():
+            try:
+                await record_minute(model_pk, minute, counts)
+            except Exception:  # the database is away: keep serving, say so
+                log.exception("could not record request figures of model %s", model_pk)
+
+
+async def record_minute(model_pk: int, minute: datetime, counts: list[float]) -> None:
+    from agents import events
+    from controlplane.gateway.models import RequestMinute
+
+    added = {
+        "requests": F("requests") + int(counts[0]),
+        "errors": F("errors") + int(counts[1]),
+        "warm_ttft_seconds": F("warm_ttft_seconds") + counts[2],
+        "warm_requests": F("warm_requests") + int(counts[3]),
+        "cold_ttft_seconds": F("cold_ttft_seconds") + counts[4],
+        "cold_requests": F("cold_requests") + int(counts[5]),
+    }
+    rows = RequestMinute.objects.filter(model_id=model_pk, minute=minute)
+    if not await rows.aupdate(**added):
+        try:
+            await RequestMinute.objects.acreate(
+                model_id=model_pk, minute=minute, requests=int(counts[0]), errors=int(counts[1]),
+                warm_ttft_seconds=counts[2], warm_requests=int(counts[3]),
+                cold_ttft_seconds=counts[4], cold_requests=int(counts[5]),
+            )  # fmt: skip
+        except IntegrityError:  # another web process created the minute first
+            await rows.aupdate(**added)
+    row = await rows.select_related("model").afirst()
+    if row is not None:
+        await events.apublish("requests.update", events.request_minute_payload(row))
+
+
+_buffers: dict[asyncio.AbstractEventLoop, StatsBuffer] = {}
+
+
+def buffer() -> StatsBuffer:
+    return per_loop(_buffers, StatsBuffer)

@@ -1,0 +1,177 @@
+"""The control plane's Prometheus metrics, served on /metrics by django-prometheus.
+
+Two kinds. Request metrics are counted by each web process as requests end (each
+process is its own scrape target). Fleet metrics are read from the database when
+Prometheus scrapes (a few grouped queries): they describe shared state, which a
+worker or another web process may have changed, so no process could count them
+alone. Labels stay bounded: catalog model ids, agent ids, states, levels, phases;
+never request ids or keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+REQUESTS = Counter(
+    "llmfleet_requests",
+    "OpenAI API completion requests answered, by model and HTTP status.",
+    ["model", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "llmfleet_request_duration_seconds",
+    "Completion requests from arrival to the last byte, by model and warm or cold start.",
+    ["model", "start"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llmfleet_time_to_first_token_seconds",
+    "Completion requests from arrival to the first token (the whole answer when not "
+    "streamed), by model and warm or cold start.",
+    ["model", "start"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+PHASES = {
+    "queue": "queue_seconds",
+    "download": "download_seconds",
+    "engine_start": "engine_start_seconds",
+    "first_token": "first_token_seconds",
+}
+
+
+class FleetCollector(Collector):
+    """Fleet state, read from the database at scrape time."""
+
+    def describe(self) -> Iterator[Metric]:
+        # What registration checks names against: without it, registering would collect,
+        # i.e. query the database while apps load.
+        gauges = ["llmfleet_agents", "llmfleet_placements", "llmfleet_agent_engine_queue_length",
+                  "llmfleet_agent_gpu_memory_free_bytes"]  # fmt: skip
+        for name in gauges:
+            yield GaugeMetricFamily(name, "")
+        for name in ("llmfleet_cold_starts", "llmfleet_loads", "llmfleet_evictions"):
+            yield CounterMetricFamily(name, "")
+        yield SummaryMetricFamily("llmfleet_cold_start_phase_seconds", "")
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._collect()
+        except Exception:  # the database is away: /metrics still answers, without these
+            log.exception("fleet metrics are unavailable")
+
+    def _collect(self) -> Iterator[Metric]:
+        from django.db.models import Count, Sum
+
+        from agents.choices import AgentState, LoadEventKind, LoadOutcome
+        from agents.models import Agent, LoadEvent, Placement
+
+        agents = GaugeMetricFamily("llmfleet_agents", "Agents by state.", labels=["state"])
+        counts = dict(Agent.objects.values_list("state").annotate(n=Count("pk")).values_list(
+            "state", "n"))  # fmt: skip
+        for state in AgentState.values:
+            agents.add_metric([state], counts.get(state, 0))
+        yield agents
+
+        placements = GaugeMetricFamily(
+            "llmfleet_placements", "Placements by model and cache level.",
+            labels=["model", "cache_level"],
+        )  # fmt: skip
+        for model_id, level, n in (
+            Placement.objects.values_list("model__model_id", "cache_level")
+            .annotate(n=Count("pk"))
+            .values_list("model__model_id", "cache_level", "n")
+        ):
+            placements.add_metric([model_id, level], n)
+        yield placements
+
+        free = GaugeMetricFamily(
+            "llmfleet_agent_gpu_memory_free_bytes", "Free GPU memory an agent last reported.",
+            labels=["agent"],
+        )  # fmt: skip
+        queue = GaugeMetricFamily(
+            "llmfleet_agent_engine_queue_length",
+            "Requests waiting in an agent's engines at its last heartbeat.",
+            labels=["agent"],
+        )
+        for agent_id, memory, waiting in Agent.objects.values_list(
+            "agent_id", "gpu_memory_free", "engine_queue_length"
+        ):
+            free.add_metric([agent_id], memory)
+            queue.add_metric([agent_id], waiting)
+        yield free
+        yield queue
+
+        finished = LoadEvent.objects.exclude(outcome=LoadOutcome.PENDING)
+        cold = CounterMetricFamily(
+            "llmfleet_cold_starts", "Loads onto a GPU by outcome.", labels=["outcome"]
+        )
+        loads = CounterMetricFamily(
+            "llmfleet_loads", "Finished loads onto a GPU by the level they started from.",
+            labels=["from_level"],
+        )  # fmt: skip
+        evictions = CounterMetricFamily(
+            "llmfleet_evictions", "Finished steps down the ladder by level reached and why.",
+            labels=["to_level", "trigger"],
+        )  # fmt: skip
+        by_outcome = dict(
+            finished.filter(kind=LoadEventKind.LOAD)
+            .values_list("outcome").annotate(n=Count("pk")).values_list("outcome", "n")
+        )  # fmt: skip
+        for outcome in (LoadOutcome.SUCCEEDED, LoadOutcome.FAILED):
+            cold.add_metric([outcome.lower()], by_outcome.get(outcome, 0))
+        for level, n in (
+            finished.filter(kind=LoadEventKind.LOAD, outcome=LoadOutcome.SUCCEEDED)
+            .values_list("from_level").annotate(n=Count("pk")).values_list("from_level", "n")
+        ):  # fmt: skip
+            loads.add_metric([level], n)
+        for level, trigger, n in (
+            finished.filter(kind=LoadEventKind.UNLOAD, outcome=LoadOutcome.SUCCEEDED)
+            .values_list("to_level", "trigger").annotate(n=Count("pk"))
+            .values_list("to_level", "trigger", "n")
+        ):  # fmt: skip
+            evictions.add_metric([level, trigger], n)
+        yield cold
+        yield loads
+        yield evictions
+
+        # A summary without quantiles: rate(_sum) / rate(_count) is the mean of a phase
+        # over any window.
+        phases = SummaryMetricFamily(
+            "llmfleet_cold_start_phase_seconds", "Seconds spent in each phase of loads.",
+            labels=["phase"],
+        )  # fmt: skip
+        succeeded = finished.filter(kind=LoadEventKind.LOAD, outcome=LoadOutcome.SUCCEEDED)
+        aggregates = succeeded.aggregate(
+            **{f"{phase}_sum": Sum(column) for phase, column in PHASES.items()},
+            **{f"{phase}_n": Count(column) for phase, column in PHASES.items()},
+        )
+        for phase in PHASES:
+            phases.add_metric(
+                [phase], aggregates[f"{phase}_n"] or 0, aggregates[f"{phase}_sum"] or 0.0
+            )
+        yield phases
+
+
+_registered = False
+
+
+def register_fleet_collector() -> None:
+    """Once per process (AppConfig.ready)."""
+    global _registered
+    if not _registered:
+        REGISTRY.register(FleetCollector())
+        _registered = True
