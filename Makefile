@@ -85,4 +85,4 @@ test: lint services engine azurite browser
 	$(TEST_ENV) $(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) node_modules var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ENGINE_VENV) .venv-litellm node_modules var test-artifacts .mypy_cache .ruff_cache .pytest_cache

@@ -8,8 +8,11 @@ one READY placement on that agent), then measures in the same run:
 non-streaming chat completions at concurrency 1 and 32, and the time to the
 first streamed chunk at concurrency 1, with p50/p99, requests/s and the
 gateway process's CPU milliseconds per request. The load comes from this
-process (aiohttp), on the same 2 cores. LiteLLM, which the issue also asks
-for, needs its own virtual environment and is not measured yet (`na`).
+process (aiohttp), on the same 2 cores. The same is measured through a LiteLLM
+proxy (`litellm --config`, `openai/` provider) in front of the same engine; it
+runs from its own virtual environment, `.venv-litellm`, which this script builds
+from requirements/litellm-bench.txt the first time (a few minutes);
+`--no-litellm` skips it.
 """
 
 from __future__ import annotations
@@ -105,9 +108,45 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
+LITELLM_VENV = ROOT / ".venv-litellm"
+
+
+def litellm_command() -> Path:
+    """LiteLLM's CLI, building its virtual environment first if need be."""
+    cli = LITELLM_VENV / "bin" / "litellm"
+    if not cli.exists():
+        print("building .venv-litellm from requirements/litellm-bench.txt (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run(
+            [str(LITELLM_VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+             "-r", str(ROOT / "requirements" / "litellm-bench.txt")],
+            check=True,
+        )  # fmt: skip
+    return cli
+
+
+def start_litellm(engine_port: int, port: int, work: Path) -> subprocess.Popen[bytes]:
+    config = work / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: bench/sim\n"
+        "    litellm_params:\n"
+        "      model: openai/bench/sim\n"
+        f"      api_base: http://127.0.0.1:{engine_port}/v1\n"
+        "      api_key: none\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL"))}
+    env.update(LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
+    return start([str(litellm_command()), "--config", str(config), "--host", "127.0.0.1",
+                  "--port", str(port), "--num_workers", "1"], env, work / "litellm.log")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM comparison")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-gw-"))
     env = {
@@ -121,8 +160,9 @@ def main() -> None:
         SECRET_KEY="bench",
         LOG_LEVEL="WARNING",
     )
-    engine_port, agent_port, web_port = free_port(), free_port(), free_port()
+    engine_port, agent_port, web_port, litellm_port = (free_port() for _ in range(4))
     processes = []
+    litellm = None
     try:
         processes.append(start([sys.executable, "-m", "nodeagent.engines.sim", "--model-id", "bench/sim",
                                 "--port", str(engine_port), "--ttft-ms", "0", "--tpot-ms", "0",
@@ -158,6 +198,14 @@ def main() -> None:
         processes.append(web)
         wait_for(lambda: answers(f"http://127.0.0.1:{web_port}/healthz"), 30, "daphne")
         wait_for(lambda: answers(f"http://127.0.0.1:{engine_port}/health"), 30, "the engine")
+        if not args.no_litellm:
+            litellm = start_litellm(engine_port, litellm_port, work)
+            processes.append(litellm)
+            wait_for(
+                lambda: answers(f"http://127.0.0.1:{litellm_port}/health/liveliness"),
+                180,
+                "LiteLLM",
+            )
 
         paths = {
             "direct": (f"http://127.0.0.1:{engine_port}/v1/chat/completions", {}),
@@ -170,18 +218,23 @@ def main() -> None:
                 {"Authorization": f"Bearer {key}"},
             ),
         }
+        watched = {"gateway": web}
+        if litellm is not None:
+            paths["litellm"] = (f"http://127.0.0.1:{litellm_port}/v1/chat/completions", {})
+            watched["litellm"] = litellm
         results: dict[str, dict[str, float]] = {}
         for name, (url, headers) in paths.items():
             asyncio.run(measure(url, headers, 200, 8))  # warm up
-            cpu_before = cpu_seconds(web.pid)
+            proxy = watched.get(name)
+            cpu_before = cpu_seconds(proxy.pid) if proxy else 0.0
             single, _ = asyncio.run(measure(url, headers, args.requests // 4, 1))
             many, seconds = asyncio.run(measure(url, headers, args.requests, 32))
-            cpu = cpu_seconds(web.pid) - cpu_before
+            cpu = cpu_seconds(proxy.pid) - cpu_before if proxy else float("nan")
             firsts = asyncio.run(first_chunk(url, headers, 200))
             results[name] = {
                 "p50": p(single, 50), "p99": p(single, 99), "rps": len(many) / seconds,
                 "ttfc": statistics.median(firsts),
-                "cpu_ms": cpu * 1000 / (len(single) + len(many)) if name == "gateway" else float("nan"),
+                "cpu_ms": cpu * 1000 / (len(single) + len(many)),
             }  # fmt: skip
     finally:
         for process in processes:
@@ -191,18 +244,31 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"\n{'path':<10} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'req/s c=32':>11} {'1st chunk ms':>13} {'gateway CPU ms/req':>19}"
+        f"\n{'path':<10} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'req/s c=32':>11} {'1st chunk ms':>13} {'proxy CPU ms/req':>17}"
     )
     for name, row in results.items():
         print(
-            f"{name:<10} {row['p50']:11.2f} {row['p99']:11.2f} {row['rps']:11.0f} {row['ttfc']:13.2f} {row['cpu_ms']:19.2f}"
+            f"{name:<10} {row['p50']:11.2f} {row['p99']:11.2f} {row['rps']:11.0f} {row['ttfc']:13.2f} {row['cpu_ms']:17.2f}"
         )
     direct, gateway = results["direct"], results["gateway"]
+    added = gateway["p50"] - direct["p50"]
+    litellm_row = results.get("litellm")
+    if litellm_row is not None:
+        litellm_added = litellm_row["p50"] - direct["p50"]
+        print(
+            f"\nagainst LiteLLM: added p50 {litellm_added / added:.1f}x lower, "
+            f"requests/s {gateway['rps'] / litellm_row['rps']:.1f}x higher (target 3x both)"
+        )
+        litellm_fields = (
+            f"litellm_added_p50_ms={litellm_added:.2f} litellm_rps_c32={litellm_row['rps']:.0f}"
+        )
+    else:
+        litellm_fields = "litellm_added_p50_ms=na litellm_rps_c32=na"
     print(
-        f"RESULT gateway_added_p50_ms={gateway['p50'] - direct['p50']:.2f} "
+        f"RESULT gateway_added_p50_ms={added:.2f} "
         f"gateway_added_p99_ms={gateway['p99'] - direct['p99']:.2f} "
         f"stream_ttfc_added_ms={gateway['ttfc'] - direct['ttfc']:.2f} gateway_rps_c32={gateway['rps']:.0f} "
-        "litellm_added_p50_ms=na litellm_rps_c32=na"
+        f"{litellm_fields}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
@@ -18,8 +19,17 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from django.urls import path  # noqa: E402
 
 from agents.consumers import FleetConsumer  # noqa: E402
+from controlplane.gateway.handler import ApiHandler  # noqa: E402
 
-http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+site_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+api_app = ApiHandler()
+
+
+async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """/v1 (the OpenAI API) through the lean handler; the rest with every middleware."""
+    app = api_app if scope["path"].startswith("/v1/") else site_app
+    await app(scope, receive, send)
+
 
 # The session cookie authenticates the socket (the consumer checks is_staff in connect);
 # the Origin check keeps other sites' pages from opening it with that cookie.
