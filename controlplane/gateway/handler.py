@@ -1,20 +1,39 @@
-"""The ASGI handler for `/v1`: Django's own, without the middleware stack.
+"""The ASGI handler for `/v1`: Django's own, without what the OpenAI API does not use.
 
-Under daphne each Django middleware built on MiddlewareMixin runs its hooks in a
-worker thread (sync_to_async), so the nine in settings.MIDDLEWARE cost a request
-nine thread hops before the view starts (profiled in bench/README.md). The OpenAI
-API needs none of them: it authenticates by API key (no sessions, users or CSRF),
-sends no HTML (no clickjacking or messages), counts itself in Prometheus
-(controlplane.metrics) and routes on exact paths (no APPEND_SLASH). Everything
-else (the admin, the fleet API, the dashboard, /metrics) keeps the full stack.
+Under daphne, Django's handler costs each request several thread hops before and
+after the view: one per MiddlewareMixin middleware (nine in settings.MIDDLEWARE),
+one for `request_started`'s receivers, one for closing the response
+(`request_finished`), and a fresh thread-sensitive context, so that any ORM call
+of the request runs in a thread of its own (profiled in bench/README.md). The
+OpenAI API needs none of that: it authenticates by API key (no sessions, users or
+CSRF), sends no HTML (no clickjacking or messages), counts itself in Prometheus
+(controlplane.metrics), routes on exact paths (no APPEND_SLASH), and reads the
+database only when its short-lived caches miss (controlplane.gateway.cache).
+
+So this handler keeps Django's request and response objects, URL resolving, views
+and client-disconnect handling, and drops the rest: no middleware, no
+`request_started`, and the response closed in the event loop (`request_finished`'s
+receivers find no database connection there). Without a per-request context, the
+views' ORM calls share asgiref's one thread for thread-sensitive code, and so one
+persistent database connection; `drop_broken_connections` closes it after a
+database error (the caches and the usage and stats flushers call it), which
+`close_old_connections` would otherwise have done at the end of a request.
+Everything else (the admin, the fleet API, the dashboard, /metrics) keeps
+Django's full handler.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
-from django.core.handlers.asgi import ASGIHandler
+from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.db import connections
+from django.urls import set_script_prefix
 
 
 class ApiHandler(ASGIHandler):
@@ -25,3 +44,66 @@ class ApiHandler(ASGIHandler):
         self._exception_middleware: list[Any] = []
         handler = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
         self._middleware_chain = convert_exception_to_response(handler)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"the /v1 handler serves HTTP, not {scope['type']}")
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            assert error_response is not None
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+
+        async def process_request() -> Any:
+            response = await self.run_get_response(request)
+            # CancelledError: the client went away while the response was sent.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.send_response(response, send)
+            return response
+
+        # As Django does: a client that disconnects cancels the view (and so the
+        # request to the engine, which the agent cancels in turn).
+        listener = asyncio.create_task(self.listen_for_disconnect(receive))
+        processor = asyncio.create_task(process_request())
+        await asyncio.wait([listener, processor], return_when=asyncio.FIRST_COMPLETED)
+        for task in (listener, processor):
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not processor.cancelled() and processor.exception() is None:
+            processor.result().close()
+        body_file.close()
+
+
+def _drop_broken_connections() -> None:
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None and connection.errors_occurred:
+            if not connection.is_usable():
+                connection.close()
+            connection.errors_occurred = False
+
+
+async def drop_broken_connections() -> None:
+    """What close_old_connections does for a request of Django's own handler, for the
+    shared ORM thread of the /v1 handler: a connection that failed is closed, so the
+    next query opens a fresh one. The gateway's flushers call it once per flush."""
+    await sync_to_async(_drop_broken_connections)()

@@ -19,6 +19,7 @@ from django.db import IntegrityError
 from django.db.models import F
 
 from controlplane import metrics
+from controlplane.gateway.handler import drop_broken_connections
 from controlplane.gateway.loops import per_loop
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class StatsBuffer:
     async def _flush_later(self) -> None:
         await asyncio.sleep(settings.GATEWAY_USAGE_FLUSH_SECONDS)
         batch, self.pending = self.pending, {}
+        await drop_broken_connections()  # the /v1 handler's shared ORM thread (handler.py)
         for (model_pk, minute), counts in batch.items():
             try:
                 await record_minute(model_pk, minute, counts)

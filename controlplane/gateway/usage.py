@@ -13,6 +13,7 @@ import logging
 from django.conf import settings
 
 from controlplane.gateway.actions import record_usage
+from controlplane.gateway.handler import drop_broken_connections
 from controlplane.gateway.loops import per_loop
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class UsageBuffer:
     async def _flush_later(self) -> None:
         await asyncio.sleep(settings.GATEWAY_USAGE_FLUSH_SECONDS)
         batch, self.pending = self.pending, {}
+        await drop_broken_connections()  # the /v1 handler's shared ORM thread (handler.py)
         for (key_id, model_pk), (requests, prompt, completion) in batch.items():
             try:
                 await record_usage(key_id, model_pk, prompt, completion, requests=requests)
