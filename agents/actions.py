@@ -397,9 +397,9 @@ class LoadJob:
     request: LoadModelRequest
 
 
-def begin_load(event_id: int) -> LoadJob | None:
-    """Mark the load started (its queue time ends); None when it is not pending any more,
-    e.g. a redelivered task whose load another worker already finished."""
+def _claim_pending(event_id: int) -> LoadEvent | None:
+    """Mark a pending load or unload started (its queue time ends); None when it is not
+    pending any more, e.g. a redelivered task whose work another worker already did."""
     with transaction.atomic():
         event = (
             LoadEvent.objects.select_for_update(no_key=True)
@@ -412,6 +412,15 @@ def begin_load(event_id: int) -> LoadJob | None:
         event.started_at = timezone.now()
         event.queue_seconds = (event.started_at - event.queued_at).total_seconds()
         event.save(update_fields=["started_at", "queue_seconds"])
+    return event
+
+
+def begin_load(event_id: int) -> LoadJob | None:
+    """Mark the load started (its queue time ends); None when it is not pending any more,
+    e.g. a redelivered task whose load another worker already finished."""
+    event = _claim_pending(event_id)
+    if event is None:
+        return None
     model = event.model
     request = LoadModelRequest(
         model_id=model.model_id,
@@ -576,18 +585,9 @@ class UnloadJob:
 
 
 def begin_unload(event_id: int) -> UnloadJob | None:
-    with transaction.atomic():
-        event = (
-            LoadEvent.objects.select_for_update(no_key=True)
-            .select_related("agent", "model")
-            .filter(pk=event_id, outcome=LoadOutcome.PENDING, started_at__isnull=True)
-            .first()
-        )
-        if event is None:
-            return None
-        event.started_at = timezone.now()
-        event.queue_seconds = (event.started_at - event.queued_at).total_seconds()
-        event.save(update_fields=["started_at", "queue_seconds"])
+    event = _claim_pending(event_id)
+    if event is None:
+        return None
     return UnloadJob(event.pk, event.agent.base_url, event.model.model_id, event.to_level)
 
 

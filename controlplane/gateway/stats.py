@@ -9,20 +9,16 @@ as one upsert per model and minute, then announces to the dashboard.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from django.conf import settings
 from django.db import IntegrityError
 from django.db.models import F
 
 from controlplane import metrics
-from controlplane.gateway.handler import drop_broken_connections
+from controlplane.gateway.batches import Batches
 from controlplane.gateway.loops import per_loop
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,33 +48,24 @@ class RequestRecord:
         buffer().add(self.model_pk, status, self.start, ttft if status < 400 else None)
 
 
-class StatsBuffer:
-    def __init__(self) -> None:
-        # (model pk, minute) -> requests, errors, warm ttft sum, warm n, cold ttft sum, cold n
-        self.pending: dict[tuple[int, datetime], list[float]] = {}
-        self.flusher: asyncio.Task[None] | None = None
+class StatsBuffer(Batches[tuple[int, datetime]]):
+    """Per (model, minute): requests, errors, warm TTFT sum and count, cold TTFT sum and count."""
+
+    width = 6
+    what = "request figures of (model, minute)"
 
     def add(self, model_pk: int, status: int, start: str, ttft: float | None) -> None:
         minute = datetime.now(UTC).replace(second=0, microsecond=0)
-        counts = self.pending.setdefault((model_pk, minute), [0, 0, 0.0, 0, 0.0, 0])
+        counts = self.counts((model_pk, minute))
         counts[0] += 1
         counts[1] += status >= 500
         if ttft is not None:
             at = 2 if start == "warm" else 4
             counts[at] += ttft
             counts[at + 1] += 1
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(settings.GATEWAY_USAGE_FLUSH_SECONDS)
-        batch, self.pending = self.pending, {}
-        await drop_broken_connections()  # the /v1 handler's shared ORM thread (handler.py)
-        for (model_pk, minute), counts in batch.items():
-            try:
-                await record_minute(model_pk, minute, counts)
-            except Exception:  # the database is away: keep serving, say so
-                log.exception("could not record request figures of model %s", model_pk)
+    async def write(self, key: tuple[int, datetime], counts: list[float]) -> None:
+        await record_minute(*key, counts)
 
 
 async def record_minute(model_pk: int, minute: datetime, counts: list[float]) -> None:
