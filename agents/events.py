@@ -105,22 +105,21 @@ def _send_rows(agent_ids: set[int], placement_ids: set[int], load_ids: set[int])
 
 
 def send(kind: str, items: list[dict[str, Any]]) -> None:
-    """Send now, from synchronous code. A dashboard is never worth a failed write."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(GROUP, {"type": kind, "items": items})
-    except Exception:
-        log.exception("could not publish %s to the dashboard", kind)
+    """Send now, from synchronous code."""
+    async_to_sync(_group_send)(kind, items)
 
 
 async def apublish(kind: str, item: dict[str, Any]) -> None:
     """Send now, from async code (the gateway's stats flush)."""
+    await _group_send(kind, [item])
+
+
+async def _group_send(kind: str, items: list[dict[str, Any]]) -> None:
+    # A dashboard is never worth a failed write: a layer that is away is logged, not raised.
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        await layer.group_send(GROUP, {"type": kind, "items": [item]})
+        await layer.group_send(GROUP, {"type": kind, "items": items})
     except Exception:
         log.exception("could not publish %s to the dashboard", kind)

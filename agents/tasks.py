@@ -13,7 +13,7 @@ from django.conf import settings
 
 from agents import actions, agent_client
 from agents.choices import LoadTrigger
-from agents.models import Agent
+from agents.models import Agent, Model
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,6 @@ def sweep() -> None:
 
 @shared_task(name="agents.tasks.scale_out")
 def scale_out(model_pk: int) -> None:
-    from agents.models import Model
-
     model = Model.objects.filter(pk=model_pk).first()
     if model is not None:
         actions.scale_out(model, LoadTrigger.SCALE_OUT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -21,18 +21,11 @@ from agents.models import Model, Placement
 from agents.scheduling import needs_scale_out
 from controlplane.gateway import cache, coldstart, upstream
 from controlplane.gateway.errors import openai_error
+from controlplane.gateway.loops import in_background
 
-# Tasks started off the request's path; the set keeps them alive until they end.
-_background: set[asyncio.Future[object]] = set()
 # When each model last asked for a replica more, per process: one ask per interval is enough.
 _scale_out_asked: dict[int, float] = {}
 _SCALE_OUT_EVERY_SECONDS = 5.0
-
-
-def _in_background(work: Awaitable[object]) -> None:
-    task = asyncio.ensure_future(work)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 def not_ready(message: str) -> JsonResponse:
@@ -43,7 +36,7 @@ def not_ready(message: str) -> JsonResponse:
 
 def after_first_answer(placement: Placement) -> None:
     """Record the cold start's last phase, time to first token, off the request's path."""
-    _in_background(sync_to_async(actions.record_first_token)(placement.pk))
+    in_background(sync_to_async(actions.record_first_token)(placement.pk))
 
 
 def maybe_scale_out(model: Model, placements: list[Placement]) -> None:
@@ -61,7 +54,7 @@ def maybe_scale_out(model: Model, placements: list[Placement]) -> None:
     _scale_out_asked[model.pk] = now
     from controlplane.celery import app
 
-    _in_background(asyncio.to_thread(app.send_task, "agents.tasks.scale_out", args=(model.pk,)))
+    in_background(asyncio.to_thread(app.send_task, "agents.tasks.scale_out", args=(model.pk,)))
 
 
 def stream_after_load(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -18,6 +17,7 @@ from controlplane.gateway import cache, coldpath, coldstart, limits, stats, upst
 from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
+from controlplane.gateway.loops import in_background
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.validation import CompletionRequest, InvalidRequest, parse_completion
 
@@ -90,21 +90,13 @@ async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
     return model
 
 
-# Token limits are charged after the answer, off the request's path; the set keeps tasks alive.
-_background: set[asyncio.Task[None]] = set()
-
-
 def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
         gateway_usage.buffer().add(key.pk, model.pk, prompt, completion)
-        if key.tokens_per_minute is not None:
-            task = asyncio.get_running_loop().create_task(
-                limits.add_tokens(key, prompt + completion)
-            )
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+        if key.tokens_per_minute is not None:  # charged after the answer, off its path
+            in_background(limits.add_tokens(key, prompt + completion))
 
     return on_usage
 

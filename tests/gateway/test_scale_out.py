@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from controlplane.celery import app
-from controlplane.gateway import coldpath, upstream
+from controlplane.gateway import coldpath, loops, upstream
 from tests.factories import ModelFactory, PlacementFactory
 
 pytestmark = pytest.mark.django_db
@@ -25,7 +25,7 @@ def test_every_replica_over_the_threshold_asks_for_one_more_once(monkeypatch, se
         for placement, count in zip(placements, in_flight, strict=True):
             upstream.in_flight[placement.pk] = count
         coldpath.maybe_scale_out(model, placements)
-        await asyncio.gather(*coldpath._background)
+        await asyncio.gather(*loops._background)
 
     try:
         asyncio.run(route([5, 2]))  # one replica has room
