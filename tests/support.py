@@ -43,3 +43,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_ok(url: str, timeout: float = 2) -> bool:
+    """Whether `url` answers 200 now (False while nothing listens there yet)."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import requests
 from django.db import connection
 
 from tests.e2e.agent_process import ROOT, AgentProcess, running_agent
-from tests.support import free_port, wait_for
+from tests.support import free_port, http_ok, wait_for
 
 # Fast clocks, so the tests see heartbeats, verdicts and sweeps within seconds.
 FAST = {
@@ -98,13 +97,7 @@ def running_control_plane(
                     start_new_session=True,
                 )  # fmt: skip
 
-        def healthy() -> bool:
-            try:
-                return requests.get(f"{url}/healthz", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_for(healthy, 30, "daphne")
+        wait_for(lambda: http_ok(f"{url}/healthz"), 30, "daphne")
         plane = ControlPlane(url, logs, settings.AGENT_TOKEN)
         wait_for(lambda: "ready." in plane.log("worker"), 60, "the Celery worker")
         yield plane

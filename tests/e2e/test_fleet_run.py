@@ -13,17 +13,10 @@ import pytest
 import requests
 
 from tests.e2e.agent_process import engine_python, processes_mentioning
-from tests.support import free_port, wait_for
+from tests.support import free_port, http_ok, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
-
-
-def healthy(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 def group_alive(pgid: int) -> bool:
@@ -59,7 +52,7 @@ def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp
         )
     base = f"http://127.0.0.1:{embedded_env['WEB_PORT']}"
     try:
-        wait_for(lambda: healthy(f"{base}/healthz"), 90, "/healthz")
+        wait_for(lambda: http_ok(f"{base}/healthz"), 90, "/healthz")
         assert requests.get(f"{base}/healthz", timeout=5).json()["checks"] == {"database": "ok"}
         wait_for(
             lambda: b"celery@" in log_path.read_bytes() and b" ready." in log_path.read_bytes(),
@@ -91,7 +84,7 @@ def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp
     log = log_path.read_text(errors="replace")
     assert fleet.returncode == 0, log
     assert "fleet: stopped" in log
-    assert not healthy(f"{base}/healthz")
+    assert not http_ok(f"{base}/healthz")
 
 
 def children_of(pid: int) -> dict[int, str]:
@@ -115,7 +108,7 @@ def test_the_fleet_stops_everything_when_one_process_dies(embedded_env, tmp_path
     )
     try:
         wait_for(
-            lambda: healthy(f"http://127.0.0.1:{embedded_env['WEB_PORT']}/healthz"), 90, "/healthz"
+            lambda: http_ok(f"http://127.0.0.1:{embedded_env['WEB_PORT']}/healthz"), 90, "/healthz"
         )
         children = children_of(fleet.pid)
         assert len(children) == 3, children

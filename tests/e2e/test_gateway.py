@@ -11,15 +11,15 @@ import openai
 import pytest
 import redis
 import requests
-from django.db import connection
 
 from agents.choices import AgentState, CacheLevel, PlacementState
 from agents.models import Agent, Model, Placement
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
 from tests.e2e.agent_process import ROOT, running_agent
+from tests.e2e.fleet import database_url
 from tests.factories import make_api_key
-from tests.support import free_port, wait_for
+from tests.support import free_port, http_ok, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -29,10 +29,9 @@ def gateway(settings, tmp_path):
     """daphne on the test database: what `make run` serves, with the rows the tests create."""
     if settings.REDIS_URL:  # the tests' own Redis database: no rate counters of earlier runs
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
-    db = connection.settings_dict
     env = dict(os.environ)
     env.update(
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         AGENT_TOKEN=settings.AGENT_TOKEN, SECRET_KEY="gateway-test", VAR_DIR=str(tmp_path / "var"),
         GATEWAY_CACHE_SECONDS="0",
     )  # fmt: skip
@@ -45,14 +44,8 @@ def gateway(settings, tmp_path):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
     try:
-        wait_for(healthy, 30, "daphne")
+        wait_for(lambda: http_ok(f"{url}/healthz"), 30, "daphne")
         yield url
     finally:
         web.terminate()
