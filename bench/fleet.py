@@ -20,9 +20,9 @@ The baseline is the target of the issue: polling must fit in the heartbeat
 interval (5 s) and a decision in 2 ms; each line prints the ratio. Ends with
 `RESULT agents=… poll_s=… route_p99_ms=… route_query_p99_ms=…`: poll_s the
 slowest round, route_p99_ms the decision as the gateway makes it (replicas
-remembered at most 1 s, so one request per second and model pays the query),
-route_query_p99_ms the decision when every one pays it. BENCH_PROFILE=1 prints
-a profile of the second round's database writes.
+remembered for 1 s and then refreshed in the background, so no request waits
+for the query), route_query_p99_ms the decision when every one runs it.
+BENCH_PROFILE=1 prints a profile of the second round's database writes.
 """
 
 from __future__ import annotations
