@@ -401,8 +401,10 @@ def _claim_pending(event_id: int) -> LoadEvent | None:
     """Mark a pending load or unload started (its queue time ends); None when it is not
     pending any more, e.g. a redelivered task whose work another worker already did."""
     with transaction.atomic():
+        # of=self: PostgreSQL would otherwise lock the joined agent and model rows too, in an
+        # order of its own, and deadlock with a sweep or heartbeat round locking those.
         event = (
-            LoadEvent.objects.select_for_update(no_key=True)
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
             .select_related("agent", "model")
             .filter(pk=event_id, outcome=LoadOutcome.PENDING, started_at__isnull=True)
             .first()
@@ -436,7 +438,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
     now = timezone.now()
     with transaction.atomic():
         event = (
-            LoadEvent.objects.select_for_update(no_key=True)
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
             .select_related("model")
             .get(pk=event_id)
         )
@@ -468,7 +470,7 @@ def fail_load(event_id: int, error: str) -> Placement | None:
     Returns the retry's placement, if one was started."""
     with transaction.atomic():
         event = (
-            LoadEvent.objects.select_for_update(no_key=True)
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
             .select_related("model")
             .get(pk=event_id)
         )
@@ -563,7 +565,7 @@ def unload(placement: Placement, to_level: str, trigger: str = LoadTrigger.OPERA
     CannotStepDown while it loads or unloads, or when it is not above that level."""
     with transaction.atomic():
         locked = (
-            Placement.objects.select_for_update(no_key=True)
+            Placement.objects.select_for_update(no_key=True, of=("self",))
             .select_related("agent", "model")
             .get(pk=placement.pk)
         )
@@ -664,7 +666,7 @@ def sweep() -> list[LoadEvent]:
     for demotion in plan:
         with transaction.atomic():
             placement = (
-                Placement.objects.select_for_update(no_key=True)
+                Placement.objects.select_for_update(no_key=True, of=("self",))
                 .select_related("agent", "model")
                 .get(pk=demotion.placement_id)
             )

@@ -320,3 +320,36 @@ def test_update_rows_writes_json_nulls_floats_and_times_by_primary_key():
     assert (second.gpus, second.gpu_utilization, second.last_heartbeat_at) == ([], None, None)
     assert first.gpu_name != "changed but not written"
     assert untouched.gpu_name != "changed but not written"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claiming_a_load_locks_the_event_alone_not_its_agent_or_model(queued):
+    """A heartbeat round holds its agents' rows; claiming a load there must not wait on them
+    (with the joined rows locked too, the two deadlocked under load)."""
+    from django.db import transaction
+
+    model = ModelFactory()
+    agent = AgentFactory()
+    actions.ensure_placement(model)
+    event = LoadEvent.objects.get()
+    held, release = threading.Event(), threading.Event()
+
+    def round_holding_the_agent() -> None:
+        with transaction.atomic():
+            list(Agent.objects.select_for_update(no_key=True).filter(pk=agent.pk))
+            list(type(model).objects.select_for_update(no_key=True).filter(pk=model.pk))
+            held.set()
+            release.wait(10)
+        connection.close()
+
+    holder = threading.Thread(target=round_holding_the_agent)
+    holder.start()
+    try:
+        assert held.wait(10)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            assert actions.begin_load(event.pk) is not None
+    finally:
+        release.set()
+        holder.join()
