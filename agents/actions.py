@@ -52,7 +52,7 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
     with transaction.atomic():
         # The lock orders a registration against a concurrent drain or heartbeat of the
         # same agent, so neither overwrites the other's half of the row.
-        agent, created = Agent.objects.select_for_update(no_key=True).get_or_create(
+        agent, created = Agent.objects.select_for_update(no_key=True, of=("self",)).get_or_create(
             agent_id=request.agent_id, defaults={"base_url": request.base_url}
         )
         reported = AgentState(request.state)
@@ -78,7 +78,7 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
 def drain_agent(agent_id: str) -> Agent:
     """Stop sending new work to the agent; what it serves now finishes. Takes a row lock."""
     with transaction.atomic():
-        agent = Agent.objects.select_for_update(no_key=True).get(agent_id=agent_id)
+        agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(agent_id=agent_id)
         if agent.drained_at is None:
             agent.drained_at = timezone.now()
         agent.state = effective_agent_state(
@@ -94,7 +94,7 @@ def drain_agent(agent_id: str) -> Agent:
 def undrain_agent(agent_id: str) -> Agent:
     """Let the agent take new work again. Takes a row lock."""
     with transaction.atomic():
-        agent = Agent.objects.select_for_update(no_key=True).get(agent_id=agent_id)
+        agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(agent_id=agent_id)
         agent.drained_at = None
         agent.state = effective_agent_state(
             AgentState(agent.reported_state),
@@ -126,7 +126,11 @@ def register_catalog_model(
     (writing nothing) for an invalid id, source or replica bounds.
     """
     with transaction.atomic():
-        model = Model.objects.select_for_update(no_key=True).filter(model_id=model_id).first()
+        model = (
+            Model.objects.select_for_update(no_key=True, of=("self",))
+            .filter(model_id=model_id)
+            .first()
+        )
         created = model is None
         model = model or Model(model_id=model_id)
         model.source, model.revision, model.size_bytes, model.enabled = (
@@ -174,7 +178,7 @@ def ensure_placement(model: Model) -> Placement:
     requests arrive at once, the first starts one load and the rest find it.
     """
     with transaction.atomic():
-        locked = Model.objects.select_for_update(no_key=True).get(pk=model.pk)
+        locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
         usable = [p for p in placements if p.agent.is_routable]
         for state in (PlacementState.READY, *LOADING_STATES):
@@ -188,7 +192,7 @@ def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement |
     """Load one more replica of `model` in the background, if `max_replicas` allows and an
     agent without one has room; None when there is nothing to do."""
     with transaction.atomic():
-        locked = Model.objects.select_for_update(no_key=True).get(pk=model.pk)
+        locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
         active = [
             p
@@ -207,7 +211,7 @@ def load_on_agent(model: Model, agent: Agent) -> Placement:
     """An operator's order: serve `model` on `agent`, stepping idle models down there if its
     GPU memory needs it. Raises NoCapacity when the agent takes no work or has no room."""
     with transaction.atomic():
-        locked = Model.objects.select_for_update(no_key=True).get(pk=model.pk)
+        locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
         current = next((p for p in placements if p.agent_id == agent.pk), None)
         if current is not None and current.state in (PlacementState.READY, *LOADING_STATES):
@@ -449,7 +453,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
         placement = (
-            Placement.objects.select_for_update(no_key=True)
+            Placement.objects.select_for_update(no_key=True, of=("self",))
             .filter(pk__in=_placement_of(event))
             .first()
         )
@@ -476,7 +480,7 @@ def fail_load(event_id: int, error: str) -> Placement | None:
         )
         if event.outcome != LoadOutcome.PENDING:
             return None
-        model = Model.objects.select_for_update(no_key=True).get(pk=event.model_id)
+        model = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=event.model_id)
         event.outcome, event.finished_at, event.error = LoadOutcome.FAILED, timezone.now(), error
         event.save()
         Placement.objects.filter(pk__in=_placement_of(event)).update(
@@ -596,7 +600,7 @@ def begin_unload(event_id: int) -> UnloadJob | None:
 def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
     """The agent stepped the model down, maybe further than asked (an engine that cannot sleep)."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update(no_key=True).get(pk=event_id)
+        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
         event.to_level = response.cache_level
         event.error = response.note
@@ -616,7 +620,7 @@ def fail_unload(event_id: int, error: str) -> None:
     """The agent refused or could not be reached: the placement keeps serving as it did
     (a heartbeat corrects it if the agent is gone)."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update(no_key=True).get(pk=event_id)
+        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
         event.outcome, event.finished_at, event.error = (
             LoadOutcome.FAILED,
             timezone.now(),
@@ -694,14 +698,16 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
     # between the two would otherwise be overwritten with what the agent said before it.
     agents = {
         agent.pk: agent
-        for agent in Agent.objects.select_for_update(no_key=True)
+        for agent in Agent.objects.select_for_update(no_key=True, of=("self",))
         .filter(pk__in=[result.agent_pk for result in results])
         .order_by("pk")
     }
     catalog = dict(Model.objects.values_list("model_id", "pk"))
     placements: dict[int, dict[int, Placement]] = {}
     for placement in (
-        Placement.objects.select_for_update(no_key=True).filter(agent__in=agents).order_by("pk")
+        Placement.objects.select_for_update(no_key=True, of=("self",))
+        .filter(agent__in=agents)
+        .order_by("pk")
     ):
         placements.setdefault(placement.agent_id, {})[placement.model_id] = placement
     now = timezone.now()

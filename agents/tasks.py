@@ -7,9 +7,11 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from celery import shared_task
 from django.conf import settings
+from django.db import OperationalError, close_old_connections
 
 from agents import actions, agent_client
 from agents.choices import LoadTrigger
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # What one unload may take: stopping an engine waits out its grace period.
 _UNLOAD_TIMEOUT_SECONDS = 120.0
+_WRITE_ATTEMPTS = 3
 
 
 @shared_task(name="agents.tasks.load")
@@ -41,7 +44,29 @@ def load(event_id: int, victim_event_ids: list[int] | None = None) -> None:
     except agent_client.AgentCallFailed as exc:
         actions.fail_load(event_id, f"{exc.code}: {exc}")
         return
-    actions.finish_load(event_id, response)
+    except Exception as exc:
+        # Whatever it was, the requests waiting on this load must hear now, not when the
+        # sweep expires it (COLD_START_TIMEOUT_SECONDS later): fail it, so they move on.
+        log.exception("load %s broke", event_id)
+        actions.fail_load(event_id, f"load task failed: {exc}")
+        return
+    _record(actions.finish_load, event_id, response)
+
+
+def _record(write: Callable[..., object], event_id: int, *args: object) -> None:
+    """Write what the agent answered. A transaction that loses to a deadlock or a database
+    blink is safe to run again (it reads the rows afresh); after the last try the step fails
+    (the agent's state reaches the control plane with the next heartbeat)."""
+    for attempt in range(1, _WRITE_ATTEMPTS + 1):
+        try:
+            write(event_id, *args)
+            return
+        except OperationalError as exc:
+            log.warning("recording step %s failed (try %d): %s", event_id, attempt, exc)
+            close_old_connections()
+            if attempt == _WRITE_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 @shared_task(name="agents.tasks.unload")
@@ -59,7 +84,7 @@ def unload(event_id: int) -> None:
     except agent_client.AgentCallFailed as exc:
         actions.fail_unload(event_id, f"{exc.code}: {exc}")
         return
-    actions.finish_unload(event_id, response)
+    _record(actions.finish_unload, event_id, response)
 
 
 # One poll at a time per worker process: beat's `expires` drops a run that waited too long,

@@ -350,6 +350,26 @@ def test_claiming_a_load_locks_the_event_alone_not_its_agent_or_model(queued):
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL lock_timeout = '2s'")
             assert actions.begin_load(event.pk) is not None
+        # Finishing it, too: Placement's default ordering joins its model and agent, which
+        # FOR UPDATE without OF locked as well (the flaky lifecycle test's deadlock with a
+        # heartbeat round, which locks agents, then placements).
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            response = LoadModelResponse(model.model_id, "http://a/models/m", LoadTimings())
+            assert actions.finish_load(event.pk, response) is not None
     finally:
         release.set()
         holder.join()
+
+
+def test_every_row_lock_in_the_actions_locks_its_own_rows_alone():
+    """FOR UPDATE on a query that joins (select_related, or a Meta.ordering across a
+    relation) locks the joined rows too, in an order no docstring names: deadlocks."""
+    import inspect
+    import re
+
+    source = inspect.getsource(actions)
+    calls = re.findall(r"select_for_update\(([^)]*)\)", source)
+    assert calls, "the walk went stale"
+    assert all('of=("self",' in call for call in calls), calls
