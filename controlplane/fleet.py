@@ -41,12 +41,15 @@ def process_specs(host: str, port: int, concurrency: int) -> list[ProcessSpec]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "controlplane"]
     web = [python, "-m", "daphne", "-b", host, "-p", str(port), "controlplane.asgi:application"]
-    # Threads: a load task waits on its agent for as long as the engine takes to start, and
-    # heartbeat polls and sweeps must not queue behind it.
-    worker = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads",
-              "--concurrency", str(concurrency)]  # fmt: skip
+    # Two workers, one per queue (settings.CELERY_TASK_ROUTES): heartbeat polls and sweeps
+    # run on time however many loads hold their threads while engines start.
+    worker = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads", "--queues", "control",
+              "--concurrency", "4", "--hostname", "control@%h"]  # fmt: skip
+    loader = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads", "--queues", "loads",
+              "--concurrency", str(concurrency), "--hostname", "loads@%h"]  # fmt: skip
     beat = [*celery, "beat", "--loglevel", "INFO"]
-    return [ProcessSpec("web", web), ProcessSpec("worker", worker), ProcessSpec("beat", beat)]
+    return [ProcessSpec("web", web), ProcessSpec("worker", worker),
+            ProcessSpec("loader", loader), ProcessSpec("beat", beat)]  # fmt: skip
 
 
 def agent_spec(
@@ -208,7 +211,7 @@ print()'
 def main() -> int:
     host = os.environ.get("WEB_HOST", "127.0.0.1")
     port = _env_int("WEB_PORT", 8000)
-    concurrency = _env_int("CELERY_WORKER_CONCURRENCY", 8)
+    concurrency = _env_int("CELERY_LOAD_CONCURRENCY", 32)
     agent_port = _env_int("FLEET_AGENT_PORT", 8100)
     kind = os.environ.get("FLEET_AGENT", "vllm").strip() or "vllm"
     if kind not in AGENT_KINDS:

@@ -216,6 +216,15 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Two queues, each with its own workers: a load holds its worker thread while the engine
+# starts (minutes), so heartbeat polls and sweeps, which must run on time whatever the loads
+# in flight, never wait behind one. `control` is the default; `loads` takes the long calls.
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_ROUTES = {
+    "agents.tasks.load": {"queue": "loads"},
+    "agents.tasks.unload": {"queue": "loads"},
+    "agents.tasks.scale_out": {"queue": "loads"},
+}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TIMEZONE = TIME_ZONE
 # Beat's schedule. A run that would start after the next one is due is dropped (expires),

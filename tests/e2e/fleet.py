@@ -75,7 +75,7 @@ def running_control_plane(
     env = dict(os.environ)
     env.update(
         DATABASE_URL=database_url(), AGENT_TOKEN=settings.AGENT_TOKEN,
-        SECRET_KEY="e2e-control-plane", VAR_DIR=str(tmp_path / "var"), **FAST, **overrides,
+        SECRET_KEY="e2e-control-plane", VAR_DIR=str(tmp_path / "var"), **{**FAST, **overrides},
     )  # fmt: skip
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -83,8 +83,11 @@ def running_control_plane(
     commands = {
         "web": [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
                 "controlplane.asgi:application"],
+        # The production layout: heartbeats and sweeps never queue behind a load.
         "worker": [*celery, "worker", "--loglevel", "INFO", "--pool", "threads",
-                   "--concurrency", "8"],
+                   "--queues", "control", "--concurrency", "4", "--hostname", "control@%h"],
+        "loader": [*celery, "worker", "--loglevel", "INFO", "--pool", "threads",
+                   "--queues", "loads", "--concurrency", "32", "--hostname", "loads@%h"],
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule",
                  str(tmp_path / "beat-schedule")],
     }  # fmt: skip
@@ -100,6 +103,7 @@ def running_control_plane(
         wait_for(lambda: http_ok(f"{url}/healthz"), 30, "daphne")
         plane = ControlPlane(url, logs, settings.AGENT_TOKEN)
         wait_for(lambda: "ready." in plane.log("worker"), 60, "the Celery worker")
+        wait_for(lambda: "ready." in plane.log("loader"), 60, "the Celery loads worker")
         yield plane
     finally:
         for child in children.values():
