@@ -38,6 +38,7 @@ class AgentConfig:
     gpu_memory_share: float
     load_timeout: float
     stop_grace: float
+    drain_seconds: float
     labels: dict[str, str]
     cache_max_bytes: int
     download_concurrency: int
@@ -215,6 +216,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds between SIGTERM and SIGKILL",
     )
     flag(
+        "--drain-seconds",
+        "AGENT_DRAIN_SECONDS",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before engines stop",
+    )
+    flag(
         "--labels",
         "AGENT_LABELS",
         type=_labels,
@@ -324,6 +332,7 @@ def parse_config(
         gpu_memory_share=float(args.gpu_memory_share),
         load_timeout=float(args.load_timeout),
         stop_grace=float(args.stop_grace),
+        drain_seconds=float(args.drain_seconds),
         labels=labels,
         cache_max_bytes=int(args.cache_max_bytes),
         download_concurrency=int(args.download_concurrency),

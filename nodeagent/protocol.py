@@ -13,7 +13,10 @@ from typing import Any
 
 # Agent states an agent reports about itself. The control plane adds OFFLINE and
 # DRAINING from its own view (heartbeats missed, operator orders).
-AGENT_REPORTED_STATES = ("IDLE", "LOADING_MODEL", "INFERRING", "DEGRADED")
+AGENT_REPORTED_STATES = ("IDLE", "LOADING_MODEL", "INFERRING", "DEGRADED", "DRAINING")
+# On every error the agent itself answers (never on the engine's own answers): its code, so
+# the gateway tells "this replica cannot serve" from "the engine refused this request".
+AGENT_ERROR_HEADER = "X-Llmfleet-Agent-Error"
 # A model's state on an agent (the control plane's Placement.state).
 MODEL_STATES = ("DOWNLOADING", "LOADING_TO_GPU", "READY", "UNLOADING", "UNLOADED", "FAILED")
 # Where a model's weights are, fastest to serve first.

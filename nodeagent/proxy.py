@@ -7,6 +7,7 @@ closes the upstream connection, and the engine aborts the request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -62,11 +63,16 @@ class InferenceProxy:
     def __init__(self, registry: ModelRegistry, metrics: AgentMetrics) -> None:
         self.registry = registry
         self.metrics = metrics
+        # Set when the agent stops: new requests go elsewhere, open ones finish.
+        self.draining = False
+        self.request_ended = asyncio.Event()  # set as each request ends: what a drain waits on
 
     async def handle(
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
         model_id, tail = split_model_path(request.match_info["rest"])
+        if self.draining:
+            raise AgentError("agent_draining", "this agent is stopping", 503, model_id)
         slot = self.registry.slots.get(model_id)
         if slot is None:
             raise AgentError("model_not_found", f"{model_id} is not on this agent", 404, model_id)
@@ -85,6 +91,7 @@ class InferenceProxy:
             slot.in_flight -= 1
             slot.last_used = time.time()
             self.metrics.requests_in_flight.dec()
+            self.request_ended.set()
 
     async def _forward(
         self, request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes

@@ -9,6 +9,7 @@ engine before it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -29,6 +30,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.gpu import GpuMonitor
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
+    AGENT_ERROR_HEADER,
     DiskInfo,
     HeartbeatResponse,
     LoadModelRequest,
@@ -50,7 +52,9 @@ REGISTER_BACKOFF_MAX = 60.0
 
 
 def _error(status: int, code: str, message: str, model_id: str | None = None) -> web.Response:
-    return web.json_response(error_body(code, message, model_id), status=status)
+    return web.json_response(
+        error_body(code, message, model_id), status=status, headers={AGENT_ERROR_HEADER: code}
+    )
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -117,6 +121,7 @@ class AgentServer:
     async def _shutdown(self, app: web.Application) -> None:
         if self._register_task is not None:
             self._register_task.cancel()
+        # aiohttp runs this before it waits for open handlers: `drain` has let them finish.
         await self.registry.stop_all()
         if self._session is not None:
             await self._session.close()
@@ -143,21 +148,68 @@ class AgentServer:
         )  # fmt: skip
         try:
             await self.stop_requested.wait()
-            log.info("stopping: engines first")
+            await self.drain()
+            log.info("stopping the engines")
         finally:
             await runner.cleanup()
+
+    @property
+    def draining(self) -> bool:
+        return self.proxy.draining
+
+    def in_flight(self) -> int:
+        return sum(slot.in_flight for slot in self.registry.slots.values())
+
+    async def drain(self) -> None:
+        """Take no new requests or loads, tell the control plane, and give the requests in
+        flight up to `drain_seconds` to finish."""
+        self.proxy.draining = True
+        log.info("draining: %d request(s) in flight, up to %.0f s", self.in_flight(),
+                 self.config.drain_seconds)  # fmt: skip
+        if self.config.control_plane_url:
+            if self._register_task is not None:
+                self._register_task.cancel()
+            await self._say_draining()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_seconds
+        while self.in_flight() and loop.time() < deadline:
+            self.proxy.request_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proxy.request_ended.wait(), deadline - loop.time())
+        if self.in_flight():
+            log.warning("drain period over: cutting %d request(s)", self.in_flight())
+
+    async def _say_draining(self) -> None:
+        """One registration saying DRAINING, so routing stops before the next heartbeat."""
+        try:
+            async with self.session.post(
+                f"{self.config.control_plane_url}/api/agents/register",
+                json=self._registration().to_json(),
+                headers={"Authorization": f"Bearer {self.config.token}"},
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as response:
+                if response.status not in (200, 201):
+                    log.warning("the control plane refused the drain: HTTP %d", response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not tell the control plane that this agent drains: %s", exc)
+
+    def _registration(self) -> RegisterRequest:
+        return RegisterRequest(
+            agent_id=self.config.agent_id,
+            base_url=self.config.advertise_url,
+            version=__version__,
+            state=self.agent_state(),
+            gpus=tuple(self.gpu.snapshot()),
+            labels=self.config.labels,
+        )
+
+    def agent_state(self) -> str:
+        return "DRAINING" if self.draining else self.registry.agent_state()
 
     async def register_until_accepted(self) -> None:
         """POST /api/agents/register until accepted, backing off while the control plane is down."""
         url = f"{self.config.control_plane_url}/api/agents/register"
-        body = RegisterRequest(
-            agent_id=self.config.agent_id,
-            base_url=self.config.advertise_url,
-            version=__version__,
-            state=self.registry.agent_state(),
-            gpus=tuple(self.gpu.snapshot()),
-            labels=self.config.labels,
-        ).to_json()
+        body = self._registration().to_json()
         headers = {"Authorization": f"Bearer {self.config.token}"}
         delay = 0.5
         while True:
@@ -221,6 +273,8 @@ class AgentServer:
 
     async def load_model(self, request: web.Request) -> web.Response:
         load = LoadModelRequest.from_json(await self._control_body(request))
+        if self.draining:
+            raise AgentError("agent_draining", "this agent is stopping", 503, load.model_id)
         # Shielded: a caller that gives up does not cancel the load others may be waiting on.
         result = await asyncio.shield(self.registry.load(load, self.session))
         return web.json_response(result.to_json())
@@ -243,7 +297,7 @@ class AgentServer:
         models = self.registry.statuses()
         return HeartbeatResponse(
             agent_id=self.config.agent_id,
-            state=self.registry.agent_state(),
+            state=self.agent_state(),
             version=__version__,
             gpus=tuple(gpus),
             gpu_utilization=sum(utilizations) / len(utilizations) if utilizations else None,
