@@ -106,6 +106,55 @@ def undrain_agent(agent_id: str) -> Agent:
     return agent
 
 
+def replica_failed(placement_pk: int, fault: str, message: str) -> None:
+    """What the gateway saw of a READY replica before the first byte, written at once, so no
+    web process routes to it until a heartbeat says otherwise: an agent that did not answer
+    is DEGRADED (one more missed heartbeat than that makes it OFFLINE), one that is stopping
+    is DRAINING, and a model the agent no longer serves is FAILED there.
+
+    Locks one row: the agent, or the placement (never both, so no lock order to keep).
+    """
+    from controlplane.gateway.upstream import Fault
+
+    placement = Placement.objects.filter(pk=placement_pk).only("agent_id").first()
+    if placement is None:
+        return
+    with transaction.atomic():
+        if fault == Fault.NOT_SERVING:
+            # Only a READY row: a heartbeat or a load that wrote since knows better.
+            failed = Placement.objects.filter(pk=placement_pk, state=PlacementState.READY).update(
+                state=PlacementState.FAILED, inference_endpoint_url="",
+                error=f"gateway: {message}"[:4000], updated_at=timezone.now(),
+            )  # fmt: skip
+            if failed:
+                events.announce(placements=[placement_pk])
+            return
+        agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(
+            pk=placement.agent_id
+        )
+        if fault == Fault.DRAINING:
+            agent.reported_state = AgentState.DRAINING
+        else:
+            agent.heartbeat_failures = max(
+                agent.heartbeat_failures, settings.HEARTBEAT_DEGRADED_AFTER
+            )
+        health = (
+            AgentState.DEGRADED
+            if fault == Fault.UNREACHABLE
+            else health_verdict(AgentState(agent.state))
+        )
+        if health == AgentState.DEGRADED and agent.state == AgentState.OFFLINE:
+            health = AgentState.OFFLINE
+        state = effective_agent_state(
+            AgentState(agent.reported_state), draining=agent.drained_at is not None, health=health
+        )
+        if state != agent.state:
+            log.warning("agent %s is %s: %s", agent.agent_id, state, message)
+        agent.state = state
+        agent.save(update_fields=["state", "reported_state", "heartbeat_failures", "updated_at"])
+        events.announce(agents=[agent.pk])
+
+
 def register_catalog_model(
     model_id: str,
     source: str,

@@ -14,7 +14,7 @@ when set):
   (bulk writes and reconciliation of every placement);
 - route: the gateway's decision for one request, timed 2,000 times with the
   replica cache off (the indexed READY query every time, the worst case) and
-  on: `cache.ready_placements` + `upstream.pick`.
+  on: `cache.ready_placements` + `Router.pick`.
 
 The baseline is the target of the issue: polling must fit in the heartbeat
 interval (5 s) and a decision in 2 ms; each line prints the ratio. Ends with
@@ -109,7 +109,10 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
     from agents import actions, agent_client
     from agents.choices import CacheLevel, PlacementState
     from agents.models import Agent, Model, Placement
-    from controlplane.gateway import cache, upstream
+    from controlplane.gateway import cache
+    from controlplane.gateway.router import Router
+
+    router = Router()
 
     urls = [f"http://127.0.0.1:{base + n}" for n in range(options.agents)]
     models = [f"bench/m{n}" for n in range(options.models)]
@@ -180,7 +183,7 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
         for _ in range(count):
             started = time.perf_counter()
             placements = await cache.ready_placements(model)
-            chosen = upstream.pick(placements, None, set())
+            chosen = router.pick(placements, None)
             assert chosen is not None
             timings.append((time.perf_counter() - started) * 1000)
         return timings

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -43,6 +43,27 @@ TIME_TO_FIRST_TOKEN = Histogram(
     "streamed), by model and warm or cold start.",
     ["model", "start"],
     buckets=_LATENCY_BUCKETS,
+)
+
+GATEWAY_IN_FLIGHT = Gauge(
+    "llmfleet_gateway_requests_in_flight",
+    "Requests this web process has open on a replica, by model and agent.",
+    ["model", "agent"],
+)
+FAILOVERS = Counter(
+    "llmfleet_failovers",
+    "Requests moved off a replica that could not answer before the first byte, by model and "
+    "why (unreachable, draining, not_serving).",
+    ["model", "fault"],
+)
+USAGE_DROPPED = Counter(
+    "llmfleet_usage_dropped",
+    "Batched rows (usage, request figures) dropped because the database was away too long.",
+    ["what"],
+)
+RATE_LIMIT_UNAVAILABLE = Counter(
+    "llmfleet_rate_limit_unavailable",
+    "Rate-limit checks or charges skipped because Redis did not answer (requests are let in).",
 )
 
 PHASES = {

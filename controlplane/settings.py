@@ -78,6 +78,13 @@ GATEWAY_RETRY_AFTER_SECONDS = env_int("GATEWAY_RETRY_AFTER_SECONDS", 5, minimum=
 GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_SECONDS", 5, minimum=0)
 # How often a web process writes the usage it gathered (seconds).
 GATEWAY_USAGE_FLUSH_SECONDS = env_int("GATEWAY_USAGE_FLUSH_SECONDS", 1, minimum=0)
+# Usage rows a web process keeps while the database is away, before it drops the oldest.
+GATEWAY_USAGE_BACKLOG = env_int("GATEWAY_USAGE_BACKLOG", 100_000, minimum=1)
+# A stream's headers come as soon as the engine takes the request: a replica that sends none
+# within this many seconds is stuck, and the request moves to the next one.
+GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int(
+    "GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS", 30, minimum=1
+)
 # Django refuses larger bodies before a view sees them; the gateway answers 413 itself.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 

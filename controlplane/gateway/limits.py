@@ -5,11 +5,18 @@ of a limited key, none for keys without limits). Tokens are known only when
 the engine answers, so a request is admitted while the window's tokens are
 under the limit and its usage is added afterwards. Without `REDIS_URL` the
 counters live in this process: right for the embedded single web process.
+
+When Redis does not answer (down, restarting, slow past a second), limits fail
+open: the request is admitted uncounted, with a warning in the log (at most one
+every ten seconds) and `llmfleet_rate_limit_unavailable_total`. A limit is a
+guard against overuse, and refusing every request of every limited key while
+Redis restarts would be an outage of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,10 +24,14 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from controlplane import metrics
 from controlplane.gateway.loops import per_loop
 from controlplane.gateway.models import ApiKey
 
+log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
+_WARN_EVERY_SECONDS = 10.0
+_warned_at = -1e9
 _local: Counter[str] = Counter()
 # One client per event loop: an asyncio Redis connection belongs to the loop that opened it.
 _clients: dict[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = {}
@@ -69,12 +80,27 @@ async def _counts(key: ApiKey, window: int, add_request: bool) -> tuple[int, int
     return int(results[0] or 0), int(results[-1] or 0)
 
 
+def _unavailable(exc: Exception) -> None:
+    global _warned_at
+    metrics.RATE_LIMIT_UNAVAILABLE.inc()
+    if time.monotonic() - _warned_at >= _WARN_EVERY_SECONDS:
+        _warned_at = time.monotonic()
+        log.warning("rate limits not enforced: Redis did not answer (%s)", exc)
+
+
 async def admit(key: ApiKey, now: float | None = None) -> Refusal | None:
-    """Count the request against the key's limits; a Refusal when it is over one."""
+    """Count the request against the key's limits; a Refusal when it is over one. Lets the
+    request in, uncounted, when Redis does not answer (the module's docstring says why)."""
     if key.requests_per_minute is None and key.tokens_per_minute is None:
         return None
     window, left = _window(time.time() if now is None else now)
-    requests, tokens = await _counts(key, window, add_request=key.requests_per_minute is not None)
+    try:
+        requests, tokens = await _counts(
+            key, window, add_request=key.requests_per_minute is not None
+        )
+    except (aioredis.RedisError, OSError) as exc:
+        _unavailable(exc)
+        return None
     if key.requests_per_minute is not None and requests > key.requests_per_minute:
         return Refusal(f"Rate limit reached: {key.requests_per_minute} requests per minute.", left)
     if key.tokens_per_minute is not None and tokens >= key.tokens_per_minute:
@@ -92,7 +118,10 @@ async def add_tokens(key: ApiKey, tokens: int, now: float | None = None) -> None
     if client is None:
         _local[name] += tokens
         return
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.incrby(name, tokens)
-        pipe.expire(name, WINDOW_SECONDS * 2)
-        await pipe.execute()
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.incrby(name, tokens)
+            pipe.expire(name, WINDOW_SECONDS * 2)
+            await pipe.execute()
+    except (aioredis.RedisError, OSError) as exc:
+        _unavailable(exc)

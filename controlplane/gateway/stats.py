@@ -30,12 +30,17 @@ class RequestRecord:
     model_pk: int | None = None
     start: str = "warm"  # or "cold": the request waited for a load
     first_token_at: float | None = None
+    finished: bool = False
 
     def first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
 
     def finish(self, status: int) -> None:
+        """Count the request once, however many ways its end is seen (499: the client left)."""
+        if self.finished:
+            return
+        self.finished = True
         now = time.perf_counter()
         duration = now - self.started
         ttft = (self.first_token_at or now) - self.started

@@ -1,28 +1,29 @@
-"""Sending a request to a replica's node agent, and relaying its answer byte for byte."""
+"""One replica's node agent over HTTP: sending a request, telling a replica that cannot answer
+from an answer, and relaying an answer byte for byte. The router (router.py) decides which
+replica and what to do when one fails; nothing here keeps state between requests."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 
 from agents.models import Placement
-from agents.scheduling import ReplicaLoad, choose_replica, replica_score
 from controlplane.gateway.loops import per_loop
+from nodeagent.protocol import AGENT_ERROR_HEADER
 
 log = logging.getLogger(__name__)
 
 _CONNECT = aiohttp.ClientTimeout(total=None, sock_connect=3)
-# Requests this web process has in flight per placement: routing's freshest load signal.
-# Other web processes count their own; the engine queue from heartbeats covers the rest.
-in_flight: Counter[int] = Counter()
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
 
@@ -38,38 +39,83 @@ def session() -> aiohttp.ClientSession:
     return per_loop(_sessions, _new_session)
 
 
-def scores(placements: list[Placement]) -> list[float]:
-    return [
-        replica_score(ReplicaLoad(str(p.pk), in_flight[p.pk], p.requests_waiting, p.kv_cache_usage))
-        for p in placements
-    ]
+class Fault(StrEnum):
+    """Why a replica could not take a request before its first byte."""
+
+    UNREACHABLE = "unreachable"  # the agent did not answer: connection refused, reset, timeout
+    DRAINING = "draining"  # the agent is stopping and takes no new requests
+    NOT_SERVING = "not_serving"  # the agent answers: the model is not there, or its engine is gone
 
 
-def pick(placements: list[Placement], user: str | None, tried: set[int]) -> Placement | None:
-    """The replica to try next: least loaded, or the user's own while it is not overloaded."""
-    candidates = {p.pk: p for p in placements if p.pk not in tried}
-    loads = [
-        ReplicaLoad(str(p.pk), in_flight[p.pk], p.requests_waiting, p.kv_cache_usage)
-        for p in candidates.values()
-    ]
-    chosen = choose_replica(loads, user)
-    return None if chosen is None else candidates[int(chosen.key)]
+# The agent's own error codes that say "not here, not now": another replica may answer.
+_FAULT_BY_AGENT_CODE = {
+    "model_not_found": Fault.NOT_SERVING,
+    "model_not_ready": Fault.NOT_SERVING,
+    "engine_unreachable": Fault.NOT_SERVING,
+    "agent_draining": Fault.DRAINING,
+    "unauthorized": Fault.UNREACHABLE,  # a token the agent does not take: nothing will pass
+}
 
 
-class Unreachable(Exception):
-    """The agent did not answer before the first byte: another replica may."""
+class ReplicaFailed(Exception):
+    """The replica cannot answer this request; it has not sent the client anything."""
+
+    def __init__(self, fault: Fault, message: str) -> None:
+        super().__init__(message)
+        self.fault = fault
 
 
-async def open_upstream(placement: Placement, path: str, raw: bytes) -> aiohttp.ClientResponse:
+@dataclass(frozen=True)
+class AgentRefusal:
+    """The agent refused the request itself (e.g. a body over its limit): the client's error."""
+
+    status: int
+    code: str
+    message: str
+
+
+async def post(placement: Placement, path: str, raw: bytes, stream: bool) -> aiohttp.ClientResponse:
+    """The replica's answer, headers read and body not; ReplicaFailed when it has none.
+
+    A stream's headers come as soon as the engine takes the request, so waiting
+    longer than GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS means the replica is stuck; a
+    non-streaming answer's headers come with its whole body, so it gets no such limit.
+    """
     url = f"{placement.inference_endpoint_url}/v1/{path}"
     headers = {
         "Authorization": f"Bearer {settings.AGENT_TOKEN}",
         "Content-Type": "application/json",
     }
+    sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT)
     try:
-        return await session().post(url, data=raw, headers=headers, timeout=_CONNECT)
+        if stream:
+            return await asyncio.wait_for(sent, settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS)
+        return await sent
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise Unreachable(f"{placement.agent.agent_id}: {exc}") from None
+        text = str(exc) or type(exc).__name__
+        raise ReplicaFailed(Fault.UNREACHABLE, f"{placement.agent.agent_id}: {text}") from None
+
+
+async def refusal(answer: aiohttp.ClientResponse) -> AgentRefusal | None:
+    """The agent's own refusal, when `answer` is one (the engine's answers pass as they are);
+    raises ReplicaFailed when the refusal says that another replica may serve."""
+    code = answer.headers.get(AGENT_ERROR_HEADER)
+    if code is None:
+        return None
+    try:
+        body = await answer.read()
+    except aiohttp.ClientError:
+        body = b""
+    finally:
+        answer.release()
+    try:
+        message = str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = body[:200].decode(errors="replace")
+    fault = _FAULT_BY_AGENT_CODE.get(code)
+    if fault is not None or answer.status >= 500:
+        raise ReplicaFailed(fault or Fault.NOT_SERVING, f"{code}: {message}")
+    return AgentRefusal(answer.status, code, message)
 
 
 UsageSink = Callable[[dict[str, Any]], None]
@@ -84,28 +130,55 @@ def ask_for_usage(raw: bytes, body: dict[str, Any]) -> tuple[bytes, bool]:
     return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode(), True
 
 
+class Meter:
+    """What one request used, said once: the engine's usage when it reported one, otherwise
+    (a client that left, a stream that broke) an estimate of what was spent on it: the
+    prompt's estimated tokens and one token per content event relayed."""
+
+    def __init__(self, on_usage: UsageSink, prompt_estimate: int) -> None:
+        self.on_usage = on_usage
+        self.prompt_estimate = prompt_estimate
+        self.usage: dict[str, Any] | None = None
+        self.relayed_events = 0
+        self.settled = False
+
+    def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.usage is not None:
+            self.on_usage(self.usage)
+        else:
+            self.on_usage(
+                {"prompt_tokens": self.prompt_estimate, "completion_tokens": self.relayed_events}
+            )
+
+
 class UsageScanner:
-    """Finds the engine's usage event in an SSE stream, dropping it when the client did not ask.
+    """Finds the engine's usage event in an SSE stream, dropping it when the client did not ask,
+    and counts the content events relayed until then (the estimate if no usage comes).
 
     Bytes pass unchanged, held back at most to the end of the current event.
     """
 
-    def __init__(self, strip: bool) -> None:
+    def __init__(self, strip: bool, meter: Meter) -> None:
         self.strip = strip
+        self.meter = meter
         self.pending = b""
-        self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        if self.usage is not None and not self.strip:
+        if self.meter.usage is not None and not self.strip:
             # Found, and the client's to keep: pass the rest straight through, in order.
             held, self.pending = self.pending, b""
             return held + chunk
         *events, self.pending = (self.pending + chunk).split(b"\n\n")
         kept = []
         for event in events:
-            taken = self.usage is None and b'"usage"' in event and self._take_usage(event)
+            taken = self.meter.usage is None and b'"usage"' in event and self._take_usage(event)
             if taken and self.strip:
                 continue
+            if not taken and event.startswith(b"data: {"):
+                self.meter.relayed_events += 1
             kept.append(event + b"\n\n")
         return b"".join(kept)
 
@@ -115,7 +188,7 @@ class UsageScanner:
         except ValueError:
             return False
         if isinstance(data, dict) and data.get("usage") and not data.get("choices"):
-            self.usage = data["usage"]
+            self.meter.usage = data["usage"]
             return True
         return False
 
@@ -131,9 +204,11 @@ def error_event(message: str, code: str = "upstream_failed") -> bytes:
 
 
 async def relay_chunks(
-    upstream: aiohttp.ClientResponse, placement_id: int, scanner: UsageScanner, on_usage: UsageSink
-) -> AsyncIterator[bytes]:
-    """An SSE answer's bytes as they come; the placement's in-flight count ends with it."""
+    upstream: aiohttp.ClientResponse, placement_id: int, scanner: UsageScanner
+) -> AsyncGenerator[bytes, None]:
+    """An SSE answer's bytes as they come. Whoever iterates this must close it (the router's
+    claim does): a client that went away cancels it, and closing the connection tells the
+    agent, which cancels the engine's request."""
     finished = False
     try:
         async for chunk in upstream.content.iter_any():
@@ -148,36 +223,45 @@ async def relay_chunks(
         yield error_event(f"The model's server failed mid-stream: {exc}")
         finished = True
     finally:
-        # A client that went away cancels us here: closing the connection tells the agent,
-        # which cancels the engine's request.
         upstream.release() if finished else upstream.close()
-        in_flight[placement_id] -= 1
-        if scanner.usage is not None:
-            on_usage(scanner.usage)
+        scanner.meter.settle()
 
 
-async def relay(
-    upstream: aiohttp.ClientResponse, placement: Placement, strip_usage: bool, on_usage: UsageSink
-) -> HttpResponse | StreamingHttpResponse:
-    """The engine's answer as the client's: its status, content type and bytes, unchanged
-    (but for a usage event the gateway asked for itself); its usage goes to `on_usage`."""
+def on_close(response: HttpResponseBase, step: Callable[[], object]) -> None:
+    """Run `step` when Django closes the response, however it ended: a streamed response's
+    generator may never reach its `finally` (a client that left while it waited at a yield)."""
+    response._resource_closers.append(step)  # type: ignore[attr-defined]
+
+
+def sse_response(
+    chunks: AsyncIterator[bytes], status: int = 200, cleanup: Callable[[], None] | None = None
+) -> StreamingHttpResponse:
+    """A streamed answer; `cleanup` runs when Django closes the response, however it ended."""
+    response = StreamingHttpResponse(chunks, status=status, content_type="text/event-stream")
+    if cleanup is not None:
+        on_close(response, cleanup)
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def read_answer(upstream: aiohttp.ClientResponse, meter: Meter) -> HttpResponse:
+    """A non-streaming answer as the client's, its usage to `meter` (an estimate when the
+    client leaves first: the engine did the prompt's work)."""
     content_type = upstream.headers.get("Content-Type", "application/json")
-    if content_type.startswith("text/event-stream"):
-        chunks = relay_chunks(upstream, placement.pk, UsageScanner(strip_usage), on_usage)
-        response = StreamingHttpResponse(chunks, status=upstream.status, content_type=content_type)
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
     try:
         body = await upstream.read()
-    finally:
-        upstream.release()
-        in_flight[placement.pk] -= 1
+    except BaseException:
+        upstream.close()
+        meter.settle()
+        raise
+    upstream.release()
     if upstream.status == 200 and b'"usage"' in body:
         try:
             usage = json.loads(body).get("usage")
         except (ValueError, AttributeError):
             usage = None
         if usage:
-            on_usage(usage)
+            meter.usage = usage
+            meter.settle()
     return HttpResponse(body, status=upstream.status, content_type=content_type)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-import aiohttp
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db.models import Exists, OuterRef
@@ -13,13 +12,19 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.models import Model, Placement
-from controlplane.gateway import cache, coldpath, coldstart, limits, stats, upstream
+from controlplane.gateway import cache, limits, stats, upstream
 from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.loops import in_background
 from controlplane.gateway.models import ApiKey
-from controlplane.gateway.validation import CompletionRequest, InvalidRequest, parse_completion
+from controlplane.gateway.router import Job, router
+from controlplane.gateway.validation import (
+    CompletionRequest,
+    InvalidRequest,
+    estimate_prompt_tokens,
+    parse_completion,
+)
 
 
 @csrf_exempt
@@ -109,6 +114,8 @@ async def _complete(
     if isinstance(response, StreamingHttpResponse) and response.is_async:
         chunks = cast(AsyncIterator[bytes], response.streaming_content)
         response.streaming_content = _observed(chunks, record, response)
+        # A client that leaves mid-stream may leave _observed waiting at a yield forever.
+        upstream.on_close(response, lambda: record.finish(499))
     else:
         record.finish(response.status_code)
     return response
@@ -133,6 +140,7 @@ async def _observed(
 async def _answer(
     request: HttpRequest, path: str, chat: bool, record: stats.RequestRecord
 ) -> HttpResponse | StreamingHttpResponse:
+    """Authenticate, admit, parse, resolve the model, serve."""
     if request.method != "POST":
         return openai_error(405, f"Method {request.method} is not allowed here; use POST.")
     key = await authenticate(request)
@@ -153,37 +161,6 @@ async def _answer(
     raw, strip_usage = (
         upstream.ask_for_usage(parsed.raw, parsed.body) if parsed.stream else (parsed.raw, False)
     )
-    on_usage = _usage_recorder(key, model)
-    placements = await cache.ready_placements(model)
-    cold = not placements
-    if cold:
-        record.start = "cold"
-        if parsed.stream:
-            return coldpath.stream_after_load(model, path, raw, parsed.user, strip_usage, on_usage)
-        try:
-            ready = await coldstart.wait_until_ready(model, settings.COLD_START_TIMEOUT_SECONDS)
-        except coldstart.ColdStartFailed as exc:
-            return coldpath.not_ready(str(exc))
-        cache.forget_placements(model)
-        placements = [ready]
-    else:
-        coldpath.maybe_scale_out(model, placements)
-    tried: set[int] = set()
-    while (placement := upstream.pick(placements, parsed.user, tried)) is not None:
-        upstream.in_flight[placement.pk] += 1
-        try:
-            answer = await upstream.open_upstream(placement, path, raw)
-        except upstream.Unreachable:
-            upstream.in_flight[placement.pk] -= 1
-            tried.add(placement.pk)
-            continue
-        try:
-            answered = await upstream.relay(answer, placement, strip_usage, on_usage)
-        except aiohttp.ClientError as exc:
-            return openai_error(502, f"The model's server failed: {exc}", code="upstream_failed")
-        if cold:
-            coldpath.after_first_answer(placement)
-        return answered
-    return openai_error(
-        502, f"No replica of `{model.model_id}` could be reached.", code="upstream_unreachable"
-    )
+    meter = upstream.Meter(_usage_recorder(key, model), estimate_prompt_tokens(parsed.body))
+    job = Job(model, path, raw, parsed.user, parsed.stream, strip_usage, meter, record)
+    return await router().serve(job)

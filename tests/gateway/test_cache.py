@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.db import OperationalError
 
+from controlplane import metrics
 from controlplane.gateway import actions, cache
 from controlplane.gateway.models import Usage
 from controlplane.gateway.usage import UsageBuffer
@@ -48,3 +50,56 @@ def test_usage_is_written_in_batches(settings):
     async_to_sync(serve_three_requests)()
     usage = Usage.objects.get()
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (3, 9, 12)
+
+
+class FlakyUsage(UsageBuffer):
+    """A buffer whose database is away until `down` is cleared."""
+
+    down = True
+
+    async def write(self, key: tuple[int, int], counts: list[float]) -> None:
+        if self.down:
+            raise OperationalError("the database is away")
+        await super().write(key, counts)
+
+
+def test_usage_that_could_not_be_written_is_kept_for_the_next_flush(settings):
+    settings.GATEWAY_USAGE_FLUSH_SECONDS = 3600  # flushed by hand below
+    model = ModelFactory()
+    key, _ = make_api_key()
+
+    async def serve_while_the_database_blinks() -> None:
+        buffer = FlakyUsage()
+        buffer.add(key.pk, model.pk, 1, 2)
+        await buffer.flush()  # fails: kept
+        buffer.add(key.pk, model.pk, 3, 4)  # meanwhile
+        assert buffer.pending == {(key.pk, model.pk): [2, 4, 6]}
+        buffer.down = False
+        await buffer.flush()
+        assert buffer.pending == {}
+        assert buffer.flusher is not None
+        buffer.flusher.cancel()
+
+    async_to_sync(serve_while_the_database_blinks)()
+    usage = Usage.objects.get()
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 4, 6)
+
+
+def test_past_the_backlog_the_oldest_unwritten_usage_is_dropped_and_counted(settings, caplog):
+    settings.GATEWAY_USAGE_FLUSH_SECONDS = 3600
+    settings.GATEWAY_USAGE_BACKLOG = 2
+    dropped = metrics.USAGE_DROPPED.labels(UsageBuffer.what)
+    before = dropped._value.get()
+
+    async def fill() -> dict:
+        buffer = FlakyUsage()
+        for model_pk in (1, 2, 3):
+            buffer.add(7, model_pk, 1, 1)
+        await buffer.flush()
+        assert buffer.flusher is not None
+        buffer.flusher.cancel()
+        return buffer.pending
+
+    assert list(async_to_sync(fill)()) == [(7, 2), (7, 3)]
+    assert dropped._value.get() - before == 1
+    assert "dropped 1 unwritten usage" in caplog.text

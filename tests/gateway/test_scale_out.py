@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from controlplane.celery import app
-from controlplane.gateway import coldpath, loops, upstream
+from controlplane.gateway import loops
+from controlplane.gateway.router import Router
 from tests.factories import ModelFactory, PlacementFactory
 
 pytestmark = pytest.mark.django_db
@@ -19,21 +20,17 @@ def test_every_replica_over_the_threshold_asks_for_one_more_once(monkeypatch, se
     monkeypatch.setattr(app, "send_task", lambda name, args: sent.append((name, args)))
     model = ModelFactory(max_replicas=3)
     placements = [PlacementFactory(model=model) for _ in range(2)]
-    coldpath._scale_out_asked.clear()
+    router = Router()
 
     async def route(in_flight: list[int]) -> None:
         for placement, count in zip(placements, in_flight, strict=True):
-            upstream.in_flight[placement.pk] = count
-        coldpath.maybe_scale_out(model, placements)
+            router.in_flight[placement.pk] = count
+        router.maybe_scale_out(model, placements)
         await asyncio.gather(*loops._background)
 
-    try:
-        asyncio.run(route([5, 2]))  # one replica has room
-        assert sent == []
-        asyncio.run(route([5, 4]))
-        assert sent == [("agents.tasks.scale_out", (model.pk,))]
-        asyncio.run(route([9, 9]))  # asked a moment ago: not again
-        assert len(sent) == 1
-    finally:
-        for placement in placements:
-            upstream.in_flight.pop(placement.pk, None)
+    asyncio.run(route([5, 2]))  # one replica has room
+    assert sent == []
+    asyncio.run(route([5, 4]))
+    assert sent == [("agents.tasks.scale_out", (model.pk,))]
+    asyncio.run(route([9, 9]))  # asked a moment ago: not again
+    assert len(sent) == 1

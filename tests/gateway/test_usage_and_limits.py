@@ -6,10 +6,12 @@ import pytest
 import redis
 from asgiref.sync import async_to_sync
 
+from controlplane import metrics
 from controlplane.gateway import limits
 from controlplane.gateway.actions import record_usage
 from controlplane.gateway.models import Usage
-from controlplane.gateway.upstream import UsageScanner, ask_for_usage
+from controlplane.gateway.upstream import Meter, UsageScanner, ask_for_usage
+from controlplane.gateway.validation import estimate_prompt_tokens
 from tests.factories import ModelFactory, make_api_key
 
 CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
@@ -21,14 +23,35 @@ DONE = b"data: [DONE]\n\n"
 def test_the_scanner_finds_usage_across_chunk_boundaries_and_removes_it_when_asked(split):
     stream = CHUNK + CHUNK + USAGE + DONE
     pieces = [stream[i : i + split] for i in range(0, len(stream), split)]
-    kept_scanner, stripped_scanner = UsageScanner(strip=False), UsageScanner(strip=True)
+    heard: list[dict] = []
+    kept_scanner = UsageScanner(False, Meter(heard.append, 1))
+    stripped_scanner = UsageScanner(True, Meter(heard.append, 1))
     kept = b"".join(kept_scanner.feed(piece) for piece in pieces) + kept_scanner.rest()
     stripped = b"".join(stripped_scanner.feed(piece) for piece in pieces) + stripped_scanner.rest()
     assert kept == stream  # the client asked for usage: its bytes unchanged
     assert stripped == CHUNK + CHUNK + DONE  # the gateway asked: the client never sees it
-    assert (
-        kept_scanner.usage == stripped_scanner.usage == {"prompt_tokens": 3, "completion_tokens": 5}
-    )
+    kept_scanner.meter.settle()
+    stripped_scanner.meter.settle()
+    assert heard == [{"prompt_tokens": 3, "completion_tokens": 5}] * 2
+
+
+def test_a_stream_that_ends_without_usage_is_charged_what_was_relayed():
+    heard: list[dict] = []
+    meter = Meter(heard.append, prompt_estimate=7)
+    scanner = UsageScanner(True, meter)
+    scanner.feed(CHUNK + CHUNK + CHUNK[:10])  # the client leaves mid-event
+    meter.settle()
+    meter.settle()  # said once, however many ways the end is seen
+    assert heard == [{"prompt_tokens": 7, "completion_tokens": 2}]
+
+
+def test_the_prompt_estimate_reads_the_text_of_messages_and_prompts():
+    chat = {"messages": [{"role": "user", "content": "x" * 400}]}
+    assert estimate_prompt_tokens(chat) == 100
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 40}]}]}
+    assert estimate_prompt_tokens(parts) == 10
+    assert estimate_prompt_tokens({"prompt": [1, 2, 3]}) == 3
+    assert estimate_prompt_tokens({"prompt": ""}) == 1
 
 
 def test_usage_is_asked_for_only_when_the_client_did_not():
@@ -90,3 +113,16 @@ def test_keys_without_limits_touch_nothing(settings):
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # would fail if it were used
     key, _ = make_api_key("free")
     assert async_to_sync(limits.admit)(key) is None
+
+
+@pytest.mark.django_db
+def test_limits_let_requests_in_when_redis_does_not_answer(settings, caplog):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    limits._clients.clear()
+    key, _ = make_api_key("limited", requests_per_minute=1, tokens_per_minute=10)
+    before = metrics.RATE_LIMIT_UNAVAILABLE._value.get()
+    for _ in range(3):  # over the limit, were it counted
+        assert async_to_sync(limits.admit)(key) is None
+    async_to_sync(limits.add_tokens)(key, 50)
+    assert metrics.RATE_LIMIT_UNAVAILABLE._value.get() - before == 4
+    assert "rate limits not enforced: Redis did not answer" in caplog.text

@@ -1,0 +1,407 @@
+"""The gateway's one owner of per-process routing state, and the one call that serves.
+
+`Router.serve` answers a parsed request for a catalog model: on the best READY
+replica (warm), or after the model loads (cold: held, with SSE progress comments
+for streams). Until the first byte of an answer reaches the client, a replica that
+cannot answer (unreachable, draining, model gone or not ready) is marked at once,
+for every web process, and the request moves to the next replica, or into the cold
+path when none is left. Errors of the request itself (an engine's 400) are the
+client's and pass unchanged.
+
+State, all per process: how many requests each placement has in flight here (the
+freshest load signal routing has: `claim` pairs every increment with its
+decrement), replicas this process saw fail (skipped until their row is written
+again: a heartbeat, a new load), and when each model last asked for another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+
+from agents import actions
+from agents.models import Model, Placement
+from agents.scheduling import ReplicaLoad, choose_replica, needs_scale_out, replica_score
+from controlplane import metrics
+from controlplane.gateway import cache, coldstart, stats, upstream
+from controlplane.gateway.errors import openai_error
+from controlplane.gateway.loops import in_background, per_loop
+from controlplane.gateway.upstream import Meter, ReplicaFailed
+
+log = logging.getLogger(__name__)
+
+_SCALE_OUT_EVERY_SECONDS = 5.0
+# How long this process remembers a failed replica whose row nobody wrote since: past it, the
+# failure could not be written (the database was away) and the replica may be tried again.
+_FORGET_FAILED_SECONDS = 60.0
+# A waiting stream says something this often, or proxies on the way time it out.
+_KEEPALIVE_SECONDS = 10.0
+
+
+Generation = tuple[int, object]
+
+
+def generation(placement: Placement) -> Generation:
+    """A replica as one request tries it: the same row written again (a heartbeat that says
+    it serves, a new load) is a new try."""
+    return placement.pk, placement.updated_at
+
+
+@dataclass
+class Job:
+    """One completion request, validated, for a model the key may use."""
+
+    model: Model
+    path: str  # "chat/completions" or "completions"
+    raw: bytes  # the body to send upstream
+    user: str | None
+    stream: bool
+    strip_usage: bool  # the gateway asked for the stream's usage event; it is not the client's
+    meter: Meter
+    record: stats.RequestRecord
+
+
+class Claim:
+    """One request's share of a placement's in-flight count, given back exactly once."""
+
+    def __init__(self, counts: Counter[int], placement: Placement, model: Model) -> None:
+        self.counts = counts
+        self.placement_id = placement.pk
+        self.gauge = metrics.GATEWAY_IN_FLIGHT.labels(model.model_id, placement.agent.agent_id)
+        self.released = False
+        counts[self.placement_id] += 1
+        self.gauge.inc()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.gauge.dec()
+        self.counts[self.placement_id] -= 1
+        if self.counts[self.placement_id] <= 0:
+            del self.counts[self.placement_id]
+
+
+@dataclass
+class Opened:
+    """A replica that answered: its response with headers read, and the request's claim."""
+
+    placement: Placement
+    answer: aiohttp.ClientResponse
+    claim: Claim
+
+    def abandon(self) -> None:
+        """The client is gone (or the answer is done): free the connection and the claim."""
+        self.answer.close()
+        self.claim.release()
+
+
+class Cleanup:
+    """What a streamed response must undo however it ends, even if its generator never runs
+    to its `finally` (a client that leaves while the generator waits at a `yield`): Django
+    calls the response's closers when the handler is done with it."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[], object]] = []
+
+    def add(self, step: Callable[[], object]) -> None:
+        self.steps.append(step)
+
+    def __call__(self) -> None:
+        steps, self.steps = self.steps, []
+        for step in steps:
+            step()
+
+
+class Router:
+    def __init__(self) -> None:
+        self.in_flight: Counter[int] = Counter()
+        # (placement pk, its row's updated_at) → when this process saw that replica fail. A row
+        # written since (a heartbeat, a new load) is another generation, tried afresh.
+        self.failed_at: dict[Generation, float] = {}
+        self.scale_out_asked: dict[int, float] = {}
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def claim(self, placement: Placement, model: Model) -> Claim:
+        return Claim(self.in_flight, placement, model)
+
+    def _load(self, placement: Placement) -> ReplicaLoad:
+        return ReplicaLoad(
+            str(placement.pk),
+            self.in_flight[placement.pk],
+            placement.requests_waiting,
+            placement.kv_cache_usage,
+        )
+
+    def scores(self, placements: list[Placement]) -> list[float]:
+        return [replica_score(self._load(p)) for p in placements]
+
+    def pick(self, placements: list[Placement], user: str | None) -> Placement | None:
+        """The replica to try: least loaded, or the user's own while it is not overloaded."""
+        by_key = {str(p.pk): p for p in placements}
+        chosen = choose_replica([self._load(p) for p in placements], user)
+        return None if chosen is None else by_key[chosen.key]
+
+    async def replicas(self, model: Model) -> list[Placement]:
+        """The model's READY replicas, less those this process saw fail whose rows nobody has
+        written since (the cache may still hold them, or the failure could not be written)."""
+        placements = await cache.ready_placements(model)
+        if not self.failed_at:
+            return placements
+        horizon = time.monotonic() - _FORGET_FAILED_SECONDS
+        for key in [key for key, at in self.failed_at.items() if at < horizon]:
+            del self.failed_at[key]
+        return [p for p in placements if generation(p) not in self.failed_at]
+
+    def maybe_scale_out(self, model: Model, placements: list[Placement]) -> None:
+        """Ask for another replica when every one is over the queue threshold (no request waits),
+        at most once per _SCALE_OUT_EVERY_SECONDS per model."""
+        if not needs_scale_out(
+            self.scores(placements),
+            threshold=settings.SCALE_OUT_QUEUE_THRESHOLD,
+            replicas=len(placements),
+            max_replicas=model.max_replicas,
+        ):
+            return
+        now = time.monotonic()
+        if now - self.scale_out_asked.get(model.pk, -1e9) < _SCALE_OUT_EVERY_SECONDS:
+            return
+        self.scale_out_asked[model.pk] = now
+        from controlplane.celery import app
+
+        in_background(asyncio.to_thread(app.send_task, "agents.tasks.scale_out", args=(model.pk,)))
+
+    async def _failed(self, placement: Placement, model: Model, failure: ReplicaFailed) -> None:
+        """Skip the replica here at once, and have the fleet state say so for everyone."""
+        log.warning("replica %s failed before the first byte: %s", placement.pk, failure)
+        metrics.FAILOVERS.labels(model.model_id, failure.fault.value).inc()
+        self.failed_at[generation(placement)] = time.monotonic()
+        cache.forget_placements(model)
+        try:
+            await sync_to_async(actions.replica_failed)(placement.pk, failure.fault, str(failure))
+        except DatabaseError:  # the database is away: this process skips it all the same
+            log.exception("could not record that replica %s failed", placement.pk)
+
+    # --- serving --------------------------------------------------------------------------------
+
+    async def serve(self, job: Job) -> HttpResponse | StreamingHttpResponse:
+        deadline = time.monotonic() + settings.COLD_START_TIMEOUT_SECONDS
+        tried: set[Generation] = set()
+        placements = await self.replicas(job.model)
+        if placements:
+            self.maybe_scale_out(job.model, placements)
+        while placement := self.pick(
+            [p for p in placements if generation(p) not in tried], job.user
+        ):
+            opened = await self._try(placement, job, tried)
+            if isinstance(opened, HttpResponse):
+                return opened
+            if opened is not None:
+                return await self._relay(opened, job, cold=False)
+        job.record.start = "cold"
+        if job.stream:
+            cleanup = Cleanup()
+            return upstream.sse_response(
+                self._cold_stream(job, tried, deadline, cleanup), cleanup=cleanup
+            )
+        try:
+            opened = await self._open_cold(job, tried, deadline, None)
+        except coldstart.ColdStartFailed as exc:
+            return not_ready(str(exc))
+        if isinstance(opened, HttpResponse):
+            return opened
+        return await self._relay(opened, job, cold=True)
+
+    async def _try(
+        self, placement: Placement, job: Job, tried: set[Generation]
+    ) -> Opened | HttpResponse | None:
+        """The replica's answer; None when it failed (marked, and added to `tried`); the agent's
+        refusal of the request itself as an OpenAI error."""
+        claim = self.claim(placement, job.model)
+        try:
+            answer = await upstream.post(placement, job.path, job.raw, job.stream)
+            refused = await upstream.refusal(answer)
+        except ReplicaFailed as failure:
+            claim.release()
+            tried.add(generation(placement))
+            await self._failed(placement, job.model, failure)
+            return None
+        except BaseException:
+            # The client left (CancelledError) once the prompt was sent: the engine took it,
+            # and the request is charged for it (Meter).
+            claim.release()
+            job.meter.settle()
+            raise
+        if refused is not None:
+            claim.release()
+            return openai_error(refused.status, refused.message, code=refused.code)
+        return Opened(placement, answer, claim)
+
+    async def _open_cold(
+        self,
+        job: Job,
+        tried: set[Generation],
+        deadline: float,
+        on_progress: Callable[[str], None] | None,
+    ) -> Opened | HttpResponse:
+        """Wait for a READY replica (loading the model if none is), then try it; a replica that
+        fails sends the request back to waiting. Raises ColdStartFailed at the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise coldstart.ColdStartFailed(
+                    f"No replica of `{job.model.model_id}` could answer within "
+                    f"{settings.COLD_START_TIMEOUT_SECONDS} s."
+                )
+            placement = await coldstart.wait_until_ready(job.model, remaining, on_progress)
+            cache.forget_placements(job.model)
+            if generation(placement) in tried:
+                # Its failure could not be written (the database is away): the fleet
+                # still calls it READY. Ask again shortly rather than spin.
+                await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+                continue
+            opened = await self._try(placement, job, tried)
+            if opened is not None:
+                return opened
+
+    async def _cold_stream(
+        self, job: Job, tried: set[Generation], deadline: float, cleanup: Cleanup
+    ) -> AsyncIterator[bytes]:
+        """A cold stream: progress comments while the model loads, then the answer."""
+        model_id = job.model.model_id
+        yield f": loading {model_id}\n\n".encode()
+        progress: asyncio.Queue[str] = asyncio.Queue()
+        said: list[str] = []
+
+        def on_progress(text: str) -> None:
+            if not said or said[-1] != text:
+                said.append(text)
+                progress.put_nowait(text)
+
+        waiter = asyncio.ensure_future(self._open_cold(job, tried, deadline, on_progress))
+        cleanup.add(lambda: _stop_waiting(waiter))
+        try:
+            while not waiter.done():
+                heard = asyncio.ensure_future(progress.get())
+                done, _ = await asyncio.wait(
+                    {waiter, heard}, timeout=_KEEPALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                )
+                if heard in done:
+                    yield f": loading {model_id}: {heard.result()}\n\n".encode()
+                else:
+                    heard.cancel()
+                    if not done:
+                        yield f": loading {model_id}\n\n".encode()
+            opened = waiter.result()
+        except coldstart.ColdStartFailed as exc:
+            yield upstream.error_event(str(exc), code="model_not_ready")
+            return
+        finally:
+            _stop_waiting(waiter)
+        if isinstance(opened, HttpResponse):
+            yield upstream.error_event(opened.content.decode(errors="replace"))
+            return
+        cleanup.add(opened.abandon)
+        cleanup.add(job.meter.settle)
+        async for chunk in self._answer_chunks(opened, job, cold=True):
+            yield chunk
+
+    async def _relay(
+        self, opened: Opened, job: Job, cold: bool
+    ) -> HttpResponse | StreamingHttpResponse:
+        """The replica's answer as the client's: its status, content type and bytes."""
+        answer = opened.answer
+        if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
+            cleanup = Cleanup()
+            cleanup.add(opened.abandon)
+            cleanup.add(job.meter.settle)
+            chunks = self._answer_chunks(opened, job, cold)
+            return upstream.sse_response(chunks, status=answer.status, cleanup=cleanup)
+        try:
+            return await upstream.read_answer(answer, job.meter)
+        finally:
+            opened.claim.release()
+            if cold:
+                _first_token(opened.placement)
+
+    async def _answer_chunks(self, opened: Opened, job: Job, cold: bool) -> AsyncIterator[bytes]:
+        answer = opened.answer
+        ok = answer.status == 200 and answer.headers.get("Content-Type", "").startswith(
+            "text/event-stream"
+        )
+        if not ok:  # a cold stream whose engine refused the request: the client's error
+            try:
+                body = await answer.read()
+            finally:
+                answer.release()
+                opened.claim.release()
+            yield upstream.error_event(_error_message(answer.status, body))
+            return
+        scanner = upstream.UsageScanner(job.strip_usage, job.meter)
+        chunks = upstream.relay_chunks(answer, opened.placement.pk, scanner)
+        first = True
+        try:
+            async for chunk in chunks:
+                if first and cold:
+                    _first_token(opened.placement)
+                first = False
+                yield chunk
+        finally:
+            await chunks.aclose()
+            opened.claim.release()
+
+
+def _stop_waiting(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
+    """A client that left stops waiting (the load itself goes on); should the wait have
+    opened a replica in the same instant, that answer and its claim are given back."""
+    if not waiter.done():
+        waiter.cancel()
+        waiter.add_done_callback(_abandon_if_opened)
+
+
+def _abandon_if_opened(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
+    if waiter.cancelled() or waiter.exception() is not None:
+        return
+    opened = waiter.result()
+    if isinstance(opened, Opened):
+        opened.abandon()
+
+
+def _first_token(placement: Placement) -> None:
+    """Record the cold start's last phase, time to first token, off the request's path."""
+    in_background(sync_to_async(actions.record_first_token)(placement.pk))
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return f"The model's server answered {status}: {message or body[:200].decode(errors='replace')}"
+
+
+def not_ready(message: str) -> JsonResponse:
+    response = openai_error(503, message, code="model_not_ready")
+    response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+    return response
+
+
+_routers: dict[asyncio.AbstractEventLoop, Router] = {}
+
+
+def router() -> Router:
+    """The router of the running event loop (daphne runs one)."""
+    return per_loop(_routers, Router)
