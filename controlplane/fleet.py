@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Long enough for the agent to stop its engines (vLLM takes a few seconds) before SIGKILL.
 GRACE_SECONDS = 30.0
 AGENT_KINDS = ("vllm", "sim", "none")
+# Who stops first on Ctrl-C (README, "What each process does on SIGTERM"); the rest after.
+STOP_ORDER = (("agent",), ("web",))
 LOCAL_AGENT = "local-1"
 
 
@@ -122,13 +124,22 @@ class Supervisor:
         return 0
 
     def stop(self) -> None:
+        """Stop the children in STOP_ORDER: the agent drains while web still relays its
+        streams, web goes before the workers that its requests may be waiting on."""
+        names = list(self.children)
+        for group in STOP_ORDER:
+            self._stop([name for name in names if name in group])
+        self._stop([name for name in names if not any(name in group for group in STOP_ORDER)])
+
+    def _stop(self, names: list[str]) -> None:
         # SIGTERM to each leader alone: Celery's warm shutdown stops its own pool, which
         # a signal to the whole group would kill mid-task.
-        for child in self.children.values():
+        children = {name: self.children[name] for name in names}
+        for child in children.values():
             if child.poll() is None:
                 child.terminate()
         deadline = time.monotonic() + GRACE_SECONDS
-        for name, child in self.children.items():
+        for name, child in children.items():
             try:
                 child.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
