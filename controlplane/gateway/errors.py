@@ -6,7 +6,18 @@ OpenAI's SDKs read these fields to build their exceptions, so every error of
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R", bound=HttpResponseBase)
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -38,3 +49,30 @@ def not_found(request: HttpRequest, path: str = "") -> JsonResponse:
     return openai_error(
         404, f"Unknown endpoint: {request.method} {request.path}", code="unknown_url"
     )
+
+
+def openai_errors(
+    view: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R | JsonResponse]]:
+    """A /v1 view whose unexpected failures still answer in OpenAI's shape: 503 with
+    Retry-After while the database is away (a restart, a failover), 500 otherwise."""
+
+    @functools.wraps(view)
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R | JsonResponse:
+        try:
+            return await view(*args, **kwargs)
+        except DatabaseError as exc:
+            from controlplane.gateway.handler import drop_broken_connections
+
+            log.warning("the database is unavailable: %s", exc)
+            await drop_broken_connections()
+            response = openai_error(
+                503, "The service is briefly unavailable; try again.", code="service_unavailable"
+            )
+            response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+            return response
+        except Exception:
+            log.exception("a /v1 request failed")
+            return openai_error(500, "The server had an error processing your request.")
+
+    return wrapped

@@ -15,7 +15,7 @@ from agents.models import Model, Placement
 from controlplane.gateway import cache, limits, stats, upstream
 from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.auth import AuthFailure, authenticate
-from controlplane.gateway.errors import openai_error
+from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.loops import in_background
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.router import Job, router
@@ -28,6 +28,7 @@ from controlplane.gateway.validation import (
 
 
 @csrf_exempt
+@openai_errors
 async def list_models(request: HttpRequest) -> JsonResponse:
     """`GET /v1/models` in OpenAI's list shape, with whether each model is warm right now."""
     if request.method != "GET":
@@ -51,12 +52,14 @@ async def list_models(request: HttpRequest) -> JsonResponse:
 
 
 @csrf_exempt
+@openai_errors
 async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """`POST /v1/chat/completions`, streaming or not."""
     return await _complete(request, "chat/completions", chat=True)
 
 
 @csrf_exempt
+@openai_errors
 async def completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """`POST /v1/completions`, streaming or not."""
     return await _complete(request, "completions", chat=False)

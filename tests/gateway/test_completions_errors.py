@@ -119,3 +119,27 @@ def test_models_say_whether_they_are_warm(client, key):
     PlacementFactory(model=ModelFactory._meta.model.objects.get(model_id="org/m"))
     listed = client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}").json()["data"]
     assert {entry["id"]: entry["warm"] for entry in listed} == {"org/m": True, "org/secret": False}
+
+
+def test_a_database_that_is_away_gives_503_in_openai_shape(client, key, monkeypatch):
+    from django.db import OperationalError
+
+    from controlplane.gateway import cache
+
+    async def away(model):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(cache, "ready_placements", away)
+    response = post(client, key, chat())
+    assert error_of(response, 503)["code"] == "service_unavailable"
+    assert response["Retry-After"]
+
+
+def test_an_unexpected_failure_gives_500_in_openai_shape(client, key, monkeypatch):
+    from controlplane.gateway import cache
+
+    async def broken(model):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cache, "ready_placements", broken)
+    assert error_of(post(client, key, chat()), 500)["type"] == "server_error"
