@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 
 # A placement in one of these states has a load under way.
 LOADING_STATES = (PlacementState.DOWNLOADING, PlacementState.LOADING_TO_GPU)
+# What one unload may take: stopping an engine waits out its grace period.
+UNLOAD_TIMEOUT_SECONDS = 120.0
+# A pending step whose task has not started this long after it was queued is sent again (the
+# broker was away, or its message was lost with a worker); claiming makes a duplicate harmless.
+_RESEND_AFTER = timedelta(seconds=30)
+_resent_at: dict[int, float] = {}
 
 
 def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
@@ -213,10 +220,18 @@ class NoCapacity(Exception):
 
 
 def _queue(task_name: str, *args: object) -> None:
-    """Send a task once the transaction that wrote its rows commits (never before)."""
+    """Send a task once the transaction that wrote its rows commits (never before). A broker
+    that is away does not fail the caller: the sweep sends it again (settle_orphaned_steps)."""
+    transaction.on_commit(lambda: _send(task_name, *args))
+
+
+def _send(task_name: str, *args: object) -> None:
     from controlplane.celery import app
 
-    transaction.on_commit(lambda: app.send_task(task_name, args=args))
+    try:
+        app.send_task(task_name, args=args)
+    except Exception as exc:  # kombu's OperationalError, a socket error: the broker is away
+        log.warning("could not queue %s%s (the sweep will): %s", task_name, args, exc)
 
 
 def ensure_placement(model: Model) -> Placement:
@@ -532,9 +547,11 @@ def fail_load(event_id: int, error: str) -> Placement | None:
         model = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=event.model_id)
         event.outcome, event.finished_at, event.error = LoadOutcome.FAILED, timezone.now(), error
         event.save()
-        Placement.objects.filter(pk__in=_placement_of(event)).update(
-            state=PlacementState.FAILED, error=error[:4000], updated_at=timezone.now()
-        )
+        # Only while the placement is this load's: a later load of it (after a heartbeat saw
+        # it gone) is not undone by an old one failing.
+        Placement.objects.filter(pk__in=_placement_of(event), state__in=LOADING_STATES).exclude(
+            load_events__queued_at__gt=event.queued_at
+        ).update(state=PlacementState.FAILED, error=error[:4000], updated_at=timezone.now())
         events.announce(placements=_placement_of(event), loads=[event.pk])
         log.warning("load of %s on agent %s failed: %s", model.model_id, event.agent_id, error)
         placements = list(model.placements.select_related("agent"))
@@ -573,17 +590,77 @@ def record_first_token(placement_id: int) -> None:
         events.announce(loads=[event.pk])
 
 
-def expire_stuck_loads() -> int:
-    """Fail loads pending far past the cold-start timeout (a worker died holding them)."""
-    limit = timezone.now() - timedelta(seconds=settings.COLD_START_TIMEOUT_SECONDS + 60)
-    stuck = list(
-        LoadEvent.objects.filter(
-            kind=LoadEventKind.LOAD, outcome=LoadOutcome.PENDING, queued_at__lt=limit
-        ).values_list("pk", flat=True)
+def settle_orphaned_steps() -> int:
+    """Close the loads and unloads whose tasks died or never ran (a worker killed mid-task, a
+    broker that was away), so nothing stays pending: a step the agent did anyway (a heartbeat
+    saw it, `_reconcile`) succeeds, one never started is sent again, and one pending past its
+    timeout fails (a load moves on to the next agent; an unload leaves the model serving).
+    Returns how many it closed."""
+    now = timezone.now()
+    pending = list(
+        LoadEvent.objects.filter(outcome=LoadOutcome.PENDING).select_related("placement")
     )
-    for event_id in stuck:
-        fail_load(event_id, "the load did not finish within the cold-start timeout")
-    return len(stuck)
+    closed = 0
+    for event in pending:
+        placement = event.placement
+        if placement is not None and _done_anyway(event, placement):
+            closed += _close_as_done(event.pk)
+        elif now - event.queued_at > _timeout(event):
+            closed += 1
+            if event.kind == LoadEventKind.LOAD:
+                fail_load(event.pk, "the load did not finish within the cold-start timeout")
+            else:
+                fail_unload(event.pk, "the unload did not finish within its timeout")
+        elif event.started_at is None and now - event.queued_at > _RESEND_AFTER:
+            _resend(event)
+    return closed
+
+
+def _done_anyway(event: LoadEvent, placement: Placement) -> bool:
+    if event.kind == LoadEventKind.LOAD:
+        return placement.state == PlacementState.READY
+    return placement.state == PlacementState.UNLOADED
+
+
+def _timeout(event: LoadEvent) -> timedelta:
+    seconds = (
+        settings.COLD_START_TIMEOUT_SECONDS
+        if event.kind == LoadEventKind.LOAD
+        else UNLOAD_TIMEOUT_SECONDS
+    )
+    return timedelta(seconds=seconds + 60)
+
+
+def _close_as_done(event_id: int) -> int:
+    """A pending step the agent finished though its task did not say (it died): succeeded,
+    without the phases only the task knew. Locks the event; its task, should it still be
+    alive, writes its own outcome over this one."""
+    with transaction.atomic():
+        event = (
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("placement")
+            .filter(pk=event_id, outcome=LoadOutcome.PENDING)
+            .first()
+        )
+        if event is None or event.placement is None:
+            return 0
+        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
+        if event.kind == LoadEventKind.UNLOAD:
+            event.to_level = event.placement.cache_level
+        event.save(update_fields=["outcome", "finished_at", "to_level"])
+        events.announce(loads=[event.pk])
+    log.info("%s %s finished on its agent; its task never said", event.kind.lower(), event_id)
+    return 1
+
+
+def _resend(event: LoadEvent) -> None:
+    last = _resent_at.get(event.pk)
+    if last is not None and time.monotonic() - last < _RESEND_AFTER.total_seconds():
+        return
+    _resent_at[event.pk] = time.monotonic()
+    task = "agents.tasks.load" if event.kind == LoadEventKind.LOAD else "agents.tasks.unload"
+    log.warning("%s %s was never started; queueing it again", event.kind.lower(), event.pk)
+    _send(task, event.pk)
 
 
 # --- stepping down ---------------------------------------------------------------------------
@@ -685,7 +762,7 @@ def fail_unload(event_id: int, error: str) -> None:
 def sweep() -> list[LoadEvent]:
     """Beat's eviction sweep: step idle models down the ladder (scheduling.plan_sweep), top
     models up to their min_replicas, and fail loads a dead worker left pending."""
-    expire_stuck_loads()
+    settle_orphaned_steps()
     now = timezone.now()
     placements = list(
         Placement.objects.exclude(agent__state__in=UNROUTABLE_AGENT_STATES)
@@ -848,6 +925,14 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
     plane has under way: a pending load ends READY or FAILED by its task (the agent may not
     have started it yet), and a pending unload ends by its task too."""
     pending = placement.state in LOADING_STATES or placement.state == PlacementState.UNLOADING
+    # What the agent reports as the step's own outcome is the truth even while the step is
+    # pending here: its task may have died (the sweep then closes its LoadEvent).
+    done = (placement.state in LOADING_STATES and status.cache_state == PlacementState.READY) or (
+        placement.state == PlacementState.UNLOADING
+        and status.cache_state in (PlacementState.UNLOADED, PlacementState.FAILED)
+    )
+    if done:
+        pending = False
     if status.cache_state in PlacementState.values and (
         not pending or status.cache_state in LOADING_STATES
     ):

@@ -19,8 +19,6 @@ from agents.models import Agent, Model
 
 log = logging.getLogger(__name__)
 
-# What one unload may take: stopping an engine waits out its grace period.
-_UNLOAD_TIMEOUT_SECONDS = 120.0
 _WRITE_ATTEMPTS = 3
 
 
@@ -78,7 +76,7 @@ def unload(event_id: int) -> None:
         response = asyncio.run(
             agent_client.unload_model(
                 job.agent_url, settings.AGENT_TOKEN, job.model_id, job.to_level,
-                seconds=_UNLOAD_TIMEOUT_SECONDS,
+                seconds=actions.UNLOAD_TIMEOUT_SECONDS,
             )
         )  # fmt: skip
     except agent_client.AgentCallFailed as exc:

@@ -373,3 +373,65 @@ def test_every_row_lock_in_the_actions_locks_its_own_rows_alone():
     calls = re.findall(r"select_for_update\(([^)]*)\)", source)
     assert calls, "the walk went stale"
     assert all('of=("self",' in call for call in calls), calls
+
+
+@pytest.mark.django_db
+def test_steps_whose_tasks_died_end_as_the_agent_did_them(queued):
+    """A worker killed mid-load or mid-unload: the agent finished the step anyway; the next
+    heartbeat says so and the sweep closes the step, so nothing stays pending."""
+    agent = AgentFactory()
+    loading, leaving = ModelFactory(), ModelFactory()
+    load = actions.ensure_placement(loading)
+    going = PlacementFactory(agent=agent, model=leaving)
+    step_down = actions.unload(going, CacheLevel.NVME_CACHED)
+    actions.begin_load(LoadEvent.objects.get(placement=load, kind=LoadEventKind.LOAD).pk)
+    actions.begin_unload(step_down.pk)  # both tasks die here, before writing their outcome
+    Placement.objects.update(updated_at=timezone.now() - timedelta(seconds=1))
+    actions.apply_heartbeats([
+        beat(agent, ModelStatus(loading.model_id, "READY", "GPU_RESIDENT", "http://x/models/l"),
+             ModelStatus(leaving.model_id, "UNLOADED", "NVME_CACHED")),
+    ])  # fmt: skip
+    load.refresh_from_db()
+    assert (load.state, load.inference_endpoint_url) == (PlacementState.READY, "http://x/models/l")
+    assert Placement.objects.get(pk=going.pk).state == PlacementState.UNLOADED
+    assert actions.settle_orphaned_steps() == 2
+    outcomes = {event.kind: (event.outcome, event.to_level) for event in LoadEvent.objects.all()}
+    assert outcomes[LoadEventKind.LOAD][0] == LoadOutcome.SUCCEEDED
+    assert outcomes[LoadEventKind.UNLOAD] == (LoadOutcome.SUCCEEDED, CacheLevel.NVME_CACHED)
+
+
+@pytest.mark.django_db
+def test_a_step_never_started_is_queued_again_and_an_unload_past_its_time_fails(
+    monkeypatch, queued
+):
+    sent: list[tuple[str, tuple[object, ...]]] = []
+    monkeypatch.setattr(actions, "_send", lambda name, *args: sent.append((name, args)))
+    actions._resent_at.clear()
+    agent = AgentFactory()
+    actions.ensure_placement(ModelFactory())  # its task was never delivered (a broker blink)
+    going = PlacementFactory(agent=agent)
+    stuck = actions.unload(going, CacheLevel.NVME_CACHED)
+    actions.begin_unload(stuck.pk)  # started, then its worker died before the agent answered
+    LoadEvent.objects.update(queued_at=timezone.now() - timedelta(seconds=60))
+    LoadEvent.objects.filter(pk=stuck.pk).update(
+        queued_at=timezone.now() - timedelta(seconds=actions.UNLOAD_TIMEOUT_SECONDS + 61)
+    )
+    assert actions.settle_orphaned_steps() == 1
+    load = LoadEvent.objects.get(kind=LoadEventKind.LOAD)
+    assert sent == [("agents.tasks.load", (load.pk,))]
+    assert LoadEvent.objects.get(pk=stuck.pk).outcome == LoadOutcome.FAILED
+    assert Placement.objects.get(pk=going.pk).state == PlacementState.READY  # serving again
+    actions.settle_orphaned_steps()
+    assert len(sent) == 1  # not again within _RESEND_AFTER
+
+
+@pytest.mark.django_db
+def test_an_old_load_failing_does_not_undo_a_newer_load_of_the_same_placement(queued):
+    AgentFactory()
+    model = ModelFactory()
+    placement = actions.ensure_placement(model)
+    old = LoadEvent.objects.get()
+    LoadEvent.objects.filter(pk=old.pk).update(queued_at=timezone.now() - timedelta(minutes=5))
+    LoadEventFactory(model=model, agent=placement.agent, placement=placement)  # the new load
+    actions.fail_load(old.pk, "the load did not finish within the cold-start timeout")
+    assert Placement.objects.get(pk=placement.pk).state == PlacementState.DOWNLOADING
