@@ -19,7 +19,7 @@ TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test \
 	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
-.PHONY: run agent test lint services venv engine azurite browser clean
+.PHONY: run agent test lint services venv engine azurite browser haproxy bench-faults clean
 
 venv: $(INSTALLED)
 
@@ -80,9 +80,17 @@ services:
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+## haproxy: Debian's haproxy, the load balancer in front of two web replicas in the fault suite
+haproxy:
+	@command -v haproxy >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+
 ## test: lint, then every test against PostgreSQL and Redis (ARGS=... passes pytest options)
-test: lint services engine azurite browser
+test: lint services engine azurite browser haproxy
 	$(TEST_ENV) $(PY) -m pytest $(ARGS)
+
+## bench-faults: the fault suite as a report, ending with one RESULT line (bench/faults.py)
+bench-faults: services engine azurite haproxy
+	$(PY) bench/faults.py
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) .venv-litellm node_modules var test-artifacts .mypy_cache .ruff_cache .pytest_cache

@@ -22,6 +22,7 @@ class SimSettings:
     tpot_ms: float = 5.0
     wake_seconds: float = 0.5
     max_num_seqs: int = 8
+    stop_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="sim engine: wake time",
     )
     flag(
+        "--sim-stop-seconds",
+        "AGENT_SIM_STOP_SECONDS",
+        type=float,
+        default=0.0,
+        help="sim engine: time to stop (a real engine takes seconds)",
+    )
+    flag(
         "--sim-max-num-seqs",
         "AGENT_SIM_MAX_NUM_SEQS",
         type=int,
@@ -344,6 +352,7 @@ def parse_config(
             tpot_ms=float(args.sim_tpot_ms),
             wake_seconds=float(args.sim_wake_seconds),
             max_num_seqs=int(args.sim_max_num_seqs),
+            stop_seconds=float(args.sim_stop_seconds),
         ),
         log_level=str(args.log_level),
     )

@@ -311,6 +311,7 @@ class SimEngine:
             raise
 
     async def stop(self) -> None:
+        await asyncio.sleep(self.settings.stop_seconds)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,39 @@ class ControlPlane:
     url: str
     logs: Path
     token: str
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    web_urls: list[str] = field(default_factory=list)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def start(self, name: str) -> None:
+        """Start (or start again) one of the control plane's processes; its log goes on."""
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.children[name] = subprocess.Popen(
+                self.commands[name], cwd=ROOT, env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        """Signal a process's whole group (a worker's pool threads, daphne) and reap it."""
+        child = self.children[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+        child.wait(timeout=30)
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children.values():
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
 
     def agent(
         self,
@@ -49,7 +81,7 @@ class ControlPlane:
     ) -> AgentProcess:
         """Start a node agent that registers with this control plane."""
         home = tmp_path / agent_id
-        home.mkdir()
+        home.mkdir(exist_ok=True)
         return stack.enter_context(
             running_agent(
                 home, "--agent-id", agent_id, "--control-plane-url", self.url, *args,
@@ -65,11 +97,13 @@ def database_url() -> str:
 
 @contextmanager
 def running_control_plane(
-    settings: Any, tmp_path: Path, **overrides: str
+    settings: Any, tmp_path: Path, web_replicas: int = 1, **overrides: str
 ) -> Iterator[ControlPlane]:
-    """Start web, worker and beat against the test database; stop all three at the end."""
-    if settings.REDIS_URL:  # the tests' own Redis database: no queued tasks of earlier runs
-        redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    """Start web (`web_replicas` daphne processes), both workers and beat against the test
+    database; stop them all at the end."""
+    redis_url = overrides.get("REDIS_URL", settings.REDIS_URL)
+    if redis_url:  # the tests' own Redis database: no queued tasks of earlier runs
+        redis.Redis.from_url(redis_url).flushdb()
     logs = tmp_path / "control-plane"
     logs.mkdir()
     env = dict(os.environ)
@@ -77,12 +111,17 @@ def running_control_plane(
         DATABASE_URL=database_url(), AGENT_TOKEN=settings.AGENT_TOKEN,
         SECRET_KEY="e2e-control-plane", VAR_DIR=str(tmp_path / "var"), **{**FAST, **overrides},
     )  # fmt: skip
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    ports = [free_port() for _ in range(web_replicas)]
+    url = f"http://127.0.0.1:{ports[0]}"
     celery = [sys.executable, "-m", "celery", "-A", "controlplane"]
+    daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1"]
+    asgi = "controlplane.asgi:application"
+    webs = {
+        ("web" if n == 0 else f"web{n + 1}"): [*daphne, "-p", str(port), asgi]
+        for n, port in enumerate(ports)
+    }
     commands = {
-        "web": [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                "controlplane.asgi:application"],
+        **webs,
         # The production layout: heartbeats and sweeps never queue behind a load.
         "worker": [*celery, "worker", "--loglevel", "INFO", "--pool", "threads",
                    "--queues", "control", "--concurrency", "4", "--hostname", "control@%h"],
@@ -91,26 +130,17 @@ def running_control_plane(
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule",
                  str(tmp_path / "beat-schedule")],
     }  # fmt: skip
-    children: dict[str, subprocess.Popen[bytes]] = {}
+    plane = ControlPlane(
+        url, logs, settings.AGENT_TOKEN, commands, env,
+        web_urls=[f"http://127.0.0.1:{port}" for port in ports],
+    )  # fmt: skip
     try:
-        for name, argv in commands.items():
-            with (logs / f"{name}.log").open("wb") as log:
-                children[name] = subprocess.Popen(
-                    argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-
-        wait_for(lambda: http_ok(f"{url}/healthz"), 30, "daphne")
-        plane = ControlPlane(url, logs, settings.AGENT_TOKEN)
+        for name in commands:
+            plane.start(name)
+        for web_url in plane.web_urls:
+            wait_for(partial(http_ok, f"{web_url}/healthz"), 30, "daphne")
         wait_for(lambda: "ready." in plane.log("worker"), 60, "the Celery worker")
         wait_for(lambda: "ready." in plane.log("loader"), 60, "the Celery loads worker")
         yield plane
     finally:
-        for child in children.values():
-            child.terminate()
-        for child in children.values():
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+        plane.stop()

@@ -1,0 +1,82 @@
+"""The fault suite as a report: every case of tests/e2e/faults.py, one after another.
+
+    .venv/bin/python bench/faults.py [-k EXPRESSION]
+
+Runs tests/e2e/test_faults.py under pytest (so against the same PostgreSQL, Redis, Azurite,
+haproxy and vLLM as `make test`; run `make test` once first to install them), gathers each
+case's report and prints them side by side with what a client sees during each fault, then:
+
+    RESULT faults=<n> survived=<n> failed_while_faulted=<n> failed_after_heal=<n> stuck=<n>
+           worst_recovery_s=<x>
+
+Targets: survived = faults, failed_after_heal = 0, stuck = 0, and for engine SIGKILL with
+another READY replica failed_while_faulted = 0. The baseline of each case is its own traffic
+before the fault: it must have no failure at all (a failure before the fault counts in
+failed_after_heal, as a failure while nothing was faulted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# What `make test` sets (Makefile, TEST_ENV), unless the environment says otherwise.
+TEST_ENV = {
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/llmfleet",
+    "REDIS_URL": "redis://127.0.0.1:6379/15",
+    "SECRET_KEY": "tests-only-secret-key",
+    "AGENT_TOKEN": "tests-only-agent-token",
+    "VAR_DIR": str(ROOT / "var" / "test"),
+    "AGENT_ENGINE_PYTHON": str(ROOT / ".venv-engine" / "bin" / "python"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", default="", help="run only the cases pytest's -k selects")
+    options = parser.parse_args()
+    report_path = Path(tempfile.mkdtemp(prefix="llmfleet-faults-")) / "reports.jsonl"
+    env = {**TEST_ENV, **os.environ, "FAULTS_REPORT": str(report_path)}
+    argv = [sys.executable, "-m", "pytest", "tests/e2e/test_faults.py", "-p", "no:cacheprovider",
+            "-q", "-s", *(["-k", options.k] if options.k else [])]  # fmt: skip
+    print("running:", " ".join(argv[2:]), flush=True)
+    pytest_run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    reports = (
+        [json.loads(line) for line in report_path.read_text().splitlines()]
+        if (report_path.exists())
+        else []
+    )
+    if not reports:
+        print(pytest_run.stdout[-4000:], pytest_run.stderr[-4000:])
+        return 1
+    print()
+    print("| fault | sent | failed while faulted | failed after heal | stuck | recovery s | ok |")
+    print("|---|---|---|---|---|---|---|")
+    for r in reports:
+        print(f"| {r['name']} | {r['sent']} | {r['failed_while_faulted']} | "
+              f"{r['failed_after_heal']} | {r['stuck']} | {r['recovery_s']:.1f} | "
+              f"{'yes' if r['survived'] else 'NO'} |")  # fmt: skip
+    print()
+    for r in reports:
+        print(f"- {r['name']}: {r['why']}")
+        for error in r["errors"]:
+            print(f"    seen: {error}")
+    survived = sum(r["survived"] for r in reports)
+    print(
+        f"\nRESULT faults={len(reports)} survived={survived} "
+        f"failed_while_faulted={sum(r['failed_while_faulted'] for r in reports)} "
+        f"failed_after_heal={sum(r['failed_after_heal'] for r in reports)} "
+        f"stuck={sum(r['stuck'] for r in reports)} "
+        f"worst_recovery_s={max(r['recovery_s'] for r in reports):.1f}"
+    )
+    return 0 if survived == len(reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
