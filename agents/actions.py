@@ -44,7 +44,7 @@ LOADING_STATES = (PlacementState.DOWNLOADING, PlacementState.LOADING_TO_GPU)
 UNLOAD_TIMEOUT_SECONDS = 120.0
 # A pending step whose task has not started this long after it was queued is sent again (the
 # broker was away, or its message was lost with a worker); claiming makes a duplicate harmless.
-_RESEND_AFTER = timedelta(seconds=30)
+_RESEND_AFTER = timedelta(seconds=60)
 _resent_at: dict[int, float] = {}
 
 
@@ -113,7 +113,7 @@ def undrain_agent(agent_id: str) -> Agent:
     return agent
 
 
-def replica_failed(placement_pk: int, fault: str, message: str) -> None:
+def replica_failed(placement_pk: int, ready_at: datetime | None, fault: str, message: str) -> None:
     """What the gateway saw of a READY replica before the first byte, written at once, so no
     web process routes to it until a heartbeat says otherwise: an agent that did not answer
     is DEGRADED (one more missed heartbeat than that makes it OFFLINE), one that is stopping
@@ -128,8 +128,11 @@ def replica_failed(placement_pk: int, fault: str, message: str) -> None:
         return
     with transaction.atomic():
         if fault == Fault.NOT_SERVING:
-            # Only a READY row: a heartbeat or a load that wrote since knows better.
-            failed = Placement.objects.filter(pk=placement_pk, state=PlacementState.READY).update(
+            # Only the READY row the gateway tried: a load that finished since (a new ready_at)
+            # is another replica, not this failure's.
+            failed = Placement.objects.filter(
+                pk=placement_pk, state=PlacementState.READY, ready_at=ready_at
+            ).update(
                 state=PlacementState.FAILED, inference_endpoint_url="",
                 error=f"gateway: {message}"[:4000], updated_at=timezone.now(),
             )  # fmt: skip
@@ -619,7 +622,7 @@ def settle_orphaned_steps() -> int:
 def _done_anyway(event: LoadEvent, placement: Placement) -> bool:
     if event.kind == LoadEventKind.LOAD:
         return placement.state == PlacementState.READY
-    return placement.state == PlacementState.UNLOADED
+    return placement.state != PlacementState.UNLOADING
 
 
 def _timeout(event: LoadEvent) -> timedelta:
@@ -647,7 +650,9 @@ def _close_as_done(event_id: int) -> int:
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
         if event.kind == LoadEventKind.UNLOAD:
             event.to_level = event.placement.cache_level
-        event.save(update_fields=["outcome", "finished_at", "to_level"])
+            if event.placement.state == PlacementState.FAILED:  # the engine died stopping
+                event.outcome, event.error = LoadOutcome.FAILED, event.placement.error[:4000]
+        event.save(update_fields=["outcome", "finished_at", "to_level", "error"])
         events.announce(loads=[event.pk])
     log.info("%s %s finished on its agent; its task never said", event.kind.lower(), event_id)
     return 1
@@ -747,6 +752,8 @@ def fail_unload(event_id: int, error: str) -> None:
     (a heartbeat corrects it if the agent is gone)."""
     with transaction.atomic():
         event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
+        if event.outcome != LoadOutcome.PENDING:  # closed already (settle_orphaned_steps)
+            return
         event.outcome, event.finished_at, event.error = (
             LoadOutcome.FAILED,
             timezone.now(),
@@ -933,6 +940,8 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
     )
     if done:
         pending = False
+        if status.cache_state == PlacementState.READY:
+            placement.ready_at = timezone.now()
     if status.cache_state in PlacementState.values and (
         not pending or status.cache_state in LOADING_STATES
     ):

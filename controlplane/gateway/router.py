@@ -47,6 +47,8 @@ _SCALE_OUT_EVERY_SECONDS = 5.0
 _FORGET_FAILED_SECONDS = 60.0
 # A waiting stream says something this often, or proxies on the way time it out.
 _KEEPALIVE_SECONDS = 10.0
+# A cold request whose replica failed waits this long before it asks again, doubling each time.
+_COLD_RETRY_PAUSE_SECONDS = 0.25
 
 
 Generation = tuple[int, object]
@@ -190,7 +192,9 @@ class Router:
         self.failed_at[generation(placement)] = time.monotonic()
         cache.forget_placements(model)
         try:
-            await sync_to_async(actions.replica_failed)(placement.pk, failure.fault, str(failure))
+            await sync_to_async(actions.replica_failed)(
+                placement.pk, placement.ready_at, failure.fault, str(failure)
+            )
         except DatabaseError:  # the database is away: this process skips it all the same
             log.exception("could not record that replica %s failed", placement.pk)
 
@@ -205,7 +209,7 @@ class Router:
         while placement := self.pick(
             [p for p in placements if generation(p) not in tried], job.user
         ):
-            opened = await self._try(placement, job, tried)
+            opened = await self._try(placement, job, tried, deadline)
             if isinstance(opened, HttpResponse):
                 return opened
             if opened is not None:
@@ -225,13 +229,15 @@ class Router:
         return await self._relay(opened, job, cold=True)
 
     async def _try(
-        self, placement: Placement, job: Job, tried: set[Generation]
+        self, placement: Placement, job: Job, tried: set[Generation], deadline: float
     ) -> Opened | HttpResponse | None:
         """The replica's answer; None when it failed (marked, and added to `tried`); the agent's
         refusal of the request itself as an OpenAI error."""
         claim = self.claim(placement, job.model)
         try:
-            answer = await upstream.post(placement, job.path, job.raw, job.stream)
+            answer = await upstream.post(
+                placement, job.path, job.raw, job.stream, deadline - time.monotonic()
+            )
             refused = await upstream.refusal(answer)
         except ReplicaFailed as failure:
             claim.release()
@@ -257,7 +263,10 @@ class Router:
         on_progress: Callable[[str], None] | None,
     ) -> Opened | HttpResponse:
         """Wait for a READY replica (loading the model if none is), then try it; a replica that
-        fails sends the request back to waiting. Raises ColdStartFailed at the deadline."""
+        fails sends the request back to waiting, after a pause that doubles with each failure
+        (a replica whose engine hangs would otherwise be reloaded and fail again at once).
+        Raises ColdStartFailed at the deadline."""
+        failures = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -272,9 +281,12 @@ class Router:
                 # still calls it READY. Ask again shortly rather than spin.
                 await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
                 continue
-            opened = await self._try(placement, job, tried)
+            opened = await self._try(placement, job, tried, deadline)
             if opened is not None:
                 return opened
+            failures += 1
+            pause = min(_COLD_RETRY_PAUSE_SECONDS * 2 ** (failures - 1), 5.0)
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
 
     async def _cold_stream(
         self, job: Job, tried: set[Generation], deadline: float, cleanup: Cleanup
@@ -291,7 +303,9 @@ class Router:
                 progress.put_nowait(text)
 
         waiter = asyncio.ensure_future(self._open_cold(job, tried, deadline, on_progress))
-        cleanup.add(lambda: _stop_waiting(waiter))
+        taken = False  # once the generator holds the waiter's result, it gives it back itself
+        cleanup.add(lambda: None if taken else _stop_waiting(waiter))
+        heard: asyncio.Future[str] | None = None
         try:
             while not waiter.done():
                 heard = asyncio.ensure_future(progress.get())
@@ -300,16 +314,18 @@ class Router:
                 )
                 if heard in done:
                     yield f": loading {model_id}: {heard.result()}\n\n".encode()
-                else:
-                    heard.cancel()
-                    if not done:
-                        yield f": loading {model_id}\n\n".encode()
+                elif not done:
+                    yield f": loading {model_id}\n\n".encode()
+            taken = True
             opened = waiter.result()
         except coldstart.ColdStartFailed as exc:
             yield upstream.error_event(str(exc), code="model_not_ready")
             return
         finally:
-            _stop_waiting(waiter)
+            if heard is not None:
+                heard.cancel()
+            if not taken:
+                _stop_waiting(waiter)
         if isinstance(opened, HttpResponse):
             yield upstream.error_event(opened.content.decode(errors="replace"))
             return
@@ -365,8 +381,10 @@ class Router:
 
 def _stop_waiting(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
     """A client that left stops waiting (the load itself goes on); should the wait have
-    opened a replica in the same instant, that answer and its claim are given back."""
-    if not waiter.done():
+    opened a replica already (or as it is cancelled), that answer and its claim go back."""
+    if waiter.done():
+        _abandon_if_opened(waiter)
+    else:
         waiter.cancel()
         waiter.add_done_callback(_abandon_if_opened)
 

@@ -74,12 +74,16 @@ class AgentRefusal:
     message: str
 
 
-async def post(placement: Placement, path: str, raw: bytes, stream: bool) -> aiohttp.ClientResponse:
+async def post(
+    placement: Placement, path: str, raw: bytes, stream: bool, seconds_left: float
+) -> aiohttp.ClientResponse:
     """The replica's answer, headers read and body not; ReplicaFailed when it has none.
 
     A stream's headers come as soon as the engine takes the request, so waiting
-    longer than GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS means the replica is stuck; a
-    non-streaming answer's headers come with its whole body, so it gets no such limit.
+    longer than GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS (or `seconds_left` of the
+    request's own deadline) means the replica is stuck: NOT_SERVING, that model there
+    alone, since its agent answers. A non-streaming answer's headers come with its
+    whole body, so it gets no such limit.
     """
     url = f"{placement.inference_endpoint_url}/v1/{path}"
     headers = {
@@ -87,13 +91,18 @@ async def post(placement: Placement, path: str, raw: bytes, stream: bool) -> aio
         "Content-Type": "application/json",
     }
     sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT)
+    limit = max(min(settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS, seconds_left), 0.1)
     try:
         if stream:
-            return await asyncio.wait_for(sent, settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS)
+            return await asyncio.wait_for(sent, limit)
         return await sent
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+    except aiohttp.ClientConnectionError as exc:  # connection timeouts too
         text = str(exc) or type(exc).__name__
         raise ReplicaFailed(Fault.UNREACHABLE, f"{placement.agent.agent_id}: {text}") from None
+    except TimeoutError:
+        raise ReplicaFailed(
+            Fault.NOT_SERVING, f"no stream headers from {placement.agent.agent_id} in {limit:.0f} s"
+        ) from None
 
 
 async def refusal(answer: aiohttp.ClientResponse) -> AgentRefusal | None:

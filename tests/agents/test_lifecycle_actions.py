@@ -435,3 +435,28 @@ def test_an_old_load_failing_does_not_undo_a_newer_load_of_the_same_placement(qu
     LoadEventFactory(model=model, agent=placement.agent, placement=placement)  # the new load
     actions.fail_load(old.pk, "the load did not finish within the cold-start timeout")
     assert Placement.objects.get(pk=placement.pk).state == PlacementState.DOWNLOADING
+
+
+@pytest.mark.django_db
+def test_what_the_gateway_saw_of_a_replica_is_written_at_once(settings):
+    from controlplane.gateway.upstream import Fault
+
+    settings.HEARTBEAT_DEGRADED_AFTER = 2
+    placement = PlacementFactory(ready_at=timezone.now())
+    actions.replica_failed(placement.pk, placement.ready_at, Fault.UNREACHABLE, "refused")
+    agent = Agent.objects.get(pk=placement.agent_id)
+    # One more missed heartbeat than the verdict needs, so the next miss does not undo it.
+    assert (agent.state, agent.heartbeat_failures) == (AgentState.DEGRADED, 2)
+    assert Placement.objects.get(pk=placement.pk).state == PlacementState.READY
+
+    other = PlacementFactory(ready_at=timezone.now())
+    actions.replica_failed(other.pk, other.ready_at, Fault.DRAINING, "agent_draining")
+    assert Agent.objects.get(pk=other.agent_id).state == AgentState.DRAINING
+
+    gone = PlacementFactory(ready_at=timezone.now())
+    reloaded_since = gone.ready_at - timedelta(seconds=5)  # the gateway tried an older load
+    actions.replica_failed(gone.pk, reloaded_since, Fault.NOT_SERVING, "model_not_found")
+    assert Placement.objects.get(pk=gone.pk).state == PlacementState.READY
+    actions.replica_failed(gone.pk, gone.ready_at, Fault.NOT_SERVING, "model_not_found: gone")
+    failed = Placement.objects.get(pk=gone.pk)
+    assert (failed.state, failed.error) == (PlacementState.FAILED, "gateway: model_not_found: gone")
