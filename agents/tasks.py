@@ -25,11 +25,13 @@ _WRITE_ATTEMPTS = 3
 @shared_task(name="agents.tasks.load")
 def load(event_id: int, victim_event_ids: list[int] | None = None) -> None:
     """Step the victims down (making room), then have the agent load the model."""
-    for victim in victim_event_ids or []:
-        unload(victim)
+    # Claimed first: a load under way is never sent again (settle_orphaned_steps), even while
+    # its victims step down.
     job = actions.begin_load(event_id)
     if job is None:
         return
+    for victim in victim_event_ids or []:
+        unload(victim)
     try:
         response = asyncio.run(
             agent_client.load_model(

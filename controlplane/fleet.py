@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-# Long enough for the agent to stop its engines (vLLM takes a few seconds) before SIGKILL.
+# Long enough for Celery's warm shutdown and daphne before SIGKILL.
 GRACE_SECONDS = 30.0
+# The agent drains first (AGENT_DRAIN_SECONDS, 30), then stops its engines (AGENT_STOP_GRACE,
+# 15): a SIGKILL before then would leave engines running in their own sessions.
+AGENT_GRACE_SECONDS = 60.0
 AGENT_KINDS = ("vllm", "sim", "none")
 # Who stops first on Ctrl-C (README, "What each process does on SIGTERM"); the rest after.
 STOP_ORDER = (("agent",), ("web",))
@@ -37,6 +40,7 @@ class ProcessSpec:
     name: str
     argv: Sequence[str]
     env: Mapping[str, str] | None = None
+    grace: float = GRACE_SECONDS  # from SIGTERM to SIGKILL of its group
 
 
 def process_specs(host: str, port: int, concurrency: int) -> list[ProcessSpec]:
@@ -74,7 +78,7 @@ def agent_spec(
     # The token goes by environment, never argv, which `ps` shows to every user.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     env["AGENT_TOKEN"] = token
-    return ProcessSpec("agent", argv, env)
+    return ProcessSpec("agent", argv, env, grace=AGENT_GRACE_SECONDS)
 
 
 def _relay(name: str, stream: IO[bytes]) -> None:
@@ -138,13 +142,14 @@ class Supervisor:
         for child in children.values():
             if child.poll() is None:
                 child.terminate()
-        deadline = time.monotonic() + GRACE_SECONDS
+        grace = {spec.name: spec.grace for spec in self.specs}
+        started = time.monotonic()
         for name, child in children.items():
             try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                child.wait(timeout=max(started + grace[name] - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 print(
-                    f"fleet: {name} ignored SIGTERM for {GRACE_SECONDS:.0f} s; killing it",
+                    f"fleet: {name} ignored SIGTERM for {grace[name]:.0f} s; killing it",
                     flush=True,
                 )
             # Kill whatever is left of the group, grandchildren (Celery's pool) included.
