@@ -27,4 +27,5 @@ def test_the_fleet_survives(fault: Fault, settings, tmp_path) -> None:
     assert report.stuck == 0
     if fault.answerable:
         assert report.failed_while_faulted == 0, report.errors
+    assert report.unexpected == 0, report.errors  # only what the fault explains
     assert report.survived
