@@ -933,10 +933,13 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
     have started it yet), and a pending unload ends by its task too."""
     pending = placement.state in LOADING_STATES or placement.state == PlacementState.UNLOADING
     # What the agent reports as the step's own outcome is the truth even while the step is
-    # pending here: its task may have died (the sweep then closes its LoadEvent).
+    # pending here: its task may have died (the sweep then closes its LoadEvent). An unload's
+    # outcome is a level below the one it left (still cache_level while UNLOADING): UNLOADED
+    # alone is also what a model in host RAM says before it steps down to disk.
     done = (placement.state in LOADING_STATES and status.cache_state == PlacementState.READY) or (
         placement.state == PlacementState.UNLOADING
         and status.cache_state in (PlacementState.UNLOADED, PlacementState.FAILED)
+        and _below(status.cache_level, placement.cache_level)
     )
     if done:
         pending = False
@@ -962,6 +965,13 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
     if not pending:
         placement.error = status.error[:4000]
     placement.updated_at = timezone.now()
+
+
+def _below(level: str, than: str) -> bool:
+    """Whether `level` is further down the eviction ladder than `than`."""
+    if level not in CacheLevel.values or than not in CacheLevel.values:
+        return False
+    return _LADDER.index(CacheLevel(level)) > _LADDER.index(CacheLevel(than))
 
 
 # A load queued this recently may not have reached its agent yet: its absence from a

@@ -460,3 +460,23 @@ def test_what_the_gateway_saw_of_a_replica_is_written_at_once(settings):
     actions.replica_failed(gone.pk, gone.ready_at, Fault.NOT_SERVING, "model_not_found: gone")
     failed = Placement.objects.get(pk=gone.pk)
     assert (failed.state, failed.error) == (PlacementState.FAILED, "gateway: model_not_found: gone")
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_before_a_step_from_host_ram_to_disk_does_not_end_it(queued):
+    """In host RAM the agent says UNLOADED (DRAM_CACHED); the step down to disk it has not
+    done yet must not end on that (the flaky lifecycle test: a third step down)."""
+    agent = AgentFactory()
+    asleep = PlacementFactory(
+        agent=agent, state=PlacementState.UNLOADED, cache_level=CacheLevel.DRAM_CACHED
+    )
+    actions.unload(asleep, CacheLevel.NVME_CACHED)
+    Placement.objects.update(updated_at=timezone.now() - timedelta(seconds=1))
+    before = beat(agent, ModelStatus(asleep.model.model_id, "UNLOADED", "DRAM_CACHED"))
+    actions.apply_heartbeats([before])
+    assert Placement.objects.get(pk=asleep.pk).state == PlacementState.UNLOADING
+    Placement.objects.update(updated_at=timezone.now() - timedelta(seconds=1))
+    after = beat(agent, ModelStatus(asleep.model.model_id, "UNLOADED", "NVME_CACHED"))
+    actions.apply_heartbeats([after])
+    stepped = Placement.objects.get(pk=asleep.pk)
+    assert (stepped.state, stepped.cache_level) == (PlacementState.UNLOADED, CacheLevel.NVME_CACHED)
