@@ -10,9 +10,10 @@ case's report and prints them side by side with what a client sees during each f
            worst_recovery_s=<x>
 
 Targets: survived = faults, failed_after_heal = 0, stuck = 0, and for engine SIGKILL with
-another READY replica failed_while_faulted = 0. The baseline of each case is its own traffic
-before the fault: it must have no failure at all (a failure before the fault counts in
-failed_after_heal, as a failure while nothing was faulted).
+another READY replica failed_while_faulted = 0. A case's recovery is the time from its heal
+until a client was served again (held requests of a cold start included). The baseline of
+each case is its own traffic before the fault: it must have no failure at all (a failure
+before the fault counts in failed_after_heal, as a failure while nothing was faulted).
 """
 
 from __future__ import annotations
