@@ -102,11 +102,14 @@ class Opened:
     placement: Placement
     answer: aiohttp.ClientResponse
     claim: Claim
+    meter: Meter
 
     def abandon(self) -> None:
-        """The client is gone (or the answer is done): free the connection and the claim."""
+        """The client is gone (or the answer is done): free the connection and the claim, and
+        charge what was spent (nothing more when the usage was said already)."""
         self.answer.close()
         self.claim.release()
+        self.meter.settle()
 
 
 class Cleanup:
@@ -253,7 +256,7 @@ class Router:
         if refused is not None:
             claim.release()
             return openai_error(refused.status, refused.message, code=refused.code)
-        return Opened(placement, answer, claim)
+        return Opened(placement, answer, claim, job.meter)
 
     async def _open_cold(
         self,
@@ -276,14 +279,12 @@ class Router:
                 )
             placement = await coldstart.wait_until_ready(job.model, remaining, on_progress)
             cache.forget_placements(job.model)
-            if generation(placement) in tried:
-                # Its failure could not be written (the database is away): the fleet
-                # still calls it READY. Ask again shortly rather than spin.
-                await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
-                continue
-            opened = await self._try(placement, job, tried, deadline)
-            if opened is not None:
-                return opened
+            # A replica tried already still reads READY when its failure could not be written
+            # (the database is away): it pauses too, rather than spin.
+            if generation(placement) not in tried:
+                opened = await self._try(placement, job, tried, deadline)
+                if opened is not None:
+                    return opened
             failures += 1
             pause = min(_COLD_RETRY_PAUSE_SECONDS * 2 ** (failures - 1), 5.0)
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -326,11 +327,10 @@ class Router:
                 heard.cancel()
             if not taken:
                 _stop_waiting(waiter)
-        if isinstance(opened, HttpResponse):
-            yield upstream.error_event(opened.content.decode(errors="replace"))
+        if isinstance(opened, HttpResponse):  # the agent refused the request itself
+            yield upstream.error_event(_error_message(opened.status_code, opened.content))
             return
         cleanup.add(opened.abandon)
-        cleanup.add(job.meter.settle)
         async for chunk in self._answer_chunks(opened, job, cold=True):
             yield chunk
 
@@ -340,11 +340,8 @@ class Router:
         """The replica's answer as the client's: its status, content type and bytes."""
         answer = opened.answer
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
-            cleanup = Cleanup()
-            cleanup.add(opened.abandon)
-            cleanup.add(job.meter.settle)
             chunks = self._answer_chunks(opened, job, cold)
-            return upstream.sse_response(chunks, status=answer.status, cleanup=cleanup)
+            return upstream.sse_response(chunks, status=answer.status, cleanup=opened.abandon)
         try:
             return await upstream.read_answer(answer, job.meter)
         finally:
