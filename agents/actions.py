@@ -123,9 +123,6 @@ def replica_failed(placement_pk: int, ready_at: datetime | None, fault: str, mes
     """
     from controlplane.gateway.upstream import Fault
 
-    placement = Placement.objects.filter(pk=placement_pk).only("agent_id").first()
-    if placement is None:
-        return
     with transaction.atomic():
         if fault == Fault.NOT_SERVING:
             # Only the READY row the gateway tried: a load that finished since (a new ready_at)
@@ -139,22 +136,22 @@ def replica_failed(placement_pk: int, ready_at: datetime | None, fault: str, mes
             if failed:
                 events.announce(placements=[placement_pk])
             return
-        agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(
-            pk=placement.agent_id
+        agent = (
+            Agent.objects.select_for_update(no_key=True, of=("self",))
+            .filter(placements__pk=placement_pk)
+            .first()
         )
+        if agent is None:  # the placement was deleted meanwhile
+            return
+        health = health_verdict(AgentState(agent.state))
         if fault == Fault.DRAINING:
             agent.reported_state = AgentState.DRAINING
         else:
             agent.heartbeat_failures = max(
                 agent.heartbeat_failures, settings.HEARTBEAT_DEGRADED_AFTER
             )
-        health = (
-            AgentState.DEGRADED
-            if fault == Fault.UNREACHABLE
-            else health_verdict(AgentState(agent.state))
-        )
-        if health == AgentState.DEGRADED and agent.state == AgentState.OFFLINE:
-            health = AgentState.OFFLINE
+            if health != AgentState.OFFLINE:
+                health = AgentState.DEGRADED
         state = effective_agent_state(
             AgentState(agent.reported_state), draining=agent.drained_at is not None, health=health
         )
