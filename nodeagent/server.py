@@ -182,52 +182,49 @@ class AgentServer:
     async def _say_draining(self) -> None:
         """One registration saying DRAINING, so routing stops before the next heartbeat."""
         try:
-            async with self.session.post(
-                f"{self.config.control_plane_url}/api/agents/register",
-                json=self._registration().to_json(),
-                headers={"Authorization": f"Bearer {self.config.token}"},
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as response:
-                if response.status not in (200, 201):
-                    log.warning("the control plane refused the drain: HTTP %d", response.status)
+            status, text = await self._register_once(seconds=5)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("could not tell the control plane that this agent drains: %s", exc)
+            return
+        if status not in (200, 201):
+            log.warning("the control plane refused the drain: HTTP %d %s", status, text[:300])
 
-    def _registration(self) -> RegisterRequest:
-        return RegisterRequest(
+    async def _register_once(self, seconds: float) -> tuple[int, str]:
+        """POST /api/agents/register with what the agent is now; its status and body."""
+        body = RegisterRequest(
             agent_id=self.config.agent_id,
             base_url=self.config.advertise_url,
             version=__version__,
             state=self.agent_state(),
             gpus=tuple(self.gpu.snapshot()),
             labels=self.config.labels,
-        )
+        ).to_json()
+        async with self.session.post(
+            f"{self.config.control_plane_url}/api/agents/register",
+            json=body,
+            headers={"Authorization": f"Bearer {self.config.token}"},
+            timeout=aiohttp.ClientTimeout(total=seconds),
+        ) as response:
+            return response.status, await response.text()
 
     def agent_state(self) -> str:
         return "DRAINING" if self.draining else self.registry.agent_state()
 
     async def register_until_accepted(self) -> None:
         """POST /api/agents/register until accepted, backing off while the control plane is down."""
-        url = f"{self.config.control_plane_url}/api/agents/register"
-        body = self._registration().to_json()
-        headers = {"Authorization": f"Bearer {self.config.token}"}
         delay = 0.5
         while True:
             try:
-                async with self.session.post(
-                    url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
-                ) as r:
-                    if r.status in (200, 201):
-                        log.info(
-                            "registered with %s as %s",
-                            self.config.control_plane_url,
-                            self.config.agent_id,
-                        )
-                        self.registered.set()
-                        return
-                    log.warning(
-                        "registration refused: HTTP %d %s", r.status, (await r.text())[:300]
+                status, text = await self._register_once(seconds=10)
+                if status in (200, 201):
+                    log.info(
+                        "registered with %s as %s",
+                        self.config.control_plane_url,
+                        self.config.agent_id,
                     )
+                    self.registered.set()
+                    return
+                log.warning("registration refused: HTTP %d %s", status, text[:300])
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning(
                     "control plane unreachable (%s); retrying in %.1f s",
