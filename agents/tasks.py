@@ -55,8 +55,9 @@ def load(event_id: int, victim_event_ids: list[int] | None = None) -> None:
 
 def _record(write: Callable[..., object], event_id: int, *args: object) -> None:
     """Write what the agent answered. A transaction that loses to a deadlock or a database
-    blink is safe to run again (it reads the rows afresh); after the last try the step fails
-    (the agent's state reaches the control plane with the next heartbeat)."""
+    blink is safe to run again (it reads the rows afresh); after the last try the error
+    propagates, and the sweep ends the step from what the agent's heartbeat reports
+    (actions.settle_orphaned_steps)."""
     for attempt in range(1, _WRITE_ATTEMPTS + 1):
         try:
             write(event_id, *args)
