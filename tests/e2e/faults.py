@@ -35,7 +35,7 @@ from nodeagent import tinymodel
 from nodeagent.store.publish import publish
 from tests.azurite import Azurite
 from tests.e2e.agent_process import ROOT, AgentProcess, engine_python, processes_mentioning
-from tests.e2e.fleet import ControlPlane, running_control_plane
+from tests.e2e.fleet import ControlPlane, running_control_plane, serving_on
 from tests.factories import make_api_key
 from tests.support import free_port, http_ok, wait_for
 
@@ -159,18 +159,21 @@ class World:
     plane: ControlPlane
     url: str  # where clients send requests (a load balancer in front of web, or web)
     agents: dict[str, AgentProcess] = field(default_factory=dict)
-    agent_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # How each agent was started, to start it again the same way.
+    agent_args: dict[str, tuple[tuple[str, ...], dict[str, str] | None]] = field(
+        default_factory=dict
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def start_agent(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        self.agent_args[name] = args
-        self.extra[f"env:{name}"] = env
+        self.agent_args[name] = (args, env)
         self.agents[name] = self.plane.agent(self.stack, self.tmp_path, name, *args, extra_env=env)
         wait_for(lambda: Agent.objects.filter(agent_id=name).exists(), 30, f"{name} registered")
 
     def restart_agent(self, name: str) -> None:
         """The same agent (id, cache) again, as a host's service manager would start it."""
-        self.start_agent(name, *self.agent_args[name], env=self.extra[f"env:{name}"])
+        args, env = self.agent_args[name]
+        self.start_agent(name, *args, env=env)
 
 
 def catalog(world: World, model_id: str = MODEL, source: str = "", **options: Any) -> Model:
@@ -181,23 +184,10 @@ def catalog(world: World, model_id: str = MODEL, source: str = "", **options: An
     return model
 
 
-def serving_on(model: Model, *agent_ids: str, seconds: float = 60) -> None:
-    for agent_id in agent_ids:
-        actions.load_on_agent(model, Agent.objects.get(agent_id=agent_id))
-    wait_for(
-        lambda: (
-            Placement.objects.filter(model=model, state=PlacementState.READY).count()
-            == len(agent_ids)
-        ),
-        seconds,
-        f"{model.model_id} READY on {', '.join(agent_ids)}",
-    )
-
-
 def two_replicas(world: World, first: tuple[str, ...] = (), second: tuple[str, ...] = ()) -> None:
     world.start_agent("gpu-a", *(first or SIM))
     world.start_agent("gpu-b", *(second or SIM))
-    serving_on(catalog(world), "gpu-a", "gpu-b")
+    serving_on(catalog(world), "gpu-a", "gpu-b", seconds=60)
 
 
 def _two_replicas_by_the_sweep(world: World) -> None:
@@ -294,8 +284,8 @@ def _restart(name: str) -> Callable[[World], None]:
 def _idle_model_stepping_down(world: World) -> None:
     world.start_agent("gpu-a", *SIM, "--sim-stop-seconds", "4")
     world.start_agent("gpu-b", *SIM)
-    serving_on(catalog(world), "gpu-b")
-    serving_on(catalog(world, "org/idle"), "gpu-a")
+    serving_on(catalog(world), "gpu-b", seconds=60)
+    serving_on(catalog(world, "org/idle"), "gpu-a", seconds=60)
 
 
 def _unload_then_kill_the_loader(world: World) -> None:

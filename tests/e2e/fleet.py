@@ -17,6 +17,9 @@ from typing import Any
 import redis
 from django.db import connection
 
+from agents import actions
+from agents.choices import PlacementState
+from agents.models import Agent, Model, Placement
 from tests.e2e.agent_process import ROOT, AgentProcess, running_agent
 from tests.support import free_port, http_ok, wait_for
 
@@ -88,6 +91,30 @@ class ControlPlane:
                 token=self.token, extra_env=extra_env,
             )
         )  # fmt: skip
+
+
+def registered(*agent_ids: str) -> list[Agent]:
+    """The agents once each has registered itself."""
+    wait_for(
+        lambda: Agent.objects.filter(agent_id__in=agent_ids).count() == len(agent_ids),
+        30,
+        f"{', '.join(agent_ids)} to register",
+    )
+    return [Agent.objects.get(agent_id=agent_id) for agent_id in agent_ids]
+
+
+def serving_on(model: Model, *agent_ids: str, seconds: float = 30) -> None:
+    """The model READY on each agent, loaded the way an operator would."""
+    for agent_id in agent_ids:
+        actions.load_on_agent(model, Agent.objects.get(agent_id=agent_id))
+    wait_for(
+        lambda: (
+            Placement.objects.filter(model=model, state=PlacementState.READY).count()
+            == len(agent_ids)
+        ),
+        seconds,
+        f"{model.model_id} READY on {', '.join(agent_ids)}",
+    )
 
 
 def database_url() -> str:

@@ -19,12 +19,12 @@ import requests
 
 from agents import actions
 from agents.choices import AgentState, LoadEventKind, PlacementState
-from agents.models import Agent, LoadEvent, Model, Placement
+from agents.models import Agent, LoadEvent, Placement
 from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
 from tests.e2e.agent_process import AgentProcess
-from tests.e2e.fleet import ControlPlane, running_control_plane
+from tests.e2e.fleet import ControlPlane, registered, running_control_plane, serving_on
 from tests.factories import make_api_key
 from tests.support import wait_for
 
@@ -80,28 +80,6 @@ def ask(client: openai.OpenAI, user: str | None = None, max_tokens: int = 4) -> 
     return answer.choices[0].message.content or ""
 
 
-def registered(*agent_ids: str) -> list[Agent]:
-    wait_for(
-        lambda: Agent.objects.filter(agent_id__in=agent_ids).count() == len(agent_ids),
-        30,
-        f"{', '.join(agent_ids)} to register",
-    )
-    return [Agent.objects.get(agent_id=agent_id) for agent_id in agent_ids]
-
-
-def serving_on(model: Model, *agents: Agent) -> None:
-    """The model READY on each agent, loaded the way an operator would."""
-    for agent in agents:
-        actions.load_on_agent(model, agent)
-    wait_for(
-        lambda: (
-            Placement.objects.filter(model=model, state=PlacementState.READY).count() == len(agents)
-        ),
-        30,
-        "the model READY on every agent",
-    )
-
-
 def loads() -> int:
     return LoadEvent.objects.filter(kind=LoadEventKind.LOAD).count()
 
@@ -119,7 +97,7 @@ def test_a_replica_whose_engine_is_gone_is_skipped_and_marked_at_once(quiet, tin
     with_agents = [quiet.agent(name) for name in ("gpu-a", "gpu-b")]
     first, second = registered("gpu-a", "gpu-b")
     model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
-    serving_on(model, first, second)
+    serving_on(model, "gpu-a", "gpu-b")
     before = loads()
     # gpu-a's engine goes away behind the control plane's back: the agent now answers
     # 404 model_not_found, and no heartbeat comes for 30 s to say so.
@@ -141,9 +119,9 @@ def test_a_replica_whose_engine_is_gone_is_skipped_and_marked_at_once(quiet, tin
 def test_with_no_replica_left_the_request_is_held_and_the_model_cold_starts(quiet, tiny):
     plane = quiet.plane
     agent = quiet.agent("gpu-a")
-    [host] = registered("gpu-a")
+    registered("gpu-a")
     model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
-    serving_on(model, host)
+    serving_on(model, "gpu-a")
     agent.post("/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED"})
     client = client_for(plane.url)
     stream = client.chat.completions.create(
@@ -159,9 +137,9 @@ def test_with_no_replica_left_the_request_is_held_and_the_model_cold_starts(quie
 def test_in_flight_counts_are_right_whenever_clients_leave(quiet, tiny):
     plane = quiet.plane
     agent = quiet.agent("gpu-a", *SLOW)
-    [host] = registered("gpu-a")
+    registered("gpu-a")
     model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
-    serving_on(model, host)
+    serving_on(model, "gpu-a")
     key, raw_key = make_api_key("leaver")
     headers = {"Authorization": f"Bearer {raw_key}"}
     url = f"{plane.url}/v1/chat/completions"
@@ -201,9 +179,10 @@ def test_a_stopping_agent_finishes_its_streams_and_traffic_moves_on(quiet, tiny)
     plane = quiet.plane
     stopping = quiet.agent("gpu-a", *SLOW)
     quiet.agent("gpu-b", *SLOW)
-    first, second = registered("gpu-a", "gpu-b")
+    [first] = registered("gpu-a")
+    registered("gpu-b")
     model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
-    serving_on(model, first, second)
+    serving_on(model, "gpu-a", "gpu-b")
     client = client_for(plane.url)
     expected = " ".join(words_for("hello there", 100))
     streams = [

@@ -25,7 +25,7 @@ from agents.choices import (
 from agents.models import Agent, LoadEvent, Model, Placement
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
-from tests.e2e.fleet import running_control_plane
+from tests.e2e.fleet import registered, running_control_plane
 from tests.factories import make_api_key
 from tests.support import wait_for
 
@@ -50,14 +50,6 @@ def fleet(settings, tmp_path):
 def catalog(model_id: str, source: str, **options) -> Model:
     model, _ = actions.register_catalog_model(model_id, source, size_bytes=1, **options)
     return model
-
-
-def registered(*agent_ids: str) -> None:
-    wait_for(
-        lambda: Agent.objects.filter(agent_id__in=agent_ids).count() == len(agent_ids),
-        30,
-        f"{', '.join(agent_ids)} to register",
-    )
 
 
 def client_for(url: str) -> openai.OpenAI:
