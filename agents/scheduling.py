@@ -1,4 +1,4 @@
-"""Pure decisions about the fleet: no ORM writes, no I/O. `actions.py` applies them."""
+"""Pure decisions about the fleet: no ORM writes, no I/O. `actions` applies them."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from agents import actions
+from agents.actions import steps
 from agents.agent_client import HeartbeatResult
 from agents.choices import PlacementState
 from controlplane.asgi import application
@@ -31,7 +32,7 @@ def in_memory_layer(settings):
 
 @pytest.fixture(autouse=True)
 def no_broker(monkeypatch):
-    monkeypatch.setattr(actions, "_queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
 
 
 def socket(cookie: str | None = None) -> WebsocketCommunicator:

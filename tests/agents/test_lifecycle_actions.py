@@ -11,6 +11,7 @@ from django.db import connection
 from django.utils import timezone
 
 from agents import actions
+from agents.actions import steps, sweeps
 from agents.agent_client import HeartbeatResult
 from agents.choices import (
     AgentState,
@@ -36,7 +37,7 @@ from tests.factories import GIB, AgentFactory, LoadEventFactory, ModelFactory, P
 def queued(monkeypatch):
     """The tasks actions queue, instead of a broker: (task name, args)."""
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(actions, "_queue", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "queue", lambda name, *args: sent.append((name, args)))
     return sent
 
 
@@ -366,10 +367,10 @@ def test_claiming_a_load_locks_the_event_alone_not_its_agent_or_model(queued):
 def test_every_row_lock_in_the_actions_locks_its_own_rows_alone():
     """FOR UPDATE on a query that joins (select_related, or a Meta.ordering across a
     relation) locks the joined rows too, in an order no docstring names: deadlocks."""
-    import inspect
     import re
+    from pathlib import Path
 
-    source = inspect.getsource(actions)
+    source = "".join(path.read_text() for path in Path(actions.__file__).parent.glob("*.py"))
     calls = re.findall(r"select_for_update\(([^)]*)\)", source)
     assert calls, "the walk went stale"
     assert all('of=("self",' in call for call in calls), calls
@@ -405,8 +406,8 @@ def test_a_step_never_started_is_queued_again_and_an_unload_past_its_time_fails(
     monkeypatch, queued
 ):
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(actions, "_send", lambda name, *args: sent.append((name, args)))
-    actions._resent_at.clear()
+    monkeypatch.setattr(steps, "send", lambda name, *args: sent.append((name, args)))
+    sweeps._resent_at.clear()
     agent = AgentFactory()
     actions.ensure_placement(ModelFactory())  # its task was never delivered (a broker blink)
     going = PlacementFactory(agent=agent)

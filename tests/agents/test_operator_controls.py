@@ -8,6 +8,7 @@ import pytest
 from django.urls import reverse
 
 from agents import actions
+from agents.actions import steps
 from agents.choices import AgentState, CacheLevel, LoadEventKind, LoadTrigger, PlacementState
 from agents.models import LoadEvent, Placement
 from tests.factories import GIB, AgentFactory, ModelFactory, PlacementFactory
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def queued(monkeypatch):
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(actions, "_queue", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "queue", lambda name, *args: sent.append((name, args)))
     return sent
 
 

@@ -1,0 +1,73 @@
+"""Every write to fleet state. Views, tasks and admin actions call these and write nothing else.
+
+One module per concern:
+
+- `registration`: agents joining and leaving, drain orders, what the gateway saw of a replica;
+- `catalog`: the models clients may ask for;
+- `loads`: cold starts, the load task's start and outcome, retries on the next agent;
+- `unloads`: steps down the eviction ladder and their outcome;
+- `sweeps`: beat's sweep (orphaned steps, idle models, min_replicas);
+- `heartbeats`: a heartbeat round, reconciled with what each agent reports;
+- `steps`: the task protocol loads and unloads share.
+
+Lock order, everywhere: model, then placements (by primary key), then agents (by primary
+key), then load events. A function that locks says which rows in its docstring.
+"""
+
+from agents.actions.catalog import register_catalog_model
+from agents.actions.heartbeats import apply_heartbeats
+from agents.actions.loads import (
+    LoadJob,
+    NoCapacity,
+    begin_load,
+    ensure_placement,
+    fail_load,
+    finish_load,
+    load_on_agent,
+    record_first_token,
+    scale_out,
+)
+from agents.actions.registration import (
+    drain_agent,
+    register_agent,
+    replica_failed,
+    undrain_agent,
+)
+from agents.actions.steps import LOADING_STATES, UNLOAD_TIMEOUT_SECONDS
+from agents.actions.sweeps import settle_orphaned_steps, sweep
+from agents.actions.unloads import (
+    CannotStepDown,
+    UnloadJob,
+    begin_unload,
+    fail_unload,
+    finish_unload,
+    unload,
+)
+
+__all__ = [
+    "LOADING_STATES",
+    "UNLOAD_TIMEOUT_SECONDS",
+    "CannotStepDown",
+    "LoadJob",
+    "NoCapacity",
+    "UnloadJob",
+    "apply_heartbeats",
+    "begin_load",
+    "begin_unload",
+    "drain_agent",
+    "ensure_placement",
+    "fail_load",
+    "fail_unload",
+    "finish_load",
+    "finish_unload",
+    "load_on_agent",
+    "record_first_token",
+    "register_agent",
+    "register_catalog_model",
+    "replica_failed",
+    "scale_out",
+    "settle_orphaned_steps",
+    "sweep",
+    "undrain_agent",
+    "unload",
+]

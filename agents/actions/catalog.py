@@ -1,0 +1,61 @@
+"""The model catalog: adding and updating the models clients may ask for."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.db import transaction
+
+from agents.models import Model
+
+log = logging.getLogger(__name__)
+
+
+def register_catalog_model(
+    model_id: str,
+    source: str,
+    *,
+    size_bytes: int,
+    revision: str = "",
+    engine_args: list[str] | None = None,
+    gpu_memory_bytes: int | None = None,
+    keep_alive: timedelta | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    pinned: bool | None = None,
+    enabled: bool = True,
+) -> tuple[Model, bool]:
+    """Add a published model to the catalog, or update its entry; returns it and whether it is new.
+
+    Options left as None keep their current (or default) values. Raises ValidationError
+    (writing nothing) for an invalid id, source or replica bounds.
+    """
+    with transaction.atomic():
+        model = (
+            Model.objects.select_for_update(no_key=True, of=("self",))
+            .filter(model_id=model_id)
+            .first()
+        )
+        created = model is None
+        model = model or Model(model_id=model_id)
+        model.source, model.revision, model.size_bytes, model.enabled = (
+            source,
+            revision,
+            size_bytes,
+            enabled,
+        )
+        options = {
+            "engine_args": engine_args,
+            "gpu_memory_bytes": gpu_memory_bytes,
+            "keep_alive": keep_alive,
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "pinned": pinned,
+        }
+        for name, value in options.items():
+            if value is not None:
+                setattr(model, name, value)
+        model.full_clean()
+        model.save()
+    return model, created

@@ -1,0 +1,199 @@
+"""Heartbeat rounds: agents that answered are refreshed and their placements reconciled
+with what they report; agents that did not count a miss."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from agents import events, scheduling
+from agents.actions import steps, unloads
+from agents.agent_client import HeartbeatResult
+from agents.bulk import update_rows
+from agents.choices import (
+    AgentState,
+    CacheLevel,
+    PlacementState,
+)
+from agents.models import Agent, Model, Placement
+from agents.scheduling import effective_agent_state, summarize_gpus
+from nodeagent.protocol import (
+    ModelStatus,
+)
+
+log = logging.getLogger(__name__)
+
+
+def apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
+    """Write a round of heartbeat polls: agents that answered are refreshed and their
+    placements reconciled with what they report; agents that did not count a miss and
+    become DEGRADED, then OFFLINE."""
+    with transaction.atomic():
+        _apply_heartbeats(results)
+
+
+def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
+    # Row locks from read to write: a load that fails, an unload that finishes or a drain
+    # between the two would otherwise be overwritten with what the agent said before it.
+    agents = {
+        agent.pk: agent
+        for agent in Agent.objects.select_for_update(no_key=True, of=("self",))
+        .filter(pk__in=[result.agent_pk for result in results])
+        .order_by("pk")
+    }
+    catalog = dict(Model.objects.values_list("model_id", "pk"))
+    placements: dict[int, dict[int, Placement]] = {}
+    for placement in (
+        Placement.objects.select_for_update(no_key=True, of=("self",))
+        .filter(agent__in=agents)
+        .order_by("pk")
+    ):
+        placements.setdefault(placement.agent_id, {})[placement.model_id] = placement
+    now = timezone.now()
+    changed_agents: list[Agent] = []
+    changed: list[Placement] = []
+    created: list[Placement] = []
+    for result in results:
+        agent = agents.get(result.agent_pk)
+        if agent is None:
+            continue  # deleted while it was polled
+        if result.response is None:
+            _missed(agent, result.error)
+        else:
+            _answered(agent, result, now)
+            mine = placements.get(agent.pk, {})
+            seen = set()
+            polled_at = datetime.fromtimestamp(result.polled_at, UTC)
+            for status in result.response.models:
+                model_pk = catalog.get(status.model_id)
+                if model_pk is None:
+                    continue  # not in the catalog (any more): nothing routes to it
+                seen.add(model_pk)
+                known = mine.get(model_pk)
+                if known is None:
+                    new = Placement(agent=agent, model_id=model_pk)
+                    _reconcile(new, status)
+                    created.append(new)
+                elif known.updated_at < polled_at:  # else written since: that is newer
+                    _reconcile(known, status)
+                    changed.append(known)
+            for model_pk, placement in mine.items():
+                fresh = placement.updated_at >= polled_at
+                if model_pk not in seen and not fresh and _lost(placement, now):
+                    changed.append(placement)
+        changed_agents.append(agent)
+    update_rows(changed_agents, _HEARTBEAT_AGENT_FIELDS)
+    update_rows(changed, _HEARTBEAT_PLACEMENT_FIELDS)
+    Placement.objects.bulk_create(created, ignore_conflicts=True)
+    events.announce(
+        agents=[agent.pk for agent in changed_agents], placements=[p.pk for p in changed]
+    )
+
+
+_HEARTBEAT_AGENT_FIELDS = [
+    "state", "reported_state", "version", "gpus", "gpu_name", "gpu_count", "gpu_memory_total",
+    "gpu_memory_free", "gpu_utilization", "engine_queue_length", "last_heartbeat_at",
+    "heartbeat_failures", "updated_at",
+]  # fmt: skip
+
+
+_HEARTBEAT_PLACEMENT_FIELDS = [
+    "state", "cache_level", "inference_endpoint_url", "bytes_done", "bytes_total",
+    "kv_cache_hit_rate", "kv_cache_usage", "requests_in_flight", "requests_waiting",
+    "last_used_at", "error", "updated_at",
+]  # fmt: skip
+
+
+def _answered(agent: Agent, result: HeartbeatResult, now: datetime) -> None:
+    beat = result.response
+    assert beat is not None
+    gpus = summarize_gpus(beat.gpus)
+    reported = AgentState(beat.state) if beat.state in AgentState.values else AgentState.IDLE
+    agent.reported_state = reported
+    agent.state = effective_agent_state(reported, draining=agent.drained_at is not None)
+    agent.version = beat.version
+    agent.gpus = [asdict(gpu) for gpu in beat.gpus]
+    agent.gpu_name, agent.gpu_count = gpus.name, gpus.count
+    agent.gpu_memory_total, agent.gpu_memory_free = gpus.memory_total, gpus.memory_free
+    agent.gpu_utilization = gpus.utilization
+    agent.engine_queue_length = beat.vllm_queue_length
+    agent.last_heartbeat_at, agent.heartbeat_failures, agent.updated_at = now, 0, now
+
+
+def _missed(agent: Agent, error: str) -> None:
+    agent.heartbeat_failures += 1
+    verdict = scheduling.missed_heartbeat_verdict(
+        agent.heartbeat_failures,
+        degraded_after=settings.HEARTBEAT_DEGRADED_AFTER,
+        offline_after=settings.HEARTBEAT_OFFLINE_AFTER,
+    )
+    state = effective_agent_state(
+        AgentState(agent.reported_state), draining=agent.drained_at is not None, health=verdict
+    )
+    if state != agent.state:
+        log.warning("agent %s is %s: %s", agent.agent_id, state, error)
+    agent.state, agent.updated_at = state, timezone.now()
+
+
+def _reconcile(placement: Placement, status: ModelStatus) -> None:
+    """Trust what the agent reports of a model it has, except the state of a step the control
+    plane has under way: a pending load ends READY or FAILED by its task (the agent may not
+    have started it yet), and a pending unload ends by its task too."""
+    pending = placement.state in steps.LOADING_STATES or placement.state == PlacementState.UNLOADING
+    # What the agent reports as the step's own outcome is the truth even while the step is
+    # pending here: its task may have died (the sweep then closes its LoadEvent). An unload's
+    # outcome is a level below the one it left (still cache_level while UNLOADING): UNLOADED
+    # alone is also what a model in host RAM says before it steps down to disk.
+    done = (
+        placement.state in steps.LOADING_STATES and status.cache_state == PlacementState.READY
+    ) or (
+        placement.state == PlacementState.UNLOADING
+        and status.cache_state in (PlacementState.UNLOADED, PlacementState.FAILED)
+        and unloads.below(status.cache_level, placement.cache_level)
+    )
+    if done:
+        pending = False
+        if status.cache_state == PlacementState.READY:
+            placement.ready_at = timezone.now()
+    if status.cache_state in PlacementState.values and (
+        not pending or status.cache_state in steps.LOADING_STATES
+    ):
+        placement.state = status.cache_state
+    if status.cache_level in CacheLevel.values:
+        placement.cache_level = status.cache_level
+    if not pending:
+        placement.inference_endpoint_url = status.inference_endpoint_url
+    placement.bytes_done, placement.bytes_total = status.bytes_done, status.bytes_total
+    placement.kv_cache_hit_rate, placement.kv_cache_usage = (
+        status.kv_cache_hit_rate,
+        status.kv_cache_usage,
+    )
+    placement.requests_in_flight = status.requests_in_flight
+    placement.requests_waiting = status.requests_waiting
+    if status.last_used_at:
+        placement.last_used_at = datetime.fromisoformat(status.last_used_at)
+    if not pending:
+        placement.error = status.error[:4000]
+    placement.updated_at = timezone.now()
+
+
+# A load queued this recently may not have reached its agent yet: its absence from a
+# heartbeat says nothing.
+_LOAD_GRACE = timedelta(seconds=30)
+
+
+def _lost(placement: Placement, now: datetime) -> bool:
+    """A placement the agent no longer reports: marked gone (unless its load is just queued)."""
+    if placement.state in steps.LOADING_STATES and now - placement.updated_at < _LOAD_GRACE:
+        return False
+    if placement.state == PlacementState.UNLOADED and placement.cache_level == CacheLevel.NONE:
+        return False
+    placement.state, placement.cache_level = PlacementState.UNLOADED, CacheLevel.NONE
+    placement.inference_endpoint_url, placement.updated_at = "", now
+    return True

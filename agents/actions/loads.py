@@ -1,0 +1,370 @@
+"""Cold starts and loads: where a model is loaded (scheduling.plan_load), single flight
+per model, the load task's start and outcome, and retries on the next agent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Avg, Count, Q, Sum
+from django.utils import timezone
+
+from agents import events, scheduling
+from agents.actions import steps, unloads
+from agents.choices import (
+    UNROUTABLE_AGENT_STATES,
+    CacheLevel,
+    LoadEventKind,
+    LoadOutcome,
+    LoadTrigger,
+    PlacementState,
+)
+from agents.models import Agent, LoadEvent, Model, Placement
+from nodeagent.protocol import (
+    EngineSpec,
+    LoadModelRequest,
+    LoadModelResponse,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NoCapacity(Exception):
+    """No agent can take the model now: none is routable, none has room, or every one tried
+    has failed to load it within the cold-start timeout."""
+
+
+def ensure_placement(model: Model) -> Placement:
+    """A placement that serves `model` or soon will: a READY one, the load under way, or a new
+    load on the agent where it can serve soonest. Raises NoCapacity.
+
+    Single flight: the model's row lock orders concurrent callers, so however many cold
+    requests arrive at once, the first starts one load and the rest find it.
+    """
+    with transaction.atomic():
+        locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
+        placements = list(locked.placements.select_related("agent"))
+        usable = [p for p in placements if p.agent.is_routable]
+        for state in (PlacementState.READY, *steps.LOADING_STATES):
+            found = next((p for p in usable if p.state == state), None)
+            if found is not None:
+                return found
+        return _start_load(locked, placements, LoadTrigger.REQUEST)
+
+
+def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement | None:
+    """Load one more replica of `model` in the background, if `max_replicas` allows and an
+    agent without one has room; None when there is nothing to do."""
+    with transaction.atomic():
+        locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
+        placements = list(locked.placements.select_related("agent"))
+        active = [
+            p
+            for p in placements
+            if p.agent.is_routable and p.state in (PlacementState.READY, *steps.LOADING_STATES)
+        ]
+        if len(active) >= locked.max_replicas:
+            return None
+        try:
+            return _start_load(locked, placements, trigger, {p.agent_id for p in active})
+        except NoCapacity:
+            return None
+
+
+def load_on_agent(model: Model, agent: Agent) -> Placement:
+    """An operator's order: serve `model` on `agent`, stepping idle models down there if its
+    GPU memory needs it. Raises NoCapacity when the agent takes no work or has no room."""
+    with transaction.atomic():
+        locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
+        placements = list(locked.placements.select_related("agent"))
+        current = next((p for p in placements if p.agent_id == agent.pk), None)
+        if current is not None and current.state in (PlacementState.READY, *steps.LOADING_STATES):
+            return current
+        others = set(Agent.objects.exclude(pk=agent.pk).values_list("pk", flat=True))
+        return _start_load(locked, placements, LoadTrigger.OPERATOR, others, recent_failures=False)
+
+
+def _start_load(
+    model: Model,
+    placements: Sequence[Placement],
+    trigger: str,
+    exclude: Iterable[int] = (),
+    *,
+    recent_failures: bool = True,
+) -> Placement:
+    """Pick the agent (scheduling.plan_load), mark the placement loading, record the LoadEvent,
+    queue the demotions that make room and the load itself. Runs under the model's lock."""
+    excluded = set(exclude)
+    failed = failed_recently(model) if recent_failures else []
+    excluded |= {event.agent_id for event in failed}
+    candidates = _load_candidates(model, placements, excluded)
+    plan = scheduling.plan_load(
+        candidates, size_bytes=model.size_bytes, gpu_memory_bytes=model.gpu_memory_bytes
+    )
+    if plan is None:
+        if failed:
+            raise NoCapacity(
+                f"loading {model.model_id} failed on {len(failed)} agent(s); last error: "
+                f"{failed[0].error or 'unknown'}"
+            )
+        raise NoCapacity(f"no agent that takes new work has room for {model.model_id}")
+    agent = Agent.objects.get(agent_id=plan.agent_id)
+    placement = next((p for p in placements if p.agent_id == agent.pk), None)
+    placement = placement or Placement(agent=agent, model=model)
+    placement.state = (
+        PlacementState.DOWNLOADING
+        if placement.cache_level == CacheLevel.NONE
+        else PlacementState.LOADING_TO_GPU
+    )
+    placement.error, placement.bytes_done, placement.inference_endpoint_url = "", 0, ""
+    placement.bytes_total = model.size_bytes
+    placement.save()
+    victims = [
+        unloads.begin_step_down(
+            victim, CacheLevel.DRAM_CACHED, LoadTrigger.PRESSURE, queue=False
+        ).pk
+        for victim in Placement.objects.filter(pk__in=plan.victims).select_related("agent", "model")
+    ]
+    event = LoadEvent.objects.create(
+        agent=agent, model=model, placement=placement, kind=LoadEventKind.LOAD, trigger=trigger,
+        from_level=placement.cache_level, to_level=CacheLevel.GPU_RESIDENT,
+    )  # fmt: skip
+    log.info(
+        "loading %s on %s (%s, about %.0f s, %d to step down first)",
+        model.model_id, agent.agent_id, trigger, plan.estimated_seconds, len(victims),
+    )  # fmt: skip
+    steps.queue("agents.tasks.load", event.pk, victims)
+    events.announce(placements=[placement.pk], loads=[event.pk])
+    return placement
+
+
+def failed_recently(model: Model) -> list[LoadEvent]:
+    """The model's loads that failed within LOAD_RETRY_BACKOFF_SECONDS, newest first: their
+    agents are not tried for it again until then."""
+    since = timezone.now() - timedelta(seconds=settings.LOAD_RETRY_BACKOFF_SECONDS)
+    return list(
+        LoadEvent.objects.filter(
+            model=model,
+            kind=LoadEventKind.LOAD,
+            outcome=LoadOutcome.FAILED,
+            finished_at__gte=since,
+        ).order_by("-finished_at")
+    )
+
+
+def _load_candidates(
+    model: Model, placements: Sequence[Placement], excluded: set[int]
+) -> list[scheduling.LoadCandidate]:
+    """Every agent that takes new work, as plan_load sees it: a handful of grouped queries,
+    whatever the fleet's size."""
+    agents = list(
+        Agent.objects.exclude(state__in=UNROUTABLE_AGENT_STATES)
+        .exclude(pk__in=excluded)
+        .only("pk", "agent_id", "gpu_memory_total", "gpu_memory_free")
+    )
+    if not agents:
+        return []
+    level = {p.agent_id: p.cache_level for p in placements}
+    loading: dict[int, int] = {
+        int(agent): int(count)
+        for agent, count in Placement.objects.filter(state__in=steps.LOADING_STATES)
+        .values_list("agent")
+        .annotate(n=Count("pk"))
+        .values_list("agent", "n")
+    }
+    history = _load_history()
+    tight = [
+        a.pk for a in agents if a.gpu_memory_total and a.gpu_memory_free < model.gpu_memory_bytes
+    ]
+    residents = _residents(tight)
+    return [
+        scheduling.LoadCandidate(
+            agent_id=agent.agent_id,
+            cache_level=level.get(agent.pk, CacheLevel.NONE),
+            gpu_memory_total=agent.gpu_memory_total,
+            gpu_memory_free=agent.gpu_memory_free,
+            loads_in_progress=loading.get(agent.pk, 0),
+            history=history.get(agent.pk, scheduling.LoadHistory()),
+            residents=tuple(residents.get(agent.pk, ())),
+        )
+        for agent in agents
+    ]
+
+
+def _load_history() -> dict[int, scheduling.LoadHistory]:
+    """Each agent's observed download bandwidth, engine start and wake times (past loads)."""
+    rows = (
+        LoadEvent.objects.filter(kind=LoadEventKind.LOAD, outcome=LoadOutcome.SUCCEEDED)
+        .values("agent")
+        .annotate(
+            downloaded=Sum("bytes_downloaded", filter=Q(download_seconds__gt=0)),
+            download_seconds=Sum("download_seconds", filter=Q(download_seconds__gt=0)),
+            engine_start=Avg("engine_start_seconds", filter=Q(from_level__in=[
+                CacheLevel.NVME_CACHED, CacheLevel.NONE])),
+            wake=Avg("engine_start_seconds", filter=Q(from_level=CacheLevel.DRAM_CACHED)),
+        )
+    )  # fmt: skip
+    return {
+        int(row["agent"]): scheduling.LoadHistory(
+            bytes_per_second=(
+                row["downloaded"] / row["download_seconds"]
+                if row["downloaded"] and row["download_seconds"]
+                else None
+            ),
+            engine_start_seconds=row["engine_start"],
+            wake_seconds=row["wake"],
+        )
+        for row in rows
+    }
+
+
+def _residents(agent_pks: list[int]) -> dict[int, list[scheduling.Resident]]:
+    """The GPU-resident models of these agents, and which could step down to make room."""
+    if not agent_pks:
+        return {}
+    now = timezone.now()
+    resident = list(
+        Placement.objects.filter(
+            agent__in=agent_pks, state=PlacementState.READY, cache_level=CacheLevel.GPU_RESIDENT
+        ).select_related("model")
+    )
+    on_gpu: dict[int, int] = {
+        int(model): int(count)
+        for model, count in Placement.objects.filter(
+            model__in={p.model_id for p in resident},
+            state=PlacementState.READY,
+            cache_level=CacheLevel.GPU_RESIDENT,
+        )
+        .values_list("model")
+        .annotate(n=Count("pk"))
+        .values_list("model", "n")
+    }
+    found: dict[int, list[scheduling.Resident]] = {}
+    for p in resident:
+        evictable = (
+            not p.model.pinned
+            and not p.requests_in_flight
+            and not p.requests_waiting
+            and on_gpu.get(p.model_id, 0) > p.model.min_replicas
+        )
+        found.setdefault(p.agent_id, []).append(
+            scheduling.Resident(
+                p.pk, p.model.gpu_memory_bytes, steps.idle_seconds(p, now), evictable
+            )
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class LoadJob:
+    """What the load task needs to call the agent."""
+
+    event_id: int
+    agent_url: str
+    request: LoadModelRequest
+
+
+def begin_load(event_id: int) -> LoadJob | None:
+    """Mark the load started (its queue time ends); None when it is not pending any more,
+    e.g. a redelivered task whose load another worker already finished."""
+    event = steps.claim_pending(event_id)
+    if event is None:
+        return None
+    model = event.model
+    request = LoadModelRequest(
+        model_id=model.model_id,
+        source=model.source,
+        revision=model.revision,
+        engine=EngineSpec(args=tuple(model.engine_args)),
+    )
+    return LoadJob(event.pk, event.agent.base_url, request)
+
+
+def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
+    """The agent serves the model: the placement turns READY with its endpoint."""
+    now = timezone.now()
+    with transaction.atomic():
+        event = (
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("model")
+            .get(pk=event_id)
+        )
+        timings = response.timings
+        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, now
+        event.download_seconds = timings.download_seconds
+        event.engine_start_seconds = timings.engine_start_seconds or timings.wake_seconds
+        event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
+        event.save()
+        placement = (
+            Placement.objects.select_for_update(no_key=True, of=("self",))
+            .filter(pk__in=steps.placement_of(event))
+            .first()
+        )
+        if placement is None:
+            return None
+        placement.state, placement.cache_level = PlacementState.READY, CacheLevel.GPU_RESIDENT
+        placement.inference_endpoint_url = response.inference_endpoint_url
+        placement.ready_at = placement.last_used_at = now
+        placement.bytes_done = placement.bytes_total
+        placement.error = ""
+        placement.save()
+        events.announce(placements=[placement.pk], loads=[event.pk])
+    return placement
+
+
+def fail_load(event_id: int, error: str) -> Placement | None:
+    """The load failed: record why, and try the next best agent while attempts remain.
+    Returns the retry's placement, if one was started."""
+    with transaction.atomic():
+        event = (
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("model")
+            .get(pk=event_id)
+        )
+        if event.outcome != LoadOutcome.PENDING:
+            return None
+        model = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=event.model_id)
+        event.outcome, event.finished_at, event.error = LoadOutcome.FAILED, timezone.now(), error
+        event.save()
+        # Only while the placement is this load's: a later load of it (after a heartbeat saw
+        # it gone) is not undone by an old one failing.
+        Placement.objects.filter(
+            pk__in=steps.placement_of(event), state__in=steps.LOADING_STATES
+        ).exclude(load_events__queued_at__gt=event.queued_at).update(
+            state=PlacementState.FAILED, error=error[:4000], updated_at=timezone.now()
+        )
+        events.announce(placements=steps.placement_of(event), loads=[event.pk])
+        log.warning("load of %s on agent %s failed: %s", model.model_id, event.agent_id, error)
+        placements = list(model.placements.select_related("agent"))
+        if len(failed_recently(model)) >= settings.LOAD_ATTEMPTS:
+            return None
+        if any(p.state in steps.LOADING_STATES and p.agent.is_routable for p in placements):
+            return None  # another load of it is under way already
+        try:
+            return _start_load(model, placements, LoadTrigger.FAILURE)
+        except NoCapacity:
+            return None
+
+
+def record_first_token(placement_id: int) -> None:
+    """The first answer after a cold start reached its client: the load's last phase."""
+    now = timezone.now()
+    event = (
+        LoadEvent.objects.filter(
+            placement_id=placement_id,
+            kind=LoadEventKind.LOAD,
+            outcome=LoadOutcome.SUCCEEDED,
+            first_token_seconds__isnull=True,
+        )
+        .order_by("-queued_at")
+        .first()
+    )
+    if event is not None and event.finished_at is not None:
+        LoadEvent.objects.filter(pk=event.pk, first_token_seconds__isnull=True).update(
+            first_token_seconds=(now - event.finished_at).total_seconds()
+        )
+        events.announce(loads=[event.pk])

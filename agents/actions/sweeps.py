@@ -1,0 +1,161 @@
+"""Beat's sweep: steps whose tasks died or never ran are closed, resent or failed, idle
+models step down the ladder, and models are kept at their min_replicas."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from agents import events, scheduling
+from agents.actions import loads, steps, unloads
+from agents.choices import (
+    UNROUTABLE_AGENT_STATES,
+    CacheLevel,
+    LoadEventKind,
+    LoadOutcome,
+    LoadTrigger,
+    PlacementState,
+)
+from agents.models import LoadEvent, Model, Placement
+
+log = logging.getLogger(__name__)
+
+
+# A pending step whose task has not started this long after it was queued is sent again (the
+# broker was away, or its message was lost with a worker); claiming makes a duplicate harmless.
+_RESEND_AFTER = timedelta(seconds=60)
+
+
+_resent_at: dict[int, float] = {}
+
+
+def settle_orphaned_steps() -> int:
+    """Close the loads and unloads whose tasks died or never ran (a worker killed mid-task, a
+    broker that was away), so nothing stays pending: a step the agent did anyway (a heartbeat
+    saw it, `_reconcile`) succeeds, one never started is sent again, and one pending past its
+    timeout fails (a load moves on to the next agent; an unload leaves the model serving).
+    Returns how many it closed."""
+    now = timezone.now()
+    pending = list(
+        LoadEvent.objects.filter(outcome=LoadOutcome.PENDING).select_related("placement")
+    )
+    closed = 0
+    for event in pending:
+        placement = event.placement
+        if placement is not None and _done_anyway(event, placement):
+            closed += _close_as_done(event.pk)
+        elif now - event.queued_at > _timeout(event):
+            closed += 1
+            if event.kind == LoadEventKind.LOAD:
+                loads.fail_load(event.pk, "the load did not finish within the cold-start timeout")
+            else:
+                unloads.fail_unload(event.pk, "the unload did not finish within its timeout")
+        elif event.started_at is None and now - event.queued_at > _RESEND_AFTER:
+            _resend(event)
+    return closed
+
+
+def _done_anyway(event: LoadEvent, placement: Placement) -> bool:
+    if event.kind == LoadEventKind.LOAD:
+        return placement.state == PlacementState.READY
+    return placement.state != PlacementState.UNLOADING
+
+
+def _timeout(event: LoadEvent) -> timedelta:
+    seconds = (
+        settings.COLD_START_TIMEOUT_SECONDS
+        if event.kind == LoadEventKind.LOAD
+        else steps.UNLOAD_TIMEOUT_SECONDS
+    )
+    return timedelta(seconds=seconds + 60)
+
+
+def _close_as_done(event_id: int) -> int:
+    """A pending step the agent finished though its task did not say (it died): succeeded,
+    without the phases only the task knew. Locks the event; its task, should it still be
+    alive, writes its own outcome over this one."""
+    with transaction.atomic():
+        event = (
+            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("placement")
+            .filter(pk=event_id, outcome=LoadOutcome.PENDING)
+            .first()
+        )
+        if event is None or event.placement is None:
+            return 0
+        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
+        if event.kind == LoadEventKind.UNLOAD:
+            event.to_level = event.placement.cache_level
+            if event.placement.state == PlacementState.FAILED:  # the engine died stopping
+                event.outcome, event.error = LoadOutcome.FAILED, event.placement.error[:4000]
+        event.save(update_fields=["outcome", "finished_at", "to_level", "error"])
+        events.announce(loads=[event.pk])
+    log.info("%s %s finished on its agent; its task never said", event.kind.lower(), event_id)
+    return 1
+
+
+def _resend(event: LoadEvent) -> None:
+    last = _resent_at.get(event.pk)
+    if last is not None and time.monotonic() - last < _RESEND_AFTER.total_seconds():
+        return
+    _resent_at[event.pk] = time.monotonic()
+    task = "agents.tasks.load" if event.kind == LoadEventKind.LOAD else "agents.tasks.unload"
+    log.warning("%s %s was never started; queueing it again", event.kind.lower(), event.pk)
+    steps.send(task, event.pk)
+
+
+def sweep() -> list[LoadEvent]:
+    """Beat's eviction sweep: step idle models down the ladder (scheduling.plan_sweep), top
+    models up to their min_replicas, and fail loads a dead worker left pending."""
+    settle_orphaned_steps()
+    now = timezone.now()
+    placements = list(
+        Placement.objects.exclude(agent__state__in=UNROUTABLE_AGENT_STATES)
+        .filter(
+            Q(state=PlacementState.READY, cache_level=CacheLevel.GPU_RESIDENT)
+            | Q(cache_level=CacheLevel.DRAM_CACHED, state=PlacementState.UNLOADED)
+        )
+        .select_related("model", "agent")
+    )
+    facts = [
+        scheduling.PlacementFacts(
+            placement_id=p.pk, model=p.model.model_id, agent_id=p.agent.agent_id,
+            cache_level=p.cache_level, ready=p.state == PlacementState.READY,
+            pinned=p.model.pinned, keep_alive_seconds=p.model.keep_alive.total_seconds(),
+            min_replicas=p.model.min_replicas, idle_seconds=steps.idle_seconds(p, now),
+            busy=bool(p.requests_in_flight or p.requests_waiting),
+        )
+        for p in placements
+    ]  # fmt: skip
+    memory = {
+        p.agent.agent_id: scheduling.AgentMemory(
+            p.agent.agent_id, p.agent.gpu_memory_total, p.agent.gpu_memory_free
+        )
+        for p in placements
+    }
+    plan = scheduling.plan_sweep(
+        facts, list(memory.values()), pressure_percent=settings.GPU_MEMORY_PRESSURE_PERCENT
+    )
+    by_pk = {p.pk: p for p in placements}
+    demoted = []
+    for demotion in plan:
+        with transaction.atomic():
+            placement = (
+                Placement.objects.select_for_update(no_key=True, of=("self",))
+                .select_related("agent", "model")
+                .get(pk=demotion.placement_id)
+            )
+            if placement.state != by_pk[demotion.placement_id].state:
+                continue  # it changed since the plan was made: next sweep decides again
+            demoted.append(
+                unloads.begin_step_down(placement, demotion.to_level, demotion.trigger, queue=True)
+            )
+    for model in Model.objects.filter(enabled=True, min_replicas__gt=0):
+        loads.scale_out(model, LoadTrigger.SCALE_OUT)
+    return demoted

@@ -1,0 +1,128 @@
+"""Stepping placements down the eviction ladder (GPU -> host RAM -> disk -> gone): an
+operator's order, the sweep's, or a load making room; and what the agent answered."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
+
+from agents import events
+from agents.actions import steps
+from agents.choices import (
+    CacheLevel,
+    LoadEventKind,
+    LoadOutcome,
+    LoadTrigger,
+    PlacementState,
+)
+from agents.models import LoadEvent, Placement
+from nodeagent.protocol import (
+    UnloadModelResponse,
+)
+
+log = logging.getLogger(__name__)
+
+
+def begin_step_down(placement: Placement, to_level: str, trigger: str, *, queue: bool) -> LoadEvent:
+    """Take the placement out of routing at once and record the step down; the agent is called
+    by the unload task (queued here, or run first by the load it makes room for)."""
+    event = LoadEvent.objects.create(
+        agent=placement.agent, model=placement.model, placement=placement,
+        kind=LoadEventKind.UNLOAD, trigger=trigger, from_level=placement.cache_level,
+        to_level=to_level,
+    )  # fmt: skip
+    placement.state = PlacementState.UNLOADING
+    placement.save(update_fields=["state", "updated_at"])
+    events.announce(placements=[placement.pk], loads=[event.pk])
+    if queue:
+        steps.queue("agents.tasks.unload", event.pk)
+    return event
+
+
+class CannotStepDown(Exception):
+    """The placement is not where it can step down to the level asked for (yet)."""
+
+
+# The ladder, top first: a step goes to a level further down.
+LADDER = [CacheLevel.GPU_RESIDENT, CacheLevel.DRAM_CACHED, CacheLevel.NVME_CACHED, CacheLevel.NONE]
+
+
+def below(level: str, than: str) -> bool:
+    """Whether `level` is further down the eviction ladder than `than`."""
+    if level not in CacheLevel.values or than not in CacheLevel.values:
+        return False
+    return LADDER.index(CacheLevel(level)) > LADDER.index(CacheLevel(than))
+
+
+def unload(placement: Placement, to_level: str, trigger: str = LoadTrigger.OPERATOR) -> LoadEvent:
+    """Step a placement down to `to_level` (DRAM_CACHED, NVME_CACHED or NONE). Raises
+    CannotStepDown while it loads or unloads, or when it is not above that level."""
+    with transaction.atomic():
+        locked = (
+            Placement.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("agent", "model")
+            .get(pk=placement.pk)
+        )
+        if to_level not in LADDER[1:]:
+            raise CannotStepDown(f"{to_level} is not a level to step down to")
+        if locked.state in (*steps.LOADING_STATES, PlacementState.UNLOADING):
+            raise CannotStepDown(f"{locked} is {locked.get_state_display().lower()}; wait for it")
+        if LADDER.index(CacheLevel(locked.cache_level)) >= LADDER.index(CacheLevel(to_level)):
+            raise CannotStepDown(f"{locked} is at {locked.cache_level}, not above {to_level}")
+        return begin_step_down(locked, to_level, trigger, queue=True)
+
+
+@dataclass(frozen=True)
+class UnloadJob:
+    event_id: int
+    agent_url: str
+    model_id: str
+    to_level: str
+
+
+def begin_unload(event_id: int) -> UnloadJob | None:
+    event = steps.claim_pending(event_id)
+    if event is None:
+        return None
+    return UnloadJob(event.pk, event.agent.base_url, event.model.model_id, event.to_level)
+
+
+def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
+    """The agent stepped the model down, maybe further than asked (an engine that cannot sleep)."""
+    with transaction.atomic():
+        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
+        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
+        event.to_level = response.cache_level
+        event.error = response.note
+        event.save()
+        Placement.objects.filter(
+            pk__in=steps.placement_of(event), state=PlacementState.UNLOADING
+        ).update(
+            state=PlacementState.UNLOADED,
+            cache_level=response.cache_level,
+            inference_endpoint_url="",
+            updated_at=timezone.now(),
+        )
+        events.announce(placements=steps.placement_of(event), loads=[event.pk])
+
+
+def fail_unload(event_id: int, error: str) -> None:
+    """The agent refused or could not be reached: the placement keeps serving as it did
+    (a heartbeat corrects it if the agent is gone)."""
+    with transaction.atomic():
+        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
+        if event.outcome != LoadOutcome.PENDING:  # closed already (settle_orphaned_steps)
+            return
+        event.outcome, event.finished_at, event.error = (
+            LoadOutcome.FAILED,
+            timezone.now(),
+            error,
+        )
+        event.save()
+        Placement.objects.filter(
+            pk__in=steps.placement_of(event), state=PlacementState.UNLOADING
+        ).update(state=PlacementState.READY, updated_at=timezone.now())
+        events.announce(placements=steps.placement_of(event), loads=[event.pk])
