@@ -23,7 +23,7 @@ TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements/controlplane.txt requirements/dev.txt
+$(INSTALLED): requirements/controlplane.txt requirements/nodeagent.txt requirements/dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: llmfleet needs Python 3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt

@@ -88,6 +88,7 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         "agent_id", "base_url", "state", "reported_state", "drained_at", "version", "labels",
         "gpus", "gpu_name", "gpu_count", "gpu_memory_total", "gpu_memory_free",
         "gpu_utilization", "engine_queue_length", "last_heartbeat_at", "heartbeat_failures",
+        "contract_version", "contract_error", "contract_error_at", "contract_rejections",
         "registered_at", "updated_at",
     ]  # fmt: skip
 
@@ -114,8 +115,13 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         return f"{format_bytes(agent.gpu_memory_free)} of {format_bytes(agent.gpu_memory_total)}"
 
     @admin.display(description="Last heartbeat", ordering="last_heartbeat_at")
-    def heartbeat(self, agent: Agent) -> str:
-        return format_age(agent.last_heartbeat_at)
+    def heartbeat(self, agent: Agent) -> str | SafeString:
+        age = format_age(agent.last_heartbeat_at)
+        if not agent.contract_error:
+            return age
+        # A refused answer is why an agent that is plainly up turns DEGRADED: say so here.
+        return format_html('{} <span style="color:#b00" title="{}">(answer refused)</span>',
+                           age, agent.contract_error)  # fmt: skip
 
     @admin.display(description="Placements", ordering="placement_total")
     def placement_count(self, agent: Agent) -> int:

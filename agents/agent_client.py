@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -14,9 +15,16 @@ from nodeagent.protocol import (
     HeartbeatResponse,
     LoadModelRequest,
     LoadModelResponse,
-    LoadTimings,
+    ProtocolError,
     UnloadModelResponse,
+    check_contract,
+    decode,
 )
+
+T = TypeVar("T")
+
+# The code of an AgentCallFailed for an answer that does not follow the contract.
+CONTRACT_VIOLATION = "contract_violation"
 
 
 class AgentCallFailed(Exception):
@@ -33,27 +41,45 @@ def _headers(token: str) -> dict[str, str]:
 
 
 async def _post(
-    session: aiohttp.ClientSession, url: str, token: str, body: dict[str, Any], seconds: float
-) -> dict[str, Any]:
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    body: dict[str, Any],
+    seconds: float,
+    kind: type[T],
+) -> T:
+    """POST `body` and decode a 2xx answer as a `kind`; AgentCallFailed otherwise, with code
+    CONTRACT_VIOLATION for an answer that does not follow the contract."""
     try:
         async with session.post(
             url, json=body, headers=_headers(token), timeout=aiohttp.ClientTimeout(total=seconds)
         ) as response:
-            try:
-                answer = await response.json(content_type=None)
-            except ValueError:
-                answer = None
-            if response.status >= 400 or not isinstance(answer, dict):
-                error = (answer or {}).get("error") if isinstance(answer, dict) else None
-                error = error if isinstance(error, dict) else {}
-                raise AgentCallFailed(
-                    str(error.get("message") or f"HTTP {response.status} from {url}"),
-                    code=str(error.get("code") or "agent_error"),
-                    status=response.status,
-                )
-            return answer
+            raw = await response.read()
+            if response.status >= 400:
+                raise _refusal(url, response.status, raw)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise AgentCallFailed(f"{url}: {type(exc).__name__}: {exc}") from None
+    try:
+        return decode(raw, kind)
+    except ProtocolError as exc:
+        raise AgentCallFailed(
+            f"{url} answered outside the contract: {exc}", code=CONTRACT_VIOLATION
+        ) from None
+
+
+def _refusal(url: str, status: int, raw: bytes) -> AgentCallFailed:
+    """The agent's error answer: its `{"error": {"code", "message"}}`, whatever else it sent."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    error = error if isinstance(error, dict) else {}
+    return AgentCallFailed(
+        str(error.get("message") or f"HTTP {status} from {url}"),
+        code=str(error.get("code") or "agent_error"),
+        status=status,
+    )
 
 
 async def load_model(
@@ -61,18 +87,9 @@ async def load_model(
 ) -> LoadModelResponse:
     """`POST /load_model`: returns once the engine serves (or raises AgentCallFailed)."""
     async with aiohttp.ClientSession() as session:
-        body = await _post(session, f"{base_url}/load_model", token, request.to_json(), seconds)
-    timings = body.get("timings") or {}
-    return LoadModelResponse(
-        model_id=body["model_id"],
-        inference_endpoint_url=body["inference_endpoint_url"],
-        timings=LoadTimings(**{k: v for k, v in timings.items() if k in _TIMING_FIELDS}),
-        cache_state=body.get("cache_state", "READY"),
-        cache_level=body.get("cache_level", "GPU_RESIDENT"),
-    )
-
-
-_TIMING_FIELDS = set(asdict(LoadTimings()))
+        return await _post(
+            session, f"{base_url}/load_model", token, request.to_json(), seconds, LoadModelResponse
+        )
 
 
 async def unload_model(
@@ -80,19 +97,14 @@ async def unload_model(
 ) -> UnloadModelResponse:
     """`POST /unload_model`: where the model ended up (maybe lower than asked: see `note`)."""
     async with aiohttp.ClientSession() as session:
-        body = await _post(
+        return await _post(
             session,
             f"{base_url}/unload_model",
             token,
             {"model_id": model_id, "to": to, "force": force},
             seconds,
+            UnloadModelResponse,
         )
-    return UnloadModelResponse(
-        model_id=body["model_id"],
-        cache_state=body["cache_state"],
-        cache_level=body["cache_level"],
-        note=body.get("note", ""),
-    )
 
 
 @dataclass(frozen=True)
@@ -103,10 +115,14 @@ class HeartbeatTarget:
 
 @dataclass(frozen=True)
 class HeartbeatResult:
+    """One agent's answer, or why there is none. `rejected` is set when the agent answered
+    outside the contract: it counts as a miss, and the reason is recorded on that agent."""
+
     agent_pk: int
     polled_at: float  # time.time() when the request was sent
     response: HeartbeatResponse | None
     error: str = ""
+    rejected: bool = False
 
 
 async def poll_heartbeats(
@@ -120,15 +136,16 @@ async def poll_heartbeats(
         async with limit:
             polled_at = time.time()
             try:
-                body = await _post(session, f"{target.base_url}/heartbeat", token, {}, seconds)
-                return HeartbeatResult(
-                    target.agent_pk, polled_at, HeartbeatResponse.from_json(body)
+                beat = await _post(
+                    session, f"{target.base_url}/heartbeat", token, {}, seconds, HeartbeatResponse
                 )
+                check_contract(beat.contract)
             except AgentCallFailed as exc:
-                return HeartbeatResult(target.agent_pk, polled_at, None, str(exc))
-            except (KeyError, TypeError, ValueError) as exc:
-                error = f"heartbeat not in the contract's shape: {type(exc).__name__}: {exc}"
-                return HeartbeatResult(target.agent_pk, polled_at, None, error)
+                rejected = exc.code == CONTRACT_VIOLATION
+                return HeartbeatResult(target.agent_pk, polled_at, None, str(exc), rejected)
+            except ProtocolError as exc:
+                return HeartbeatResult(target.agent_pk, polled_at, None, str(exc), True)
+            return HeartbeatResult(target.agent_pk, polled_at, beat)
 
     async with aiohttp.ClientSession(connector=connector) as session:
         return list(await asyncio.gather(*(one(session, target) for target in targets)))

@@ -41,6 +41,7 @@ def agent_payload(agent: Agent) -> dict[str, Any]:
         "gpu_memory_free": agent.gpu_memory_free, "gpu_utilization": agent.gpu_utilization,
         "engine_queue_length": agent.engine_queue_length,
         "last_heartbeat_at": _iso(agent.last_heartbeat_at),
+        "contract_error": agent.contract_error[:300],
     }  # fmt: skip
 
 

@@ -62,6 +62,16 @@ class Agent(models.Model):
 
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     heartbeat_failures = models.PositiveIntegerField(default=0)
+    contract_version = models.CharField(
+        max_length=16, blank=True, help_text="The agent contract's major.minor it last spoke."
+    )
+    contract_error = models.TextField(
+        blank=True, help_text="Why its last answer was refused (outside the contract), if it was."
+    )
+    contract_error_at = models.DateTimeField(null=True, blank=True)
+    contract_rejections = models.PositiveIntegerField(
+        default=0, help_text="Answers refused as outside the contract, ever."
+    )
     registered_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

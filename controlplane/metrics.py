@@ -84,7 +84,9 @@ class FleetCollector(Collector):
                   "llmfleet_agent_gpu_memory_free_bytes"]  # fmt: skip
         for name in gauges:
             yield GaugeMetricFamily(name, "")
-        for name in ("llmfleet_cold_starts", "llmfleet_loads", "llmfleet_evictions"):
+        counters = ("llmfleet_cold_starts", "llmfleet_loads", "llmfleet_evictions",
+                    "llmfleet_agent_contract_rejections")  # fmt: skip
+        for name in counters:
             yield CounterMetricFamily(name, "")
         yield SummaryMetricFamily("llmfleet_cold_start_phase_seconds", "")
 
@@ -128,13 +130,20 @@ class FleetCollector(Collector):
             "Requests waiting in an agent's engines at its last heartbeat.",
             labels=["agent"],
         )
-        for agent_id, memory, waiting in Agent.objects.values_list(
-            "agent_id", "gpu_memory_free", "engine_queue_length"
+        rejections = CounterMetricFamily(
+            "llmfleet_agent_contract_rejections",
+            "Agent answers refused as outside the contract (the reason is on the agent).",
+            labels=["agent"],
+        )
+        for agent_id, memory, waiting, refused in Agent.objects.values_list(
+            "agent_id", "gpu_memory_free", "engine_queue_length", "contract_rejections"
         ):
             free.add_metric([agent_id], memory)
             queue.add_metric([agent_id], waiting)
+            rejections.add_metric([agent_id], refused)
         yield free
         yield queue
+        yield rejections
 
         finished = LoadEvent.objects.exclude(outcome=LoadOutcome.PENDING)
         cold = CounterMetricFamily(

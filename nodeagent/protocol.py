@@ -1,32 +1,122 @@
 """Shapes of the node agent's HTTP contract, shared by the agent and the control plane.
 
-Plain dataclasses and the standard library only: the control plane imports
-this module, and the agent must stay free of Django. Requests are validated
-by their `from_json`, which raises `ProtocolError` with a message fit for a
-400 answer.
+Typed dataclasses, decoded by msgspec (`decode`): the control plane imports this
+module, and the agent must stay free of Django. What crosses the wire is checked
+field by field against these types, unknown fields are ignored and missing
+optional ones take their defaults, so a peer one minor version apart works
+(`CONTRACT_VERSION`, `check_contract`). Requests the agent takes are validated by
+their `from_json`, which raises `ProtocolError` with a message fit for a 400 answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
 
-# Agent states an agent reports about itself. The control plane adds OFFLINE and
-# DRAINING from its own view (heartbeats missed, operator orders).
-AGENT_REPORTED_STATES = ("IDLE", "LOADING_MODEL", "INFERRING", "DEGRADED", "DRAINING")
+import msgspec
+
+# major.minor. A minor release only adds optional fields (and values nobody had to send);
+# anything else is a new major, which the other side refuses (check_contract).
+# 1.1: `contract` on heartbeats and registrations; `last_used_at` checked as a timestamp.
+CONTRACT_VERSION = "1.1"
+
+
+class AgentReportedState(StrEnum):
+    """What an agent reports about itself. The control plane adds OFFLINE (heartbeats missed)
+    and its own DRAINING and DEGRADED verdicts."""
+
+    IDLE = "IDLE"
+    LOADING_MODEL = "LOADING_MODEL"
+    INFERRING = "INFERRING"
+    DEGRADED = "DEGRADED"
+    DRAINING = "DRAINING"
+
+
+class ModelState(StrEnum):
+    """A model's state on an agent (the control plane's Placement.state)."""
+
+    DOWNLOADING = "DOWNLOADING"
+    LOADING_TO_GPU = "LOADING_TO_GPU"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNLOADED = "UNLOADED"
+    FAILED = "FAILED"
+
+
+class CacheLevel(StrEnum):
+    """Where a model's weights are, fastest to serve first (the eviction ladder)."""
+
+    GPU_RESIDENT = "GPU_RESIDENT"
+    DRAM_CACHED = "DRAM_CACHED"
+    NVME_CACHED = "NVME_CACHED"
+    NONE = "NONE"
+
+
+AGENT_REPORTED_STATES = tuple(state.value for state in AgentReportedState)
 # On every error the agent itself answers (never on the engine's own answers): its code, so
 # the gateway tells "this replica cannot serve" from "the engine refused this request".
 AGENT_ERROR_HEADER = "X-Llmfleet-Agent-Error"
-# A model's state on an agent (the control plane's Placement.state).
-MODEL_STATES = ("DOWNLOADING", "LOADING_TO_GPU", "READY", "UNLOADING", "UNLOADED", "FAILED")
-# Where a model's weights are, fastest to serve first.
-CACHE_LEVELS = ("GPU_RESIDENT", "DRAM_CACHED", "NVME_CACHED", "NONE")
-UNLOAD_TARGETS = ("DRAM_CACHED", "NVME_CACHED", "NONE")
+MODEL_STATES = tuple(state.value for state in ModelState)
+CACHE_LEVELS = tuple(level.value for level in CacheLevel)
+UNLOAD_TARGETS = (CacheLevel.DRAM_CACHED.value, CacheLevel.NVME_CACHED.value, CacheLevel.NONE.value)
 ENGINES = ("vllm", "sim")
+
+# Bounds of what the control plane stores (its columns), checked where the bytes arrive.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
+Rate = Annotated[float, msgspec.Meta(ge=0.0)]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+AgentId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Url = Annotated[str, msgspec.Meta(max_length=500)]
+Short = Annotated[str, msgspec.Meta(max_length=128)]
+Version = Annotated[str, msgspec.Meta(max_length=64)]
+
+T = TypeVar("T")
 
 
 class ProtocolError(ValueError):
     """A body that does not follow the contract; the message says what is wrong."""
+
+
+def decode(body: bytes | Any, kind: type[T]) -> T:
+    """`body` (raw JSON, or what json.loads gave) as a `kind`, checked field by field.
+
+    Unknown fields are ignored and missing optional ones default; a missing required
+    field, a wrong type or a value out of bounds raises ProtocolError naming the field
+    (`Expected `int`, got `null` - at `$.models[0].bytes_done``).
+    """
+    try:
+        if isinstance(body, bytes | bytearray | memoryview):
+            return msgspec.json.decode(body, type=kind)
+        return msgspec.convert(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+
+
+def encode(value: Any) -> Any:
+    """A contract object as JSON-ready builtins (timestamps as RFC 3339, enums as strings)."""
+    return msgspec.to_builtins(value)
+
+
+def check_contract(version: str) -> None:
+    """Raise ProtocolError unless a peer speaking `version` works with this one: the same
+    major version (a minor apart only adds optional fields, which both sides tolerate)."""
+    major, _, minor = version.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise ProtocolError(f"contract version {version!r} is not major.minor")
+    if major != CONTRACT_VERSION.partition(".")[0]:
+        raise ProtocolError(
+            f"contract {version} is not compatible with this side's {CONTRACT_VERSION}"
+            " (majors differ)"
+        )
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -59,12 +149,12 @@ def _choice(body: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
 class GpuInfo:
     """One GPU as NVML sees it. Memory in bytes, utilization in percent."""
 
-    index: int
-    name: str
-    memory_total: int
-    memory_free: int
-    utilization: float | None = None
-    uuid: str = ""
+    index: Count
+    name: Short
+    memory_total: Bytes
+    memory_free: Bytes
+    utilization: Percent | None = None
+    uuid: Short = ""
 
 
 @dataclass(frozen=True)
@@ -75,16 +165,16 @@ class RegisterRequest:
     A host without a GPU sends an empty `gpus` list, never invented figures.
     """
 
-    agent_id: str
-    base_url: str
-    version: str = ""
-    state: str = "IDLE"
+    agent_id: AgentId
+    base_url: Url
+    version: Version = ""
+    state: AgentReportedState = AgentReportedState.IDLE
     gpus: tuple[GpuInfo, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
+    contract: str = "1.0"
 
     def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
-        body["gpus"] = [asdict(gpu) for gpu in self.gpus]
+        body: dict[str, Any] = encode(self)
         return body
 
 
@@ -92,10 +182,13 @@ class RegisterRequest:
 class RegisterResponse:
     """The control plane's answer to a registration."""
 
-    agent_id: str
+    agent_id: AgentId
     created: bool
     state: str
     heartbeat_interval_seconds: int
+    # Issued once, at enrolment or rotation: the agent keeps it and never sees it again.
+    credential: str = ""
+    contract: str = "1.0"
 
 
 @dataclass(frozen=True)
@@ -152,24 +245,25 @@ class LoadModelRequest:
 class LoadTimings:
     """Seconds spent in each phase of a load; None for a phase that did not run."""
 
-    download_seconds: float | None = None
-    engine_start_seconds: float | None = None
-    wake_seconds: float | None = None
-    total_seconds: float = 0.0
+    download_seconds: Seconds | None = None
+    engine_start_seconds: Seconds | None = None
+    wake_seconds: Seconds | None = None
+    total_seconds: Seconds = 0.0
     files_cached: bool = False
 
 
 @dataclass(frozen=True)
 class LoadModelResponse:
-    model_id: str
-    inference_endpoint_url: str
-    timings: LoadTimings
-    cache_state: str = "READY"
-    cache_level: str = "GPU_RESIDENT"
+    model_id: ModelId
+    inference_endpoint_url: Url
+    timings: LoadTimings = LoadTimings()
+    cache_state: ModelState = ModelState.READY
+    cache_level: CacheLevel = CacheLevel.GPU_RESIDENT
     status: str = "success"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body: dict[str, Any] = encode(self)
+        return body
 
 
 @dataclass(frozen=True)
@@ -195,74 +289,74 @@ class UnloadModelRequest:
 class UnloadModelResponse:
     """`cache_level` is where the model ended up, which may be lower than asked (see `note`)."""
 
-    model_id: str
-    cache_state: str
-    cache_level: str
+    model_id: ModelId
+    cache_state: ModelState
+    cache_level: CacheLevel
     note: str = ""
     status: str = "success"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body: dict[str, Any] = encode(self)
+        return body
 
 
 @dataclass(frozen=True)
 class ModelStatus:
-    """One model on the agent, as a heartbeat reports it. `last_used_at` is ISO 8601 UTC."""
+    """One model on the agent, as a heartbeat reports it. `last_used_at` is RFC 3339 on the
+    wire, with its offset."""
 
-    model_id: str
-    cache_state: str
-    cache_level: str
-    inference_endpoint_url: str = ""
-    engine: str = ""
-    progress: float | None = None
-    bytes_done: int = 0
-    bytes_total: int = 0
-    download_bytes_per_s: float | None = None
-    kv_cache_usage: float | None = None
-    kv_cache_hit_rate: float | None = None
-    requests_running: int = 0
-    requests_waiting: int = 0
-    requests_in_flight: int = 0
-    last_used_at: str | None = None
+    model_id: ModelId
+    cache_state: ModelState
+    cache_level: CacheLevel
+    inference_endpoint_url: Url = ""
+    engine: Short = ""
+    progress: Share | None = None
+    bytes_done: Bytes = 0
+    bytes_total: Bytes = 0
+    download_bytes_per_s: Rate | None = None
+    kv_cache_usage: Share | None = None
+    kv_cache_hit_rate: Share | None = None
+    requests_running: Count = 0
+    requests_waiting: Count = 0
+    requests_in_flight: Count = 0
+    last_used_at: Timestamp | None = None
     error: str = ""
 
 
 @dataclass(frozen=True)
 class DiskInfo:
     path: str
-    total: int
-    free: int
-    models_bytes: int
+    total: Bytes
+    free: Bytes
+    models_bytes: Bytes
 
 
 @dataclass(frozen=True)
 class HeartbeatResponse:
     """Answer to `POST /heartbeat`: the agent's whole state, polled by the control plane."""
 
-    agent_id: str
-    state: str
-    version: str
-    gpus: tuple[GpuInfo, ...]
-    gpu_utilization: float | None
-    gpu_memory_total: int
-    gpu_memory_free: int
-    vllm_queue_length: int
+    agent_id: AgentId
+    state: AgentReportedState
+    version: Version
     disk: DiskInfo
-    models: tuple[ModelStatus, ...]
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_utilization: Percent | None = None
+    gpu_memory_total: Bytes = 0
+    gpu_memory_free: Bytes = 0
+    vllm_queue_length: Count = 0
+    models: tuple[ModelStatus, ...] = ()
+    contract: str = "1.0"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body: dict[str, Any] = encode(self)
+        return body
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> HeartbeatResponse:
-        return cls(
-            **body
-            | {
-                "gpus": tuple(GpuInfo(**gpu) for gpu in body["gpus"]),
-                "disk": DiskInfo(**body["disk"]),
-                "models": tuple(ModelStatus(**model) for model in body["models"]),
-            }
-        )
+    def from_json(cls, body: bytes | Any) -> HeartbeatResponse:
+        """Decode and check a heartbeat (ProtocolError says which field is wrong)."""
+        beat = decode(body, cls)
+        check_contract(beat.contract)
+        return beat
 
 
 def error_body(code: str, message: str, model_id: str | None = None) -> dict[str, Any]:

@@ -30,9 +30,12 @@ from nodeagent.engines.vllm import VllmEngine, vllm_argv
 from nodeagent.fetch import fetch_model
 from nodeagent.metrics import AgentMetrics, EngineStats
 from nodeagent.protocol import (
+    AgentReportedState,
+    CacheLevel,
     LoadModelRequest,
     LoadModelResponse,
     LoadTimings,
+    ModelState,
     ModelStatus,
     UnloadModelRequest,
     UnloadModelResponse,
@@ -57,8 +60,8 @@ class AgentError(RuntimeError):
 @dataclass
 class ModelSlot:
     model_id: str
-    state: str = "UNLOADED"
-    cache_level: str = "NONE"
+    state: ModelState = ModelState.UNLOADED
+    cache_level: CacheLevel = CacheLevel.NONE
     source: str = ""
     revision: str = ""
     directory: Path | None = None
@@ -79,7 +82,7 @@ class ModelSlot:
 
     @property
     def serving(self) -> bool:
-        return self.state == "READY" and self.engine is not None
+        return self.state == ModelState.READY and self.engine is not None
 
 
 class ModelRegistry:
@@ -108,7 +111,7 @@ class ModelRegistry:
         for cached in self.cache.scan():
             self.slots[cached.model_id] = ModelSlot(
                 model_id=cached.model_id,
-                cache_level="NVME_CACHED",
+                cache_level=CacheLevel.NVME_CACHED,
                 source=cached.source,
                 revision=cached.revision,
                 directory=cached.directory,
@@ -139,7 +142,7 @@ class ModelRegistry:
             same = (slot.source, slot.revision) == (request.source, request.revision)
             if slot.serving and same:
                 return self._loaded(slot, LoadTimings(total_seconds=0.0, files_cached=True))
-            if slot.engine is not None and slot.cache_level == "DRAM_CACHED" and same:
+            if slot.engine is not None and slot.cache_level == CacheLevel.DRAM_CACHED and same:
                 return await self._wake(slot, session, started)
             if slot.engine is not None:  # another source or revision is asked for: replace it
                 await self._stop_engine(slot)
@@ -170,7 +173,7 @@ class ModelRegistry:
     ) -> LoadModelResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.load_timeout
-        slot.state, slot.error, slot.progress = "DOWNLOADING", "", DownloadProgress()
+        slot.state, slot.error, slot.progress = ModelState.DOWNLOADING, "", DownloadProgress()
         fetch_started = time.monotonic()
         store = open_store(request.source, session, self.environ)
 
@@ -197,7 +200,7 @@ class ModelRegistry:
             cached.directory,
         )
         slot.size_bytes = cached.size
-        slot.state, slot.cache_level = "LOADING_TO_GPU", "NVME_CACHED"
+        slot.state, slot.cache_level = ModelState.LOADING_TO_GPU, CacheLevel.NVME_CACHED
         engine_started = time.monotonic()
         engine = self._create_engine(request, cached)
         try:
@@ -235,15 +238,17 @@ class ModelRegistry:
         )
 
     def _loaded(self, slot: ModelSlot, timings: LoadTimings) -> LoadModelResponse:
-        slot.state, slot.cache_level, slot.error = "READY", "GPU_RESIDENT", ""
+        slot.state, slot.cache_level, slot.error = ModelState.READY, CacheLevel.GPU_RESIDENT, ""
         slot.last_used = time.time()
         self.cache.touch(slot.model_id)
         return LoadModelResponse(slot.model_id, self.endpoint_for(slot.model_id), timings)
 
     def _fail(self, slot: ModelSlot, error: str) -> None:
-        slot.state, slot.error, slot.failed_before = "FAILED", error, True
+        slot.state, slot.error, slot.failed_before = ModelState.FAILED, error, True
         slot.cache_level = (
-            "NVME_CACHED" if slot.directory is not None and slot.directory.exists() else "NONE"
+            CacheLevel.NVME_CACHED
+            if slot.directory is not None and slot.directory.exists()
+            else CacheLevel.NONE
         )
         log.warning("model %s failed: %s", slot.model_id, error)
 
@@ -341,35 +346,35 @@ class ModelRegistry:
             note = await self._step_down(slot, request.to, session)
         self.cache.touch(slot.model_id)
         response = UnloadModelResponse(slot.model_id, slot.state, slot.cache_level, note)
-        if slot.cache_level == "NONE":
+        if slot.cache_level == CacheLevel.NONE:
             del self.slots[slot.model_id]
         return response
 
     async def _step_down(self, slot: ModelSlot, to: str, session: aiohttp.ClientSession) -> str:
-        if to == "DRAM_CACHED" and slot.engine is not None and slot.engine.supports_sleep:
-            if slot.cache_level != "DRAM_CACHED":
+        if to == CacheLevel.DRAM_CACHED and slot.engine is not None and slot.engine.supports_sleep:
+            if slot.cache_level != CacheLevel.DRAM_CACHED:
                 try:
                     await sleep_engine(session, slot.engine.url)
                 except (EngineError, aiohttp.ClientError) as exc:
                     raise AgentError("sleep_failed", str(exc), 502, slot.model_id) from None
-            slot.state, slot.cache_level = "UNLOADED", "DRAM_CACHED"
+            slot.state, slot.cache_level = ModelState.UNLOADED, CacheLevel.DRAM_CACHED
             return ""
         note = ""
-        if to == "DRAM_CACHED":
+        if to == CacheLevel.DRAM_CACHED:
             note = (
                 f"the {slot.engine.name} engine cannot sleep on this host; "
                 "stepped down to NVME_CACHED"
                 if slot.engine is not None
                 else "no engine runs; the model stays at its level"
             )
-        slot.state = "UNLOADING"
+        slot.state = ModelState.UNLOADING
         await self._stop_engine(slot)
-        slot.state = "UNLOADED"
-        if to == "NONE":
+        slot.state = ModelState.UNLOADED
+        if to == CacheLevel.NONE:
             self.cache.remove(slot.model_id)
-            slot.directory, slot.cache_level, slot.size_bytes = None, "NONE", 0
+            slot.directory, slot.cache_level, slot.size_bytes = None, CacheLevel.NONE, 0
         elif slot.directory is not None and slot.directory.exists():
-            slot.cache_level = "NVME_CACHED"
+            slot.cache_level = CacheLevel.NVME_CACHED
         return note
 
     async def _stop_engine(self, slot: ModelSlot) -> None:
@@ -408,25 +413,25 @@ class ModelRegistry:
             bytes_done=slot.progress.done,
             bytes_total=total,
             download_bytes_per_s=(
-                slot.progress.bytes_per_second if slot.state == "DOWNLOADING" else None
+                slot.progress.bytes_per_second if slot.state == ModelState.DOWNLOADING else None
             ),
             kv_cache_usage=stats.kv_cache_usage,
             kv_cache_hit_rate=stats.kv_cache_hit_rate,
             requests_running=stats.requests_running,
             requests_waiting=stats.requests_waiting,
             requests_in_flight=slot.in_flight,
-            last_used_at=_iso(slot.last_used),
+            last_used_at=_utc(slot.last_used),
             error=slot.error,
         )
 
-    def agent_state(self) -> str:
+    def agent_state(self) -> AgentReportedState:
         if not os.access(self.config.cache_dir, os.W_OK):
-            return "DEGRADED"  # it cannot load anything new
+            return AgentReportedState.DEGRADED  # it cannot load anything new
         if any(slot.loading for slot in self.slots.values()):
-            return "LOADING_MODEL"
+            return AgentReportedState.LOADING_MODEL
         if any(slot.in_flight for slot in self.slots.values()):
-            return "INFERRING"
-        return "IDLE"
+            return AgentReportedState.INFERRING
+        return AgentReportedState.IDLE
 
     def models_bytes(self) -> int:
         return sum(slot.size_bytes for slot in self.slots.values() if slot.directory is not None)
@@ -455,8 +460,8 @@ def engine_tmp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="llmfleet-", dir=base))
 
 
-def _iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
 
 
 def _free_port() -> int:

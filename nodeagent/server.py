@@ -31,9 +31,13 @@ from nodeagent.gpu import GpuMonitor
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
     AGENT_ERROR_HEADER,
+    CONTRACT_VERSION,
+    AgentReportedState,
+    CacheLevel,
     DiskInfo,
     HeartbeatResponse,
     LoadModelRequest,
+    ModelState,
     ProtocolError,
     RegisterRequest,
     UnloadModelRequest,
@@ -198,6 +202,7 @@ class AgentServer:
             state=self.agent_state(),
             gpus=tuple(self.gpu.snapshot()),
             labels=self.config.labels,
+            contract=CONTRACT_VERSION,
         ).to_json()
         async with self.session.post(
             f"{self.config.control_plane_url}/api/agents/register",
@@ -207,8 +212,8 @@ class AgentServer:
         ) as response:
             return response.status, await response.text()
 
-    def agent_state(self) -> str:
-        return "DRAINING" if self.draining else self.registry.agent_state()
+    def agent_state(self) -> AgentReportedState:
+        return AgentReportedState.DRAINING if self.draining else self.registry.agent_state()
 
     async def register_until_accepted(self) -> None:
         """POST /api/agents/register until accepted, backing off while the control plane is down."""
@@ -305,6 +310,7 @@ class AgentServer:
                 str(self.config.cache_dir), disk.total, disk.free, self.registry.models_bytes()
             ),
             models=tuple(models),
+            contract=CONTRACT_VERSION,
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -316,9 +322,9 @@ class AgentServer:
         levels: dict[str, int] = {}
         for slot in self.registry.slots.values():
             levels[slot.cache_level] = levels.get(slot.cache_level, 0) + 1
-        for level in ("GPU_RESIDENT", "DRAM_CACHED", "NVME_CACHED", "NONE"):
+        for level in CacheLevel:
             self.metrics.models.labels(level).set(levels.get(level, 0))
-        downloading = [s for s in self.registry.slots.values() if s.state == "DOWNLOADING"]
+        downloading = [s for s in self.registry.slots.values() if s.state == ModelState.DOWNLOADING]
         self.metrics.download_throughput.set(sum(s.progress.bytes_per_second for s in downloading))
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DataError, IntegrityError, transaction
 from django.utils import timezone
 
 from agents import events, scheduling
@@ -33,9 +33,29 @@ log = logging.getLogger(__name__)
 def apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
     """Write a round of heartbeat polls: agents that answered are refreshed and their
     placements reconciled with what they report; agents that did not count a miss and
-    become DEGRADED, then OFFLINE."""
-    with transaction.atomic():
-        _apply_heartbeats(results)
+    become DEGRADED, then OFFLINE. An answer outside the contract counts as a miss of that
+    agent alone, with the reason recorded on it (`Agent.contract_error`).
+
+    Should the round still fail to store (a value the decoder let through but a column
+    refuses), each agent is stored on its own, so one agent's answer never holds back the
+    others' updates."""
+    try:
+        with transaction.atomic():
+            _apply_heartbeats(results)
+    except (DataError, IntegrityError) as exc:
+        log.warning("a heartbeat round could not be stored (%s); storing agent by agent", exc)
+        for result in results:
+            _apply_one(result)
+
+
+def _apply_one(result: HeartbeatResult) -> None:
+    try:
+        with transaction.atomic():
+            _apply_heartbeats([result])
+    except (DataError, IntegrityError) as exc:
+        error = f"its heartbeat could not be stored: {exc}".strip()
+        with transaction.atomic():
+            _apply_heartbeats([replace(result, response=None, error=error, rejected=True)])
 
 
 def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
@@ -63,8 +83,13 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
         agent = agents.get(result.agent_pk)
         if agent is None:
             continue  # deleted while it was polled
+        if result.response is not None and result.response.agent_id != agent.agent_id:
+            error = f"it answered as agent {result.response.agent_id!r}"
+            result = replace(result, response=None, error=error, rejected=True)
         if result.response is None:
             _missed(agent, result.error)
+            if result.rejected:
+                _rejected(agent, result.error, now)
         else:
             _answered(agent, result, now)
             mine = placements.get(agent.pk, {})
@@ -99,7 +124,8 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
 _HEARTBEAT_AGENT_FIELDS = [
     "state", "reported_state", "version", "gpus", "gpu_name", "gpu_count", "gpu_memory_total",
     "gpu_memory_free", "gpu_utilization", "engine_queue_length", "last_heartbeat_at",
-    "heartbeat_failures", "updated_at",
+    "heartbeat_failures", "contract_version", "contract_error", "contract_error_at",
+    "contract_rejections", "updated_at",
 ]  # fmt: skip
 
 
@@ -123,7 +149,17 @@ def _answered(agent: Agent, result: HeartbeatResult, now: datetime) -> None:
     agent.gpu_memory_total, agent.gpu_memory_free = gpus.memory_total, gpus.memory_free
     agent.gpu_utilization = gpus.utilization
     agent.engine_queue_length = beat.vllm_queue_length
+    agent.contract_version, agent.contract_error = beat.contract, ""
     agent.last_heartbeat_at, agent.heartbeat_failures, agent.updated_at = now, 0, now
+
+
+def _rejected(agent: Agent, error: str, now: datetime) -> None:
+    """The agent answered outside the contract: say why on its row (admin, dashboard and
+    `llmfleet_agent_contract_rejections_total`)."""
+    if agent.contract_error != error:
+        log.warning("agent %s answered outside the contract: %s", agent.agent_id, error)
+    agent.contract_error, agent.contract_error_at = error[:2000], now
+    agent.contract_rejections += 1
 
 
 def _missed(agent: Agent, error: str) -> None:
@@ -145,26 +181,24 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
     """Trust what the agent reports of a model it has, except the state of a step the control
     plane has under way: a pending load ends READY or FAILED by its task (the agent may not
     have started it yet), and a pending unload ends by its task too."""
+    # The decoder let only the contract's states through: the same values as PlacementState.
+    reported = PlacementState(status.cache_state)
     pending = placement.state in steps.LOADING_STATES or placement.state == PlacementState.UNLOADING
     # What the agent reports as the step's own outcome is the truth even while the step is
     # pending here: its task may have died (the sweep then closes its LoadEvent). An unload's
     # outcome is a level below the one it left (still cache_level while UNLOADING): UNLOADED
     # alone is also what a model in host RAM says before it steps down to disk.
-    done = (
-        placement.state in steps.LOADING_STATES and status.cache_state == PlacementState.READY
-    ) or (
+    done = (placement.state in steps.LOADING_STATES and reported == PlacementState.READY) or (
         placement.state == PlacementState.UNLOADING
-        and status.cache_state in (PlacementState.UNLOADED, PlacementState.FAILED)
+        and reported in (PlacementState.UNLOADED, PlacementState.FAILED)
         and unloads.below(status.cache_level, placement.cache_level)
     )
     if done:
         pending = False
-        if status.cache_state == PlacementState.READY:
+        if reported == PlacementState.READY:
             placement.ready_at = timezone.now()
-    if status.cache_state in PlacementState.values and (
-        not pending or status.cache_state in steps.LOADING_STATES
-    ):
-        placement.state = status.cache_state
+    if not pending or reported in steps.LOADING_STATES:
+        placement.state = reported
     if status.cache_level in CacheLevel.values:
         placement.cache_level = status.cache_level
     if not pending:
@@ -176,8 +210,8 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
     )
     placement.requests_in_flight = status.requests_in_flight
     placement.requests_waiting = status.requests_waiting
-    if status.last_used_at:
-        placement.last_used_at = datetime.fromisoformat(status.last_used_at)
+    if status.last_used_at is not None:
+        placement.last_used_at = status.last_used_at
     if not pending:
         placement.error = status.error[:4000]
     placement.updated_at = timezone.now()

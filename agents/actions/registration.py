@@ -42,6 +42,7 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
         reported = AgentState(request.state)
         agent.base_url = request.base_url
         agent.version = request.version
+        agent.contract_version = request.contract
         agent.labels = dict(request.labels)
         agent.gpus = [asdict(gpu) for gpu in request.gpus]
         agent.gpu_name = gpus.name

@@ -9,7 +9,7 @@ from rest_framework import serializers
 from agents.choices import REPORTED_AGENT_STATES, CacheLevel
 from agents.models import Agent, LoadEvent, Model, Placement
 from agents.validators import validate_agent_id, validate_base_url
-from nodeagent.protocol import GpuInfo, RegisterRequest
+from nodeagent.protocol import GpuInfo, ProtocolError, RegisterRequest, check_contract
 
 
 class PlacementSerializer(serializers.ModelSerializer[Placement]):
@@ -41,6 +41,7 @@ class AgentSerializer(serializers.ModelSerializer[Agent]):
             "agent_id", "base_url", "state", "reported_state", "drained_at", "version", "labels",
             "gpus", "gpu_name", "gpu_count", "gpu_memory_total", "gpu_memory_free",
             "gpu_utilization", "engine_queue_length", "last_heartbeat_at", "heartbeat_failures",
+            "contract_version", "contract_error", "contract_error_at", "contract_rejections",
             "registered_at", "updated_at", "placements",
         ]  # fmt: skip
         read_only_fields = fields
@@ -102,6 +103,17 @@ class RegisterSerializer(serializers.Serializer[RegisterRequest]):
     labels = serializers.DictField(
         child=serializers.CharField(max_length=256, allow_blank=True), required=False, default=dict
     )
+    contract = serializers.CharField(
+        max_length=16, required=False, default="1.0",
+        help_text="The agent contract's major.minor the agent speaks (absent: 1.0).",
+    )  # fmt: skip
+
+    def validate_contract(self, value: str) -> str:
+        try:
+            check_contract(value)
+        except ProtocolError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
 
     def to_request(self) -> RegisterRequest:
         data = self.validated_data
@@ -112,6 +124,7 @@ class RegisterSerializer(serializers.Serializer[RegisterRequest]):
             state=data["state"],
             gpus=tuple(GpuInfo(**gpu) for gpu in data["gpus"]),
             labels=dict(data["labels"]),
+            contract=data["contract"],
         )
 
 

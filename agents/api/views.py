@@ -27,7 +27,7 @@ from agents.api.serializers import (
     UnloadRequestSerializer,
 )
 from agents.models import Agent, Model, Placement
-from nodeagent.protocol import RegisterResponse
+from nodeagent.protocol import CONTRACT_VERSION, RegisterResponse
 
 # model_id may hold slashes (org/name): let the URL segment take them.
 MODEL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"
@@ -138,7 +138,7 @@ class RegisterAgentView(APIView):
             created=created,
             state=agent.state,
             heartbeat_interval_seconds=settings.HEARTBEAT_INTERVAL_SECONDS,
+            contract=CONTRACT_VERSION,
         )
-        return Response(
-            asdict(answer), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        )
+        body = {key: value for key, value in asdict(answer).items() if value != ""}
+        return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)

@@ -115,3 +115,11 @@ def test_agent_base_urls(url, valid):
         with pytest.raises(ValidationError) as raised:
             agent.full_clean()
         assert "base_url" in raised.value.message_dict
+
+
+def test_the_placement_states_and_levels_are_the_contracts_own():
+    from agents.choices import CacheLevel, PlacementState
+    from nodeagent import protocol
+
+    assert set(PlacementState.values) == {state.value for state in protocol.ModelState}
+    assert set(CacheLevel.values) == {level.value for level in protocol.CacheLevel}

@@ -7,7 +7,7 @@ from django.test import Client
 
 from agents.choices import AgentState
 from agents.models import Agent
-from nodeagent.protocol import GpuInfo, RegisterRequest
+from nodeagent.protocol import CONTRACT_VERSION, GpuInfo, RegisterRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -41,6 +41,7 @@ def test_a_new_agent_is_registered(client, agent_headers):
         "created": True,
         "state": "IDLE",
         "heartbeat_interval_seconds": 5,
+        "contract": CONTRACT_VERSION,
     }
     agent = Agent.objects.get(agent_id="gpu-a1.eu-west")
     assert agent.base_url == "http://10.0.0.7:8100"

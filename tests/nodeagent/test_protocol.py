@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nodeagent.protocol import (
+    CONTRACT_VERSION,
     DiskInfo,
     GpuInfo,
     HeartbeatResponse,
@@ -81,3 +84,67 @@ def test_heartbeat_round_trips_through_json():
         models=(ModelStatus("m", "READY", "GPU_RESIDENT", progress=1.0),),
     )
     assert HeartbeatResponse.from_json(heartbeat.to_json()) == heartbeat
+
+
+def _heartbeat(**changes: object) -> dict:
+    body = HeartbeatResponse(
+        agent_id="a", state="IDLE", version="1", disk=DiskInfo("/cache", 100, 50, 10),
+        models=(ModelStatus("m", "READY", "GPU_RESIDENT", bytes_done=5, bytes_total=5),),
+        contract=CONTRACT_VERSION,
+    ).to_json()  # fmt: skip
+    body.update(changes)
+    return body
+
+
+def test_a_heartbeat_from_a_newer_minor_version_with_fields_it_added_is_understood():
+    body = _heartbeat(contract="1.9", power_watts=350, topology={"nvlink": True})
+    body["models"][0]["speculative_acceptance"] = 0.7
+    body["disk"]["inodes_free"] = 10
+    beat = HeartbeatResponse.from_json(json.dumps(body).encode())
+    assert (beat.contract, beat.models[0].model_id, beat.models[0].bytes_done) == ("1.9", "m", 5)
+
+
+def test_a_heartbeat_from_an_older_agent_lacking_the_newer_optional_fields_gets_defaults():
+    body = _heartbeat()
+    for key in ("contract", "gpus", "gpu_utilization", "vllm_queue_length"):
+        del body[key]
+    for key in ("last_used_at", "download_bytes_per_s", "requests_in_flight", "engine"):
+        del body["models"][0][key]
+    beat = HeartbeatResponse.from_json(body)
+    assert (beat.contract, beat.gpus, beat.vllm_queue_length) == ("1.0", (), 0)
+    assert (beat.models[0].last_used_at, beat.models[0].requests_in_flight) == (None, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        (lambda b: b["models"][0].update(bytes_done=None), "$.models[0].bytes_done"),
+        (lambda b: b["models"][0].update(last_used_at="yesterday"), "$.models[0].last_used_at"),
+        (lambda b: b["models"][0].update(last_used_at="2026-12-01T10:00:00"), "last_used_at"),
+        (lambda b: b["models"][0].update(cache_state="HALF_READY"), "$.models[0].cache_state"),
+        (lambda b: b["models"][0].update(requests_waiting=-1), "$.models[0].requests_waiting"),
+        (lambda b: b["models"][0].update(model_id="m" * 201), "$.models[0].model_id"),
+        (lambda b: b.update(version="v" * 65), "$.version"),
+        (lambda b: b.update(state=3), "$.state"),
+        (lambda b: b.pop("disk"), "disk"),
+        (lambda b: b.update(models={"m": {}}), "$.models"),
+    ],
+)
+def test_a_heartbeat_with_a_wrong_type_or_value_is_refused_naming_the_field(change, where):
+    body = _heartbeat()
+    change(body)
+    with pytest.raises(ProtocolError) as refused:
+        HeartbeatResponse.from_json(json.dumps(body).encode())
+    assert where in str(refused.value)
+
+
+def test_a_heartbeat_of_another_major_version_is_refused():
+    with pytest.raises(ProtocolError, match="not compatible"):
+        HeartbeatResponse.from_json(_heartbeat(contract="2.0"))
+    with pytest.raises(ProtocolError, match=r"major\.minor"):
+        HeartbeatResponse.from_json(_heartbeat(contract="latest"))
+
+
+def test_garbage_is_refused_as_malformed_json():
+    with pytest.raises(ProtocolError, match="malformed JSON"):
+        HeartbeatResponse.from_json(b"<html>502 Bad Gateway</html>")
