@@ -82,21 +82,22 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
     ]  # fmt: skip
     list_filter = ["state", "gpu_name"]
     search_fields = ["agent_id", "base_url"]
-    actions = ["drain", "undrain"]
+    actions = ["drain", "undrain", "rotate_credential", "revoke_credential", "allow_enrolment"]
     inlines = [AgentPlacementInline]
     readonly_fields = [
         "agent_id", "base_url", "state", "reported_state", "drained_at", "version", "labels",
         "gpus", "gpu_name", "gpu_count", "gpu_memory_total", "gpu_memory_free",
         "gpu_utilization", "engine_queue_length", "last_heartbeat_at", "heartbeat_failures",
         "contract_version", "contract_error", "contract_error_at", "contract_rejections",
-        "registered_at", "updated_at",
+        "credential", "credential_issued_at", "credential_revoked_at", "registered_at",
+        "updated_at",
     ]  # fmt: skip
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Agent]:
         return super().get_queryset(request).annotate(placement_total=Count("placements"))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
-        # Agents enter the fleet by registering themselves with the agent token.
+        # Agents enter the fleet by enrolling themselves with the enrolment token.
         return False
 
     @admin.display(description="State", ordering="state")
@@ -142,6 +143,37 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         self.message_user(
             request, f"{len(agent_ids)} agent(s) take new work again.", messages.SUCCESS
         )
+
+    @admin.display(description="Credential")
+    def credential(self, agent: Agent) -> str:
+        # The fingerprint's start, as `ssh-keygen -l` shows keys: enough to tell two apart.
+        if agent.credential_fingerprint:
+            return f"sha256:{agent.credential_fingerprint[:12]}…"
+        return "revoked" if agent.credential_revoked_at else "not enrolled"
+
+    @admin.action(description="Rotate the selected agents' credentials")
+    def rotate_credential(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        for agent_id in queryset.values_list("agent_id", flat=True):
+            try:
+                actions.rotate_agent_credential(agent_id)
+            except actions.CredentialError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"{agent_id}: credential rotated.", messages.SUCCESS)
+
+    @admin.action(description="Revoke the selected agents' credentials (they go OFFLINE)")
+    def revoke_credential(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        agent_ids = list(queryset.values_list("agent_id", flat=True))
+        for agent_id in agent_ids:
+            actions.revoke_agent_credential(agent_id)
+        self.message_user(request, f"Revoked {len(agent_ids)} credential(s).", messages.WARNING)
+
+    @admin.action(description="Allow the selected revoked agents to enrol again")
+    def allow_enrolment(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        agent_ids = list(queryset.values_list("agent_id", flat=True))
+        for agent_id in agent_ids:
+            actions.allow_enrolment(agent_id)
+        self.message_user(request, f"{len(agent_ids)} agent(s) may enrol again.", messages.SUCCESS)
 
 
 class ModelPlacementInline(ReadOnlyInline):

@@ -107,10 +107,19 @@ async def unload_model(
         )
 
 
+async def set_credential(base_url: str, token: str, credential: str, seconds: float) -> None:
+    """`POST /credential`: the agent keeps `credential` (called with its current `token`)."""
+    async with aiohttp.ClientSession() as session:
+        await _post(
+            session, f"{base_url}/credential", token, {"credential": credential}, seconds, dict
+        )
+
+
 @dataclass(frozen=True)
 class HeartbeatTarget:
     agent_pk: int
     base_url: str
+    credential: str
 
 
 @dataclass(frozen=True)
@@ -126,19 +135,21 @@ class HeartbeatResult:
 
 
 async def poll_heartbeats(
-    targets: Sequence[HeartbeatTarget], token: str, *, seconds: float, concurrency: int = 256
+    targets: Sequence[HeartbeatTarget], *, seconds: float, concurrency: int = 256
 ) -> list[HeartbeatResult]:
-    """Every agent's heartbeat, `concurrency` at a time over one connection pool."""
+    """Every agent's heartbeat, `concurrency` at a time over one connection pool, each called
+    with its own credential (one without is not called: it is not enrolled, or revoked)."""
     limit = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency, ttl_dns_cache=300)
 
     async def one(session: aiohttp.ClientSession, target: HeartbeatTarget) -> HeartbeatResult:
         async with limit:
             polled_at = time.time()
+            if not target.credential:
+                return HeartbeatResult(target.agent_pk, polled_at, None, "not enrolled (revoked?)")
+            url = f"{target.base_url}/heartbeat"
             try:
-                beat = await _post(
-                    session, f"{target.base_url}/heartbeat", token, {}, seconds, HeartbeatResponse
-                )
+                beat = await _post(session, url, target.credential, {}, seconds, HeartbeatResponse)
                 check_contract(beat.contract)
             except AgentCallFailed as exc:
                 rejected = exc.code == CONTRACT_VIOLATION

@@ -72,6 +72,20 @@ class Agent(models.Model):
     contract_rejections = models.PositiveIntegerField(
         default=0, help_text="Answers refused as outside the contract, ever."
     )
+
+    # The agent's own credential (agents.credentials): derived from this nonce, found by its
+    # fingerprint; neither is the credential. Empty: not enrolled, or revoked.
+    credential_nonce = models.CharField(max_length=64, blank=True, editable=False)
+    credential_fingerprint = models.CharField(
+        max_length=64, blank=True, editable=False, db_index=True
+    )
+    credential_issued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    credential_revoked_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Set while the credential is revoked: the agent_id cannot enrol again until "
+        "an operator allows it.",
+    )
     registered_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -85,6 +99,15 @@ class Agent(models.Model):
     @property
     def is_routable(self) -> bool:
         return self.state not in UNROUTABLE_AGENT_STATES
+
+    @property
+    def credential(self) -> str:
+        """What the control plane presents when it calls this agent ("" when not enrolled)."""
+        from agents import credentials
+
+        if not self.credential_nonce:
+            return ""
+        return credentials.derive(self.agent_id, self.credential_nonce)
 
 
 class Model(models.Model):

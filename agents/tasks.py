@@ -36,7 +36,7 @@ def load(event_id: int, victim_event_ids: list[int] | None = None) -> None:
         response = asyncio.run(
             agent_client.load_model(
                 job.agent_url,
-                settings.AGENT_TOKEN,
+                job.credential,
                 job.request,
                 seconds=settings.COLD_START_TIMEOUT_SECONDS,
             )
@@ -78,7 +78,7 @@ def unload(event_id: int) -> None:
     try:
         response = asyncio.run(
             agent_client.unload_model(
-                job.agent_url, settings.AGENT_TOKEN, job.model_id, job.to_level,
+                job.agent_url, job.credential, job.model_id, job.to_level,
                 seconds=actions.UNLOAD_TIMEOUT_SECONDS,
             )
         )  # fmt: skip
@@ -102,13 +102,11 @@ def poll_heartbeats() -> None:
     try:
         started = time.monotonic()
         targets = [
-            agent_client.HeartbeatTarget(pk, base_url)
-            for pk, base_url in Agent.objects.values_list("pk", "base_url")
+            agent_client.HeartbeatTarget(agent.pk, agent.base_url, agent.credential)
+            for agent in Agent.objects.only("pk", "agent_id", "base_url", "credential_nonce")
         ]
         results = asyncio.run(
-            agent_client.poll_heartbeats(
-                targets, settings.AGENT_TOKEN, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS
-            )
+            agent_client.poll_heartbeats(targets, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS)
         )
         actions.apply_heartbeats(results)
         log.info(

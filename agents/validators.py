@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +46,74 @@ def validate_base_url(value: str) -> None:
         raise ValidationError(f"{host!r} is not a valid host name.")
     if parts.query or parts.fragment or parts.username:
         raise ValidationError("A base URL has no query, fragment or credentials.")
+
+
+# Cloud metadata services by name (their addresses are link-local, refused below too).
+_METADATA_HOSTS = {"metadata", "metadata.google.internal", "metadata.azure.com", "instance-data"}
+# AWS's IPv6 metadata address is in fd00::/8, a private range: refused by name.
+_METADATA_ADDRESSES = {ipaddress.ip_address("fd00:ec2::254")}
+
+
+def address_refusal(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    *,
+    allow_loopback: bool,
+    allow_private: bool,
+) -> str | None:
+    """Why an agent may not live at `address`, or None when it may."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address in _METADATA_ADDRESSES or address.is_link_local:
+        return "a link-local or cloud metadata address"
+    if address.is_multicast or address.is_unspecified or address.is_reserved:
+        return "not a host address"
+    if address.is_loopback:
+        return None if allow_loopback else "a loopback address (AGENT_ALLOW_LOOPBACK is off)"
+    if address.is_private and not allow_private:
+        return "a private address (AGENT_ALLOW_PRIVATE_NETWORKS is off)"
+    return None
+
+
+def validate_agent_address(
+    value: str, *, allow_loopback: bool, allow_private: bool, resolve: bool = True
+) -> None:
+    """An agent's base URL must not point where the gateway must never post prompts: link-local
+    and metadata addresses always, loopback and private ranges when the settings say so. A host
+    name is checked by what it resolves to now (one that does not resolve passes: it is no
+    target yet, and each registration checks again)."""
+    validate_base_url(value)
+    host = (urlsplit(value).hostname or "").rstrip(".").lower()
+    if host in _METADATA_HOSTS:
+        raise ValidationError(f"{host!r} is a cloud metadata service, not an agent.")
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        addresses = _resolve(host) if resolve else []
+    for address in addresses:
+        refusal = address_refusal(
+            address, allow_loopback=allow_loopback, allow_private=allow_private
+        )
+        if refusal:
+            raise ValidationError(f"{host!r} is {refusal}: agents may not live there.")
+
+
+def _resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+def url_is_under(url: str, base: str) -> bool:
+    """Whether `url` lies under `base` (same scheme, host and port, and below its path)."""
+    inner, outer = urlsplit(url), urlsplit(base)
+    if (inner.scheme, inner.netloc.lower()) != (outer.scheme, outer.netloc.lower()):
+        return False
+    if inner.query or inner.fragment or inner.username or ".." in inner.path.split("/"):
+        return False
+    prefix = outer.path.rstrip("/") + "/"
+    return inner.path.startswith(prefix)
 
 
 _AZURE_SOURCE = re.compile(r"^azure://[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])/\S+$")

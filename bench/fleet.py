@@ -149,13 +149,14 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
         for n in range(len(urls))
     )  # fmt: skip
 
-    targets = [agent_client.HeartbeatTarget(pk, url) for pk, url in Agent.objects.values_list(
-        "pk", "base_url")]  # fmt: skip
+    # The sim agents run without a control plane: each takes the token it was started with.
+    targets = [agent_client.HeartbeatTarget(pk, url, token) for pk, url in
+               Agent.objects.values_list("pk", "base_url")]  # fmt: skip
     polls, http_parts = [], []
     for round_number in range(options.rounds):
         started = time.monotonic()
         results = asyncio.run(
-            agent_client.poll_heartbeats(targets, token, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS)
+            agent_client.poll_heartbeats(targets, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS)
         )
         polled = time.monotonic()
         if os.environ.get("BENCH_PROFILE") and round_number == 1:

@@ -167,12 +167,22 @@ def main() -> None:
         processes.append(start([sys.executable, "-m", "nodeagent.engines.sim", "--model-id", "bench/sim",
                                 "--port", str(engine_port), "--ttft-ms", "0", "--tpot-ms", "0",
                                 "--max-num-seqs", "256"], env, work / "engine.log"))  # fmt: skip
-        processes.append(start([sys.executable, "-m", "nodeagent", "--port", str(agent_port), "--token",
-                                "bench-token", "--engine", "sim", "--cache-dir", str(work / "cache"),
-                                "--log-level", "WARNING", *SIM], env, work / "agent.log"))  # fmt: skip
         subprocess.run(
             [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True
         )
+        # The agent runs without a control plane, catalogued by hand: its token is the
+        # credential the gateway derives for its row (README: Agent enrolment).
+        enrol = (
+            "import secrets; from agents import credentials; from agents.models import Agent; "
+            "n = secrets.token_hex(32); c = credentials.derive('bench', n); "
+            f"Agent.objects.create(agent_id='bench', base_url='http://127.0.0.1:{agent_port}', "
+            "credential_nonce=n, credential_fingerprint=credentials.fingerprint(c)); print(c)"
+        )
+        token = subprocess.run([sys.executable, "manage.py", "shell", "-c", enrol], cwd=ROOT, env=env,
+                               check=True, capture_output=True, text=True).stdout.split()[-1]  # fmt: skip
+        processes.append(start([sys.executable, "-m", "nodeagent", "--port", str(agent_port), "--token",
+                                token, "--engine", "sim", "--cache-dir", str(work / "cache"),
+                                "--log-level", "WARNING", *SIM], env, work / "agent.log"))  # fmt: skip
         checkpoint = work / "checkpoint"
         checkpoint.mkdir()
         (checkpoint / "config.json").write_text("{}")
@@ -182,12 +192,12 @@ def main() -> None:
         loaded = requests.post(
             f"http://127.0.0.1:{agent_port}/load_model",
             json={"model_id": "bench/sim", "source": checkpoint.as_uri()},
-            headers={"Authorization": "Bearer bench-token"}, timeout=30,
+            headers={"Authorization": f"Bearer {token}"}, timeout=30,
         ).json()  # fmt: skip
         setup = (
             "from agents.models import Agent, Model, Placement; from controlplane.gateway.actions import "
             "create_api_key; m = Model.objects.create(model_id='bench/sim', source='file:///x'); "
-            f"a = Agent.objects.create(agent_id='bench', base_url='http://127.0.0.1:{agent_port}'); "
+            "a = Agent.objects.get(agent_id='bench'); "
             f"Placement.objects.create(agent=a, model=m, state='READY', cache_level='GPU_RESIDENT', "
             f"inference_endpoint_url='{loaded['inference_endpoint_url']}'); print(create_api_key('bench')[1])"
         )
@@ -211,7 +221,7 @@ def main() -> None:
             "direct": (f"http://127.0.0.1:{engine_port}/v1/chat/completions", {}),
             "agent": (
                 f"{loaded['inference_endpoint_url']}/v1/chat/completions",
-                {"Authorization": "Bearer bench-token"},
+                {"Authorization": f"Bearer {token}"},
             ),
             "gateway": (
                 f"http://127.0.0.1:{web_port}/v1/chat/completions",

@@ -45,8 +45,17 @@ def _secret(name: str) -> str:
 
 
 SECRET_KEY = _secret("SECRET_KEY")
-# The shared token between the control plane and its node agents, both ways.
+# The fleet's enrolment token: an agent presents it once, to enrol an agent_id nobody holds,
+# and gets its own credential back (README: Agent enrolment). Nothing else accepts it.
 AGENT_TOKEN = _secret("AGENT_TOKEN")
+# The key agent credentials are derived from (HMAC of agent_id and a per-agent nonce): the
+# database holds neither a credential nor this key. Changing it invalidates every credential.
+AGENT_CREDENTIAL_KEY = env_secret("AGENT_CREDENTIAL_KEY") or SECRET_KEY
+# Where agents may live. Link-local and cloud metadata addresses are always refused (an agent
+# URL the gateway posts prompts to must never reach 169.254.169.254); loopback and private
+# ranges are allowed unless turned off here.
+AGENT_ALLOW_LOOPBACK = env_bool("AGENT_ALLOW_LOOPBACK", True)
+AGENT_ALLOW_PRIVATE_NETWORKS = env_bool("AGENT_ALLOW_PRIVATE_NETWORKS", True)
 HEARTBEAT_INTERVAL_SECONDS = env_int("HEARTBEAT_INTERVAL_SECONDS", 5, minimum=1)
 # How long one agent's heartbeat may take before it counts as missed.
 HEARTBEAT_TIMEOUT_SECONDS = env_int("HEARTBEAT_TIMEOUT_SECONDS", 3, minimum=1)

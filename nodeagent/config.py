@@ -47,6 +47,12 @@ class AgentConfig:
     download_limit_bytes_per_s: float
     sim: SimSettings
     log_level: str
+    credential_file: Path | None = None
+
+    @property
+    def credential_path(self) -> Path:
+        """Where the credential the control plane issued at enrolment is kept (mode 0600)."""
+        return self.credential_file or self.cache_dir / "agent-credential"
 
     @property
     def models_dir(self) -> Path:
@@ -163,12 +169,25 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default="",
         help="URL the control plane and clients use to reach this agent (default: http://HOST:PORT)",
     )
-    flag("--token", "AGENT_TOKEN", default="", help="bearer token shared with the control plane")
+    flag(
+        "--token",
+        "AGENT_TOKEN",
+        default="",
+        help="the fleet's enrolment token: presented once, to get this agent's own credential "
+        "(without --control-plane-url: the one token the agent's API takes)",
+    )
     flag(
         "--token-file",
         "AGENT_TOKEN_FILE",
         default="",
         help="file holding the token, instead of --token",
+    )
+    flag(
+        "--credential-file",
+        "AGENT_CREDENTIAL_FILE",
+        default="",
+        help="where the credential issued at enrolment is kept "
+        "(default: CACHE_DIR/agent-credential)",
     )
     flag(
         "--cache-dir",
@@ -355,4 +374,5 @@ def parse_config(
             stop_seconds=float(args.sim_stop_seconds),
         ),
         log_level=str(args.log_level),
+        credential_file=Path(args.credential_file).expanduser() if args.credential_file else None,
     )

@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nodeagent import __version__
 from nodeagent.config import AgentConfig
+from nodeagent.credential import Credentials, well_formed
 from nodeagent.gpu import GpuMonitor
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
@@ -80,6 +81,11 @@ class AgentServer:
             config, self.metrics, self.gpu.available, environ or dict(os.environ)
         )
         self.proxy = InferenceProxy(self.registry, self.metrics)
+        self.credentials = Credentials(
+            config.credential_path, config.token, standalone=not config.control_plane_url
+        )
+        # After the control plane refused the kept credential: enrol once more with the token.
+        self._enrol_next = False
         self._session: aiohttp.ClientSession | None = None
         self._register_task: asyncio.Task[None] | None = None
         self.stop_requested = asyncio.Event()
@@ -101,6 +107,7 @@ class AgentServer:
                 web.post("/load_model", self.load_model),
                 web.post("/unload_model", self.unload_model),
                 web.post("/heartbeat", self.heartbeat),
+                web.post("/credential", self.rotate_credential),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.prometheus),
                 web.route("*", "/models/{rest:.+}", self.inference),
@@ -119,6 +126,7 @@ class AgentServer:
             connector=connector, skip_auto_headers={"Accept-Encoding"}
         )
         self.registry.restore()
+        self.credentials.load()
         if self.config.control_plane_url:
             self._register_task = asyncio.create_task(self.register_until_accepted())
 
@@ -194,7 +202,8 @@ class AgentServer:
             log.warning("the control plane refused the drain: HTTP %d %s", status, text[:300])
 
     async def _register_once(self, seconds: float) -> tuple[int, str]:
-        """POST /api/agents/register with what the agent is now; its status and body."""
+        """POST /api/agents/register with what the agent is now; its status and body. A
+        credential in the answer (the first registration's, or a re-enrolment's) is kept."""
         body = RegisterRequest(
             agent_id=self.config.agent_id,
             base_url=self.config.advertise_url,
@@ -204,13 +213,30 @@ class AgentServer:
             labels=self.config.labels,
             contract=CONTRACT_VERSION,
         ).to_json()
+        enrolling = self._enrol_next or not self.credentials.enrolled
+        token = self.config.token if enrolling else self.credentials.current
         async with self.session.post(
             f"{self.config.control_plane_url}/api/agents/register",
             json=body,
-            headers={"Authorization": f"Bearer {self.config.token}"},
+            headers={"Authorization": f"Bearer {token}"},
             timeout=aiohttp.ClientTimeout(total=seconds),
         ) as response:
-            return response.status, await response.text()
+            status, text = response.status, await response.text()
+        if status in (200, 201):
+            self._keep_issued(text)
+        # A kept credential the control plane does not know (a new database, a revocation):
+        # the next try enrols with the token; a refused enrolment goes back to the credential.
+        self._enrol_next = status == 401 and not enrolling and self.credentials.enrolled
+        return status, text
+
+    def _keep_issued(self, text: str) -> None:
+        try:
+            issued = json.loads(text).get("credential", "")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(issued, str) and issued:
+            self.credentials.store(issued)
+            log.info("enrolled: credential kept in %s", self.credentials.path)
 
     def agent_state(self) -> AgentReportedState:
         return AgentReportedState.DRAINING if self.draining else self.registry.agent_state()
@@ -248,10 +274,18 @@ class AgentServer:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return _error(401, "unauthorized", "missing 'Authorization: Bearer <agent token>'")
-        if not hmac.compare_digest(token.strip().encode(), self.config.token.encode()):
-            return _error(401, "unauthorized", "invalid agent token")
-        return await handler(request)
+            return _error(401, "unauthorized", "missing 'Authorization: Bearer <credential>'")
+        token = token.strip()
+        if self.credentials.accepts(token):
+            return await handler(request)
+        # Prometheus may scrape with the fleet's token: /metrics only reads.
+        if request.path == "/metrics" and hmac.compare_digest(
+            token.encode(), self.config.token.encode()
+        ):
+            return await handler(request)
+        if not self.credentials.standalone and not self.credentials.enrolled:
+            return _error(401, "not_enrolled", "this agent has not enrolled with its control plane")
+        return _error(401, "unauthorized", "invalid credential for this agent")
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -285,6 +319,19 @@ class AgentServer:
         unload = UnloadModelRequest.from_json(await self._control_body(request))
         result = await asyncio.shield(self.registry.unload(unload, self.session))
         return web.json_response(result.to_json())
+
+    async def rotate_credential(self, request: web.Request) -> web.Response:
+        """`POST /credential {"credential"}`: the control plane rotates this agent's credential
+        (the call carries the current one); the previous one is taken a while longer."""
+        body = await self._control_body(request)
+        credential = body.get("credential") if isinstance(body, dict) else None
+        if self.credentials.standalone:
+            raise AgentError("no_control_plane", "this agent has no control plane", 409)
+        if not isinstance(credential, str) or not well_formed(credential):
+            raise ProtocolError("'credential' must be a credential the control plane issued")
+        self.credentials.store(credential)
+        log.info("credential rotated")
+        return web.json_response({"status": "success"})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         if request.can_read_body:  # a body is optional; when sent, it must be JSON

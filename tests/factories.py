@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from factory.declarations import LazyAttribute, Sequence, SubFactory
 from factory.django import DjangoModelFactory
 
+from agents import credentials
 from agents.choices import AgentState, CacheLevel, LoadEventKind, LoadTrigger, PlacementState
 from agents.models import Agent, LoadEvent, Model, Placement
 from controlplane.gateway.actions import create_api_key
@@ -28,6 +29,12 @@ class AgentFactory(DjangoModelFactory[Agent]):
     gpu_count = 1
     gpu_memory_total = 80 * GIB
     gpu_memory_free = 60 * GIB
+    # Enrolled: a credential the control plane can call it with (agents.credentials).
+    credential_nonce = Sequence(lambda n: f"{n:064x}")
+    credential_fingerprint = LazyAttribute(
+        lambda agent: credentials.fingerprint(credentials.derive(agent.agent_id,
+                                                                 agent.credential_nonce))
+    )  # fmt: skip
 
 
 class ModelFactory(DjangoModelFactory[Model]):

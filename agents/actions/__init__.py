@@ -28,9 +28,15 @@ from agents.actions.loads import (
     scale_out,
 )
 from agents.actions.registration import (
+    CredentialError,
+    Registration,
+    RegistrationRefused,
+    allow_enrolment,
     drain_agent,
     register_agent,
     replica_failed,
+    revoke_agent_credential,
+    rotate_agent_credential,
     undrain_agent,
 )
 from agents.actions.steps import LOADING_STATES, UNLOAD_TIMEOUT_SECONDS
@@ -48,9 +54,13 @@ __all__ = [
     "LOADING_STATES",
     "UNLOAD_TIMEOUT_SECONDS",
     "CannotStepDown",
+    "CredentialError",
     "LoadJob",
     "NoCapacity",
+    "Registration",
+    "RegistrationRefused",
     "UnloadJob",
+    "allow_enrolment",
     "apply_heartbeats",
     "begin_load",
     "begin_unload",
@@ -65,6 +75,8 @@ __all__ = [
     "register_agent",
     "register_catalog_model",
     "replica_failed",
+    "revoke_agent_credential",
+    "rotate_agent_credential",
     "scale_out",
     "settle_orphaned_steps",
     "sweep",

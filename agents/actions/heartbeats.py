@@ -23,6 +23,7 @@ from agents.choices import (
 )
 from agents.models import Agent, Model, Placement
 from agents.scheduling import effective_agent_state, summarize_gpus
+from agents.validators import url_is_under
 from nodeagent.protocol import (
     ModelStatus,
 )
@@ -83,9 +84,9 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
         agent = agents.get(result.agent_pk)
         if agent is None:
             continue  # deleted while it was polled
-        if result.response is not None and result.response.agent_id != agent.agent_id:
-            error = f"it answered as agent {result.response.agent_id!r}"
-            result = replace(result, response=None, error=error, rejected=True)
+        refusal = _refusal(agent, result)
+        if refusal:
+            result = replace(result, response=None, error=refusal, rejected=True)
         if result.response is None:
             _missed(agent, result.error)
             if result.rejected:
@@ -134,6 +135,21 @@ _HEARTBEAT_PLACEMENT_FIELDS = [
     "kv_cache_hit_rate", "kv_cache_usage", "requests_in_flight", "requests_waiting",
     "last_used_at", "error", "updated_at",
 ]  # fmt: skip
+
+
+def _refusal(agent: Agent, result: HeartbeatResult) -> str:
+    """Why an answer that decoded is still not this agent's to give: another agent's id, or an
+    endpoint outside its own base URL (where the gateway would post prompts)."""
+    beat = result.response
+    if beat is None:
+        return ""
+    if beat.agent_id != agent.agent_id:
+        return f"it answered as agent {beat.agent_id!r}"
+    for status in beat.models:
+        url = status.inference_endpoint_url
+        if url and not url_is_under(url, agent.base_url):
+            return f"{status.model_id}'s endpoint {url!r} is outside its base URL {agent.base_url}"
+    return ""
 
 
 def _answered(agent: Agent, result: HeartbeatResult, now: datetime) -> None:

@@ -24,6 +24,7 @@ from agents.choices import (
     PlacementState,
 )
 from agents.models import Agent, LoadEvent, Model, Placement
+from agents.validators import url_is_under
 from nodeagent.protocol import (
     EngineSpec,
     LoadModelRequest,
@@ -265,6 +266,7 @@ class LoadJob:
 
     event_id: int
     agent_url: str
+    credential: str
     request: LoadModelRequest
 
 
@@ -281,11 +283,22 @@ def begin_load(event_id: int) -> LoadJob | None:
         revision=model.revision,
         engine=EngineSpec(args=tuple(model.engine_args)),
     )
-    return LoadJob(event.pk, event.agent.base_url, request)
+    return LoadJob(event.pk, event.agent.base_url, event.agent.credential, request)
 
 
 def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
-    """The agent serves the model: the placement turns READY with its endpoint."""
+    """The agent serves the model: the placement turns READY with its endpoint. An endpoint
+    outside the agent's own base URL fails the load instead (the gateway would post prompts
+    there)."""
+    base = Agent.objects.filter(load_events__pk=event_id).values_list("base_url", flat=True)
+    agent_url = base.first() or ""
+    if not url_is_under(response.inference_endpoint_url, agent_url):
+        fail_load(
+            event_id,
+            f"contract_violation: the agent's endpoint {response.inference_endpoint_url!r} is"
+            f" outside its base URL {agent_url!r}",
+        )
+        return None
     now = timezone.now()
     with transaction.atomic():
         event = (

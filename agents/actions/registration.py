@@ -3,15 +3,16 @@ replica (`replica_failed`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agents import events
+from agents import agent_client, credentials, events
 from agents.choices import (
     AgentState,
     PlacementState,
@@ -25,12 +26,36 @@ from nodeagent.protocol import (
 log = logging.getLogger(__name__)
 
 
-def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
-    """Create or refresh the agent named by `request.agent_id`; returns it and whether it is new.
+class RegistrationRefused(Exception):
+    """The registration is not this caller's to make; `status` is the HTTP answer (403)."""
 
-    Idempotent: a restarted agent registers again and updates its row. Takes a
-    row lock on the agent.
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Registration:
+    agent: Agent
+    created: bool
+    # Issued by this registration (an enrolment): the agent's to keep, never shown again.
+    credential: str = ""
+
+
+def register_agent(request: RegisterRequest, *, speaking_as: str | None) -> Registration:
+    """Create or refresh the agent named by `request.agent_id`.
+
+    `speaking_as` is the agent whose credential authenticated the call, or None for the
+    fleet's enrolment token. An agent speaks only for itself; the enrolment token enrols
+    an agent_id nobody holds (new, or enrolled before credentials existed) and gets its
+    credential back, once. Anything else raises RegistrationRefused, writing nothing.
+    Idempotent for an enrolled agent: a restarted agent registers again and updates its
+    row. Takes a row lock on the agent.
     """
+    if speaking_as is not None and speaking_as != request.agent_id:
+        raise RegistrationRefused(
+            f"this credential is agent {speaking_as!r}'s; it cannot register {request.agent_id!r}"
+        )
     gpus = summarize_gpus(request.gpus)
     now = timezone.now()
     with transaction.atomic():
@@ -39,6 +64,7 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
         agent, created = Agent.objects.select_for_update(no_key=True, of=("self",)).get_or_create(
             agent_id=request.agent_id, defaults={"base_url": request.base_url}
         )
+        issued = _enrol(agent) if speaking_as is None else ""
         reported = AgentState(request.state)
         agent.base_url = request.base_url
         agent.version = request.version
@@ -57,7 +83,93 @@ def register_agent(request: RegisterRequest) -> tuple[Agent, bool]:
         agent.heartbeat_failures = 0
         agent.save()
         events.announce(agents=[agent.pk])
-    return agent, created
+    if issued:
+        log.info("agent %s enrolled (credential %s...)", agent.agent_id, _short(agent))
+    return Registration(agent, created, issued)
+
+
+def _enrol(agent: Agent) -> str:
+    """Issue the credential of an agent enrolling with the enrolment token."""
+    if agent.credential_revoked_at is not None:
+        raise RegistrationRefused(
+            f"agent {agent.agent_id!r} is revoked; an operator must allow it to enrol again"
+            f" (manage.py agent_credential allow-enrolment {agent.agent_id})"
+        )
+    if agent.credential_nonce:
+        raise RegistrationRefused(
+            f"agent {agent.agent_id!r} is enrolled: it registers with its own credential. An "
+            "agent that lost it needs an operator to revoke it and allow it to enrol again."
+        )
+    _issue(agent)
+    return agent.credential
+
+
+def _issue(agent: Agent) -> None:
+    agent.credential_nonce = credentials.new_nonce()
+    agent.credential_fingerprint = credentials.fingerprint(agent.credential)
+    agent.credential_issued_at = timezone.now()
+
+
+def _short(agent: Agent) -> str:
+    return agent.credential_fingerprint[:12]
+
+
+class CredentialError(Exception):
+    """A credential operation that could not be carried out; the message says why."""
+
+
+def rotate_agent_credential(agent_id: str) -> Agent:
+    """Hand the agent a new credential and forget the old one. The agent is told first (with
+    its current credential); only once it has kept the new one does the control plane switch,
+    so the two never disagree. Raises CredentialError when the agent is not enrolled or did not
+    take it. Holds no lock across the call: one row update, compared with the nonce it read."""
+    agent = Agent.objects.get(agent_id=agent_id)
+    if not agent.credential_nonce:
+        raise CredentialError(f"agent {agent_id} is not enrolled: nothing to rotate")
+    old_nonce, current = agent.credential_nonce, agent.credential
+    _issue(agent)
+    try:
+        asyncio.run(agent_client.set_credential(agent.base_url, current, agent.credential, 10.0))
+    except agent_client.AgentCallFailed as exc:
+        raise CredentialError(f"agent {agent_id} did not take its new credential: {exc}") from None
+    with transaction.atomic():
+        switched = Agent.objects.filter(pk=agent.pk, credential_nonce=old_nonce).update(
+            credential_nonce=agent.credential_nonce,
+            credential_fingerprint=agent.credential_fingerprint,
+            credential_issued_at=agent.credential_issued_at,
+            updated_at=timezone.now(),
+        )
+        if not switched:
+            raise CredentialError(f"agent {agent_id}'s credential changed meanwhile; rotate again")
+        events.announce(agents=[agent.pk])
+    log.info("agent %s: credential rotated (now %s...)", agent_id, _short(agent))
+    return agent
+
+
+def revoke_agent_credential(agent_id: str) -> Agent:
+    """Revoke the agent's credential: it can no longer register or be called, it is OFFLINE at
+    once (no new work), and its agent_id cannot enrol again until `allow_enrolment`. Takes a
+    row lock on the agent."""
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(agent_id=agent_id)
+        agent.credential_nonce = agent.credential_fingerprint = ""
+        agent.credential_revoked_at = timezone.now()
+        agent.state = AgentState.OFFLINE
+        agent.heartbeat_failures = max(agent.heartbeat_failures, settings.HEARTBEAT_OFFLINE_AFTER)
+        agent.save()
+        events.announce(agents=[agent.pk])
+    log.warning("agent %s: credential revoked", agent_id)
+    return agent
+
+
+def allow_enrolment(agent_id: str) -> Agent:
+    """Let a revoked agent_id enrol again with the enrolment token. Takes a row lock."""
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(agent_id=agent_id)
+        agent.credential_revoked_at = None
+        agent.save(update_fields=["credential_revoked_at", "updated_at"])
+        events.announce(agents=[agent.pk])
+    return agent
 
 
 def drain_agent(agent_id: str) -> Agent:

@@ -79,6 +79,7 @@ def unload(placement: Placement, to_level: str, trigger: str = LoadTrigger.OPERA
 class UnloadJob:
     event_id: int
     agent_url: str
+    credential: str
     model_id: str
     to_level: str
 
@@ -87,7 +88,10 @@ def begin_unload(event_id: int) -> UnloadJob | None:
     event = steps.claim_pending(event_id)
     if event is None:
         return None
-    return UnloadJob(event.pk, event.agent.base_url, event.model.model_id, event.to_level)
+    agent = event.agent
+    return UnloadJob(
+        event.pk, agent.base_url, agent.credential, event.model.model_id, event.to_level
+    )
 
 
 def finish_unload(event_id: int, response: UnloadModelResponse) -> None:

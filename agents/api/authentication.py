@@ -1,4 +1,5 @@
-"""How node agents authenticate to the control plane: the shared agent token."""
+"""How node agents authenticate to the control plane: each with its own credential, or the
+fleet's enrolment token to enrol an agent_id nobody holds (README: Agent enrolment)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from agents import credentials
+from agents.models import Agent
+
 
 class AgentPrincipal:
-    """Who a request authenticated by the agent token is: some node agent of this fleet."""
+    """Who a request authenticated as a node agent is: the agent a credential belongs to, or,
+    with the enrolment token, an agent not enrolled yet (`agent_id` None)."""
 
     is_authenticated = True
     is_staff = False
 
+    def __init__(self, agent_id: str | None) -> None:
+        self.agent_id = agent_id
+
     def __str__(self) -> str:
-        return "node agent"
+        return f"node agent {self.agent_id}" if self.agent_id else "an enrolling node agent"
 
 
 def bearer_token(header: str) -> str | None:
@@ -29,7 +37,8 @@ def bearer_token(header: str) -> str | None:
 
 
 class AgentTokenAuthentication(authentication.BaseAuthentication):
-    """`Authorization: Bearer <AGENT_TOKEN>`, compared in constant time."""
+    """`Authorization: Bearer <agent credential>` or `<enrolment token>`, compared in
+    constant time."""
 
     def authenticate(self, request: Request) -> tuple[AgentPrincipal, str] | None:
         header = request.headers.get("Authorization", "")
@@ -37,18 +46,33 @@ class AgentTokenAuthentication(authentication.BaseAuthentication):
             return None
         token = bearer_token(header)
         if token is None:
-            raise exceptions.AuthenticationFailed("Expected 'Authorization: Bearer <agent token>'.")
-        if not hmac.compare_digest(token.encode(), settings.AGENT_TOKEN.encode()):
-            raise exceptions.AuthenticationFailed("Invalid agent token.")
-        return AgentPrincipal(), token
+            raise exceptions.AuthenticationFailed("Expected 'Authorization: Bearer <credential>'.")
+        if credentials.looks_like_credential(token):
+            return AgentPrincipal(_owner(token)), token
+        if hmac.compare_digest(token.encode(), settings.AGENT_TOKEN.encode()):
+            return AgentPrincipal(None), token
+        raise exceptions.AuthenticationFailed("Invalid agent credential or enrolment token.")
 
     def authenticate_header(self, request: Request) -> str:
         # Its presence turns DRF's "not authenticated" into 401 instead of 403.
         return 'Bearer realm="llmfleet-agents"'
 
 
+def _owner(token: str) -> str:
+    agent = (
+        Agent.objects.filter(credential_fingerprint=credentials.fingerprint(token))
+        .only("agent_id", "credential_nonce")
+        .first()
+    )
+    if agent is None or not hmac.compare_digest(agent.credential.encode(), token.encode()):
+        raise exceptions.AuthenticationFailed(
+            "Unknown or revoked agent credential: enrol again with the enrolment token."
+        )
+    return agent.agent_id
+
+
 class IsAgent(permissions.BasePermission):
-    message = "This endpoint is for node agents (the agent token)."
+    message = "This endpoint is for node agents (their credential, or the enrolment token)."
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return isinstance(request.user, AgentPrincipal)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
 from agents.choices import REPORTED_AGENT_STATES, CacheLevel
 from agents.models import Agent, LoadEvent, Model, Placement
-from agents.validators import validate_agent_id, validate_base_url
+from agents.validators import validate_agent_address, validate_agent_id, validate_base_url
 from nodeagent.protocol import GpuInfo, ProtocolError, RegisterRequest, check_contract
 
 
@@ -107,6 +109,17 @@ class RegisterSerializer(serializers.Serializer[RegisterRequest]):
         max_length=16, required=False, default="1.0",
         help_text="The agent contract's major.minor the agent speaks (absent: 1.0).",
     )  # fmt: skip
+
+    def validate_base_url(self, value: str) -> str:
+        try:
+            validate_agent_address(
+                value,
+                allow_loopback=settings.AGENT_ALLOW_LOOPBACK,
+                allow_private=settings.AGENT_ALLOW_PRIVATE_NETWORKS,
+            )
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+        return value.rstrip("/")
 
     def validate_contract(self, value: str) -> str:
         try:

@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents import actions
-from agents.api.authentication import AgentTokenAuthentication, IsAgent
+from agents.api.authentication import AgentPrincipal, AgentTokenAuthentication, IsAgent
 from agents.api.serializers import (
     AgentSerializer,
     LoadEventSerializer,
@@ -132,12 +132,21 @@ class RegisterAgentView(APIView):
     def post(self, request: Request) -> Response:
         serializer = RegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        agent, created = actions.register_agent(serializer.to_request())
+        principal = request.user
+        assert isinstance(principal, AgentPrincipal)
+        try:
+            registration = actions.register_agent(
+                serializer.to_request(), speaking_as=principal.agent_id
+            )
+        except actions.RegistrationRefused as exc:
+            return Response({"detail": str(exc)}, status=exc.status)
+        agent, created = registration.agent, registration.created
         answer = RegisterResponse(
             agent_id=agent.agent_id,
             created=created,
             state=agent.state,
             heartbeat_interval_seconds=settings.HEARTBEAT_INTERVAL_SECONDS,
+            credential=registration.credential,
             contract=CONTRACT_VERSION,
         )
         body = {key: value for key, value in asdict(answer).items() if value != ""}

@@ -87,7 +87,7 @@ async def post(
     """
     url = f"{placement.inference_endpoint_url}/v1/{path}"
     headers = {
-        "Authorization": f"Bearer {settings.AGENT_TOKEN}",
+        "Authorization": f"Bearer {placement.agent.credential}",
         "Content-Type": "application/json",
     }
     sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT)

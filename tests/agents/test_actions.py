@@ -36,7 +36,8 @@ def test_drain_keeps_an_offline_agent_offline_and_remembers_the_order():
 
     # When it comes back, the drain order still holds.
     back = RegisterRequest(agent_id=agent.agent_id, base_url=agent.base_url)
-    registered, created = actions.register_agent(back)
+    registration = actions.register_agent(back, speaking_as=agent.agent_id)
+    registered, created = registration.agent, registration.created
     assert not created
     assert registered.state == AgentState.DRAINING
 

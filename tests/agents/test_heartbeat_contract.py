@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -18,7 +18,15 @@ from agents.actions import heartbeats
 from agents.choices import AgentState, PlacementState
 from agents.models import Agent, Placement
 from controlplane.metrics import FleetCollector
-from nodeagent.protocol import CONTRACT_VERSION, DiskInfo, HeartbeatResponse, ModelStatus
+from nodeagent.protocol import (
+    CONTRACT_VERSION,
+    AgentReportedState,
+    CacheLevel,
+    DiskInfo,
+    HeartbeatResponse,
+    ModelState,
+    ModelStatus,
+)
 from tests.factories import AgentFactory, ModelFactory
 
 pytestmark = pytest.mark.django_db
@@ -26,33 +34,39 @@ pytestmark = pytest.mark.django_db
 
 def heartbeat_of(agent: Agent, *models: ModelStatus, **extra: object) -> dict:
     body = HeartbeatResponse(
-        agent_id=agent.agent_id, state="INFERRING", version="9.9", disk=DiskInfo("/c", 9, 9, 0),
-        models=models, contract=CONTRACT_VERSION,
-    ).to_json()  # fmt: skip
+        agent_id=agent.agent_id,
+        state=AgentReportedState.INFERRING,
+        version="9.9",
+        disk=DiskInfo("/c", 9, 9, 0),
+        models=models,
+        contract=CONTRACT_VERSION,
+    ).to_json()
     return body | extra
 
 
 @contextmanager
-def agents_answering(answers: dict[str, bytes]) -> Iterator[dict[str, str]]:
-    """One HTTP server per name, answering POST /heartbeat with those bytes: their URLs."""
+def agents_answering(*answers: Callable[[str], dict]) -> Iterator[list[str]]:
+    """One HTTP server per answer, answering POST /heartbeat with answer(its own URL)."""
     loop = asyncio.new_event_loop()
     runners: list[web.AppRunner] = []
-    urls: dict[str, str] = {}
+    urls: list[str] = []
 
     async def start() -> None:
-        for name, raw in answers.items():
+        for make in answers:
+            body: list[bytes] = []  # filled once the port, hence the URL, is known
+
+            async def answer(request: web.Request, body: list[bytes] = body) -> web.Response:
+                return web.Response(body=body[0], content_type="application/json")
+
             app = web.Application()
-
-            async def answer(request: web.Request, raw: bytes = raw) -> web.Response:
-                return web.Response(body=raw, content_type="application/json")
-
             app.router.add_post("/heartbeat", answer)
             runner = web.AppRunner(app)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
-            port = runner.addresses[0][1]
-            urls[name] = f"http://127.0.0.1:{port}"
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            body.append(json.dumps(make(url)).encode())
+            urls.append(url)
             runners.append(runner)
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -68,27 +82,36 @@ def agents_answering(answers: dict[str, bytes]) -> Iterator[dict[str, str]]:
 
 
 def poll(*agents: Agent) -> list[agent_client.HeartbeatResult]:
-    targets = [agent_client.HeartbeatTarget(agent.pk, agent.base_url) for agent in agents]
-    return asyncio.run(agent_client.poll_heartbeats(targets, "token", seconds=5))
+    targets = [
+        agent_client.HeartbeatTarget(agent.pk, agent.base_url, agent.credential) for agent in agents
+    ]
+    return asyncio.run(agent_client.poll_heartbeats(targets, seconds=5))
 
 
 def test_an_agent_answering_a_wrong_type_is_refused_alone_and_says_why(settings):
     settings.HEARTBEAT_DEGRADED_AFTER = 1
     model = ModelFactory()
     good, bad, newer = AgentFactory(), AgentFactory(), AgentFactory()
-    ready = ModelStatus(model.model_id, "READY", "GPU_RESIDENT", "http://x/models/m")
-    broken = heartbeat_of(bad)
-    broken["models"] = [{"model_id": model.model_id, "cache_state": "READY",
-                         "cache_level": "GPU_RESIDENT", "bytes_done": None}]  # fmt: skip
-    answers = {
-        "good": json.dumps(heartbeat_of(good, ready)).encode(),
-        "bad": json.dumps(broken).encode(),
+
+    def ready(url: str) -> ModelStatus:
+        return ModelStatus(
+            model.model_id, ModelState.READY, CacheLevel.GPU_RESIDENT, f"{url}/models/m"
+        )
+
+    def broken(url: str) -> dict:
+        body = heartbeat_of(bad)
+        body["models"] = [{"model_id": model.model_id, "cache_state": "READY",
+                           "cache_level": "GPU_RESIDENT", "bytes_done": None}]  # fmt: skip
+        return body
+
+    with agents_answering(
+        lambda url: heartbeat_of(good, ready(url)),
+        broken,
         # one minor version ahead, with a field this side has never heard of
-        "newer": json.dumps(heartbeat_of(newer, ready, contract="1.7", power_watts=300)).encode(),
-    }
-    with agents_answering(answers) as urls:
-        for agent, name in ((good, "good"), (bad, "bad"), (newer, "newer")):
-            Agent.objects.filter(pk=agent.pk).update(base_url=urls[name])
+        lambda url: heartbeat_of(newer, ready(url), contract="1.7", power_watts=300),
+    ) as urls:
+        for agent, url in zip((good, bad, newer), urls, strict=True):
+            Agent.objects.filter(pk=agent.pk).update(base_url=url)
             agent.refresh_from_db()
         actions.apply_heartbeats(poll(good, bad, newer))
 
@@ -100,14 +123,30 @@ def test_an_agent_answering_a_wrong_type_is_refused_alone_and_says_why(settings)
     assert "$.models[0].bytes_done" in bad.contract_error
     assert bad.contract_rejections == 1
     assert bad.contract_error_at is not None
-    assert (
-        Placement.objects.filter(agent__in=[good, newer], state=PlacementState.READY).count() == 2
-    )
+    served = Placement.objects.filter(agent__in=[good, newer], state=PlacementState.READY)
+    assert served.count() == 2
     assert not Placement.objects.filter(agent=bad).exists()
     rejections = next(
         m for m in FleetCollector().collect() if m.name == "llmfleet_agent_contract_rejections"
     )
     assert {s.labels["agent"]: s.value for s in rejections.samples}[bad.agent_id] == 1
+
+
+def test_an_endpoint_outside_the_agents_base_url_is_refused(settings):
+    """A compromised agent must not point the gateway (and its prompts) elsewhere."""
+    model = ModelFactory()
+    agent = AgentFactory(base_url="http://gpu-7.internal:8100")
+    for elsewhere in ("http://169.254.169.254/latest", "http://gpu-7.internal:8101/models/m",
+                      "http://gpu-7.internal:8100/../../x"):  # fmt: skip
+        status = ModelStatus(model.model_id, "READY", "GPU_RESIDENT", elsewhere)
+        body = HeartbeatResponse(
+            agent_id=agent.agent_id, state="IDLE", version="1", disk=DiskInfo("/c", 1, 1, 0),
+            models=(status,),
+        )  # fmt: skip
+        actions.apply_heartbeats([agent_client.HeartbeatResult(agent.pk, time.time(), body)])
+        agent.refresh_from_db()
+        assert "outside its base URL" in agent.contract_error
+    assert not Placement.objects.filter(agent=agent).exists()
 
 
 def test_an_agent_answering_for_another_agent_id_is_refused():
@@ -134,11 +173,12 @@ def test_a_heartbeat_a_column_refuses_holds_back_no_other_agent(monkeypatch):
         reconcile(placement, status)
 
     monkeypatch.setattr(heartbeats, "_reconcile", column_refuses)
-    status = ModelStatus(model.model_id, "READY", "GPU_RESIDENT", "http://x/models/m")
     results = [
         agent_client.HeartbeatResult(agent.pk, time.time(), HeartbeatResponse(
             agent_id=agent.agent_id, state="INFERRING", version="2",
-            disk=DiskInfo("/c", 1, 1, 0), models=(status,),
+            disk=DiskInfo("/c", 1, 1, 0), models=(ModelStatus(
+                model.model_id, "READY", "GPU_RESIDENT", f"{agent.base_url}/models/m"
+            ),),
         ))
         for agent in (first, second)
     ]  # fmt: skip

@@ -23,6 +23,7 @@ from agents.choices import (
 )
 from agents.models import Agent, LoadEvent, Placement
 from nodeagent.protocol import (
+    AgentReportedState,
     DiskInfo,
     HeartbeatResponse,
     LoadModelResponse,
@@ -130,13 +131,15 @@ def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
     assert job.request.model_id == model.model_id
     assert actions.begin_load(event.pk) is None  # a redelivered task does nothing
     timings = LoadTimings(download_seconds=2.0, engine_start_seconds=25.0, total_seconds=27.5)
-    actions.finish_load(event.pk, LoadModelResponse(model.model_id, "http://a/models/m", timings))
+    actions.finish_load(
+        event.pk, LoadModelResponse(model.model_id, f"{job.agent_url}/models/m", timings)
+    )
     placement = Placement.objects.get(pk=placement.pk)
     assert (placement.state, placement.cache_level) == (
         PlacementState.READY,
         CacheLevel.GPU_RESIDENT,
     )
-    assert placement.inference_endpoint_url == "http://a/models/m"
+    assert placement.inference_endpoint_url == f"{job.agent_url}/models/m"
     event.refresh_from_db()
     assert event.outcome == LoadOutcome.SUCCEEDED
     assert (event.download_seconds, event.engine_start_seconds) == (2.0, 25.0)
@@ -171,7 +174,8 @@ def test_a_failed_load_moves_to_the_next_agent_until_attempts_run_out(queued, se
 
 def beat(agent: Agent, *models: ModelStatus, state: str = "IDLE") -> HeartbeatResult:
     response = HeartbeatResponse(
-        agent_id=agent.agent_id, state=state, version="1", gpus=(), gpu_utilization=None,
+        agent_id=agent.agent_id, state=AgentReportedState(state), version="1", gpus=(),
+        gpu_utilization=None,
         gpu_memory_total=0, gpu_memory_free=0, vllm_queue_length=0,
         disk=DiskInfo("/", 1, 1, 0), models=models,
     )  # fmt: skip
@@ -207,7 +211,7 @@ def test_heartbeats_reconcile_what_the_agent_still_has_and_what_it_lost():
     Placement.objects.update(updated_at=timezone.now() - timedelta(minutes=5))
     actions.apply_heartbeats([
         beat(agent,
-             ModelStatus(kept.model_id, "READY", "GPU_RESIDENT", "http://x/models/k",
+             ModelStatus(kept.model_id, "READY", "GPU_RESIDENT", f"{agent.base_url}/models/k",
                          requests_waiting=4, last_used_at="2026-11-27T10:00:00+00:00"),
              ModelStatus(found.model_id, "UNLOADED", "NVME_CACHED"),
              ModelStatus("org/not-in-the-catalog", "READY", "GPU_RESIDENT")),
@@ -215,7 +219,7 @@ def test_heartbeats_reconcile_what_the_agent_still_has_and_what_it_lost():
     placements = {p.model_id: p for p in Placement.objects.all()}
     assert placements[kept.pk].state == PlacementState.READY
     assert placements[kept.pk].requests_waiting == 4
-    assert placements[kept.pk].inference_endpoint_url == "http://x/models/k"
+    assert placements[kept.pk].inference_endpoint_url == f"{agent.base_url}/models/k"
     assert (placements[lost.pk].state, placements[lost.pk].cache_level) == (
         PlacementState.UNLOADED,
         CacheLevel.NONE,
@@ -234,7 +238,7 @@ def test_a_heartbeat_never_undoes_a_load_or_unload_the_control_plane_has_under_w
     Placement.objects.update(updated_at=timezone.now() - timedelta(seconds=1))
     actions.apply_heartbeats([
         beat(agent, ModelStatus(model.model_id, "FAILED", "NONE", error="an older failure"),
-             ModelStatus(other.model_id, "READY", "GPU_RESIDENT", "http://x/models/o")),
+             ModelStatus(other.model_id, "READY", "GPU_RESIDENT", f"{agent.base_url}/models/o")),
     ])  # fmt: skip
     assert Placement.objects.get(pk=placement.pk).state == PlacementState.DOWNLOADING
     assert Placement.objects.get(pk=going.pk).state == PlacementState.UNLOADING
@@ -357,7 +361,9 @@ def test_claiming_a_load_locks_the_event_alone_not_its_agent_or_model(queued):
         with transaction.atomic():
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL lock_timeout = '2s'")
-            response = LoadModelResponse(model.model_id, "http://a/models/m", LoadTimings())
+            response = LoadModelResponse(
+                model.model_id, f"{agent.base_url}/models/m", LoadTimings()
+            )
             assert actions.finish_load(event.pk, response) is not None
     finally:
         release.set()
@@ -381,6 +387,7 @@ def test_steps_whose_tasks_died_end_as_the_agent_did_them(queued):
     """A worker killed mid-load or mid-unload: the agent finished the step anyway; the next
     heartbeat says so and the sweep closes the step, so nothing stays pending."""
     agent = AgentFactory()
+    endpoint = f"{agent.base_url}/models/l"
     loading, leaving = ModelFactory(), ModelFactory()
     load = actions.ensure_placement(loading)
     going = PlacementFactory(agent=agent, model=leaving)
@@ -389,11 +396,14 @@ def test_steps_whose_tasks_died_end_as_the_agent_did_them(queued):
     actions.begin_unload(step_down.pk)  # both tasks die here, before writing their outcome
     Placement.objects.update(updated_at=timezone.now() - timedelta(seconds=1))
     actions.apply_heartbeats([
-        beat(agent, ModelStatus(loading.model_id, "READY", "GPU_RESIDENT", "http://x/models/l"),
+        beat(agent, ModelStatus(loading.model_id, "READY", "GPU_RESIDENT", endpoint),
              ModelStatus(leaving.model_id, "UNLOADED", "NVME_CACHED")),
     ])  # fmt: skip
     load.refresh_from_db()
-    assert (load.state, load.inference_endpoint_url) == (PlacementState.READY, "http://x/models/l")
+    assert (load.state, load.inference_endpoint_url) == (
+        PlacementState.READY,
+        f"{agent.base_url}/models/l",
+    )
     assert Placement.objects.get(pk=going.pk).state == PlacementState.UNLOADED
     assert actions.settle_orphaned_steps() == 2
     outcomes = {event.kind: (event.outcome, event.to_level) for event in LoadEvent.objects.all()}

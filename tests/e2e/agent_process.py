@@ -30,8 +30,14 @@ class AgentProcess:
     token: str
 
     @property
+    def credential(self) -> str:
+        """The credential its control plane issued (kept in its cache), else its --token."""
+        kept = self.cache_dir / "agent-credential"
+        return kept.read_text().strip() if kept.exists() else self.token
+
+    @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+        return {"Authorization": f"Bearer {self.credential}"}
 
     def post(self, path: str, body: object | None = None, timeout: float = 30) -> requests.Response:
         return requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=timeout)
@@ -129,3 +135,18 @@ def engine_python() -> str:
     if not Path(python).exists():
         pytest.fail(f"vLLM's environment is missing ({python}): `make engine` builds it")
     return python
+
+
+def enrolment_for(agent_id: str) -> tuple[str, dict[str, str]]:
+    """For an agent started without a control plane and catalogued by hand: the credential to
+    start it with (its --token) and the Agent row's fields the control plane derives it from."""
+    import secrets
+
+    from agents import credentials
+
+    nonce = secrets.token_hex(32)
+    credential = credentials.derive(agent_id, nonce)
+    return credential, {
+        "credential_nonce": nonce,
+        "credential_fingerprint": credentials.fingerprint(credential),
+    }

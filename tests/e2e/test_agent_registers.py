@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import requests
 
+from agents import tasks
 from agents.models import Agent
 from tests.e2e.agent_process import running_agent
 from tests.support import wait_for
@@ -23,11 +25,31 @@ def test_a_started_agent_registers_itself(live_server, settings, tmp_path):
         assert registered.labels == {"zone": "test-1a"}
         assert (registered.gpu_count, registered.version) == (0, "0.1.0")
         assert "registered with" in agent.log()
+        # Enrolled: the control plane polls it with its own credential, which it kept.
+        assert agent.credential.startswith("lfa_")
+        assert agent.credential == registered.credential
+        before = registered.last_heartbeat_at
+        tasks.poll_heartbeats()
+        registered.refresh_from_db()
+        assert (registered.heartbeat_failures, registered.contract_version) == (0, "1.1")
+        assert registered.last_heartbeat_at > before
+
+        # Another host holding the enrolment token cannot take its name, nor its traffic.
+        impostor = ["--engine", "sim", "--agent-id", "e2e-agent", "--control-plane-url",
+                    live_server.url]  # fmt: skip
+        (tmp_path / "impostor").mkdir()
+        with running_agent(tmp_path / "impostor", *impostor, token=settings.AGENT_TOKEN) as other:
+            wait_for(lambda: "registration refused: HTTP 403" in other.log(), 30, "the refusal")
+        assert Agent.objects.get(agent_id="e2e-agent").base_url == agent.url
 
 
-def test_an_agent_with_a_wrong_token_is_refused_and_keeps_serving(live_server, tmp_path):
+def test_an_agent_with_a_wrong_token_is_refused_and_takes_no_calls(live_server, tmp_path):
     args = ["--engine", "sim", "--agent-id", "intruder", "--control-plane-url", live_server.url]
     with running_agent(tmp_path, *args, token="not-the-token") as agent:
         wait_for(lambda: "registration refused: HTTP 401" in agent.log(), 30, "the refusal")
-        assert agent.heartbeat()["agent_id"] == "intruder"
+        # Not enrolled: nobody may call it (its token is the fleet's, or a guess), but it lives.
+        response = agent.post("/heartbeat")
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "not_enrolled"
+        assert requests.get(f"{agent.url}/healthz", timeout=5).status_code == 200
     assert not Agent.objects.exists()

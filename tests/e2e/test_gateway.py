@@ -16,7 +16,7 @@ from agents.choices import AgentState, CacheLevel, PlacementState
 from agents.models import Agent, Model, Placement
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
-from tests.e2e.agent_process import ROOT, running_agent
+from tests.e2e.agent_process import ROOT, enrolment_for, running_agent
 from tests.e2e.fleet import database_url
 from tests.factories import make_api_key
 from tests.support import free_port, http_ok, wait_for
@@ -33,6 +33,7 @@ def gateway(settings, tmp_path):
     env.update(
         DATABASE_URL=database_url(),
         AGENT_TOKEN=settings.AGENT_TOKEN, SECRET_KEY="gateway-test", VAR_DIR=str(tmp_path / "var"),
+        AGENT_CREDENTIAL_KEY=settings.AGENT_CREDENTIAL_KEY,
         GATEWAY_CACHE_SECONDS="0",
     )  # fmt: skip
     port = free_port()
@@ -66,10 +67,13 @@ def warm_model(settings, tmp_path):
         "--sim-tpot-ms",
         "1",
     ]
-    with running_agent(tmp_path, *args, token=settings.AGENT_TOKEN) as agent:
+    credential, enrolled = enrolment_for("gpu-1")
+    with running_agent(tmp_path, *args, token=credential) as agent:
         loaded = agent.post("/load_model", {"model_id": "org/tiny", "source": tiny.as_uri()}).json()
         model = Model.objects.create(model_id="org/tiny", source=tiny.as_uri())
-        host = Agent.objects.create(agent_id="gpu-1", base_url=agent.url, state=AgentState.IDLE)
+        host = Agent.objects.create(
+            agent_id="gpu-1", base_url=agent.url, state=AgentState.IDLE, **enrolled
+        )
         Placement.objects.create(
             agent=host, model=model, state=PlacementState.READY,
             cache_level=CacheLevel.GPU_RESIDENT,
@@ -233,11 +237,12 @@ def test_a_user_stays_on_one_replica_and_moves_when_it_drains(
     tiny = tinymodel.build(tmp_path / "tiny2")
     (tmp_path / "second").mkdir()
     args = ["--engine", "sim", "--sim-load-seconds", "0"]
-    with running_agent(tmp_path / "second", *args, token=settings.AGENT_TOKEN) as second:
+    credential, enrolled = enrolment_for("gpu-2")
+    with running_agent(tmp_path / "second", *args, token=credential) as second:
         loaded = second.post(
             "/load_model", {"model_id": "org/tiny", "source": tiny.as_uri()}
         ).json()
-        other = Agent.objects.create(agent_id="gpu-2", base_url=second.url)
+        other = Agent.objects.create(agent_id="gpu-2", base_url=second.url, **enrolled)
         Placement.objects.create(
             agent=other, model=Model.objects.get(), state=PlacementState.READY,
             inference_endpoint_url=loaded["inference_endpoint_url"],
@@ -278,14 +283,15 @@ def test_through_the_gateway_to_real_vllm(gateway, settings, tmp_path):
 
     tiny = tinymodel.build(tmp_path / "tiny")
     python = engine_python()
+    credential, enrolled = enrolment_for("cpu-1")
     with running_agent(
-        tmp_path, "--engine", "vllm", "--engine-python", python, token=settings.AGENT_TOKEN
+        tmp_path, "--engine", "vllm", "--engine-python", python, token=credential
     ) as agent:
         load = {"model_id": "org/tiny", "source": tiny.as_uri(), "engine": {"args": CPU_ARGS}}
         loaded = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
         assert loaded.status_code == 200, loaded.text
         model = Model.objects.create(model_id="org/tiny", source=tiny.as_uri())
-        host = Agent.objects.create(agent_id="cpu-1", base_url=agent.url)
+        host = Agent.objects.create(agent_id="cpu-1", base_url=agent.url, **enrolled)
         Placement.objects.create(
             agent=host, model=model, state=PlacementState.READY,
             inference_endpoint_url=loaded.json()["inference_endpoint_url"],

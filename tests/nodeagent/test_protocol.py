@@ -6,10 +6,13 @@ import pytest
 
 from nodeagent.protocol import (
     CONTRACT_VERSION,
+    AgentReportedState,
+    CacheLevel,
     DiskInfo,
     GpuInfo,
     HeartbeatResponse,
     LoadModelRequest,
+    ModelState,
     ModelStatus,
     ProtocolError,
     UnloadModelRequest,
@@ -88,10 +91,13 @@ def test_heartbeat_round_trips_through_json():
 
 def _heartbeat(**changes: object) -> dict:
     body = HeartbeatResponse(
-        agent_id="a", state="IDLE", version="1", disk=DiskInfo("/cache", 100, 50, 10),
-        models=(ModelStatus("m", "READY", "GPU_RESIDENT", bytes_done=5, bytes_total=5),),
+        agent_id="a",
+        state=AgentReportedState.IDLE,
+        version="1",
+        disk=DiskInfo("/cache", 100, 50, 10),
+        models=(ModelStatus("m", ModelState.READY, CacheLevel.GPU_RESIDENT, bytes_done=5),),
         contract=CONTRACT_VERSION,
-    ).to_json()  # fmt: skip
+    ).to_json()
     body.update(changes)
     return body
 

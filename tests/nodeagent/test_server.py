@@ -431,3 +431,84 @@ async def test_a_new_revision_replaces_a_sleeping_engine_instead_of_waking_it(ag
     assert agent.server.registry.slots["org/tiny"].engine is not old_engine
     assert agent.server.registry.slots["org/tiny"].revision == "v2"
     assert starts(agent) == 2
+
+
+ISSUED = "lfa_" + "a" * 64
+ROTATED = "lfa_" + "b" * 64
+
+
+async def test_an_agent_enrols_keeps_its_credential_and_takes_no_other_token(tmp_path) -> None:
+    calls: list[str | None] = []
+
+    async def register(request: web.Request) -> web.Response:
+        calls.append(request.headers.get("Authorization"))
+        if calls[-1] == f"Bearer {TOKEN}":
+            body = {"agent_id": "test-agent", "created": True, "credential": ISSUED}
+            return web.json_response(body, status=201)
+        return web.json_response({"agent_id": "test-agent", "created": False}, status=200)
+
+    control_plane = web.Application()
+    control_plane.router.add_post("/api/agents/register", register)
+    cache = tmp_path / "cache"
+    async with TestServer(control_plane) as cp, aiohttp.ClientSession() as http:
+        cp_url = str(cp.make_url("")).rstrip("/")
+        server, test_server, url = await start_agent(sim_args(cache, "--control-plane-url", cp_url))
+        try:
+            await asyncio.wait_for(server.registered.wait(), timeout=10)
+            kept = cache / "agent-credential"
+            assert kept.read_text().strip() == ISSUED
+            assert kept.stat().st_mode & 0o777 == 0o600
+
+            async def status_with(token: str, path: str = "/heartbeat") -> int:
+                headers = {"Authorization": f"Bearer {token}"}
+                async with http.post(f"{url}{path}", headers=headers) as response:
+                    return response.status
+
+            # The enrolment token every agent holds calls no agent once it has a control plane.
+            assert await status_with(TOKEN) == 401
+            assert await status_with(ISSUED) == 200
+            async with http.post(
+                f"{url}/credential", json={"credential": ROTATED},
+                headers={"Authorization": f"Bearer {ISSUED}"},
+            ) as response:  # fmt: skip
+                assert response.status == 200
+            assert kept.read_text().strip() == ROTATED
+            # The previous one still works for calls already under way; a third never did.
+            assert (await status_with(ROTATED), await status_with(ISSUED)) == (200, 200)
+            assert await status_with("lfa_" + "c" * 64) == 401
+        finally:
+            await test_server.close()
+
+        # Restarted: it registers with the kept credential, not the enrolment token.
+        server, test_server, _ = await start_agent(sim_args(cache, "--control-plane-url", cp_url))
+        try:
+            await asyncio.wait_for(server.registered.wait(), timeout=10)
+        finally:
+            await test_server.close()
+    assert calls == [f"Bearer {TOKEN}", f"Bearer {ROTATED}"]
+
+
+async def test_an_agent_whose_credential_the_control_plane_forgot_enrols_again(tmp_path):
+    calls: list[str | None] = []
+
+    async def register(request: web.Request) -> web.Response:
+        calls.append(request.headers.get("Authorization"))
+        if calls[-1] == f"Bearer {ISSUED}":
+            return web.json_response({"detail": "Unknown or revoked agent credential"}, status=401)
+        body = {"agent_id": "test-agent", "created": True, "credential": ROTATED}
+        return web.json_response(body, status=201)
+
+    control_plane = web.Application()
+    control_plane.router.add_post("/api/agents/register", register)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "agent-credential").write_text(ISSUED)
+    async with TestServer(control_plane) as cp:
+        cp_url = str(cp.make_url("")).rstrip("/")
+        server, test_server, _ = await start_agent(sim_args(cache, "--control-plane-url", cp_url))
+        try:
+            await asyncio.wait_for(server.registered.wait(), timeout=10)
+        finally:
+            await test_server.close()
+    assert calls == [f"Bearer {ISSUED}", f"Bearer {TOKEN}"]
+    assert (cache / "agent-credential").read_text().strip() == ROTATED
