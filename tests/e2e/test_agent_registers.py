@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import requests
+from django.core.management import CommandError, call_command
 
 from agents import tasks
+from agents.choices import AgentState
 from agents.models import Agent
 from tests.e2e.agent_process import running_agent
 from tests.support import wait_for
@@ -53,3 +57,25 @@ def test_an_agent_with_a_wrong_token_is_refused_and_takes_no_calls(live_server, 
         assert response.json()["error"]["code"] == "not_enrolled"
         assert requests.get(f"{agent.url}/healthz", timeout=5).status_code == 200
     assert not Agent.objects.exists()
+
+
+def test_rotating_and_revoking_a_credential_reach_the_real_agent(live_server, settings, tmp_path):
+    args = ["--engine", "sim", "--agent-id", "e2e-rotated", "--control-plane-url", live_server.url]
+    with running_agent(tmp_path, *args, token=settings.AGENT_TOKEN) as agent:
+        wait_for(lambda: agent.credential.startswith("lfa_"), 30, "the enrolment")
+        first = agent.credential
+        call_command("agent_credential", "rotate", "e2e-rotated", stdout=io.StringIO())
+        row = Agent.objects.get(agent_id="e2e-rotated")
+        assert agent.credential == row.credential != first
+        tasks.poll_heartbeats()
+        row.refresh_from_db()
+        assert (row.heartbeat_failures, row.contract_error) == (0, "")
+
+        call_command("agent_credential", "revoke", "e2e-rotated", stdout=io.StringIO())
+        row.refresh_from_db()
+        assert (row.state, row.credential) == (AgentState.OFFLINE, "")
+        tasks.poll_heartbeats()  # not called: it has no credential to be called with
+        row.refresh_from_db()
+        assert row.state == AgentState.OFFLINE
+        with pytest.raises(CommandError, match="not enrolled"):
+            call_command("agent_credential", "rotate", "e2e-rotated")
