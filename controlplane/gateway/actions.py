@@ -28,8 +28,12 @@ def create_api_key(
     requests_per_minute: int | None = None,
     tokens_per_minute: int | None = None,
     expires_at: datetime | None = None,
+    all_models: bool | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its secret, which is stored only as a hash.
+
+    `all_models` None: every model when `model_ids` is empty, else only those. Either way
+    the key stores the choice, so the list never widens later.
 
     Raises `UnknownModels` (and creates nothing) when an allowed model is not in the catalog.
     """
@@ -43,6 +47,7 @@ def create_api_key(
         requests_per_minute=requests_per_minute,
         tokens_per_minute=tokens_per_minute,
         expires_at=expires_at,
+        all_models=not wanted if all_models is None else all_models,
     )
     raw_key = key.set_new_secret()
     with transaction.atomic():

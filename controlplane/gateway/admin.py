@@ -28,8 +28,10 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
 
     @admin.display(description="Models")
     def allowed(self, key: ApiKey) -> str:
+        if key.all_models:
+            return "every enabled model"
         names = [model.model_id for model in key.allowed_models.all()]
-        return ", ".join(names) if names else "all enabled"
+        return ", ".join(names) if names else "none"
 
     def save_model(
         self, request: HttpRequest, obj: ApiKey, form: ModelForm[ApiKey], change: bool

@@ -42,7 +42,12 @@ class ApiKey(models.Model):
         Model,
         blank=True,
         related_name="api_keys",
-        help_text="Models this key may use; none selected means every enabled model.",
+        help_text="Models this key may use (unless it may use every model).",
+    )
+    # Explicit, never the absence of rows: deleting the last model a key was limited to must
+    # leave it with no model, not widen it to every model.
+    all_models = models.BooleanField(
+        default=False, help_text="Every enabled model, now and later; the list above is ignored."
     )
     requests_per_minute = models.PositiveIntegerField(
         null=True, blank=True, help_text="Empty: no limit."
@@ -56,7 +61,7 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
 
     objects = ApiKeyQuerySet.as_manager()
-    # Filled by the gateway's cache: the pks of allowed models (empty: every enabled model).
+    # Filled by the gateway's cache: the pks of allowed models.
     allowed_ids: set[int]
 
     class Meta:
@@ -74,15 +79,16 @@ class ApiKey(models.Model):
         return raw_key
 
     def usable_models(self) -> QuerySet[Model]:
-        """Enabled catalog models this key may use: its allow-list, or all when it has none."""
+        """Enabled catalog models this key may use: all of them, or its allow-list."""
+        enabled = Model.objects.filter(enabled=True)
+        if self.all_models:
+            return enabled
         grants = ApiKey.allowed_models.through.objects.filter(apikey_id=self.pk)
-        return Model.objects.filter(enabled=True).filter(
-            Exists(grants.filter(model_id=OuterRef("pk"))) | ~Exists(grants)
-        )
+        return enabled.filter(Exists(grants.filter(model_id=OuterRef("pk"))))
 
     def may_use(self, model: Model) -> bool:
         """Whether the key may use the model; needs `allowed_ids` (the gateway's cache fills it)."""
-        return not self.allowed_ids or model.pk in self.allowed_ids
+        return self.all_models or model.pk in self.allowed_ids
 
     def inactive_reason(self, now: datetime | None = None) -> str | None:
         """Why the key may not be used now ("revoked", "expired"), or None if it may."""
