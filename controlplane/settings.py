@@ -29,6 +29,16 @@ VAR_DIR = Path(env_str("VAR_DIR") or BASE_DIR / "var").resolve()
 DEBUG = env_bool("DEBUG", False)
 DATABASE_URL = env_str("DATABASE_URL")
 REDIS_URL = env_str("REDIS_URL")
+# A deployment with its own database but no Redis would fall back, silently, to the embedded
+# file broker, SQLite channel layer and per-process rate limits: one machine's parts, which
+# several web or worker processes on several hosts cannot share. Refused unless asked for.
+ALLOW_WITHOUT_REDIS = env_bool("ALLOW_WITHOUT_REDIS", False)
+if DATABASE_URL and not REDIS_URL and not ALLOW_WITHOUT_REDIS:
+    raise ImproperlyConfigured(
+        "DATABASE_URL is set but REDIS_URL is not: the broker, the channel layer and rate limits "
+        "would fall back to this machine's files. Set REDIS_URL too (or ALLOW_WITHOUT_REDIS=true "
+        "for a single-host deployment that means it)."
+    )
 # Embedded: one machine, nothing configured. Secrets may then be generated into VAR_DIR,
 # which every local process shares; a real deployment must set them explicitly, or each
 # web replica would invent a different one.

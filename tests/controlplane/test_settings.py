@@ -17,7 +17,8 @@ PROBE = (
     "'layer': s.CHANNEL_LAYERS['default']['BACKEND'], 'hosts': s.ALLOWED_HOSTS, "
     "'agent_token': s.AGENT_TOKEN, 'var': str(s.VAR_DIR)}))"
 )
-CONFIG_VARS = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN", "VAR_DIR", "DEBUG")
+CONFIG_VARS = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN", "VAR_DIR", "DEBUG",
+               "ALLOW_WITHOUT_REDIS")  # fmt: skip
 
 
 def load_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -75,12 +76,21 @@ def test_postgres_and_redis_when_configured(tmp_path):
             "AGENT_TOKEN_FILE='/nonexistent/token' cannot be read",
         ),
         (
-            {"DATABASE_URL": "postgres://u@h/db", "SECRET_KEY": "k"},
+            {"DATABASE_URL": "postgres://u@h/db", "REDIS_URL": "redis://r", "SECRET_KEY": "k"},
             "AGENT_TOKEN (or AGENT_TOKEN_FILE) must be set",
         ),
         (
-            {"DATABASE_URL": "nosuchdb://x", "SECRET_KEY": "k", "AGENT_TOKEN": "t"},
+            {
+                "DATABASE_URL": "nosuchdb://x",
+                "REDIS_URL": "redis://r",
+                "SECRET_KEY": "k",
+                "AGENT_TOKEN": "t",
+            },
             "DATABASE_URL is not a database URL",
+        ),
+        (
+            {"DATABASE_URL": "postgres://u@h/db", "SECRET_KEY": "k", "AGENT_TOKEN": "t"},
+            "DATABASE_URL is set but REDIS_URL is not",
         ),
     ],
 )
@@ -89,3 +99,14 @@ def test_a_bad_variable_stops_start_up_naming_it(tmp_path, env, named):
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert named in result.stderr
+
+
+def test_a_database_without_redis_runs_only_when_asked_to(tmp_path):
+    configured = {"DATABASE_URL": "postgres://u@db.internal/fleet", "SECRET_KEY": "k" * 50,
+                  "AGENT_TOKEN": "t"}  # fmt: skip
+    refused = load_settings(tmp_path, **configured)
+    assert refused.returncode != 0
+    assert "REDIS_URL" in refused.stderr
+    allowed = load_settings(tmp_path, **configured, ALLOW_WITHOUT_REDIS="true")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["broker"].startswith("filesystem://")

@@ -136,7 +136,8 @@ def running_control_plane(
     env = dict(os.environ)
     env.update(
         DATABASE_URL=database_url(), AGENT_TOKEN=settings.AGENT_TOKEN,
-        SECRET_KEY="e2e-control-plane", VAR_DIR=str(tmp_path / "var"), **{**FAST, **overrides},
+        AGENT_CREDENTIAL_KEY=settings.AGENT_CREDENTIAL_KEY, SECRET_KEY="e2e-control-plane",
+        VAR_DIR=str(tmp_path / "var"), **{**FAST, **overrides},
     )  # fmt: skip
     ports = [free_port() for _ in range(web_replicas)]
     url = f"http://127.0.0.1:{ports[0]}"

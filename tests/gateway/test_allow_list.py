@@ -59,7 +59,7 @@ def test_the_migration_keeps_keys_that_had_no_list_on_every_model():
     old = executor.loader.project_state(before).apps
     OldKey = old.get_model("gateway", "ApiKey")
     OldModel = old.get_model("agents", "Model")
-    wide = OldKey.objects.create(name="wide", prefix="a", key_hash="a" * 64)
+    OldKey.objects.create(name="wide", prefix="a", key_hash="a" * 64)
     narrow = OldKey.objects.create(name="narrow", prefix="b", key_hash="b" * 64)
     narrow.allowed_models.add(OldModel.objects.create(model_id="org/m", source="file:///m"))
     executor = MigrationExecutor(connection)
