@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
 from django.utils import timezone
 
-from agents import events, scheduling
+from agents import events, scheduling, transitions
 from agents.actions import steps, unloads
 from agents.agent_client import HeartbeatResult
 from agents.bulk import update_rows
@@ -23,6 +23,7 @@ from agents.choices import (
 )
 from agents.models import Agent, Model, Placement
 from agents.scheduling import effective_agent_state, summarize_gpus
+from agents.transitions import Event
 from agents.validators import url_is_under
 from nodeagent.protocol import (
     ModelStatus,
@@ -62,20 +63,22 @@ def _apply_one(result: HeartbeatResult) -> None:
 def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
     # Row locks from read to write: a load that fails, an unload that finishes or a drain
     # between the two would otherwise be overwritten with what the agent said before it.
-    agents = {
-        agent.pk: agent
-        for agent in Agent.objects.select_for_update(no_key=True, of=("self",))
-        .filter(pk__in=[result.agent_pk for result in results])
-        .order_by("pk")
-    }
-    catalog = dict(Model.objects.values_list("model_id", "pk"))
+    # Lock order: placements, then agents, each by primary key.
+    polled = [result.agent_pk for result in results]
     placements: dict[int, dict[int, Placement]] = {}
     for placement in (
         Placement.objects.select_for_update(no_key=True, of=("self",))
-        .filter(agent__in=agents)
+        .filter(agent__in=polled)
         .order_by("pk")
     ):
         placements.setdefault(placement.agent_id, {})[placement.model_id] = placement
+    agents = {
+        agent.pk: agent
+        for agent in Agent.objects.select_for_update(no_key=True, of=("self",))
+        .filter(pk__in=polled)
+        .order_by("pk")
+    }
+    catalog = dict(Model.objects.values_list("model_id", "pk"))
     now = timezone.now()
     changed_agents: list[Agent] = []
     changed: list[Placement] = []
@@ -104,7 +107,7 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
                 known = mine.get(model_pk)
                 if known is None:
                     new = Placement(agent=agent, model_id=model_pk)
-                    _reconcile(new, status)
+                    _reconcile(new, status, new=True)
                     created.append(new)
                 elif known.updated_at < polled_at:  # else written since: that is newer
                     _reconcile(known, status)
@@ -193,19 +196,21 @@ def _missed(agent: Agent, error: str) -> None:
     agent.state, agent.updated_at = state, timezone.now()
 
 
-def _reconcile(placement: Placement, status: ModelStatus) -> None:
+def _reconcile(placement: Placement, status: ModelStatus, *, new: bool = False) -> None:
     """Trust what the agent reports of a model it has, except the state of a step the control
-    plane has under way: a pending load ends READY or FAILED by its task (the agent may not
-    have started it yet), and a pending unload ends by its task too."""
+    plane has under way (transitions.REPORTED_DURING_STEP): a pending load ends READY or
+    FAILED by its task (the agent may not have started it yet), a pending unload by its task
+    too, unless the agent reports the step's own outcome."""
     # The decoder let only the contract's states through: the same values as PlacementState.
     reported = PlacementState(status.cache_state)
-    pending = placement.state in steps.LOADING_STATES or placement.state == PlacementState.UNLOADING
+    current = None if new else PlacementState(placement.state)
+    pending = current in transitions.PENDING
     # What the agent reports as the step's own outcome is the truth even while the step is
     # pending here: its task may have died (the sweep then closes its LoadEvent). An unload's
     # outcome is a level below the one it left (still cache_level while UNLOADING): UNLOADED
     # alone is also what a model in host RAM says before it steps down to disk.
-    done = (placement.state in steps.LOADING_STATES and reported == PlacementState.READY) or (
-        placement.state == PlacementState.UNLOADING
+    done = (current in transitions.LOADING and reported == PlacementState.READY) or (
+        current == PlacementState.UNLOADING
         and reported in (PlacementState.UNLOADED, PlacementState.FAILED)
         and unloads.below(status.cache_level, placement.cache_level)
     )
@@ -213,8 +218,9 @@ def _reconcile(placement: Placement, status: ModelStatus) -> None:
         pending = False
         if reported == PlacementState.READY:
             placement.ready_at = timezone.now()
-    if not pending or reported in steps.LOADING_STATES:
-        placement.state = reported
+    unload_in_flight = current == PlacementState.UNLOADING and not done
+    if not unload_in_flight and transitions.allowed(current, Event.REPORTED, reported):
+        transitions.move(placement, Event.REPORTED, reported, new=new)
     if status.cache_level in CacheLevel.values:
         placement.cache_level = status.cache_level
     if not pending:
@@ -244,6 +250,7 @@ def _lost(placement: Placement, now: datetime) -> bool:
         return False
     if placement.state == PlacementState.UNLOADED and placement.cache_level == CacheLevel.NONE:
         return False
-    placement.state, placement.cache_level = PlacementState.UNLOADED, CacheLevel.NONE
+    transitions.move(placement, Event.AGENT_LOST)
+    placement.cache_level = CacheLevel.NONE
     placement.inference_endpoint_url, placement.updated_at = "", now
     return True

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.db.models import Avg, Count, Q, Sum
 from django.utils import timezone
 
-from agents import events, scheduling
+from agents import events, scheduling, transitions
 from agents.actions import steps, unloads
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
@@ -24,6 +24,7 @@ from agents.choices import (
     PlacementState,
 )
 from agents.models import Agent, LoadEvent, Model, Placement
+from agents.transitions import Event
 from agents.validators import url_is_under
 from nodeagent.protocol import (
     EngineSpec,
@@ -114,12 +115,13 @@ def _start_load(
             )
         raise NoCapacity(f"no agent that takes new work has room for {model.model_id}")
     agent = Agent.objects.get(agent_id=plan.agent_id)
-    placement = next((p for p in placements if p.agent_id == agent.pk), None)
-    placement = placement or Placement(agent=agent, model=model)
-    placement.state = (
-        PlacementState.DOWNLOADING
-        if placement.cache_level == CacheLevel.NONE
-        else PlacementState.LOADING_TO_GPU
+    placement, victims_locked = _lock_target_and_victims(model, agent, plan.victims)
+    if placement.state in (PlacementState.READY, *steps.LOADING_STATES):
+        return placement  # a heartbeat found it serving (or loading) there meanwhile
+    if placement.state == PlacementState.UNLOADING:
+        raise NoCapacity(f"{placement} is stepping down; it can load again once that is done")
+    transitions.move(
+        placement, Event.LOAD_REQUESTED, transitions.loading_state(placement.cache_level)
     )
     placement.error, placement.bytes_done, placement.inference_endpoint_url = "", 0, ""
     placement.bytes_total = model.size_bytes
@@ -128,7 +130,8 @@ def _start_load(
         unloads.begin_step_down(
             victim, CacheLevel.DRAM_CACHED, LoadTrigger.PRESSURE, queue=False
         ).pk
-        for victim in Placement.objects.filter(pk__in=plan.victims).select_related("agent", "model")
+        for victim in victims_locked
+        if victim.state == PlacementState.READY  # else it changed since the plan: leave it
     ]
     event = LoadEvent.objects.create(
         agent=agent, model=model, placement=placement, kind=LoadEventKind.LOAD, trigger=trigger,
@@ -141,6 +144,25 @@ def _start_load(
     steps.queue("agents.tasks.load", event.pk, victims)
     events.announce(placements=[placement.pk], loads=[event.pk])
     return placement
+
+
+def _lock_target_and_victims(
+    model: Model, agent: Agent, victims: Sequence[int]
+) -> tuple[Placement, list[Placement]]:
+    """The placement to load (created if missing) and the victims, locked by primary key (the
+    lock order). A heartbeat may insert the same row at the same moment (it reports files the
+    agent has): the insert ignores the conflict and the lock finds whichever row won."""
+    Placement.objects.bulk_create(
+        [Placement(agent=agent, model=model, state=PlacementState.UNLOADED)], ignore_conflicts=True
+    )
+    locked = list(
+        Placement.objects.select_for_update(no_key=True, of=("self",))
+        .select_related("agent", "model")
+        .filter(Q(agent=agent, model=model) | Q(pk__in=victims))
+        .order_by("pk")
+    )
+    target = next(p for p in locked if p.agent_id == agent.pk and p.model_id == model.pk)
+    return target, [p for p in locked if p is not target]
 
 
 def failed_recently(model: Model) -> list[LoadEvent]:
@@ -300,28 +322,40 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         )
         return None
     now = timezone.now()
+    placement_pk = LoadEvent.objects.filter(pk=event_id).values_list("placement", flat=True)
     with transaction.atomic():
+        # Lock order: the placement, then its event.
+        placement = (
+            Placement.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("agent", "model")
+            .filter(pk__in=placement_pk)
+            .first()
+        )
         event = (
             LoadEvent.objects.select_for_update(no_key=True, of=("self",))
             .select_related("model")
             .get(pk=event_id)
         )
+        if event.outcome == LoadOutcome.FAILED:
+            _refuse_late(event, placement)
+            return None
         timings = response.timings
-        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, now
+        # SUCCEEDED already: the sweep closed it from a heartbeat; the phases are new here.
+        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, event.finished_at or now
         event.download_seconds = timings.download_seconds
         event.engine_start_seconds = timings.engine_start_seconds or timings.wake_seconds
         event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
-        placement = (
-            Placement.objects.select_for_update(no_key=True, of=("self",))
-            .filter(pk__in=steps.placement_of(event))
-            .first()
-        )
         if placement is None:
             return None
-        placement.state, placement.cache_level = PlacementState.READY, CacheLevel.GPU_RESIDENT
+        if placement.state in steps.LOADING_STATES:
+            transitions.move(placement, Event.ENGINE_READY)
+            placement.ready_at = placement.last_used_at = now
+        elif placement.state != PlacementState.READY:  # it moved on since (an unload)
+            events.announce(loads=[event.pk])
+            return None
+        placement.cache_level = CacheLevel.GPU_RESIDENT
         placement.inference_endpoint_url = response.inference_endpoint_url
-        placement.ready_at = placement.last_used_at = now
         placement.bytes_done = placement.bytes_total
         placement.error = ""
         placement.save()
@@ -329,18 +363,35 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
     return placement
 
 
+def _refuse_late(event: LoadEvent, placement: Placement | None) -> None:
+    """A load that finished after it was failed (expired, and maybe retried elsewhere): it
+    does not turn READY, and the engine it started steps down, so the model never runs more
+    replicas than it may. Under the placement's and the event's locks."""
+    log.warning("load %s finished after it had failed; stepping its engine down", event.pk)
+    if placement is None or placement.state in (PlacementState.UNLOADING, *steps.LOADING_STATES):
+        return  # gone, or a later step of its own is under way
+    if LoadEvent.objects.filter(placement=placement, queued_at__gt=event.queued_at).exists():
+        return  # a later load of it decides
+    unloads.begin_step_down(placement, CacheLevel.NVME_CACHED, LoadTrigger.FAILURE, queue=True)
+
+
 def fail_load(event_id: int, error: str) -> Placement | None:
     """The load failed: record why, and try the next best agent while attempts remain.
     Returns the retry's placement, if one was started."""
+    found = LoadEvent.objects.filter(pk=event_id).values("model", "placement").first()
+    if found is None:
+        return None
     with transaction.atomic():
-        event = (
-            LoadEvent.objects.select_for_update(no_key=True, of=("self",))
-            .select_related("model")
-            .get(pk=event_id)
+        # Lock order: the model, its placement, then the event.
+        model = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=found["model"])
+        list(
+            Placement.objects.select_for_update(no_key=True, of=("self",)).filter(
+                pk=found["placement"]
+            )
         )
+        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
         if event.outcome != LoadOutcome.PENDING:
             return None
-        model = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=event.model_id)
         event.outcome, event.finished_at, event.error = LoadOutcome.FAILED, timezone.now(), error
         event.save()
         # Only while the placement is this load's: a later load of it (after a heartbeat saw
@@ -348,7 +399,7 @@ def fail_load(event_id: int, error: str) -> Placement | None:
         Placement.objects.filter(
             pk__in=steps.placement_of(event), state__in=steps.LOADING_STATES
         ).exclude(load_events__queued_at__gt=event.queued_at).update(
-            state=PlacementState.FAILED, error=error[:4000], updated_at=timezone.now()
+            state=transitions.target(Event.FAILED), error=error[:4000], updated_at=timezone.now()
         )
         events.announce(placements=steps.placement_of(event), loads=[event.pk])
         log.warning("load of %s on agent %s failed: %s", model.model_id, event.agent_id, error)

@@ -12,13 +12,14 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agents import agent_client, credentials, events
+from agents import agent_client, credentials, events, transitions
 from agents.choices import (
     AgentState,
     PlacementState,
 )
 from agents.models import Agent, Placement
 from agents.scheduling import effective_agent_state, health_verdict, summarize_gpus
+from agents.transitions import Event
 from nodeagent.protocol import (
     RegisterRequest,
 )
@@ -220,7 +221,7 @@ def replica_failed(placement_pk: int, ready_at: datetime | None, fault: str, mes
             failed = Placement.objects.filter(
                 pk=placement_pk, state=PlacementState.READY, ready_at=ready_at
             ).update(
-                state=PlacementState.FAILED, inference_endpoint_url="",
+                state=transitions.target(Event.FAILED), inference_endpoint_url="",
                 error=f"gateway: {message}"[:4000], updated_at=timezone.now(),
             )  # fmt: skip
             if failed:

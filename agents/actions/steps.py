@@ -9,9 +9,9 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
+from agents import transitions
 from agents.choices import (
     LoadOutcome,
-    PlacementState,
 )
 from agents.models import LoadEvent, Placement
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 # A placement in one of these states has a load under way.
-LOADING_STATES = (PlacementState.DOWNLOADING, PlacementState.LOADING_TO_GPU)
+LOADING_STATES = tuple(sorted(transitions.LOADING))
 
 
 # What one unload may take: stopping an engine waits out its grace period.

@@ -9,10 +9,10 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from agents import events, scheduling
+from agents import events, scheduling, transitions
 from agents.actions import loads, steps, unloads
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
@@ -23,6 +23,7 @@ from agents.choices import (
     PlacementState,
 )
 from agents.models import LoadEvent, Model, Placement
+from agents.transitions import Event
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,57 @@ def settle_orphaned_steps() -> int:
         elif event.started_at is None and now - event.queued_at > _RESEND_AFTER:
             _resend(event)
     return closed
+
+
+def expire_stuck_placements() -> int:
+    """Placements left mid-step with no step pending (its LoadEvent closed, or deleted, while
+    the row stayed DOWNLOADING, LOADING_TO_GPU or UNLOADING) past the step's deadline: a load
+    FAILED (visibly, so it can be tried again), an unload back where it was (a heartbeat
+    then says where it really is). Returns how many."""
+    now = timezone.now()
+    deadlines = {
+        state: now - _deadline(state) for state in (*transitions.LOADING, PlacementState.UNLOADING)
+    }
+    stale = Q()
+    for state, before in deadlines.items():
+        stale |= Q(state=state, updated_at__lt=before)
+    pending = LoadEvent.objects.filter(placement=OuterRef("pk"), outcome=LoadOutcome.PENDING)
+    stuck = Placement.objects.filter(stale).exclude(Exists(pending)).values_list("pk", flat=True)
+    expired = 0
+    for pk in list(stuck):
+        with transaction.atomic():
+            placement = (
+                Placement.objects.select_for_update(no_key=True, of=("self",))
+                .filter(pk=pk)
+                .exclude(Exists(pending))
+                .first()
+            )
+            # Read again under the lock: a step may have started or ended since.
+            if placement is None or placement.state not in deadlines:
+                continue
+            if placement.updated_at >= deadlines[PlacementState(placement.state)]:
+                continue
+            if placement.state == PlacementState.UNLOADING:
+                back = transitions.resting_state(placement.cache_level)
+            else:
+                back = PlacementState.FAILED
+                placement.error = "its load was left unfinished past the cold-start timeout"
+            transitions.move(placement, Event.EXPIRED, back)
+            placement.save()
+            events.announce(placements=[placement.pk])
+            expired += 1
+    if expired:
+        log.warning("expired %d placement(s) left mid-step", expired)
+    return expired
+
+
+def _deadline(state: str) -> timedelta:
+    seconds = (
+        steps.UNLOAD_TIMEOUT_SECONDS
+        if state == PlacementState.UNLOADING
+        else settings.COLD_START_TIMEOUT_SECONDS
+    )
+    return timedelta(seconds=seconds + 60)
 
 
 def _done_anyway(event: LoadEvent, placement: Placement) -> bool:
@@ -114,6 +166,7 @@ def sweep() -> list[LoadEvent]:
     """Beat's eviction sweep: step idle models down the ladder (scheduling.plan_sweep), top
     models up to their min_replicas, and fail loads a dead worker left pending."""
     settle_orphaned_steps()
+    expire_stuck_placements()
     now = timezone.now()
     placements = list(
         Placement.objects.exclude(agent__state__in=UNROUTABLE_AGENT_STATES)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from django.db import transaction
 from django.utils import timezone
 
-from agents import events
+from agents import events, transitions
 from agents.actions import steps
 from agents.choices import (
     CacheLevel,
@@ -19,6 +19,7 @@ from agents.choices import (
     PlacementState,
 )
 from agents.models import LoadEvent, Placement
+from agents.transitions import Event
 from nodeagent.protocol import (
     UnloadModelResponse,
 )
@@ -28,13 +29,15 @@ log = logging.getLogger(__name__)
 
 def begin_step_down(placement: Placement, to_level: str, trigger: str, *, queue: bool) -> LoadEvent:
     """Take the placement out of routing at once and record the step down; the agent is called
-    by the unload task (queued here, or run first by the load it makes room for)."""
+    by the unload task (queued here, or run first by the load it makes room for). Raises
+    IllegalTransition (writing nothing) when the placement cannot step down now; the caller
+    holds its row lock."""
+    transitions.move(placement, Event.UNLOAD_REQUESTED)
     event = LoadEvent.objects.create(
         agent=placement.agent, model=placement.model, placement=placement,
         kind=LoadEventKind.UNLOAD, trigger=trigger, from_level=placement.cache_level,
         to_level=to_level,
     )  # fmt: skip
-    placement.state = PlacementState.UNLOADING
     placement.save(update_fields=["state", "updated_at"])
     events.announce(placements=[placement.pk], loads=[event.pk])
     if queue:
@@ -97,13 +100,13 @@ def begin_unload(event_id: int) -> UnloadJob | None:
 def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
     """The agent stepped the model down, maybe further than asked (an engine that cannot sleep)."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
+        event = _lock_step(event_id)
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
         event.to_level = response.cache_level
         event.error = response.note
         event.save()
         Placement.objects.filter(
-            pk__in=steps.placement_of(event), state=PlacementState.UNLOADING
+            pk__in=steps.placement_of(event), state__in=transitions.sources(Event.UNLOAD_DONE)
         ).update(
             state=PlacementState.UNLOADED,
             cache_level=response.cache_level,
@@ -113,11 +116,18 @@ def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
         events.announce(placements=steps.placement_of(event), loads=[event.pk])
 
 
+def _lock_step(event_id: int) -> LoadEvent:
+    """The unload's event, locked after its placement (the lock order)."""
+    placement = LoadEvent.objects.filter(pk=event_id).values_list("placement", flat=True)
+    list(Placement.objects.select_for_update(no_key=True, of=("self",)).filter(pk__in=placement))
+    return LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
+
+
 def fail_unload(event_id: int, error: str) -> None:
-    """The agent refused or could not be reached: the placement keeps serving as it did
-    (a heartbeat corrects it if the agent is gone)."""
+    """The agent refused, could not be reached, or the step expired: the placement is back where
+    it was (serving, or asleep in host RAM); a heartbeat corrects it if the agent is gone."""
     with transaction.atomic():
-        event = LoadEvent.objects.select_for_update(no_key=True, of=("self",)).get(pk=event_id)
+        event = _lock_step(event_id)
         if event.outcome != LoadOutcome.PENDING:  # closed already (settle_orphaned_steps)
             return
         event.outcome, event.finished_at, event.error = (
@@ -126,7 +136,9 @@ def fail_unload(event_id: int, error: str) -> None:
             error,
         )
         event.save()
-        Placement.objects.filter(
-            pk__in=steps.placement_of(event), state=PlacementState.UNLOADING
-        ).update(state=PlacementState.READY, updated_at=timezone.now())
+        placement = Placement.objects.filter(pk__in=steps.placement_of(event)).first()
+        if placement is not None and placement.state == PlacementState.UNLOADING:
+            back = transitions.resting_state(placement.cache_level)
+            transitions.move(placement, Event.UNLOAD_REFUSED, back)
+            placement.save(update_fields=["state", "updated_at"])
         events.announce(placements=steps.placement_of(event), loads=[event.pk])

@@ -167,10 +167,10 @@ def test_a_heartbeat_a_column_refuses_holds_back_no_other_agent(monkeypatch):
     reconcile = heartbeats._reconcile
     model = ModelFactory()
 
-    def column_refuses(placement: Placement, status: ModelStatus) -> None:
+    def column_refuses(placement: Placement, status: ModelStatus, **kwargs: bool) -> None:
         if placement.agent_id == first.pk:
             raise DataError("value too long for type character varying(500)")
-        reconcile(placement, status)
+        reconcile(placement, status, **kwargs)
 
     monkeypatch.setattr(heartbeats, "_reconcile", column_refuses)
     results = [
