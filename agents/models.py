@@ -255,6 +255,19 @@ class LoadEvent(models.Model):
         indexes = [
             models.Index(fields=["-queued_at"], name="loadevent_newest"),
             models.Index(fields=["agent", "kind", "outcome"], name="loadevent_agent_history"),
+            # The sweep and the dashboard read the steps under way: a handful, however long
+            # the history grows.
+            models.Index(
+                fields=["queued_at"],
+                condition=Q(outcome=LoadOutcome.PENDING),
+                name="loadevent_pending",
+            ),
+            # A cold start's one look at the history: the model's recent failed loads.
+            models.Index(
+                fields=["model", "-finished_at"],
+                condition=Q(kind=LoadEventKind.LOAD, outcome=LoadOutcome.FAILED),
+                name="loadevent_recent_failures",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -265,3 +278,56 @@ class LoadEvent(models.Model):
         if self.finished_at is None:
             return None
         return (self.finished_at - self.queued_at).total_seconds()
+
+
+class StepCounter(models.Model):
+    """Finished loads and unloads, counted as they finish: what /metrics reports as counters.
+
+    Kept apart from LoadEvent so that pruning the history (RETENTION_LOAD_EVENTS_DAYS) never
+    makes a counter go down, and a scrape reads a few dozen rows, not the history.
+    """
+
+    kind = models.CharField(max_length=8, choices=LoadEventKind.choices)
+    outcome = models.CharField(max_length=16, choices=LoadOutcome.choices)
+    trigger = models.CharField(max_length=16, choices=LoadTrigger.choices)
+    from_level = models.CharField(max_length=16, choices=CacheLevel.choices)
+    to_level = models.CharField(max_length=16, choices=CacheLevel.choices)
+    count = models.BigIntegerField(default=0)
+    # Sums and counts of each phase's seconds over these steps (the cold-start summary).
+    queue_seconds = models.FloatField(default=0)
+    queue_n = models.BigIntegerField(default=0)
+    download_seconds = models.FloatField(default=0)
+    download_n = models.BigIntegerField(default=0)
+    engine_start_seconds = models.FloatField(default=0)
+    engine_start_n = models.BigIntegerField(default=0)
+    first_token_seconds = models.FloatField(default=0)
+    first_token_n = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind", "outcome", "trigger", "from_level", "to_level"],
+                name="step_counter_one_row",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.outcome} {self.from_level}->{self.to_level}: {self.count}"
+
+
+class LoadEstimate(models.Model):
+    """What an agent's loads showed, as running estimates (scheduling.observe): a cold start's
+    decision reads one row per agent, never the load history. Its own row, apart from the
+    agent's, so a finishing load never waits on a heartbeat round's lock of the agent."""
+
+    agent = models.OneToOneField(
+        Agent, on_delete=models.CASCADE, primary_key=True, related_name="estimate"
+    )
+    bytes_per_second = models.FloatField(null=True, blank=True)
+    engine_start_seconds = models.FloatField(
+        null=True, blank=True, help_text="Engine start from local disk."
+    )
+    wake_seconds = models.FloatField(null=True, blank=True, help_text="Wake from host RAM.")
+
+    def __str__(self) -> str:
+        return f"estimates of {self.agent_id}"

@@ -119,6 +119,20 @@ class LoadHistory:
     wake_seconds: float | None = None
 
 
+# How much one new load moves an agent's running estimate (an exponentially weighted mean):
+# about the last five loads count, so a disk or link that changed shows within a few loads.
+OBSERVATION_WEIGHT = 0.3
+
+
+def observe(estimate: float | None, sample: float | None) -> float | None:
+    """The running estimate after one more sample (None: no sample, the estimate stands)."""
+    if sample is None or sample <= 0:
+        return estimate
+    if estimate is None:
+        return sample
+    return (1 - OBSERVATION_WEIGHT) * estimate + OBSERVATION_WEIGHT * sample
+
+
 @dataclass(frozen=True)
 class Resident:
     """A model on a candidate agent's GPU that could step down to make room."""

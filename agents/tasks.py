@@ -140,3 +140,13 @@ def scale_out(model_pk: int) -> None:
     model = Model.objects.filter(pk=model_pk).first()
     if model is not None:
         actions.scale_out(model, LoadTrigger.SCALE_OUT)
+
+
+@shared_task(name="agents.tasks.prune_history")
+def prune_history() -> None:
+    """Beat's hourly pruning of history past its retention (README: Bounded history)."""
+    from controlplane.gateway.actions import prune_history as prune_gateway
+
+    pruned = {"load_events": actions.prune_load_events(), **prune_gateway()}
+    if any(pruned.values()):
+        log.info("pruned %s", ", ".join(f"{n} {what}" for what, n in pruned.items()))

@@ -11,6 +11,7 @@ never request ids or keys.
 from __future__ import annotations
 
 import logging
+from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -66,12 +67,7 @@ RATE_LIMIT_UNAVAILABLE = Counter(
     "Rate-limit checks or charges skipped because Redis did not answer (requests are let in).",
 )
 
-PHASES = {
-    "queue": "queue_seconds",
-    "download": "download_seconds",
-    "engine_start": "engine_start_seconds",
-    "first_token": "first_token_seconds",
-}
+PHASES = ("queue", "download", "engine_start", "first_token")
 
 
 class FleetCollector(Collector):
@@ -97,10 +93,10 @@ class FleetCollector(Collector):
             log.exception("fleet metrics are unavailable")
 
     def _collect(self) -> Iterator[Metric]:
-        from django.db.models import Count, Sum
+        from django.db.models import Count
 
         from agents.choices import AgentState, LoadEventKind, LoadOutcome
-        from agents.models import Agent, LoadEvent, Placement
+        from agents.models import Agent, Placement, StepCounter
 
         agents = GaugeMetricFamily("llmfleet_agents", "Agents by state.", labels=["state"])
         counts = dict(Agent.objects.values_list("state").annotate(n=Count("pk")).values_list(
@@ -145,7 +141,9 @@ class FleetCollector(Collector):
         yield queue
         yield rejections
 
-        finished = LoadEvent.objects.exclude(outcome=LoadOutcome.PENDING)
+        # Counted as steps finish (agents.actions.history): a few dozen rows however long the
+        # history, and pruning it never makes a counter go down.
+        counters = list(StepCounter.objects.all())
         cold = CounterMetricFamily(
             "llmfleet_cold_starts", "Loads onto a GPU by outcome.", labels=["outcome"]
         )
@@ -157,22 +155,26 @@ class FleetCollector(Collector):
             "llmfleet_evictions", "Finished steps down the ladder by level reached and why.",
             labels=["to_level", "trigger"],
         )  # fmt: skip
-        by_outcome = dict(
-            finished.filter(kind=LoadEventKind.LOAD)
-            .values_list("outcome").annotate(n=Count("pk")).values_list("outcome", "n")
-        )  # fmt: skip
+        by_outcome: Tally[str] = Tally()
+        by_level: Tally[str] = Tally()
+        by_step: Tally[tuple[str, str]] = Tally()
+        phase_sum: Tally[str] = Tally()
+        phase_n: Tally[str] = Tally()
+        for row in counters:
+            if row.kind == LoadEventKind.LOAD:
+                by_outcome[row.outcome] += row.count
+                if row.outcome == LoadOutcome.SUCCEEDED:
+                    by_level[row.from_level] += row.count
+                    for phase in PHASES:
+                        phase_sum[phase] += getattr(row, f"{phase}_seconds")
+                        phase_n[phase] += getattr(row, f"{phase}_n")
+            elif row.outcome == LoadOutcome.SUCCEEDED:
+                by_step[row.to_level, row.trigger] += row.count
         for outcome in (LoadOutcome.SUCCEEDED, LoadOutcome.FAILED):
-            cold.add_metric([outcome.lower()], by_outcome.get(outcome, 0))
-        for level, n in (
-            finished.filter(kind=LoadEventKind.LOAD, outcome=LoadOutcome.SUCCEEDED)
-            .values_list("from_level").annotate(n=Count("pk")).values_list("from_level", "n")
-        ):  # fmt: skip
+            cold.add_metric([outcome.lower()], by_outcome[outcome])
+        for level, n in sorted(by_level.items()):
             loads.add_metric([level], n)
-        for level, trigger, n in (
-            finished.filter(kind=LoadEventKind.UNLOAD, outcome=LoadOutcome.SUCCEEDED)
-            .values_list("to_level", "trigger").annotate(n=Count("pk"))
-            .values_list("to_level", "trigger", "n")
-        ):  # fmt: skip
+        for (level, trigger), n in sorted(by_step.items()):
             evictions.add_metric([level, trigger], n)
         yield cold
         yield loads
@@ -184,15 +186,8 @@ class FleetCollector(Collector):
             "llmfleet_cold_start_phase_seconds", "Seconds spent in each phase of loads.",
             labels=["phase"],
         )  # fmt: skip
-        succeeded = finished.filter(kind=LoadEventKind.LOAD, outcome=LoadOutcome.SUCCEEDED)
-        aggregates = succeeded.aggregate(
-            **{f"{phase}_sum": Sum(column) for phase, column in PHASES.items()},
-            **{f"{phase}_n": Count(column) for phase, column in PHASES.items()},
-        )
         for phase in PHASES:
-            phases.add_metric(
-                [phase], aggregates[f"{phase}_n"] or 0, aggregates[f"{phase}_sum"] or 0.0
-            )
+            phases.add_metric([phase], phase_n[phase], phase_sum[phase])
         yield phases
 
 

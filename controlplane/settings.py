@@ -82,6 +82,15 @@ LOAD_ATTEMPTS = env_int("LOAD_ATTEMPTS", 3, minimum=1)
 LOAD_RETRY_BACKOFF_SECONDS = env_int("LOAD_RETRY_BACKOFF_SECONDS", 60, minimum=0)
 # How often beat runs the eviction sweep.
 EVICTION_INTERVAL_SECONDS = env_int("EVICTION_INTERVAL_SECONDS", 15, minimum=1)
+
+# History kept (beat prunes it hourly). Load events feed the dashboard's timeline and the
+# admin; the counters /metrics reports and each agent's load estimates outlive them.
+RETENTION_LOAD_EVENTS_DAYS = env_int("RETENTION_LOAD_EVENTS_DAYS", 30, minimum=1)
+# Per-minute request figures feed the dashboard's charts (the last hour).
+RETENTION_REQUEST_MINUTES_DAYS = env_int("RETENTION_REQUEST_MINUTES_DAYS", 2, minimum=1)
+# Usage is kept per key, model and day: what billing and quotas read.
+RETENTION_USAGE_DAYS = env_int("RETENTION_USAGE_DAYS", 400, minimum=1)
+PRUNE_INTERVAL_SECONDS = env_int("PRUNE_INTERVAL_SECONDS", 3600, minimum=60)
 # An agent whose free GPU memory is under this percentage of its total is under pressure:
 # the sweep steps its least recently used idle model down.
 GPU_MEMORY_PRESSURE_PERCENT = env_int("GPU_MEMORY_PRESSURE_PERCENT", 5, minimum=0)
@@ -265,6 +274,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "agents.tasks.sweep",
         "schedule": float(EVICTION_INTERVAL_SECONDS),
         "options": {"expires": float(EVICTION_INTERVAL_SECONDS)},
+    },
+    "prune-history": {
+        "task": "agents.tasks.prune_history",
+        "schedule": float(PRUNE_INTERVAL_SECONDS),
+        "options": {"expires": float(PRUNE_INTERVAL_SECONDS)},
     },
 }
 

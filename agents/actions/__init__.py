@@ -8,6 +8,7 @@ One module per concern:
 - `unloads`: steps down the eviction ladder and their outcome;
 - `sweeps`: beat's sweep (orphaned steps, idle models, min_replicas);
 - `heartbeats`: a heartbeat round, reconciled with what each agent reports;
+- `history`: counters and estimates kept as steps finish, and pruning;
 - `steps`: the task protocol loads and unloads share.
 
 Lock order, everywhere: model, then placements (by primary key), then agents (by primary
@@ -16,6 +17,7 @@ key), then load events. A function that locks says which rows in its docstring.
 
 from agents.actions.catalog import register_catalog_model
 from agents.actions.heartbeats import apply_heartbeats
+from agents.actions.history import prune_load_events
 from agents.actions.loads import (
     LoadJob,
     NoCapacity,
@@ -71,6 +73,7 @@ __all__ = [
     "finish_load",
     "finish_unload",
     "load_on_agent",
+    "prune_load_events",
     "record_first_token",
     "register_agent",
     "register_catalog_model",

@@ -10,11 +10,11 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count, Q, Sum
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from agents import events, scheduling, transitions
-from agents.actions import steps, unloads
+from agents.actions import history, steps, unloads
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
     CacheLevel,
@@ -23,7 +23,7 @@ from agents.choices import (
     LoadTrigger,
     PlacementState,
 )
-from agents.models import Agent, LoadEvent, Model, Placement
+from agents.models import Agent, LoadEstimate, LoadEvent, Model, Placement
 from agents.transitions import Event
 from agents.validators import url_is_under
 from nodeagent.protocol import (
@@ -187,7 +187,12 @@ def _load_candidates(
     agents = list(
         Agent.objects.exclude(state__in=UNROUTABLE_AGENT_STATES)
         .exclude(pk__in=excluded)
-        .only("pk", "agent_id", "gpu_memory_total", "gpu_memory_free")
+        .only(
+            "pk",
+            "agent_id",
+            "gpu_memory_total",
+            "gpu_memory_free",
+        )
     )
     if not agents:
         return []
@@ -199,7 +204,12 @@ def _load_candidates(
         .annotate(n=Count("pk"))
         .values_list("agent", "n")
     }
-    history = _load_history()
+    estimates = {
+        estimate.agent_id: scheduling.LoadHistory(
+            estimate.bytes_per_second, estimate.engine_start_seconds, estimate.wake_seconds
+        )
+        for estimate in LoadEstimate.objects.filter(agent__in=[a.pk for a in agents])
+    }
     tight = [
         a.pk for a in agents if a.gpu_memory_total and a.gpu_memory_free < model.gpu_memory_bytes
     ]
@@ -211,38 +221,11 @@ def _load_candidates(
             gpu_memory_total=agent.gpu_memory_total,
             gpu_memory_free=agent.gpu_memory_free,
             loads_in_progress=loading.get(agent.pk, 0),
-            history=history.get(agent.pk, scheduling.LoadHistory()),
+            history=estimates.get(agent.pk, scheduling.LoadHistory()),
             residents=tuple(residents.get(agent.pk, ())),
         )
         for agent in agents
     ]
-
-
-def _load_history() -> dict[int, scheduling.LoadHistory]:
-    """Each agent's observed download bandwidth, engine start and wake times (past loads)."""
-    rows = (
-        LoadEvent.objects.filter(kind=LoadEventKind.LOAD, outcome=LoadOutcome.SUCCEEDED)
-        .values("agent")
-        .annotate(
-            downloaded=Sum("bytes_downloaded", filter=Q(download_seconds__gt=0)),
-            download_seconds=Sum("download_seconds", filter=Q(download_seconds__gt=0)),
-            engine_start=Avg("engine_start_seconds", filter=Q(from_level__in=[
-                CacheLevel.NVME_CACHED, CacheLevel.NONE])),
-            wake=Avg("engine_start_seconds", filter=Q(from_level=CacheLevel.DRAM_CACHED)),
-        )
-    )  # fmt: skip
-    return {
-        int(row["agent"]): scheduling.LoadHistory(
-            bytes_per_second=(
-                row["downloaded"] / row["download_seconds"]
-                if row["downloaded"] and row["download_seconds"]
-                else None
-            ),
-            engine_start_seconds=row["engine_start"],
-            wake_seconds=row["wake"],
-        )
-        for row in rows
-    }
 
 
 def _residents(agent_pks: list[int]) -> dict[int, list[scheduling.Resident]]:
@@ -324,7 +307,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
     now = timezone.now()
     placement_pk = LoadEvent.objects.filter(pk=event_id).values_list("placement", flat=True)
     with transaction.atomic():
-        # Lock order: the placement, then its event.
+        # Lock order: the placement, then its event (then the rollups, agents.actions.history).
         placement = (
             Placement.objects.select_for_update(no_key=True, of=("self",))
             .select_related("agent", "model")
@@ -341,11 +324,14 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
             return None
         timings = response.timings
         # SUCCEEDED already: the sweep closed it from a heartbeat; the phases are new here.
+        newly = event.outcome == LoadOutcome.PENDING
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, event.finished_at or now
         event.download_seconds = timings.download_seconds
         event.engine_start_seconds = timings.engine_start_seconds or timings.wake_seconds
         event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
+        history.observe_load(event)
+        history.count_finished(event, newly=newly)
         if placement is None:
             return None
         if placement.state in steps.LOADING_STATES:
@@ -394,6 +380,7 @@ def fail_load(event_id: int, error: str) -> Placement | None:
             return None
         event.outcome, event.finished_at, event.error = LoadOutcome.FAILED, timezone.now(), error
         event.save()
+        history.count_finished(event)
         # Only while the placement is this load's: a later load of it (after a heartbeat saw
         # it gone) is not undone by an old one failing.
         Placement.objects.filter(
@@ -428,7 +415,11 @@ def record_first_token(placement_id: int) -> None:
         .first()
     )
     if event is not None and event.finished_at is not None:
-        LoadEvent.objects.filter(pk=event.pk, first_token_seconds__isnull=True).update(
-            first_token_seconds=(now - event.finished_at).total_seconds()
-        )
+        seconds = (now - event.finished_at).total_seconds()
+        with transaction.atomic():
+            recorded = LoadEvent.objects.filter(
+                pk=event.pk, first_token_seconds__isnull=True
+            ).update(first_token_seconds=seconds)
+            if recorded:
+                history.count_first_token(event, seconds)
         events.announce(loads=[event.pk])

@@ -13,7 +13,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agents import events, scheduling, transitions
-from agents.actions import loads, steps, unloads
+from agents.actions import history, loads, steps, unloads
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
     CacheLevel,
@@ -147,6 +147,7 @@ def _close_as_done(event_id: int) -> int:
             if event.placement.state == PlacementState.FAILED:  # the engine died stopping
                 event.outcome, event.error = LoadOutcome.FAILED, event.placement.error[:4000]
         event.save(update_fields=["outcome", "finished_at", "to_level", "error"])
+        history.count_finished(event, phases=False)
         events.announce(loads=[event.pk])
     log.info("%s %s finished on its agent; its task never said", event.kind.lower(), event_id)
     return 1

@@ -10,7 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agents import events, transitions
-from agents.actions import steps
+from agents.actions import history, steps
 from agents.choices import (
     CacheLevel,
     LoadEventKind,
@@ -101,10 +101,12 @@ def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
     """The agent stepped the model down, maybe further than asked (an engine that cannot sleep)."""
     with transaction.atomic():
         event = _lock_step(event_id)
+        newly = event.outcome == LoadOutcome.PENDING
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
         event.to_level = response.cache_level
         event.error = response.note
         event.save()
+        history.count_finished(event, newly=newly)
         Placement.objects.filter(
             pk__in=steps.placement_of(event), state__in=transitions.sources(Event.UNLOAD_DONE)
         ).update(
@@ -136,6 +138,7 @@ def fail_unload(event_id: int, error: str) -> None:
             error,
         )
         event.save()
+        history.count_finished(event)
         placement = Placement.objects.filter(pk__in=steps.placement_of(event)).first()
         if placement is not None and placement.state == PlacementState.UNLOADING:
             back = transitions.resting_state(placement.cache_level)

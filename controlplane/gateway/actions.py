@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from agents.models import Model
-from controlplane.gateway.models import ApiKey, Usage
+from controlplane.gateway.models import ApiKey, RequestMinute, Usage
 
 
 class UnknownModels(ValueError):
@@ -83,3 +84,17 @@ async def record_usage(
         except IntegrityError:  # another process created today's row first
             await rows.aupdate(**counts)
     await ApiKey.objects.filter(pk=key_id).aupdate(last_used_at=now)
+
+
+def prune_history(now: datetime | None = None) -> dict[str, int]:
+    """Delete per-minute request figures older than RETENTION_REQUEST_MINUTES_DAYS and daily
+    usage older than RETENTION_USAGE_DAYS; how many of each."""
+    from agents.actions.history import delete_in_batches
+
+    now = now or timezone.now()
+    minutes = now - timedelta(days=settings.RETENTION_REQUEST_MINUTES_DAYS)
+    day = (now - timedelta(days=settings.RETENTION_USAGE_DAYS)).date()
+    return {
+        "request_minutes": delete_in_batches(RequestMinute.objects.filter(minute__lt=minutes)),
+        "usage": delete_in_batches(Usage.objects.filter(day__lt=day)),
+    }

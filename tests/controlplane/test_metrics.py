@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.actions import history
 from agents.choices import AgentState, CacheLevel, LoadEventKind, LoadOutcome, LoadTrigger
 from controlplane.metrics import FleetCollector
 from tests.factories import AgentFactory, LoadEventFactory, PlacementFactory
@@ -28,13 +29,17 @@ def test_fleet_metrics_count_agents_placements_loads_and_phases():
     busy = AgentFactory(agent_id="a1", state=AgentState.INFERRING, engine_queue_length=3)
     AgentFactory(agent_id="a2", state=AgentState.OFFLINE, gpu_memory_free=7)
     PlacementFactory(agent=busy, model__model_id="org/m")
-    LoadEventFactory(outcome=LoadOutcome.SUCCEEDED, queue_seconds=0.5, download_seconds=2.0,
-                     engine_start_seconds=30.0)  # fmt: skip
-    LoadEventFactory(outcome=LoadOutcome.FAILED)
+    finished = [
+        LoadEventFactory(outcome=LoadOutcome.SUCCEEDED, queue_seconds=0.5, download_seconds=2.0,
+                         engine_start_seconds=30.0),
+        LoadEventFactory(outcome=LoadOutcome.FAILED),
+        LoadEventFactory(kind=LoadEventKind.UNLOAD, outcome=LoadOutcome.SUCCEEDED,
+                         trigger=LoadTrigger.KEEP_ALIVE, from_level=CacheLevel.GPU_RESIDENT,
+                         to_level=CacheLevel.NVME_CACHED),
+    ]  # fmt: skip
     LoadEventFactory(outcome=LoadOutcome.PENDING)
-    LoadEventFactory(kind=LoadEventKind.UNLOAD, outcome=LoadOutcome.SUCCEEDED,
-                     trigger=LoadTrigger.KEEP_ALIVE, from_level=CacheLevel.GPU_RESIDENT,
-                     to_level=CacheLevel.NVME_CACHED)  # fmt: skip
+    for event in finished:  # as the actions do when a step finishes
+        history.count_finished(event)
     found = samples()
     assert found["llmfleet_agents", (("state", "INFERRING"),)] == 1
     assert found["llmfleet_agents", (("state", "DRAINING"),)] == 0  # every state, zeros too
