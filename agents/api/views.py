@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -103,6 +103,8 @@ class PlacementViewSet(
         }
         for param, lookup in filters.items():
             value = self.request.query_params.get(param)
+            if value and "\x00" in value:  # PostgreSQL refuses NUL in text: a 400, not a 500
+                raise serializers.ValidationError({param: ["Null characters are not allowed."]})
             if value:
                 queryset = queryset.filter(**{lookup: value})
         return queryset

@@ -124,6 +124,8 @@ def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRe
         )
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("'model' must be a non-empty string.", "model", "invalid_type")
+    if "\x00" in model:  # no catalog id holds one, and PostgreSQL refuses it in a lookup
+        raise InvalidRequest("'model' must not contain null characters.", "model", "invalid_value")
     _messages(body) if chat else _prompt(body)
     _boolean(body, "stream")
     for name in ("max_tokens", "max_completion_tokens"):

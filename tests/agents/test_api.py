@@ -146,3 +146,15 @@ def test_openapi_schema_describes_the_fleet_api(staff_client):
 
 def test_the_schema_is_public(client):
     assert client.get("/api/schema/").status_code == 200
+
+
+def test_a_path_no_route_matches_is_a_json_404_under_api(client):
+    response = client.get("/api/agents/%C3%A9%00/drain/")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+
+
+def test_a_null_character_in_a_filter_is_a_400_not_a_500(staff_client):
+    response = staff_client.get("/api/placements/", {"model": "org/\x00m"})
+    assert response.status_code == 400
+    assert "model" in response.json()

@@ -57,6 +57,7 @@ def chat(**extra):
         (chat(temperature=5), "temperature", "invalid_value"),
         (chat(stream="yes"), "stream", "invalid_type"),
         (chat(user=42), "user", "invalid_type"),
+        (chat(model="org/m\x00"), "model", "invalid_value"),  # found by tests/gateway/test_fuzz.py
     ],
 )
 def test_bad_bodies_are_400_naming_the_parameter(client, key, body, param, code):
