@@ -1,8 +1,9 @@
 from django.urls import path, re_path
 
-from controlplane.gateway import errors, views
+from controlplane.gateway import errors, openapi, views
 
 urlpatterns = [
+    path("openapi.json", openapi.openapi, name="v1-openapi"),
     path("models", views.list_models, name="v1-models"),
     path("chat/completions", views.chat_completions, name="v1-chat-completions"),
     path("completions", views.completions, name="v1-completions"),

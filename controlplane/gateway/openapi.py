@@ -1,0 +1,196 @@
+"""The OpenAPI description of `/v1`, served at `GET /v1/openapi.json`.
+
+It describes what the gateway itself checks and answers: the parameters it
+validates (`validation.py`), the error shape every refusal has, and the status
+codes it uses. Parameters it does not interpret pass to the engine untouched, so
+request bodies allow additional properties. `tests/gateway/test_fuzz.py` runs
+schemathesis against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, JsonResponse
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _refusals(*statuses: int) -> dict[str, Any]:
+    reasons = {
+        "400": "The body is not valid JSON, or a parameter is missing, of the wrong type or "
+        "out of range (`param` names it).",
+        "401": "No API key, or a wrong, revoked or expired one.",
+        "403": "The key may not use this model.",
+        "404": "No such model in the catalog (or it is disabled).",
+        "405": "Another method than the one documented.",
+        "413": "The body is larger than GATEWAY_MAX_BODY_BYTES.",
+        "429": "The key's requests or tokens per minute are spent; `Retry-After` says when.",
+        "503": "No agent can serve the model before the cold-start timeout, or the database "
+        "is away; `Retry-After` says when to try again.",
+    }
+    return {
+        str(status): {
+            "description": reasons[str(status)],
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+        for status in statuses
+    }
+
+
+_NUMBER_PARAMETERS = {
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "n": {"type": "integer", "minimum": 1, "maximum": 16},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+}
+_COMMON_PARAMETERS = {
+    "model": {"type": "string", "minLength": 1, "description": "A catalog model_id."},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object"},
+    "user": {"type": "string", "description": "Keeps a user on one replica."},
+    **_NUMBER_PARAMETERS,
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {
+            "type": "string",
+            "enum": ["system", "developer", "user", "assistant", "tool", "function"],
+        },
+        "content": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+    },
+}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}}
+_ANSWER = {
+    "description": "The engine's answer, as OpenAI's API gives it; with `stream`, "
+    "`text/event-stream` chunks ending with `data: [DONE]`.",
+    "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "text/event-stream": {"schema": {"type": "string"}},
+    },
+}
+
+
+def _completion_operation(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "security": [{"apiKey": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": _ANSWER, **_refusals(400, 401, 403, 404, 413, 429, 503)},
+    }
+
+
+DESCRIPTION: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "llmfleet OpenAI-compatible API",
+        "version": "1",
+        "description": "What the llmfleet gateway checks and answers; parameters it does not "
+        "check pass to the engine (vLLM) untouched.",
+    },
+    "paths": {
+        "/v1/models": {
+            "get": {
+                "summary": "The models this key may use, and whether each is warm.",
+                "security": [{"apiKey": []}],
+                "responses": {
+                    "200": {
+                        "description": "OpenAI's list shape.",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ModelList"}
+                            }
+                        },
+                    },
+                    **_refusals(401, 503),
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": _completion_operation(
+                "A chat completion, streamed or not.",
+                {
+                    "type": "object",
+                    "required": ["model", "messages"],
+                    "properties": {
+                        **_COMMON_PARAMETERS,
+                        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+                    },
+                },
+            )
+        },
+        "/v1/completions": {
+            "post": _completion_operation(
+                "A text completion, streamed or not.",
+                {
+                    "type": "object",
+                    "required": ["model", "prompt"],
+                    "properties": {
+                        **_COMMON_PARAMETERS,
+                        "prompt": {
+                            "oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                                {**_TOKEN_IDS, "minItems": 1},
+                                {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+                            ]
+                        },
+                    },
+                },
+            )
+        },
+    },
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "additionalProperties": False,
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type", "param", "code"],
+                        "properties": {
+                            "message": {"type": "string", "minLength": 1},
+                            "type": {"type": "string"},
+                            "param": {"type": "string", "nullable": True},
+                            "code": {"type": "string", "nullable": True},
+                        },
+                    }
+                },
+            },
+            "ModelList": {
+                "type": "object",
+                "required": ["object", "data"],
+                "properties": {
+                    "object": {"type": "string", "enum": ["list"]},
+                    "data": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "object", "created", "owned_by"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "object": {"type": "string", "enum": ["model"]},
+                                "created": {"type": "integer"},
+                                "owned_by": {"type": "string"},
+                                "warm": {"type": "boolean"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+async def openapi(request: HttpRequest) -> JsonResponse:
+    """`GET /v1/openapi.json`: the description above (no key needed)."""
+    return JsonResponse(DESCRIPTION)
