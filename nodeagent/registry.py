@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from nodeagent import lifecycle
 from nodeagent.cache import CachedModel, CacheEntry, ModelCache, plan_eviction
 from nodeagent.config import AgentConfig
 from nodeagent.download import DownloadProgress, DownloadSettings
@@ -173,7 +174,8 @@ class ModelRegistry:
     ) -> LoadModelResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.load_timeout
-        slot.state, slot.error, slot.progress = ModelState.DOWNLOADING, "", DownloadProgress()
+        lifecycle.move(slot, ModelState.DOWNLOADING)
+        slot.error, slot.progress = "", DownloadProgress()
         fetch_started = time.monotonic()
         store = open_store(request.source, session, self.environ)
 
@@ -200,7 +202,8 @@ class ModelRegistry:
             cached.directory,
         )
         slot.size_bytes = cached.size
-        slot.state, slot.cache_level = ModelState.LOADING_TO_GPU, CacheLevel.NVME_CACHED
+        lifecycle.move(slot, ModelState.LOADING_TO_GPU)
+        slot.cache_level = CacheLevel.NVME_CACHED
         engine_started = time.monotonic()
         engine = self._create_engine(request, cached)
         try:
@@ -238,13 +241,15 @@ class ModelRegistry:
         )
 
     def _loaded(self, slot: ModelSlot, timings: LoadTimings) -> LoadModelResponse:
-        slot.state, slot.cache_level, slot.error = ModelState.READY, CacheLevel.GPU_RESIDENT, ""
+        lifecycle.move(slot, ModelState.READY)
+        slot.cache_level, slot.error = CacheLevel.GPU_RESIDENT, ""
         slot.last_used = time.time()
         self.cache.touch(slot.model_id)
         return LoadModelResponse(slot.model_id, self.endpoint_for(slot.model_id), timings)
 
     def _fail(self, slot: ModelSlot, error: str) -> None:
-        slot.state, slot.error, slot.failed_before = ModelState.FAILED, error, True
+        lifecycle.move(slot, ModelState.FAILED)
+        slot.error, slot.failed_before = error, True
         slot.cache_level = (
             CacheLevel.NVME_CACHED
             if slot.directory is not None and slot.directory.exists()
@@ -357,7 +362,8 @@ class ModelRegistry:
                     await sleep_engine(session, slot.engine.url)
                 except (EngineError, aiohttp.ClientError) as exc:
                     raise AgentError("sleep_failed", str(exc), 502, slot.model_id) from None
-            slot.state, slot.cache_level = ModelState.UNLOADED, CacheLevel.DRAM_CACHED
+            lifecycle.move(slot, ModelState.UNLOADED)
+            slot.cache_level = CacheLevel.DRAM_CACHED
             return ""
         note = ""
         if to == CacheLevel.DRAM_CACHED:
@@ -367,9 +373,9 @@ class ModelRegistry:
                 if slot.engine is not None
                 else "no engine runs; the model stays at its level"
             )
-        slot.state = ModelState.UNLOADING
+        lifecycle.move(slot, ModelState.UNLOADING)
         await self._stop_engine(slot)
-        slot.state = ModelState.UNLOADED
+        lifecycle.move(slot, ModelState.UNLOADED)
         if to == CacheLevel.NONE:
             self.cache.remove(slot.model_id)
             slot.directory, slot.cache_level, slot.size_bytes = None, CacheLevel.NONE, 0
