@@ -149,19 +149,29 @@ def _start_load(
 def _lock_target_and_victims(
     model: Model, agent: Agent, victims: Sequence[int]
 ) -> tuple[Placement, list[Placement]]:
-    """The placement to load (created if missing) and the victims, locked by primary key (the
-    lock order). A heartbeat may insert the same row at the same moment (it reports files the
-    agent has): the insert ignores the conflict and the lock finds whichever row won."""
-    Placement.objects.bulk_create(
-        [Placement(agent=agent, model=model, state=PlacementState.UNLOADED)], ignore_conflicts=True
-    )
-    locked = list(
-        Placement.objects.select_for_update(no_key=True, of=("self",))
-        .select_related("agent", "model")
-        .filter(Q(agent=agent, model=model) | Q(pk__in=victims))
-        .order_by("pk")
-    )
-    target = next(p for p in locked if p.agent_id == agent.pk and p.model_id == model.pk)
+    """The placement to load and the victims, locked by primary key (the lock order): the rows
+    that exist first, then, when the target is missing, its insert, whose key is the highest
+    (as a heartbeat round inserts its new rows after locking the existing ones). A heartbeat
+    may insert the same row at the same moment (it reports files the agent has): the insert
+    ignores the conflict and the lock finds whichever row won."""
+
+    def lock(where: Q) -> list[Placement]:
+        return list(
+            Placement.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("agent", "model")
+            .filter(where)
+            .order_by("pk")
+        )
+
+    locked = lock(Q(agent=agent, model=model) | Q(pk__in=victims))
+    target = next((p for p in locked if p.agent_id == agent.pk and p.model_id == model.pk), None)
+    if target is None:
+        # A row nobody has seen yet: what a placement is before any load (transitions: NEW).
+        Placement.objects.bulk_create(
+            [Placement(agent=agent, model=model, state=PlacementState.UNLOADED)],
+            ignore_conflicts=True,
+        )
+        target = lock(Q(agent=agent, model=model))[0]
     return target, [p for p in locked if p is not target]
 
 
@@ -368,8 +378,8 @@ def fail_load(event_id: int, error: str) -> Placement | None:
     if found is None:
         return None
     with transaction.atomic():
-        # Lock order: the model, its placement, then the event.
-        model = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=found["model"])
+        # Lock order: the placement, then the event (then its counter). The retry below is a
+        # transaction of its own: its locks (model, then placements) never follow these.
         list(
             Placement.objects.select_for_update(no_key=True, of=("self",)).filter(
                 pk=found["placement"]
@@ -389,7 +399,19 @@ def fail_load(event_id: int, error: str) -> Placement | None:
             state=transitions.target(Event.FAILED), error=error[:4000], updated_at=timezone.now()
         )
         events.announce(placements=steps.placement_of(event), loads=[event.pk])
-        log.warning("load of %s on agent %s failed: %s", model.model_id, event.agent_id, error)
+    log.warning("load of model %s on agent %s failed: %s", found["model"], event.agent_id, error)
+    return _retry(int(found["model"]))
+
+
+def _retry(model_pk: int) -> Placement | None:
+    """After a failed load: the next best agent, while attempts remain and no other load of
+    the model is under way. Locks the model, then placements (as every cold start does)."""
+    with transaction.atomic():
+        model = (
+            Model.objects.select_for_update(no_key=True, of=("self",)).filter(pk=model_pk).first()
+        )
+        if model is None:  # deleted meanwhile
+            return None
         placements = list(model.placements.select_related("agent"))
         if len(failed_recently(model)) >= settings.LOAD_ATTEMPTS:
             return None
