@@ -21,6 +21,7 @@ from agents.choices import (
 from agents.models import LoadEvent, Placement
 from agents.transitions import Event
 from nodeagent.protocol import (
+    ModelState,
     UnloadModelResponse,
 )
 
@@ -98,23 +99,38 @@ def begin_unload(event_id: int) -> UnloadJob | None:
 
 
 def finish_unload(event_id: int, response: UnloadModelResponse) -> None:
-    """The agent stepped the model down, maybe further than asked (an engine that cannot sleep)."""
+    """The agent stepped the model down, maybe further than asked (an engine that cannot sleep).
+    An answer that comes after the step was failed (it expired, and the placement went back to
+    serving) still says where the model is: the placement follows it, the event stays failed."""
     with transaction.atomic():
         event = _lock_step(event_id)
         newly = event.outcome == LoadOutcome.PENDING
-        event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
-        event.to_level = response.cache_level
-        event.error = response.note
-        event.save()
-        history.count_finished(event, newly=newly)
-        Placement.objects.filter(
-            pk__in=steps.placement_of(event), state__in=transitions.sources(Event.UNLOAD_DONE)
-        ).update(
-            state=PlacementState.UNLOADED,
-            cache_level=response.cache_level,
-            inference_endpoint_url="",
-            updated_at=timezone.now(),
+        if newly:
+            event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, timezone.now()
+            event.to_level = response.cache_level
+            event.error = response.note
+            event.save()
+            history.count_finished(event)
+        placement = Placement.objects.filter(pk__in=steps.placement_of(event)).first()
+        ended = (
+            PlacementState.FAILED
+            if response.cache_state == ModelState.FAILED
+            else PlacementState.UNLOADED
         )
+        if placement is not None and placement.state == PlacementState.UNLOADING:
+            transitions.move(placement, Event.UNLOAD_DONE, ended)
+        elif placement is not None and not newly and placement.state == PlacementState.READY:
+            later = LoadEvent.objects.filter(placement=placement, queued_at__gt=event.queued_at)
+            if later.exists():
+                placement = None  # a later step of it decides
+            else:
+                transitions.move(placement, Event.REPORTED, ended)
+        else:
+            placement = None
+        if placement is not None:
+            placement.cache_level = response.cache_level
+            placement.inference_endpoint_url = ""
+            placement.save()
         events.announce(placements=steps.placement_of(event), loads=[event.pk])
 
 

@@ -14,7 +14,7 @@ from agents.actions import steps
 from agents.choices import CacheLevel, LoadEventKind, LoadOutcome, LoadTrigger, PlacementState
 from agents.models import LoadEvent, Placement
 from agents.transitions import Event, IllegalTransition
-from nodeagent.protocol import LoadModelResponse, LoadTimings
+from nodeagent.protocol import LoadModelResponse, LoadTimings, UnloadModelResponse
 from tests.factories import AgentFactory, LoadEventFactory, ModelFactory, PlacementFactory
 
 S = PlacementState
@@ -145,3 +145,19 @@ def test_a_heartbeat_inserting_the_row_a_cold_start_wants_is_no_integrity_error(
     assert (placement.state, placement.agent_id) == (S.LOADING_TO_GPU, agent.pk)
     assert Placement.objects.filter(model=model).count() == 1
     assert LoadEventFactory._meta.model.objects.filter(placement=placement).count() == 1
+
+
+@pytest.mark.django_db
+def test_an_unload_answer_after_its_step_was_failed_still_moves_the_placement(queued):
+    serving = PlacementFactory()
+    event = actions.unload(serving, CacheLevel.NVME_CACHED, LoadTrigger.OPERATOR)
+    actions.fail_unload(event.pk, "the unload did not finish within its timeout")
+    serving.refresh_from_db()
+    assert serving.state == S.READY  # back to serving, as far as anyone knew
+    late = UnloadModelResponse(serving.model.model_id, "UNLOADED", "NVME_CACHED")
+    actions.finish_unload(event.pk, late)
+    serving.refresh_from_db()
+    event.refresh_from_db()
+    # The engine is stopped: routing must not send it requests; the step stays failed.
+    assert (serving.state, serving.cache_level) == (S.UNLOADED, CacheLevel.NVME_CACHED)
+    assert event.outcome == LoadOutcome.FAILED
