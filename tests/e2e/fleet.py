@@ -138,6 +138,8 @@ def running_control_plane(
         DATABASE_URL=database_url(), AGENT_TOKEN=settings.AGENT_TOKEN,
         AGENT_CREDENTIAL_KEY=settings.AGENT_CREDENTIAL_KEY, SECRET_KEY="e2e-control-plane",
         VAR_DIR=str(tmp_path / "var"), **{**FAST, **overrides},
+        # The tests without a Redis of their own run the file broker (one host): say so.
+        **({} if redis_url else {"ALLOW_WITHOUT_REDIS": "true"}),
     )  # fmt: skip
     ports = [free_port() for _ in range(web_replicas)]
     url = f"http://127.0.0.1:{ports[0]}"

@@ -34,6 +34,7 @@ def gateway(settings, tmp_path):
         DATABASE_URL=database_url(),
         AGENT_TOKEN=settings.AGENT_TOKEN, SECRET_KEY="gateway-test", VAR_DIR=str(tmp_path / "var"),
         AGENT_CREDENTIAL_KEY=settings.AGENT_CREDENTIAL_KEY,
+        **({} if settings.REDIS_URL else {"ALLOW_WITHOUT_REDIS": "true"}),
         GATEWAY_CACHE_SECONDS="0",
     )  # fmt: skip
     port = free_port()
