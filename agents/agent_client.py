@@ -115,6 +115,19 @@ async def set_credential(base_url: str, token: str, credential: str, seconds: fl
         )
 
 
+async def forget_credential(base_url: str, token: str, seconds: float) -> None:
+    """`DELETE /credential`: the agent forgets its credential (it was revoked)."""
+    try:
+        async with aiohttp.ClientSession() as session, session.delete(
+            f"{base_url}/credential", headers=_headers(token),
+            timeout=aiohttp.ClientTimeout(total=seconds),
+        ) as response:  # fmt: skip
+            if response.status >= 400:
+                raise _refusal(base_url, response.status, await response.read())
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise AgentCallFailed(f"{base_url}: {type(exc).__name__}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class HeartbeatTarget:
     agent_pk: int

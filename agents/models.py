@@ -80,6 +80,9 @@ class Agent(models.Model):
         max_length=64, blank=True, editable=False, db_index=True
     )
     credential_issued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When the agent first spoke with its credential (a registration, or an answered poll):
+    # until then its enrolment answer may have been lost, so it may enrol again.
+    credential_confirmed_at = models.DateTimeField(null=True, blank=True, editable=False)
     credential_revoked_at = models.DateTimeField(
         null=True,
         blank=True,

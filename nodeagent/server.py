@@ -56,6 +56,11 @@ MAX_PROXY_BODY = 64 * 1024 * 1024  # long prompts and images in chat requests
 REGISTER_BACKOFF_MAX = 60.0
 
 
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def _error(status: int, code: str, message: str, model_id: str | None = None) -> web.Response:
     return web.json_response(
         error_body(code, message, model_id), status=status, headers={AGENT_ERROR_HEADER: code}
@@ -108,6 +113,7 @@ class AgentServer:
                 web.post("/unload_model", self.unload_model),
                 web.post("/heartbeat", self.heartbeat),
                 web.post("/credential", self.rotate_credential),
+                web.delete("/credential", self.forget_credential),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.prometheus),
                 web.route("*", "/models/{rest:.+}", self.inference),
@@ -235,7 +241,14 @@ class AgentServer:
         except (ValueError, AttributeError):
             return
         if isinstance(issued, str) and issued:
-            self.credentials.store(issued)
+            try:
+                self.credentials.store(issued)
+            except (OSError, ValueError) as exc:
+                # Not kept, so not enrolled: the next try enrols again (the control plane
+                # issues anew while the credential was never used).
+                log.error("could not keep the issued credential in %s: %s",
+                          self.credentials.path, exc)  # fmt: skip
+                raise aiohttp.ClientError(f"credential not kept: {exc}") from None
             log.info("enrolled: credential kept in %s", self.credentials.path)
 
     def agent_state(self) -> AgentReportedState:
@@ -327,10 +340,21 @@ class AgentServer:
         credential = body.get("credential") if isinstance(body, dict) else None
         if self.credentials.standalone:
             raise AgentError("no_control_plane", "this agent has no control plane", 409)
+        if not self.credentials.may_rotate(_bearer(request)):
+            raise AgentError("unauthorized", "only the current credential may rotate it", 401)
         if not isinstance(credential, str) or not well_formed(credential):
             raise ProtocolError("'credential' must be a credential the control plane issued")
         self.credentials.store(credential)
         log.info("credential rotated")
+        return web.json_response({"status": "success"})
+
+    async def forget_credential(self, request: web.Request) -> web.Response:
+        """`DELETE /credential`: the control plane revoked this agent; from now on it takes no
+        call until it enrols again (which an operator must allow)."""
+        if self.credentials.standalone:
+            raise AgentError("no_control_plane", "this agent has no control plane", 409)
+        self.credentials.forget()
+        log.warning("credential revoked by the control plane: this agent takes no calls now")
         return web.json_response({"status": "success"})
 
     async def heartbeat(self, request: web.Request) -> web.Response:

@@ -87,6 +87,9 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
         agent = agents.get(result.agent_pk)
         if agent is None:
             continue  # deleted while it was polled
+        if result.response is not None and not agent.credential_nonce:
+            # Revoked while it was polled: its answer is no longer its to give.
+            result = replace(result, response=None, error="its credential was revoked")
         refusal = _refusal(agent, result)
         if refusal:
             result = replace(result, response=None, error=refusal, rejected=True)
@@ -129,7 +132,7 @@ _HEARTBEAT_AGENT_FIELDS = [
     "state", "reported_state", "version", "gpus", "gpu_name", "gpu_count", "gpu_memory_total",
     "gpu_memory_free", "gpu_utilization", "engine_queue_length", "last_heartbeat_at",
     "heartbeat_failures", "contract_version", "contract_error", "contract_error_at",
-    "contract_rejections", "updated_at",
+    "contract_rejections", "credential_confirmed_at", "updated_at",
 ]  # fmt: skip
 
 
@@ -169,6 +172,7 @@ def _answered(agent: Agent, result: HeartbeatResult, now: datetime) -> None:
     agent.gpu_utilization = gpus.utilization
     agent.engine_queue_length = beat.vllm_queue_length
     agent.contract_version, agent.contract_error = beat.contract, ""
+    agent.credential_confirmed_at = agent.credential_confirmed_at or now
     agent.last_heartbeat_at, agent.heartbeat_failures, agent.updated_at = now, 0, now
 
 

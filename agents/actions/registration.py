@@ -65,7 +65,13 @@ def register_agent(request: RegisterRequest, *, speaking_as: str | None) -> Regi
         agent, created = Agent.objects.select_for_update(no_key=True, of=("self",)).get_or_create(
             agent_id=request.agent_id, defaults={"base_url": request.base_url}
         )
-        issued = _enrol(agent) if speaking_as is None else ""
+        if speaking_as is None:
+            issued = _enrol(agent)
+        elif not agent.credential_nonce:  # revoked since the credential was checked
+            raise RegistrationRefused(f"agent {agent.agent_id!r} is revoked", status=401)
+        else:
+            issued = ""
+            agent.credential_confirmed_at = agent.credential_confirmed_at or now
         reported = AgentState(request.state)
         agent.base_url = request.base_url
         agent.version = request.version
@@ -96,7 +102,7 @@ def _enrol(agent: Agent) -> str:
             f"agent {agent.agent_id!r} is revoked; an operator must allow it to enrol again"
             f" (manage.py agent_credential allow-enrolment {agent.agent_id})"
         )
-    if agent.credential_nonce:
+    if agent.credential_nonce and agent.credential_confirmed_at is not None:
         raise RegistrationRefused(
             f"agent {agent.agent_id!r} is enrolled: it registers with its own credential. An "
             "agent that lost it needs an operator to revoke it and allow it to enrol again."
@@ -109,6 +115,7 @@ def _issue(agent: Agent) -> None:
     agent.credential_nonce = credentials.new_nonce()
     agent.credential_fingerprint = credentials.fingerprint(agent.credential)
     agent.credential_issued_at = timezone.now()
+    agent.credential_confirmed_at = None
 
 
 def _short(agent: Agent) -> str:
@@ -133,6 +140,10 @@ def rotate_agent_credential(agent_id: str) -> Agent:
         asyncio.run(agent_client.set_credential(agent.base_url, current, agent.credential, 10.0))
     except agent_client.AgentCallFailed as exc:
         raise CredentialError(f"agent {agent_id} did not take its new credential: {exc}") from None
+    # The agent takes the old one until a call with the new one arrives (so a lost answer
+    # above leaves the two in agreement): make that call now.
+    target = agent_client.HeartbeatTarget(agent.pk, agent.base_url, agent.credential)
+    asyncio.run(agent_client.poll_heartbeats([target], seconds=10.0))
     with transaction.atomic():
         switched = Agent.objects.filter(pk=agent.pk, credential_nonce=old_nonce).update(
             credential_nonce=agent.credential_nonce,
@@ -149,8 +160,15 @@ def rotate_agent_credential(agent_id: str) -> Agent:
 
 def revoke_agent_credential(agent_id: str) -> Agent:
     """Revoke the agent's credential: it can no longer register or be called, it is OFFLINE at
-    once (no new work), and its agent_id cannot enrol again until `allow_enrolment`. Takes a
-    row lock on the agent."""
+    once (no new work), and its agent_id cannot enrol again until `allow_enrolment`. The agent
+    is told first (best effort), so it stops taking the credential too: one that leaked then
+    reaches nothing. Takes a row lock on the agent (after the call)."""
+    found = Agent.objects.get(agent_id=agent_id)
+    if found.credential:
+        try:
+            asyncio.run(agent_client.forget_credential(found.base_url, found.credential, 5.0))
+        except agent_client.AgentCallFailed as exc:
+            log.warning("agent %s was not told of its revocation: %s", agent_id, exc)
     with transaction.atomic():
         agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(agent_id=agent_id)
         agent.credential_nonce = agent.credential_fingerprint = ""

@@ -189,3 +189,17 @@ def test_a_heartbeat_a_column_refuses_holds_back_no_other_agent(monkeypatch):
     assert Placement.objects.get(agent=second).state == PlacementState.READY
     assert "could not be stored" in first.contract_error
     assert first.heartbeat_failures == 1
+
+
+def test_an_answer_polled_before_a_revocation_does_not_bring_the_agent_back(settings):
+    agent = AgentFactory()
+    body = HeartbeatResponse(
+        agent_id=agent.agent_id, state=AgentReportedState.IDLE, version="1",
+        disk=DiskInfo("/c", 1, 1, 0),
+    )  # fmt: skip
+    polled = agent_client.HeartbeatResult(agent.pk, time.time(), body)
+    actions.revoke_agent_credential(agent.agent_id)  # the agent is not reachable: logged
+    actions.apply_heartbeats([polled])
+    agent.refresh_from_db()
+    assert agent.state == AgentState.OFFLINE
+    assert agent.heartbeat_failures >= settings.HEARTBEAT_OFFLINE_AFTER

@@ -157,7 +157,8 @@ def test_an_agent_that_reports_itself_degraded_registers_but_gets_no_work(client
 
 
 def test_the_enrolment_token_cannot_take_over_an_enrolled_agent(client, agent_headers):
-    enrol(client, agent_headers)
+    own = enrol(client, agent_headers)
+    assert post(client, registration(), own).status_code == 200  # it has used its credential
     hijack = registration(base_url="http://10.9.9.9:8100")
     response = post(client, hijack, agent_headers)
     assert response.status_code == 403
@@ -228,3 +229,14 @@ def test_loopback_and_private_ranges_are_refused_when_the_settings_say_so(
     assert (
         post(client, registration(base_url="http://8.8.8.8:8100"), agent_headers).status_code == 201
     )
+
+
+def test_an_enrolment_whose_answer_was_lost_may_enrol_again_until_the_credential_is_used(
+    client, agent_headers
+):
+    lost = enrol(client, agent_headers)  # the agent never got this answer
+    again = enrol(client, agent_headers)
+    assert again != lost
+    assert post(client, registration(), lost).status_code == 401  # the lost one is void
+    assert post(client, registration(), again).status_code == 200  # used: confirmed
+    assert post(client, registration(), agent_headers).status_code == 403

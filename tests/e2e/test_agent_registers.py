@@ -71,7 +71,13 @@ def test_rotating_and_revoking_a_credential_reach_the_real_agent(live_server, se
         row.refresh_from_db()
         assert (row.heartbeat_failures, row.contract_error) == (0, "")
 
+        rotated = agent.credential
         call_command("agent_credential", "revoke", "e2e-rotated", stdout=io.StringIO())
+        # The agent was told: the revoked credential reaches nothing there either.
+        refused = requests.post(f"{agent.url}/heartbeat", timeout=5,
+                                headers={"Authorization": f"Bearer {rotated}"})  # fmt: skip
+        assert refused.status_code == 401
+        assert not (agent.cache_dir / "agent-credential").exists()
         row.refresh_from_db()
         assert (row.state, row.credential) == (AgentState.OFFLINE, "")
         tasks.poll_heartbeats()  # not called: it has no credential to be called with

@@ -512,3 +512,19 @@ async def test_an_agent_whose_credential_the_control_plane_forgot_enrols_again(t
             await test_server.close()
     assert calls == [f"Bearer {ISSUED}", f"Bearer {TOKEN}"]
     assert (cache / "agent-credential").read_text().strip() == ROTATED
+
+
+def test_a_rotation_whose_answer_was_lost_can_be_sent_again_with_the_old_credential(tmp_path):
+    from nodeagent.credential import Credentials
+
+    kept = Credentials(tmp_path / "credential", TOKEN, standalone=False)
+    kept.store(ISSUED)
+    kept.store(ROTATED)  # the control plane never heard that it took this one
+    assert kept.accepts(ISSUED)
+    assert kept.may_rotate(ISSUED)  # so the control plane, still on ISSUED, can try again
+    assert kept.accepts(ROTATED)  # the new one presented: the old one's grace starts
+    assert not kept.may_rotate(ISSUED)  # from now on only the current one rotates
+    assert kept.accepts(ISSUED)  # calls already under way still finish
+    kept.forget()
+    assert not kept.accepts(ROTATED)
+    assert not kept.accepts(ISSUED)
