@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from django import forms
@@ -130,19 +131,13 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
 
     @admin.action(description="Drain: send no new work to the selected agents")
     def drain(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
-        agent_ids = list(queryset.values_list("agent_id", flat=True))
-        for agent_id in agent_ids:
-            actions.drain_agent(agent_id)
-        self.message_user(request, f"Draining {len(agent_ids)} agent(s).", messages.SUCCESS)
+        count = _for_each_agent(queryset, actions.drain_agent)
+        self.message_user(request, f"Draining {count} agent(s).", messages.SUCCESS)
 
     @admin.action(description="Undrain: let the selected agents take new work")
     def undrain(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
-        agent_ids = list(queryset.values_list("agent_id", flat=True))
-        for agent_id in agent_ids:
-            actions.undrain_agent(agent_id)
-        self.message_user(
-            request, f"{len(agent_ids)} agent(s) take new work again.", messages.SUCCESS
-        )
+        count = _for_each_agent(queryset, actions.undrain_agent)
+        self.message_user(request, f"{count} agent(s) take new work again.", messages.SUCCESS)
 
     @admin.display(description="Credential")
     def credential(self, agent: Agent) -> str:
@@ -163,17 +158,21 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
 
     @admin.action(description="Revoke the selected agents' credentials (they go OFFLINE)")
     def revoke_credential(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
-        agent_ids = list(queryset.values_list("agent_id", flat=True))
-        for agent_id in agent_ids:
-            actions.revoke_agent_credential(agent_id)
-        self.message_user(request, f"Revoked {len(agent_ids)} credential(s).", messages.WARNING)
+        count = _for_each_agent(queryset, actions.revoke_agent_credential)
+        self.message_user(request, f"Revoked {count} credential(s).", messages.WARNING)
 
     @admin.action(description="Allow the selected revoked agents to enrol again")
     def allow_enrolment(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
-        agent_ids = list(queryset.values_list("agent_id", flat=True))
-        for agent_id in agent_ids:
-            actions.allow_enrolment(agent_id)
-        self.message_user(request, f"{len(agent_ids)} agent(s) may enrol again.", messages.SUCCESS)
+        count = _for_each_agent(queryset, actions.allow_enrolment)
+        self.message_user(request, f"{count} agent(s) may enrol again.", messages.SUCCESS)
+
+
+def _for_each_agent(queryset: QuerySet[Agent], act: Callable[[str], object]) -> int:
+    """Run an action on each selected agent (by agent_id, each with its own row lock)."""
+    agent_ids = list(queryset.values_list("agent_id", flat=True))
+    for agent_id in agent_ids:
+        act(agent_id)
+    return len(agent_ids)
 
 
 class ModelPlacementInline(ReadOnlyInline):

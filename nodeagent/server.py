@@ -285,10 +285,9 @@ class AgentServer:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in _OPEN_PATHS:
             return await handler(request)
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = _bearer(request)
+        if not token:
             return _error(401, "unauthorized", "missing 'Authorization: Bearer <credential>'")
-        token = token.strip()
         if self.credentials.accepts(token):
             return await handler(request)
         # Prometheus may scrape with the fleet's token: /metrics only reads.

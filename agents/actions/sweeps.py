@@ -105,12 +105,8 @@ def expire_stuck_placements() -> int:
 
 
 def _deadline(state: str) -> timedelta:
-    seconds = (
-        steps.UNLOAD_TIMEOUT_SECONDS
-        if state == PlacementState.UNLOADING
-        else settings.COLD_START_TIMEOUT_SECONDS
-    )
-    return timedelta(seconds=seconds + 60)
+    """How long a placement may stay mid-step: as long as the step itself (_timeout)."""
+    return _step_deadline(unload=state == PlacementState.UNLOADING)
 
 
 def _done_anyway(event: LoadEvent, placement: Placement) -> bool:
@@ -120,11 +116,12 @@ def _done_anyway(event: LoadEvent, placement: Placement) -> bool:
 
 
 def _timeout(event: LoadEvent) -> timedelta:
-    seconds = (
-        settings.COLD_START_TIMEOUT_SECONDS
-        if event.kind == LoadEventKind.LOAD
-        else steps.UNLOAD_TIMEOUT_SECONDS
-    )
+    return _step_deadline(unload=event.kind == LoadEventKind.UNLOAD)
+
+
+def _step_deadline(*, unload: bool) -> timedelta:
+    """A load's or an unload's own timeout, and a minute for its task to say how it ended."""
+    seconds = steps.UNLOAD_TIMEOUT_SECONDS if unload else settings.COLD_START_TIMEOUT_SECONDS
     return timedelta(seconds=seconds + 60)
 
 
