@@ -314,9 +314,10 @@ class PlacementAdmin(admin.ModelAdmin[Placement]):
 class LoadEventAdmin(admin.ModelAdmin[LoadEvent]):
     list_display = [
         "queued_at", "kind", "model", "agent", "trigger", "outcome", "from_level", "to_level",
-        "download_seconds", "engine_start_seconds", "first_token_seconds", "short_error",
+        "download_seconds", "engine_start_seconds", "engine_start", "first_token_seconds",
+        "short_error",
     ]  # fmt: skip
-    list_filter = ["kind", "outcome", "trigger", "to_level"]
+    list_filter = ["kind", "outcome", "trigger", "to_level", "engine_start"]
     list_select_related = ["model", "agent"]
     search_fields = ["model__model_id", "agent__agent_id", "error"]
     date_hierarchy = "queued_at"

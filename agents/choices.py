@@ -46,6 +46,11 @@ class CacheLevel(models.TextChoices):
     NONE = "NONE", "Not on this agent"
 
 
+class EngineStart(models.TextChoices):
+    PLAIN = "plain", "Plain start"
+    STANDBY = "standby", "Standby engine"
+
+
 class LoadEventKind(models.TextChoices):
     LOAD = "LOAD", "Load"
     UNLOAD = "UNLOAD", "Unload"

@@ -50,7 +50,7 @@ def placement_payload(placement: Placement) -> dict[str, Any]:
         "id": placement.pk, "agent": placement.agent.agent_id, "model": placement.model.model_id,
         "state": placement.state, "cache_level": placement.cache_level,
         "bytes_done": placement.bytes_done, "bytes_total": placement.bytes_total,
-        "requests_in_flight": placement.requests_in_flight,
+        "phase": placement.phase, "requests_in_flight": placement.requests_in_flight,
         "requests_waiting": placement.requests_waiting, "error": placement.error[:300],
         "last_used_at": _iso(placement.last_used_at),
     }  # fmt: skip
@@ -64,6 +64,7 @@ def load_payload(event: LoadEvent) -> dict[str, Any]:
         "queued_at": _iso(event.queued_at), "finished_at": _iso(event.finished_at),
         "queue_seconds": event.queue_seconds, "download_seconds": event.download_seconds,
         "engine_start_seconds": event.engine_start_seconds,
+        "engine_start": event.engine_start, "engine_start_note": event.engine_start_note[:300],
         "first_token_seconds": event.first_token_seconds, "total_seconds": event.total_seconds,
         "error": event.error[:300],
     }  # fmt: skip

@@ -11,6 +11,7 @@ from agents.choices import (
     UNROUTABLE_AGENT_STATES,
     AgentState,
     CacheLevel,
+    EngineStart,
     LoadEventKind,
     LoadOutcome,
     LoadTrigger,
@@ -191,6 +192,9 @@ class Placement(models.Model):
     requests_waiting = models.PositiveIntegerField(default=0)
     last_used_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
+    # What a pending load does now, in words (the agent's report): "downloading",
+    # "verifying", "starting the engine (standby)"; "" once it ended.
+    phase = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -249,6 +253,10 @@ class LoadEvent(models.Model):
     queue_seconds = models.FloatField(null=True, blank=True)
     download_seconds = models.FloatField(null=True, blank=True)
     engine_start_seconds = models.FloatField(null=True, blank=True)
+    # How the engine started: "standby" (a process with vLLM imported became it) or "plain";
+    # for a plain start the agent's reason (no standby ready, arguments it cannot take).
+    engine_start = models.CharField(max_length=8, choices=EngineStart.choices, blank=True)
+    engine_start_note = models.CharField(max_length=1000, blank=True)
     first_token_seconds = models.FloatField(null=True, blank=True)
     bytes_downloaded = models.BigIntegerField(null=True, blank=True)
     error = models.TextField(blank=True)

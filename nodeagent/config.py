@@ -48,6 +48,17 @@ class AgentConfig:
     sim: SimSettings
     log_level: str
     credential_file: Path | None = None
+    # Standby engines kept ready (None: one per GPU on a GPU host, one on a CPU host, none
+    # when the default engine is sim); 0 starts every engine plainly.
+    standby_engines: int | None = None
+    standby_fork_children: bool = True
+
+    def standby_count(self, gpu_count: int) -> int:
+        if self.standby_engines is not None:
+            return self.standby_engines
+        if self.engine != "vllm":
+            return 0
+        return max(gpu_count, 1)
 
     @property
     def credential_path(self) -> Path:
@@ -125,6 +136,24 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return number
+
+
+def _count_or_auto(value: str) -> int | None:
+    if str(value).strip().lower() in {"", "auto"}:
+        return None
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not auto or a count of 0 or more")
+    return number
+
+
+def _boolean(value: str) -> bool:
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
 
 
 def _read_token(value: str | None, path: str | None) -> str:
@@ -279,6 +308,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="cap on download bandwidth, MB/s (0: none)",
     )
     flag(
+        "--standby-engines",
+        "AGENT_STANDBY_ENGINES",
+        default="auto",
+        help="vLLM processes kept ready with everything imported, each becoming the engine of "
+        "the next model to load (seconds instead of half a minute); auto: one per GPU, one on a "
+        "CPU host, none if --engine is sim; 0: every engine starts plainly",
+    )
+    flag(
+        "--standby-fork-children",
+        "AGENT_STANDBY_FORK_CHILDREN",
+        default="true",
+        help="let a standby fork vLLM's EngineCore and worker (they inherit its imports) instead "
+        "of spawning them, where nothing has initialized CUDA; false: spawn, as vLLM does",
+    )
+    flag(
         "--sim-load-seconds",
         "AGENT_SIM_LOAD_SECONDS",
         type=float,
@@ -346,6 +390,11 @@ def parse_config(
     reachable_host = socket.gethostname() if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
     advertise = (args.advertise_url or f"http://{reachable_host}:{port}").rstrip("/")
     labels = args.labels if isinstance(args.labels, dict) else _labels(str(args.labels))
+    try:
+        standby_engines = _count_or_auto(str(args.standby_engines))
+        standby_fork_children = _boolean(str(args.standby_fork_children))
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        parser.error(f"--standby-engines / --standby-fork-children: {exc}")
     return AgentConfig(
         agent_id=str(args.agent_id),
         host=host,
@@ -375,4 +424,6 @@ def parse_config(
         ),
         log_level=str(args.log_level),
         credential_file=Path(args.credential_file).expanduser() if args.credential_file else None,
+        standby_engines=standby_engines,
+        standby_fork_children=standby_fork_children,
     )

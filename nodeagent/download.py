@@ -49,6 +49,7 @@ class DownloadProgress:
 
     done: int = 0
     total: int = 0
+    phase: str = "downloading"  # then "verifying", while the last checksums finish
     _samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
     def add(self, count: int) -> None:
@@ -287,6 +288,7 @@ class Downloader:
                 hashers = {path: asyncio.create_task(h.run()) for path, h in self.hashes.items()}
                 try:
                     await self._fetch_all(todo, journal, deadline)
+                    self.progress.phase = "verifying"
                     verifying = time.monotonic()
                     digests = {path: await task for path, task in hashers.items()}
                 finally:

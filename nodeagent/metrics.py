@@ -62,8 +62,8 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         self.engine_starts = Counter(
             "llmfleet_agent_engine_starts",
-            "Engine starts by engine and outcome.",
-            ["engine", "outcome"],
+            "Engine starts by engine, outcome, and start: plain, or a standby that became it.",
+            ["engine", "outcome", "start"],
             registry=self.registry,
         )
         self.engine_exits = Counter(
@@ -126,6 +126,17 @@ class AgentMetrics:
         self.requests_in_flight = Gauge(
             "llmfleet_agent_requests_in_flight",
             "Inference requests being proxied now.",
+            registry=self.registry,
+        )
+        self.standby_engines = Gauge(
+            "llmfleet_agent_standby_engines",
+            "Standby engines by state: ready (imports done, waiting for a model) or starting.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.standby_deaths = Counter(
+            "llmfleet_agent_standby_deaths",
+            "Standby engines that ended or failed to start before a load took them.",
             registry=self.registry,
         )
         self.models = Gauge(

@@ -13,14 +13,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 # major.minor. A minor release only adds optional fields (and values nobody had to send);
 # anything else is a new major, which the other side refuses (check_contract).
 # 1.1: `contract` on heartbeats and registrations; `last_used_at` checked as a timestamp.
-CONTRACT_VERSION = "1.1"
+# 1.2: `engine_start` and `engine_start_note` in load timings; load progress pushed to
+#      `POST /api/agents/<id>/progress/` as it happens.
+CONTRACT_VERSION = "1.2"
 
 
 class AgentReportedState(StrEnum):
@@ -72,6 +74,7 @@ Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
 Rate = Annotated[float, msgspec.Meta(ge=0.0)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+EngineStart = Literal["", "plain", "standby"]
 AgentId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Url = Annotated[str, msgspec.Meta(max_length=500)]
 Short = Annotated[str, msgspec.Meta(max_length=128)]
@@ -250,6 +253,11 @@ class LoadTimings:
     wake_seconds: Seconds | None = None
     total_seconds: Seconds = 0.0
     files_cached: bool = False
+    # How the engine started: "plain" (a new process importing everything) or "standby" (a
+    # process that had imported it all became the engine); "" when none started (a wake, or
+    # the engine already served). For a plain start of vLLM, `engine_start_note` says why.
+    engine_start: EngineStart = ""
+    engine_start_note: Annotated[str, msgspec.Meta(max_length=1000)] = ""
 
 
 @dataclass(frozen=True)
@@ -321,6 +329,29 @@ class ModelStatus:
     requests_in_flight: Count = 0
     last_used_at: Timestamp | None = None
     error: str = ""
+    # What a load is doing now, in words for people ("downloading", "verifying", "starting
+    # the engine (standby)"); "" when none runs.
+    phase: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """Body of the agent's `POST /api/agents/<agent_id>/progress`: its loading models, sent
+    as their phases change (nodeagent.progress)."""
+
+    agent_id: AgentId
+    models: tuple[ModelStatus, ...] = ()
+    contract: str = CONTRACT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = encode(self)
+        return body
+
+    @classmethod
+    def from_json(cls, body: bytes | Any) -> LoadProgress:
+        report = decode(body, cls)
+        check_contract(report.contract)
+        return report
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,12 +27,14 @@ from nodeagent.config import AgentConfig
 from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
 from nodeagent.engines.sim import SimEngine
+from nodeagent.engines.standby import StandbyPool, standby_refusal
 from nodeagent.engines.vllm import VllmEngine, vllm_argv
 from nodeagent.fetch import fetch_model
 from nodeagent.metrics import AgentMetrics, EngineStats
 from nodeagent.protocol import (
     AgentReportedState,
     CacheLevel,
+    EngineStart,
     LoadModelRequest,
     LoadModelResponse,
     LoadTimings,
@@ -76,6 +78,16 @@ class ModelSlot:
     load_task: asyncio.Task[LoadModelResponse] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     failed_before: bool = False
+    engine_phase: str = ""  # while LOADING_TO_GPU: how its engine is starting
+
+    @property
+    def phase(self) -> str:
+        """What its load is doing now, in words for the people waiting on it."""
+        if self.state == ModelState.DOWNLOADING:
+            return self.progress.phase
+        if self.state == ModelState.LOADING_TO_GPU:
+            return self.engine_phase or "starting the engine"
+        return ""
 
     @property
     def loading(self) -> bool:
@@ -103,6 +115,23 @@ class ModelRegistry:
         )
         self.slots: dict[str, ModelSlot] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self.standbys: StandbyPool | None = None
+        # Told of every phase change of a load (the progress reporter's poke).
+        self.on_phase: Callable[[], None] = lambda: None
+
+    def start_standbys(self, gpu_count: int) -> None:
+        """Keep the configured number of standby engines ready (needs the running loop)."""
+        count = self.config.standby_count(gpu_count)
+        if count <= 0:
+            return
+        self.standbys = StandbyPool(
+            python=self.config.engine_python,
+            size=count,
+            log_path=self.config.logs_dir / "standby.log",
+            environ=self.environ,
+            on_death=self.metrics.standby_deaths.inc,
+        )
+        self.standbys.start()
 
     def endpoint_for(self, model_id: str) -> str:
         return f"{self.config.advertise_url}/models/{model_id}"
@@ -175,7 +204,8 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.load_timeout
         lifecycle.move(slot, ModelState.DOWNLOADING)
-        slot.error, slot.progress = "", DownloadProgress()
+        slot.error, slot.progress, slot.engine_phase = "", DownloadProgress(), ""
+        self.on_phase()
         fetch_started = time.monotonic()
         store = open_store(request.source, session, self.environ)
 
@@ -206,12 +236,18 @@ class ModelRegistry:
         slot.cache_level = CacheLevel.NVME_CACHED
         engine_started = time.monotonic()
         engine = self._create_engine(request, cached)
+        took_standby = isinstance(engine, VllmEngine) and engine.standby is not None
+        slot.engine_phase = _starting(engine)
+        self.on_phase()
         try:
             await engine.start(session, deadline)
         except EngineError:
-            self.metrics.engine_starts.labels(engine.name, "failed").inc()
+            self.metrics.engine_starts.labels(engine.name, "failed", _start_mode(engine)).inc()
             raise
-        self.metrics.engine_starts.labels(engine.name, "ready").inc()
+        finally:
+            if took_standby and self.standbys is not None:
+                self.standbys.replenish()
+        self.metrics.engine_starts.labels(engine.name, "ready", _start_mode(engine)).inc()
         if slot.failed_before:
             self.metrics.engine_restarts.labels(engine.name).inc()
         slot.engine, slot.failed_before = engine, False
@@ -221,7 +257,13 @@ class ModelRegistry:
             engine_start_seconds=time.monotonic() - engine_started,
             total_seconds=time.monotonic() - started,
             files_cached=files_cached,
+            engine_start=_start_mode(engine),
+            engine_start_note=engine.start_note if isinstance(engine, VllmEngine) else "",
         )
+        if isinstance(engine, VllmEngine):
+            log.info("%s: engine started in %.1f s (%s%s)", slot.model_id,
+                     timings.engine_start_seconds or 0.0, engine.start_mode,
+                     f": {engine.start_note}" if engine.start_note else "")  # fmt: skip
         self.metrics.load_seconds.labels(engine.name, str(files_cached).lower()).observe(
             timings.total_seconds
         )
@@ -242,6 +284,7 @@ class ModelRegistry:
 
     def _loaded(self, slot: ModelSlot, timings: LoadTimings) -> LoadModelResponse:
         lifecycle.move(slot, ModelState.READY)
+        self.on_phase()
         slot.cache_level, slot.error = CacheLevel.GPU_RESIDENT, ""
         slot.last_used = time.time()
         self.cache.touch(slot.model_id)
@@ -249,6 +292,7 @@ class ModelRegistry:
 
     def _fail(self, slot: ModelSlot, error: str) -> None:
         lifecycle.move(slot, ModelState.FAILED)
+        self.on_phase()
         slot.error, slot.failed_before = error, True
         slot.cache_level = (
             CacheLevel.NVME_CACHED
@@ -286,6 +330,15 @@ class ModelRegistry:
             return SimEngine(request.model_id, self.config.sim)
         port = _free_port()
         safe = quote(request.model_id, safe="")
+        refusal = standby_refusal(request.engine.args)
+        standby = None
+        if self.standbys is None:
+            note = "standby engines are off (AGENT_STANDBY_ENGINES=0)"
+        elif refusal is not None:
+            note = refusal
+        else:
+            standby = self.standbys.take()
+            note = "" if standby is not None else self.standbys.why_none()
         argv = vllm_argv(
             self.config.engine_python,
             cached.directory,
@@ -304,6 +357,9 @@ class ModelRegistry:
             grace=self.config.stop_grace,
             gpu=self.gpu,
             environ=self.environ,
+            standby=standby,
+            fork_children=self.config.standby_fork_children,
+            start_note=note,
         )
 
     def _watch(self, slot: ModelSlot, engine: Engine) -> None:
@@ -428,7 +484,12 @@ class ModelRegistry:
             requests_in_flight=slot.in_flight,
             last_used_at=_utc(slot.last_used),
             error=slot.error,
+            phase=slot.phase,
         )
+
+    def loading_statuses(self) -> list[ModelStatus]:
+        """The models whose loads run now: what a progress report carries."""
+        return [self._status(slot) for slot in self.slots.values() if slot.loading]
 
     def agent_state(self) -> AgentReportedState:
         if not os.access(self.config.cache_dir, os.W_OK):
@@ -443,7 +504,9 @@ class ModelRegistry:
         return sum(slot.size_bytes for slot in self.slots.values() if slot.directory is not None)
 
     async def stop_all(self) -> None:
-        """Cancel loads and stop every engine: nothing outlives the agent."""
+        """Cancel loads and stop every engine and standby: nothing outlives the agent."""
+        if self.standbys is not None:
+            await self.standbys.close()
         for slot in self.slots.values():
             if slot.load_task is not None and not slot.load_task.done():
                 slot.load_task.cancel()
@@ -452,6 +515,18 @@ class ModelRegistry:
             return_exceptions=True,
         )
         await asyncio.gather(*(self._stop_engine(slot) for slot in self.slots.values()))
+
+
+def _starting(engine: Engine) -> str:
+    if not isinstance(engine, VllmEngine):
+        return f"starting the {engine.name} engine"
+    if engine.start_mode == "standby":
+        return "starting the engine (standby)"
+    return f"starting the engine (plain start: {engine.start_note or 'as configured'})"[:200]
+
+
+def _start_mode(engine: Engine) -> EngineStart:
+    return engine.start_mode if isinstance(engine, VllmEngine) else "plain"
 
 
 def engine_tmp_dir() -> Path:

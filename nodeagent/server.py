@@ -17,8 +17,9 @@ import os
 import random
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +31,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.credential import Credentials, well_formed
 from nodeagent.gpu import GpuMonitor
 from nodeagent.metrics import AgentMetrics
+from nodeagent.progress import ProgressReporter
 from nodeagent.protocol import (
     AGENT_ERROR_HEADER,
     CONTRACT_VERSION,
@@ -38,7 +40,9 @@ from nodeagent.protocol import (
     DiskInfo,
     HeartbeatResponse,
     LoadModelRequest,
+    LoadProgress,
     ModelState,
+    ModelStatus,
     ProtocolError,
     RegisterRequest,
     UnloadModelRequest,
@@ -54,6 +58,8 @@ _OPEN_PATHS = {"/healthz"}
 MAX_CONTROL_BODY = 1024 * 1024
 MAX_PROXY_BODY = 64 * 1024 * 1024  # long prompts and images in chat requests
 REGISTER_BACKOFF_MAX = 60.0
+# A progress report is worth sending only while it is news.
+PROGRESS_TIMEOUT_SECONDS = 2.0
 
 
 def _bearer(request: web.Request) -> str:
@@ -93,6 +99,7 @@ class AgentServer:
         self._enrol_next = False
         self._session: aiohttp.ClientSession | None = None
         self._register_task: asyncio.Task[None] | None = None
+        self.progress: ProgressReporter | None = None
         self.stop_requested = asyncio.Event()
         self.registered = asyncio.Event()
 
@@ -132,13 +139,19 @@ class AgentServer:
             connector=connector, skip_auto_headers={"Accept-Encoding"}
         )
         self.registry.restore()
+        self.registry.start_standbys(len(self.gpu.snapshot()))
         self.credentials.load()
         if self.config.control_plane_url:
             self._register_task = asyncio.create_task(self.register_until_accepted())
+            self.progress = ProgressReporter(self.registry.loading_statuses, self._send_progress)
+            self.registry.on_phase = self.progress.poke
+            self.progress.start()
 
     async def _shutdown(self, app: web.Application) -> None:
         if self._register_task is not None:
             self._register_task.cancel()
+        if self.progress is not None:
+            await self.progress.close()
         # aiohttp runs this before it waits for open handlers: `drain` has let them finish.
         await self.registry.stop_all()
         if self._session is not None:
@@ -234,6 +247,21 @@ class AgentServer:
         # the next try enrols with the token; a refused enrolment goes back to the credential.
         self._enrol_next = status == 401 and not enrolling and self.credentials.enrolled
         return status, text
+
+    async def _send_progress(self, statuses: Sequence[ModelStatus]) -> None:
+        """One progress report (nodeagent.progress): raises on any failure, which it logs."""
+        if not self.credentials.enrolled:
+            return  # nothing to say it with yet; the load's answer will
+        body = LoadProgress(agent_id=self.config.agent_id, models=tuple(statuses)).to_json()
+        async with self.session.post(
+            f"{self.config.control_plane_url}/api/agents/{quote(self.config.agent_id, safe='')}"
+            "/progress",
+            json=body,
+            headers={"Authorization": f"Bearer {self.credentials.current}"},
+            timeout=aiohttp.ClientTimeout(total=PROGRESS_TIMEOUT_SECONDS),
+        ) as response:
+            if response.status != 204:
+                raise aiohttp.ClientError(f"HTTP {response.status} {(await response.text())[:200]}")
 
     def _keep_issued(self, text: str) -> None:
         try:
@@ -394,6 +422,9 @@ class AgentServer:
             levels[slot.cache_level] = levels.get(slot.cache_level, 0) + 1
         for level in CacheLevel:
             self.metrics.models.labels(level).set(levels.get(level, 0))
+        standbys = self.registry.standbys
+        for state, count in (standbys.counts if standbys else {"ready": 0, "starting": 0}).items():
+            self.metrics.standby_engines.labels(state).set(count)
         downloading = [s for s in self.registry.slots.values() if s.state == ModelState.DOWNLOADING]
         self.metrics.download_throughput.set(sum(s.progress.bytes_per_second for s in downloading))
         body = generate_latest(self.metrics.registry)

@@ -8,6 +8,7 @@ One module per concern:
 - `unloads`: steps down the eviction ladder and their outcome;
 - `sweeps`: beat's sweep (orphaned steps, idle models, min_replicas);
 - `heartbeats`: a heartbeat round, reconciled with what each agent reports;
+- `progress`: the phases and bytes of pending loads, pushed by agents as they happen;
 - `history`: counters and estimates kept as steps finish, and pruning;
 - `steps`: the task protocol loads and unloads share.
 
@@ -29,6 +30,7 @@ from agents.actions.loads import (
     record_first_token,
     scale_out,
 )
+from agents.actions.progress import record_progress
 from agents.actions.registration import (
     CredentialError,
     Registration,
@@ -75,6 +77,7 @@ __all__ = [
     "load_on_agent",
     "prune_load_events",
     "record_first_token",
+    "record_progress",
     "register_agent",
     "register_catalog_model",
     "replica_failed",

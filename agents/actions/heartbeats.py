@@ -137,7 +137,7 @@ _HEARTBEAT_AGENT_FIELDS = [
 
 
 _HEARTBEAT_PLACEMENT_FIELDS = [
-    "state", "cache_level", "inference_endpoint_url", "bytes_done", "bytes_total",
+    "state", "cache_level", "inference_endpoint_url", "bytes_done", "bytes_total", "phase",
     "kv_cache_hit_rate", "kv_cache_usage", "requests_in_flight", "requests_waiting",
     "last_used_at", "error", "updated_at",
 ]  # fmt: skip
@@ -230,6 +230,7 @@ def _reconcile(placement: Placement, status: ModelStatus, *, new: bool = False) 
     if not pending:
         placement.inference_endpoint_url = status.inference_endpoint_url
     placement.bytes_done, placement.bytes_total = status.bytes_done, status.bytes_total
+    placement.phase = status.phase
     placement.kv_cache_hit_rate, placement.kv_cache_usage = (
         status.kv_cache_hit_rate,
         status.kv_cache_usage,

@@ -338,6 +338,8 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.outcome, event.finished_at = LoadOutcome.SUCCEEDED, event.finished_at or now
         event.download_seconds = timings.download_seconds
         event.engine_start_seconds = timings.engine_start_seconds or timings.wake_seconds
+        event.engine_start = timings.engine_start
+        event.engine_start_note = timings.engine_start_note
         event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
         history.observe_load(event)
@@ -353,7 +355,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         placement.cache_level = CacheLevel.GPU_RESIDENT
         placement.inference_endpoint_url = response.inference_endpoint_url
         placement.bytes_done = placement.bytes_total
-        placement.error = ""
+        placement.error, placement.phase = "", ""
         placement.save()
         events.announce(placements=[placement.pk], loads=[event.pk])
     return placement
@@ -396,8 +398,9 @@ def fail_load(event_id: int, error: str) -> Placement | None:
         Placement.objects.filter(
             pk__in=steps.placement_of(event), state__in=steps.LOADING_STATES
         ).exclude(load_events__queued_at__gt=event.queued_at).update(
-            state=transitions.target(Event.FAILED), error=error[:4000], updated_at=timezone.now()
-        )
+            state=transitions.target(Event.FAILED), error=error[:4000], phase="",
+            updated_at=timezone.now(),
+        )  # fmt: skip
         events.announce(placements=steps.placement_of(event), loads=[event.pk])
     log.warning("load of model %s on agent %s failed: %s", found["model"], event.agent_id, error)
     return _retry(int(found["model"]))

@@ -1,7 +1,13 @@
 from django.urls import path
 from rest_framework.routers import DefaultRouter, DynamicRoute, Route
 
-from agents.api.views import AgentViewSet, ModelViewSet, PlacementViewSet, RegisterAgentView
+from agents.api.views import (
+    AgentProgressView,
+    AgentViewSet,
+    ModelViewSet,
+    PlacementViewSet,
+    RegisterAgentView,
+)
 
 
 def _detail_actions_first(routes: list[Route | DynamicRoute]) -> list[Route | DynamicRoute]:
@@ -29,5 +35,6 @@ router.register("placements", PlacementViewSet, basename="placement")
 urlpatterns = [
     # Before the router, so "register" is not taken for an agent_id.
     path("agents/register", RegisterAgentView.as_view(), name="agent-register"),
+    path("agents/<str:agent_id>/progress", AgentProgressView.as_view(), name="agent-progress"),
     *router.urls,
 ]

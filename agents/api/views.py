@@ -7,6 +7,7 @@ from dataclasses import asdict
 from django.conf import settings
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -27,10 +28,12 @@ from agents.api.serializers import (
     UnloadRequestSerializer,
 )
 from agents.models import Agent, Model, Placement
-from nodeagent.protocol import CONTRACT_VERSION, RegisterResponse
+from nodeagent.protocol import CONTRACT_VERSION, LoadProgress, ProtocolError, RegisterResponse
 
 # model_id may hold slashes (org/name): let the URL segment take them.
 MODEL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"
+# A report names the few models loading on one agent: far below this.
+MAX_PROGRESS_BYTES = 256 * 1024
 
 
 class AgentViewSet(viewsets.ReadOnlyModelViewSet[Agent]):
@@ -153,3 +156,42 @@ class RegisterAgentView(APIView):
         )
         body = {key: value for key, value in asdict(answer).items() if value != ""}
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class AgentProgressView(APIView):
+    """`POST /api/agents/<agent_id>/progress`: an agent's loads, phase by phase, as they happen
+    (nodeagent.progress). Only the agent itself may report: its own credential."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        request={"application/json": OpenApiTypes.OBJECT},
+        responses={204: None},
+        description="Body: nodeagent.protocol.LoadProgress.",
+    )
+    def post(self, request: Request, agent_id: str) -> Response:
+        principal = request.user
+        assert isinstance(principal, AgentPrincipal)
+        if principal.agent_id != agent_id:
+            return Response(
+                {"detail": "Only the agent itself reports its progress, with its credential."},
+                status=status.HTTP_403_FORBIDDEN,
+            )
+        if len(request.body) > MAX_PROGRESS_BYTES:
+            return Response(
+                {"detail": f"A progress report is limited to {MAX_PROGRESS_BYTES} bytes."},
+                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            )
+        try:
+            report = LoadProgress.from_json(request.body)
+        except ProtocolError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_400_BAD_REQUEST)
+        if report.agent_id != agent_id:
+            return Response(
+                {"detail": f"The report is of agent {report.agent_id!r}, not {agent_id!r}."},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
+        agent = get_object_or_404(Agent, agent_id=agent_id)
+        actions.record_progress(agent, report.models)
+        return Response(status=status.HTTP_204_NO_CONTENT)

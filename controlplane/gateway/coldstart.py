@@ -34,6 +34,7 @@ class Snapshot:
     bytes_total: int
     agent_state: str
     error: str
+    phase: str = ""
 
     @property
     def serving(self) -> bool:
@@ -48,12 +49,14 @@ class Snapshot:
         )
 
     def describe(self) -> str:
-        if self.state == PlacementState.DOWNLOADING and self.bytes_total:
-            share = min(self.bytes_done / self.bytes_total, 1.0)
-            return f"downloading {share:.0%}"
+        """The phase in words: the agent's own ("verifying", "starting the engine
+        (standby)") where it reported one, with the share of bytes while downloading."""
         if self.state == PlacementState.DOWNLOADING:
-            return "downloading"
-        return "starting the engine"
+            phase = self.phase or "downloading"
+            if phase == "downloading" and self.bytes_total:
+                return f"downloading {min(self.bytes_done / self.bytes_total, 1.0):.0%}"
+            return phase
+        return self.phase or "starting the engine"
 
 
 class ColdStartFailed(Exception):
@@ -78,7 +81,7 @@ class _Watch:
         while self.waiters:
             row = await (
                 Placement.objects.filter(pk=self.placement_id)
-                .values_list("state", "bytes_done", "bytes_total", "agent__state", "error")
+                .values_list("state", "bytes_done", "bytes_total", "agent__state", "error", "phase")
                 .afirst()
             )
             snapshot = Snapshot(*row) if row else Snapshot(PlacementState.FAILED, 0, 0, "", "")

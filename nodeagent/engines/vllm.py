@@ -1,9 +1,11 @@
-"""The `vllm` engine: one `vllm.entrypoints.openai.api_server` subprocess per model.
+"""The `vllm` engine: one `vllm.entrypoints.openai.api_server` process per model.
 
 It runs with the interpreter of vLLM's own virtual environment, in a process
 group of its own (vLLM starts an EngineCore child), with its output in a log
-file per model. Stopping sends SIGTERM to the group, then SIGKILL after the
-grace period, and waits until no process of the group is left.
+file per model. It is either started plainly (a new process that imports
+everything) or a standby that becomes it (`nodeagent.engines.standby`); either way
+stopping sends SIGTERM to the group, then SIGKILL after the grace period, and
+waits until no process of the group is left.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pathlib import Path
 import aiohttp
 
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
+from nodeagent.engines.standby import Standby
+from nodeagent.protocol import EngineStart
 
 LOG_TAIL_LINES = 25
+API_SERVER = "vllm.entrypoints.openai.api_server"
 
 
 def vllm_argv(
@@ -38,7 +43,7 @@ def vllm_argv(
     argv = [
         python,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        API_SERVER,
         "--model",
         str(model_dir),
         "--served-model-name",
@@ -69,6 +74,9 @@ class VllmEngine:
         grace: float,
         gpu: bool,
         environ: Mapping[str, str],
+        standby: Standby | None = None,
+        fork_children: bool = True,
+        start_note: str = "",
     ) -> None:
         self.model_id = model_id
         self.argv = list(argv)
@@ -83,6 +91,11 @@ class VllmEngine:
         self._log_offset = 0
         self._stopping = False
         self._exited: asyncio.Future[EngineExit] | None = None
+        self.standby = standby
+        self.fork_children = fork_children
+        # How it started ("standby" or "plain") and, for a plain start, why: the LoadEvent's.
+        self.start_mode: EngineStart = "standby" if standby is not None else "plain"
+        self.start_note = start_note
 
     def _env(self) -> dict[str, str]:
         env = dict(self.environ)
@@ -95,12 +108,43 @@ class VllmEngine:
     async def start(self, session: aiohttp.ClientSession, deadline: float) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.standby is not None:
+            self.process = await self._adopt(self.standby)
+        if self.process is None:
+            self.process = await self._launch()
+        self._exited = asyncio.ensure_future(self._watch(self.process))
+        try:
+            await wait_until_ready(self, session, self.model_id, deadline, self._exited)
+        except (EngineError, asyncio.CancelledError) as exc:
+            await self.stop()
+            if isinstance(exc, EngineError):
+                raise EngineError(
+                    exc.code, f"{exc}; last lines of its log:\n{self.log_tail()}"
+                ) from None
+            raise
+
+    async def _adopt(self, standby: Standby) -> asyncio.subprocess.Process | None:
+        """Hand the model to the standby; None (and a plain start) if it died meanwhile."""
+        with self.log_path.open("ab") as log:
+            command = " ".join(self.argv)
+            log.write(f"--- llmfleet: standby {standby.pid} becomes {command}\n".encode())
+            self._log_offset = log.tell()
+        try:
+            server_args = self.argv[self.argv.index(API_SERVER) + 1 :]
+            await standby.hand_over(server_args, self._env(), self.log_path, self.fork_children)
+        except (OSError, RuntimeError) as exc:
+            self.start_mode = "plain"
+            self.start_note = f"the standby had exited ({exc}): started plainly"
+            return None
+        return standby.process
+
+    async def _launch(self) -> asyncio.subprocess.Process:
         with self.log_path.open("ab") as log:
             log.write(f"--- llmfleet: starting {' '.join(self.argv)}\n".encode())
             log.flush()
             self._log_offset = log.tell()
             try:
-                self.process = await asyncio.create_subprocess_exec(
+                return await asyncio.create_subprocess_exec(
                     *self.argv,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
@@ -112,16 +156,6 @@ class VllmEngine:
                 raise EngineError(
                     "engine_start_failed", f"cannot run {self.argv[0]}: {exc}"
                 ) from None
-        self._exited = asyncio.ensure_future(self._watch(self.process))
-        try:
-            await wait_until_ready(self, session, self.model_id, deadline, self._exited)
-        except (EngineError, asyncio.CancelledError) as exc:
-            await self.stop()
-            if isinstance(exc, EngineError):
-                raise EngineError(
-                    exc.code, f"{exc}; last lines of its log:\n{self.log_tail()}"
-                ) from None
-            raise
 
     async def _watch(self, process: asyncio.subprocess.Process) -> EngineExit:
         code = await process.wait()

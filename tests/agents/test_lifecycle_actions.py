@@ -130,7 +130,10 @@ def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
     assert job is not None
     assert job.request.model_id == model.model_id
     assert actions.begin_load(event.pk) is None  # a redelivered task does nothing
-    timings = LoadTimings(download_seconds=2.0, engine_start_seconds=25.0, total_seconds=27.5)
+    timings = LoadTimings(
+        download_seconds=2.0, engine_start_seconds=25.0, total_seconds=27.5,
+        engine_start="plain", engine_start_note="no standby was ready (all taken)",
+    )  # fmt: skip
     actions.finish_load(
         event.pk, LoadModelResponse(model.model_id, f"{job.agent_url}/models/m", timings)
     )
@@ -143,6 +146,9 @@ def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
     event.refresh_from_db()
     assert event.outcome == LoadOutcome.SUCCEEDED
     assert (event.download_seconds, event.engine_start_seconds) == (2.0, 25.0)
+    assert (event.engine_start, event.engine_start_note) == (
+        "plain", "no standby was ready (all taken)"
+    )  # fmt: skip
     assert event.bytes_downloaded == GIB
     assert event.queue_seconds is not None
     actions.record_first_token(placement.pk)

@@ -20,7 +20,7 @@ def load_body(tiny_model, model_id: str = "org/tiny", **extra) -> dict:
 
 
 def starts(agent) -> float:
-    return agent.server.metrics.engine_starts.labels("sim", "ready")._value.get()
+    return agent.server.metrics.engine_starts.labels("sim", "ready", "plain")._value.get()
 
 
 async def test_load_serves_the_model_and_the_heartbeat_says_so(agent, tiny_model):
@@ -58,7 +58,7 @@ async def test_loading_a_ready_model_again_is_instant(agent, tiny_model):
     assert status == 200
     assert body["timings"] == {
         "download_seconds": None, "engine_start_seconds": None, "wake_seconds": None,
-        "total_seconds": 0.0, "files_cached": True,
+        "total_seconds": 0.0, "files_cached": True, "engine_start": "", "engine_start_note": "",
     }  # fmt: skip
     assert starts(agent) == 1
 
@@ -302,7 +302,8 @@ async def test_metrics_endpoint_exposes_agent_series(agent, tiny_model):
     await agent.post("/load_model", load_body(tiny_model))
     async with agent.http.get(f"{agent.url}/metrics", headers=agent.headers) as response:
         text = await response.text()
-    assert 'llmfleet_agent_engine_starts_total{engine="sim",outcome="ready"} 1.0' in text
+    started = 'llmfleet_agent_engine_starts_total{engine="sim",outcome="ready",start="plain"} 1.0'
+    assert started in text
     assert 'llmfleet_agent_models{cache_level="GPU_RESIDENT"} 1.0' in text
     assert "llmfleet_agent_download_bytes_total 1.8" in text
     assert 'llmfleet_agent_downloads_total{outcome="complete"} 1.0' in text
