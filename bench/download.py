@@ -3,11 +3,13 @@
     .venv/bin/python bench/download.py [--size-mib 1024] [--files 4]
 
 Publishes a synthetic model (random bytes) to an in-memory Azurite, then in the
-same run measures MB/s for (a) llmfleet's downloader (sha256 verified, CPU
-seconds of this process counted), (b) the Azure SDK's `download_blob().readinto()`
+same run measures MB/s for (a) llmfleet's downloader, CPU seconds of its process
+counted, verifying with BLAKE3 (the manifest as `publish` writes it) and then the
+same bytes with sha256 (the manifest rewritten without BLAKE3, as older ones), (b) the Azure SDK's `download_blob().readinto()`
 with default settings, and (c) the machine's ceiling: the same bytes fetched
 over loopback HTTP by curl from a plain static server (`python -m http.server`).
-Ends with one RESULT line. Needs `make azurite` (npm) and curl.
+Ends with one RESULT line (`cpu_s_per_gib` is BLAKE3's, `cpu_s_per_gib_sha256`
+beside it). Needs `make azurite` (npm) and curl.
 
 Each method runs in a fresh process, after `sync` and (as root) dropping the
 page cache: on these VMs a process's writes slow to about a third once it has
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from nodeagent.download import DownloadProgress, DownloadSettings, download  # noqa: E402
 from nodeagent.store import open_store  # noqa: E402
+from nodeagent.store.base import MANIFEST_NAME  # noqa: E402
 from nodeagent.store.publish import publish  # noqa: E402
 from tests.azurite import Azurite  # noqa: E402
 from tests.support import free_port, wait_for  # noqa: E402
@@ -77,7 +80,7 @@ async def ours(
             store,
             files,
             staging,
-            DownloadSettings(),
+            settings,
             progress,
             asyncio.get_running_loop().time() + 600,
         )
@@ -103,24 +106,31 @@ def fresh_start() -> None:
 
 
 def measure(
-    method: str, connection_string: str, target: Path, names: list[str], tuning: list[str]
+    method: str,
+    connection_string: str,
+    target: Path,
+    names: list[str],
+    tuning: list[str],
+    prefix: str = "model",
 ) -> dict[str, float]:
     """Run one method in a fresh process; its wall seconds, CPU seconds and verify seconds."""
     fresh_start()
     argv = [sys.executable, __file__, "--measure", method, "--connection-string", connection_string,
-            "--target", str(target), "--names", ",".join(names), *tuning]  # fmt: skip
+            "--target", str(target), "--names", ",".join(names), "--prefix", prefix,
+            *tuning]  # fmt: skip
     output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(output.strip().splitlines()[-1]))
 
 
 def measure_here(
-    method: str, connection_string: str, target: Path, names: list[str], settings: DownloadSettings
-) -> None:
+    method: str, connection_string: str, target: Path, names: list[str],
+    settings: DownloadSettings, prefix: str,
+) -> None:  # fmt: skip
     environ = {"AZURE_STORAGE_CONNECTION_STRING": connection_string}
     cpu = cpu_seconds()
     if method == "ours":
         seconds, _, verify_seconds = asyncio.run(
-            ours("azure://bench/model", environ, target, settings)
+            ours(f"azure://bench/{prefix}", environ, target, settings)
         )
     else:
         seconds, verify_seconds = sdk(connection_string, "model", names, target), 0.0
@@ -162,6 +172,18 @@ def ceiling(source: Path, names: list[str], target: Path) -> float:
         server.wait()
 
 
+def sha256_only(connection_string: str) -> None:
+    """Rewrite the published manifest as one without BLAKE3 (as older publishes wrote)."""
+    container = BlobServiceClient.from_connection_string(connection_string).get_container_client(
+        "bench"
+    )
+    blob = container.get_blob_client(f"model/{MANIFEST_NAME}")
+    body = json.loads(blob.download_blob().readall())
+    for entry in body["files"]:
+        entry.pop("blake3", None)
+    blob.upload_blob(json.dumps(body).encode(), overwrite=True)
+
+
 def verify(directory: Path, digests: dict[str, str]) -> None:
     for name, digest in digests.items():
         if hashlib.sha256((directory / name).read_bytes()).hexdigest() != digest:
@@ -174,16 +196,25 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--range-mib", type=int, default=16, help="downloader range size")
     parser.add_argument("--concurrency", type=int, default=8, help="downloader ranges in flight")
+    parser.add_argument(
+        "--hash-memory-mib", type=int, default=256,
+        help="finished ranges kept in memory for hashing (0: hash by reading back)",
+    )  # fmt: skip
     parser.add_argument("--measure", choices=["ours", "sdk"], help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", default="model", help=argparse.SUPPRESS)
     parser.add_argument("--connection-string", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        settings = DownloadSettings(concurrency=args.concurrency, range_bytes=args.range_mib * MIB)
+        settings = DownloadSettings(
+            concurrency=args.concurrency, range_bytes=args.range_mib * MIB,
+            hash_memory_bytes=args.hash_memory_mib * MIB,
+        )  # fmt: skip
         measure_here(
-            args.measure, args.connection_string, args.target, args.names.split(","), settings
-        )
+            args.measure, args.connection_string, args.target, args.names.split(","), settings,
+            args.prefix,
+        )  # fmt: skip
         return
     work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-"))
     azurite = Azurite(work / "azurite").start()
@@ -196,9 +227,17 @@ def main() -> None:
         publish(model, "azure://bench/model", azurite.environ(), stream=io.StringIO())
 
         connection = azurite.connection_string()
-        tuning = ["--range-mib", str(args.range_mib), "--concurrency", str(args.concurrency)]
+        tuning = ["--range-mib", str(args.range_mib), "--concurrency", str(args.concurrency),
+                  "--hash-memory-mib", str(args.hash_memory_mib)]  # fmt: skip
         result = measure("ours", connection, work / "ours", names, tuning)
         seconds, cpu, verify_seconds = result["seconds"], result["cpu"], result["verify_seconds"]
+        verify(work / "ours", digests)
+        shutil.rmtree(work / "ours")
+        # The same bytes, verified as a manifest published before BLAKE3 asks: sha256.
+        sha256_only(connection)
+        result = measure("ours", connection, work / "ours", names, tuning)
+        seconds_sha, cpu_sha = result["seconds"], result["cpu"]
+        verify_sha = result["verify_seconds"]
         verify(work / "ours", digests)
         shutil.rmtree(work / "ours")
         sdk_seconds = measure("sdk", connection, work / "sdk", names, tuning)["seconds"]
@@ -213,23 +252,24 @@ def main() -> None:
     weights = sum((args.size_mib * MIB // args.files) for _ in names)
     rate = {name: weights / 1e6 / value for name, value in
             (("ours", seconds), ("sdk", sdk_seconds), ("ceiling", ceiling_seconds))}  # fmt: skip
+    rate["sha256"] = weights / 1e6 / seconds_sha
     cpu_per_gib = cpu / (total / 1024**3)
+    cpu_per_gib_sha = cpu_sha / (total / 1024**3)
+    tuned = f"{args.range_mib} MiB ranges, {args.concurrency} in flight"
     rows = [
-        (
-            f"llmfleet ({args.range_mib} MiB ranges, {args.concurrency} in flight, sha256)",
-            seconds,
-            rate["ours"],
-        ),
+        (f"llmfleet ({tuned}, BLAKE3)", seconds, rate["ours"]),
+        (f"llmfleet ({tuned}, sha256-only manifest)", seconds_sha, rate["sha256"]),
         ("Azure SDK download_blob().readinto(), defaults", sdk_seconds, rate["sdk"]),
         ("ceiling: curl from python -m http.server, loopback", ceiling_seconds, rate["ceiling"]),
     ]
     print(f"\n{'method':<58} {'seconds':>8} {'MB/s':>8}")
     for label, taken, mb_s in rows:
         print(f"{label:<58} {taken:8.2f} {mb_s:8.0f}")
-    print(f"\nsha256 still running after the last byte: {verify_seconds:.2f} s")
+    print(f"\nhashing still running after the last byte: BLAKE3 {verify_seconds:.2f} s, "
+          f"sha256 {verify_sha:.2f} s")  # fmt: skip
     print(
-        f"llmfleet downloader CPU: {cpu:.2f} s for {total / 1024**3:.2f} GiB "
-        f"({cpu_per_gib:.2f} s/GiB)"
+        f"llmfleet downloader CPU for {total / 1024**3:.2f} GiB: BLAKE3 {cpu:.2f} s "
+        f"({cpu_per_gib:.2f} s/GiB), sha256 {cpu_sha:.2f} s ({cpu_per_gib_sha:.2f} s/GiB)"
     )
     summary = {
         "ours_mb_s": f"{rate['ours']:.0f}",
@@ -237,7 +277,9 @@ def main() -> None:
         "ceiling_mb_s": f"{rate['ceiling']:.0f}",
         "vs_ceiling": f"{rate['ours'] / rate['ceiling']:.2f}",
         "vs_sdk": f"{rate['ours'] / rate['sdk']:.1f}",
+        "sha256_mb_s": f"{rate['sha256']:.0f}",
         "cpu_s_per_gib": f"{cpu_per_gib:.2f}",
+        "cpu_s_per_gib_sha256": f"{cpu_per_gib_sha:.2f}",
     }
     print("RESULT " + " ".join(f"{key}={value}" for key, value in summary.items()))
 

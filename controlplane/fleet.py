@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -75,6 +76,9 @@ def agent_spec(
                 "(or set FLEET_AGENT=sim for the simulated engine)"
             )
         argv += ["--engine-python", engine_python]
+    standbys = os.environ.get("AGENT_STANDBY_ENGINES", "").strip()
+    if standbys:  # e.g. 0 for plain starts only (bench/coldstart.py compares both)
+        argv += ["--standby-engines", standbys]
     # The token goes by environment, never argv, which `ps` shows to every user.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     env["AGENT_TOKEN"] = token
@@ -182,8 +186,8 @@ def _fleet_settings() -> tuple[Path, str]:
     return Path(settings.VAR_DIR), str(settings.AGENT_TOKEN)
 
 
-def _wait_for_agent(agent_id: str, supervisor: Supervisor, seconds: float) -> bool:
-    """Until the local agent has registered (its row exists), a stop, a child's exit, or
+def _wait_for_agent(agent_id: str, supervisor: Supervisor, seconds: float, since: datetime) -> bool:
+    """Until the local agent has registered in this run, a stop, a child's exit, or
     `seconds`: a request before that would find no agent to load onto."""
     from django.db import connection
 
@@ -194,7 +198,8 @@ def _wait_for_agent(agent_id: str, supervisor: Supervisor, seconds: float) -> bo
         while time.monotonic() < deadline and not supervisor.stop_requested:
             if any(child.poll() is not None for child in supervisor.children.values()):
                 return False
-            if Agent.objects.filter(agent_id=agent_id).exists():
+            # Registered by this run: a row of an earlier run of the same VAR_DIR says nothing.
+            if Agent.objects.filter(agent_id=agent_id, updated_at__gte=since).exists():
                 return True
             time.sleep(0.5)
         return False
@@ -247,6 +252,7 @@ def main() -> int:
     supervisor = Supervisor(specs)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
+    since = datetime.now(UTC)
     supervisor.start()
     print(
         f"fleet: web on {base}/ (admin /admin/, API /api/, OpenAI /v1/, "
@@ -254,7 +260,7 @@ def main() -> int:
         flush=True,
     )
     try:
-        if kind != "none" and _wait_for_agent(LOCAL_AGENT, supervisor, 120):
+        if kind != "none" and _wait_for_agent(LOCAL_AGENT, supervisor, 120, since):
             print(_banner(base, key_file), flush=True)
         status = supervisor.watch()
     finally:

@@ -5,8 +5,10 @@ each written with `pwrite` into a preallocated file and pinned to the
 listing's ETag. A journal records finished ranges, so an interrupted download
 (an agent restart, a store outage) resumes with only the missing ones.
 Throttling and transient failures are retried with backoff until the
-deadline; then sizes and sha256 are verified. Publishing the finished
-directory (an atomic rename) is the cache's job.
+deadline. Each file is verified with BLAKE3 where its manifest has it, sha256
+otherwise, hashed from the bytes as they arrive (in file order, from memory)
+rather than read back once written. Publishing the finished directory (an
+atomic rename) is the cache's job.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from nodeagent.store.base import RemoteFile, Store, StoreError
+from nodeagent.store.base import RemoteFile, Store, StoreError, new_blake3
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ class DownloadSettings:
     concurrency: int = 8
     range_bytes: int = 16 * MIB
     bandwidth_limit: float | None = None  # bytes per second, for the whole download
+    # Finished ranges kept in memory until the hash reaches them; beyond this they are read
+    # back from the page cache instead.
+    hash_memory_bytes: int = 256 * MIB
 
 
 @dataclass
@@ -74,6 +80,9 @@ class DownloadResult:
     retries: int
     seconds: float
     verify_seconds: float
+    # Bytes the hashes read back from disk (resumed ranges, or beyond the memory budget);
+    # everything else was hashed from memory as it arrived.
+    read_back_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,8 @@ class _Range:
 def fingerprint(files: Sequence[RemoteFile]) -> str:
     """Names this exact version of the model: a journal for another version is void."""
     text = "\n".join(
-        f"{f.path}\t{f.size}\t{f.etag}\t{f.sha256}" for f in sorted(files, key=lambda f: f.path)
+        f"{f.path}\t{f.size}\t{f.etag}\t{f.sha256}\t{f.blake3 or ''}"
+        for f in sorted(files, key=lambda f: f.path)
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -169,54 +179,111 @@ def _preallocate(path: Path, size: int) -> int:
 
 
 class _StreamingHash:
-    """sha256 of one file, computed while it downloads.
+    """The digest of one file (BLAKE3 or sha256), computed while it downloads.
 
-    Ranges finish nearly in order, so the file's contiguous prefix grows steadily; a
-    task hashes each new stretch of it in a worker thread (reading back from the page
-    cache), and verification is done when the last byte lands instead of after.
+    Both digests are sequential, and ranges finish nearly but not exactly in order: a
+    finished range's bytes stay in memory (`remember`) until the hash reaches its start,
+    then are hashed without touching the disk. What is only on disk (a resumed download's
+    ranges, or ranges beyond the memory budget) is read back from the page cache.
+    Hashing runs in a worker thread, one at a time: the event loop keeps the other core.
     """
 
     BLOCK = 8 * MIB
 
-    def __init__(self, path: Path, size: int, hashing: asyncio.Semaphore) -> None:
-        self.path, self.size, self.hashing = path, size, hashing
-        self.digest = hashlib.sha256()
+    def __init__(self, path: Path, size: int, kind: str, hashing: asyncio.Semaphore,
+                 budget: _Budget) -> None:  # fmt: skip
+        self.path, self.size, self.hashing, self.budget = path, size, hashing, budget
+        self.digest: Any = new_blake3() if kind == "blake3" else hashlib.sha256()
         self.cursor = 0
-        self.ready: list[tuple[int, int]] = []
+        self.in_memory: dict[int, tuple[int, list[bytes]]] = {}  # start -> (end, chunks)
+        self.on_disk: list[tuple[int, int]] = []
         self.advanced = asyncio.Event()
+        self.read_back = 0
 
-    def add(self, start: int, end: int) -> None:
-        self.ready.append((start, end))
+    def remember(self, start: int, end: int, chunks: list[bytes]) -> None:
+        """A finished range, with its bytes if the budget allows."""
+        if start < self.cursor:
+            return  # hashed already (a retried range brings the same bytes again)
+        if self.budget.take(end - start):
+            self.in_memory[start] = (end, chunks)
+        else:
+            self.on_disk.append((start, end))
         self.advanced.set()
 
-    def _contiguous_end(self) -> int:
-        end = self.cursor
-        self.ready.sort()
-        while self.ready and self.ready[0][0] <= end:
-            end = max(end, self.ready.pop(0)[1])
-        return end
+    def add(self, start: int, end: int) -> None:
+        """Bytes that are on disk only (a resumed download's)."""
+        self.on_disk.append((start, end))
+        self.advanced.set()
 
-    def _hash(self, start: int, end: int) -> None:
+    def _next_stretch(self) -> tuple[int, list[bytes] | None] | None:
+        """(end, chunks) of the stretch at the cursor; chunks None: read it from disk."""
+        found = self.in_memory.pop(self.cursor, None)
+        if found is not None:
+            return found
+        self.on_disk.sort()
+        while self.on_disk and self.on_disk[0][1] <= self.cursor:
+            self.on_disk.pop(0)
+        if self.on_disk and self.on_disk[0][0] <= self.cursor:
+            end = self.on_disk.pop(0)[1]
+            # Up to the next stretch in memory, so no byte is hashed twice.
+            starts = [start for start in self.in_memory if self.cursor < start < end]
+            return min([end, *starts]), None
+        return None
+
+    def _hash(self, stretches: list[tuple[int, int, list[bytes] | None]]) -> None:
         # The thread opens its own descriptor: a cancelled download may close everything
         # it holds while this thread still reads.
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = -1
         try:
-            for offset in range(start, end, self.BLOCK):
-                self.digest.update(os.pread(fd, min(self.BLOCK, end - offset), offset))
+            for start, end, chunks in stretches:
+                if chunks is not None:
+                    for chunk in chunks:
+                        self.digest.update(chunk)
+                    continue
+                if fd < 0:
+                    fd = os.open(self.path, os.O_RDONLY)
+                for offset in range(start, end, self.BLOCK):
+                    self.digest.update(os.pread(fd, min(self.BLOCK, end - offset), offset))
+                self.read_back += end - start
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     async def run(self) -> str:
         while self.cursor < self.size:
             await self.advanced.wait()
             self.advanced.clear()
-            end = self._contiguous_end()
-            if end > self.cursor:
-                # One hashing thread at a time: the event loop keeps the other core.
-                async with self.hashing:
-                    await asyncio.to_thread(self._hash, self.cursor, end)
+            stretches: list[tuple[int, int, list[bytes] | None]] = []
+            position = self.cursor
+            while (found := self._next_stretch()) is not None:
+                end, chunks = found
+                stretches.append((self.cursor, end, chunks))
                 self.cursor = end
-        return self.digest.hexdigest()
+            if not stretches:
+                continue
+            try:
+                async with self.hashing:
+                    await asyncio.to_thread(self._hash, stretches)
+            finally:
+                self.budget.give(sum(end - start for start, end, c in stretches if c is not None))
+            assert self.cursor > position
+        return str(self.digest.hexdigest())
+
+
+class _Budget:
+    """Bytes of finished ranges held in memory for hashing, across a download's files."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, count: int) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.used -= count
 
 
 @contextlib.contextmanager
@@ -276,10 +343,13 @@ class Downloader:
             try:
                 self.fds = {f.path: _preallocate(self.staging / f.path, f.size) for f in self.files}
                 hashing = asyncio.Semaphore(1)
+                budget = _Budget(self.settings.hash_memory_bytes)
                 self.hashes = {
-                    f.path: _StreamingHash(self.staging / f.path, f.size, hashing)
+                    f.path: _StreamingHash(
+                        self.staging / f.path, f.size, f.digest[0], hashing, budget
+                    )
                     for f in self.files
-                    if f.sha256
+                    if f.digest is not None
                 }
                 for path, intervals in done.items():
                     for start, end in intervals:
@@ -305,6 +375,7 @@ class Downloader:
         return DownloadResult(
             self.fetched, resumed, self.ranges_fetched, self.retries,
             time.monotonic() - started, verify_seconds,
+            sum(h.read_back for h in self.hashes.values()),
         )  # fmt: skip
 
     def _clear_staging(self) -> None:
@@ -348,10 +419,16 @@ class Downloader:
         delay = 0.1
         while True:
             written = 0
+            chunks: list[bytes] = []
+            keep = piece.file.path in self.hashes
 
-            def sink(offset: int, data: bytes) -> None:
+            def sink(
+                offset: int, data: bytes, chunks: list[bytes] = chunks, keep: bool = keep
+            ) -> None:
                 nonlocal written
                 os.pwrite(fd, data, offset)
+                if keep:
+                    chunks.append(data)
                 written += len(data)
                 self.progress.add(len(data))
 
@@ -371,24 +448,27 @@ class Downloader:
                 continue
             self.fetched += written
             self.ranges_fetched += 1
-            if piece.file.path in self.hashes:
-                self.hashes[piece.file.path].add(piece.start, piece.end)
+            if keep:
+                self.hashes[piece.file.path].remember(piece.start, piece.end, chunks)
             return
 
     def _verify(self, digests: dict[str, str]) -> None:
-        """Sizes, and the sha256 computed during the download, against the manifest."""
+        """Sizes, and the digests computed during the download, against the manifest."""
         for file in self.files:
             size = (self.staging / file.path).stat().st_size
             if size != file.size:
                 raise StoreError(
                     "size_mismatch", f"{file.path} is {size} bytes, the manifest says {file.size}"
                 )
+            if file.digest is None:
+                continue
+            kind, expected = file.digest
             digest = digests.get(file.path)
-            if file.sha256 and digest != file.sha256:
+            if digest != expected:
                 raise StoreError(
                     "checksum_mismatch",
-                    f"{file.path}: sha256 {digest[:16] if digest else '?'}… is not the manifest's "
-                    f"{file.sha256[:16]}…",
+                    f"{file.path}: {kind} {digest[:16] if digest else '?'}… is not the "
+                    f"manifest's {expected[:16]}…",
                 )
 
 

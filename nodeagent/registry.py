@@ -235,7 +235,7 @@ class ModelRegistry:
         lifecycle.move(slot, ModelState.LOADING_TO_GPU)
         slot.cache_level = CacheLevel.NVME_CACHED
         engine_started = time.monotonic()
-        engine = self._create_engine(request, cached)
+        engine = await self._create_engine(request, cached, deadline)
         took_standby = isinstance(engine, VllmEngine) and engine.standby is not None
         slot.engine_phase = _starting(engine)
         self.on_phase()
@@ -324,7 +324,9 @@ class ModelRegistry:
             del self.slots[victim]
             self.metrics.evictions.inc()
 
-    def _create_engine(self, request: LoadModelRequest, cached: CachedModel) -> Engine:
+    async def _create_engine(
+        self, request: LoadModelRequest, cached: CachedModel, deadline: float
+    ) -> Engine:
         name = request.engine.name or self.config.engine
         if name == "sim":
             return SimEngine(request.model_id, self.config.sim)
@@ -337,7 +339,8 @@ class ModelRegistry:
         elif refusal is not None:
             note = refusal
         else:
-            standby = self.standbys.take()
+            within = deadline - asyncio.get_running_loop().time()
+            standby = await self.standbys.take(within)
             note = "" if standby is not None else self.standbys.why_none()
         argv = vllm_argv(
             self.config.engine_python,

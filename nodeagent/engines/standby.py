@@ -129,6 +129,7 @@ class StandbyPool:
         self.started = 0
         self.last_error = ""
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # a standby became ready or failed
         self._task: asyncio.Task[None] | None = None
         self._children: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -138,6 +139,8 @@ class StandbyPool:
 
     def start(self) -> None:
         if self.size > 0 and self._task is None:
+            for _ in range(self.size):  # counted as starting at once: a load waits for them
+                self._spawn_child()
             self._task = asyncio.create_task(self._keep_filled())
 
     async def close(self) -> None:
@@ -154,7 +157,7 @@ class StandbyPool:
 
     # --- what loads use -----------------------------------------------------------------
 
-    def take(self) -> Standby | None:
+    def take_ready(self) -> Standby | None:
         """A ready standby, now the caller's (call `replenish` once its engine started)."""
         while self.ready:
             standby = self.ready.pop(0)
@@ -162,6 +165,19 @@ class StandbyPool:
                 self.held += 1
                 return standby
         return None
+
+    async def take(self, within: float) -> Standby | None:
+        """A ready standby, or the one importing now once it is ready (up to `within` s):
+        it is ready sooner than a plain start, which does the same imports from nothing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            standby = self.take_ready()
+            if standby is not None or not self.starting or loop.time() >= deadline:
+                return standby
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
 
     def replenish(self) -> None:
         """The engine a taken standby became has started or failed: start its successor."""
@@ -216,6 +232,7 @@ class StandbyPool:
         self._backoff = 0.0
         self.last_error = ""
         self.ready.append(standby)
+        self._changed.set()
         log.info("standby engine %d ready (imports took %.1f s)", standby.pid,
                  standby.import_seconds)  # fmt: skip
         self._wake.set()
@@ -259,6 +276,7 @@ class StandbyPool:
             self._failed(f"standby {standby.pid} died (status {code})")
 
     def _failed(self, why: str) -> None:
+        self._changed.set()
         if self._closed:
             return
         self.last_error = why

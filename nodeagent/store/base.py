@@ -29,6 +29,9 @@ class ManifestFile:
     path: str
     size: int
     sha256: str
+    # BLAKE3 (hex), verified instead of sha256 where present: ~1.7x faster on one core.
+    # Manifests published before it have none (""), and are verified with sha256.
+    blake3: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,8 @@ class Manifest:
         return sum(file.size for file in self.files)
 
     def to_json(self) -> str:
-        body = {"format": MANIFEST_FORMAT, "total_size": self.total_size,
-                "files": [asdict(file) for file in self.files]}  # fmt: skip
+        files = [{k: v for k, v in asdict(file).items() if v != ""} for file in self.files]
+        body = {"format": MANIFEST_FORMAT, "total_size": self.total_size, "files": files}
         return json.dumps(body, indent=1, sort_keys=True)
 
     @classmethod
@@ -51,7 +54,9 @@ class Manifest:
         try:
             body: Any = json.loads(text)
             files = tuple(
-                ManifestFile(str(f["path"]), int(f["size"]), str(f["sha256"]))
+                ManifestFile(
+                    str(f["path"]), int(f["size"]), str(f["sha256"]), str(f.get("blake3") or "")
+                )
                 for f in body["files"]
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -69,11 +74,13 @@ class Manifest:
     def of_directory(
         cls, directory: Path, on_bytes: Callable[[int], None] = lambda n: None
     ) -> Manifest:
-        """Sizes and sha256 of every file below `directory` (the manifest itself excepted)."""
+        """Sizes, sha256 and BLAKE3 of every file below `directory` (the manifest itself
+        excepted); both digests in one read of each file."""
         files = []
         for path in model_files(directory):
             relative = path.relative_to(directory).as_posix()
-            files.append(ManifestFile(relative, path.stat().st_size, sha256_of(path, on_bytes)))
+            sha256, blake3 = digests_of(path, on_bytes)
+            files.append(ManifestFile(relative, path.stat().st_size, sha256, blake3))
         return cls(tuple(files))
 
 
@@ -85,13 +92,23 @@ def model_files(directory: Path) -> list[Path]:
     )
 
 
-def sha256_of(path: Path, on_bytes: Callable[[int], None] = lambda n: None) -> str:
-    digest = hashlib.sha256()
+def digests_of(path: Path, on_bytes: Callable[[int], None] = lambda n: None) -> tuple[str, str]:
+    """(sha256, BLAKE3) of a file, hex."""
+    sha256, blake3 = hashlib.sha256(), new_blake3()
     with path.open("rb", buffering=0) as reader:
         while block := reader.read(_HASH_BLOCK):
-            digest.update(block)
+            sha256.update(block)
+            blake3.update(block)
             on_bytes(len(block))
-    return digest.hexdigest()
+    return sha256.hexdigest(), blake3.hexdigest()
+
+
+def new_blake3() -> Any:
+    # One thread: on a host that is downloading, the other cores have work of their own, and
+    # BLAKE3's threads cost more CPU per byte than they save in time.
+    from blake3 import blake3  # type: ignore[import-not-found,unused-ignore]
+
+    return blake3()
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,15 @@ class RemoteFile:
     size: int
     etag: str
     sha256: str | None
+    blake3: str | None = None
+
+    @property
+    def digest(self) -> tuple[str, str] | None:
+        """What verifies it: ("blake3", hex) where the manifest has BLAKE3, else ("sha256",
+        hex), None without a manifest."""
+        if self.blake3:
+            return "blake3", self.blake3
+        return ("sha256", self.sha256) if self.sha256 else None
 
 
 class Store(Protocol):
@@ -140,7 +166,7 @@ def join_listing(
                 "size_mismatch",
                 f"{uri}: {entry.path} is {size} bytes in the store, {entry.size} in the manifest",
             )
-        files.append(RemoteFile(entry.path, size, etag, entry.sha256))
+        files.append(RemoteFile(entry.path, size, etag, entry.sha256, entry.blake3 or None))
     return files
 
 

@@ -40,11 +40,12 @@ async def test_the_pool_fills_gives_one_away_and_replaces_it_only_when_asked(tmp
     pool, _ = _pool(tmp_path)
     pool.start()
     try:
-        await _until(lambda: pool.counts["ready"] == 1)
-        standby = pool.take()
+        # Asked while the first one still imports: the load waits for it.
+        standby = await pool.take(within=20)
         assert standby is not None
         assert standby.process.returncode is None
-        assert pool.take() is None
+        assert pool.take_ready() is None
+        assert await pool.take(within=5) is None  # none starting: nothing to wait for
         assert pool.why_none() == "no standby was ready (all taken)"
         await asyncio.sleep(0.3)
         # Its successor waits until the engine it became has started: the CPU is the start's.
@@ -69,7 +70,7 @@ async def test_a_standby_killed_with_sigkill_is_replaced(tmp_path):
         os.kill(victim, signal.SIGKILL)
         await _until(lambda: pool.counts["ready"] == 1 and pool.ready[0].pid != victim)
         assert len(deaths) == 1
-        assert pool.take() is not None
+        assert pool.take_ready() is not None
     finally:
         await pool.close()
 
@@ -90,7 +91,7 @@ async def test_a_standby_that_cannot_start_is_retried_with_backoff_and_says_why(
     pool.start()
     try:
         await _until(lambda: len(deaths) >= 2)
-        assert pool.take() is None
+        assert pool.take_ready() is None
         assert "a standby did not start: it exited with status 1" in pool.why_none()
         assert pool.counts["ready"] == 0
     finally:

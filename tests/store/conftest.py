@@ -11,6 +11,7 @@ import pytest
 
 from nodeagent.download import DownloadProgress, DownloadResult, DownloadSettings, download
 from nodeagent.store import open_store
+from nodeagent.store.base import RemoteFile
 from nodeagent.store.publish import publish
 
 MIB = 1024 * 1024
@@ -67,3 +68,8 @@ async def when_progress(progress: DownloadProgress, share: float) -> None:
     """Return once the download has done `share` of its bytes (polls: progress has no events)."""
     while not progress.total or progress.done < share * progress.total:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
+
+
+async def listing(uri: str, environ: dict[str, str] | None = None) -> list[RemoteFile]:
+    async with aiohttp.ClientSession() as session:
+        return await open_store(uri, session, environ or {}).listing()
