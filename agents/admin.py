@@ -317,7 +317,7 @@ class LoadEventAdmin(admin.ModelAdmin[LoadEvent]):
         "download_seconds", "engine_start_seconds", "engine_start", "first_token_seconds",
         "short_error",
     ]  # fmt: skip
-    list_filter = ["kind", "outcome", "trigger", "to_level", "engine_start"]
+    list_filter = ["kind", "outcome", "trigger", "to_level", "engine_start", "compile_cache"]
     list_select_related = ["model", "agent"]
     search_fields = ["model__model_id", "agent__agent_id", "error"]
     date_hierarchy = "queued_at"

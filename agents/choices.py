@@ -51,6 +51,13 @@ class EngineStart(models.TextChoices):
     STANDBY = "standby", "Standby engine"
 
 
+class CompileCache(models.TextChoices):
+    NEW = "new", "New (compiled by this start)"
+    LOCAL = "local", "The agent's own"
+    STORE = "store", "From the store (another agent's)"
+    DISCARDED = "discarded", "Discarded (the engine failed with it)"
+
+
 class LoadEventKind(models.TextChoices):
     LOAD = "LOAD", "Load"
     UNLOAD = "UNLOAD", "Unload"

@@ -65,6 +65,7 @@ def load_payload(event: LoadEvent) -> dict[str, Any]:
         "queue_seconds": event.queue_seconds, "download_seconds": event.download_seconds,
         "engine_start_seconds": event.engine_start_seconds,
         "engine_start": event.engine_start, "engine_start_note": event.engine_start_note[:300],
+        "compile_cache": event.compile_cache,
         "first_token_seconds": event.first_token_seconds, "total_seconds": event.total_seconds,
         "error": event.error[:300],
     }  # fmt: skip

@@ -11,6 +11,7 @@ from agents.choices import (
     UNROUTABLE_AGENT_STATES,
     AgentState,
     CacheLevel,
+    CompileCache,
     EngineStart,
     LoadEventKind,
     LoadOutcome,
@@ -257,6 +258,9 @@ class LoadEvent(models.Model):
     # for a plain start the agent's reason (no standby ready, arguments it cannot take).
     engine_start = models.CharField(max_length=8, choices=EngineStart.choices, blank=True)
     engine_start_note = models.CharField(max_length=1000, blank=True)
+    # Where the engine's compile cache came from (nodeagent.compilecache): "new" (it
+    # compiled), "local", "store" (another agent's), "discarded"; blank without one.
+    compile_cache = models.CharField(max_length=10, choices=CompileCache.choices, blank=True)
     first_token_seconds = models.FloatField(null=True, blank=True)
     bytes_downloaded = models.BigIntegerField(null=True, blank=True)
     error = models.TextField(blank=True)

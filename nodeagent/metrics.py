@@ -139,6 +139,19 @@ class AgentMetrics:
             "Standby engines that ended or failed to start before a load took them.",
             registry=self.registry,
         )
+        self.compile_caches = Counter(
+            "llmfleet_agent_compile_caches",
+            "vLLM engine starts by where their compile cache came from: new (none yet), local "
+            "(this agent's), store (published by another agent), discarded (deleted, failed).",
+            ["origin"],
+            registry=self.registry,
+        )
+        self.compile_cache_publishes = Counter(
+            "llmfleet_agent_compile_cache_publishes",
+            "Compile caches published to the store after a first start, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.models = Gauge(
             "llmfleet_agent_models",
             "Models on this agent by cache level.",

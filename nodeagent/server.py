@@ -139,7 +139,7 @@ class AgentServer:
             connector=connector, skip_auto_headers={"Accept-Encoding"}
         )
         self.registry.restore()
-        self.registry.start_standbys(len(self.gpu.snapshot()))
+        self.registry.start_standbys([gpu.name for gpu in self.gpu.snapshot()])
         self.credentials.load()
         if self.config.control_plane_url:
             self._register_task = asyncio.create_task(self.register_until_accepted())

@@ -340,6 +340,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.engine_start_seconds = timings.engine_start_seconds or timings.wake_seconds
         event.engine_start = timings.engine_start
         event.engine_start_note = timings.engine_start_note
+        event.compile_cache = timings.compile_cache
         event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
         history.observe_load(event)

@@ -158,6 +158,7 @@ class LoadEventSerializer(serializers.ModelSerializer[LoadEvent]):
             "id", "agent", "model", "placement", "kind", "trigger", "outcome", "from_level",
             "to_level", "queued_at", "started_at", "finished_at", "queue_seconds",
             "download_seconds", "engine_start_seconds", "engine_start", "engine_start_note",
+            "compile_cache",
             "first_token_seconds", "bytes_downloaded", "error",
         ]  # fmt: skip
         read_only_fields = fields

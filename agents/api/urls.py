@@ -2,11 +2,11 @@ from django.urls import path
 from rest_framework.routers import DefaultRouter, DynamicRoute, Route
 
 from agents.api.views import (
-    AgentProgressView,
     AgentViewSet,
     ModelViewSet,
     PlacementViewSet,
     RegisterAgentView,
+    agent_progress,
 )
 
 
@@ -35,6 +35,6 @@ router.register("placements", PlacementViewSet, basename="placement")
 urlpatterns = [
     # Before the router, so "register" is not taken for an agent_id.
     path("agents/register", RegisterAgentView.as_view(), name="agent-register"),
-    path("agents/<str:agent_id>/progress", AgentProgressView.as_view(), name="agent-progress"),
+    path("agents/<str:agent_id>/progress", agent_progress, name="agent-progress"),
     *router.urls,
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
-from drf_spectacular.types import OpenApiTypes
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, serializers, status, viewsets
+from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -158,40 +161,57 @@ class RegisterAgentView(APIView):
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
-class AgentProgressView(APIView):
-    """`POST /api/agents/<agent_id>/progress`: an agent's loads, phase by phase, as they happen
-    (nodeagent.progress). Only the agent itself may report: its own credential."""
+@csrf_exempt
+async def agent_progress(request: HttpRequest, agent_id: str) -> HttpResponse:
+    """`POST /api/agents/<agent_id>/progress`: an agent's loads, phase by phase, as they
+    happen (nodeagent.progress). Only the agent itself may report: its own credential.
 
-    authentication_classes = [AgentTokenAuthentication]
-    permission_classes = [IsAgent]
+    Off the thread Django runs sync views in under ASGI: that one thread also serves the
+    gateway's cold-start decisions, which must not queue behind a fleet's progress reports.
+    """
+    if request.method != "POST":
+        return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
+    return await sync_to_async(_agent_progress, thread_sensitive=False)(request, agent_id)
 
-    @extend_schema(
-        request={"application/json": OpenApiTypes.OBJECT},
-        responses={204: None},
-        description="Body: nodeagent.protocol.LoadProgress.",
-    )
-    def post(self, request: Request, agent_id: str) -> Response:
-        principal = request.user
-        assert isinstance(principal, AgentPrincipal)
+
+def _unauthenticated(detail: str) -> HttpResponse:
+    challenge = AgentTokenAuthentication().authenticate_header(None)  # type: ignore[arg-type]
+    return JsonResponse({"detail": detail}, status=401, headers={"WWW-Authenticate": challenge})
+
+
+def _agent_progress(request: HttpRequest, agent_id: str) -> HttpResponse:
+    try:
+        try:
+            found = AgentTokenAuthentication().authenticate(Request(request))
+        except exceptions.AuthenticationFailed as exc:
+            return _unauthenticated(str(exc.detail))
+        if found is None:
+            return _unauthenticated("Authentication credentials were not provided.")
+        principal, _ = found
         if principal.agent_id != agent_id:
-            return Response(
+            return JsonResponse(
                 {"detail": "Only the agent itself reports its progress, with its credential."},
-                status=status.HTTP_403_FORBIDDEN,
+                status=403,
             )
         if len(request.body) > MAX_PROGRESS_BYTES:
-            return Response(
+            return JsonResponse(
                 {"detail": f"A progress report is limited to {MAX_PROGRESS_BYTES} bytes."},
-                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                status=413,
             )
         try:
             report = LoadProgress.from_json(request.body)
         except ProtocolError as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_400_BAD_REQUEST)
+            return JsonResponse({"detail": str(exc)}, status=400)
         if report.agent_id != agent_id:
-            return Response(
+            return JsonResponse(
                 {"detail": f"The report is of agent {report.agent_id!r}, not {agent_id!r}."},
-                status=status.HTTP_400_BAD_REQUEST,
+                status=400,
             )
-        agent = get_object_or_404(Agent, agent_id=agent_id)
+        agent = Agent.objects.filter(agent_id=agent_id).first()
+        if agent is None:
+            return JsonResponse({"detail": f"No agent {agent_id!r}."}, status=404)
         actions.record_progress(agent, report.models)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        return HttpResponse(status=204)
+    finally:
+        # A thread of the pool, not a request's: its connection is not closed for it.
+        connection.close()

@@ -85,10 +85,14 @@ class Manifest:
 
 
 def model_files(directory: Path) -> list[Path]:
+    """The files of the model below `directory`: not the manifest, nor llmfleet's own
+    (`.llmfleet*` files and directories: metadata, journals, compile caches)."""
     return sorted(
         path
         for path in directory.rglob("*")
-        if path.is_file() and path.name != MANIFEST_NAME and not path.name.startswith(".llmfleet")
+        if path.is_file()
+        and path.name != MANIFEST_NAME
+        and not any(part.startswith(".llmfleet") for part in path.relative_to(directory).parts)
     )
 
 

@@ -133,6 +133,7 @@ def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
     timings = LoadTimings(
         download_seconds=2.0, engine_start_seconds=25.0, total_seconds=27.5,
         engine_start="plain", engine_start_note="no standby was ready (all taken)",
+        compile_cache="store",
     )  # fmt: skip
     actions.finish_load(
         event.pk, LoadModelResponse(model.model_id, f"{job.agent_url}/models/m", timings)
@@ -146,8 +147,8 @@ def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
     event.refresh_from_db()
     assert event.outcome == LoadOutcome.SUCCEEDED
     assert (event.download_seconds, event.engine_start_seconds) == (2.0, 25.0)
-    assert (event.engine_start, event.engine_start_note) == (
-        "plain", "no standby was ready (all taken)"
+    assert (event.engine_start, event.engine_start_note, event.compile_cache) == (
+        "plain", "no standby was ready (all taken)", "store"
     )  # fmt: skip
     assert event.bytes_downloaded == GIB
     assert event.queue_seconds is not None

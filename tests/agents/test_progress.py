@@ -72,6 +72,9 @@ def test_a_report_never_ends_a_load_nor_goes_back_nor_touches_a_ready_replica():
     assert (ready.state, ready.phase) == (PlacementState.READY, "")
 
 
+# The view writes off the request's thread, on a connection of its own: it sees only
+# committed rows.
+@pytest.mark.django_db(transaction=True)
 def test_an_agent_reports_with_its_own_credential_for_itself_only(client, agent_headers):
     placement = loading()
     agent, other = placement.agent, AgentFactory()
@@ -92,6 +95,8 @@ def test_an_agent_reports_with_its_own_credential_for_itself_only(client, agent_
     )  # fmt: skip
 
 
+# As above: committed rows only.
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     ("body", "says"),
     [
@@ -120,7 +125,10 @@ def test_bad_reports_get_a_400_that_says_why_and_change_nothing(client, body, sa
     assert placement.state == PlacementState.DOWNLOADING
 
 
+# As above: committed rows only.
+@pytest.mark.django_db(transaction=True)
 def test_an_oversized_report_is_a_413(client):
     agent = AgentFactory()
     body = json.dumps({"agent_id": agent.agent_id, "models": [], "pad": "x" * 300_000})
     assert post(client, agent.agent_id, body, agent.credential).status_code == 413
+    assert client.get(f"/api/agents/{agent.agent_id}/progress").status_code == 405

@@ -11,6 +11,7 @@ from django.core.management import CommandError, call_command
 from agents import tasks
 from agents.choices import AgentState
 from agents.models import Agent
+from nodeagent.protocol import CONTRACT_VERSION
 from tests.e2e.agent_process import running_agent
 from tests.support import wait_for
 
@@ -35,7 +36,7 @@ def test_a_started_agent_registers_itself(live_server, settings, tmp_path):
         before = registered.last_heartbeat_at
         tasks.poll_heartbeats()
         registered.refresh_from_db()
-        assert (registered.heartbeat_failures, registered.contract_version) == (0, "1.1")
+        assert (registered.heartbeat_failures, registered.contract_version) == (0, CONTRACT_VERSION)
         assert registered.last_heartbeat_at > before
 
         # Another host holding the enrolment token cannot take its name, nor its traffic.

@@ -14,6 +14,14 @@ def status(state: ModelState, phase: str, done: int = 0) -> ModelStatus:
                        bytes_done=done, bytes_total=100, phase=phase)  # fmt: skip
 
 
+async def until(condition, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 async def test_phases_at_once_bytes_throttled_and_failures_survived():
     now: list[ModelStatus] = []
     sent: list[list[ModelStatus]] = []
@@ -29,25 +37,26 @@ async def test_phases_at_once_bytes_throttled_and_failures_survived():
     try:
         now[:] = [status(ModelState.DOWNLOADING, "downloading", 0)]
         reporter.poke()
-        await asyncio.sleep(0.05)
+        await until(lambda: sent)
         assert [s[0].phase for s in sent] == ["downloading"]
         # Bytes alone: not more often than BYTES_INTERVAL, whatever the pokes.
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         for done in range(1, 40):
             now[:] = [status(ModelState.DOWNLOADING, "downloading", done)]
             reporter.poke()
             await asyncio.sleep(0.01)
-        await asyncio.sleep(BYTES_INTERVAL)
-        assert 2 <= len(sent) <= 4, [s[0].bytes_done for s in sent]
-        assert sent[-1][0].bytes_done == 39  # the newest, not a queue of old ones
+        # The newest is sent in the end, not a queue of old ones.
+        await until(lambda: sent[-1][0].bytes_done == 39)
+        elapsed = loop.time() - began
+        assert 2 <= len(sent) <= 2 + elapsed / BYTES_INTERVAL, [s[0].bytes_done for s in sent]
         failing = True
         now[:] = [status(ModelState.LOADING_TO_GPU, "starting the engine (standby)")]
         reporter.poke()
-        await asyncio.sleep(0.05)
-        assert reporter.failures == 1
+        await until(lambda: reporter.failures == 1)
         failing = False
         now[:] = [status(ModelState.LOADING_TO_GPU, "starting the engine (standby)", 100)]
-        await asyncio.sleep(BYTES_INTERVAL + 0.2)
-        assert sent[-1][0].cache_state == ModelState.LOADING_TO_GPU
+        await until(lambda: sent[-1][0].cache_state == ModelState.LOADING_TO_GPU)
         count = len(sent)
         now[:] = []  # the load ended: its answer says how; nothing more to send
         await asyncio.sleep(0.3)
