@@ -112,16 +112,23 @@ class CompileCache:
             files = await store.listing()
             deadline = asyncio.get_running_loop().time() + seconds
             await download(store, files, staging, settings, DownloadProgress(), deadline)
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(self.root)
         except StoreError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if exc.status != 404 and exc.code not in {"model_not_found", "model_incomplete"}:
-                self.note = f"the published compile cache was ignored: {exc}"
-                log.warning("%s: %s", self.uri, self.note)
+                self._ignored(str(exc))
             return
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(self.root)
+        except OSError as exc:  # a full disk, permissions: never the load's failure
+            shutil.rmtree(staging, ignore_errors=True)
+            self._ignored(f"{type(exc).__name__}: {exc}")
+            return
         self.origin = "store"
+
+    def _ignored(self, why: str) -> None:
+        self.note = f"the published compile cache was ignored: {why}"[:500]
+        log.warning("%s: %s", self.uri, self.note)
 
     def discard(self, why: str) -> None:
         """The engine failed with this cache: start without it."""

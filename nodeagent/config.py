@@ -52,6 +52,8 @@ class AgentConfig:
     # when the default engine is sim); 0 starts every engine plainly.
     standby_engines: int | None = None
     standby_fork_children: bool = True
+    # Publish compile caches to the store and take other agents' (False: this agent's own only).
+    share_compile_cache: bool = True
 
     def standby_count(self, gpu_count: int) -> int:
         if self.standby_engines is not None:
@@ -323,6 +325,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "of spawning them, where nothing has initialized CUDA; false: spawn, as vLLM does",
     )
     flag(
+        "--share-compile-cache",
+        "AGENT_SHARE_COMPILE_CACHE",
+        default="true",
+        help="publish vLLM compile caches beside the checkpoint and use the ones other agents "
+        "published (compiled code: share only between agents that trust each other and the "
+        "store); false: each agent keeps its own",
+    )
+    flag(
         "--sim-load-seconds",
         "AGENT_SIM_LOAD_SECONDS",
         type=float,
@@ -393,8 +403,9 @@ def parse_config(
     try:
         standby_engines = _count_or_auto(str(args.standby_engines))
         standby_fork_children = _boolean(str(args.standby_fork_children))
+        share_compile_cache = _boolean(str(args.share_compile_cache))
     except (argparse.ArgumentTypeError, ValueError) as exc:
-        parser.error(f"--standby-engines / --standby-fork-children: {exc}")
+        parser.error(f"--standby-engines, --standby-fork-children, --share-compile-cache: {exc}")
     return AgentConfig(
         agent_id=str(args.agent_id),
         host=host,
@@ -426,4 +437,5 @@ def parse_config(
         credential_file=Path(args.credential_file).expanduser() if args.credential_file else None,
         standby_engines=standby_engines,
         standby_fork_children=standby_fork_children,
+        share_compile_cache=share_compile_cache,
     )

@@ -167,6 +167,15 @@ def missing_ranges(
             position = max(position, min(end, file.size))
 
 
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite until every byte is written: a short write would leave a hole that hashing
+    the received bytes (not the file) would not see."""
+    view = memoryview(data)
+    while view:
+        count = os.pwrite(fd, view, offset)
+        view, offset = view[count:], offset + count
+
+
 def _preallocate(path: Path, size: int) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -426,7 +435,7 @@ class Downloader:
                 offset: int, data: bytes, chunks: list[bytes] = chunks, keep: bool = keep
             ) -> None:
                 nonlocal written
-                os.pwrite(fd, data, offset)
+                _write_all(fd, data, offset)
                 if keep:
                     chunks.append(data)
                 written += len(data)

@@ -279,7 +279,11 @@ class ModelRegistry:
             )[:1000],
             compile_cache=compile_cache.origin if compile_cache is not None else "",
         )  # fmt: skip
-        if compile_cache is not None and compile_cache.publishable:
+        if (
+            compile_cache is not None
+            and compile_cache.publishable
+            and self.config.share_compile_cache
+        ):
             self._publish_later(compile_cache)
         if isinstance(engine, VllmEngine):
             log.info("%s: engine started in %.1f s (%s%s)", slot.model_id,
@@ -321,8 +325,9 @@ class ModelRegistry:
                         await self._vllm_version(), self.device)  # fmt: skip
         cache = CompileCache.for_model(cached.directory, request.source, key)
         remaining = deadline - asyncio.get_running_loop().time()
-        await cache.fetch(session, self.environ, self.download_settings,
-                          min(FETCH_SECONDS, remaining / 4))  # fmt: skip
+        if self.config.share_compile_cache:
+            await cache.fetch(session, self.environ, self.download_settings,
+                              min(FETCH_SECONDS, remaining / 4))  # fmt: skip
         cache.root.mkdir(parents=True, exist_ok=True)
         self.metrics.compile_caches.labels(cache.origin).inc()
         return cache
@@ -341,11 +346,16 @@ class ModelRegistry:
                     self.config.engine_python, "-c", probe, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.DEVNULL,
                 )  # fmt: skip
+            except OSError:
+                return "unknown"  # asked again next time: not kept
+            try:
                 out, _ = await asyncio.wait_for(process.communicate(), 30)
-                self._engine_version = out.decode().strip() or "unknown"
-            except (OSError, TimeoutError):
-                self._engine_version = "unknown"
-        return self._engine_version
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                return "unknown"
+            self._engine_version = out.decode().strip() or None
+        return self._engine_version or "unknown"
 
     def _publish_later(self, cache: CompileCache) -> None:
         """Give the other agents this compile cache, in the background: never the load's wait."""
@@ -426,7 +436,6 @@ class ModelRegistry:
         name = request.engine.name or self.config.engine
         if name == "sim":
             return SimEngine(request.model_id, self.config.sim)
-        port = _free_port()
         safe = quote(request.model_id, safe="")
         refusal = standby_refusal(request.engine.args)
         standby = None
@@ -438,6 +447,9 @@ class ModelRegistry:
             within = deadline - asyncio.get_running_loop().time()
             standby = await self.standbys.take(within)
             note = "" if standby is not None else self.standbys.why_none()
+        # After any wait for a standby: the port is free now, not minutes ago. Nothing below
+        # can fail before the engine owns the standby (its start hands it over or ends it).
+        port = _free_port()
         argv = vllm_argv(
             self.config.engine_python,
             cached.directory,

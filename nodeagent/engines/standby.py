@@ -32,6 +32,9 @@ STANDBY_MAIN = Path(__file__).with_name("standby_main.py")
 # Imports take ~12 s here, far longer on a loaded host; a standby that says nothing for this
 # long is stuck and replaced.
 READY_TIMEOUT_SECONDS = 600.0
+# A load waits this long at most for a standby still importing (~12 s here): longer, and a
+# standby stuck in its imports would hold every cold load.
+TAKE_WAIT_SECONDS = 90.0
 _BACKOFF_FIRST, _BACKOFF_MAX = 1.0, 60.0
 
 # Flags whose engines a standby cannot become: several GPUs (a standby is one process of one
@@ -170,7 +173,7 @@ class StandbyPool:
         """A ready standby, or the one importing now once it is ready (up to `within` s):
         it is ready sooner than a plain start, which does the same imports from nothing."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
+        deadline = loop.time() + min(within, TAKE_WAIT_SECONDS)
         while True:
             standby = self.take_ready()
             if standby is not None or not self.starting or loop.time() >= deadline:
@@ -227,6 +230,7 @@ class StandbyPool:
             return
         finally:
             self.starting -= 1
+            self._changed.set()  # a load waiting in `take` looks again, whatever happened
         if standby is None:
             return
         self._backoff = 0.0
@@ -252,6 +256,9 @@ class StandbyPool:
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT_SECONDS)
+        except ValueError:  # a line over the stream's limit
+            await _end(process)
+            raise
         except TimeoutError:
             await _end(process)
             raise TimeoutError(
@@ -260,7 +267,13 @@ class StandbyPool:
         except asyncio.CancelledError:
             await _end(process)
             raise
-        said = json.loads(line) if line.strip() else {}
+        try:
+            said = json.loads(line) if line.strip() else {}
+            if not isinstance(said, dict):
+                raise ValueError(f"not an object: {line[:200]!r}")
+        except ValueError:
+            await _end(process)
+            raise
         if not said.get("ready"):
             await _end(process)
             why = said.get("error") or f"it exited with status {process.returncode}"
@@ -284,6 +297,11 @@ class StandbyPool:
         self._backoff = min(max(self._backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
         log.warning("%s; another starts in %.0f s", why, self._backoff)
         self._wake.set()
+
+
+async def end_standby(standby: Standby) -> None:
+    """Stop a standby taken but never handed a model."""
+    await _end(standby.process)
 
 
 async def _end(process: asyncio.subprocess.Process, grace: float = 5.0) -> None:

@@ -59,9 +59,13 @@ PRELOAD = (
 )
 
 
+# The agent reads one JSON line from our stdout. Whatever the imports print (vLLM logs to
+# stdout) goes to stderr, the standby's log: the line is written to a private copy of fd 1.
+_SAY_FD = -1
+
+
 def _say(message: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    os.write(_SAY_FD, (json.dumps(message) + "\n").encode())
 
 
 def preload() -> list[str]:
@@ -156,6 +160,9 @@ def become_engine(spec: dict[str, Any]) -> None:
 
 
 def main() -> int:
+    global _SAY_FD
+    _SAY_FD = os.dup(1)
+    os.dup2(2, 1)
     started = time.monotonic()
     skipped = preload()
     if cuda_initialized():
@@ -170,6 +177,7 @@ def main() -> int:
         "vllm_version": getattr(vllm, "__version__", ""),
         "skipped": skipped,
     })  # fmt: skip
+    os.close(_SAY_FD)  # all the agent reads from us: what follows goes to the logs
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # the agent closed our stdin: it no longer wants a standby

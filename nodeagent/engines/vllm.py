@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
-from nodeagent.engines.standby import Standby
+from nodeagent.engines.standby import Standby, end_standby
 from nodeagent.protocol import EngineStart
 
 LOG_TAIL_LINES = 25
@@ -124,17 +124,19 @@ class VllmEngine:
             raise
 
     async def _adopt(self, standby: Standby) -> asyncio.subprocess.Process | None:
-        """Hand the model to the standby; None (and a plain start) if it died meanwhile."""
-        with self.log_path.open("ab") as log:
-            command = " ".join(self.argv)
-            log.write(f"--- llmfleet: standby {standby.pid} becomes {command}\n".encode())
-            self._log_offset = log.tell()
+        """Hand the model to the standby; None (and a plain start) if it died meanwhile or
+        could not be handed the model (then it is stopped: nothing of it stays behind)."""
         try:
+            with self.log_path.open("ab") as log:
+                command = " ".join(self.argv)
+                log.write(f"--- llmfleet: standby {standby.pid} becomes {command}\n".encode())
+                self._log_offset = log.tell()
             server_args = self.argv[self.argv.index(API_SERVER) + 1 :]
             await standby.hand_over(server_args, self._env(), self.log_path, self.fork_children)
         except (OSError, RuntimeError) as exc:
+            await end_standby(standby)
             self.start_mode = "plain"
-            self.start_note = f"the standby had exited ({exc}): started plainly"
+            self.start_note = f"the standby could not take the model ({exc}): started plainly"
             return None
         return standby.process
 
