@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import time
@@ -43,6 +44,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def until(predicate: Callable[[], object], seconds: float, what: str) -> None:
+    """`wait_for` for async tests: polls without blocking the event loop the code under test
+    runs on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def http_ok(url: str, timeout: float = 2) -> bool:

@@ -17,14 +17,7 @@ import pytest
 
 from nodeagent.engines.standby import StandbyPool, standby_refusal
 from tests.e2e.agent_process import group_members
-
-
-async def _until(condition, within: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
+from tests.support import until
 
 
 def _pool(tmp_path: Path, size: int = 1, python: str = sys.executable) -> tuple[StandbyPool, list]:
@@ -51,7 +44,7 @@ async def test_the_pool_fills_gives_one_away_and_replaces_it_only_when_asked(tmp
         # Its successor waits until the engine it became has started: the CPU is the start's.
         assert pool.counts == {"ready": 0, "starting": 0}
         pool.replenish()
-        await _until(lambda: pool.counts["ready"] == 1)
+        await until(lambda: pool.counts["ready"] == 1, 20, "a ready standby")
         assert pool.ready[0].pid != standby.pid
     finally:
         await pool.close()
@@ -65,10 +58,12 @@ async def test_a_standby_killed_with_sigkill_is_replaced(tmp_path):
     pool, deaths = _pool(tmp_path)
     pool.start()
     try:
-        await _until(lambda: pool.counts["ready"] == 1)
+        await until(lambda: pool.counts["ready"] == 1, 20, "a ready standby")
         victim = pool.ready[0].pid
         os.kill(victim, signal.SIGKILL)
-        await _until(lambda: pool.counts["ready"] == 1 and pool.ready[0].pid != victim)
+        await until(
+            lambda: pool.counts["ready"] == 1 and pool.ready[0].pid != victim, 20, "a replacement"
+        )
         assert len(deaths) == 1
         assert pool.take_ready() is not None
     finally:
@@ -78,7 +73,7 @@ async def test_a_standby_killed_with_sigkill_is_replaced(tmp_path):
 async def test_closing_the_pool_leaves_no_process_of_any_standby(tmp_path):
     pool, _ = _pool(tmp_path, size=2)
     pool.start()
-    await _until(lambda: pool.counts["ready"] == 2)
+    await until(lambda: pool.counts["ready"] == 2, 20, "two ready standbys")
     pids = [standby.pid for standby in pool.ready]
     await pool.close()
     for pid in pids:
@@ -90,7 +85,7 @@ async def test_a_standby_that_cannot_start_is_retried_with_backoff_and_says_why(
     pool, deaths = _pool(tmp_path, python="/bin/false")
     pool.start()
     try:
-        await _until(lambda: len(deaths) >= 2)
+        await until(lambda: len(deaths) >= 2, 20, "two failed starts")
         assert pool.take_ready() is None
         assert "a standby did not start: it exited with status 1" in pool.why_none()
         assert pool.counts["ready"] == 0
