@@ -206,14 +206,6 @@ class Mode:
         return statistics.median(self.ttfts)
 
 
-def _django() -> None:
-    import django
-
-    if not getattr(_django, "done", False):
-        django.setup()
-        _django.done = True  # type: ignore[attr-defined]
-
-
 def agent_metric(agent_url: str, series: str) -> float:
     import requests
     from django.conf import settings
@@ -227,7 +219,9 @@ def agent_metric(agent_url: str, series: str) -> float:
 def measure_mode(base: str, key: str, agent_url: str, standby: bool) -> Mode:
     """The fleet's first cold request, then STARTS cold requests from the local cache, each
     after its engine was stopped (and, with standbys, once the next standby is ready)."""
-    _django()
+    import django
+
+    django.setup()  # once: each mode runs in a process of its own
     from agents.actions import unload
     from agents.choices import CacheLevel, LoadEventKind
     from agents.models import LoadEvent, Placement

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import platform
@@ -151,5 +152,4 @@ def publish_cache(cache: CompileCache, environ: Mapping[str, str]) -> None:
         target = local_path(cache.uri)
         if (target / MANIFEST_NAME).exists():
             return  # another agent published this key already
-    with open("/dev/null", "w") as quiet:
-        publish(cache.root, cache.uri, environ, stream=quiet)
+    publish(cache.root, cache.uri, environ, stream=io.StringIO())  # its progress bar: unwanted
