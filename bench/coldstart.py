@@ -206,30 +206,24 @@ class Mode:
         return statistics.median(self.ttfts)
 
 
-def agent_metric(agent_url: str, series: str) -> float:
-    import requests
-    from django.conf import settings
-
-    text = requests.get(f"{agent_url}/metrics", timeout=5,
-                        headers={"Authorization": f"Bearer {settings.AGENT_TOKEN}"}).text  # fmt: skip
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-               if line.startswith(series))  # fmt: skip
-
-
 def measure_mode(base: str, key: str, agent_url: str, standby: bool) -> Mode:
     """The fleet's first cold request, then STARTS cold requests from the local cache, each
     after its engine was stopped (and, with standbys, once the next standby is ready)."""
     import django
 
     django.setup()  # once: each mode runs in a process of its own
+    from django.conf import settings
+
     from agents.actions import unload
     from agents.choices import CacheLevel, LoadEventKind
     from agents.models import LoadEvent, Placement
+    from tests.e2e.agent_process import agent_metric
     from tests.support import wait_for
 
     def ready_standby() -> None:
         if standby:
-            wait_for(lambda: agent_metric(agent_url, READY) >= 1, 300, "a standby engine")
+            token = settings.AGENT_TOKEN
+            wait_for(lambda: agent_metric(agent_url, token, READY) >= 1, 300, "a standby engine")
 
     def cold() -> tuple[float, LoadEvent]:
         ttft, _ = asyncio.run(first_token(base, key, "llmfleet/tiny"))

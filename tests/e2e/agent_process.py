@@ -48,18 +48,25 @@ class AgentProcess:
         return response.json()
 
     def metric(self, series: str) -> float:
-        """The agent's /metrics value of `series` (name with labels), or the sum over all label
-        sets when `series` is a bare name; 0 when the agent has no such series yet."""
-        text = requests.get(f"{self.url}/metrics", headers=self.headers, timeout=5).text
-        total = 0.0
-        for line in text.splitlines():
-            key, _, value = line.rpartition(" ")
-            if not line.startswith("#") and (key == series or key.startswith(series + "{")):
-                total += float(value)
-        return total
+        """The agent's /metrics value of `series` (see `agent_metric`)."""
+        return agent_metric(self.url, self.credential, series)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def agent_metric(url: str, token: str, series: str) -> float:
+    """An agent's /metrics value of `series` (name with labels), or the sum over all label
+    sets when `series` is a bare name; 0 when the agent has no such series yet. `token`: its
+    credential, or the fleet's enrolment token (which /metrics takes too)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    text = requests.get(f"{url}/metrics", headers=headers, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if not line.startswith("#") and (key == series or key.startswith(series + "{")):
+            total += float(value)
+    return total
 
 
 @contextmanager
