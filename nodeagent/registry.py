@@ -119,6 +119,7 @@ class ModelRegistry:
             concurrency=config.download_concurrency,
             range_bytes=config.download_range_bytes,
             bandwidth_limit=config.download_limit_bytes_per_s or None,
+            direct_io=config.download_direct_io,
         )
         self.slots: dict[str, ModelSlot] = {}
         self._watchers: set[asyncio.Task[None]] = set()

@@ -1,8 +1,9 @@
 """Azure Blob (and Azurite) as a model store, read with plain HTTP range requests.
 
 The Azure SDK's downloads top out at a third of what this machine's loopback
-carries (see ../shared/FACTS.md), so reads are aiohttp GETs authorised by a
-SAS. Credentials come from the environment: a connection string, or an account
+carries (see ../shared/FACTS.md), so reads are plain GETs authorised by a SAS:
+listings with aiohttp, ranges read into the downloader's buffers by
+`nodeagent.store.ranges`. Credentials come from the environment: a connection string, or an account
 URL with a SAS token or an account key; a key signs a short-lived read/list SAS
 locally (no request leaves the host for it).
 """
@@ -20,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from nodeagent.store.base import MANIFEST_NAME, Manifest, RemoteFile, StoreError, join_listing
+from nodeagent.store.ranges import read_into
 
 # Azurite's well-known development account (public, documented by Microsoft).
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -30,8 +32,6 @@ _API_VERSION = "2021-08-06"
 _RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 _SAS_LIFETIME = timedelta(hours=2)
 _LIST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
-_READ_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
-READ_BUFFER = 4 * 1024 * 1024
 
 
 def parse_azure_uri(uri: str) -> tuple[str, str]:
@@ -232,35 +232,23 @@ class AzureStore:
         return join_listing(manifest, found, self.uri)
 
     async def read_range(
-        self, file: RemoteFile, start: int, end: int, sink: Callable[[int, bytes], None]
+        self,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        buffer: memoryview,
+        on_bytes: Callable[[int], None],
     ) -> None:
         headers = {
             "x-ms-version": _API_VERSION,
             "Range": f"bytes={start}-{end - 1}",
             "If-Match": file.etag,
         }
-        try:
-            async with self.session.get(
-                self._blob_url(file.path),
-                headers=headers,
-                timeout=_READ_TIMEOUT,
-                # aiohttp's 64 KiB default pauses the socket thousands of times per GiB.
-                read_bufsize=READ_BUFFER,
-            ) as r:
-                if r.status not in (200, 206):
-                    raise _status_error(r.status, file.path, await r.text())
-                offset = start
-                async for data in r.content.iter_any():
-                    sink(offset, data)
-                    offset += len(data)
-                if offset != end:
-                    raise StoreError(
-                        "short_read",
-                        f"{file.path}: got {offset - start} of {end - start} bytes",
-                        503,
-                        True,
-                    )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StoreError(
-                "store_unreachable", f"reading {file.path}: {exc!r}", 503, True
-            ) from None
+        await read_into(
+            self._blob_url(file.path),
+            headers,
+            buffer,
+            file.path,
+            lambda status, body: _status_error(status, file.path, body),
+            on_bytes,
+        )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 MANIFEST_NAME = "llmfleet-manifest.json"
 MANIFEST_FORMAT = 1
@@ -141,13 +145,43 @@ class Store(Protocol):
         """The model's files with size, version and (from the manifest) sha256."""
 
     async def read_range(
-        self, file: RemoteFile, start: int, end: int, sink: Callable[[int, bytes], None]
+        self,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        buffer: memoryview,
+        on_bytes: Callable[[int], None],
     ) -> None:
-        """Read bytes start..end-1 of `file`, calling sink(offset, data) as they arrive.
+        """Fill `buffer` (end - start bytes) with bytes start..end-1 of `file`, calling
+        on_bytes(count) as they arrive. The buffer is the downloader's, reused: a store
+        reads into it rather than handing out new bytes, and is done with it on return,
+        cancellation included.
 
         Raises StoreError: `blob_changed` when the file is no longer the listed version;
         retryable ones for throttling, server errors and broken connections.
         """
+
+
+async def thread_to_end(
+    function: Callable[..., T], *args: Any, executor: Executor | None = None,
+    on_cancel: Callable[[], None] = lambda: None,
+) -> T:  # fmt: skip
+    """`function(*args)` in a worker thread, awaited to its end even when cancelled.
+
+    The threads of a download write into reused buffers and through descriptors that the
+    download closes when it ends: a cancellation that left one running could let it write
+    into a buffer given to another range, or into whatever file reuses the descriptor's
+    number. `on_cancel` is asked to make the thread finish soon (shut its socket down).
+    """
+    future = asyncio.get_running_loop().run_in_executor(executor, function, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        on_cancel()
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller hears of
+        raise
 
 
 def join_listing(

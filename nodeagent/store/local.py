@@ -15,9 +15,8 @@ from nodeagent.store.base import (
     StoreError,
     join_listing,
     model_files,
+    thread_to_end,
 )
-
-_BLOCK = 16 * 1024 * 1024
 
 
 def local_path(uri: str) -> Path:
@@ -60,12 +59,17 @@ class LocalStore:
         return join_listing(manifest, found, self.uri)
 
     async def read_range(
-        self, file: RemoteFile, start: int, end: int, sink: Callable[[int, bytes], None]
+        self,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        buffer: memoryview,
+        on_bytes: Callable[[int], None],
     ) -> None:
-        data = await asyncio.to_thread(self._read, file, start, end)
-        sink(start, data)
+        await thread_to_end(self._read, file, start, buffer)
+        on_bytes(end - start)
 
-    def _read(self, file: RemoteFile, start: int, end: int) -> bytes:
+    def _read(self, file: RemoteFile, start: int, buffer: memoryview) -> None:
         path = self.root / file.path
         try:
             if _etag(path) != file.etag:
@@ -78,6 +82,13 @@ class LocalStore:
                 "blob_changed", f"{file.path} disappeared from the store during the download", 409
             ) from None
         try:
-            return os.pread(fd, end - start, start)
+            done = 0
+            while done < len(buffer):
+                count = os.preadv(fd, [buffer[done:]], start + done)
+                if not count:
+                    raise StoreError(
+                        "blob_changed", f"{file.path} was shortened during the download", 409
+                    )
+                done += count
         finally:
             os.close(fd)

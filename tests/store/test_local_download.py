@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
 
 import pytest
 
@@ -96,12 +98,69 @@ async def test_a_corrupted_file_fails_either_digest(checkpoint, tmp_path, digest
     assert not (tmp_path / "staging").exists()
 
 
-async def test_beyond_the_memory_budget_ranges_are_hashed_from_the_page_cache(checkpoint, tmp_path):
+async def test_without_spare_buffers_every_range_is_still_hashed_from_memory(checkpoint, tmp_path):
+    # As many buffers as ranges in flight: each waits for the hash to give one back, and
+    # none is ever read back from disk (nor does the download deadlock).
     store = tmp_path / "store" / "model"
     quiet_publish(checkpoint, store.as_uri(), {})
     tight = DownloadSettings(concurrency=4, range_bytes=1 * MIB, hash_memory_bytes=0)
     result = await fetch(store.as_uri(), {}, tmp_path / "staging", tight)
     assert digests(tmp_path / "staging") == digests(checkpoint)
-    assert result.read_back_bytes == sum(
-        path.stat().st_size for path in checkpoint.rglob("*") if path.is_file()
-    )
+    assert result.read_back_bytes == 0
+    assert result.ranges_fetched == 24 + 17 + 1
+
+
+def _takes_direct_io(directory) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+WEIGHTS = 40 * MIB  # the checkpoint's aligned bytes; the 123-byte tail and config.json are not
+
+
+async def test_weights_are_written_around_the_page_cache_and_tails_through_it(checkpoint, tmp_path):
+    if not _takes_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+    result = await fetch(checkpoint.as_uri(), {}, tmp_path / "staging")
+    assert digests(tmp_path / "staging") == digests(checkpoint)
+    assert result.direct_bytes == WEIGHTS
+
+    off = DownloadSettings(direct_io=False)
+    result = await fetch(checkpoint.as_uri(), {}, tmp_path / "buffered", off)
+    assert digests(tmp_path / "buffered") == digests(checkpoint)
+    assert result.direct_bytes == 0
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+async def test_a_filesystem_that_refuses_direct_io_gets_buffered_writes(
+    checkpoint, tmp_path, monkeypatch, refused
+):
+    # What some network filesystems do: EINVAL on open with O_DIRECT, or only on the write.
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds: set[int] = set()
+
+    def open_(path, flags, *args):
+        if flags & os.O_DIRECT:
+            if refused == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, *args)
+            direct_fds.add(fd)
+            return fd
+        return real_open(path, flags, *args)
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    result = await fetch(checkpoint.as_uri(), {}, tmp_path / "staging")
+    assert digests(tmp_path / "staging") == digests(checkpoint)
+    assert result.direct_bytes == 0
+    assert bool(direct_fds) == (refused == "write")

@@ -26,13 +26,18 @@ class FlakyStore:
         return await self.inner.listing()
 
     async def read_range(
-        self, file: RemoteFile, start: int, end: int, sink: Callable[[int, bytes], None]
+        self,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        buffer: memoryview,
+        on_bytes: Callable[[int], None],
     ) -> None:
         key = (file.path, start)
         self.attempts[key] = self.attempts.get(key, 0) + 1
         if self.attempts[key] <= self.failures:
             raise _status_error(self.status, file.path, "slow down")
-        await self.inner.read_range(file, start, end, sink)
+        await self.inner.read_range(file, start, end, buffer, on_bytes)
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
