@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-agent-token"
@@ -53,6 +53,11 @@ class AgentProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_registered(self, seconds: float = 30) -> None:
+        """Until the agent itself says it registered: the control plane's row exists a moment
+        before the agent has the answer and has kept the credential in it."""
+        wait_for(lambda: "registered with" in self.log(), seconds, "the agent's registration")
 
 
 def agent_metric(url: str, token: str, series: str) -> float:

@@ -30,7 +30,7 @@ from django.db import connection
 
 from agents import actions
 from agents.choices import LoadEventKind, LoadOutcome, PlacementState
-from agents.models import Agent, LoadEvent, Model, Placement
+from agents.models import LoadEvent, Model, Placement
 from nodeagent import tinymodel
 from nodeagent.store.publish import publish
 from tests.azurite import Azurite
@@ -168,7 +168,8 @@ class World:
     def start_agent(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.agent_args[name] = (args, env)
         self.agents[name] = self.plane.agent(self.stack, self.tmp_path, name, *args, extra_env=env)
-        wait_for(lambda: Agent.objects.filter(agent_id=name).exists(), 30, f"{name} registered")
+        # Its own word: after a restart the row of its last run is there already.
+        self.agents[name].wait_registered()
 
     def restart_agent(self, name: str) -> None:
         """The same agent (id, cache) again, as a host's service manager would start it."""

@@ -22,14 +22,11 @@ def test_a_started_agent_registers_itself(live_server, settings, tmp_path):
     args = ["--engine", "sim", "--agent-id", "e2e-agent", "--control-plane-url", live_server.url,
             "--labels", "zone=test-1a"]  # fmt: skip
     with running_agent(tmp_path, *args, token=settings.AGENT_TOKEN) as agent:
-        wait_for(
-            lambda: Agent.objects.filter(agent_id="e2e-agent").exists(), 30, "the registration"
-        )
+        agent.wait_registered()
         registered = Agent.objects.get(agent_id="e2e-agent")
         assert registered.base_url == agent.url
         assert registered.labels == {"zone": "test-1a"}
         assert (registered.gpu_count, registered.version) == (0, "0.1.0")
-        assert "registered with" in agent.log()
         # Enrolled: the control plane polls it with its own credential, which it kept.
         assert agent.credential.startswith("lfa_")
         assert agent.credential == registered.credential
