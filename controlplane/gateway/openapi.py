@@ -22,7 +22,8 @@ def _refusals(*statuses: int) -> dict[str, Any]:
         "out of range (`param` names it).",
         "401": "No API key, or a wrong, revoked or expired one.",
         "403": "The key may not use this model.",
-        "404": "No such model in the catalog (or it is disabled).",
+        "404": "No such model in the catalog (or it is disabled, or, for `GET /v1/models/{model}`, "
+        "the key may not use it).",
         "405": "Another method than the one documented.",
         "413": "The body is larger than GATEWAY_MAX_BODY_BYTES.",
         "429": "The key's requests or tokens per minute are spent; `Retry-After` says when.",
@@ -111,6 +112,30 @@ DESCRIPTION: dict[str, Any] = {
                 },
             }
         },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model this key may use, as listed.",
+                "security": [{"apiKey": []}],
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "path",
+                        "required": True,
+                        "description": "The model's id; it may contain `/`.",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "OpenAI's model shape.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}
+                        },
+                    },
+                    **_refusals(401, 404, 503),
+                },
+            }
+        },
         "/v1/chat/completions": {
             "post": _completion_operation(
                 "A chat completion, streamed or not.",
@@ -165,25 +190,23 @@ DESCRIPTION: dict[str, Any] = {
                     }
                 },
             },
+            "Model": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"type": "string", "enum": ["model"]},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                    "warm": {"type": "boolean"},
+                },
+            },
             "ModelList": {
                 "type": "object",
                 "required": ["object", "data"],
                 "properties": {
                     "object": {"type": "string", "enum": ["list"]},
-                    "data": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["id", "object", "created", "owned_by"],
-                            "properties": {
-                                "id": {"type": "string"},
-                                "object": {"type": "string", "enum": ["model"]},
-                                "created": {"type": "integer"},
-                                "owned_by": {"type": "string"},
-                                "warm": {"type": "boolean"},
-                            },
-                        },
-                    },
+                    "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
                 },
             },
         },

@@ -27,10 +27,21 @@ from controlplane.gateway.validation import (
 )
 
 
+def _model_entry(model: Model, warm: bool) -> dict[str, Any]:
+    """A catalog model in OpenAI's model shape, with whether it is warm right now."""
+    return {
+        "id": model.model_id,
+        "object": "model",
+        "created": int(model.created_at.timestamp()),
+        "owned_by": model.owned_by,
+        "warm": warm,
+    }
+
+
 @csrf_exempt
 @openai_errors
 async def list_models(request: HttpRequest) -> JsonResponse:
-    """`GET /v1/models` in OpenAI's list shape, with whether each model is warm right now."""
+    """`GET /v1/models` in OpenAI's list shape."""
     if request.method != "GET":
         return openai_error(405, f"Method {request.method} is not allowed here; use GET.")
     key = await authenticate(request)
@@ -38,17 +49,29 @@ async def list_models(request: HttpRequest) -> JsonResponse:
         return key.response
     ready = Placement.objects.ready_for_any().filter(model=OuterRef("pk"))
     models = key.usable_models().annotate(warm=Exists(ready)).order_by("model_id")
-    data = [
-        {
-            "id": model.model_id,
-            "object": "model",
-            "created": int(model.created_at.timestamp()),
-            "owned_by": model.owned_by,
-            "warm": model.warm,
-        }
-        async for model in models
-    ]
+    data = [_model_entry(model, model.warm) async for model in models]
     return JsonResponse({"object": "list", "data": data})
+
+
+@csrf_exempt
+@openai_errors
+async def retrieve_model(request: HttpRequest, model_id: str) -> JsonResponse:
+    """`GET /v1/models/{model}`: one model, as listed. A model this key may not use is as
+    unknown to it as one that does not exist (404 both), as OpenAI answers."""
+    if request.method != "GET":
+        return openai_error(405, f"Method {request.method} is not allowed here; use GET.")
+    key = await authenticate(request)
+    if isinstance(key, AuthFailure):
+        return key.response
+    ready = Placement.objects.ready_for_any().filter(model=OuterRef("pk"))
+    model = (
+        await key.usable_models().annotate(warm=Exists(ready)).filter(model_id=model_id).afirst()
+    )
+    if model is None:
+        return openai_error(
+            404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model"
+        )
+    return JsonResponse(_model_entry(model, model.warm))
 
 
 @csrf_exempt

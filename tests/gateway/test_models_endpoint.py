@@ -100,3 +100,39 @@ def test_wrong_method_is_405_in_openai_shape(client):
 
 def test_unknown_v1_route_is_404_in_openai_shape(client):
     assert_openai_error(client.get("/v1/engines"), 404, "unknown_url")
+
+
+def test_one_model_is_retrieved_in_openai_shape_by_an_id_with_slashes(client):
+    model = ModelFactory(model_id="org/family/tiny", owned_by="acme")
+    _, raw_key = make_api_key()
+
+    response = client.get(f"{URL}/org/family/tiny", **bearer(raw_key))
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "id": "org/family/tiny",
+        "object": "model",
+        "created": int(model.created_at.timestamp()),
+        "owned_by": "acme",
+        "warm": False,
+    }
+
+
+def test_an_unknown_disabled_or_not_allowed_model_is_404_to_retrieve(client):
+    ModelFactory(model_id="allowed")
+    ModelFactory(model_id="other")
+    ModelFactory(model_id="off", enabled=False)
+    _, raw_key = make_api_key("scoped", ("allowed", "off"))
+
+    assert client.get(f"{URL}/allowed", **bearer(raw_key)).status_code == 200
+    for model_id in ("other", "off", "nothing/here"):
+        response = client.get(f"{URL}/{model_id}", **bearer(raw_key))
+        assert_openai_error(response, 404, "model_not_found")
+        assert model_id in response.json()["error"]["message"]
+
+
+def test_retrieving_needs_a_key_and_get(client):
+    ModelFactory(model_id="m")
+    _, raw_key = make_api_key()
+    assert_openai_error(client.get(f"{URL}/m"), 401, "missing_api_key")
+    assert_openai_error(client.delete(f"{URL}/m", **bearer(raw_key)), 405, None)
