@@ -270,7 +270,7 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
 class PlacementAdmin(admin.ModelAdmin[Placement]):
     list_display = [
         "model", "agent", "state", "cache_level", "progress_percent",
-        "requests_in_flight", "requests_waiting", "last_used_at", "error",
+        "requests_in_flight", "requests_waiting", "last_used_at", "keep_alive", "error",
     ]  # fmt: skip
     list_filter = ["state", "cache_level", ("model", admin.RelatedOnlyFieldListFilter)]
     list_select_related = ["model", "agent"]

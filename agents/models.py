@@ -133,6 +133,14 @@ class Model(models.Model):
     keep_alive = models.DurationField(
         default=timedelta(minutes=10), help_text="Idle time before the model steps down a level."
     )
+    # db_default too: web processes of the previous release, still running during a rolling
+    # upgrade, insert models without this column.
+    max_keep_alive = models.DurationField(
+        default=timedelta(hours=1),
+        db_default=timedelta(hours=1),
+        help_text="The longest idle time a request's `keep_alive` may ask for; longer asks get "
+        "this.",
+    )
     min_replicas = models.PositiveSmallIntegerField(default=0, help_text="0 scales to zero.")
     max_replicas = models.PositiveSmallIntegerField(default=1)
     pinned = models.BooleanField(default=False, help_text="Never evicted from the GPU.")
@@ -192,6 +200,9 @@ class Placement(models.Model):
     requests_in_flight = models.PositiveIntegerField(default=0)
     requests_waiting = models.PositiveIntegerField(default=0)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # The idle time the last request that said `keep_alive` asked of this replica (at most the
+    # model's max_keep_alive); empty: the model's keep_alive.
+    keep_alive = models.DurationField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     # What a pending load does now, in words (the agent's report): "downloading",
     # "verifying", "starting the engine (standby)"; "" once it ended.

@@ -160,6 +160,14 @@ def _resend(event: LoadEvent) -> None:
     steps.send(task, event.pk)
 
 
+def keep_alive(placement: Placement) -> timedelta:
+    """The idle time this replica keeps the GPU: what its last request asked (`keep_alive`,
+    0 included), or else its model's."""
+    if placement.keep_alive is not None:
+        return placement.keep_alive
+    return placement.model.keep_alive
+
+
 def sweep() -> list[LoadEvent]:
     """Beat's eviction sweep: step idle models down the ladder (scheduling.plan_sweep), top
     models up to their min_replicas, and fail loads a dead worker left pending."""
@@ -178,7 +186,7 @@ def sweep() -> list[LoadEvent]:
         scheduling.PlacementFacts(
             placement_id=p.pk, model=p.model.model_id, agent_id=p.agent.agent_id,
             cache_level=p.cache_level, ready=p.state == PlacementState.READY,
-            pinned=p.model.pinned, keep_alive_seconds=p.model.keep_alive.total_seconds(),
+            pinned=p.model.pinned, keep_alive_seconds=keep_alive(p).total_seconds(),
             min_replicas=p.model.min_replicas, idle_seconds=steps.idle_seconds(p, now),
             busy=bool(p.requests_in_flight or p.requests_waiting),
         )

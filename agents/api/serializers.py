@@ -24,8 +24,8 @@ class PlacementSerializer(serializers.ModelSerializer[Placement]):
         fields = [
             "id", "agent", "model", "state", "cache_level", "inference_endpoint_url",
             "progress", "bytes_done", "bytes_total", "kv_cache_hit_rate", "kv_cache_usage",
-            "requests_in_flight", "requests_waiting", "last_used_at", "ready_at", "error",
-            "created_at", "updated_at",
+            "requests_in_flight", "requests_waiting", "last_used_at", "keep_alive", "ready_at",
+            "error", "created_at", "updated_at",
         ]  # fmt: skip
 
 
@@ -54,8 +54,8 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
         model = Model
         fields = [
             "model_id", "source", "revision", "size_bytes", "gpu_memory_bytes", "engine_args",
-            "keep_alive", "min_replicas", "max_replicas", "pinned", "enabled", "owned_by",
-            "created_at", "updated_at",
+            "keep_alive", "max_keep_alive", "min_replicas", "max_replicas", "pinned", "enabled",
+            "owned_by", "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["created_at", "updated_at"]
         extra_kwargs = {

@@ -1,17 +1,21 @@
-"""Every write to API keys. The admin and the management command call these."""
+"""Every write the gateway makes: API keys (the admin and the management command call
+these), usage, and what a request's `keep_alive` asks of the replica that served it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from agents.models import Model
+from agents.models import Model, Placement
 from controlplane.gateway.models import ApiKey, RequestMinute, Usage
+
+log = logging.getLogger(__name__)
 
 
 class UnknownModels(ValueError):
@@ -84,6 +88,29 @@ async def record_usage(
         except IntegrityError:  # another process created today's row first
             await rows.aupdate(**counts)
     await ApiKey.objects.filter(pk=key_id).aupdate(last_used_at=now)
+
+
+def granted_keep_alive(asked_seconds: float, model: Model) -> timedelta:
+    """What a request's `keep_alive` gets: what it asked, at most the model's maximum."""
+    if asked_seconds >= model.max_keep_alive.total_seconds():
+        return model.max_keep_alive
+    return timedelta(seconds=asked_seconds)
+
+
+async def keep_replica_alive(placement_pk: int, asked_seconds: float, model: Model) -> None:
+    """The replica that served a request with `keep_alive` stays on the GPU that long once
+    idle (the sweep reads it), until a later request asks otherwise.
+
+    `update`, not `save`: the row's `updated_at` names the replica's generation to the
+    router, and a keep-alive is no new generation. Off the request's path: a database that
+    is away costs the keep-alive, never the answer.
+    """
+    try:
+        await Placement.objects.filter(pk=placement_pk).aupdate(
+            keep_alive=granted_keep_alive(asked_seconds, model)
+        )
+    except DatabaseError:
+        log.exception("could not record keep_alive for placement %s", placement_pk)
 
 
 def prune_history(now: datetime | None = None) -> dict[str, int]:

@@ -34,6 +34,7 @@ from agents import actions
 from agents.models import Model, Placement
 from agents.scheduling import ReplicaLoad, choose_replica, needs_scale_out, replica_score
 from controlplane import metrics
+from controlplane.gateway import actions as gateway_actions
 from controlplane.gateway import cache, coldstart, stats, upstream
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.loops import in_background, per_loop
@@ -72,6 +73,7 @@ class Job:
     strip_usage: bool  # the gateway asked for the stream's usage event; it is not the client's
     meter: Meter
     record: stats.RequestRecord
+    keep_alive: float | None = None  # seconds the request asked its replica to stay warm
 
 
 class Claim:
@@ -256,6 +258,10 @@ class Router:
         if refused is not None:
             claim.release()
             return openai_error(refused.status, refused.message, code=refused.code)
+        if job.keep_alive is not None:  # the replica that answers is the one kept warm
+            in_background(
+                gateway_actions.keep_replica_alive(placement.pk, job.keep_alive, job.model)
+            )
         return Opened(placement, answer, claim, job.meter)
 
     async def _open_cold(

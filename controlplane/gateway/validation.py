@@ -7,6 +7,8 @@ extensions included) passes to the engine untouched, as do the body's bytes.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +30,11 @@ class CompletionRequest:
     model_id: str
     stream: bool
     user: str | None
-    raw: bytes
+    raw: bytes  # the body to send upstream: the client's bytes, less what is llmfleet's own
     body: dict[str, Any]
+    # Seconds the serving replica should stay on the GPU once idle (`keep_alive`); math.inf
+    # for "as long as allowed"; None when the request did not say.
+    keep_alive: float | None = None
 
 
 def _number(
@@ -107,6 +112,47 @@ def _prompt(body: dict[str, Any]) -> None:
     )
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+_KEEP_ALIVE_HINT = (
+    'seconds (300), or a duration ("5m", "1h30m", "90s"); 0 steps the model down as '
+    "soon as it is idle, a negative value keeps it as long as the model allows"
+)
+
+
+def parse_keep_alive(value: Any) -> float:
+    """`keep_alive` as Ollama's clients send it: a number of seconds, or a Go-style duration
+    string ("5m", "1h30m", "-1"). Negative means as long as allowed (math.inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidRequest(
+            f"'keep_alive' must be {_KEEP_ALIVE_HINT}.", "keep_alive", "invalid_type"
+        )
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        if text.startswith(("-", "+")):
+            text = text[1:]
+        try:
+            if text.startswith(("-", "+")):  # one sign, and only before the number
+                raise ValueError(value)
+            seconds = float(text)  # "300": seconds, as a number would say
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not text or "".join(number + unit for number, unit in parts) != text:
+                raise InvalidRequest(
+                    f"'keep_alive' {value!r} is not {_KEEP_ALIVE_HINT}.",
+                    "keep_alive",
+                    "invalid_value",
+                ) from None
+            seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+        value = sign * seconds
+    if not math.isfinite(value):
+        raise InvalidRequest(
+            f"'keep_alive' must be {_KEEP_ALIVE_HINT}.", "keep_alive", "invalid_value"
+        )
+    return math.inf if value < 0 else float(value)
+
+
 def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRequest:
     """The request's routing facts, after checking the parameters the gateway understands."""
     try:
@@ -143,7 +189,12 @@ def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRe
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string.", "user", "invalid_type")
-    return CompletionRequest(model, bool(body.get("stream")), user or None, raw, body)
+    keep_alive = None
+    if "keep_alive" in body:  # llmfleet's own: checked here, never sent to the engine
+        value = body.pop("keep_alive")
+        keep_alive = None if value is None else parse_keep_alive(value)
+        raw = json.dumps(body).encode()
+    return CompletionRequest(model, bool(body.get("stream")), user or None, raw, body, keep_alive)
 
 
 _NOT_TEXT = {"role", "type"}  # a message's or a content part's own fields, not its text

@@ -188,5 +188,8 @@ async def _answer(
         upstream.ask_for_usage(parsed.raw, parsed.body) if parsed.stream else (parsed.raw, False)
     )
     meter = upstream.Meter(_usage_recorder(key, model), estimate_prompt_tokens(parsed.body))
-    job = Job(model, path, raw, parsed.user, parsed.stream, strip_usage, meter, record)
+    job = Job(
+        model, path, raw, parsed.user, parsed.stream, strip_usage, meter, record,
+        parsed.keep_alive,
+    )  # fmt: skip
     return await router().serve(job)

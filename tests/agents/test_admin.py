@@ -104,6 +104,7 @@ def test_catalog_models_can_be_added_in_the_admin(staff_client):
             "gpu_memory_bytes": 0,
             "engine_args": '["--dtype", "float32"]',
             "keep_alive": "00:10:00",
+            "max_keep_alive": "01:00:00",
             "min_replicas": 0,
             "max_replicas": 1,
             "enabled": "on",

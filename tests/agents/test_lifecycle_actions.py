@@ -276,6 +276,21 @@ def test_the_sweep_steps_idle_models_down_and_records_each_step(queued):
 
 
 @pytest.mark.django_db
+def test_the_sweep_reads_a_replica_keep_alive_before_its_model(queued):
+    # Each model would step down after a minute; what its last request asked decides.
+    extended, shortened, plain = (
+        PlacementFactory(model=ModelFactory(keep_alive=timedelta(minutes=1))) for _ in range(3)
+    )
+    Placement.objects.filter(pk=extended.pk).update(keep_alive=timedelta(minutes=30))
+    Placement.objects.filter(pk=shortened.pk).update(keep_alive=timedelta(0))
+    Placement.objects.filter(pk=shortened.pk).update(last_used_at=timezone.now())
+    five_minutes_ago = timezone.now() - timedelta(minutes=5)
+    Placement.objects.filter(pk__in=[extended.pk, plain.pk]).update(last_used_at=five_minutes_ago)
+    events = actions.sweep()
+    assert sorted(e.placement_id for e in events) == sorted([shortened.pk, plain.pk])
+
+
+@pytest.mark.django_db
 def test_a_refused_unload_leaves_the_replica_serving(queued):
     placement = PlacementFactory()
     event = actions.unload(placement, CacheLevel.NVME_CACHED)

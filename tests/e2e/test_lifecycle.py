@@ -187,6 +187,41 @@ def test_idle_models_step_down_and_pinned_ones_stay(fleet, tmp_path, tiny):
     assert again.download_seconds is None
 
 
+def test_a_request_keep_alive_extends_or_shortens_its_replica_time_on_the_gpu(
+    fleet, tmp_path, tiny
+):
+    plane, stack = fleet
+    plane.agent(stack, tmp_path, "gpu-a", *SIM)
+    registered("gpu-a")
+    catalog("org/kept", tiny, keep_alive=timedelta(seconds=2))
+    catalog("org/plain", tiny, keep_alive=timedelta(seconds=2))
+    catalog("org/brief", tiny, keep_alive=timedelta(hours=1))
+    client = client_for(plane.url)
+
+    def ask_keeping(model: str, keep_alive: object) -> None:
+        answer = client.chat.completions.create(
+            model=model, messages=HELLO, max_tokens=3, extra_body={"keep_alive": keep_alive}
+        )
+        assert answer.choices[0].message.content
+
+    ask_keeping("org/kept", "10m")
+    ask_keeping("org/brief", 0)
+    assert ask(client, "org/plain")
+
+    def level(model_id: str) -> str:
+        return Placement.objects.get(model__model_id=model_id).cache_level
+
+    # `0` takes a one-hour model down as soon as it is idle; the model that did not ask
+    # goes after its own 2 s; the one that asked for 10 minutes stays.
+    wait_for(lambda: level("org/brief") == CacheLevel.NVME_CACHED, 30, "org/brief stepped down")
+    wait_for(lambda: level("org/plain") == CacheLevel.NVME_CACHED, 30, "org/plain stepped down")
+    kept = Placement.objects.get(model__model_id="org/kept")
+    assert (kept.state, kept.cache_level) == (PlacementState.READY, CacheLevel.GPU_RESIDENT)
+    assert kept.keep_alive == timedelta(minutes=10)
+    assert not LoadEvent.objects.filter(model__model_id="org/kept", kind=LoadEventKind.UNLOAD)
+    assert Placement.objects.get(model__model_id="org/brief").keep_alive == timedelta(0)
+
+
 def test_drain_moves_traffic_to_another_agent(fleet, tmp_path, tiny):
     plane, stack = fleet
     plane.agent(stack, tmp_path, "gpu-a", *SIM)

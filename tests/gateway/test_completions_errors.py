@@ -58,6 +58,13 @@ def chat(**extra):
         (chat(stream="yes"), "stream", "invalid_type"),
         (chat(user=42), "user", "invalid_type"),
         (chat(model="org/m\x00"), "model", "invalid_value"),  # found by tests/gateway/test_fuzz.py
+        (chat(keep_alive="soon"), "keep_alive", "invalid_value"),
+        (chat(keep_alive="5x"), "keep_alive", "invalid_value"),
+        (chat(keep_alive="m5"), "keep_alive", "invalid_value"),
+        (chat(keep_alive=""), "keep_alive", "invalid_value"),
+        (chat(keep_alive=True), "keep_alive", "invalid_type"),
+        (chat(keep_alive=[300]), "keep_alive", "invalid_type"),
+        (json.dumps(chat())[:-1] + ', "keep_alive": NaN}', "keep_alive", "invalid_value"),
     ],
 )
 def test_bad_bodies_are_400_naming_the_parameter(client, key, body, param, code):

@@ -62,6 +62,11 @@ class Command(BaseCommand):
             "--keep-alive", type=duration, help="idle time before stepping down (10m, 1h)"
         )
         parser.add_argument(
+            "--max-keep-alive",
+            type=duration,
+            help="the longest idle time a request's keep_alive may ask for (default 1h)",
+        )
+        parser.add_argument(
             "--min-replicas", type=int, help="replicas kept loaded (0: scale to zero)"
         )
         parser.add_argument("--max-replicas", type=int, help="most replicas loaded at once")
@@ -88,6 +93,7 @@ class Command(BaseCommand):
                 engine_args=engine_args,
                 gpu_memory_bytes=options["gpu_memory_gb"],
                 keep_alive=options["keep_alive"],
+                max_keep_alive=options["max_keep_alive"],
                 min_replicas=options["min_replicas"],
                 max_replicas=options["max_replicas"],
                 pinned=options["pinned"],
