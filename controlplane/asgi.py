@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from typing import Any
 
 from django.core.asgi import get_asgi_application
@@ -25,10 +27,21 @@ site_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else
 api_app = ApiHandler()
 
 
+# The HTTP requests being answered (daphne's application instances), which a stopping web
+# process lets end before its last writes.
+_answering: set[asyncio.Task[Any]] = set()
+
+
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """/v1 (the OpenAI API) through the lean handler; the rest with every middleware."""
     app = api_app if scope["path"].startswith("/v1/") else site_app
-    await app(scope, receive, send)
+    task = asyncio.current_task()
+    if task is not None:
+        _answering.add(task)
+    try:
+        await app(scope, receive, send)
+    finally:
+        _answering.discard(task)
 
 
 # The session cookie authenticates the socket (the consumer checks is_staff in connect);
@@ -38,3 +51,32 @@ websocket_app = AllowedHostsOriginValidator(
 )
 
 application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app})
+
+
+async def _last_writes() -> None:
+    """Once the requests daphne cancels as it stops have ended (their usage settled), the
+    gateway's buffered usage and request figures are written and its connections closed."""
+    from controlplane.gateway.loops import shutdown
+
+    await asyncio.sleep(0)  # daphne's own shutdown trigger, called next, cancels them
+    if _answering:
+        await asyncio.wait(set(_answering), timeout=10)
+    await shutdown()
+
+
+def _at_daphne_shutdown() -> None:
+    """Under daphne, `_last_writes` before its reactor stops: a stopped web process loses no
+    usage, and logs no ERROR for a client session left open. Only Deferreds of the "before"
+    phase are waited for. Another server (tests' live server) never loads daphne."""
+    if "daphne.server" not in sys.modules:
+        return
+    from twisted.internet import defer, reactor
+
+    def stop() -> defer.Deferred[None]:
+        return defer.Deferred.fromFuture(asyncio.ensure_future(_last_writes()))
+
+    # (Twisted declares the interface method without self: mypy counts its arguments off by one)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)  # type: ignore[arg-type]
+
+
+_at_daphne_shutdown()

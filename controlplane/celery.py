@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
@@ -27,3 +29,24 @@ def _prepare_filesystem_broker() -> None:
 @app.on_after_configure.connect
 def _on_configured(sender: Celery, **kwargs: object) -> None:
     _prepare_filesystem_broker()
+
+
+# Celery's line per task received, succeeded and sent by beat: every few seconds for the
+# heartbeat poll and the sweep, they would bury what an operator reads (loads, unloads,
+# failures, agent state changes; agents.tasks logs those). LOG_LEVEL=DEBUG shows them.
+_ROUTINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+
+
+def _not_a_due_task(record: logging.LogRecord) -> bool:
+    """Beat's own start and errors stay; its line per task sent does not."""
+    return not str(record.msg).startswith("Scheduler: Sending due task")
+
+
+@signals.after_setup_logger.connect
+def _quiet_routine_lines(**kwargs: Any) -> None:
+    from django.conf import settings
+
+    if settings.LOG_LEVEL != "DEBUG":
+        for name in _ROUTINE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("celery.beat").addFilter(_not_a_due_task)

@@ -226,7 +226,17 @@ for chunk in c.chat.completions.create(model="llmfleet/tiny", stream=True, max_t
         messages=[{{"role": "user", "content": "Hello!"}}]):
     print(chunk.choices[0].delta.content or "", end="", flush=True)
 print()'
+
+  Embeddings from llmfleet/tiny-embed, and the Responses API: README, "The OpenAI API".
+
+  Dashboard {base}/dashboard/ and admin {base}/admin/ take a staff user; make one with
+    {_here(sys.executable)} manage.py createsuperuser
 """
+
+
+def _here(path: str) -> str:
+    """A path as typed from the project's root, where the banner's commands run."""
+    return os.path.relpath(path, ROOT) if Path(path).is_relative_to(ROOT) else path
 
 
 def main() -> int:

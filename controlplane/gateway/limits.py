@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 
 from controlplane import metrics
-from controlplane.gateway.loops import per_loop
+from controlplane.gateway.loops import on_shutdown, per_loop
 from controlplane.gateway.models import ApiKey
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ def _client() -> aioredis.Redis | None:
     if url not in clients:
         clients[url] = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     return clients[url]
+
+
+@on_shutdown
+async def _close_clients(loop: asyncio.AbstractEventLoop) -> None:
+    for client in _clients.pop(loop, {}).values():
+        await client.aclose()
 
 
 async def _counts(key: ApiKey, window: int, add_request: bool) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from django.db.models import F
 
 from controlplane import metrics
 from controlplane.gateway.batches import Batches
-from controlplane.gateway.loops import per_loop
+from controlplane.gateway.loops import on_shutdown, per_loop
 
 
 @dataclass
@@ -105,3 +105,10 @@ _buffers: dict[asyncio.AbstractEventLoop, StatsBuffer] = {}
 
 def buffer() -> StatsBuffer:
     return per_loop(_buffers, StatsBuffer)
+
+
+@on_shutdown
+async def _flush(loop: asyncio.AbstractEventLoop) -> None:
+    """A web process that stops writes the request figures it still holds."""
+    if (pending := _buffers.get(loop)) is not None:
+        await pending.flush()

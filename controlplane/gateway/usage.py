@@ -7,7 +7,7 @@ import asyncio
 
 from controlplane.gateway.actions import record_usage
 from controlplane.gateway.batches import Batches
-from controlplane.gateway.loops import per_loop
+from controlplane.gateway.loops import on_shutdown, per_loop
 
 
 class UsageBuffer(Batches[tuple[int, int]]):
@@ -33,3 +33,10 @@ _buffers: dict[asyncio.AbstractEventLoop, UsageBuffer] = {}
 def buffer() -> UsageBuffer:
     """The buffer of the running event loop (daphne runs one)."""
     return per_loop(_buffers, UsageBuffer)
+
+
+@on_shutdown
+async def _flush(loop: asyncio.AbstractEventLoop) -> None:
+    """A web process that stops writes the usage it still holds (its requests are done)."""
+    if (pending := _buffers.get(loop)) is not None:
+        await pending.flush()

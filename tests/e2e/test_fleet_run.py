@@ -88,6 +88,11 @@ def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp
     assert fleet.returncode == 0, log
     assert "fleet: stopped" in log
     assert not http_ok(f"{base}/healthz")
+    # A first run that reads well: no line per routine task, and Ctrl-C logs no ERROR.
+    assert "Sending due task" not in log
+    assert "Task agents.tasks.poll_heartbeats" not in log
+    assert " ERROR " not in log
+    assert "Unclosed" not in log
 
 
 def children_of(pid: int) -> dict[int, str]:
