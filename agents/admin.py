@@ -197,10 +197,10 @@ class LoadOntoAgentForm(forms.Form):
 @admin.register(Model)
 class CatalogModelAdmin(admin.ModelAdmin[Model]):
     list_display = [
-        "model_id", "enabled", "pinned", "ready_replicas", "size", "gpu_memory",
+        "model_id", "kind", "enabled", "pinned", "ready_replicas", "size", "gpu_memory",
         "keep_alive", "min_replicas", "max_replicas", "source",
     ]  # fmt: skip
-    list_filter = ["enabled", "pinned"]
+    list_filter = ["kind", "enabled", "pinned"]
     search_fields = ["model_id", "source"]
     readonly_fields = ["created_at", "updated_at"]
     inlines = [ModelPlacementInline]

@@ -46,6 +46,13 @@ class CacheLevel(models.TextChoices):
     NONE = "NONE", "Not on this agent"
 
 
+class ModelKind(models.TextChoices):
+    """What a model's engines do, and so which endpoints serve it."""
+
+    GENERATE = "generate", "Text generation (chat, completions, responses)"
+    EMBEDDING = "embedding", "Embeddings"
+
+
 class EngineStart(models.TextChoices):
     PLAIN = "plain", "Plain start"
     STANDBY = "standby", "Standby engine"

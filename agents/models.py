@@ -16,6 +16,7 @@ from agents.choices import (
     LoadEventKind,
     LoadOutcome,
     LoadTrigger,
+    ModelKind,
     PlacementState,
 )
 from agents.validators import (
@@ -129,6 +130,15 @@ class Model(models.Model):
     gpu_memory_bytes = models.BigIntegerField(
         default=0, help_text="GPU memory one replica needs (weights and KV cache)."
     )
+    # db_default: models the previous release inserts during a rolling upgrade generate.
+    kind = models.CharField(
+        max_length=16,
+        choices=ModelKind.choices,
+        default=ModelKind.GENERATE,
+        db_default=ModelKind.GENERATE,
+        help_text="Generation models serve chat, completions and responses; embedding models "
+        "serve /v1/embeddings (their engines start as vLLM pooling runners).",
+    )
     engine_args = models.JSONField(default=list, blank=True, validators=[validate_engine_args])
     keep_alive = models.DurationField(
         default=timedelta(minutes=10), help_text="Idle time before the model steps down a level."
@@ -165,6 +175,21 @@ class Model(models.Model):
 
     def __str__(self) -> str:
         return self.model_id
+
+    @property
+    def engine_argv(self) -> tuple[str, ...]:
+        """What its engines start with: the flags its kind needs, then the operator's.
+
+        An embedding model is a vLLM pooling runner; vLLM then converts a `*ForCausalLM`
+        checkpoint to embeddings itself (`--convert auto`). An operator's own `--runner`
+        wins.
+        """
+        args = tuple(self.engine_args)
+        if self.kind == ModelKind.EMBEDDING and not any(
+            arg == "--runner" or arg.startswith("--runner=") for arg in args
+        ):
+            return ("--runner", "pooling", *args)
+        return args
 
 
 class PlacementQuerySet(models.QuerySet["Placement"]):

@@ -34,7 +34,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
 from nodeagent.engines.sim import SimEngine
-from nodeagent.engines.standby import StandbyPool, standby_refusal
+from nodeagent.engines.standby import StandbyPool, is_pooling, standby_refusal
 from nodeagent.engines.vllm import VllmEngine, vllm_argv
 from nodeagent.fetch import fetch_model
 from nodeagent.metrics import AgentMetrics, EngineStats
@@ -436,7 +436,7 @@ class ModelRegistry:
     ) -> Engine:  # fmt: skip
         name = request.engine.name or self.config.engine
         if name == "sim":
-            return SimEngine(request.model_id, self.config.sim)
+            return SimEngine(request.model_id, self.config.sim, is_pooling(request.engine.args))
         safe = quote(request.model_id, safe="")
         refusal = standby_refusal(request.engine.args)
         standby = None

@@ -18,6 +18,7 @@ def register_catalog_model(
     *,
     size_bytes: int,
     revision: str = "",
+    kind: str | None = None,
     engine_args: list[str] | None = None,
     gpu_memory_bytes: int | None = None,
     keep_alive: timedelta | None = None,
@@ -47,6 +48,7 @@ def register_catalog_model(
             enabled,
         )
         options = {
+            "kind": kind,
             "engine_args": engine_args,
             "gpu_memory_bytes": gpu_memory_bytes,
             "keep_alive": keep_alive,

@@ -296,7 +296,7 @@ def begin_load(event_id: int) -> LoadJob | None:
         model_id=model.model_id,
         source=model.source,
         revision=model.revision,
-        engine=EngineSpec(args=tuple(model.engine_args)),
+        engine=EngineSpec(args=model.engine_argv),
     )
     return LoadJob(event.pk, event.agent.base_url, event.agent.credential, request)
 

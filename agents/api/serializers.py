@@ -53,9 +53,9 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
     class Meta:
         model = Model
         fields = [
-            "model_id", "source", "revision", "size_bytes", "gpu_memory_bytes", "engine_args",
-            "keep_alive", "max_keep_alive", "min_replicas", "max_replicas", "pinned", "enabled",
-            "owned_by", "created_at", "updated_at",
+            "model_id", "kind", "source", "revision", "size_bytes", "gpu_memory_bytes",
+            "engine_args", "keep_alive", "max_keep_alive", "min_replicas", "max_replicas",
+            "pinned", "enabled", "owned_by", "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["created_at", "updated_at"]
         extra_kwargs = {

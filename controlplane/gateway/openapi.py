@@ -169,6 +169,60 @@ DESCRIPTION: dict[str, Any] = {
                 },
             )
         },
+        "/v1/responses": {
+            "post": _completion_operation(
+                "A response (OpenAI's Responses API), streamed as typed events or not. "
+                "`previous_response_id` and `background` are refused: llmfleet stores no "
+                "responses.",
+                {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": _COMMON_PARAMETERS["model"],
+                        "stream": {"type": "boolean"},
+                        "store": {"type": "boolean"},
+                        "user": _COMMON_PARAMETERS["user"],
+                        "instructions": {"type": "string"},
+                        "max_output_tokens": {"type": "integer", "minimum": 1},
+                        "temperature": _NUMBER_PARAMETERS["temperature"],
+                        "top_p": _NUMBER_PARAMETERS["top_p"],
+                        "input": {
+                            "oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                            ]
+                        },
+                    },
+                },
+            )
+        },
+        "/v1/embeddings": {
+            "post": _completion_operation(
+                "Embeddings of one or more inputs, from an embedding model.",
+                {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": _COMMON_PARAMETERS["model"],
+                        "user": _COMMON_PARAMETERS["user"],
+                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                        "dimensions": {"type": "integer", "minimum": 1},
+                        "input": {
+                            "oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                                {**_TOKEN_IDS, "minItems": 1},
+                                {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {**_TOKEN_IDS, "minItems": 1},
+                                },
+                            ]
+                        },
+                    },
+                },
+            )
+        },
     },
     "components": {
         "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
@@ -198,6 +252,12 @@ DESCRIPTION: dict[str, Any] = {
                     "object": {"type": "string", "enum": ["model"]},
                     "created": {"type": "integer"},
                     "owned_by": {"type": "string"},
+                    "kind": {
+                        "type": "string",
+                        "enum": ["generate", "embedding"],
+                        "description": "generate: chat, completions and responses; embedding: "
+                        "embeddings.",
+                    },
                     "warm": {"type": "boolean"},
                 },
             },

@@ -36,6 +36,7 @@ from agents.scheduling import ReplicaLoad, choose_replica, needs_scale_out, repl
 from controlplane import metrics
 from controlplane.gateway import actions as gateway_actions
 from controlplane.gateway import cache, coldstart, stats, upstream
+from controlplane.gateway.apis import Api
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.loops import in_background, per_loop
 from controlplane.gateway.upstream import Meter, ReplicaFailed
@@ -63,10 +64,11 @@ def generation(placement: Placement) -> Generation:
 
 @dataclass
 class Job:
-    """One completion request, validated, for a model the key may use."""
+    """One request (a completion, a response, embeddings), validated, for a model the key may
+    use."""
 
     model: Model
-    path: str  # "chat/completions" or "completions"
+    api: Api  # which endpoint: the path upstream, and how its stream reads
     raw: bytes  # the body to send upstream
     user: str | None
     stream: bool
@@ -241,7 +243,7 @@ class Router:
         claim = self.claim(placement, job.model)
         try:
             answer = await upstream.post(
-                placement, job.path, job.raw, job.stream, deadline - time.monotonic()
+                placement, job.api.value, job.raw, job.stream, deadline - time.monotonic()
             )
             refused = await upstream.refusal(answer)
         except ReplicaFailed as failure:
@@ -326,7 +328,7 @@ class Router:
             taken = True
             opened = waiter.result()
         except coldstart.ColdStartFailed as exc:
-            yield upstream.error_event(str(exc), code="model_not_ready")
+            yield job.api.error_event(str(exc), code="model_not_ready")
             return
         finally:
             if heard is not None:
@@ -334,7 +336,7 @@ class Router:
             if not taken:
                 _stop_waiting(waiter)
         if isinstance(opened, HttpResponse):  # the agent refused the request itself
-            yield upstream.error_event(_error_message(opened.status_code, opened.content))
+            yield job.api.error_event(_error_message(opened.status_code, opened.content))
             return
         cleanup.add(opened.abandon)
         async for chunk in self._answer_chunks(opened, job, cold=True):
@@ -366,9 +368,9 @@ class Router:
             finally:
                 answer.release()
                 opened.claim.release()
-            yield upstream.error_event(_error_message(answer.status, body))
+            yield job.api.error_event(_error_message(answer.status, body))
             return
-        scanner = upstream.UsageScanner(job.strip_usage, job.meter)
+        scanner = upstream.UsageScanner(job.strip_usage, job.meter, job.api)
         chunks = upstream.relay_chunks(answer, opened.placement.pk, scanner)
         first = True
         try:

@@ -18,7 +18,8 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from agents.models import Placement
-from controlplane.gateway.loops import per_loop
+from controlplane.gateway.apis import Api
+from controlplane.gateway.loops import on_shutdown, per_loop
 from nodeagent.protocol import AGENT_ERROR_HEADER
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ def _new_session() -> aiohttp.ClientSession:
 def session() -> aiohttp.ClientSession:
     """One long-lived client session per event loop (daphne runs one)."""
     return per_loop(_sessions, _new_session)
+
+
+@on_shutdown
+async def _close_session(loop: asyncio.AbstractEventLoop) -> None:
+    """Closed before the process exits: aiohttp logs an ERROR for a session left open."""
+    if (open_session := _sessions.pop(loop, None)) is not None:
+        await open_session.close()
 
 
 class Fault(StrEnum):
@@ -170,9 +178,10 @@ class UsageScanner:
     Bytes pass unchanged, held back at most to the end of the current event.
     """
 
-    def __init__(self, strip: bool, meter: Meter) -> None:
+    def __init__(self, strip: bool, meter: Meter, api: Api = Api.CHAT) -> None:
         self.strip = strip
         self.meter = meter
+        self.api = api
         self.pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -186,30 +195,21 @@ class UsageScanner:
             taken = self.meter.usage is None and b'"usage"' in event and self._take_usage(event)
             if taken and self.strip:
                 continue
-            if not taken and event.startswith(b"data: {"):
+            if not taken and self.api.is_output(event):
                 self.meter.relayed_events += 1
             kept.append(event + b"\n\n")
         return b"".join(kept)
 
     def _take_usage(self, event: bytes) -> bool:
-        try:
-            data = json.loads(event.removeprefix(b"data: "))
-        except ValueError:
+        usage = self.api.stream_usage(event)
+        if usage is None:
             return False
-        if isinstance(data, dict) and data.get("usage") and not data.get("choices"):
-            self.meter.usage = data["usage"]
-            return True
-        return False
+        self.meter.usage = usage
+        return True
 
     def rest(self) -> bytes:
         pending, self.pending = self.pending, b""
         return pending
-
-
-def error_event(message: str, code: str = "upstream_failed") -> bytes:
-    """An OpenAI-shaped error as the last event of a stream whose headers are already sent."""
-    error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
 async def relay_chunks(
@@ -229,7 +229,7 @@ async def relay_chunks(
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone: the stream ends with an error event, as OpenAI clients expect.
         log.warning("stream from placement %s broke: %s", placement_id, exc)
-        yield error_event(f"The model's server failed mid-stream: {exc}")
+        yield scanner.api.error_event(f"The model's server failed mid-stream: {exc}")
         finished = True
     finally:
         upstream.release() if finished else upstream.close()

@@ -8,5 +8,9 @@ urlpatterns = [
     path("models/<path:model_id>", views.retrieve_model, name="v1-model"),
     path("chat/completions", views.chat_completions, name="v1-chat-completions"),
     path("completions", views.completions, name="v1-completions"),
+    path("responses", views.responses, name="v1-responses"),
+    path("responses/<str:response_id>", views.stored_response, name="v1-response"),
+    path("responses/<str:response_id>/cancel", views.stored_response, name="v1-response-cancel"),
+    path("embeddings", views.embeddings, name="v1-embeddings"),
     re_path(r"^(?P<path>.*)$", errors.not_found),
 ]

@@ -1,4 +1,5 @@
-"""Checks on `/v1/chat/completions` and `/v1/completions` bodies before anything goes upstream.
+"""Checks on `/v1/chat/completions`, `/v1/completions`, `/v1/responses` and `/v1/embeddings`
+bodies before anything goes upstream.
 
 Only what is checked here is interpreted; every other parameter (vLLM's
 extensions included) passes to the engine untouched, as do the body's bytes.
@@ -11,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from controlplane.gateway.apis import Api
 
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -26,7 +29,7 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
-class CompletionRequest:
+class ApiRequest:
     model_id: str
     stream: bool
     user: str | None
@@ -153,7 +156,122 @@ def parse_keep_alive(value: Any) -> float:
     return math.inf if value < 0 else float(value)
 
 
-def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRequest:
+def _responses_input(body: dict[str, Any]) -> None:
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequest("'instructions' must be a string.", "instructions", "invalid_type")
+    value = body.get("input")
+    if value is None:
+        raise InvalidRequest("'input' is required.", "input", "missing_required_parameter")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest(
+            "'input' must be a string or a non-empty array of input items.", "input", "invalid_type"
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise InvalidRequest(
+                f"'input[{index}]' must be an object.", f"input[{index}]", "invalid_type"
+            )
+        role = item.get("role")
+        if role is not None and role not in _ROLES:
+            raise InvalidRequest(
+                f"'input[{index}].role' must be one of {', '.join(sorted(_ROLES))}.",
+                f"input[{index}].role",
+                "invalid_value",
+            )
+
+
+# What llmfleet cannot honour across replicas: an engine keeps a response in its own memory
+# only, and the next request (or the GET) may reach another replica, or find it evicted.
+_NOT_KEPT = (
+    "llmfleet does not keep responses between requests: any replica may answer the next one, "
+    "and an engine's memory goes when it is stepped down."
+)
+
+
+def _responses_state(body: dict[str, Any]) -> None:
+    if body.get("previous_response_id") is not None:
+        raise InvalidRequest(
+            f"'previous_response_id' is not supported: {_NOT_KEPT} Send the earlier turns "
+            "in 'input' instead.",
+            "previous_response_id",
+            "unsupported_parameter",
+        )
+    _boolean(body, "background")
+    if body.get("background"):
+        raise InvalidRequest(
+            f"'background' is not supported: {_NOT_KEPT} Stream the response instead.",
+            "background",
+            "unsupported_parameter",
+        )
+    _boolean(body, "store")
+
+
+def _embeddings_input(body: dict[str, Any]) -> None:
+    value = body.get("input")
+    if value is None:
+        raise InvalidRequest("'input' is required.", "input", "missing_required_parameter")
+    if isinstance(value, str) or (
+        isinstance(value, list)
+        and value
+        and (
+            all(isinstance(item, str) for item in value)
+            or _token_ids(value)
+            or all(_token_ids(item) and item for item in value)
+        )
+    ):
+        return
+    raise InvalidRequest(
+        "'input' must be a string, a non-empty array of strings, an array of token ids or an "
+        "array of arrays of token ids.",
+        "input",
+        "invalid_type",
+    )
+
+
+def _embeddings_options(body: dict[str, Any]) -> None:
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise InvalidRequest(
+            "'encoding_format' must be 'float' or 'base64'.", "encoding_format", "invalid_value"
+        )
+    _number(body, "dimensions", 1, 1 << 16, integer=True)
+    if body.get("stream"):
+        raise InvalidRequest(
+            "Embeddings are not streamed: leave out 'stream'.", "stream", "invalid_value"
+        )
+
+
+def _body(api: Api, body: dict[str, Any], max_tokens: int) -> None:
+    """The checks of each API's own fields."""
+    if api is Api.EMBEDDINGS:
+        _embeddings_input(body)
+        _embeddings_options(body)
+        return
+    if api is Api.RESPONSES:
+        _responses_input(body)
+        _responses_state(body)
+        _number(body, "max_output_tokens", 1, max_tokens, integer=True)
+    else:
+        _messages(body) if api is Api.CHAT else _prompt(body)
+        for name in ("max_tokens", "max_completion_tokens"):
+            _number(body, name, 1, max_tokens, integer=True)
+        _number(body, "n", 1, 16, integer=True)
+        _number(body, "presence_penalty", -2, 2)
+        _number(body, "frequency_penalty", -2, 2)
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise InvalidRequest(
+                "'stream_options' must be an object.", "stream_options", "invalid_type"
+            )
+    _boolean(body, "stream")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+
+
+def parse_request(raw: bytes, api: Api, *, max_tokens: int) -> ApiRequest:
     """The request's routing facts, after checking the parameters the gateway understands."""
     try:
         body = json.loads(raw)
@@ -172,20 +290,7 @@ def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRe
         raise InvalidRequest("'model' must be a non-empty string.", "model", "invalid_type")
     if "\x00" in model:  # no catalog id holds one, and PostgreSQL refuses it in a lookup
         raise InvalidRequest("'model' must not contain null characters.", "model", "invalid_value")
-    _messages(body) if chat else _prompt(body)
-    _boolean(body, "stream")
-    for name in ("max_tokens", "max_completion_tokens"):
-        _number(body, name, 1, max_tokens, integer=True)
-    _number(body, "temperature", 0, 2)
-    _number(body, "top_p", 0, 1)
-    _number(body, "n", 1, 16, integer=True)
-    _number(body, "presence_penalty", -2, 2)
-    _number(body, "frequency_penalty", -2, 2)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise InvalidRequest(
-            "'stream_options' must be an object.", "stream_options", "invalid_type"
-        )
+    _body(api, body, max_tokens)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string.", "user", "invalid_type")
@@ -194,7 +299,7 @@ def parse_completion(raw: bytes, *, chat: bool, max_tokens: int) -> CompletionRe
         value = body.pop("keep_alive")
         keep_alive = None if value is None else parse_keep_alive(value)
         raw = json.dumps(body).encode()
-    return CompletionRequest(model, bool(body.get("stream")), user or None, raw, body, keep_alive)
+    return ApiRequest(model, bool(body.get("stream")), user or None, raw, body, keep_alive)
 
 
 _NOT_TEXT = {"role", "type"}  # a message's or a content part's own fields, not its text
@@ -216,5 +321,7 @@ def _text_bytes(value: Any) -> int:
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """About how many tokens the prompt is (four bytes a token, the usual rule of thumb):
     what a request is charged when the engine never says (a client that left early)."""
-    text = _text_bytes(body.get("messages")) + _text_bytes(body.get("prompt"))
+    text = sum(
+        _text_bytes(body.get(name)) for name in ("messages", "prompt", "input", "instructions")
+    )
     return max(1, (text + 3) // 4)

@@ -11,19 +11,21 @@ from django.db.models import Exists, OuterRef
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from agents.choices import ModelKind
 from agents.models import Model, Placement
 from controlplane.gateway import cache, limits, stats, upstream
 from controlplane.gateway import usage as gateway_usage
+from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.loops import in_background
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.router import Job, router
 from controlplane.gateway.validation import (
-    CompletionRequest,
+    ApiRequest,
     InvalidRequest,
     estimate_prompt_tokens,
-    parse_completion,
+    parse_request,
 )
 
 
@@ -34,6 +36,7 @@ def _model_entry(model: Model, warm: bool) -> dict[str, Any]:
         "object": "model",
         "created": int(model.created_at.timestamp()),
         "owned_by": model.owned_by,
+        "kind": model.kind,
         "warm": warm,
     }
 
@@ -78,17 +81,51 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> JsonResponse:
 @openai_errors
 async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """`POST /v1/chat/completions`, streaming or not."""
-    return await _complete(request, "chat/completions", chat=True)
+    return await _complete(request, Api.CHAT)
 
 
 @csrf_exempt
 @openai_errors
 async def completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """`POST /v1/completions`, streaming or not."""
-    return await _complete(request, "completions", chat=False)
+    return await _complete(request, Api.COMPLETIONS)
 
 
-async def _read_request(request: HttpRequest, chat: bool) -> CompletionRequest | JsonResponse:
+@csrf_exempt
+@openai_errors
+async def responses(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    """`POST /v1/responses`, streaming (typed events) or not."""
+    return await _complete(request, Api.RESPONSES)
+
+
+@csrf_exempt
+@openai_errors
+async def embeddings(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    """`POST /v1/embeddings`, for embedding models."""
+    return await _complete(request, Api.EMBEDDINGS)
+
+
+@csrf_exempt
+@openai_errors
+async def stored_response(request: HttpRequest, response_id: str) -> JsonResponse:
+    """`GET` and `DELETE /v1/responses/{id}` (and `POST .../cancel`): llmfleet keeps no
+    response past its answer (validation._NOT_KEPT), so none is ever found: a 404 that says
+    why, once the key is known to be good."""
+    if request.method not in ("GET", "DELETE", "POST"):
+        return openai_error(405, f"Method {request.method} is not allowed here.")
+    key = await authenticate(request)
+    if isinstance(key, AuthFailure):
+        return key.response
+    return openai_error(
+        404,
+        f"No response with id `{response_id}` is stored: llmfleet does not store responses "
+        "(any replica may answer a request, and an engine's memory goes when it is stepped "
+        "down). Keep what you need from the answer itself.",
+        code="response_not_found",
+    )
+
+
+async def _read_request(request: HttpRequest, api: Api) -> ApiRequest | JsonResponse:
     limit = settings.GATEWAY_MAX_BODY_BYTES
     declared = int(request.META.get("CONTENT_LENGTH") or 0)
     try:
@@ -100,12 +137,21 @@ async def _read_request(request: HttpRequest, chat: bool) -> CompletionRequest |
             413, f"The request body exceeds {limit} bytes.", code="request_too_large"
         )
     try:
-        return parse_completion(raw, chat=chat, max_tokens=settings.GATEWAY_MAX_TOKENS)
+        return parse_request(raw, api, max_tokens=settings.GATEWAY_MAX_TOKENS)
     except InvalidRequest as exc:
         return openai_error(exc.status, str(exc), code=exc.code, param=exc.param)
 
 
-async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
+_KIND_SERVED_AT = {
+    ModelKind.GENERATE: (
+        "a text generation model",
+        "/v1/chat/completions, /v1/completions and /v1/responses",
+    ),
+    ModelKind.EMBEDDING: ("an embedding model", "/v1/embeddings"),
+}
+
+
+async def _model_for(key: ApiKey, model_id: str, api: Api) -> Model | JsonResponse:
     model = await cache.enabled_model(model_id)
     if model is None:
         return openai_error(
@@ -118,13 +164,21 @@ async def _model_for(key: ApiKey, model_id: str) -> Model | JsonResponse:
             code="model_not_allowed",
             param="model",
         )
+    if model.kind != api.kind:  # its engines would refuse it, after a cold start for nothing
+        what, served_at = _KIND_SERVED_AT[ModelKind(model.kind)]
+        return openai_error(
+            400,
+            f"The model `{model_id}` is {what} (kind `{model.kind}`): it is served at "
+            f"{served_at}, not /v1/{api.value}.",
+            code="wrong_model_kind",
+            param="model",
+        )
     return model
 
 
 def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
+        prompt, completion = usage_tokens(usage)
         gateway_usage.buffer().add(key.pk, model.pk, prompt, completion)
         if key.tokens_per_minute is not None:  # charged after the answer, off its path
             in_background(limits.add_tokens(key, prompt + completion))
@@ -132,14 +186,12 @@ def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     return on_usage
 
 
-async def _complete(
-    request: HttpRequest, path: str, chat: bool
-) -> HttpResponse | StreamingHttpResponse:
+async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingHttpResponse:
     record = stats.RequestRecord()
-    response = await _answer(request, path, chat, record)
+    response = await _answer(request, api, record)
     if isinstance(response, StreamingHttpResponse) and response.is_async:
         chunks = cast(AsyncIterator[bytes], response.streaming_content)
-        response.streaming_content = _observed(chunks, record, response)
+        response.streaming_content = _observed(chunks, record, response, api)
         # A client that leaves mid-stream may leave _observed waiting at a yield forever.
         upstream.on_close(response, lambda: record.finish(499))
     else:
@@ -148,15 +200,19 @@ async def _complete(
 
 
 async def _observed(
-    chunks: AsyncIterator[bytes], record: stats.RequestRecord, response: StreamingHttpResponse
+    chunks: AsyncIterator[bytes],
+    record: stats.RequestRecord,
+    response: StreamingHttpResponse,
+    api: Api,
 ) -> AsyncIterator[bytes]:
     """The stream as it was, timing its first token and counting how it ended."""
     status = response.status_code
     try:
         async for chunk in chunks:
-            if chunk.startswith(b"data: {"):
-                if chunk.startswith(b'data: {"error"'):
-                    status = 502
+            if api.is_error(chunk):
+                status = 502
+                record.first_token()
+            elif api.has_output(chunk):
                 record.first_token()
             yield chunk
     finally:
@@ -164,7 +220,7 @@ async def _observed(
 
 
 async def _answer(
-    request: HttpRequest, path: str, chat: bool, record: stats.RequestRecord
+    request: HttpRequest, api: Api, record: stats.RequestRecord
 ) -> HttpResponse | StreamingHttpResponse:
     """Authenticate, admit, parse, resolve the model, serve."""
     if request.method != "POST":
@@ -177,19 +233,21 @@ async def _answer(
         response = openai_error(429, refusal.message, code="rate_limit_exceeded")
         response["Retry-After"] = str(refusal.retry_after)
         return response
-    parsed = await _read_request(request, chat)
+    parsed = await _read_request(request, api)
     if isinstance(parsed, JsonResponse):
         return parsed
-    model = await _model_for(key, parsed.model_id)
+    model = await _model_for(key, parsed.model_id, api)
     if isinstance(model, JsonResponse):
         return model
     record.model, record.model_pk = model.model_id, model.pk
     raw, strip_usage = (
-        upstream.ask_for_usage(parsed.raw, parsed.body) if parsed.stream else (parsed.raw, False)
+        upstream.ask_for_usage(parsed.raw, parsed.body)
+        if parsed.stream and api.asks_for_usage
+        else (parsed.raw, False)
     )
     meter = upstream.Meter(_usage_recorder(key, model), estimate_prompt_tokens(parsed.body))
     job = Job(
-        model, path, raw, parsed.user, parsed.stream, strip_usage, meter, record,
+        model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
         parsed.keep_alive,
     )  # fmt: skip
     return await router().serve(job)

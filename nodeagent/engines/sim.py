@@ -2,8 +2,10 @@
 
 In the spirit of llm-d's inference simulator: it takes a configurable time to
 load, to produce the first token and each next one; its text is deterministic
-(the same prompt gives the same words); it streams SSE like vLLM, reports
-`usage`, exposes vLLM-named `/metrics`, and implements vLLM's sleep endpoints
+(the same prompt gives the same words); it streams SSE like vLLM (the Responses
+API's typed events included), reports `usage`, serves embeddings when started
+as a pooling runner (`--runner pooling`, as vLLM does), exposes vLLM-named
+`/metrics`, and implements vLLM's sleep endpoints
 (`/sleep?level=1`, `/wake_up`, `/is_sleeping`) so the DRAM tier is exercised
 without a GPU. It runs inside the agent's event loop on a 127.0.0.1 port, so
 many sim agents fit on a small machine; `python -m nodeagent.engines.sim`
@@ -14,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
+import math
+import random
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -66,6 +72,45 @@ def words_for(prompt: str, count: int) -> list[str]:
     return [WORDS[(seed[i % len(seed)] + i * 7) % len(WORDS)] for i in range(count)]
 
 
+EMBEDDING_DIMENSIONS = 16
+
+
+def embedding_for(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A unit vector chosen by the text's hash: the same text always gets the same one."""
+    seeded = random.Random(hashlib.sha256(text.encode()).digest())  # noqa: S311 (not secret)
+    vector = [seeded.gauss() for _ in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def _input_texts(value: Any) -> list[str] | None:
+    """An embeddings `input` as texts (token ids as their JSON), None when it is none."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return list(value)
+        if all(isinstance(item, int) for item in value):
+            return [json.dumps(value)]
+        if all(isinstance(item, list) for item in value):
+            return [json.dumps(item) for item in value]
+    return None
+
+
+def _responses_text(body: dict[str, Any]) -> str:
+    """A Responses `input` (a string or items with content) and `instructions`, as text."""
+    value = body.get("input", "")
+    parts = [str(body["instructions"])] if body.get("instructions") else []
+    if isinstance(value, str):
+        return "\n".join([*parts, value])
+    for item in value if isinstance(value, list) else []:
+        content = item.get("content", "") if isinstance(item, dict) else ""
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts.append(str(content))
+    return "\n".join(parts)
+
+
 def _prompt_of(body: dict[str, Any], chat: bool) -> str:
     if chat:
         return "\n".join(str(message.get("content", "")) for message in body.get("messages", []))
@@ -87,12 +132,56 @@ class _Counters:
     generation_tokens: int = 0
 
 
+def _response_object(model_id: str, body: dict[str, Any], usage: dict[str, int]) -> dict[str, Any]:
+    """A Responses API response while in progress; as vLLM without its store, `store` false."""
+    return {
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
+        "model": model_id, "status": "in_progress", "output": [], "usage": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+        "tool_choice": "none", "tools": [], "parallel_tool_calls": True, "store": False,
+        "background": False, "previous_response_id": None, "metadata": body.get("metadata"),
+        "incomplete_details": None, "truncation": "disabled", "text": None, "user": None,
+    }  # fmt: skip
+
+
+def _finished(response: dict[str, Any], text: str, usage: dict[str, int]) -> dict[str, Any]:
+    message = {
+        "id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }  # fmt: skip
+    return {**response, "status": "completed", "output": [message], "usage": usage}
+
+
+class _Seat:
+    """One of the engine's max_num_seqs, counted as waiting until it is free."""
+
+    def __init__(self, server: SimServer) -> None:
+        self.server = server
+
+    async def __aenter__(self) -> None:
+        counters = self.server.counters
+        counters.waiting += 1
+        try:
+            await self.server.seats.acquire()
+        finally:
+            counters.waiting -= 1
+        counters.running += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.counters.running -= 1
+        self.server.seats.release()
+
+
 class SimServer:
     """The simulated engine's HTTP API for one served model."""
 
-    def __init__(self, model_id: str, settings: SimSettings) -> None:
+    def __init__(self, model_id: str, settings: SimSettings, pooling: bool = False) -> None:
         self.model_id = model_id
         self.settings = settings
+        self.pooling = pooling  # an embedding model's engine: embeddings only, as vLLM's
         self.sleeping = False
         self.counters = _Counters()
         self.seats = asyncio.Semaphore(settings.max_num_seqs)
@@ -107,6 +196,8 @@ class SimServer:
                 web.get("/v1/models", self.models),
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.post("/v1/completions", self.completions),
+                web.post("/v1/responses", self.responses),
+                web.post("/v1/embeddings", self.embeddings),
                 web.get("/metrics", self.metrics),
                 web.post("/sleep", self.sleep),
                 web.post("/wake_up", self.wake_up),
@@ -133,7 +224,10 @@ class SimServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=False)
 
-    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _body(self, request: web.Request, pooling: bool) -> dict[str, Any] | web.Response:
+        """The request's JSON for this engine, or the error vLLM would answer."""
+        if self.pooling != pooling:  # vLLM mounts only its runner's routes
+            return web.json_response({"detail": "Not Found"}, status=404)
         if self.sleeping:
             return _error(503, "the engine is sleeping")
         try:
@@ -144,18 +238,114 @@ class SimServer:
             return _error(400, "the body must be a JSON object")
         if body.get("model") != self.model_id:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
+        return body
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._body(request, pooling=True)
+        if isinstance(body, web.Response):
+            return body
+        texts = _input_texts(body.get("input"))
+        if texts is None:
+            return _error(400, "input must be a string, strings or token ids")
+        dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+        if not isinstance(dimensions, int) or not 1 <= dimensions <= 4096:
+            return _error(400, "dimensions must be between 1 and 4096")
+        await asyncio.sleep(self.settings.ttft_ms / 1000)
+        data = []
+        for index, text in enumerate(texts):
+            vector: Any = embedding_for(text, dimensions)
+            if body.get("encoding_format") == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"index": index, "object": "embedding", "embedding": vector})
+        tokens = sum(len(text.split()) or 1 for text in texts)
+        return web.json_response({
+            "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+            "model": self.model_id, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })  # fmt: skip
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, pooling=False)
+        if isinstance(body, web.Response):
+            return body
+        max_tokens = body.get("max_output_tokens") or 16
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return _error(400, "max_output_tokens must be a positive integer")
+        prompt = _responses_text(body)
+        tokens = words_for(prompt, max_tokens)
+        usage = {
+            "input_tokens": len(prompt.split()),
+            "output_tokens": len(tokens),
+            "total_tokens": len(prompt.split()) + len(tokens),
+        }
+        async with self._seat():
+            response = _response_object(self.model_id, body, usage)
+            if not body.get("stream"):
+                await asyncio.sleep(self._seconds_for(len(tokens)))
+                self.counters.generation_tokens += len(tokens)
+                return web.json_response(_finished(response, " ".join(tokens), usage))
+            stream = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await stream.prepare(request)
+            async for event in self._response_events(response, tokens, usage):
+                line = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                await stream.write(line.encode())
+            await stream.write_eof()
+            return stream
+
+    async def _response_events(
+        self, response: dict[str, Any], tokens: list[str], usage: dict[str, int]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The Responses API's events for one text answer, in vLLM's order."""
+        item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant"}
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": response},
+            {"type": "response.in_progress", "response": response},
+            {"type": "response.output_item.added", "output_index": 0,
+             "item": {**item, "status": "in_progress", "content": []}},
+            {"type": "response.content_part.added", **where,
+             "part": {"type": "output_text", "text": "", "annotations": []}},
+        ]  # fmt: skip
+        sequence = 0
+        for event in events:
+            yield {**event, "sequence_number": sequence}
+            sequence += 1
+        await asyncio.sleep(self.settings.ttft_ms / 1000)
+        for position, token in enumerate(tokens):
+            if position:
+                await asyncio.sleep(self.settings.tpot_ms / 1000)
+            delta = token if position == 0 else f" {token}"
+            self.counters.generation_tokens += 1
+            yield {"type": "response.output_text.delta", **where, "delta": delta,
+                   "logprobs": [], "sequence_number": sequence}  # fmt: skip
+            sequence += 1
+        text = " ".join(tokens)
+        part = {"type": "output_text", "text": text, "annotations": []}
+        done = {**item, "status": "completed", "content": [part]}
+        for event in (
+            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **where, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": done},
+            {"type": "response.completed", "response": _finished(response, text, usage)},
+        ):
+            yield {**event, "sequence_number": sequence}
+            sequence += 1
+
+    def _seat(self) -> _Seat:
+        return _Seat(self)
+
+    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = await self._body(request, pooling=False)
+        if isinstance(body, web.Response):
+            return body
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be a positive integer")
         prompt = _prompt_of(body, chat)
         self._count_prefix(prompt)
-        self.counters.waiting += 1
-        try:
-            await self.seats.acquire()
-        finally:
-            self.counters.waiting -= 1
-        self.counters.running += 1
-        try:
+        async with self._seat():
             tokens = words_for(prompt, max_tokens)
             usage = {
                 "prompt_tokens": len(prompt.split()),
@@ -167,9 +357,6 @@ class SimServer:
             await asyncio.sleep(self._seconds_for(len(tokens)))
             self.counters.generation_tokens += len(tokens)
             return web.json_response(self._full(chat, " ".join(tokens), usage))
-        finally:
-            self.counters.running -= 1
-            self.seats.release()
 
     def _count_prefix(self, prompt: str) -> None:
         tokens = len(prompt.split())
@@ -283,10 +470,10 @@ class SimEngine:
     name = "sim"
     supports_sleep = True
 
-    def __init__(self, model_id: str, settings: SimSettings) -> None:
+    def __init__(self, model_id: str, settings: SimSettings, pooling: bool = False) -> None:
         self.model_id = model_id
         self.settings = settings
-        self.server = SimServer(model_id, settings)
+        self.server = SimServer(model_id, settings, pooling)
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._exited: asyncio.Future[EngineExit] = asyncio.get_running_loop().create_future()
@@ -344,10 +531,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tpot-ms", type=float, default=5.0)
     parser.add_argument("--wake-seconds", type=float, default=0.5)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument(
+        "--runner", choices=["generate", "pooling"], default="generate",
+        help="pooling: serve /v1/embeddings (an embedding model), as vLLM's pooling runner",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     settings = SimSettings(0.0, args.ttft_ms, args.tpot_ms, args.wake_seconds, args.max_num_seqs)
     web.run_app(
-        SimServer(args.model_id, settings).app(), host=args.host, port=args.port, access_log=None
+        SimServer(args.model_id, settings, args.runner == "pooling").app(),
+        host=args.host,
+        port=args.port,
+        access_log=None,
     )
 
 

@@ -68,6 +68,11 @@ def standby_refusal(args: Sequence[str]) -> str | None:
     return None
 
 
+def is_pooling(args: Sequence[str]) -> bool:
+    """Whether these engine arguments start a pooling runner (an embedding model's engine)."""
+    return _flag_values(args).get("--runner") == "pooling"
+
+
 def _flag_values(args: Sequence[str]) -> dict[str, str]:
     """`--flag value` and `--flag=value` pairs (a bare flag maps to "")."""
     values: dict[str, str] = {}

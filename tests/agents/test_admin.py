@@ -100,6 +100,7 @@ def test_catalog_models_can_be_added_in_the_admin(staff_client):
         {
             "model_id": "org/tiny",
             "source": "file:///srv/models/tiny",
+            "kind": "embedding",
             "size_bytes": 2_000_000,
             "gpu_memory_bytes": 0,
             "engine_args": '["--dtype", "float32"]',
@@ -114,7 +115,8 @@ def test_catalog_models_can_be_added_in_the_admin(staff_client):
         },
     )
     assert response.status_code == 302, response.context["adminform"].errors
-    assert ModelFactory._meta.model.objects.get().engine_args == ["--dtype", "float32"]
+    added = ModelFactory._meta.model.objects.get()
+    assert (added.engine_args, added.kind) == (["--dtype", "float32"], "embedding")
 
 
 def test_adding_an_api_key_in_the_admin_shows_its_secret_once(staff_client):

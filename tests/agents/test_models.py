@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
-from agents.choices import AgentState, PlacementState
+from agents.choices import AgentState, ModelKind, PlacementState
 from agents.models import Model, Placement
 from tests.factories import AgentFactory, ModelFactory, PlacementFactory
 
@@ -123,3 +123,14 @@ def test_the_placement_states_and_levels_are_the_contracts_own():
 
     assert set(PlacementState.values) == {state.value for state in protocol.ModelState}
     assert set(CacheLevel.values) == {level.value for level in protocol.CacheLevel}
+
+
+def test_an_embedding_models_engines_start_as_pooling_runners_unless_the_operator_says():
+    generate = Model(model_id="g", engine_args=["--dtype", "float32"])
+    embedding = Model(model_id="e", kind=ModelKind.EMBEDDING, engine_args=["--dtype", "float32"])
+    chosen = Model(model_id="c", kind=ModelKind.EMBEDDING, engine_args=["--runner=pooling"])
+    assert generate.engine_argv == ("--dtype", "float32")
+    assert embedding.engine_argv == ("--runner", "pooling", "--dtype", "float32")
+    assert chosen.engine_argv == ("--runner=pooling",)
+    with pytest.raises(ValidationError, match="kind"):
+        Model(model_id="x", source="file:///m", kind="classify").full_clean()

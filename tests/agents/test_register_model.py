@@ -43,6 +43,9 @@ def test_registers_a_published_model_with_its_size_from_the_manifest(published, 
         500_000_000,
     )
     assert model.source == published
+    assert model.kind == "generate"
+    register("org/tiny-embed", published, "--kind", "embedding")
+    assert Model.objects.get(model_id="org/tiny-embed").kind == "embedding"
     assert output.startswith("Registered org/tiny")
     assert "6 files, 1.9 MB" in output
 

@@ -7,6 +7,7 @@ import io
 import pytest
 from django.core.management import call_command
 
+from agents.choices import ModelKind
 from agents.models import Model
 from controlplane.gateway.models import ApiKey
 
@@ -32,13 +33,17 @@ def test_setup_demo_publishes_to_azure_registers_and_keeps_one_key(
     assert model.source == "azure://models/llmfleet/tiny"
     assert model.size_bytes > 1_000_000
     assert "--kv-cache-memory-bytes" in model.engine_args  # no GPU here: vLLM's CPU flags
+    embedder = Model.objects.get(model_id="llmfleet/tiny-embed")
+    assert (embedder.kind, embedder.source) == (ModelKind.EMBEDDING, model.source)
+    assert embedder.engine_argv[:2] == ("--runner", "pooling")
     secret = key_file.read_text().strip()
     assert ApiKey.objects.for_secret(secret).exists()
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
 
     again = run("--store", "azure://models/llmfleet/tiny", "--key-file", str(key_file))
     assert "Publishing" not in again
-    assert "Kept llmfleet/tiny" in again
+    assert "Kept llmfleet/tiny from" in again
+    assert "Kept llmfleet/tiny-embed (embeddings)" in again
     assert key_file.read_text().strip() == secret
     assert ApiKey.objects.count() == 1
 
@@ -47,7 +52,10 @@ def test_a_revoked_demo_key_is_replaced(settings, tmp_path):
     settings.VAR_DIR = tmp_path
     run()
     secret = (tmp_path / "demo-api-key").read_text().strip()
-    assert Model.objects.get().source == (tmp_path / "store" / "llmfleet" / "tiny").as_uri()
+    assert (
+        Model.objects.get(model_id="llmfleet/tiny").source
+        == (tmp_path / "store" / "llmfleet" / "tiny").as_uri()
+    )
     ApiKey.objects.update(revoked_at="2026-01-01T00:00:00Z")
     run()
     assert (tmp_path / "demo-api-key").read_text().strip() != secret

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import openai
 import pytest
 import redis
 import requests
 
-from agents.choices import AgentState, CacheLevel, PlacementState
+from agents.choices import AgentState, CacheLevel, ModelKind, PlacementState
 from agents.models import Agent, Model, Placement
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
@@ -24,8 +27,8 @@ from tests.support import free_port, http_ok, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture
-def gateway(settings, tmp_path):
+@contextmanager
+def daphne(settings, tmp_path, **extra_env: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """daphne on the test database: what `make run` serves, with the rows the tests create."""
     if settings.REDIS_URL:  # the tests' own Redis database: no rate counters of earlier runs
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
@@ -35,7 +38,7 @@ def gateway(settings, tmp_path):
         AGENT_TOKEN=settings.AGENT_TOKEN, SECRET_KEY="gateway-test", VAR_DIR=str(tmp_path / "var"),
         AGENT_CREDENTIAL_KEY=settings.AGENT_CREDENTIAL_KEY,
         **({} if settings.REDIS_URL else {"ALLOW_WITHOUT_REDIS": "true"}),
-        GATEWAY_CACHE_SECONDS="0",
+        GATEWAY_CACHE_SECONDS="0", **extra_env,
     )  # fmt: skip
     port = free_port()
     log = (tmp_path / "daphne.log").open("wb")
@@ -48,10 +51,16 @@ def gateway(settings, tmp_path):
 
     try:
         wait_for(lambda: http_ok(f"{url}/healthz"), 30, "daphne")
-        yield url
+        yield url, web
     finally:
         web.terminate()
         web.wait(timeout=30)
+
+
+@pytest.fixture
+def gateway(settings, tmp_path):
+    with daphne(settings, tmp_path) as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -216,6 +225,111 @@ def test_usage_is_recorded_as_the_engine_reported_it(client, warm_model):
     assert (usage.prompt_tokens, usage.completion_tokens) == (3 + 3, 5 + 7)
 
 
+def _serve_embeddings(agent, source: str) -> Model:
+    """org/tiny-embed, the same checkpoint as an embedding model, READY on `agent`."""
+    load = {"model_id": "org/tiny-embed", "source": source,
+            "engine": {"args": ["--runner", "pooling"]}}  # fmt: skip
+    loaded = agent.post("/load_model", load).json()
+    model = Model.objects.create(model_id="org/tiny-embed", source=source, kind=ModelKind.EMBEDDING)
+    Placement.objects.create(
+        agent=Agent.objects.get(), model=model, state=PlacementState.READY,
+        cache_level=CacheLevel.GPU_RESIDENT,
+        inference_endpoint_url=loaded["inference_endpoint_url"],
+    )  # fmt: skip
+    return model
+
+
+def test_responses_stream_and_not_with_their_usage(client, warm_model):
+    from controlplane.gateway.models import Usage
+
+    expected = " ".join(words_for("hello there", 6))
+    answer = client.responses.create(model="org/tiny", input="hello there", max_output_tokens=6)
+    assert answer.output_text == expected
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (2, 6)
+
+    stream = client.responses.create(
+        model="org/tiny", instructions="be brief", max_output_tokens=4, stream=True,
+        input=[{"role": "user", "content": "hello there"}], extra_body={"keep_alive": "2m"},
+    )  # fmt: skip
+    events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert kinds[4:8] == ["response.output_text.delta"] * 4
+    assert kinds[-1] == "response.completed"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert (
+        text == " ".join(words_for("be brief\nhello there", 4)) == events[-1].response.output_text
+    )
+    assert events[-1].response.usage.output_tokens == 4
+
+    def recorded() -> bool:
+        usage = Usage.objects.first()
+        return usage is not None and usage.requests == 2
+
+    wait_for(recorded, 10, "the usage records")
+    usage = Usage.objects.get()
+    assert (usage.prompt_tokens, usage.completion_tokens) == (2 + 4, 6 + 4)
+    placement = Placement.objects.get(model__model_id="org/tiny")
+    wait_for(lambda: Placement.objects.get(pk=placement.pk).keep_alive is not None, 10,
+             "the keep_alive")  # fmt: skip
+    assert Placement.objects.get(pk=placement.pk).keep_alive.total_seconds() == 120
+
+    with pytest.raises(openai.NotFoundError, match="does not store responses"):
+        client.responses.retrieve(answer.id)
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="org/tiny", input="more", previous_response_id=answer.id)
+
+
+def test_embeddings_of_one_and_several_inputs_in_both_encodings(client, warm_model, tmp_path):
+    from nodeagent.engines.sim import EMBEDDING_DIMENSIONS, embedding_for
+
+    _serve_embeddings(warm_model, (tmp_path / "tiny").as_uri())
+    one = client.embeddings.create(model="org/tiny-embed", input="hello", encoding_format="float")
+    assert one.data[0].embedding == pytest.approx(embedding_for("hello"))
+    assert one.usage.prompt_tokens == 1
+    # The SDK's default asks for base64 and decodes it: the same vectors, a quarter the bytes.
+    several = client.embeddings.create(model="org/tiny-embed", input=["hello", "paris is big"])
+    assert [item.index for item in several.data] == [0, 1]
+    assert several.data[0].embedding == pytest.approx(embedding_for("hello"), abs=1e-6)
+    assert len(several.data[1].embedding) == EMBEDDING_DIMENSIONS
+    tokens = client.embeddings.create(model="org/tiny-embed", input=[[1, 2, 3], [4]])
+    assert len(tokens.data) == 2
+
+    listed = {model.id: model.model_extra["kind"] for model in client.models.list()}
+    assert listed == {"org/tiny": "generate", "org/tiny-embed": "embedding"}
+    assert client.models.retrieve("org/tiny-embed").model_extra["kind"] == "embedding"
+    with pytest.raises(openai.BadRequestError, match="is an embedding model"):
+        client.chat.completions.create(
+            model="org/tiny-embed", messages=[{"role": "user", "content": "hi"}]
+        )
+    with pytest.raises(openai.BadRequestError, match="is a text generation model"):
+        client.embeddings.create(model="org/tiny", input="hello")
+
+
+def test_a_stopped_web_process_writes_its_usage_and_closes_its_connections(
+    settings, tmp_path, warm_model
+):
+    from controlplane.gateway.models import Usage
+
+    # Usage is written every 10 minutes here: only the stop itself can write it.
+    with daphne(settings, tmp_path, GATEWAY_USAGE_FLUSH_SECONDS="600") as (url, web):
+        _, raw_key = make_api_key("stopping")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0)
+        client.responses.create(model="org/tiny", input="hello there", max_output_tokens=3)
+        list(client.chat.completions.create(model="org/tiny", messages=[{"role": "user",
+             "content": "hi"}], max_tokens=2, stream=True))  # fmt: skip
+        assert not Usage.objects.exists()
+        web.send_signal(signal.SIGINT)  # what Ctrl-C on `make run` sends
+        assert web.wait(timeout=30) == 0
+    usage = Usage.objects.get()
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 2 + 1, 3 + 2)
+    log = (tmp_path / "daphne.log").read_text()
+    assert "Unclosed" not in log
+    assert " ERROR " not in log
+
+
 def test_a_key_over_its_limit_gets_429_with_retry_after(gateway, warm_model):
     _, raw_key = make_api_key("limited", requests_per_minute=2)
     limited = openai.OpenAI(base_url=f"{gateway}/v1", api_key=raw_key, max_retries=0)
@@ -312,3 +426,42 @@ def test_through_the_gateway_to_real_vllm(gateway, settings, tmp_path):
             model="org/tiny", prompt="Hello", max_tokens=5, extra_body={"ignore_eos": True}
         )
         assert answer.usage.completion_tokens == 5
+
+        # vLLM's Responses API through the gateway, both ways.
+        response = client.responses.create(
+            model="org/tiny", input="Hello", max_output_tokens=4, extra_body={"ignore_eos": True}
+        )
+        assert response.usage.output_tokens == 4
+        assert response.output_text
+        events = list(
+            client.responses.create(
+                model="org/tiny", input=[{"role": "user", "content": "Hello"}],
+                max_output_tokens=4, stream=True, extra_body={"ignore_eos": True},
+            )
+        )  # fmt: skip
+        kinds = [event.type for event in events]
+        assert kinds[0] == "response.created"
+        assert "response.output_text.delta" in kinds
+        assert kinds[-1] == "response.completed"
+        assert events[-1].response.usage.output_tokens == 4
+
+        # The same checkpoint as an embedding model: its engine is vLLM's pooling runner.
+        embed = {"model_id": "org/tiny-embed", "source": tiny.as_uri(),
+                 "engine": {"args": ["--runner", "pooling", *CPU_ARGS]}}  # fmt: skip
+        loaded = agent.post("/load_model", embed, timeout=LOAD_TIMEOUT)
+        assert loaded.status_code == 200, loaded.text
+        embedder = Model.objects.create(
+            model_id="org/tiny-embed", source=tiny.as_uri(), kind=ModelKind.EMBEDDING
+        )
+        Placement.objects.create(
+            agent=host, model=embedder, state=PlacementState.READY,
+            inference_endpoint_url=loaded.json()["inference_endpoint_url"],
+        )  # fmt: skip
+        one = client.embeddings.create(
+            model="org/tiny-embed", input="Hello", encoding_format="float"
+        )
+        several = client.embeddings.create(model="org/tiny-embed", input=["Hello", "Paris"])
+        assert len(one.data[0].embedding) == 128  # the tiny model's hidden size
+        assert [len(item.embedding) for item in several.data] == [128, 128]
+        assert several.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1e-4)
+        assert one.usage.prompt_tokens >= 1

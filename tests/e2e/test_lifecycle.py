@@ -20,6 +20,7 @@ from agents.choices import (
     LoadEventKind,
     LoadOutcome,
     LoadTrigger,
+    ModelKind,
     PlacementState,
 )
 from agents.models import Agent, LoadEvent, Model, Placement
@@ -111,6 +112,46 @@ def test_a_cold_stream_shows_the_load_progress_then_the_answer(fleet, tmp_path, 
     assert any(b"starting the engine" in line for line in comments)
     assert data[-1] == b"data: [DONE]"
     assert len(data) >= 4  # the role chunk, three words, [DONE]
+
+
+def test_responses_and_embeddings_cold_start_their_models(fleet, tmp_path, tiny):
+    plane, stack = fleet
+    plane.agent(stack, tmp_path, "gpu-a", *SIM[:2], "--sim-load-seconds", "2")
+    registered("gpu-a")
+    catalog("org/tiny", tiny)
+    catalog("org/tiny-embed", tiny, kind=ModelKind.EMBEDDING)
+    _, raw_key = make_api_key("cold")
+    body = {"model": "org/tiny", "input": "hello there", "max_output_tokens": 3, "stream": True}
+    with requests.post(
+        f"{plane.url}/v1/responses", json=body, stream=True, timeout=60,
+        headers={"Authorization": f"Bearer {raw_key}"},
+    ) as response:  # fmt: skip
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    comments = [line for line in lines if line.startswith(b":")]
+    events = [
+        line.removeprefix(b"event: ").decode() for line in lines if line.startswith(b"event: ")
+    ]
+    assert comments[0] == b": loading org/tiny"
+    assert any(b"starting the engine" in line for line in comments)
+    assert lines.index(comments[-1]) < lines.index(b"event: response.created")  # progress first
+    assert events[0] == "response.created"
+    assert events.count("response.output_text.delta") == 3
+    assert events[-1] == "response.completed"
+
+    client = openai.OpenAI(base_url=f"{plane.url}/v1", api_key=raw_key, max_retries=0, timeout=60)
+    embedded = client.embeddings.create(model="org/tiny-embed", input=["a", "b"])
+    assert len(embedded.data) == 2
+    (load,) = loads("org/tiny-embed")
+    assert load.outcome == LoadOutcome.SUCCEEDED
+    # Its engine started as a pooling runner: the same checkpoint serves no completions there.
+    placement = Placement.objects.select_related("agent").get(model__model_id="org/tiny-embed")
+    direct = requests.post(
+        f"{placement.inference_endpoint_url}/v1/completions", timeout=10,
+        json={"model": "org/tiny-embed", "prompt": "hi"},
+        headers={"Authorization": f"Bearer {placement.agent.credential}"},
+    )  # fmt: skip
+    assert direct.status_code == 404
 
 
 def test_an_agent_killed_mid_stream_goes_offline_and_another_serves(fleet, tmp_path, tiny):

@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 
 from controlplane.gateway.actions import granted_keep_alive
-from controlplane.gateway.validation import InvalidRequest, parse_completion, parse_keep_alive
+from controlplane.gateway.apis import Api
+from controlplane.gateway.validation import InvalidRequest, parse_keep_alive, parse_request
 from tests.factories import ModelFactory
 
 
@@ -46,7 +47,7 @@ def test_anything_else_is_refused(value):
 
 def test_keep_alive_is_parsed_and_never_sent_to_the_engine():
     body = {"model": "m", "prompt": "hi", "keep_alive": "2m", "max_tokens": 3}
-    parsed = parse_completion(json.dumps(body).encode(), chat=False, max_tokens=100)
+    parsed = parse_request(json.dumps(body).encode(), Api.COMPLETIONS, max_tokens=100)
     assert parsed.keep_alive == 120.0
     assert json.loads(parsed.raw) == {"model": "m", "prompt": "hi", "max_tokens": 3}
     assert "keep_alive" not in parsed.body
@@ -54,10 +55,10 @@ def test_keep_alive_is_parsed_and_never_sent_to_the_engine():
 
 def test_a_body_without_keep_alive_goes_upstream_byte_for_byte():
     raw = b'{"model": "m",   "prompt": "hi"}'
-    parsed = parse_completion(raw, chat=False, max_tokens=100)
+    parsed = parse_request(raw, Api.COMPLETIONS, max_tokens=100)
     assert (parsed.raw, parsed.keep_alive) == (raw, None)
-    null = parse_completion(b'{"model": "m", "prompt": "hi", "keep_alive": null}', chat=False,
-                            max_tokens=100)  # fmt: skip
+    null = parse_request(b'{"model": "m", "prompt": "hi", "keep_alive": null}', Api.COMPLETIONS,
+                         max_tokens=100)  # fmt: skip
     assert null.keep_alive is None
     assert json.loads(null.raw) == {"model": "m", "prompt": "hi"}
 

@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from agents.choices import ModelKind
 from controlplane.gateway import actions
 from tests.factories import ModelFactory, make_api_key
 
@@ -28,7 +29,7 @@ def assert_openai_error(response, status: int, code: str | None) -> None:
 
 def test_lists_enabled_models_in_openai_shape(client):
     first = ModelFactory(model_id="a/first")
-    ModelFactory(model_id="b/second", owned_by="acme")
+    ModelFactory(model_id="b/second", owned_by="acme", kind=ModelKind.EMBEDDING)
     ModelFactory(model_id="c/disabled", enabled=False)
     _, raw_key = make_api_key()
 
@@ -43,6 +44,7 @@ def test_lists_enabled_models_in_openai_shape(client):
                 "object": "model",
                 "created": int(first.created_at.timestamp()),
                 "owned_by": "llmfleet",
+                "kind": "generate",
                 "warm": False,
             },
             {
@@ -50,6 +52,7 @@ def test_lists_enabled_models_in_openai_shape(client):
                 "object": "model",
                 "created": response.json()["data"][1]["created"],
                 "owned_by": "acme",
+                "kind": "embedding",
                 "warm": False,
             },
         ],
@@ -114,6 +117,7 @@ def test_one_model_is_retrieved_in_openai_shape_by_an_id_with_slashes(client):
         "object": "model",
         "created": int(model.created_at.timestamp()),
         "owned_by": "acme",
+        "kind": "generate",
         "warm": False,
     }
 

@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
+from agents.choices import ModelKind
 from nodeagent.store import StoreError, read_manifest
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -49,6 +50,13 @@ class Command(BaseCommand):
         parser.add_argument("uri", help="azure://<container>/<prefix> or file:///<directory>")
         parser.add_argument(
             "--revision", default="", help="a label; changing it makes agents download again"
+        )
+        parser.add_argument(
+            "--kind",
+            choices=[kind.value for kind in ModelKind],
+            default=None,
+            help="generate (chat, completions, responses; the default) or embedding "
+            "(/v1/embeddings; its engines start as vLLM pooling runners)",
         )
         parser.add_argument(
             "--engine-args",
@@ -90,6 +98,7 @@ class Command(BaseCommand):
                 uri,
                 size_bytes=manifest.total_size,
                 revision=options["revision"],
+                kind=options["kind"],
                 engine_args=engine_args,
                 gpu_memory_bytes=options["gpu_memory_gb"],
                 keep_alive=options["keep_alive"],

@@ -1,7 +1,8 @@
 """`manage.py setup_demo`: what `make run` needs before its first request.
 
 Builds the tiny checkpoint (deterministic, offline), publishes it into the embedded
-local store, registers it in the catalog, and keeps one API key in a file for the
+local store, registers it in the catalog (as a text generation model and, under
+its own id, as an embedding model), and keeps one API key in a file for the
 printed commands. Idempotent: a second run reuses all of it.
 """
 
@@ -17,6 +18,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
+from agents.choices import ModelKind
 from controlplane.gateway.actions import create_api_key
 from controlplane.gateway.models import ApiKey
 from nodeagent import tinymodel
@@ -25,6 +27,9 @@ from nodeagent.store import StoreError, read_manifest
 from nodeagent.store.publish import publish
 
 DEMO_MODEL = "llmfleet/tiny"
+# The same checkpoint served as an embedding model (vLLM's pooling runner over it), so the
+# README can show /v1/embeddings against `make run`.
+DEMO_EMBEDDING_MODEL = "llmfleet/tiny-embed"
 # What vLLM's CPU build needs to start the tiny model quickly (../shared/FACTS.md).
 CPU_ENGINE_ARGS = [
     "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
@@ -72,6 +77,13 @@ class Command(BaseCommand):
             DEMO_MODEL, uri, size_bytes=manifest.total_size, engine_args=engine_args
         )
         self.stdout.write(f"{'Registered' if created else 'Kept'} {model.model_id} from {uri}")
+        embedder, created = register_catalog_model(
+            DEMO_EMBEDDING_MODEL, uri, size_bytes=manifest.total_size, engine_args=engine_args,
+            kind=ModelKind.EMBEDDING,
+        )  # fmt: skip
+        self.stdout.write(
+            f"{'Registered' if created else 'Kept'} {embedder.model_id} (embeddings) from {uri}"
+        )
         key_file: Path = options["key_file"] or var_dir / "demo-api-key"
         secret = key_file.read_text().strip() if key_file.exists() else ""
         existing = ApiKey.objects.for_secret(secret).first() if secret else None
