@@ -109,9 +109,7 @@ def poll_heartbeats() -> None:
             agent_client.poll_heartbeats(targets, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS)
         )
         actions.apply_heartbeats(results)
-        # Every few seconds: DEBUG. What a poll changes (an agent's state) is logged where
-        # it is decided (actions.heartbeats).
-        log.debug(
+        log.info(
             "polled %d agent(s) in %.2f s (%d missed)",
             len(targets),
             time.monotonic() - started,
