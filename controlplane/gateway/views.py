@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, cast
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db.models import Exists, OuterRef
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from agents.choices import ModelKind
@@ -77,32 +78,24 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> JsonResponse:
     return JsonResponse(_model_entry(model, model.warm))
 
 
-@csrf_exempt
-@openai_errors
-async def chat_completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
-    """`POST /v1/chat/completions`, streaming or not."""
-    return await _complete(request, Api.CHAT)
+ApiView = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 
 
-@csrf_exempt
-@openai_errors
-async def completions(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
-    """`POST /v1/completions`, streaming or not."""
-    return await _complete(request, Api.COMPLETIONS)
+def _api_view(api: Api, doc: str) -> ApiView:
+    """The view of one POST endpoint: every one is served the same way (`_complete`)."""
+
+    async def view(request: HttpRequest) -> HttpResponseBase:
+        return await _complete(request, api)
+
+    view.__name__ = view.__qualname__ = api.name.lower()
+    view.__doc__ = doc
+    return csrf_exempt(openai_errors(view))
 
 
-@csrf_exempt
-@openai_errors
-async def responses(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
-    """`POST /v1/responses`, streaming (typed events) or not."""
-    return await _complete(request, Api.RESPONSES)
-
-
-@csrf_exempt
-@openai_errors
-async def embeddings(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
-    """`POST /v1/embeddings`, for embedding models."""
-    return await _complete(request, Api.EMBEDDINGS)
+chat_completions = _api_view(Api.CHAT, "`POST /v1/chat/completions`, streaming or not.")
+completions = _api_view(Api.COMPLETIONS, "`POST /v1/completions`, streaming or not.")
+responses = _api_view(Api.RESPONSES, "`POST /v1/responses`, streaming (typed events) or not.")
+embeddings = _api_view(Api.EMBEDDINGS, "`POST /v1/embeddings`, for embedding models.")
 
 
 @csrf_exempt

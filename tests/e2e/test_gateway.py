@@ -17,6 +17,7 @@ import requests
 
 from agents.choices import AgentState, CacheLevel, ModelKind, PlacementState
 from agents.models import Agent, Model, Placement
+from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
 from tests.e2e.agent_process import ROOT, enrolment_for, running_agent
@@ -90,6 +91,17 @@ def warm_model(settings, tmp_path):
             inference_endpoint_url=loaded["inference_endpoint_url"],
         )  # fmt: skip
         yield agent
+
+
+def usage_of(requests: int) -> Usage:
+    """The one usage row, once it counts `requests` (the gateway writes it in batches)."""
+
+    def recorded() -> bool:
+        usage = Usage.objects.first()
+        return usage is not None and usage.requests == requests
+
+    wait_for(recorded, 10, "the usage records")
+    return Usage.objects.get()
 
 
 @pytest.fixture
@@ -204,8 +216,6 @@ def test_openai_client_models_list_needs_a_key(gateway):
 
 
 def test_usage_is_recorded_as_the_engine_reported_it(client, warm_model):
-    from controlplane.gateway.models import Usage
-
     messages = [{"role": "user", "content": "count these words"}]
     client.chat.completions.create(model="org/tiny", messages=messages, max_tokens=5)
     stream = client.chat.completions.create(
@@ -216,12 +226,7 @@ def test_usage_is_recorded_as_the_engine_reported_it(client, warm_model):
     assert all(chunk.choices for chunk in chunks)
     assert all(chunk.usage is None for chunk in chunks)
 
-    def recorded() -> bool:
-        usage = Usage.objects.first()
-        return usage is not None and usage.requests == 2
-
-    wait_for(recorded, 10, "the usage records")
-    usage = Usage.objects.get()
+    usage = usage_of(requests=2)
     assert (usage.prompt_tokens, usage.completion_tokens) == (3 + 3, 5 + 7)
 
 
@@ -240,8 +245,6 @@ def _serve_embeddings(agent, source: str) -> Model:
 
 
 def test_responses_stream_and_not_with_their_usage(client, warm_model):
-    from controlplane.gateway.models import Usage
-
     expected = " ".join(words_for("hello there", 6))
     answer = client.responses.create(model="org/tiny", input="hello there", max_output_tokens=6)
     assert answer.output_text == expected
@@ -264,12 +267,7 @@ def test_responses_stream_and_not_with_their_usage(client, warm_model):
     )
     assert events[-1].response.usage.output_tokens == 4
 
-    def recorded() -> bool:
-        usage = Usage.objects.first()
-        return usage is not None and usage.requests == 2
-
-    wait_for(recorded, 10, "the usage records")
-    usage = Usage.objects.get()
+    usage = usage_of(requests=2)
     assert (usage.prompt_tokens, usage.completion_tokens) == (2 + 4, 6 + 4)
     placement = Placement.objects.get(model__model_id="org/tiny")
     wait_for(lambda: Placement.objects.get(pk=placement.pk).keep_alive is not None, 10,
@@ -311,8 +309,6 @@ def test_embeddings_of_one_and_several_inputs_in_both_encodings(client, warm_mod
 def test_a_stopped_web_process_writes_its_usage_and_closes_its_connections(
     settings, tmp_path, warm_model
 ):
-    from controlplane.gateway.models import Usage
-
     # Usage is written every 10 minutes here: only the stop itself can write it.
     with daphne(settings, tmp_path, GATEWAY_USAGE_FLUSH_SECONDS="600") as (url, web):
         _, raw_key = make_api_key("stopping")

@@ -63,6 +63,15 @@ def ask(client: openai.OpenAI, model: str = "org/tiny", max_tokens: int = 5) -> 
     return answer.choices[0].message.content or ""
 
 
+def stream_lines(url: str, body: dict[str, Any], raw_key: str) -> list[bytes]:
+    """A streamed answer's non-empty lines (SSE comments, events, data), once it ended."""
+    with requests.post(
+        url, json=body, stream=True, timeout=60, headers={"Authorization": f"Bearer {raw_key}"}
+    ) as response:
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line]
+
+
 def loads(model: str = "org/tiny") -> list[LoadEvent]:
     return list(
         LoadEvent.objects.filter(model__model_id=model, kind=LoadEventKind.LOAD)
@@ -100,12 +109,7 @@ def test_a_cold_stream_shows_the_load_progress_then_the_answer(fleet, tmp_path, 
     catalog("org/tiny", tiny)
     _, raw_key = make_api_key("stream")
     body = {"model": "org/tiny", "messages": HELLO, "max_tokens": 3, "stream": True}
-    with requests.post(
-        f"{plane.url}/v1/chat/completions", json=body, stream=True, timeout=60,
-        headers={"Authorization": f"Bearer {raw_key}"},
-    ) as response:  # fmt: skip
-        assert response.status_code == 200
-        lines = [line for line in response.iter_lines() if line]
+    lines = stream_lines(f"{plane.url}/v1/chat/completions", body, raw_key)
     comments = [line for line in lines if line.startswith(b":")]
     data = [line for line in lines if line.startswith(b"data: ")]
     assert comments[0] == b": loading org/tiny"
@@ -122,12 +126,7 @@ def test_responses_and_embeddings_cold_start_their_models(fleet, tmp_path, tiny)
     catalog("org/tiny-embed", tiny, kind=ModelKind.EMBEDDING)
     _, raw_key = make_api_key("cold")
     body = {"model": "org/tiny", "input": "hello there", "max_output_tokens": 3, "stream": True}
-    with requests.post(
-        f"{plane.url}/v1/responses", json=body, stream=True, timeout=60,
-        headers={"Authorization": f"Bearer {raw_key}"},
-    ) as response:  # fmt: skip
-        assert response.status_code == 200
-        lines = [line for line in response.iter_lines() if line]
+    lines = stream_lines(f"{plane.url}/v1/responses", body, raw_key)
     comments = [line for line in lines if line.startswith(b":")]
     events = [
         line.removeprefix(b"event: ").decode() for line in lines if line.startswith(b"event: ")

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from tests.factories import ModelFactory, PlacementFactory, make_api_key
+from tests.gateway import calls
+from tests.gateway.calls import error_of
 
 pytestmark = pytest.mark.django_db
 
@@ -23,17 +25,7 @@ def key():
 
 
 def post(client, raw_key, body, url=CHAT):
-    data = body if isinstance(body, str | bytes) else json.dumps(body)
-    return client.post(
-        url, data=data, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {raw_key}"
-    )
-
-
-def error_of(response, status):
-    assert response.status_code == status, response.content
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
+    return calls.post(client, raw_key, url, body)
 
 
 def chat(**extra):

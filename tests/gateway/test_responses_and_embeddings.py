@@ -15,6 +15,7 @@ from controlplane.gateway.upstream import Meter, UsageScanner
 from controlplane.gateway.validation import InvalidRequest, estimate_prompt_tokens, parse_request
 from nodeagent.engines.sim import embedding_for
 from tests.factories import ModelFactory, make_api_key
+from tests.gateway.calls import error_of, post
 
 RESPONSES = "/v1/responses"
 EMBEDDINGS = "/v1/embeddings"
@@ -26,20 +27,6 @@ def key(db):
     ModelFactory(model_id="org/embed", kind=ModelKind.EMBEDDING)
     _, raw = make_api_key("app")
     return raw
-
-
-def post(client, raw_key, url, body):
-    data = body if isinstance(body, str | bytes) else json.dumps(body)
-    return client.post(
-        url, data=data, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {raw_key}"
-    )
-
-
-def error_of(response, status):
-    assert response.status_code == status, response.content
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
 
 
 def respond(**extra):
