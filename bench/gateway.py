@@ -7,7 +7,10 @@ the control plane (daphne on embedded defaults in a temporary VAR_DIR, with
 one READY placement on that agent), then measures in the same run:
 non-streaming chat completions at concurrency 1 and 32, and the time to the
 first streamed chunk at concurrency 1, with p50/p99, requests/s and the
-gateway process's CPU milliseconds per request. The load comes from this
+gateway process's CPU milliseconds per request. The same figures are taken
+for `/v1/responses` (same engine) and `/v1/embeddings` (a second sim engine
+with the pooling runner, behind the same agent), direct and through the
+gateway, so each path the gateway adds is covered. The load comes from this
 process (aiohttp), on the same 2 cores. The same is measured through a LiteLLM
 proxy (`litellm --config`, `openai/` provider) in front of the same engine; it
 runs from its own virtual environment, `.venv-litellm`, which this script builds
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +40,16 @@ sys.path.insert(0, str(ROOT))
 from tests.support import free_port, wait_for  # noqa: E402
 
 BODY = {"model": "bench/sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+# The other POST APIs, each with the body a client would send: (path, body, streams).
+APIS: dict[str, tuple[str, dict[str, object], bool]] = {
+    "chat": ("/v1/chat/completions", BODY, True),
+    "responses": (
+        "/v1/responses",
+        {"model": "bench/sim", "input": "hi", "max_output_tokens": 4},
+        True,
+    ),
+    "embeddings": ("/v1/embeddings", {"model": "bench/embed", "input": "hi"}, False),
+}
 SIM = [
     "--sim-load-seconds",
     "0",
@@ -69,7 +83,7 @@ def answers(url: str) -> bool:
 
 
 async def measure(
-    url: str, headers: dict[str, str], count: int, concurrency: int
+    url: str, headers: dict[str, str], count: int, concurrency: int, body: dict[str, object] = BODY
 ) -> tuple[list[float], float]:
     """Latencies (ms) of `count` requests at `concurrency`, and the wall seconds."""
     latencies: list[float] = []
@@ -82,7 +96,7 @@ async def measure(
             while queue:
                 queue.pop()
                 started = time.perf_counter()
-                async with session.post(url, json=BODY) as response:
+                async with session.post(url, json=body) as response:
                     await response.read()
                     assert response.status == 200, await response.text()
                 latencies.append((time.perf_counter() - started) * 1000)
@@ -92,12 +106,15 @@ async def measure(
         return latencies, time.perf_counter() - began
 
 
-async def first_chunk(url: str, headers: dict[str, str], count: int) -> list[float]:
+async def first_chunk(
+    url: str, headers: dict[str, str], count: int, body: dict[str, object] = BODY
+) -> list[float]:
     times = []
     async with aiohttp.ClientSession(headers=headers) as session:
         for _ in range(count):
             started = time.perf_counter()
-            async with session.post(url, json=BODY | {"stream": True}) as response:
+            async with session.post(url, json=body | {"stream": True}) as response:
+                assert response.status == 200, await response.text()
                 await response.content.readany()
                 times.append((time.perf_counter() - started) * 1000)
                 await response.read()
@@ -160,13 +177,18 @@ def main() -> None:
         SECRET_KEY="bench",
         LOG_LEVEL="WARNING",
     )
-    engine_port, agent_port, web_port, litellm_port = (free_port() for _ in range(4))
+    engine_port, embed_port, agent_port, web_port, litellm_port = (free_port() for _ in range(5))
     processes = []
     litellm = None
     try:
-        processes.append(start([sys.executable, "-m", "nodeagent.engines.sim", "--model-id", "bench/sim",
-                                "--port", str(engine_port), "--ttft-ms", "0", "--tpot-ms", "0",
-                                "--max-num-seqs", "256"], env, work / "engine.log"))  # fmt: skip
+        for model, port, runner in (
+            ("bench/sim", engine_port, "generate"),
+            ("bench/embed", embed_port, "pooling"),
+        ):
+            processes.append(start([sys.executable, "-m", "nodeagent.engines.sim", "--model-id", model,
+                                    "--port", str(port), "--ttft-ms", "0", "--tpot-ms", "0",
+                                    "--max-num-seqs", "256", "--runner", runner], env,
+                                   work / f"engine-{runner}.log"))  # fmt: skip
         subprocess.run(
             [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True
         )
@@ -189,17 +211,25 @@ def main() -> None:
         wait_for(lambda: answers(f"http://127.0.0.1:{agent_port}/healthz"), 30, "the agent")
         import requests
 
-        loaded = requests.post(
-            f"http://127.0.0.1:{agent_port}/load_model",
-            json={"model_id": "bench/sim", "source": checkpoint.as_uri()},
-            headers={"Authorization": f"Bearer {token}"}, timeout=30,
-        ).json()  # fmt: skip
+        endpoints = {}
+        loads: tuple[tuple[str, list[str]], ...] = (
+            ("bench/sim", []),
+            ("bench/embed", ["--runner", "pooling"]),
+        )
+        for model, engine_args in loads:
+            endpoints[model] = requests.post(
+                f"http://127.0.0.1:{agent_port}/load_model",
+                json={"model_id": model, "source": checkpoint.as_uri(), "engine": {"args": engine_args}},
+                headers={"Authorization": f"Bearer {token}"}, timeout=30,
+            ).json()["inference_endpoint_url"]  # fmt: skip
         setup = (
             "from agents.models import Agent, Model, Placement; from controlplane.gateway.actions import "
-            "create_api_key; m = Model.objects.create(model_id='bench/sim', source='file:///x'); "
-            "a = Agent.objects.get(agent_id='bench'); "
-            f"Placement.objects.create(agent=a, model=m, state='READY', cache_level='GPU_RESIDENT', "
-            f"inference_endpoint_url='{loaded['inference_endpoint_url']}'); print(create_api_key('bench')[1])"
+            "create_api_key; a = Agent.objects.get(agent_id='bench')\n"
+            f"for model_id, kind, url in {[(m, 'embedding' if 'embed' in m else 'generate', u) for m, u in endpoints.items()]!r}:\n"
+            "    m = Model.objects.create(model_id=model_id, source='file:///x', kind=kind)\n"
+            "    Placement.objects.create(agent=a, model=m, state='READY', cache_level='GPU_RESIDENT', "
+            "inference_endpoint_url=url)\n"
+            "print(create_api_key('bench')[1])"
         )
         key = subprocess.run([sys.executable, "manage.py", "shell", "-c", setup], cwd=ROOT, env=env,
                              check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]  # fmt: skip
@@ -207,7 +237,8 @@ def main() -> None:
                      "controlplane.asgi:application"], env, work / "web.log")  # fmt: skip
         processes.append(web)
         wait_for(lambda: answers(f"http://127.0.0.1:{web_port}/healthz"), 30, "daphne")
-        wait_for(lambda: answers(f"http://127.0.0.1:{engine_port}/health"), 30, "the engine")
+        for health in (f"http://127.0.0.1:{port}/health" for port in (engine_port, embed_port)):
+            wait_for(partial(answers, health), 30, "the engines")
         if not args.no_litellm:
             litellm = start_litellm(engine_port, litellm_port, work)
             processes.append(litellm)
@@ -217,31 +248,35 @@ def main() -> None:
                 "LiteLLM",
             )
 
-        paths = {
-            "direct": (f"http://127.0.0.1:{engine_port}/v1/chat/completions", {}),
-            "agent": (
-                f"{loaded['inference_endpoint_url']}/v1/chat/completions",
-                {"Authorization": f"Bearer {token}"},
-            ),
-            "gateway": (
-                f"http://127.0.0.1:{web_port}/v1/chat/completions",
-                {"Authorization": f"Bearer {key}"},
-            ),
-        }
-        watched = {"gateway": web}
+        agent_auth = {"Authorization": f"Bearer {token}"}
+        gateway_auth = {"Authorization": f"Bearer {key}"}
+        # Every API direct, through the agent and through the gateway; chat also through LiteLLM.
+        paths: dict[
+            tuple[str, str], tuple[str, dict[str, str], subprocess.Popen[bytes] | None]
+        ] = {}
+        for api, (path, body, _) in APIS.items():
+            direct_port = embed_port if api == "embeddings" else engine_port
+            paths[api, "direct"] = (f"http://127.0.0.1:{direct_port}{path}", {}, None)
+            paths[api, "agent"] = (f"{endpoints[str(body['model'])]}{path}", agent_auth, None)
+            paths[api, "gateway"] = (f"http://127.0.0.1:{web_port}{path}", gateway_auth, web)
         if litellm is not None:
-            paths["litellm"] = (f"http://127.0.0.1:{litellm_port}/v1/chat/completions", {})
-            watched["litellm"] = litellm
-        results: dict[str, dict[str, float]] = {}
-        for name, (url, headers) in paths.items():
-            asyncio.run(measure(url, headers, 200, 8))  # warm up
-            proxy = watched.get(name)
+            paths["chat", "litellm"] = (
+                f"http://127.0.0.1:{litellm_port}/v1/chat/completions",
+                {},
+                litellm,
+            )
+        results: dict[tuple[str, str], dict[str, float]] = {}
+        for (api, name), (url, headers, proxy) in paths.items():
+            _, body, streams = APIS[api]
+            asyncio.run(measure(url, headers, 200, 8, body))  # warm up
             cpu_before = cpu_seconds(proxy.pid) if proxy else 0.0
-            single, _ = asyncio.run(measure(url, headers, args.requests // 4, 1))
-            many, seconds = asyncio.run(measure(url, headers, args.requests, 32))
+            single, _ = asyncio.run(measure(url, headers, args.requests // 4, 1, body))
+            many, seconds = asyncio.run(measure(url, headers, args.requests, 32, body))
             cpu = cpu_seconds(proxy.pid) - cpu_before if proxy else float("nan")
-            firsts = asyncio.run(first_chunk(url, headers, 200))
-            results[name] = {
+            firsts = (
+                asyncio.run(first_chunk(url, headers, 200, body)) if streams else [float("nan")]
+            )
+            results[api, name] = {
                 "p50": p(single, 50), "p99": p(single, 99), "rps": len(many) / seconds,
                 "ttfc": statistics.median(firsts),
                 "cpu_ms": cpu * 1000 / (len(single) + len(many)),
@@ -254,15 +289,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"\n{'path':<10} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'req/s c=32':>11} {'1st chunk ms':>13} {'proxy CPU ms/req':>17}"
+        f"\n{'api':<11} {'path':<8} {'p50 ms c=1':>11} {'p99 ms c=1':>11} {'req/s c=32':>11} {'1st chunk ms':>13} {'proxy CPU ms/req':>17}"
     )
-    for name, row in results.items():
+    for (api, name), row in results.items():
         print(
-            f"{name:<10} {row['p50']:11.2f} {row['p99']:11.2f} {row['rps']:11.0f} {row['ttfc']:13.2f} {row['cpu_ms']:17.2f}"
+            f"{api:<11} {name:<8} {row['p50']:11.2f} {row['p99']:11.2f} {row['rps']:11.0f} {row['ttfc']:13.2f} {row['cpu_ms']:17.2f}"
         )
-    direct, gateway = results["direct"], results["gateway"]
+    direct, gateway = results["chat", "direct"], results["chat", "gateway"]
     added = gateway["p50"] - direct["p50"]
-    litellm_row = results.get("litellm")
+    litellm_row = results.get(("chat", "litellm"))
     if litellm_row is not None:
         litellm_added = litellm_row["p50"] - direct["p50"]
         print(
@@ -278,7 +313,14 @@ def main() -> None:
         f"RESULT gateway_added_p50_ms={added:.2f} "
         f"gateway_added_p99_ms={gateway['p99'] - direct['p99']:.2f} "
         f"stream_ttfc_added_ms={gateway['ttfc'] - direct['ttfc']:.2f} gateway_rps_c32={gateway['rps']:.0f} "
-        f"{litellm_fields}"
+        f"{litellm_fields} "
+        + " ".join(
+            f"{api}_added_p50_ms={results[api, 'gateway']['p50'] - results[api, 'direct']['p50']:.2f} "
+            f"{api}_added_p99_ms={results[api, 'gateway']['p99'] - results[api, 'direct']['p99']:.2f} "
+            f"{api}_rps_c32={results[api, 'gateway']['rps']:.0f}"
+            for api in APIS
+            if api != "chat"
+        )
     )
 
 

@@ -86,6 +86,30 @@ def _completion_operation(summary: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _stored_response_operation(summary: str) -> dict[str, Any]:
+    """llmfleet stores no response (any replica may answer, and an engine's memory goes when
+    it is stepped down), so these answer 404 `response_not_found` for every id."""
+    return {
+        "summary": summary + " llmfleet stores no responses; the 404's message says why.",
+        "security": [{"apiKey": []}],
+        "parameters": [
+            {
+                "name": "response_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "responses": {
+            **_refusals(401),
+            "404": {
+                "description": "No response is stored under this id (none ever is).",
+                "content": {"application/json": {"schema": _ERROR}},
+            },
+        },
+    }
+
+
 DESCRIPTION: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -195,6 +219,13 @@ DESCRIPTION: dict[str, Any] = {
                     },
                 },
             )
+        },
+        "/v1/responses/{response_id}": {
+            "get": _stored_response_operation("A stored response: never found."),
+            "delete": _stored_response_operation("Delete a stored response: never found."),
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "post": _stored_response_operation("Cancel a background response: never found."),
         },
         "/v1/embeddings": {
             "post": _completion_operation(
