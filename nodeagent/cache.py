@@ -28,6 +28,7 @@ class CachedModel:
     directory: Path
     size: int
     last_used: float
+    adapter_of: str = ""  # a LoRA adapter's files: the model whose engines load it
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,13 @@ class ModelCache:
         )
         return [entry for entry in entries if entry is not None]
 
-    def publish(self, staging: Path, model_id: str, source: str, revision: str) -> CachedModel:
+    def publish(
+        self, staging: Path, model_id: str, source: str, revision: str, adapter_of: str = ""
+    ) -> CachedModel:
         """Make a fully written staging directory the model's cached copy, atomically."""
         metadata = {"model_id": model_id, "source": source, "revision": revision}
+        if adapter_of:
+            metadata["adapter_of"] = adapter_of
         (staging / METADATA).write_text(json.dumps(metadata))
         target = self.directory_for(model_id)
         if target.exists():
@@ -133,5 +138,5 @@ class ModelCache:
             return None
         return CachedModel(
             metadata["model_id"], metadata["source"], metadata.get("revision", ""), directory,
-            _size(directory), last_used,
+            _size(directory), last_used, metadata.get("adapter_of", ""),
         )  # fmt: skip

@@ -26,8 +26,10 @@ async def fetch_model(
     settings: DownloadSettings,
     deadline: float,
     make_room: Callable[[int], Awaitable[None]],
+    adapter_of: str = "",
 ) -> tuple[CachedModel, DownloadResult | None]:
-    """The model's cached copy, downloaded first unless the same source and revision is there."""
+    """The model's cached copy, downloaded first unless the same source and revision is there.
+    `adapter_of`: the files are a LoRA adapter of that model (nodeagent.adapters)."""
     cached = cache.lookup(model_id, store.uri, revision)
     if cached is not None:
         progress.total = cached.size
@@ -37,4 +39,4 @@ async def fetch_model(
     await make_room(sum(file.size for file in files))
     staging = cache.partial_directory(model_id)
     result = await download(store, files, staging, settings, progress, deadline)
-    return cache.publish(staging, model_id, store.uri, revision), result
+    return cache.publish(staging, model_id, store.uri, revision, adapter_of), result

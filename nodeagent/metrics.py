@@ -152,6 +152,25 @@ class AgentMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.adapter_loads = Counter(
+            "llmfleet_agent_adapter_loads",
+            "LoRA adapters loaded into engines, by outcome (loaded, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.adapter_unloads = Counter(
+            "llmfleet_agent_adapter_unloads",
+            "LoRA adapters unloaded from engines, by reason: lru (room for another), request "
+            "(the control plane's keep-alive sweep or an operator).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.adapter_load_seconds = Histogram(
+            "llmfleet_agent_adapter_load_duration_seconds",
+            "Time from an adapter's first request (or load_adapter) to the engine holding it.",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
         self.models = Gauge(
             "llmfleet_agent_models",
             "Models on this agent by cache level.",

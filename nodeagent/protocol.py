@@ -22,7 +22,9 @@ import msgspec
 # 1.1: `contract` on heartbeats and registrations; `last_used_at` checked as a timestamp.
 # 1.2: `engine_start`, `engine_start_note` and `compile_cache` in load timings; load progress
 #      pushed to `POST /api/agents/<id>/progress` as it happens.
-CONTRACT_VERSION = "1.2"
+# 1.3: LoRA adapters: `adapters`, `max_loras` and `max_lora_rank` on model statuses; the
+#      ADAPTER_HEADERS on proxied requests; `POST /load_adapter` and `/unload_adapter`.
+CONTRACT_VERSION = "1.3"
 
 
 class AgentReportedState(StrEnum):
@@ -60,6 +62,13 @@ AGENT_REPORTED_STATES = tuple(state.value for state in AgentReportedState)
 # On every error the agent itself answers (never on the engine's own answers): its code, so
 # the gateway tells "this replica cannot serve" from "the engine refused this request".
 AGENT_ERROR_HEADER = "X-Llmfleet-Agent-Error"
+# On a proxied request for a LoRA adapter of the model in the path (set by the gateway, which
+# holds the catalog): the adapter's id (the `model` its body names), its store URI and
+# revision. The agent loads the adapter into the engine first if it does not have it.
+ADAPTER_HEADER = "X-Llmfleet-Adapter"
+ADAPTER_SOURCE_HEADER = "X-Llmfleet-Adapter-Source"
+ADAPTER_REVISION_HEADER = "X-Llmfleet-Adapter-Revision"
+SOURCE_SCHEMES = ("file://", "azure://")
 MODEL_STATES = tuple(state.value for state in ModelState)
 CACHE_LEVELS = tuple(level.value for level in CacheLevel)
 UNLOAD_TARGETS = (CacheLevel.DRAM_CACHED.value, CacheLevel.NVME_CACHED.value, CacheLevel.NONE.value)
@@ -140,6 +149,13 @@ def _string(body: dict[str, Any], key: str, *, required: bool = True, default: s
             f"'{key}' must be a non-empty string" if required else f"'{key}' must be a string"
         )
     return value
+
+
+def _source(body: dict[str, Any]) -> str:
+    source = _string(body, "source")
+    if not source.startswith(SOURCE_SCHEMES):
+        raise ProtocolError("'source' must be a file:// or azure:// URI")
+    return source
 
 
 def _choice(body: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
@@ -231,12 +247,9 @@ class LoadModelRequest:
     @classmethod
     def from_json(cls, body: Any) -> LoadModelRequest:
         body = _object(body)
-        source = _string(body, "source")
-        if not source.startswith(("file://", "azure://")):
-            raise ProtocolError("'source' must be a file:// or azure:// URI")
         return cls(
             model_id=_string(body, "model_id"),
-            source=source,
+            source=_source(body),
             revision=_string(body, "revision", required=False),
             engine=EngineSpec.from_json(body.get("engine")),
         )
@@ -272,6 +285,9 @@ class LoadModelResponse:
     cache_state: ModelState = ModelState.READY
     cache_level: CacheLevel = CacheLevel.GPU_RESIDENT
     status: str = "success"
+    # LoRA: how many adapters the engine holds at most (0: no LoRA) and the rank it takes.
+    max_loras: Count = 0
+    max_lora_rank: Count = 0
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = encode(self)
@@ -313,6 +329,90 @@ class UnloadModelResponse:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter of a model, as the gateway names it on a proxied request (the
+    ADAPTER_HEADERS) or an operator in `POST /load_adapter`."""
+
+    adapter_id: str
+    source: str
+    revision: str = ""
+
+    @classmethod
+    def from_headers(cls, headers: Any) -> AdapterRef | None:
+        adapter_id = headers.get(ADAPTER_HEADER)
+        if adapter_id is None:
+            return None
+        return cls.from_json(
+            {
+                "adapter_id": adapter_id,
+                "source": headers.get(ADAPTER_SOURCE_HEADER),
+                "revision": headers.get(ADAPTER_REVISION_HEADER, ""),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, body: Any) -> AdapterRef:
+        body = _object(body)
+        adapter_id = _string(body, "adapter_id")
+        if len(adapter_id) > 200:
+            raise ProtocolError("'adapter_id' is longer than 200 characters")
+        return cls(adapter_id, _source(body), _string(body, "revision", required=False))
+
+    def headers(self) -> dict[str, str]:
+        return {
+            ADAPTER_HEADER: self.adapter_id,
+            ADAPTER_SOURCE_HEADER: self.source,
+            ADAPTER_REVISION_HEADER: self.revision,
+        }
+
+
+@dataclass(frozen=True)
+class LoadAdapterRequest:
+    """Body of `POST /load_adapter`: load a LoRA adapter into the engine serving `model_id`."""
+
+    model_id: str
+    adapter: AdapterRef
+
+    @classmethod
+    def from_json(cls, body: Any) -> LoadAdapterRequest:
+        return cls(_string(_object(body), "model_id"), AdapterRef.from_json(body))
+
+
+@dataclass(frozen=True)
+class UnloadAdapterRequest:
+    """Body of `POST /unload_adapter`. Refused while the adapter has requests in flight
+    unless `force`."""
+
+    model_id: str
+    adapter_id: str
+    force: bool = False
+
+    @classmethod
+    def from_json(cls, body: Any) -> UnloadAdapterRequest:
+        body = _object(body)
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ProtocolError("'force' must be true or false")
+        return cls(_string(body, "model_id"), _string(body, "adapter_id"), force)
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """A LoRA adapter loaded into a model's engine, as heartbeats and adapter calls report it."""
+
+    adapter_id: ModelId
+    requests_total: Bytes = 0
+    requests_in_flight: Count = 0
+    loaded_at: Timestamp | None = None
+    last_used_at: Timestamp | None = None
+    load_seconds: Seconds | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = encode(self)
+        return body
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """One model on the agent, as a heartbeat reports it. `last_used_at` is RFC 3339 on the
     wire, with its offset."""
@@ -336,6 +436,11 @@ class ModelStatus:
     # What a load is doing now, in words for people ("downloading", "verifying", "starting
     # the engine (standby)"); "" when none runs.
     phase: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    # LoRA: how many adapters its engine holds at most (0: started without LoRA), the
+    # highest rank it takes, and the adapters it holds now.
+    max_loras: Count = 0
+    max_lora_rank: Count = 0
+    adapters: Annotated[tuple[AdapterStatus, ...], msgspec.Meta(max_length=1024)] = ()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from nodeagent.adapters import LoadedAdapter
 from nodeagent.metrics import AgentMetrics
+from nodeagent.protocol import (
+    ADAPTER_HEADER,
+    ADAPTER_REVISION_HEADER,
+    ADAPTER_SOURCE_HEADER,
+    AdapterRef,
+)
 from nodeagent.registry import AgentError, ModelRegistry
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's
@@ -29,7 +36,12 @@ _REQUEST_DROP = {
     "authorization",
     "proxy-authorization",
     "content-length",
+    ADAPTER_HEADER.lower(),
+    ADAPTER_SOURCE_HEADER.lower(),
+    ADAPTER_REVISION_HEADER.lower(),
 }
+# The engine's own adapter management: the agent's alone (nodeagent.adapters), never a caller's.
+_ENGINE_ONLY = {"load_lora_adapter", "unload_lora_adapter"}
 _RESPONSE_DROP = {
     "connection",
     "keep-alive",
@@ -71,6 +83,10 @@ class InferenceProxy:
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
         model_id, tail = split_model_path(request.match_info["rest"])
+        if tail.strip("/") in _ENGINE_ONLY:
+            raise AgentError(
+                "not_found", "adapters are loaded through the agent: POST /load_adapter", 404
+            )
         if self.draining:
             raise AgentError("agent_draining", "this agent is stopping", 503, model_id)
         slot = self.registry.slots.get(model_id)
@@ -82,12 +98,18 @@ class InferenceProxy:
                 "model_not_ready", f"{model_id} is {slot.state} ({slot.cache_level})", 503, model_id
             )
         body = await request.read()
+        ref = AdapterRef.from_headers(request.headers)
         slot.in_flight += 1
         slot.last_used = time.time()
         self.metrics.requests_in_flight.inc()
+        adapter: LoadedAdapter | None = None
         try:
+            if ref is not None:  # a LoRA adapter of this model: loaded first if need be
+                adapter = await self.registry.acquire_adapter(model_id, ref, session)
             return await self._forward(request, session, f"{engine.url}/v1/{tail}", body)
         finally:
+            if adapter is not None:
+                self.registry.release_adapter(adapter)
             slot.in_flight -= 1
             slot.last_used = time.time()
             self.metrics.requests_in_flight.dec()

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import aiohttp
 
 from nodeagent import lifecycle
+from nodeagent.adapters import AdapterError, AdapterLoader, EngineAdapters, LoadedAdapter
 from nodeagent.cache import CachedModel, CacheEntry, ModelCache, plan_eviction
 from nodeagent.compilecache import (
     FETCH_SECONDS,
@@ -34,11 +35,12 @@ from nodeagent.config import AgentConfig
 from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
 from nodeagent.engines.sim import SimEngine
-from nodeagent.engines.standby import StandbyPool, is_pooling, standby_refusal
+from nodeagent.engines.standby import StandbyPool, is_pooling, lora_limits, standby_refusal
 from nodeagent.engines.vllm import VllmEngine, vllm_argv
 from nodeagent.fetch import fetch_model
 from nodeagent.metrics import AgentMetrics, EngineStats
 from nodeagent.protocol import (
+    AdapterRef,
     AgentReportedState,
     CacheLevel,
     EngineStart,
@@ -47,6 +49,7 @@ from nodeagent.protocol import (
     LoadTimings,
     ModelState,
     ModelStatus,
+    UnloadAdapterRequest,
     UnloadModelRequest,
     UnloadModelResponse,
 )
@@ -86,6 +89,7 @@ class ModelSlot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     failed_before: bool = False
     engine_phase: str = ""  # while LOADING_TO_GPU: how its engine is starting
+    adapters: EngineAdapters | None = None  # the LoRA adapters its running engine holds
 
     @property
     def phase(self) -> str:
@@ -122,6 +126,12 @@ class ModelRegistry:
             direct_io=config.download_direct_io,
         )
         self.slots: dict[str, ModelSlot] = {}
+        # LoRA adapters' files in the cache (in no engine's slot: they are not models here).
+        self.adapter_files: dict[str, CachedModel] = {}
+        self.adapter_loader = AdapterLoader(
+            self.cache, self.download_settings, self.environ, metrics, config.load_timeout,
+            self._make_room, lambda cached: self.adapter_files.__setitem__(cached.model_id, cached),
+        )  # fmt: skip
         self._watchers: set[asyncio.Task[None]] = set()
         self.standbys: StandbyPool | None = None
         self.device = device_kind([])  # what compiled code is for (start_standbys knows GPUs)
@@ -150,6 +160,9 @@ class ModelRegistry:
     def restore(self) -> None:
         """Rebuild the index from disk at start: cached models are NVME_CACHED, no engine runs."""
         for cached in self.cache.scan():
+            if cached.adapter_of:
+                self.adapter_files[cached.model_id] = cached
+                continue
             self.slots[cached.model_id] = ModelSlot(
                 model_id=cached.model_id,
                 cache_level=CacheLevel.NVME_CACHED,
@@ -265,6 +278,7 @@ class ModelRegistry:
         if slot.failed_before:
             self.metrics.engine_restarts.labels(engine.name).inc()
         slot.engine, slot.failed_before = engine, False
+        slot.adapters = EngineAdapters(engine, *lora_limits(request.engine.args))
         self._watch(slot, engine)
         timings = LoadTimings(
             download_seconds=None if files_cached else download_seconds,
@@ -394,7 +408,12 @@ class ModelRegistry:
         slot.cache_level, slot.error = CacheLevel.GPU_RESIDENT, ""
         slot.last_used = time.time()
         self.cache.touch(slot.model_id)
-        return LoadModelResponse(slot.model_id, self.endpoint_for(slot.model_id), timings)
+        adapters = slot.adapters
+        return LoadModelResponse(
+            slot.model_id, self.endpoint_for(slot.model_id), timings,
+            max_loras=adapters.max_loras if adapters else 0,
+            max_lora_rank=adapters.max_rank if adapters else 0,
+        )  # fmt: skip
 
     def _fail(self, slot: ModelSlot, error: str) -> None:
         lifecycle.move(slot, ModelState.FAILED)
@@ -408,13 +427,25 @@ class ModelRegistry:
         log.warning("model %s failed: %s", slot.model_id, error)
 
     def _make_room(self, needed: int, model_id: str) -> None:
-        """Delete unused cached models, least recently used first, until `needed` bytes fit."""
+        """Delete unused cached models and adapters, least recently used first, until `needed`
+        bytes fit."""
         entries = [
             CacheEntry(slot.model_id, slot.size_bytes, slot.last_used or 0.0,
                        in_use=slot.engine is not None or slot.loading)
             for slot in self.slots.values()
             if slot.directory is not None and slot.model_id != model_id
         ]  # fmt: skip
+        held = {
+            adapter_id
+            for slot in self.slots.values()
+            if slot.adapters is not None
+            for adapter_id in (*slot.adapters.loaded, *slot.adapters.pending)
+        }
+        entries += [
+            CacheEntry(adapter_id, cached.size, cached.last_used, in_use=adapter_id in held)
+            for adapter_id, cached in self.adapter_files.items()
+            if adapter_id != model_id
+        ]
         disk_free = shutil.disk_usage(self.config.models_dir).free
         plan = plan_eviction(entries, needed, self.config.cache_max_bytes or None, disk_free)
         if plan is None:
@@ -427,7 +458,8 @@ class ModelRegistry:
         for victim in plan:
             log.info("evicting %s from the cache to make room for %s", victim, model_id)
             self.cache.remove(victim)
-            del self.slots[victim]
+            self.slots.pop(victim, None)
+            self.adapter_files.pop(victim, None)
             self.metrics.evictions.inc()
 
     async def _create_engine(
@@ -436,7 +468,10 @@ class ModelRegistry:
     ) -> Engine:  # fmt: skip
         name = request.engine.name or self.config.engine
         if name == "sim":
-            return SimEngine(request.model_id, self.config.sim, is_pooling(request.engine.args))
+            return SimEngine(
+                request.model_id, self.config.sim, is_pooling(request.engine.args),
+                max_lora_rank=lora_limits(request.engine.args)[1],
+            )  # fmt: skip
         safe = quote(request.model_id, safe="")
         refusal = standby_refusal(request.engine.args)
         standby = None
@@ -460,6 +495,13 @@ class ModelRegistry:
             gpu=self.gpu,
             gpu_memory_share=self.config.gpu_memory_share,
         )
+        environ = (
+            {**self.environ, "VLLM_CACHE_ROOT": str(compile_cache.root)}
+            if compile_cache is not None
+            else dict(self.environ)
+        )
+        if lora_limits(request.engine.args)[0]:  # adapters are loaded as they are asked for
+            environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         return VllmEngine(
             model_id=request.model_id,
             argv=argv,
@@ -468,11 +510,7 @@ class ModelRegistry:
             tmp_dir=engine_tmp_dir(),
             grace=self.config.stop_grace,
             gpu=self.gpu,
-            environ=(
-                {**self.environ, "VLLM_CACHE_ROOT": str(compile_cache.root)}
-                if compile_cache is not None
-                else self.environ
-            ),
+            environ=environ,
             standby=standby,
             fork_children=self.config.standby_fork_children,
             start_note=note,
@@ -487,7 +525,7 @@ class ModelRegistry:
                 engine.name, "stopped" if ended.expected else "crashed"
             ).inc()
             if not ended.expected and slot.engine is engine:
-                slot.engine = None
+                slot.engine, slot.adapters = None, None
                 self._fail(slot, f"engine died: {ended.detail}")
 
         task = asyncio.create_task(watch())
@@ -556,9 +594,55 @@ class ModelRegistry:
         return note
 
     async def _stop_engine(self, slot: ModelSlot) -> None:
-        engine, slot.engine = slot.engine, None
+        # Its adapters go with it: a new engine starts with none.
+        engine, slot.engine, slot.adapters = slot.engine, None, None
         if engine is not None:
             await engine.stop()
+
+    # --- LoRA adapters (nodeagent.adapters) ----------------------------------------------------
+
+    def _engine_adapters(self, model_id: str) -> EngineAdapters:
+        slot = self.slots.get(model_id)
+        if slot is None:
+            raise AgentError("model_not_found", f"{model_id} is not on this agent", 404, model_id)
+        if not slot.serving or slot.adapters is None:
+            raise AgentError(
+                "model_not_ready", f"{model_id} is {slot.state} ({slot.cache_level})", 503, model_id
+            )
+        return slot.adapters
+
+    async def acquire_adapter(
+        self, model_id: str, ref: AdapterRef, session: aiohttp.ClientSession
+    ) -> LoadedAdapter:
+        """The adapter loaded into the model's engine, with one more request in flight on it;
+        give it back with `release_adapter`."""
+        adapters = self._engine_adapters(model_id)
+        try:
+            return await self.adapter_loader.acquire(adapters, ref, session)
+        except AdapterError as exc:
+            raise AgentError(exc.code, str(exc), exc.status, model_id) from None
+
+    async def load_adapter(
+        self, model_id: str, ref: AdapterRef, session: aiohttp.ClientSession
+    ) -> LoadedAdapter:
+        """The adapter loaded into the model's engine ahead of its requests (nothing counted)."""
+        adapters = self._engine_adapters(model_id)
+        try:
+            return await self.adapter_loader.ensure(adapters, ref, session)
+        except AdapterError as exc:
+            raise AgentError(exc.code, str(exc), exc.status, model_id) from None
+
+    def release_adapter(self, adapter: LoadedAdapter) -> None:
+        self.adapter_loader.release(adapter)
+
+    async def unload_adapter(
+        self, request: UnloadAdapterRequest, session: aiohttp.ClientSession
+    ) -> None:
+        adapters = self._engine_adapters(request.model_id)
+        try:
+            await self.adapter_loader.unload(adapters, request.adapter_id, session, request.force)
+        except AdapterError as exc:
+            raise AgentError(exc.code, str(exc), exc.status, request.model_id) from None
 
     # --- reporting ------------------------------------------------------------------------------
 
@@ -601,6 +685,9 @@ class ModelRegistry:
             last_used_at=_utc(slot.last_used),
             error=slot.error,
             phase=slot.phase,
+            max_loras=slot.adapters.max_loras if serving and slot.adapters else 0,
+            max_lora_rank=slot.adapters.max_rank if serving and slot.adapters else 0,
+            adapters=slot.adapters.statuses() if serving and slot.adapters else (),
         )
 
     def loading_statuses(self) -> list[ModelStatus]:
@@ -617,7 +704,8 @@ class ModelRegistry:
         return AgentReportedState.IDLE
 
     def models_bytes(self) -> int:
-        return sum(slot.size_bytes for slot in self.slots.values() if slot.directory is not None)
+        models = sum(slot.size_bytes for slot in self.slots.values() if slot.directory is not None)
+        return models + sum(cached.size for cached in self.adapter_files.values())
 
     async def stop_all(self) -> None:
         """Cancel loads and stop every engine and standby: nothing outlives the agent."""

@@ -39,12 +39,14 @@ from nodeagent.protocol import (
     CacheLevel,
     DiskInfo,
     HeartbeatResponse,
+    LoadAdapterRequest,
     LoadModelRequest,
     LoadProgress,
     ModelState,
     ModelStatus,
     ProtocolError,
     RegisterRequest,
+    UnloadAdapterRequest,
     UnloadModelRequest,
     error_body,
 )
@@ -118,6 +120,8 @@ class AgentServer:
             [
                 web.post("/load_model", self.load_model),
                 web.post("/unload_model", self.unload_model),
+                web.post("/load_adapter", self.load_adapter),
+                web.post("/unload_adapter", self.unload_adapter),
                 web.post("/heartbeat", self.heartbeat),
                 web.post("/credential", self.rotate_credential),
                 web.delete("/credential", self.forget_credential),
@@ -359,6 +363,24 @@ class AgentServer:
         unload = UnloadModelRequest.from_json(await self._control_body(request))
         result = await asyncio.shield(self.registry.unload(unload, self.session))
         return web.json_response(result.to_json())
+
+    async def load_adapter(self, request: web.Request) -> web.Response:
+        """`POST /load_adapter`: a LoRA adapter into the engine of `model_id` ahead of its first
+        request (which would load it too); answers once the engine holds it."""
+        load = LoadAdapterRequest.from_json(await self._control_body(request))
+        if self.draining:
+            raise AgentError("agent_draining", "this agent is stopping", 503, load.model_id)
+        adapter = await self.registry.load_adapter(load.model_id, load.adapter, self.session)
+        return web.json_response(
+            {"status": "success", "model_id": load.model_id, "adapter": adapter.status().to_json()}
+        )
+
+    async def unload_adapter(self, request: web.Request) -> web.Response:
+        unload = UnloadAdapterRequest.from_json(await self._control_body(request))
+        await asyncio.shield(self.registry.unload_adapter(unload, self.session))
+        return web.json_response(
+            {"status": "success", "model_id": unload.model_id, "adapter_id": unload.adapter_id}
+        )
 
     async def rotate_credential(self, request: web.Request) -> web.Response:
         """`POST /credential {"credential"}`: the control plane rotates this agent's credential

@@ -6,6 +6,11 @@ template) and seeded random weights of a 2-layer `LlamaForCausalLM` (hidden
 safetensors: about 2 MB. Needs `tokenizers`, `safetensors` and numpy, not
 torch. The same arguments give the same bytes, so a rebuilt model has the same
 sha256 as before. The output is noise: ask with `ignore_eos` for exact lengths.
+
+`--adapter` writes a LoRA adapter of that checkpoint instead (PEFT's layout:
+adapter_config.json and adapter_model.safetensors, rank 8 on the attention's q
+and v projections, seeded weights), which vLLM loads at run time: its answers
+differ from the base's, deterministically.
 """
 
 from __future__ import annotations
@@ -139,6 +144,46 @@ def build(
     return directory
 
 
+ADAPTER_MODULES = ("q_proj", "v_proj")
+
+
+def build_adapter(
+    directory: Path, *, rank: int = 8, seed: int = 1, hidden: int = 128, layers: int = 2
+) -> Path:
+    """Write a LoRA adapter of the tiny checkpoint (`build`'s defaults) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for layer in range(layers):
+        for module in ADAPTER_MODULES:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            weights[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, hidden)) * 0.1).astype(
+                np.float32
+            )
+            # Non-zero B (PEFT starts it at zero): the adapter changes what the model says.
+            weights[f"{prefix}.lora_B.weight"] = (rng.standard_normal((hidden, rank)) * 0.1).astype(
+                np.float32
+            )
+    save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(
+        directory / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "target_modules": list(ADAPTER_MODULES),
+            "modules_to_save": None,
+            "base_model_name_or_path": "llmfleet/tiny",
+            "inference_mode": True,
+        },
+    )
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nodeagent.tinymodel", description=__doc__.splitlines()[0]
@@ -147,10 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights (default 0)"
     )
+    parser.add_argument(
+        "--adapter", action="store_true", help="write a LoRA adapter of the checkpoint instead"
+    )
+    parser.add_argument("--rank", type=int, default=8, help="the adapter's rank (default 8)")
     args = parser.parse_args(argv)
-    path = build(args.directory, seed=args.seed)
+    if args.adapter:
+        path = build_adapter(args.directory, rank=args.rank, seed=args.seed)
+        what = f"LoRA adapter (rank {args.rank}) of the tiny checkpoint"
+    else:
+        path = build(args.directory, seed=args.seed)
+        what = "tiny Llama checkpoint"
     size = sum(file.stat().st_size for file in path.iterdir())
-    print(f"tiny Llama checkpoint in {path} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    print(f"{what} in {path} ({size / 1e6:.2f} MB)", file=sys.stderr)
     return 0
 
 

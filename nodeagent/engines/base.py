@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import aiohttp
@@ -37,6 +38,7 @@ class EngineExit:
 
 class Engine(Protocol):
     name: str
+    model_id: str
     url: str
     supports_sleep: bool
 
@@ -112,4 +114,35 @@ async def wake_engine(session: aiohttp.ClientSession, url: str) -> None:
         if r.status != 200:
             raise EngineError(
                 "wake_failed", f"engine refused to wake: HTTP {r.status} {await r.text()}"
+            )
+
+
+async def load_lora(session: aiohttp.ClientSession, url: str, name: str, path: Path) -> None:
+    """vLLM's runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING): the adapter in `path`
+    served under `name`."""
+    async with session.post(
+        f"{url}/v1/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(path)},
+        timeout=aiohttp.ClientTimeout(total=120),
+    ) as r:
+        text = await r.text()
+        if r.status != 200 and "already been loaded" not in text:
+            raise EngineError(
+                "adapter_load_failed",
+                f"the engine refused the adapter: HTTP {r.status} {text[:500]}",
+            )
+
+
+async def unload_lora(session: aiohttp.ClientSession, url: str, name: str) -> None:
+    """The adapter out of the engine; one the engine does not have is out already."""
+    async with session.post(
+        f"{url}/v1/unload_lora_adapter",
+        json={"lora_name": name},
+        timeout=aiohttp.ClientTimeout(total=60),
+    ) as r:
+        text = await r.text()
+        if r.status != 200 and r.status != 404 and "not found" not in text.lower():
+            raise EngineError(
+                "adapter_unload_failed",
+                f"the engine kept the adapter: HTTP {r.status} {text[:500]}",
             )

@@ -5,7 +5,9 @@ load, to produce the first token and each next one; its text is deterministic
 (the same prompt gives the same words); it streams SSE like vLLM (the Responses
 API's typed events included), reports `usage`, serves embeddings when started
 as a pooling runner (`--runner pooling`, as vLLM does), exposes vLLM-named
-`/metrics`, and implements vLLM's sleep endpoints
+`/metrics`, loads LoRA adapters at run time when started with LoRA (vLLM's
+`/v1/load_lora_adapter`; an adapter's answer is its own deterministic text), and
+implements vLLM's sleep endpoints
 (`/sleep?level=1`, `/wake_up`, `/is_sleeping`) so the DRAM tier is exercised
 without a GPU. It runs inside the agent's event loop on a 127.0.0.1 port, so
 many sim agents fit on a small machine; `python -m nodeagent.engines.sim`
@@ -26,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -178,10 +181,15 @@ class _Seat:
 class SimServer:
     """The simulated engine's HTTP API for one served model."""
 
-    def __init__(self, model_id: str, settings: SimSettings, pooling: bool = False) -> None:
+    def __init__(
+        self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0
+    ) -> None:
         self.model_id = model_id
         self.settings = settings
         self.pooling = pooling  # an embedding model's engine: embeddings only, as vLLM's
+        self.max_lora_rank = max_lora_rank  # 0: started without LoRA
+        self.loras: dict[str, str] = {}  # adapter name → its directory
+        self.lora_loads = 0
         self.sleeping = False
         self.counters = _Counters()
         self.seats = asyncio.Semaphore(settings.max_num_seqs)
@@ -204,7 +212,45 @@ class SimServer:
                 web.get("/is_sleeping", self.is_sleeping),
             ]
         )
+        if self.max_lora_rank:  # vLLM mounts these with --enable-lora and runtime updating
+            app.add_routes(
+                [
+                    web.post("/v1/load_lora_adapter", self.load_lora_adapter),
+                    web.post("/v1/unload_lora_adapter", self.unload_lora_adapter),
+                ]
+            )
         return app
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            return _error(400, "lora_name and lora_path are required")
+        if name in self.loras:
+            return _error(400, f"The lora adapter '{name}' has already been loaded.")
+        try:
+            config = json.loads((Path(path) / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            return _error(400, f"Loading lora {name} failed: {exc}")
+        rank = config.get("r") if isinstance(config, dict) else None
+        if not isinstance(rank, int) or rank > self.max_lora_rank:
+            return _error(400, f"LoRA rank {rank} is greater than max_lora_rank "
+                               f"{self.max_lora_rank}.")  # fmt: skip
+        self.loras[name] = path
+        self.lora_loads += 1
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        name = (await request.json()).get("lora_name")
+        if name not in self.loras:
+            return _error(404, f"The lora adapter '{name}' cannot be found.")
+        del self.loras[name]
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _seed(self, body: dict[str, Any], prompt: str) -> str:
+        """What chooses the answer's words: an adapter answers differently from its base."""
+        model = body.get("model")
+        return f"{model}\n{prompt}" if model in self.loras else prompt
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -216,7 +262,11 @@ class SimServer:
             "created": self.created,
             "owned_by": "llmfleet-sim",
         }
-        return web.json_response({"object": "list", "data": [entry]})
+        loras = [
+            {**entry, "id": name, "root": path, "parent": self.model_id}
+            for name, path in self.loras.items()
+        ]
+        return web.json_response({"object": "list", "data": [entry, *loras]})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=True)
@@ -236,7 +286,7 @@ class SimServer:
             return _error(400, f"malformed JSON: {exc}")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
-        if body.get("model") != self.model_id:
+        if body.get("model") != self.model_id and body.get("model") not in self.loras:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         return body
 
@@ -272,14 +322,14 @@ class SimServer:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_output_tokens must be a positive integer")
         prompt = _responses_text(body)
-        tokens = words_for(prompt, max_tokens)
+        tokens = words_for(self._seed(body, prompt), max_tokens)
         usage = {
             "input_tokens": len(prompt.split()),
             "output_tokens": len(tokens),
             "total_tokens": len(prompt.split()) + len(tokens),
         }
         async with self._seat():
-            response = _response_object(self.model_id, body, usage)
+            response = _response_object(body["model"], body, usage)
             if not body.get("stream"):
                 await asyncio.sleep(self._seconds_for(len(tokens)))
                 self.counters.generation_tokens += len(tokens)
@@ -346,7 +396,7 @@ class SimServer:
         prompt = _prompt_of(body, chat)
         self._count_prefix(prompt)
         async with self._seat():
-            tokens = words_for(prompt, max_tokens)
+            tokens = words_for(self._seed(body, prompt), max_tokens)
             usage = {
                 "prompt_tokens": len(prompt.split()),
                 "completion_tokens": len(tokens),
@@ -356,7 +406,7 @@ class SimServer:
                 return await self._stream(request, body, chat, tokens, usage)
             await asyncio.sleep(self._seconds_for(len(tokens)))
             self.counters.generation_tokens += len(tokens)
-            return web.json_response(self._full(chat, " ".join(tokens), usage))
+            return web.json_response(self._full(chat, " ".join(tokens), usage, body["model"]))
 
     def _count_prefix(self, prompt: str) -> None:
         tokens = len(prompt.split())
@@ -368,7 +418,7 @@ class SimServer:
     def _seconds_for(self, tokens: int) -> float:
         return (self.settings.ttft_ms + self.settings.tpot_ms * max(tokens - 1, 0)) / 1000
 
-    def _full(self, chat: bool, text: str, usage: dict[str, int]) -> dict[str, Any]:
+    def _full(self, chat: bool, text: str, usage: dict[str, int], model: str) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -378,7 +428,7 @@ class SimServer:
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
-            "model": self.model_id,
+            "model": model,
             "choices": [choice],
             "usage": usage,
         }
@@ -396,20 +446,21 @@ class SimServer:
         )
         await response.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        async for chunk in self._chunks(chat, tokens, usage if include_usage else None):
+        chunks = self._chunks(chat, tokens, usage if include_usage else None, body["model"])
+        async for chunk in chunks:
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
     async def _chunks(
-        self, chat: bool, tokens: list[str], usage: dict[str, int] | None
+        self, chat: bool, tokens: list[str], usage: dict[str, int] | None, model: str
     ) -> AsyncIterator[dict[str, Any]]:
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()),
-            "model": self.model_id,
+            "model": model,
         }
         if chat:
             yield base | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
@@ -470,10 +521,12 @@ class SimEngine:
     name = "sim"
     supports_sleep = True
 
-    def __init__(self, model_id: str, settings: SimSettings, pooling: bool = False) -> None:
+    def __init__(
+        self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0
+    ) -> None:
         self.model_id = model_id
         self.settings = settings
-        self.server = SimServer(model_id, settings, pooling)
+        self.server = SimServer(model_id, settings, pooling, max_lora_rank)
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._exited: asyncio.Future[EngineExit] = asyncio.get_running_loop().create_future()

@@ -73,6 +73,29 @@ def is_pooling(args: Sequence[str]) -> bool:
     return _flag_values(args).get("--runner") == "pooling"
 
 
+# vLLM's defaults for an engine started with --enable-lora.
+_DEFAULT_MAX_LORAS, _DEFAULT_MAX_LORA_RANK = 1, 16
+
+
+def lora_limits(args: Sequence[str]) -> tuple[int, int]:
+    """(max_loras, max_lora_rank) of an engine started with these arguments; (0, 0) without
+    --enable-lora, vLLM's defaults where a limit is not given."""
+    values = _flag_values(args)
+    if "--enable-lora" not in values:
+        return 0, 0
+
+    def number(flag: str, default: int) -> int:
+        try:
+            return max(int(values.get(flag) or default), 0)
+        except ValueError:
+            return default
+
+    return (
+        number("--max-loras", _DEFAULT_MAX_LORAS),
+        number("--max-lora-rank", _DEFAULT_MAX_LORA_RANK),
+    )
+
+
 def _flag_values(args: Sequence[str]) -> dict[str, str]:
     """`--flag value` and `--flag=value` pairs (a bare flag maps to "")."""
     values: dict[str, str] = {}

@@ -13,7 +13,7 @@ from nodeagent.store.base import (
     Store,
     StoreError,
 )
-from nodeagent.store.open import open_store, read_manifest
+from nodeagent.store.open import open_store, read_file, read_manifest
 
 __all__ = [
     "MANIFEST_NAME",
@@ -23,5 +23,6 @@ __all__ = [
     "Store",
     "StoreError",
     "open_store",
+    "read_file",
     "read_manifest",
 ]

@@ -37,11 +37,27 @@ def read_manifest(uri: str, environ: Mapping[str, str]) -> Manifest:
                 raise StoreError("model_not_found", f"{uri} is not a directory on this host", 404)
             return Manifest.of_directory(local_path(uri))
         return Manifest.from_json(Path(path).read_bytes())
+    return Manifest.from_json(
+        read_file(
+            uri, MANIFEST_NAME, environ, f"{uri} holds no published model (no {MANIFEST_NAME})"
+        )
+    )
+
+
+def read_file(
+    uri: str, name: str, environ: Mapping[str, str], missing: str, *, max_bytes: int = 16 << 20
+) -> bytes:
+    """One small file of a published model (its manifest, an adapter's config), read
+    synchronously (for management commands); StoreError `model_not_found` with `missing`."""
+    if uri.startswith("file://"):
+        path = local_path(uri) / name
+        if not path.is_file():
+            raise StoreError("model_not_found", missing, 404)
+        return path.read_bytes()[:max_bytes]
     container, prefix = parse_azure_uri(uri)
     blob = blob_service(AzureCredentials.from_environment(environ)).get_blob_client(
-        container, f"{prefix}/{MANIFEST_NAME}"
+        container, f"{prefix}/{name}"
     )
-    with sdk_errors(
-        f"reading {uri}", not_found=f"{uri} holds no published model (no {MANIFEST_NAME})"
-    ):
-        return Manifest.from_json(blob.download_blob().readall())
+    with sdk_errors(f"reading {uri}", not_found=missing):
+        data: bytes = blob.download_blob(offset=0, length=max_bytes).readall()
+        return data
