@@ -197,10 +197,11 @@ class LoadOntoAgentForm(forms.Form):
 @admin.register(Model)
 class CatalogModelAdmin(admin.ModelAdmin[Model]):
     list_display = [
-        "model_id", "kind", "enabled", "pinned", "ready_replicas", "size", "gpu_memory",
+        "model_id", "kind", "base", "enabled", "pinned", "ready_replicas", "size", "gpu_memory",
         "keep_alive", "min_replicas", "max_replicas", "source",
     ]  # fmt: skip
-    list_filter = ["kind", "enabled", "pinned"]
+    list_filter = ["kind", "enabled", "pinned", ("base", admin.RelatedOnlyFieldListFilter)]
+    list_select_related = ["base"]
     search_fields = ["model_id", "source"]
     readonly_fields = ["created_at", "updated_at"]
     inlines = [ModelPlacementInline]
@@ -270,7 +271,8 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
 class PlacementAdmin(admin.ModelAdmin[Placement]):
     list_display = [
         "model", "agent", "state", "cache_level", "progress_percent",
-        "requests_in_flight", "requests_waiting", "last_used_at", "keep_alive", "error",
+        "requests_in_flight", "requests_waiting", "lora_adapters", "last_used_at", "keep_alive",
+        "error",
     ]  # fmt: skip
     list_filter = ["state", "cache_level", ("model", admin.RelatedOnlyFieldListFilter)]
     list_select_related = ["model", "agent"]
@@ -278,6 +280,13 @@ class PlacementAdmin(admin.ModelAdmin[Placement]):
     readonly_fields = [field.name for field in Placement._meta.fields]
 
     actions = ["to_host_ram", "to_local_disk", "to_nothing"]
+
+    @admin.display(description="LoRA adapters held")
+    def lora_adapters(self, placement: Placement) -> str:
+        held = sorted(placement.adapters or {})
+        if not placement.max_loras:
+            return "-"
+        return f"{len(held)} of {placement.max_loras}: {', '.join(held)}" if held else "none"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Placements are made by scheduling (a cold start or an operator's load), not by hand.

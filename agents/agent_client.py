@@ -107,6 +107,21 @@ async def unload_model(
         )
 
 
+async def unload_adapter(
+    base_url: str, token: str, model_id: str, adapter_id: str, seconds: float
+) -> None:
+    """`POST /unload_adapter`: the LoRA adapter out of the engine of `model_id`."""
+    async with aiohttp.ClientSession() as session:
+        await _post(
+            session,
+            f"{base_url}/unload_adapter",
+            token,
+            {"model_id": model_id, "adapter_id": adapter_id},
+            seconds,
+            dict,
+        )
+
+
 async def set_credential(base_url: str, token: str, credential: str, seconds: float) -> None:
     """`POST /credential`: the agent keeps `credential` (called with its current `token`)."""
     async with aiohttp.ClientSession() as session:

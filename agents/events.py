@@ -53,6 +53,11 @@ def placement_payload(placement: Placement) -> dict[str, Any]:
         "phase": placement.phase, "requests_in_flight": placement.requests_in_flight,
         "requests_waiting": placement.requests_waiting, "error": placement.error[:300],
         "last_used_at": _iso(placement.last_used_at),
+        # The LoRA adapters its engine holds, with the requests each has served.
+        "adapters": {
+            adapter_id: facts.get("requests_total", 0)
+            for adapter_id, facts in sorted((placement.adapters or {}).items())
+        },
     }  # fmt: skip
 
 

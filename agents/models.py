@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -18,6 +20,12 @@ from agents.choices import (
     LoadTrigger,
     ModelKind,
     PlacementState,
+)
+from agents.scheduling import (
+    DEFAULT_MAX_LORAS,
+    VLLM_LORA_RANKS,
+    lora_flags,
+    operator_lora_rank,
 )
 from agents.validators import (
     validate_agent_id,
@@ -140,6 +148,26 @@ class Model(models.Model):
         "serve /v1/embeddings (their engines start as vLLM pooling runners).",
     )
     engine_args = models.JSONField(default=list, blank=True, validators=[validate_engine_args])
+    # A LoRA adapter is a catalog model too: clients ask for it by its own model_id; it is
+    # served by its base's engines (nodeagent.adapters), its source holds the adapter's files.
+    base = models.ForeignKey(
+        "self",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="adapters",
+        help_text="Set for a LoRA adapter: the model whose engines load it.",
+    )
+    adapter_rank = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="A LoRA adapter's rank (`r` of its adapter_config.json)."
+    )
+    max_loras = models.PositiveSmallIntegerField(
+        default=DEFAULT_MAX_LORAS,
+        db_default=DEFAULT_MAX_LORAS,
+        validators=[MinValueValidator(1)],
+        help_text="For a base model with adapters: how many its engines hold at once "
+        "(vLLM's --max-loras); the least recently used idle one makes room.",
+    )
     keep_alive = models.DurationField(
         default=timedelta(minutes=10), help_text="Idle time before the model steps down a level."
     )
@@ -175,6 +203,72 @@ class Model(models.Model):
 
     def __str__(self) -> str:
         return self.model_id
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_id is not None
+
+    def clean(self) -> None:
+        """An adapter's base is a generation model of the catalog that is no adapter itself,
+        and its rank fits what the base's engines take."""
+        super().clean()
+        if self.base_id is None:
+            if self.adapter_rank is not None:
+                raise ValidationError(
+                    {"adapter_rank": "Only a LoRA adapter (with a base) has a rank."}
+                )
+            allowed = operator_lora_rank(self.engine_args)
+            if allowed is not None and self.pk is not None:
+                ranks = self.adapters.values_list("adapter_rank", flat=True)
+                widest = max((rank for rank in ranks if rank), default=0)
+                if widest > allowed:
+                    raise ValidationError(
+                        {"engine_args": f"--max-lora-rank {allowed} is below the rank {widest} "
+                                        "of one of its adapters."}
+                    )  # fmt: skip
+            return
+        base = self.base
+        assert base is not None
+        errors: dict[str, str] = {}
+        if base.pk == self.pk:
+            errors["base"] = "A model cannot be an adapter of itself."
+        elif base.base_id is not None:
+            errors["base"] = f"{base.model_id} is an adapter itself; an adapter's base is a model."
+        elif base.kind != ModelKind.GENERATE:
+            errors["base"] = (
+                f"{base.model_id} is an {base.kind} model; adapters are for generation models."
+            )
+        if self.kind != ModelKind.GENERATE:
+            errors["kind"] = "A LoRA adapter serves generation (chat, completions, responses)."
+        if self.min_replicas:
+            errors["min_replicas"] = (
+                "A LoRA adapter has no replicas of its own: set min_replicas on its base."
+            )
+        if self.pk is not None and self.adapters.exists():
+            errors["base"] = f"{self.model_id} has adapters of its own, so it cannot be one."
+        rank = self.adapter_rank
+        if rank is None:
+            errors["adapter_rank"] = "A LoRA adapter needs its rank."
+        else:
+            allowed = operator_lora_rank(base.engine_args) or VLLM_LORA_RANKS[-1]
+            if rank > allowed:
+                errors["adapter_rank"] = (
+                    f"Rank {rank} exceeds the {allowed} that {base.model_id}'s engines take "
+                    "(--max-lora-rank)."
+                )
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def lora_argv(self) -> tuple[str, ...]:
+        """The LoRA flags its engines start with: none unless enabled adapters are catalogued
+        for it (agents.scheduling.lora_flags)."""
+        ranks = [
+            rank
+            for rank in self.adapters.filter(enabled=True).values_list("adapter_rank", flat=True)
+            if rank
+        ]
+        return lora_flags(self.engine_args, ranks, self.max_loras)
 
     @property
     def engine_argv(self) -> tuple[str, ...]:
@@ -229,6 +323,12 @@ class Placement(models.Model):
     # model's max_keep_alive); empty: the model's keep_alive.
     keep_alive = models.DurationField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
+    # LoRA: what its engine holds, as its agent last said (heartbeats; the gateway adds one it
+    # saw load): adapter model_id → requests_total, requests_in_flight, loaded_at and
+    # last_used_at (epoch seconds). max_loras 0: its engine runs without LoRA.
+    adapters = models.JSONField(default=dict, db_default={}, blank=True)
+    max_loras = models.PositiveSmallIntegerField(default=0, db_default=0)
+    max_lora_rank = models.PositiveSmallIntegerField(default=0, db_default=0)
     # What a pending load does now, in words (the agent's report): "downloading",
     # "verifying", "starting the engine (standby)"; "" once it ended.
     phase = models.CharField(max_length=200, blank=True)

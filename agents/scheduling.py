@@ -230,6 +230,87 @@ def needs_scale_out(
     return bool(scores) and replicas < max_replicas and min(scores) >= threshold
 
 
+# --- LoRA adapters -----------------------------------------------------------------------------
+
+# The ranks vLLM's --max-lora-rank takes.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_LORAS = 4
+
+
+def engine_lora_rank(rank: int) -> int | None:
+    """The smallest --max-lora-rank vLLM takes that fits an adapter of `rank`; None: none does."""
+    return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), None)
+
+
+def lora_flags(
+    operator_args: Sequence[str], adapter_ranks: Sequence[int], max_loras: int
+) -> tuple[str, ...]:
+    """What an engine of a base model starts with so its adapters can load at run time: LoRA
+    on, room for `max_loras` of them and a rank that fits the largest. Nothing without
+    adapters; a flag the operator gave (in engine_args) is theirs and not repeated."""
+    if not adapter_ranks:
+        return ()
+    given = {arg.partition("=")[0] for arg in operator_args if arg.startswith("--")}
+    rank = engine_lora_rank(max(adapter_ranks)) or VLLM_LORA_RANKS[-1]
+    flags: list[str] = []
+    for flag, value in (
+        ("--enable-lora", None),
+        ("--max-loras", str(max_loras)),
+        ("--max-lora-rank", str(rank)),
+    ):
+        if flag not in given:
+            flags += [flag] if value is None else [flag, value]
+    return tuple(flags)
+
+
+def operator_lora_rank(operator_args: Sequence[str]) -> int | None:
+    """The --max-lora-rank an operator set in a base model's engine_args, if any."""
+    items = list(operator_args)
+    for index, arg in enumerate(items):
+        name, sep, value = arg.partition("=")
+        if name != "--max-lora-rank":
+            continue
+        value = value if sep else (items[index + 1] if index + 1 < len(items) else "")
+        return int(value) if value.isdigit() else None
+    return None
+
+
+def choose_adapter_replica(
+    holding: Sequence[ReplicaLoad],
+    others: Sequence[ReplicaLoad],
+    session: str | None,
+    *,
+    overload: float,
+) -> ReplicaLoad | None:
+    """Where an adapter's request goes: a base replica that holds the adapter (nothing to
+    load), unless every such one is at `overload` and another base replica is less loaded;
+    then that one, which loads it (an adapter scales out onto more base replicas, never into
+    a new engine). With no replica holding it, the least loaded base replica."""
+    held = choose_replica(holding, session)
+    if held is not None and (replica_score(held) < overload or not others):
+        return held
+    other = choose_replica(others, session)
+    if held is None or other is None:
+        return other or held
+    return other if replica_score(other) < replica_score(held) else held
+
+
+def idle_adapters(
+    adapters: dict[str, dict[str, object]], keep_alive: dict[str, float], now: float
+) -> list[str]:
+    """The adapters of one engine to unload: no request in flight and idle past their own
+    keep_alive (seconds, by adapter id; an adapter not in it is kept)."""
+    idle = []
+    for adapter_id, facts in adapters.items():
+        seconds = keep_alive.get(adapter_id)
+        last_used = facts.get("last_used_at")
+        if seconds is None or facts.get("requests_in_flight"):
+            continue
+        if isinstance(last_used, int | float) and now - last_used >= seconds:
+            idle.append(adapter_id)
+    return sorted(idle)
+
+
 # --- heartbeats ------------------------------------------------------------------------------
 
 

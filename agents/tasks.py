@@ -142,6 +142,26 @@ def scale_out(model_pk: int) -> None:
         actions.scale_out(model, LoadTrigger.SCALE_OUT)
 
 
+@shared_task(name="agents.tasks.unload_adapter")
+def unload_adapter(placement_pk: int, adapter_id: str) -> None:
+    """One idle LoRA adapter out of its engine (the sweep's keep-alive), then out of the row."""
+    job = actions.adapter_unload_job(placement_pk, adapter_id)
+    if job is None:
+        return
+    try:
+        asyncio.run(
+            agent_client.unload_adapter(
+                job.agent_url, job.credential, job.model_id, adapter_id, seconds=30
+            )
+        )
+    except agent_client.AgentCallFailed as exc:
+        if exc.code != "adapter_not_found":  # gone already: the row follows below
+            log.warning("could not unload adapter %s: %s: %s", adapter_id, exc.code, exc)
+            return
+    actions.forget_adapter(placement_pk, adapter_id)
+    log.info("adapter %s unloaded from %s on %s (idle)", adapter_id, job.model_id, job.agent_id)
+
+
 @shared_task(name="agents.tasks.prune_history")
 def prune_history() -> None:
     """Beat's hourly pruning of history past its retention (README: Bounded history)."""

@@ -227,7 +227,8 @@ for chunk in c.chat.completions.create(model="llmfleet/tiny", stream=True, max_t
     print(chunk.choices[0].delta.content or "", end="", flush=True)
 print()'
 
-  Embeddings from llmfleet/tiny-embed, and the Responses API: README, "The OpenAI API".
+  Embeddings from llmfleet/tiny-embed, the Responses API, and llmfleet/tiny-lora (a LoRA
+  adapter served by llmfleet/tiny's engine): README, "The OpenAI API" and "LoRA adapters".
 
   Dashboard {base}/dashboard/ and admin {base}/admin/ take a staff user; make one with
     {_here(sys.executable)} manage.py createsuperuser

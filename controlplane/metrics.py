@@ -77,7 +77,7 @@ class FleetCollector(Collector):
         # What registration checks names against: without it, registering would collect,
         # i.e. query the database while apps load.
         gauges = ["llmfleet_agents", "llmfleet_placements", "llmfleet_agent_engine_queue_length",
-                  "llmfleet_agent_gpu_memory_free_bytes"]  # fmt: skip
+                  "llmfleet_agent_gpu_memory_free_bytes", "llmfleet_adapter_replicas"]  # fmt: skip
         for name in gauges:
             yield GaugeMetricFamily(name, "")
         counters = ("llmfleet_cold_starts", "llmfleet_loads", "llmfleet_evictions",
@@ -116,6 +116,21 @@ class FleetCollector(Collector):
         ):
             placements.add_metric([model_id, level], n)
         yield placements
+
+        held = GaugeMetricFamily(
+            "llmfleet_adapter_replicas",
+            "Engines (READY base replicas) holding each LoRA adapter, as their agents last said.",
+            labels=["model"],
+        )
+        replicas: dict[str, int] = {}
+        for adapters in Placement.objects.filter(state="READY", max_loras__gt=0).values_list(
+            "adapters", flat=True
+        ):
+            for adapter_id in adapters or {}:
+                replicas[adapter_id] = replicas.get(adapter_id, 0) + 1
+        for adapter_id, n in sorted(replicas.items()):
+            held.add_metric([adapter_id], n)
+        yield held
 
         free = GaugeMetricFamily(
             "llmfleet_agent_gpu_memory_free_bytes", "Free GPU memory an agent last reported.",

@@ -3,7 +3,8 @@
 One module per concern:
 
 - `registration`: agents joining and leaving, drain orders, what the gateway saw of a replica;
-- `catalog`: the models clients may ask for;
+- `catalog`: the models clients may ask for (LoRA adapters among them);
+- `adapters`: what the control plane keeps of adapters in engines, and idle ones' unloads;
 - `loads`: cold starts, the load task's start and outcome, retries on the next agent;
 - `unloads`: steps down the eviction ladder and their outcome;
 - `sweeps`: beat's sweep (orphaned steps, idle models, min_replicas);
@@ -16,6 +17,7 @@ Lock order, everywhere: model, then placements (by primary key), then agents (by
 key), then load events. A function that locks says which rows in its docstring.
 """
 
+from agents.actions.adapters import AdapterUnloadJob, adapter_unload_job, forget_adapter
 from agents.actions.catalog import register_catalog_model
 from agents.actions.heartbeats import apply_heartbeats
 from agents.actions.history import prune_load_events
@@ -57,6 +59,7 @@ from agents.actions.unloads import (
 __all__ = [
     "LOADING_STATES",
     "UNLOAD_TIMEOUT_SECONDS",
+    "AdapterUnloadJob",
     "CannotStepDown",
     "CredentialError",
     "LoadJob",
@@ -64,6 +67,7 @@ __all__ = [
     "Registration",
     "RegistrationRefused",
     "UnloadJob",
+    "adapter_unload_job",
     "allow_enrolment",
     "apply_heartbeats",
     "begin_load",
@@ -74,6 +78,7 @@ __all__ = [
     "fail_unload",
     "finish_load",
     "finish_unload",
+    "forget_adapter",
     "load_on_agent",
     "prune_load_events",
     "record_first_token",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from agents.models import Model
@@ -27,11 +28,16 @@ def register_catalog_model(
     max_replicas: int | None = None,
     pinned: bool | None = None,
     enabled: bool = True,
+    base: str | None = None,
+    adapter_rank: int | None = None,
+    max_loras: int | None = None,
 ) -> tuple[Model, bool]:
     """Add a published model to the catalog, or update its entry; returns it and whether it is new.
 
+    `base` (a catalog model_id) and `adapter_rank` make it a LoRA adapter of that model.
     Options left as None keep their current (or default) values. Raises ValidationError
-    (writing nothing) for an invalid id, source or replica bounds.
+    (writing nothing) for an invalid id, source or replica bounds, or an adapter whose base
+    is not in the catalog or cannot take its rank.
     """
     with transaction.atomic():
         model = (
@@ -60,6 +66,15 @@ def register_catalog_model(
         for name, value in options.items():
             if value is not None:
                 setattr(model, name, value)
+        if max_loras is not None:
+            model.max_loras = max_loras
+        if base is not None:
+            found = Model.objects.filter(model_id=base).first()
+            if found is None:
+                raise ValidationError({"base": f"The base model `{base}` is not in the catalog."})
+            model.base = found
+        if adapter_rank is not None:
+            model.adapter_rank = adapter_rank
         model.full_clean()
         model.save()
     return model, created

@@ -26,6 +26,7 @@ from agents.scheduling import effective_agent_state, summarize_gpus
 from agents.transitions import Event
 from agents.validators import url_is_under
 from nodeagent.protocol import (
+    AdapterStatus,
     ModelStatus,
 )
 
@@ -139,7 +140,7 @@ _HEARTBEAT_AGENT_FIELDS = [
 _HEARTBEAT_PLACEMENT_FIELDS = [
     "state", "cache_level", "inference_endpoint_url", "bytes_done", "bytes_total", "phase",
     "kv_cache_hit_rate", "kv_cache_usage", "requests_in_flight", "requests_waiting",
-    "last_used_at", "error", "updated_at",
+    "last_used_at", "error", "adapters", "max_loras", "max_lora_rank", "updated_at",
 ]  # fmt: skip
 
 
@@ -241,7 +242,26 @@ def _reconcile(placement: Placement, status: ModelStatus, *, new: bool = False) 
         placement.last_used_at = status.last_used_at
     if not pending:
         placement.error = status.error[:4000]
+    # What its engine holds is the agent's to say (an engine that restarted lost its
+    # adapters), except while a load is pending: a poll from before its answer says nothing of
+    # the engine that load started (finish_load writes its LoRA limits).
+    if not pending:
+        placement.max_loras, placement.max_lora_rank = status.max_loras, status.max_lora_rank
+        placement.adapters = adapter_facts(status.adapters)
     placement.updated_at = timezone.now()
+
+
+def adapter_facts(adapters: Sequence[AdapterStatus]) -> dict[str, dict[str, float | int | None]]:
+    """An engine's adapters as Placement.adapters keeps them (timestamps as epoch seconds)."""
+    return {
+        adapter.adapter_id: {
+            "requests_total": adapter.requests_total,
+            "requests_in_flight": adapter.requests_in_flight,
+            "loaded_at": adapter.loaded_at.timestamp() if adapter.loaded_at else None,
+            "last_used_at": adapter.last_used_at.timestamp() if adapter.last_used_at else None,
+        }
+        for adapter in adapters
+    }
 
 
 # A load queued this recently may not have reached its agent yet: its absence from a
@@ -256,6 +276,6 @@ def _lost(placement: Placement, now: datetime) -> bool:
     if placement.state == PlacementState.UNLOADED and placement.cache_level == CacheLevel.NONE:
         return False
     transitions.move(placement, Event.AGENT_LOST)
-    placement.cache_level = CacheLevel.NONE
+    placement.cache_level, placement.adapters = CacheLevel.NONE, {}
     placement.inference_endpoint_url, placement.updated_at = "", now
     return True

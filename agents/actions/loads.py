@@ -40,6 +40,11 @@ class NoCapacity(Exception):
     has failed to load it within the cold-start timeout."""
 
 
+def _served_by(model: Model) -> Model:
+    """The model whose engines load: a LoRA adapter's base (an adapter has none of its own)."""
+    return model.base if model.base is not None else model
+
+
 def ensure_placement(model: Model) -> Placement:
     """A placement that serves `model` or soon will: a READY one, the load under way, or a new
     load on the agent where it can serve soonest. Raises NoCapacity.
@@ -47,6 +52,7 @@ def ensure_placement(model: Model) -> Placement:
     Single flight: the model's row lock orders concurrent callers, so however many cold
     requests arrive at once, the first starts one load and the rest find it.
     """
+    model = _served_by(model)
     with transaction.atomic():
         locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
@@ -61,6 +67,7 @@ def ensure_placement(model: Model) -> Placement:
 def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement | None:
     """Load one more replica of `model` in the background, if `max_replicas` allows and an
     agent without one has room; None when there is nothing to do."""
+    model = _served_by(model)
     with transaction.atomic():
         locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
@@ -80,6 +87,7 @@ def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement |
 def load_on_agent(model: Model, agent: Agent) -> Placement:
     """An operator's order: serve `model` on `agent`, stepping idle models down there if its
     GPU memory needs it. Raises NoCapacity when the agent takes no work or has no room."""
+    model = _served_by(model)
     with transaction.atomic():
         locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
         placements = list(locked.placements.select_related("agent"))
@@ -296,7 +304,7 @@ def begin_load(event_id: int) -> LoadJob | None:
         model_id=model.model_id,
         source=model.source,
         revision=model.revision,
-        engine=EngineSpec(args=model.engine_argv),
+        engine=EngineSpec(args=model.engine_argv + model.lora_argv),
     )
     return LoadJob(event.pk, event.agent.base_url, event.agent.credential, request)
 
@@ -355,6 +363,9 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
             return None
         placement.cache_level = CacheLevel.GPU_RESIDENT
         placement.inference_endpoint_url = response.inference_endpoint_url
+        placement.max_loras, placement.max_lora_rank = response.max_loras, response.max_lora_rank
+        if timings.engine_start:  # a new engine: it holds no adapter yet
+            placement.adapters = {}
         placement.bytes_done = placement.bytes_total
         placement.error, placement.phase = "", ""
         placement.save()

@@ -217,4 +217,32 @@ def sweep() -> list[LoadEvent]:
             )
     for model in Model.objects.filter(enabled=True, min_replicas__gt=0):
         loads.scale_out(model, LoadTrigger.SCALE_OUT)
+    for placement_pk, adapter_id in idle_adapters(placements):
+        steps.send("agents.tasks.unload_adapter", placement_pk, adapter_id)
     return demoted
+
+
+def idle_adapters(placements: list[Placement]) -> list[tuple[int, str]]:
+    """(placement, adapter) pairs whose adapter is idle past its own keep_alive in a READY
+    engine (its agent's last word, Placement.adapters): the adapter unloads, the engine stays."""
+    held = {
+        adapter_id
+        for p in placements
+        if p.state == PlacementState.READY
+        for adapter_id in (p.adapters or {})
+    }
+    if not held:
+        return []
+    keep = {
+        model_id: alive.total_seconds()
+        for model_id, alive in Model.objects.filter(model_id__in=held).values_list(
+            "model_id", "keep_alive"
+        )
+    }
+    now = time.time()
+    return [
+        (p.pk, adapter_id)
+        for p in placements
+        if p.state == PlacementState.READY
+        for adapter_id in scheduling.idle_adapters(p.adapters or {}, keep, now)
+    ]

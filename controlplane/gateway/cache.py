@@ -92,7 +92,11 @@ async def key_for_secret(raw_key: str) -> ApiKey | None:
 
 async def enabled_model(model_id: str) -> Model | None:
     return await _remember(
-        "model", model_id, lambda: Model.objects.filter(model_id=model_id, enabled=True).afirst()
+        "model",
+        model_id,
+        lambda: (
+            Model.objects.select_related("base").filter(model_id=model_id, enabled=True).afirst()
+        ),
     )
 
 

@@ -32,14 +32,21 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
 from agents import actions
 from agents.models import Model, Placement
-from agents.scheduling import ReplicaLoad, choose_replica, needs_scale_out, replica_score
+from agents.scheduling import (
+    ReplicaLoad,
+    choose_adapter_replica,
+    choose_replica,
+    needs_scale_out,
+    replica_score,
+)
 from controlplane import metrics
 from controlplane.gateway import actions as gateway_actions
 from controlplane.gateway import cache, coldstart, stats, upstream
 from controlplane.gateway.apis import Api
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.loops import in_background, per_loop
-from controlplane.gateway.upstream import Meter, ReplicaFailed
+from controlplane.gateway.upstream import Fault, Meter, ReplicaFailed
+from nodeagent.protocol import AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,13 @@ class Job:
     meter: Meter
     record: stats.RequestRecord
     keep_alive: float | None = None  # seconds the request asked its replica to stay warm
+    # For a LoRA adapter (`model` is one): what the agent loads into its base's engine.
+    adapter: AdapterRef | None = None
+
+    @property
+    def target(self) -> Model:
+        """The model whose replicas serve the request: an adapter's base, else the model."""
+        return self.model.base if self.model.base is not None else self.model
 
 
 class Claim:
@@ -140,6 +154,10 @@ class Router:
         # written since (a heartbeat, a new load) is another generation, tried afresh.
         self.failed_at: dict[Generation, float] = {}
         self.scale_out_asked: dict[int, float] = {}
+        # (replica generation, adapter id) → when this process saw that replica serve the
+        # adapter: routing's freshest word until the next heartbeat rewrites the row (and its
+        # `adapters`), which is a new generation.
+        self.adapter_seen: dict[tuple[Generation, str], float] = {}
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -157,11 +175,34 @@ class Router:
     def scores(self, placements: list[Placement]) -> list[float]:
         return [replica_score(self._load(p)) for p in placements]
 
-    def pick(self, placements: list[Placement], user: str | None) -> Placement | None:
-        """The replica to try: least loaded, or the user's own while it is not overloaded."""
+    def pick(
+        self, placements: list[Placement], user: str | None, adapter_id: str | None = None
+    ) -> Placement | None:
+        """The replica to try: least loaded, or the user's own while it is not overloaded; for
+        an adapter, one that holds it unless those are overloaded (agents.scheduling)."""
         by_key = {str(p.pk): p for p in placements}
-        chosen = choose_replica([self._load(p) for p in placements], user)
+        if adapter_id is None:
+            chosen = choose_replica([self._load(p) for p in placements], user)
+        else:
+            holds = [self.holds(p, adapter_id) for p in placements]
+            chosen = choose_adapter_replica(
+                [self._load(p) for p, held in zip(placements, holds, strict=True) if held],
+                [self._load(p) for p, held in zip(placements, holds, strict=True) if not held],
+                user,
+                overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
+            )
         return None if chosen is None else by_key[chosen.key]
+
+    def holds(self, placement: Placement, adapter_id: str) -> bool:
+        """Whether the replica's engine holds the adapter, as far as this process knows."""
+        return adapter_id in (placement.adapters or {}) or (
+            (generation(placement), adapter_id) in self.adapter_seen
+        )
+
+    def saw_adapter(self, placement: Placement, adapter_id: str) -> None:
+        if len(self.adapter_seen) > 10_000:  # generations pass with each heartbeat: start afresh
+            self.adapter_seen.clear()
+        self.adapter_seen[generation(placement), adapter_id] = time.monotonic()
 
     async def replicas(self, model: Model) -> list[Placement]:
         """The model's READY replicas, less those this process saw fail whose rows nobody has
@@ -210,17 +251,29 @@ class Router:
     async def serve(self, job: Job) -> HttpResponse | StreamingHttpResponse:
         deadline = time.monotonic() + settings.COLD_START_TIMEOUT_SECONDS
         tried: set[Generation] = set()
-        placements = await self.replicas(job.model)
+        placements = await self.replicas(job.target)
+        if job.adapter is not None and placements:
+            placements = self._takes_adapter(job, placements)
+            if not placements:
+                return not_ready(_without_lora(job))
         if placements:
-            self.maybe_scale_out(job.model, placements)
+            self.maybe_scale_out(job.target, placements)
+        no_room = False
+        adapter_id = job.adapter.adapter_id if job.adapter is not None else None
         while placement := self.pick(
-            [p for p in placements if generation(p) not in tried], job.user
+            [p for p in placements if generation(p) not in tried], job.user, adapter_id
         ):
             opened = await self._try(placement, job, tried, deadline)
             if isinstance(opened, HttpResponse):
                 return opened
-            if opened is not None:
+            if isinstance(opened, Opened):
                 return await self._relay(opened, job, cold=False)
+            no_room = no_room or opened == Fault.NO_ROOM
+        if no_room:  # replicas serve, their adapter slots are busy: soon free, not a cold start
+            return not_ready(
+                f"Every replica of `{job.target.model_id}` that could serve the adapter "
+                f"`{job.model.model_id}` has all its adapter slots serving requests."
+            )
         job.record.start = "cold"
         if job.stream:
             cleanup = Cleanup()
@@ -235,21 +288,31 @@ class Router:
             return opened
         return await self._relay(opened, job, cold=True)
 
+    def _takes_adapter(self, job: Job, placements: list[Placement]) -> list[Placement]:
+        """The base replicas whose engines can load the adapter (LoRA on, its rank fits)."""
+        rank = job.model.adapter_rank or 0
+        return [p for p in placements if p.max_loras and p.max_lora_rank >= rank]
+
     async def _try(
         self, placement: Placement, job: Job, tried: set[Generation], deadline: float
-    ) -> Opened | HttpResponse | None:
-        """The replica's answer; None when it failed (marked, and added to `tried`); the agent's
-        refusal of the request itself as an OpenAI error."""
+    ) -> Opened | HttpResponse | Fault | None:
+        """The replica's answer; None when it failed (marked, and added to `tried`); NO_ROOM
+        when it serves but cannot take this adapter now (added to `tried`, not marked); the
+        agent's refusal of the request itself as an OpenAI error."""
         claim = self.claim(placement, job.model)
         try:
             answer = await upstream.post(
-                placement, job.api.value, job.raw, job.stream, deadline - time.monotonic()
-            )
+                placement, job.api.value, job.raw, job.stream, deadline - time.monotonic(),
+                job.adapter,
+            )  # fmt: skip
             refused = await upstream.refusal(answer)
         except ReplicaFailed as failure:
             claim.release()
             tried.add(generation(placement))
-            await self._failed(placement, job.model, failure)
+            if failure.fault in (Fault.NO_ROOM, Fault.NO_LORA):  # it serves: not marked
+                metrics.FAILOVERS.labels(job.model.model_id, failure.fault.value).inc()
+                return failure.fault
+            await self._failed(placement, job.target, failure)
             return None
         except BaseException:
             # The client left (CancelledError) once the prompt was sent: the engine took it,
@@ -262,8 +325,10 @@ class Router:
             return openai_error(refused.status, refused.message, code=refused.code)
         if job.keep_alive is not None:  # the replica that answers is the one kept warm
             in_background(
-                gateway_actions.keep_replica_alive(placement.pk, job.keep_alive, job.model)
+                gateway_actions.keep_replica_alive(placement.pk, job.keep_alive, job.target)
             )
+        if job.adapter is not None:
+            self.saw_adapter(placement, job.adapter.adapter_id)
         return Opened(placement, answer, claim, job.meter)
 
     async def _open_cold(
@@ -285,14 +350,18 @@ class Router:
                     f"No replica of `{job.model.model_id}` could answer within "
                     f"{settings.COLD_START_TIMEOUT_SECONDS} s."
                 )
-            placement = await coldstart.wait_until_ready(job.model, remaining, on_progress)
-            cache.forget_placements(job.model)
+            placement = await coldstart.wait_until_ready(job.target, remaining, on_progress)
+            cache.forget_placements(job.target)
             # A replica tried already still reads READY when its failure could not be written
             # (the database is away): it pauses too, rather than spin.
             if generation(placement) not in tried:
                 opened = await self._try(placement, job, tried, deadline)
-                if opened is not None:
+                if isinstance(opened, Opened | HttpResponse):
                     return opened
+                if opened == Fault.NO_LORA:
+                    raise coldstart.ColdStartFailed(_without_lora(job))
+                if opened == Fault.NO_ROOM:
+                    tried.discard(generation(placement))  # busy, not failed: ask it again
             failures += 1
             pause = min(_COLD_RETRY_PAUSE_SECONDS * 2 ** (failures - 1), 5.0)
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -382,6 +451,14 @@ class Router:
         finally:
             await chunks.aclose()
             opened.claim.release()
+
+
+def _without_lora(job: Job) -> str:
+    return (
+        f"Every replica of `{job.target.model_id}` runs without LoRA, so none can serve its "
+        f"adapter `{job.model.model_id}`: its engines start with LoRA when they next load (an "
+        "operator may unload one now)."
+    )
 
 
 def _stop_waiting(waiter: asyncio.Future[Opened | HttpResponse]) -> None:

@@ -20,7 +20,7 @@ from django.http.response import HttpResponseBase
 from agents.models import Placement
 from controlplane.gateway.apis import Api
 from controlplane.gateway.loops import on_shutdown, per_loop
-from nodeagent.protocol import AGENT_ERROR_HEADER
+from nodeagent.protocol import AGENT_ERROR_HEADER, AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class Fault(StrEnum):
     UNREACHABLE = "unreachable"  # the agent did not answer: connection refused, reset, timeout
     DRAINING = "draining"  # the agent is stopping and takes no new requests
     NOT_SERVING = "not_serving"  # the agent answers: the model is not there, or its engine is gone
+    # The replica serves, but cannot take this adapter's request now (every adapter slot of its
+    # engine busy, or an engine without LoRA): another replica may; this one is not marked.
+    NO_ROOM = "no_room"
+    NO_LORA = "no_lora"  # its engine runs without LoRA: it never takes an adapter's request
 
 
 # The agent's own error codes that say "not here, not now": another replica may answer.
@@ -62,7 +66,15 @@ _FAULT_BY_AGENT_CODE = {
     "engine_unreachable": Fault.NOT_SERVING,
     "agent_draining": Fault.DRAINING,
     "unauthorized": Fault.UNREACHABLE,  # a token the agent does not take: nothing will pass
+    "adapters_busy": Fault.NO_ROOM,
+    "adapter_unavailable": Fault.NO_ROOM,
+    "cache_full": Fault.NO_ROOM,
+    "lora_disabled": Fault.NO_LORA,
 }
+# The agent's codes for an adapter that cannot load anywhere (its files fail verification, its
+# rank is too high, the store refuses): the client's answer, whatever the status, and never
+# a reason to mark the replica (nodeagent.registry.acquire_adapter).
+_ADAPTER_CODE_PREFIX = "adapter_"
 
 
 class ReplicaFailed(Exception):
@@ -83,7 +95,12 @@ class AgentRefusal:
 
 
 async def post(
-    placement: Placement, path: str, raw: bytes, stream: bool, seconds_left: float
+    placement: Placement,
+    path: str,
+    raw: bytes,
+    stream: bool,
+    seconds_left: float,
+    adapter: AdapterRef | None = None,
 ) -> aiohttp.ClientResponse:
     """The replica's answer, headers read and body not; ReplicaFailed when it has none.
 
@@ -98,6 +115,8 @@ async def post(
         "Authorization": f"Bearer {placement.agent.credential}",
         "Content-Type": "application/json",
     }
+    if adapter is not None:
+        headers.update(adapter.headers())
     sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT)
     limit = max(min(settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS, seconds_left), 0.1)
     try:
@@ -130,6 +149,8 @@ async def refusal(answer: aiohttp.ClientResponse) -> AgentRefusal | None:
     except (ValueError, KeyError, TypeError):
         message = body[:200].decode(errors="replace")
     fault = _FAULT_BY_AGENT_CODE.get(code)
+    if code.startswith(_ADAPTER_CODE_PREFIX) and fault is None:
+        return AgentRefusal(answer.status, code, message)
     if fault is not None or answer.status >= 500:
         raise ReplicaFailed(fault or Fault.NOT_SERVING, f"{code}: {message}")
     return AgentRefusal(answer.status, code, message)

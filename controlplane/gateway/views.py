@@ -7,7 +7,8 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
@@ -28,6 +29,7 @@ from controlplane.gateway.validation import (
     estimate_prompt_tokens,
     parse_request,
 )
+from nodeagent.protocol import AdapterRef
 
 
 def _model_entry(model: Model, warm: bool) -> dict[str, Any]:
@@ -39,7 +41,17 @@ def _model_entry(model: Model, warm: bool) -> dict[str, Any]:
         "owned_by": model.owned_by,
         "kind": model.kind,
         "warm": warm,
+        # A LoRA adapter names its base, as vLLM lists adapters; warm: a base replica serves.
+        "parent": model.base.model_id if model.base is not None else None,
     }
+
+
+def _with_warmth(models: QuerySet[Model]) -> QuerySet[Model]:
+    """Each model with `warm`: a READY replica serves it (an adapter's: one of its base)."""
+    ready = Placement.objects.ready_for_any().filter(
+        model=Coalesce(OuterRef("base_id"), OuterRef("pk"))
+    )
+    return models.select_related("base").annotate(warm=Exists(ready))
 
 
 @csrf_exempt
@@ -51,9 +63,8 @@ async def list_models(request: HttpRequest) -> JsonResponse:
     key = await authenticate(request)
     if isinstance(key, AuthFailure):
         return key.response
-    ready = Placement.objects.ready_for_any().filter(model=OuterRef("pk"))
-    models = key.usable_models().annotate(warm=Exists(ready)).order_by("model_id")
-    data = [_model_entry(model, model.warm) async for model in models]
+    models = _with_warmth(key.usable_models()).order_by("model_id")
+    data = [_model_entry(model, model.warm) async for model in models]  # type: ignore[attr-defined]
     return JsonResponse({"object": "list", "data": data})
 
 
@@ -67,15 +78,12 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> JsonResponse:
     key = await authenticate(request)
     if isinstance(key, AuthFailure):
         return key.response
-    ready = Placement.objects.ready_for_any().filter(model=OuterRef("pk"))
-    model = (
-        await key.usable_models().annotate(warm=Exists(ready)).filter(model_id=model_id).afirst()
-    )
+    model = await _with_warmth(key.usable_models()).filter(model_id=model_id).afirst()
     if model is None:
         return openai_error(
             404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model"
         )
-    return JsonResponse(_model_entry(model, model.warm))
+    return JsonResponse(_model_entry(model, model.warm))  # type: ignore[attr-defined]
 
 
 ApiView = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
@@ -169,6 +177,13 @@ async def _model_for(key: ApiKey, model_id: str, api: Api) -> Model | JsonRespon
     return model
 
 
+def _adapter_of(model: Model) -> AdapterRef | None:
+    """What the agent needs to load a LoRA adapter into its base's engine."""
+    if model.base is None:
+        return None
+    return AdapterRef(model.model_id, model.source, model.revision)
+
+
 def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt, completion = usage_tokens(usage)
@@ -241,6 +256,6 @@ async def _answer(
     meter = upstream.Meter(_usage_recorder(key, model), estimate_prompt_tokens(parsed.body))
     job = Job(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
-        parsed.keep_alive,
+        parsed.keep_alive, adapter=_adapter_of(model),
     )  # fmt: skip
     return await router().serve(job)

@@ -108,6 +108,7 @@ def test_catalog_models_can_be_added_in_the_admin(staff_client):
             "max_keep_alive": "01:00:00",
             "min_replicas": 0,
             "max_replicas": 1,
+            "max_loras": 4,
             "enabled": "on",
             "owned_by": "llmfleet",
             "placements-TOTAL_FORMS": 0,
@@ -117,6 +118,27 @@ def test_catalog_models_can_be_added_in_the_admin(staff_client):
     assert response.status_code == 302, response.context["adminform"].errors
     added = ModelFactory._meta.model.objects.get()
     assert (added.engine_args, added.kind) == (["--dtype", "float32"], "embedding")
+
+
+@pytest.mark.parametrize(("rank", "added"), [(8, True), (1024, False)])
+def test_lora_adapters_can_be_added_in_the_admin_within_their_base_rank(staff_client, rank, added):
+    base = ModelFactory(model_id="org/tiny")
+    response = staff_client.post(
+        reverse("admin:agents_model_add"),
+        {
+            "model_id": "org/tiny-sql", "source": "file:///srv/models/tiny-sql",
+            "kind": "generate", "base": base.pk, "adapter_rank": rank, "size_bytes": 1,
+            "gpu_memory_bytes": 0, "engine_args": "[]", "keep_alive": "00:10:00",
+            "max_keep_alive": "01:00:00", "min_replicas": 0, "max_replicas": 1, "max_loras": 4,
+            "enabled": "on", "owned_by": "llmfleet", "placements-TOTAL_FORMS": 0,
+            "placements-INITIAL_FORMS": 0,
+        },
+    )  # fmt: skip
+    if added:
+        assert response.status_code == 302, response.context["adminform"].errors
+        assert base.adapters.get().adapter_rank == 8
+    else:
+        assert "exceeds the 512" in str(response.context["adminform"].errors)
 
 
 def test_adding_an_api_key_in_the_admin_shows_its_secret_once(staff_client):

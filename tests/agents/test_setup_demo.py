@@ -36,6 +36,10 @@ def test_setup_demo_publishes_to_azure_registers_and_keeps_one_key(
     embedder = Model.objects.get(model_id="llmfleet/tiny-embed")
     assert (embedder.kind, embedder.source) == (ModelKind.EMBEDDING, model.source)
     assert embedder.engine_argv[:2] == ("--runner", "pooling")
+    adapter = Model.objects.get(model_id="llmfleet/tiny-lora")
+    assert (adapter.base, adapter.adapter_rank) == (model, 8)
+    assert adapter.source == "azure://models/llmfleet/tiny-lora"
+    assert model.lora_argv == ("--enable-lora", "--max-loras", "4", "--max-lora-rank", "8")
     secret = key_file.read_text().strip()
     assert ApiKey.objects.for_secret(secret).exists()
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
@@ -44,6 +48,7 @@ def test_setup_demo_publishes_to_azure_registers_and_keeps_one_key(
     assert "Publishing" not in again
     assert "Kept llmfleet/tiny from" in again
     assert "Kept llmfleet/tiny-embed (embeddings)" in again
+    assert "Kept llmfleet/tiny-lora (a LoRA adapter of llmfleet/tiny)" in again
     assert key_file.read_text().strip() == secret
     assert ApiKey.objects.count() == 1
 

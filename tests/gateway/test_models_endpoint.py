@@ -46,6 +46,7 @@ def test_lists_enabled_models_in_openai_shape(client):
                 "owned_by": "llmfleet",
                 "kind": "generate",
                 "warm": False,
+                "parent": None,
             },
             {
                 "id": "b/second",
@@ -54,6 +55,7 @@ def test_lists_enabled_models_in_openai_shape(client):
                 "owned_by": "acme",
                 "kind": "embedding",
                 "warm": False,
+                "parent": None,
             },
         ],
     }
@@ -119,6 +121,7 @@ def test_one_model_is_retrieved_in_openai_shape_by_an_id_with_slashes(client):
         "owned_by": "acme",
         "kind": "generate",
         "warm": False,
+        "parent": None,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
 from agents.choices import ModelKind
-from nodeagent.store import StoreError, read_manifest
+from nodeagent.store import StoreError, read_file, read_manifest
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,6 +37,22 @@ def gigabytes(value: str) -> int:
     if number < 0:
         raise ArgumentTypeError(f"{value!r} is negative")
     return int(number * 1e9)
+
+
+def adapter_rank(uri: str) -> int:
+    """The rank `r` of the LoRA adapter published at `uri` (its adapter_config.json)."""
+    try:
+        config = json.loads(
+            read_file(uri, "adapter_config.json", os.environ, f"{uri} holds no adapter_config.json")
+        )
+    except StoreError as exc:
+        raise CommandError(f"{uri}: {exc} ({exc.code})") from None
+    except ValueError as exc:
+        raise CommandError(f"{uri}: adapter_config.json is not JSON: {exc}") from None
+    rank = config.get("r") if isinstance(config, dict) else None
+    if not isinstance(rank, int) or rank < 1:
+        raise CommandError(f"{uri}: adapter_config.json has no rank `r` (a positive integer)")
+    return rank
 
 
 class Command(BaseCommand):
@@ -82,6 +99,17 @@ class Command(BaseCommand):
             "--pinned", action="store_true", default=None, help="never evicted from the GPU"
         )
         parser.add_argument("--disabled", action="store_true", help="in the catalog but not served")
+        parser.add_argument(
+            "--base",
+            metavar="MODEL_ID",
+            help="register a LoRA adapter (published like a checkpoint, with its "
+            "adapter_config.json) of this catalog model; its rank is read from the config",
+        )
+        parser.add_argument(
+            "--max-loras",
+            type=int,
+            help="for a base model: adapters one engine holds at once (default 4)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         uri = options["uri"]
@@ -92,6 +120,7 @@ class Command(BaseCommand):
         engine_args = (
             shlex.split(options["engine_args"]) if options["engine_args"] is not None else None
         )
+        rank = adapter_rank(uri) if options["base"] else None
         try:
             model, created = register_catalog_model(
                 options["model_id"],
@@ -107,6 +136,9 @@ class Command(BaseCommand):
                 max_replicas=options["max_replicas"],
                 pinned=options["pinned"],
                 enabled=not options["disabled"],
+                base=options["base"],
+                adapter_rank=rank,
+                max_loras=options["max_loras"],
             )
         except ValidationError as exc:
             problems = "; ".join(
@@ -114,6 +146,8 @@ class Command(BaseCommand):
             )
             raise CommandError(f"Not registered: {problems}") from None
         verb = "Registered" if created else "Updated"
+        if model.base is not None:
+            verb += f" LoRA adapter (rank {model.adapter_rank}) of {model.base.model_id}:"
         total = manifest.total_size
         shown = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
         size = f"{len(manifest.files)} files, {shown}"
