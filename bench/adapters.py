@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from coldstart import READY, first_token, start_fleet, stop_fleet  # noqa: E402
+from coldstart import READY, first_token, own_fleet, stop_fleet  # noqa: E402
 
 ADAPTER_TARGET_S = 0.5
 BASE, ADAPTER = "llmfleet/tiny", "llmfleet/tiny-lora"
@@ -48,18 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=20)
     args = parser.parse_args()
-    from tests.support import free_port
-
-    work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-lora-"))
-    os.environ.update(VAR_DIR=str(work / "var"), DJANGO_SETTINGS_MODULE="controlplane.settings")
-    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN"):
-        os.environ.pop(name, None)
-    port, agent_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{port}"
-    fleet = start_fleet(work, port, agent_port, True, work / "fleet.log")
+    work, base, agent_url, fleet = own_fleet("llmfleet-bench-lora-", standby=True)
     try:
         key = (work / "var" / "demo-api-key").read_text().strip()
-        measure(base, key, f"http://127.0.0.1:{agent_port}", work, args.adapters)
+        measure(base, key, agent_url, work, args.adapters)
     finally:
         stop_fleet(fleet)
 

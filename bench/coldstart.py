@@ -168,19 +168,25 @@ def main() -> None:
     )
 
 
-def run_mode(standby: bool) -> None:
+def own_fleet(prefix: str, standby: bool) -> tuple[Path, str, str, subprocess.Popen[bytes]]:
+    """`make run`'s fleet in a new VAR_DIR, this process set up to read its database: the
+    work directory, the web and agent URLs, and the fleet's process."""
     from tests.support import free_port
 
-    work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-cold-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ.update(VAR_DIR=str(work / "var"), DJANGO_SETTINGS_MODULE="controlplane.settings")
     for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "AGENT_TOKEN"):
         os.environ.pop(name, None)
     port, agent_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{port}"
     fleet = start_fleet(work, port, agent_port, standby, work / "fleet.log")
+    return work, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{agent_port}", fleet
+
+
+def run_mode(standby: bool) -> None:
+    work, base, agent_url, fleet = own_fleet("llmfleet-bench-cold-", standby)
     try:
         key = (work / "var" / "demo-api-key").read_text().strip()
-        mode = measure_mode(base, key, f"http://127.0.0.1:{agent_port}", standby)
+        mode = measure_mode(base, key, agent_url, standby)
         figures = {"start_s": mode.start_s, "ttft_s": mode.ttft_s,
                    "first_ttft": mode.first_ttft, "first_start": mode.first_start}  # fmt: skip
         if standby:

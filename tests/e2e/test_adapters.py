@@ -19,6 +19,7 @@ from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
 from nodeagent.store.publish import publish
+from tests.e2e.agent_process import AgentProcess
 from tests.e2e.fleet import registered, running_control_plane
 from tests.factories import make_api_key
 from tests.support import wait_for
@@ -48,6 +49,14 @@ def fleet(settings, tmp_path):
     with ExitStack() as stack:
         plane = stack.enter_context(running_control_plane(settings, tmp_path))
         yield plane, stack
+
+
+def one_agent(fleet, tmp_path) -> AgentProcess:
+    """gpu-a, a sim agent, once it has registered."""
+    plane, stack = fleet
+    agent = plane.agent(stack, tmp_path, "gpu-a", *SIM)
+    registered("gpu-a")
+    return agent
 
 
 def catalog(published, *names: str, max_loras: int = 4, **options) -> dict[str, Model]:
@@ -89,9 +98,8 @@ def held(agent_id: str = "gpu-a") -> set[str]:
 
 
 def test_an_adapter_is_served_by_its_warm_base_streaming_and_not(fleet, tmp_path, published):
-    plane, stack = fleet
-    agent = plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    agent = one_agent(fleet, tmp_path)
     catalog(published, "a")
     client = client_for(plane.url)
     assert ask(client, "org/tiny") == said_by("org/tiny")  # the base, cold, with LoRA on
@@ -119,9 +127,8 @@ def test_an_adapter_is_served_by_its_warm_base_streaming_and_not(fleet, tmp_path
 def test_an_adapter_request_cold_starts_its_base_and_concurrent_ones_load_it_once(
     fleet, tmp_path, published
 ):
-    plane, stack = fleet
-    agent = plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    agent = one_agent(fleet, tmp_path)
     catalog(published, "a")
     client = client_for(plane.url)
     with ThreadPoolExecutor(8) as pool:
@@ -132,9 +139,8 @@ def test_an_adapter_request_cold_starts_its_base_and_concurrent_ones_load_it_onc
 
 
 def test_keys_allow_adapters_and_usage_is_counted_per_adapter(fleet, tmp_path, published):
-    plane, stack = fleet
-    plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    one_agent(fleet, tmp_path)
     models = catalog(published, "a", "b")
     client = client_for(plane.url, "org/tiny-a")  # the adapter alone, not its base
     assert ask(client, "org/tiny-a") == said_by("org/tiny-a")
@@ -147,9 +153,8 @@ def test_keys_allow_adapters_and_usage_is_counted_per_adapter(fleet, tmp_path, p
 
 
 def test_the_least_recently_used_adapter_makes_room_in_one_engine(fleet, tmp_path, published):
-    plane, stack = fleet
-    agent = plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    agent = one_agent(fleet, tmp_path)
     catalog(published, "a", "b", "c", "d", max_loras=2)
     client = client_for(plane.url)
     for name in "abcdab":
@@ -161,9 +166,8 @@ def test_the_least_recently_used_adapter_makes_room_in_one_engine(fleet, tmp_pat
 
 
 def test_idle_adapters_unload_and_their_base_stays(fleet, tmp_path, published):
-    plane, stack = fleet
-    agent = plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    agent = one_agent(fleet, tmp_path)
     catalog(published, "a", keep_alive=timedelta(seconds=1))
     client = client_for(plane.url)
     assert ask(client, "org/tiny-a") == said_by("org/tiny-a")
@@ -180,9 +184,8 @@ def test_idle_adapters_unload_and_their_base_stays(fleet, tmp_path, published):
 
 
 def test_heartbeats_reconcile_an_engine_that_lost_an_adapter(fleet, tmp_path, published):
-    plane, stack = fleet
-    agent = plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    agent = one_agent(fleet, tmp_path)
     catalog(published, "a")
     client = client_for(plane.url)
     assert ask(client, "org/tiny-a") == said_by("org/tiny-a")
@@ -223,9 +226,8 @@ def test_an_agent_that_lost_its_adapters_is_reconciled_and_serves_them_again(
 
 
 def test_a_base_running_without_lora_refuses_its_adapters_clearly(fleet, tmp_path, published):
-    plane, stack = fleet
-    plane.agent(stack, tmp_path, "gpu-a", *SIM)
-    registered("gpu-a")
+    plane, _ = fleet
+    one_agent(fleet, tmp_path)
     catalog(published)  # no adapter yet: the base starts without LoRA
     client = client_for(plane.url)
     assert ask(client, "org/tiny")

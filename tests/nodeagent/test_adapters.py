@@ -268,3 +268,27 @@ async def test_load_adapter_counts_no_request_in_flight(agent, tiny_model, adapt
     assert status == 200, body
     facts = held(await agent.heartbeat())["org/tiny-a"]
     assert (facts["requests_in_flight"], facts["requests_total"]) == (0, 0)
+
+
+async def test_an_adapter_keeps_serving_while_another_loads(
+    agent, tiny_model, adapters, monkeypatch
+):
+    await load_base(agent, tiny_model)
+    assert (await ask(agent, ref(adapters, "a")))[0] == 200
+    from nodeagent import adapters as module
+
+    loading = asyncio.Event()
+    real = module.load_lora
+
+    async def slow_load(*args, **kwargs):
+        loading.set()
+        await asyncio.sleep(0.5)
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "load_lora", slow_load)
+    b = asyncio.create_task(ask(agent, ref(adapters, "b")))
+    await asyncio.wait_for(loading.wait(), 5)
+    answers = await asyncio.gather(*(ask(agent, ref(adapters, "a")) for _ in range(5)))
+    assert {status for status, _ in answers} == {200}
+    assert not b.done()  # all five answered while b was still loading
+    assert (await b)[0] == 200
