@@ -250,7 +250,9 @@ def lora_flags(
     adapters; a flag the operator gave (in engine_args) is theirs and not repeated."""
     if not adapter_ranks:
         return ()
-    given = {arg.partition("=")[0] for arg in operator_args if arg.startswith("--")}
+    given = {
+        arg.partition("=")[0] for arg in operator_args if isinstance(arg, str) and arg[:2] == "--"
+    }
     rank = engine_lora_rank(max(adapter_ranks)) or VLLM_LORA_RANKS[-1]
     flags: list[str] = []
     for flag, value in (
@@ -264,8 +266,9 @@ def lora_flags(
 
 
 def operator_lora_rank(operator_args: Sequence[str]) -> int | None:
-    """The --max-lora-rank an operator set in a base model's engine_args, if any."""
-    items = list(operator_args)
+    """The --max-lora-rank an operator set in a base model's engine_args, if any (validation
+    reports engine_args that are not all strings; here they name no rank)."""
+    items = [arg for arg in operator_args if isinstance(arg, str)]
     for index, arg in enumerate(items):
         name, sep, value = arg.partition("=")
         if name != "--max-lora-rank":

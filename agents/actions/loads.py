@@ -121,7 +121,9 @@ def _start_load(
                 f"loading {model.model_id} failed on {len(failed)} agent(s); last error: "
                 f"{failed[0].error or 'unknown'}"
             )
-        raise NoCapacity(f"no agent that takes new work has room for {model.model_id}")
+        raise NoCapacity(
+            f"no agent that takes new work has room for {model.model_id}{_unroutable_agents()}"
+        )
     agent = Agent.objects.get(agent_id=plan.agent_id)
     placement, victims_locked = _lock_target_and_victims(model, agent, plan.victims)
     if placement.state in (PlacementState.READY, *steps.LOADING_STATES):
@@ -152,6 +154,18 @@ def _start_load(
     steps.queue("agents.tasks.load", event.pk, victims)
     events.announce(placements=[placement.pk], loads=[event.pk])
     return placement
+
+
+def _unroutable_agents() -> str:
+    """What the agents that take no new work are, for the refusal: " (1 DEGRADED)"."""
+    counts = (
+        Agent.objects.filter(state__in=UNROUTABLE_AGENT_STATES)
+        .values_list("state")
+        .annotate(n=Count("pk"))
+        .order_by("state")
+    )
+    said = ", ".join(f"{n} {state}" for state, n in counts)
+    return f" (agents not taking work: {said})" if said else ""
 
 
 def _lock_target_and_victims(

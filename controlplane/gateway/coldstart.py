@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from agents import actions
-from agents.choices import UNROUTABLE_AGENT_STATES, PlacementState
-from agents.models import Model, Placement
+from agents.choices import UNROUTABLE_AGENT_STATES, AgentState, PlacementState
+from agents.models import Agent, Model, Placement
 from controlplane.gateway.loops import per_loop
 
 _POLL_SECONDS = 0.1
@@ -134,6 +135,13 @@ async def _follow(
             watches.pop(placement_id, None)
 
 
+_CAPACITY_RECHECK_SECONDS = 0.5
+
+
+async def _degraded_agents_exist() -> bool:
+    return await Agent.objects.filter(state=AgentState.DEGRADED).aexists()
+
+
 async def wait_until_ready(
     model: Model, seconds: float, on_progress: Callable[[str], None] | None = None
 ) -> Placement:
@@ -142,10 +150,20 @@ async def wait_until_ready(
     `on_progress` hears a short description ("downloading 43%") whenever it changes.
     """
     deadline = time.monotonic() + seconds
+    # An agent that missed a heartbeat is DEGRADED until the next one says otherwise, or
+    # until enough misses make it OFFLINE: while any is, "no room" may be a blink (a slow
+    # heartbeat on a busy host), so the request waits that out instead of failing at once.
+    verdict_by = time.monotonic() + settings.HEARTBEAT_INTERVAL_SECONDS * (
+        settings.HEARTBEAT_OFFLINE_AFTER + 1
+    )
     while time.monotonic() < deadline:
         try:
             placement = await sync_to_async(actions.ensure_placement)(model)
         except actions.NoCapacity as exc:
+            waiting = min(verdict_by, deadline) - time.monotonic()
+            if waiting > 0 and await _degraded_agents_exist():
+                await asyncio.sleep(min(_CAPACITY_RECHECK_SECONDS, waiting))
+                continue
             raise ColdStartFailed(str(exc)) from None
         if placement.state != PlacementState.READY:
             snapshot = await _follow(placement.pk, deadline, on_progress)

@@ -104,8 +104,13 @@ def registered(*agent_ids: str) -> list[Agent]:
 
 
 def serving_on(model: Model, *agent_ids: str, seconds: float = 30) -> None:
-    """The model READY on each agent, loaded the way an operator would."""
+    """The model READY on each agent, loaded the way an operator would. An operator's load
+    is refused while its agent takes no new work: an agent whose heartbeat came late (a
+    standby engine importing on a busy host) is DEGRADED until the next one, so each
+    agent is waited for first."""
     for agent_id in agent_ids:
+        agent = Agent.objects.filter(agent_id=agent_id)
+        wait_for(lambda: agent.get().is_routable, seconds, f"{agent_id} to take work")  # noqa: B023
         actions.load_on_agent(model, Agent.objects.get(agent_id=agent_id))
     wait_for(
         lambda: (

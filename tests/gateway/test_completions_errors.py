@@ -101,6 +101,29 @@ def test_a_cold_model_with_no_agent_to_load_it_is_503_with_retry_after(client, k
     assert response["Retry-After"] == str(settings.GATEWAY_RETRY_AFTER_SECONDS)
 
 
+def test_a_cold_model_waits_out_a_degraded_agent_before_saying_no_room(
+    client, key, settings, monkeypatch
+):
+    """An agent that missed a heartbeat may be back with the next: the request asks again
+    until the heartbeats' verdict is due, and the refusal then says what the agents are."""
+    settings.HEARTBEAT_INTERVAL_SECONDS, settings.HEARTBEAT_OFFLINE_AFTER = 1, 1
+    PlacementFactory(model=ModelFactory(model_id="org/other"), agent__state="DEGRADED")
+    from agents import actions
+
+    asked = []
+    real = actions.ensure_placement
+
+    def counting(model):
+        asked.append(model.model_id)
+        return real(model)
+
+    monkeypatch.setattr(actions, "ensure_placement", counting)
+    response = post(client, key, chat())
+    error = error_of(response, 503)
+    assert "(agents not taking work: 1 DEGRADED)" in error["message"]
+    assert len(asked) > 1
+
+
 def test_a_cold_start_past_its_deadline_is_503_with_retry_after(client, key, settings):
     settings.COLD_START_TIMEOUT_SECONDS = 1
     PlacementFactory(model=ModelFactory(model_id="org/other"))  # an agent, but no worker here
