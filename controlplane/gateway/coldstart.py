@@ -156,13 +156,18 @@ async def wait_until_ready(
     verdict_by = time.monotonic() + settings.HEARTBEAT_INTERVAL_SECONDS * (
         settings.HEARTBEAT_OFFLINE_AFTER + 1
     )
+    waited_on_degraded = False
     while time.monotonic() < deadline:
         try:
             placement = await sync_to_async(actions.ensure_placement)(model)
         except actions.NoCapacity as exc:
             waiting = min(verdict_by, deadline) - time.monotonic()
             if waiting > 0 and await _degraded_agents_exist():
+                waited_on_degraded = True
                 await asyncio.sleep(min(_CAPACITY_RECHECK_SECONDS, waiting))
+                continue
+            if waited_on_degraded:  # a verdict came since that refusal: ask once more
+                waited_on_degraded = False
                 continue
             raise ColdStartFailed(str(exc)) from None
         if placement.state != PlacementState.READY:
