@@ -151,6 +151,13 @@ def _string(body: dict[str, Any], key: str, *, required: bool = True, default: s
     return value
 
 
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"'{key}' must be true or false")
+    return value
+
+
 def _source(body: dict[str, Any]) -> str:
     source = _string(body, "source")
     if not source.startswith(SOURCE_SCHEMES):
@@ -305,9 +312,7 @@ class UnloadModelRequest:
     @classmethod
     def from_json(cls, body: Any) -> UnloadModelRequest:
         body = _object(body)
-        force = body.get("force", False)
-        if not isinstance(force, bool):
-            raise ProtocolError("'force' must be true or false")
+        force = _flag(body, "force")
         return cls(
             model_id=_string(body, "model_id"), to=_choice(body, "to", UNLOAD_TARGETS), force=force
         )
@@ -390,9 +395,7 @@ class UnloadAdapterRequest:
     @classmethod
     def from_json(cls, body: Any) -> UnloadAdapterRequest:
         body = _object(body)
-        force = body.get("force", False)
-        if not isinstance(force, bool):
-            raise ProtocolError("'force' must be true or false")
+        force = _flag(body, "force")
         return cls(_string(body, "model_id"), _string(body, "adapter_id"), force)
 
 
