@@ -15,7 +15,7 @@ AZURITE := node_modules/.bin/azurite-blob
 # The tests run against the real PostgreSQL and Redis of this machine (scripts/ensure-services.sh).
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmfleet
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
-TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
+TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) AWS_EC2_METADATA_DISABLED=true \
 	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test \
 	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
@@ -23,7 +23,7 @@ TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) \
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements/controlplane.txt requirements/nodeagent.txt requirements/dev.txt
+$(INSTALLED): requirements/controlplane.txt requirements/nodeagent.txt requirements/stores.txt requirements/dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: llmfleet needs Python 3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt

@@ -116,24 +116,44 @@ def url_is_under(url: str, base: str) -> bool:
     return inner.path.startswith(prefix)
 
 
-_AZURE_SOURCE = re.compile(r"^azure://[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])/\S+$")
+# Each cloud's own naming rules for containers and buckets, then a non-empty prefix.
+_BUCKET_SOURCES = {
+    "azure": (
+        re.compile(r"^azure://[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])/\S+$"),
+        "An Azure source is azure://<container>/<prefix>; container names are"
+        " 3-63 lowercase letters, digits and hyphens.",
+    ),
+    "s3": (
+        re.compile(r"^s3://[a-z0-9](?:[a-z0-9.-]{1,61}[a-z0-9])/\S+$"),
+        "An S3 source is s3://<bucket>/<prefix>; bucket names are 3-63 lowercase letters,"
+        " digits, dots and hyphens.",
+    ),
+    "gs": (
+        re.compile(r"^gs://[a-z0-9](?:[a-z0-9._-]{1,220}[a-z0-9])/\S+$"),
+        "A GCS source is gs://<bucket>/<prefix>; bucket names are 3-222 lowercase letters,"
+        " digits, dots, hyphens and underscores.",
+    ),
+}
 
 
 def validate_source(value: str) -> None:
-    """A model source is `azure://<container>/<prefix>` or `file:///<absolute dir>`."""
-    if value.startswith("azure://"):
-        if not _AZURE_SOURCE.match(value):
-            raise ValidationError(
-                "An Azure source is azure://<container>/<prefix>; container names are"
-                " 3-63 lowercase letters, digits and hyphens."
-            )
+    """A model source is `azure://<container>/<prefix>`, `s3://<bucket>/<prefix>`,
+    `gs://<bucket>/<prefix>` or `file:///<absolute dir>`."""
+    scheme = value.partition("://")[0]
+    if scheme in _BUCKET_SOURCES:
+        pattern, message = _BUCKET_SOURCES[scheme]
+        if not pattern.match(value):
+            raise ValidationError(message)
         return
     if value.startswith("file://"):
         parts = urlsplit(value)
         if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
             raise ValidationError("A file source is file:///<absolute directory>.")
         return
-    raise ValidationError("A source is azure://<container>/<prefix> or file:///<directory>.")
+    raise ValidationError(
+        "A source is azure://<container>/<prefix>, s3://<bucket>/<prefix>, "
+        "gs://<bucket>/<prefix> or file:///<directory>."
+    )
 
 
 def validate_engine_args(value: Any) -> None:

@@ -6,7 +6,7 @@ FROM vllm/vllm-openai:v0.32.0 AS base
 
 FROM base AS build
 WORKDIR /src
-COPY requirements/nodeagent.txt requirements/nodeagent.txt
+COPY requirements/nodeagent.txt requirements/stores.txt requirements/
 RUN python3 -m venv /opt/agent \
     && /opt/agent/bin/pip install --no-cache-dir --disable-pip-version-check \
         -r requirements/nodeagent.txt

@@ -68,7 +68,7 @@ AGENT_ERROR_HEADER = "X-Llmfleet-Agent-Error"
 ADAPTER_HEADER = "X-Llmfleet-Adapter"
 ADAPTER_SOURCE_HEADER = "X-Llmfleet-Adapter-Source"
 ADAPTER_REVISION_HEADER = "X-Llmfleet-Adapter-Revision"
-SOURCE_SCHEMES = ("file://", "azure://")
+SOURCE_SCHEMES = ("file://", "azure://", "s3://", "gs://")
 MODEL_STATES = tuple(state.value for state in ModelState)
 CACHE_LEVELS = tuple(level.value for level in CacheLevel)
 UNLOAD_TARGETS = (CacheLevel.DRAM_CACHED.value, CacheLevel.NVME_CACHED.value, CacheLevel.NONE.value)
@@ -161,7 +161,7 @@ def _flag(body: dict[str, Any], key: str) -> bool:
 def _source(body: dict[str, Any]) -> str:
     source = _string(body, "source")
     if not source.startswith(SOURCE_SCHEMES):
-        raise ProtocolError("'source' must be a file:// or azure:// URI")
+        raise ProtocolError("'source' must be a file://, azure://, s3:// or gs:// URI")
     return source
 
 

@@ -7,6 +7,7 @@ import pytest
 from django.test import Client
 
 from tests.azurite import Azurite
+from tests.clouds import GcsEmulator, Moto
 from tests.factories import make_staff_user
 
 
@@ -37,3 +38,19 @@ def gateway_reads_the_database_every_time(settings: Any) -> None:
 
     settings.GATEWAY_CACHE_SECONDS = 0
     cache.clear()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    """One moto S3 server for the whole session, checking SigV4 against its own IAM user."""
+    server = Moto(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """One in-memory GCS emulator for the whole session."""
+    server = GcsEmulator(tmp_path_factory.mktemp("gcs")).start()
+    yield server
+    server.kill()

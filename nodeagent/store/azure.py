@@ -15,12 +15,20 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from nodeagent.store.base import MANIFEST_NAME, Manifest, RemoteFile, StoreError, join_listing
+from nodeagent.store.base import (
+    MANIFEST_NAME,
+    Manifest,
+    RemoteFile,
+    StoreError,
+    http_status_error,
+    join_listing,
+)
 from nodeagent.store.ranges import read_into
 
 # Azurite's well-known development account (public, documented by Microsoft).
@@ -29,7 +37,6 @@ AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 _API_VERSION = "2021-08-06"
-_RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 _SAS_LIFETIME = timedelta(hours=2)
 _LIST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 
@@ -155,23 +162,6 @@ def _account_name(url: str) -> str:
     return host.split(".")[0]
 
 
-def _status_error(status: int, what: str, body: str) -> StoreError:
-    detail = body[:300].replace("\n", " ")
-    if status == 404:
-        return StoreError("model_not_found", f"{what} does not exist in the store", 404)
-    if status in (401, 403):
-        return StoreError(
-            "access_denied", f"the store denied access to {what} (HTTP {status}): {detail}", 403
-        )
-    if status == 412:
-        return StoreError("blob_changed", f"{what} changed in the store during the download", 409)
-    if status in _RETRY_STATUSES:
-        return StoreError(
-            "store_unavailable", f"the store answered HTTP {status} for {what}", 503, True
-        )
-    return StoreError("store_error", f"the store answered HTTP {status} for {what}: {detail}")
-
-
 class AzureStore:
     def __init__(
         self, uri: str, session: aiohttp.ClientSession, credentials: AzureCredentials
@@ -213,7 +203,7 @@ class AzureStore:
             async with self.session.get(url, headers=headers, timeout=_LIST_TIMEOUT) as response:
                 body = await response.text()
                 if response.status != 200:
-                    raise _status_error(response.status, what, body)
+                    raise http_status_error(response.status, what, body)
                 return body
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise StoreError(
@@ -249,6 +239,50 @@ class AzureStore:
             headers,
             buffer,
             file.path,
-            lambda status, body: _status_error(status, file.path, body),
+            lambda status, body: http_status_error(status, file.path, body),
             on_bytes,
         )
+
+
+class AzureBucket:
+    """The blocking side of an Azure store: publishing and reading single files (the SDK)."""
+
+    def __init__(self, uri: str, environ: Mapping[str, str]) -> None:
+        self.uri = uri
+        container, self.prefix = parse_azure_uri(uri)
+        credentials = AzureCredentials.from_environment(environ)
+        self.container = blob_service(credentials).get_container_client(container)
+
+    def prepare(self) -> None:
+        with sdk_errors(f"the container of {self.uri}"):
+            if not self.container.exists():
+                self.container.create_container()
+
+    def remove(self, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with sdk_errors(f"removing {self.uri}/{name}"), contextlib.suppress(ResourceNotFoundError):
+            self.container.delete_blob(f"{self.prefix}/{name}")
+
+    def upload(self, name: str, path: Path, on_bytes: Callable[[int], None]) -> None:
+        sent = [0]
+
+        def hook(current: int, total: int | None) -> None:
+            on_bytes(current - sent[0])
+            sent[0] = current
+
+        with sdk_errors(f"the upload of {name} to {self.uri}"), path.open("rb") as data:
+            self.container.upload_blob(
+                f"{self.prefix}/{name}", data, overwrite=True, max_concurrency=2,
+                progress_hook=hook,
+            )  # fmt: skip
+
+    def put(self, name: str, data: bytes) -> None:
+        with sdk_errors(f"the upload of {name} to {self.uri}"):
+            self.container.upload_blob(f"{self.prefix}/{name}", data, overwrite=True)
+
+    def get(self, name: str, missing: str, max_bytes: int) -> bytes:
+        blob = self.container.get_blob_client(f"{self.prefix}/{name}")
+        with sdk_errors(f"reading {self.uri}/{name}", not_found=missing):
+            data: bytes = blob.download_blob(offset=0, length=max_bytes).readall()
+            return data

@@ -16,6 +16,8 @@ T = TypeVar("T")
 MANIFEST_NAME = "llmfleet-manifest.json"
 MANIFEST_FORMAT = 1
 _HASH_BLOCK = 4 * 1024 * 1024
+# Throttling and server errors: every store's answers that a later try may pass.
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 
 
 class StoreError(RuntimeError):
@@ -26,6 +28,24 @@ class StoreError(RuntimeError):
         self.code = code
         self.status = status
         self.retryable = retryable
+
+
+def http_status_error(status: int, what: str, body: str) -> StoreError:
+    """A store's HTTP answer that is not the bytes asked for, as the StoreError it means."""
+    detail = body[:300].replace("\n", " ")
+    if status == 404:
+        return StoreError("model_not_found", f"{what} does not exist in the store", 404)
+    if status in (401, 403):
+        return StoreError(
+            "access_denied", f"the store denied access to {what} (HTTP {status}): {detail}", 403
+        )
+    if status == 412:
+        return StoreError("blob_changed", f"{what} changed in the store during the download", 409)
+    if status in RETRY_STATUSES:
+        return StoreError(
+            "store_unavailable", f"the store answered HTTP {status} for {what}", 503, True
+        )
+    return StoreError("store_error", f"the store answered HTTP {status} for {what}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -210,3 +230,27 @@ def join_listing(
 
 def files_named(files: Iterable[RemoteFile]) -> dict[str, RemoteFile]:
     return {file.path: file for file in files}
+
+
+class Bucket(Protocol):
+    """The blocking side of a store at one model's prefix: what publishing and management
+    commands use. Names are relative to the prefix."""
+
+    uri: str
+
+    def prepare(self) -> None:
+        """Make sure the model can be written there (Azure creates its container; S3 and GCS
+        buckets are an operator's, and a missing one is an error)."""
+
+    def remove(self, name: str) -> None:
+        """Delete one object; one that is not there is no error."""
+
+    def upload(self, name: str, path: Path, on_bytes: Callable[[int], None]) -> None:
+        """Write a local file, calling on_bytes(count) as its bytes are sent."""
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write a small object."""
+
+    def get(self, name: str, missing: str, max_bytes: int) -> bytes:
+        """The first `max_bytes` of one small object; StoreError `model_not_found` with
+        `missing` when it is not there."""

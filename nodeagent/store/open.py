@@ -7,25 +7,51 @@ from pathlib import Path
 
 import aiohttp
 
-from nodeagent.store.azure import (
-    AzureCredentials,
-    AzureStore,
-    blob_service,
-    parse_azure_uri,
-    sdk_errors,
-)
-from nodeagent.store.base import MANIFEST_NAME, Manifest, Store, StoreError
+from nodeagent.store.azure import AzureBucket, AzureCredentials, AzureStore
+from nodeagent.store.base import MANIFEST_NAME, Bucket, Manifest, Store, StoreError
+from nodeagent.store.gcs import GcsBucket, GcsStore
 from nodeagent.store.local import LocalStore, local_path
+from nodeagent.store.s3 import S3Bucket, S3Store
+
+# Every scheme a source may have, with the form its URI takes.
+SCHEMES = {
+    "azure": "azure://<container>/<prefix>",
+    "s3": "s3://<bucket>/<prefix>",
+    "gs": "gs://<bucket>/<prefix>",
+    "file": "file:///<directory>",
+}
+
+
+def _unknown(uri: str) -> StoreError:
+    return StoreError("bad_uri", f"{uri!r}: a source is one of {', '.join(SCHEMES.values())}", 400)
 
 
 def open_store(uri: str, session: aiohttp.ClientSession, environ: Mapping[str, str]) -> Store:
-    if uri.startswith("azure://"):
+    """The store that downloads from `uri` (raises StoreError for an unknown scheme, a
+    malformed URI or missing credentials)."""
+    scheme = uri.partition("://")[0]
+    if scheme == "azure":
         return AzureStore(uri, session, AzureCredentials.from_environment(environ))
-    if uri.startswith("file://"):
+    if scheme == "s3":
+        return S3Store(uri, environ)
+    if scheme == "gs":
+        return GcsStore(uri, session, environ)
+    if scheme == "file":
         return LocalStore(uri)
-    raise StoreError(
-        "bad_uri", f"{uri!r}: sources are azure://<container>/<prefix> or file:///<dir>", 400
-    )
+    raise _unknown(uri)
+
+
+def open_bucket(uri: str, environ: Mapping[str, str]) -> Bucket:
+    """The blocking side of the store at `uri`, for publishing and management commands
+    (file:// has none: a directory is read and written directly)."""
+    scheme = uri.partition("://")[0]
+    if scheme == "azure":
+        return AzureBucket(uri, environ)
+    if scheme == "s3":
+        return S3Bucket(uri, environ)
+    if scheme == "gs":
+        return GcsBucket(uri, environ)
+    raise _unknown(uri)
 
 
 def read_manifest(uri: str, environ: Mapping[str, str]) -> Manifest:
@@ -54,10 +80,4 @@ def read_file(
         if not path.is_file():
             raise StoreError("model_not_found", missing, 404)
         return path.read_bytes()[:max_bytes]
-    container, prefix = parse_azure_uri(uri)
-    blob = blob_service(AzureCredentials.from_environment(environ)).get_blob_client(
-        container, f"{prefix}/{name}"
-    )
-    with sdk_errors(f"reading {uri}", not_found=missing):
-        data: bytes = blob.download_blob(offset=0, length=max_bytes).readall()
-        return data
+    return open_bucket(uri, environ).get(name, missing, max_bytes)

@@ -7,7 +7,6 @@ sees a partial upload as a complete model, and publishing twice is safe.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -18,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
-from nodeagent.store.azure import AzureCredentials, blob_service, parse_azure_uri, sdk_errors
-from nodeagent.store.base import MANIFEST_NAME, Manifest, StoreError
+from nodeagent.store.base import MANIFEST_NAME, Bucket, Manifest, StoreError
 from nodeagent.store.local import local_path
+from nodeagent.store.open import open_bucket
 
 UPLOAD_THREADS = 4
 
@@ -71,9 +70,7 @@ def publish(
     if uri.startswith("file://"):
         _publish_local(local_dir, local_path(uri), manifest, uploading)
     else:
-        _publish_azure(
-            local_dir, uri, manifest, AzureCredentials.from_environment(environ), uploading
-        )
+        _publish_bucket(local_dir, open_bucket(uri, environ), manifest, uploading)
     uploading.close()
     return manifest
 
@@ -98,34 +95,15 @@ def _publish_local(source: Path, target: Path, manifest: Manifest, bar: Progress
         os.rename(staging, target)
 
 
-def _publish_azure(
-    source: Path, uri: str, manifest: Manifest, credentials: AzureCredentials, bar: ProgressBar
-) -> None:
-    from azure.core.exceptions import ResourceNotFoundError
-
-    container_name, prefix = parse_azure_uri(uri)
-    container = blob_service(credentials).get_container_client(container_name)
-    with sdk_errors(f"the upload to {uri}"):
-        if not container.exists():
-            container.create_container()
-        # First make the prefix not-a-model, so readers never mix old and new files.
-        with contextlib.suppress(ResourceNotFoundError):
-            container.delete_blob(f"{prefix}/{MANIFEST_NAME}")
-
-        def upload(path: str) -> None:
-            sent = [0]
-
-            def hook(current: int, total: int | None) -> None:
-                bar.add(current - sent[0])
-                sent[0] = current
-
-            with (source / path).open("rb") as data:
-                container.upload_blob(
-                    f"{prefix}/{path}", data, overwrite=True, max_concurrency=2, progress_hook=hook
-                )
-
-        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-            list(pool.map(upload, [file.path for file in manifest.files]))
-        container.upload_blob(
-            f"{prefix}/{MANIFEST_NAME}", manifest.to_json().encode(), overwrite=True
-        )
+def _publish_bucket(source: Path, bucket: Bucket, manifest: Manifest, bar: ProgressBar) -> None:
+    bucket.prepare()
+    # First make the prefix not-a-model, so readers never mix old and new files.
+    bucket.remove(MANIFEST_NAME)
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        uploads = [
+            pool.submit(bucket.upload, file.path, source / file.path, bar.add)
+            for file in manifest.files
+        ]
+        for upload in uploads:
+            upload.result()  # the first failure, after the others finished or failed
+    bucket.put(MANIFEST_NAME, manifest.to_json().encode())

@@ -86,7 +86,7 @@ def test_invalid_models_get_per_field_errors(staff_client):
     ModelFactory(model_id="taken")
     body = {
         "model_id": "taken",
-        "source": "s3://bucket/x",
+        "source": "hdfs://bucket/x",
         "engine_args": "--dtype float32",
         "size_bytes": -1,
         "max_replicas": 0,

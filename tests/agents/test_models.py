@@ -58,7 +58,12 @@ def test_ready_for_uses_one_query_with_agents_joined(django_assert_num_queries):
         ("azure://models", False),  # no prefix
         ("file://relative/dir", False),
         ("file:///", False),
-        ("s3://bucket/key", False),
+        ("s3://bucket/key", True),
+        ("s3://Bucket/key", False),  # bucket names are lowercase
+        ("s3://bucket", False),
+        ("gs://my_bucket.example/a/b", True),
+        ("gs://bucket/", False),
+        ("hdfs://cluster/model", False),  # an unknown scheme
     ],
 )
 def test_model_sources_are_validated(source, valid):

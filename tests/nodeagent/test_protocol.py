@@ -40,7 +40,7 @@ def test_load_request_with_engine_arguments():
         ({"source": "file:///m"}, "'model_id' is required"),
         ({"model_id": "", "source": "file:///m"}, "'model_id' must be a non-empty string"),
         ({"model_id": "m"}, "'source' is required"),
-        ({"model_id": "m", "source": "s3://b/k"}, "file:// or azure://"),
+        ({"model_id": "m", "source": "hdfs://b/k"}, "file://, azure://, s3:// or gs://"),
         (
             {"model_id": "m", "source": "file:///m", "engine": {"name": "tgi"}},
             "'engine.name' must be one of",

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from nodeagent.store import StoreError
-from nodeagent.store.azure import _status_error
+from nodeagent.store.base import http_status_error
 from nodeagent.store.ranges import read_into
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
@@ -56,7 +56,7 @@ async def fetch(url: str, start: int, end: int, seen: list[int] | None = None) -
         {"Range": f"bytes={start}-{end - 1}"},
         memoryview(buffer),
         "blob",
-        lambda status, body: _status_error(status, "blob", body),
+        lambda status, body: http_status_error(status, "blob", body),
         (seen if seen is not None else []).append,
     )
     return buffer
@@ -108,7 +108,7 @@ async def test_a_cancelled_read_stops_at_once_and_leaves_the_buffer_alone():
         read = asyncio.create_task(
             read_into(
                 url, {"Range": f"bytes=0-{len(BODY) - 1}"}, memoryview(buffer), "blob",
-                lambda status, body: _status_error(status, "blob", body), seen.append,
+                lambda status, body: http_status_error(status, "blob", body), seen.append,
             )
         )  # fmt: skip
         await sent.wait()

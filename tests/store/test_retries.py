@@ -9,7 +9,7 @@ import pytest
 
 from nodeagent.download import LOCK, DownloadProgress, DownloadSettings, download
 from nodeagent.store import RemoteFile, StoreError
-from nodeagent.store.azure import _status_error
+from nodeagent.store.base import http_status_error
 from nodeagent.store.local import LocalStore
 from tests.store.conftest import MIB, digests
 
@@ -36,7 +36,7 @@ class FlakyStore:
         key = (file.path, start)
         self.attempts[key] = self.attempts.get(key, 0) + 1
         if self.attempts[key] <= self.failures:
-            raise _status_error(self.status, file.path, "slow down")
+            raise http_status_error(self.status, file.path, "slow down")
         await self.inner.read_range(file, start, end, buffer, on_bytes)
 
 
@@ -65,7 +65,7 @@ async def test_throttling_and_server_errors_are_retried_with_backoff(checkpoint,
     ],
 )
 def test_store_answers_map_to_errors(status, code, retryable):
-    error = _status_error(status, "model.safetensors", "")
+    error = http_status_error(status, "model.safetensors", "")
     assert (error.code, error.retryable) == (code, retryable)
 
 

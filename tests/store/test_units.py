@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import argparse
 
+import aiohttp
 import pytest
 
 from nodeagent.cache import CacheEntry, plan_eviction
 from nodeagent.config import _bytes
-from nodeagent.store import Manifest, ManifestFile, StoreError
+from nodeagent.store import Manifest, ManifestFile, StoreError, open_store, read_manifest
 from nodeagent.store.azure import AZURITE_ACCOUNT, AzureCredentials, parse_azure_uri
+from nodeagent.store.gcs import parse_gcs_uri
+from nodeagent.store.s3 import parse_s3_uri
 
 GIB = 1024**3
 
@@ -97,6 +100,46 @@ def test_missing_credentials_say_what_to_set():
 def test_bad_azure_uris(uri):
     with pytest.raises(StoreError, match="azure://<container>/<prefix>"):
         parse_azure_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("parse", "uri", "form"),
+    [
+        (parse_s3_uri, "s3://bucket", "s3://<bucket>/<prefix>"),
+        (parse_s3_uri, "gs://bucket/x", "s3://<bucket>/<prefix>"),
+        (parse_gcs_uri, "gs:///prefix", "gs://<bucket>/<prefix>"),
+    ],
+)
+def test_bad_bucket_uris(parse, uri, form):
+    with pytest.raises(StoreError, match=form) as raised:
+        parse(uri)
+    assert (raised.value.code, raised.value.status) == ("bad_uri", 400)
+
+
+async def test_an_unknown_scheme_names_every_scheme_there_is():
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(StoreError) as raised:
+            open_store("hdfs://cluster/model", session, {})
+    assert (raised.value.code, raised.value.status) == ("bad_uri", 400)
+    for form in ("azure://<container>/<prefix>", "s3://<bucket>/<prefix>", "gs://<bucket>/"):
+        assert form in str(raised.value)
+    with pytest.raises(StoreError, match="hdfs://cluster/model"):
+        read_manifest("hdfs://cluster/model", {})
+
+
+def test_s3_without_any_credentials_says_where_they_come_from(tmp_path, monkeypatch):
+    from nodeagent.store.s3 import S3Connection
+
+    # botocore's chain reads the process's environment; the metadata service stays unasked.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    connection = S3Connection({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
+    with pytest.raises(StoreError, match="AWS_ACCESS_KEY_ID") as raised:
+        connection.signed_headers("http://127.0.0.1:9/b/k", {})
+    assert raised.value.code == "no_credentials"
 
 
 def test_manifest_round_trip_and_paths_that_escape_are_refused():

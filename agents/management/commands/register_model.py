@@ -58,13 +58,18 @@ def adapter_rank(uri: str) -> int:
 class Command(BaseCommand):
     help = (
         "Add a model published with `python -m nodeagent publish` to the catalog (or update it), "
-        "reading its size and files from the store's manifest. Azure credentials come from "
-        "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL with a SAS token or key."
+        "reading its size and files from the store's manifest. Credentials come from the "
+        "environment as the README's 'Model stores' says: Azure's AZURE_STORAGE_*, AWS's "
+        "standard variables and profiles, GOOGLE_APPLICATION_CREDENTIALS or ADC."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("model_id", help="the name clients send as `model`")
-        parser.add_argument("uri", help="azure://<container>/<prefix> or file:///<directory>")
+        parser.add_argument(
+            "uri",
+            help="azure://<container>/<prefix>, s3://<bucket>/<prefix>, gs://<bucket>/<prefix> "
+            "or file:///<directory>",
+        )
         parser.add_argument(
             "--revision", default="", help="a label; changing it makes agents download again"
         )
