@@ -234,16 +234,17 @@ class AdapterLoader:
         base = adapters.engine.model_id
         deadline = asyncio.get_running_loop().time() + self.load_timeout
         try:
-            store = open_store(ref.source, session, self.environ)
-            cached, _ = await fetch_model(
-                self.cache, store, ref.adapter_id, ref.revision, DownloadProgress(), self.settings,
-                deadline, _room(self.make_room, ref.adapter_id), adapter_of=base,
+            fetched = await fetch_model(
+                self.cache, [ref.source], lambda uri: open_store(uri, session, self.environ),
+                ref.adapter_id, ref.revision, DownloadProgress(), self.settings, deadline,
+                _room(self.make_room, ref.adapter_id), adapter_of=base,
             )  # fmt: skip
         except StoreError as exc:
             # No room on this agent's disk is this agent's; anything else is the adapter's
             # own (its source, its files), whichever replica loads it.
             code = "cache_full" if exc.code == "cache_full" else f"adapter_{exc.code}"
             raise AdapterError(code, f"adapter {ref.adapter_id}: {exc}", exc.status) from None
+        cached = fetched.cached
         self.on_cached(cached)
         rank = adapter_rank(cached.directory)
         if rank is None:

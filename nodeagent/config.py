@@ -55,6 +55,8 @@ class AgentConfig:
     standby_fork_children: bool = True
     # Publish compile caches to the store and take other agents' (False: this agent's own only).
     share_compile_cache: bool = True
+    # Seconds a source may keep failing a download before the model's next source takes over.
+    source_failover_seconds: float = 20.0
 
     def standby_count(self, gpu_count: int) -> int:
         if self.standby_engines is not None:
@@ -261,6 +263,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds a load may take",
     )
     flag(
+        "--source-failover",
+        "AGENT_SOURCE_FAILOVER_SECONDS",
+        type=float,
+        default=20.0,
+        help="seconds a model's source may keep failing a download before its next source "
+        "(a mirror in another store) takes over",
+    )
+    flag(
         "--stop-grace",
         "AGENT_STOP_GRACE",
         type=float,
@@ -431,6 +441,7 @@ def parse_config(
         engine_python=str(args.engine_python),
         gpu_memory_share=float(args.gpu_memory_share),
         load_timeout=float(args.load_timeout),
+        source_failover_seconds=float(args.source_failover),
         stop_grace=float(args.stop_grace),
         drain_seconds=float(args.drain_seconds),
         labels=labels,

@@ -110,9 +110,16 @@ class _Range:
 
 
 def fingerprint(files: Sequence[RemoteFile]) -> str:
-    """Names this exact version of the model: a journal for another version is void."""
+    """Names this exact version of the model: a journal for another version is void.
+
+    By the manifest's digests where there are some, not the store's versions: the same model
+    published in two stores has the same bytes under other ETags, and a download that one
+    source left half done resumes from the other (verification checks the result).
+    """
     text = "\n".join(
-        f"{f.path}\t{f.size}\t{f.etag}\t{f.sha256}\t{f.blake3 or ''}"
+        f"{f.path}\t{f.size}\t{f.sha256}\t{f.blake3 or ''}"
+        if f.digest
+        else f"{f.path}\t{f.size}\t{f.etag}\t"
         for f in sorted(files, key=lambda f: f.path)
     )
     return hashlib.sha256(text.encode()).hexdigest()
@@ -383,8 +390,10 @@ class Downloader:
         staging: Path,
         settings: DownloadSettings,
         progress: DownloadProgress,
+        give_up_after: float | None = None,
     ) -> None:
         self.store = store
+        self.give_up_after = give_up_after
         self.files = list(files)
         self.staging = staging
         self.settings = settings
@@ -510,7 +519,7 @@ class Downloader:
     async def _fetch(self, piece: _Range, data: memoryview, deadline: float) -> None:
         """The range's bytes into `data`, retried with backoff while the store allows."""
         loop = asyncio.get_running_loop()
-        delay = 0.1
+        delay, failing_since = 0.1, None
         while True:
             received = 0
 
@@ -530,6 +539,13 @@ class Downloader:
                 self.retries += 1
                 if loop.time() + delay >= deadline:
                     raise self._gave_up("the store kept failing until the load deadline") from None
+                failing_since = failing_since or loop.time()
+                if self.give_up_after is not None and (
+                    loop.time() + delay - failing_since >= self.give_up_after
+                ):
+                    raise self._gave_up(
+                        f"the store kept failing for {self.give_up_after:g} s"
+                    ) from None
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
                 delay = min(delay * 2, 5.0)
                 continue
@@ -564,10 +580,15 @@ async def download(
     settings: DownloadSettings,
     progress: DownloadProgress,
     deadline: float,
+    give_up_after: float | None = None,
 ) -> DownloadResult:
-    """Fetch `files` into `staging`; a partial left by a failure is kept if it can be resumed."""
+    """Fetch `files` into `staging`; a partial left by a failure is kept if it can be resumed.
+
+    `give_up_after`: seconds a range may keep failing before the download gives up, ahead of
+    the deadline (when another source can take over)."""
     try:
-        return await Downloader(store, files, staging, settings, progress).run(deadline)
+        downloader = Downloader(store, files, staging, settings, progress, give_up_after)
+        return await downloader.run(deadline)
     except StoreError as exc:
         if exc.code in DISCARD_PARTIAL:
             shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,7 @@ their `from_json`, which raises `ProtocolError` with a message fit for a 400 ans
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -24,7 +25,9 @@ import msgspec
 #      pushed to `POST /api/agents/<id>/progress` as it happens.
 # 1.3: LoRA adapters: `adapters`, `max_loras` and `max_lora_rank` on model statuses; the
 #      ADAPTER_HEADERS on proxied requests; `POST /load_adapter` and `/unload_adapter`.
-CONTRACT_VERSION = "1.3"
+# 1.4: `sources` (every source of the model, with labels) on load requests, beside `source`
+#      (the one an agent of 1.3 uses); `source` and `download_bytes` in load timings.
+CONTRACT_VERSION = "1.4"
 
 
 class AgentReportedState(StrEnum):
@@ -243,26 +246,86 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class SourceSpec:
+    """One place a model is published, with labels saying where it is (cloud, region, zone):
+    an agent reads from the source nearest to it first (`order_sources`)."""
+
+    uri: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: Any, where: str) -> SourceSpec:
+        if not isinstance(body, dict):
+            raise ProtocolError(f"'{where}' must be an object with 'uri' and 'labels'")
+        uri = body.get("uri")
+        if not isinstance(uri, str) or not uri.startswith(SOURCE_SCHEMES):
+            raise ProtocolError(f"'{where}.uri' must be a file://, azure://, s3:// or gs:// URI")
+        labels = body.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise ProtocolError(f"'{where}.labels' must be an object of strings")
+        return cls(uri, dict(labels))
+
+
+# The labels that say where a host or a source is, most specific first: a source in the
+# agent's own zone beats one in its region, which beats one in its cloud.
+LOCALITY_LABELS = ("zone", "region", "cloud")
+
+
+def order_sources(sources: Sequence[SourceSpec], labels: Mapping[str, str]) -> list[SourceSpec]:
+    """The sources in the order an agent with `labels` tries them: those sharing its zone,
+    then its region, then its cloud, then the rest, each group in catalog order.
+
+    Both sides call it: the agent to choose, the control plane to estimate the download
+    from the bandwidth observed from the source the agent will choose."""
+
+    def nearness(source: SourceSpec) -> tuple[bool, ...]:
+        return tuple(
+            bool(labels.get(key)) and source.labels.get(key) == labels.get(key)
+            for key in LOCALITY_LABELS
+        )
+
+    return sorted(sources, key=nearness, reverse=True)
+
+
+@dataclass(frozen=True)
 class LoadModelRequest:
-    """Body of `POST /load_model`: bring a model to the GPU and answer once it serves."""
+    """Body of `POST /load_model`: bring a model to the GPU and answer once it serves.
+
+    `sources` lists every place the model is published (the same manifest in each); an agent
+    of contract 1.3 or older reads `source` alone, so the control plane sets it to the source
+    that agent would choose first."""
 
     model_id: str
     source: str
     revision: str = ""
     engine: EngineSpec = EngineSpec()
+    sources: tuple[SourceSpec, ...] = ()
 
     @classmethod
     def from_json(cls, body: Any) -> LoadModelRequest:
         body = _object(body)
+        listed = body.get("sources") or []
+        if not isinstance(listed, list):
+            raise ProtocolError("'sources' must be a list")
         return cls(
             model_id=_string(body, "model_id"),
             source=_source(body),
             revision=_string(body, "revision", required=False),
             engine=EngineSpec.from_json(body.get("engine")),
+            sources=tuple(
+                SourceSpec.from_json(item, f"sources[{index}]") for index, item in enumerate(listed)
+            ),
         )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"engine": {"name": self.engine.name, "args": list(self.engine.args)}}
+
+    @property
+    def all_sources(self) -> tuple[SourceSpec, ...]:
+        """`sources`, or `source` alone from a control plane that sends no list."""
+        return self.sources or (SourceSpec(self.source),)
 
 
 @dataclass(frozen=True)
@@ -282,6 +345,10 @@ class LoadTimings:
     # The engine's compile cache (nodeagent.compilecache): "new", "local", "store",
     # "discarded"; "" for engines without one.
     compile_cache: CompileCacheOrigin = ""
+    # Where the files came from (the source a download used, or the one the cached copy was
+    # downloaded from), and how many bytes this load downloaded (a resumed download less).
+    source: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    download_bytes: Bytes = 0
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from nodeagent.protocol import (
     UnloadAdapterRequest,
     UnloadModelRequest,
     UnloadModelResponse,
+    order_sources,
 )
 from nodeagent.store import StoreError, open_store
 
@@ -193,9 +194,13 @@ class ModelRegistry:
     ) -> LoadModelResponse:
         started = time.monotonic()
         async with slot.lock:
-            same = (slot.source, slot.revision) == (request.source, request.revision)
+            # Any of the model's sources: they hold the same manifest (register_model checks).
+            sources = {source.uri for source in request.all_sources}
+            same = slot.source in sources and slot.revision == request.revision
             if slot.serving and same:
-                return self._loaded(slot, LoadTimings(total_seconds=0.0, files_cached=True))
+                return self._loaded(
+                    slot, LoadTimings(total_seconds=0.0, files_cached=True, source=slot.source)
+                )
             if slot.engine is not None and slot.cache_level == CacheLevel.DRAM_CACHED and same:
                 return await self._wake(slot, session, started)
             if slot.engine is not None:  # another source or revision is asked for: replace it
@@ -231,19 +236,21 @@ class ModelRegistry:
         slot.error, slot.progress, slot.engine_phase = "", DownloadProgress(), ""
         self.on_phase()
         fetch_started = time.monotonic()
-        store = open_store(request.source, session, self.environ)
+        sources = [s.uri for s in order_sources(request.all_sources, self.config.labels)]
 
         async def make_room(needed: int) -> None:
             self._make_room(needed, request.model_id)
 
         try:
-            cached, result = await fetch_model(
-                self.cache, store, request.model_id, request.revision, slot.progress,
-                self.download_settings, deadline, make_room,
+            fetched = await fetch_model(
+                self.cache, sources, lambda uri: open_store(uri, session, self.environ),
+                request.model_id, request.revision, slot.progress, self.download_settings,
+                deadline, make_room, failover_seconds=self.config.source_failover_seconds,
             )  # fmt: skip
         except StoreError:
             self.metrics.downloads.labels("failed").inc()
             raise
+        cached, result = fetched.cached, fetched.result
         files_cached = result is None
         if result is not None:
             self.metrics.downloads.labels("resumed" if result.resumed_bytes else "complete").inc()
@@ -251,7 +258,7 @@ class ModelRegistry:
             self.metrics.download_retries.inc(result.retries)
         download_seconds = time.monotonic() - fetch_started
         slot.source, slot.revision, slot.directory = (
-            request.source,
+            fetched.source,
             request.revision,
             cached.directory,
         )
@@ -293,6 +300,8 @@ class ModelRegistry:
                 ) if note
             )[:1000],
             compile_cache=compile_cache.origin if compile_cache is not None else "",
+            source=fetched.source,
+            download_bytes=result.fetched_bytes if result is not None else 0,
         )  # fmt: skip
         if (
             compile_cache is not None
@@ -336,9 +345,9 @@ class ModelRegistry:
         same kind of device, else a new one (nodeagent.compilecache)."""
         if (request.engine.name or self.config.engine) != "vllm":
             return None
-        key = cache_key(request.source, request.revision, request.engine.args,
+        key = cache_key(cached.source, request.revision, request.engine.args,
                         await self._vllm_version(), self.device)  # fmt: skip
-        cache = CompileCache.for_model(cached.directory, request.source, key)
+        cache = CompileCache.for_model(cached.directory, cached.source, key)
         remaining = deadline - asyncio.get_running_loop().time()
         if self.config.share_compile_cache:
             await cache.fetch(session, self.environ, self.download_settings,
@@ -399,7 +408,10 @@ class ModelRegistry:
             raise AgentError("wake_failed", str(exc), 502, slot.model_id) from None
         elapsed = time.monotonic() - started
         return self._loaded(
-            slot, LoadTimings(wake_seconds=elapsed, total_seconds=elapsed, files_cached=True)
+            slot,
+            LoadTimings(
+                wake_seconds=elapsed, total_seconds=elapsed, files_cached=True, source=slot.source
+            ),
         )
 
     def _loaded(self, slot: ModelSlot, timings: LoadTimings) -> LoadModelResponse:
