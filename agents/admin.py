@@ -324,7 +324,7 @@ class LoadEventAdmin(admin.ModelAdmin[LoadEvent]):
     list_display = [
         "queued_at", "kind", "model", "agent", "trigger", "outcome", "from_level", "to_level",
         "download_seconds", "engine_start_seconds", "engine_start", "first_token_seconds",
-        "short_error",
+        "source", "short_error",
     ]  # fmt: skip
     list_filter = ["kind", "outcome", "trigger", "to_level", "engine_start", "compile_cache"]
     list_select_related = ["model", "agent"]

@@ -32,9 +32,11 @@ from agents.validators import (
     validate_base_url,
     validate_engine_args,
     validate_labels,
+    validate_mirrors,
     validate_model_id,
     validate_source,
 )
+from nodeagent.protocol import SourceSpec
 
 
 class Agent(models.Model):
@@ -131,7 +133,26 @@ class Model(models.Model):
     source = models.CharField(
         max_length=1000,
         validators=[validate_source],
-        help_text="azure://<container>/<prefix> or file:///<directory>",
+        help_text="azure://<container>/<prefix>, s3://<bucket>/<prefix>, gs://<bucket>/<prefix> "
+        "or file:///<directory>",
+    )
+    # Where `source` is (cloud, region, zone): agents whose labels match read from it first.
+    # db_default: models the previous release inserts during a rolling upgrade have none.
+    source_labels = models.JSONField(
+        default=dict,
+        db_default={},
+        blank=True,
+        validators=[validate_labels],
+        help_text='Where the source is, e.g. {"cloud": "azure", "region": "westeurope"}.',
+    )
+    mirrors = models.JSONField(
+        default=list,
+        db_default=[],
+        blank=True,
+        validators=[validate_mirrors],
+        help_text="More stores holding the same published model (the same manifest), each with "
+        'labels: [{"uri": "s3://bucket/prefix", "labels": {"cloud": "aws"}}]. An agent reads '
+        "from the source sharing its zone, region or cloud first and falls back to the others.",
     )
     revision = models.CharField(max_length=128, blank=True)
     size_bytes = models.BigIntegerField(default=0, help_text="Checkpoint size on disk.")
@@ -208,10 +229,22 @@ class Model(models.Model):
     def is_adapter(self) -> bool:
         return self.base_id is not None
 
+    @property
+    def sources(self) -> tuple[SourceSpec, ...]:
+        """Every place the model is published: `source` first, then its mirrors."""
+        mirrors = [
+            SourceSpec(mirror["uri"], dict(mirror.get("labels") or {}))
+            for mirror in self.mirrors or ()
+        ]
+        return (SourceSpec(self.source, dict(self.source_labels or {})), *mirrors)
+
     def clean(self) -> None:
-        """An adapter's base is a generation model of the catalog that is no adapter itself,
-        and its rank fits what the base's engines take."""
+        """A mirror is another place than the source. An adapter's base is a generation model
+        of the catalog that is no adapter itself, and its rank fits what the base's engines
+        take."""
         super().clean()
+        if any(isinstance(m, dict) and m.get("uri") == self.source for m in self.mirrors or ()):
+            raise ValidationError({"mirrors": f"{self.source} is the source already."})
         if self.base_id is None:
             if self.adapter_rank is not None:
                 raise ValidationError(
@@ -399,6 +432,8 @@ class LoadEvent(models.Model):
     compile_cache = models.CharField(max_length=10, choices=CompileCache.choices, blank=True)
     first_token_seconds = models.FloatField(null=True, blank=True)
     bytes_downloaded = models.BigIntegerField(null=True, blank=True)
+    # Which of the model's sources the files came from (blank: an agent of contract < 1.4).
+    source = models.CharField(max_length=1000, blank=True, db_default="")
     error = models.TextField(blank=True)
 
     class Meta:
@@ -475,6 +510,10 @@ class LoadEstimate(models.Model):
         Agent, on_delete=models.CASCADE, primary_key=True, related_name="estimate"
     )
     bytes_per_second = models.FloatField(null=True, blank=True)
+    # The same estimate per store (protocol.source_store: `s3://bucket`): a host reads its
+    # region's mirror faster than another cloud's store, and a cold start's estimate is of
+    # the store it will read from.
+    source_bytes_per_second = models.JSONField(default=dict, db_default={}, blank=True)
     engine_start_seconds = models.FloatField(
         null=True, blank=True, help_text="Engine start from local disk."
     )

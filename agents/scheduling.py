@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agents.choices import AgentState, CacheLevel, LoadTrigger
@@ -122,6 +122,13 @@ class LoadHistory:
 # How much one new load moves an agent's running estimate (an exponentially weighted mean):
 # about the last five loads count, so a disk or link that changed shows within a few loads.
 OBSERVATION_WEIGHT = 0.3
+
+
+def download_rate(overall: float | None, by_store: Mapping[str, float], store: str) -> float | None:
+    """The bandwidth to expect from `store` (protocol.source_store): what this agent's
+    downloads from it showed, else what its downloads from anywhere showed (None: none yet)."""
+    rate = by_store.get(store)
+    return rate if isinstance(rate, int | float) and rate > 0 else overall
 
 
 def observe(estimate: float | None, sample: float | None) -> float | None:

@@ -170,3 +170,26 @@ def validate_labels(value: Any) -> None:
         isinstance(key, str) and isinstance(item, str) for key, item in value.items()
     ):
         raise ValidationError('Labels are a JSON object of strings, e.g. {"zone": "eu-west-1a"}.')
+
+
+# A model's mirrors: more places its files are published (one per cloud or region, say).
+MAX_MIRRORS = 8
+
+
+def validate_mirrors(value: Any) -> None:
+    """A model's mirrors: a JSON list of {"uri": a source, "labels": {...}}, each URI once."""
+    example = '[{"uri": "s3://models/org/name", "labels": {"cloud": "aws"}}]'
+    if not isinstance(value, list) or len(value) > MAX_MIRRORS:
+        raise ValidationError(f"Mirrors are a JSON list of at most {MAX_MIRRORS}, e.g. {example}.")
+    seen: set[str] = set()
+    for position, mirror in enumerate(value):
+        if not isinstance(mirror, dict) or not isinstance(mirror.get("uri"), str):
+            raise ValidationError(f"Mirror {position + 1} is not an object with a uri: {example}.")
+        try:
+            validate_source(mirror["uri"])
+            validate_labels(mirror.get("labels", {}))
+        except ValidationError as exc:
+            raise ValidationError(f"Mirror {position + 1}: {' '.join(exc.messages)}") from None
+        if mirror["uri"] in seen:
+            raise ValidationError(f"Mirror {position + 1} repeats {mirror['uri']}.")
+        seen.add(mirror["uri"])

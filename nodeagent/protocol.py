@@ -289,6 +289,13 @@ def order_sources(sources: Sequence[SourceSpec], labels: Mapping[str, str]) -> l
     return sorted(sources, key=nearness, reverse=True)
 
 
+def source_store(uri: str) -> str:
+    """The store a source URI is in (`s3://bucket`, `azure://container`, `file://`): what
+    bandwidth is observed per, since every model in one bucket comes down the same way."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if scheme != "file" else "file://"
+
+
 @dataclass(frozen=True)
 class LoadModelRequest:
     """Body of `POST /load_model`: bring a model to the GPU and answer once it serves.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from agents.models import Model
+from nodeagent.protocol import SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,13 @@ def register_catalog_model(
     base: str | None = None,
     adapter_rank: int | None = None,
     max_loras: int | None = None,
+    source_labels: dict[str, str] | None = None,
+    mirrors: Sequence[SourceSpec] = (),
 ) -> tuple[Model, bool]:
     """Add a published model to the catalog, or update its entry; returns it and whether it is new.
 
+    `source_labels` say where `source` is; `mirrors` are more stores holding the same
+    published model (the caller checked their manifests agree), replacing any there were.
     `base` (a catalog model_id) and `adapter_rank` make it a LoRA adapter of that model.
     Options left as None keep their current (or default) values. Raises ValidationError
     (writing nothing) for an invalid id, source or replica bounds, or an adapter whose base
@@ -63,6 +69,8 @@ def register_catalog_model(
             "max_replicas": max_replicas,
             "pinned": pinned,
         }
+        model.source_labels = dict(source_labels or {})
+        model.mirrors = [{"uri": m.uri, "labels": dict(m.labels)} for m in mirrors]
         for name, value in options.items():
             if value is not None:
                 setattr(model, name, value)

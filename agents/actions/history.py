@@ -15,6 +15,7 @@ from django.utils import timezone
 from agents import scheduling
 from agents.choices import CacheLevel, LoadOutcome
 from agents.models import LoadEstimate, LoadEvent, StepCounter
+from nodeagent.protocol import source_store
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,13 @@ def observe_load(event: LoadEvent) -> None:
         agent_id=event.agent_id
     )
     if event.download_seconds and event.bytes_downloaded:
-        estimate.bytes_per_second = scheduling.observe(
-            estimate.bytes_per_second, event.bytes_downloaded / event.download_seconds
-        )
+        rate = event.bytes_downloaded / event.download_seconds
+        estimate.bytes_per_second = scheduling.observe(estimate.bytes_per_second, rate)
+        if event.source:
+            by_store = dict(estimate.source_bytes_per_second or {})
+            store = source_store(event.source)
+            by_store[store] = scheduling.observe(by_store.get(store), rate)
+            estimate.source_bytes_per_second = by_store
     if event.from_level == CacheLevel.DRAM_CACHED:
         estimate.wake_seconds = scheduling.observe(
             estimate.wake_seconds, event.engine_start_seconds

@@ -30,6 +30,8 @@ from nodeagent.protocol import (
     EngineSpec,
     LoadModelRequest,
     LoadModelResponse,
+    order_sources,
+    source_store,
 )
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,21 @@ def failed_recently(model: Model) -> list[LoadEvent]:
     )
 
 
+def _history(estimate: LoadEstimate | None, model: Model, agent: Agent) -> scheduling.LoadHistory:
+    """What the agent's loads showed, its download bandwidth the one observed from the source
+    it will read this model from (the nearest: protocol.order_sources)."""
+    if estimate is None:
+        return scheduling.LoadHistory()
+    store = source_store(order_sources(model.sources, agent.labels or {})[0].uri)
+    return scheduling.LoadHistory(
+        scheduling.download_rate(
+            estimate.bytes_per_second, estimate.source_bytes_per_second or {}, store
+        ),
+        estimate.engine_start_seconds,
+        estimate.wake_seconds,
+    )
+
+
 def _load_candidates(
     model: Model, placements: Sequence[Placement], excluded: set[int]
 ) -> list[scheduling.LoadCandidate]:
@@ -222,6 +239,7 @@ def _load_candidates(
         .only(
             "pk",
             "agent_id",
+            "labels",
             "gpu_memory_total",
             "gpu_memory_free",
         )
@@ -237,9 +255,7 @@ def _load_candidates(
         .values_list("agent", "n")
     }
     estimates = {
-        estimate.agent_id: scheduling.LoadHistory(
-            estimate.bytes_per_second, estimate.engine_start_seconds, estimate.wake_seconds
-        )
+        estimate.agent_id: estimate
         for estimate in LoadEstimate.objects.filter(agent__in=[a.pk for a in agents])
     }
     tight = [
@@ -253,7 +269,7 @@ def _load_candidates(
             gpu_memory_total=agent.gpu_memory_total,
             gpu_memory_free=agent.gpu_memory_free,
             loads_in_progress=loading.get(agent.pk, 0),
-            history=estimates.get(agent.pk, scheduling.LoadHistory()),
+            history=_history(estimates.get(agent.pk), model, agent),
             residents=tuple(residents.get(agent.pk, ())),
         )
         for agent in agents
@@ -314,11 +330,14 @@ def begin_load(event_id: int) -> LoadJob | None:
     if event is None:
         return None
     model = event.model
+    # Nearest first for this agent; `source` is what an agent older than contract 1.4 reads.
+    sources = tuple(order_sources(model.sources, event.agent.labels or {}))
     request = LoadModelRequest(
         model_id=model.model_id,
-        source=model.source,
+        source=sources[0].uri,
         revision=model.revision,
         engine=EngineSpec(args=model.engine_argv + model.lora_argv),
+        sources=sources,
     )
     return LoadJob(event.pk, event.agent.base_url, event.agent.credential, request)
 
@@ -363,7 +382,10 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.engine_start = timings.engine_start
         event.engine_start_note = timings.engine_start_note
         event.compile_cache = timings.compile_cache
-        event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
+        event.source = timings.source
+        event.bytes_downloaded = timings.download_bytes or (
+            event.model.size_bytes if timings.download_seconds else 0
+        )
         event.save()
         history.observe_load(event)
         history.count_finished(event, newly=newly)

@@ -53,7 +53,8 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
     class Meta:
         model = Model
         fields = [
-            "model_id", "kind", "source", "revision", "size_bytes", "gpu_memory_bytes",
+            "model_id", "kind", "source", "source_labels", "mirrors", "revision", "size_bytes",
+            "gpu_memory_bytes",
             "engine_args", "keep_alive", "max_keep_alive", "min_replicas", "max_replicas",
             "pinned", "enabled", "owned_by", "created_at", "updated_at",
         ]  # fmt: skip
@@ -73,6 +74,10 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
             raise serializers.ValidationError(
                 {"max_replicas": f"Must be at least min_replicas ({low})."}
             )
+        source = attrs.get("source", current.source if current else "")
+        mirrors = attrs.get("mirrors", current.mirrors if current else [])
+        if any(isinstance(m, dict) and m.get("uri") == source for m in mirrors or ()):
+            raise serializers.ValidationError({"mirrors": f"{source} is the source already."})
         return attrs
 
 
@@ -159,7 +164,7 @@ class LoadEventSerializer(serializers.ModelSerializer[LoadEvent]):
             "to_level", "queued_at", "started_at", "finished_at", "queue_seconds",
             "download_seconds", "engine_start_seconds", "engine_start", "engine_start_note",
             "compile_cache",
-            "first_token_seconds", "bytes_downloaded", "error",
+            "first_token_seconds", "bytes_downloaded", "source", "error",
         ]  # fmt: skip
         read_only_fields = fields
 

@@ -94,6 +94,22 @@ class Manifest:
                 )
         return cls(files)
 
+    def differences(self, other: Manifest) -> list[str]:
+        """What makes `other` another model than this one: files missing on either side, or
+        of another size or digest (a digest only one side has is not compared)."""
+        mine, theirs = {f.path: f for f in self.files}, {f.path: f for f in other.files}
+        found = [f"{path} is missing" for path in sorted(mine.keys() - theirs.keys())]
+        found += [f"{path} is extra" for path in sorted(theirs.keys() - mine.keys())]
+        for path in sorted(mine.keys() & theirs.keys()):
+            a, b = mine[path], theirs[path]
+            if a.size != b.size:
+                found.append(f"{path} is {b.size} bytes, not {a.size}")
+            elif (a.sha256 and b.sha256 and a.sha256 != b.sha256) or (
+                a.blake3 and b.blake3 and a.blake3 != b.blake3
+            ):
+                found.append(f"{path} has other contents (its digest differs)")
+        return found
+
     @classmethod
     def of_directory(
         cls, directory: Path, on_bytes: Callable[[int], None] = lambda n: None

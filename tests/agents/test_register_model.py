@@ -88,3 +88,64 @@ def test_register_from_azurite(azurite, tmp_path, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
     register("catalog/tiny", uri)
     assert Model.objects.get().size_bytes > 1_000_000
+
+
+def test_register_from_s3_and_gcs(moto, gcs, tmp_path, monkeypatch):
+    checkpoint = tinymodel.build(tmp_path / "checkpoint")
+    for server, uri in ((moto, "s3://models/catalog/tiny"), (gcs, "gs://models/catalog/tiny")):
+        publish(checkpoint, uri, server.environ(), stream=io.StringIO())
+        for name, value in server.environ().items():
+            monkeypatch.setenv(name, value)
+        register(f"catalog/{uri[:2]}", uri)
+        assert Model.objects.get(model_id=f"catalog/{uri[:2]}").size_bytes > 1_000_000
+
+
+def test_a_model_in_two_stores_registers_with_its_mirror_and_labels(
+    moto, gcs, tmp_path, monkeypatch
+):
+    checkpoint = tinymodel.build(tmp_path / "checkpoint")
+    publish(checkpoint, "s3://models/two/tiny", moto.environ(), stream=io.StringIO())
+    publish(checkpoint, "gs://models/two/tiny", gcs.environ(), stream=io.StringIO())
+    for name, value in {**moto.environ(), **gcs.environ()}.items():
+        monkeypatch.setenv(name, value)
+    output = register(
+        "two/tiny", "s3://models/two/tiny#cloud=aws,region=us-east-1",
+        "gs://models/two/tiny#cloud=gcp",
+    )  # fmt: skip
+    model = Model.objects.get()
+    assert model.source == "s3://models/two/tiny"
+    assert model.source_labels == {"cloud": "aws", "region": "us-east-1"}
+    assert model.mirrors == [{"uri": "gs://models/two/tiny", "labels": {"cloud": "gcp"}}]
+    assert [s.uri for s in model.sources] == ["s3://models/two/tiny", "gs://models/two/tiny"]
+    assert "(and 1 mirror(s))" in output
+
+
+def test_a_mirror_whose_manifest_differs_is_refused_and_nothing_is_registered(published, tmp_path):
+    other = (tmp_path / "store" / "other").as_uri()
+    changed = tinymodel.build(tmp_path / "changed")
+    (changed / "config.json").write_text((changed / "config.json").read_text() + " ")
+    publish(changed, other, {}, stream=io.StringIO())
+    with pytest.raises(CommandError) as raised:
+        register("org/tiny", published, other)
+    assert f"{other} holds another model than {published}" in str(raised.value)
+    assert "config.json" in str(raised.value)
+    assert not Model.objects.exists()
+
+
+def test_a_mirror_that_cannot_be_read_is_named_and_nothing_is_registered(
+    published, moto, tmp_path, monkeypatch
+):
+    for name, value in moto.environ().items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(CommandError, match=r"s3://no-such-bucket/tiny: .*bucket_not_found"):
+        register("org/tiny", published, "s3://no-such-bucket/tiny")
+    missing = (tmp_path / "nowhere").as_uri()
+    with pytest.raises(CommandError, match=f"{missing}: .*model_not_found"):
+        register("org/tiny", published, missing)
+    with pytest.raises(CommandError, match=r"hdfs://x/y: .*bad_uri"):
+        register("org/tiny", published, "hdfs://x/y")
+    with pytest.raises(CommandError, match="named twice"):
+        register("org/tiny", published, published)
+    with pytest.raises(CommandError, match="key=value"):
+        register("org/tiny", f"{published}#cloud")
+    assert not Model.objects.exists()

@@ -15,7 +15,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
 from agents.choices import ModelKind
-from nodeagent.store import StoreError, read_file, read_manifest
+from nodeagent.protocol import SourceSpec
+from nodeagent.store import Manifest, StoreError, read_file, read_manifest
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,6 +38,39 @@ def gigabytes(value: str) -> int:
     if number < 0:
         raise ArgumentTypeError(f"{value!r} is negative")
     return int(number * 1e9)
+
+
+def source_spec(text: str) -> SourceSpec:
+    """`URI` or `URI#key=value,key=value`: a source and the labels saying where it is."""
+    uri, _, labels = text.partition("#")
+    found: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in labels.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip() or not value.strip():
+            raise ArgumentTypeError(f"{text!r}: labels after # are key=value pairs, not {item!r}")
+        found[key.strip()] = value.strip()
+    return SourceSpec(uri.strip(), found)
+
+
+def agreeing_manifest(sources: list[SourceSpec]) -> Manifest:
+    """The manifest every source holds; CommandError naming the source that cannot be read
+    or whose manifest is another model's (nothing is registered then)."""
+    manifests = []
+    for source in sources:
+        try:
+            manifests.append(read_manifest(source.uri, os.environ))
+        except StoreError as exc:
+            raise CommandError(f"{source.uri}: {exc} ({exc.code})") from None
+    first = manifests[0]
+    for source, manifest in zip(sources[1:], manifests[1:], strict=True):
+        differences = first.differences(manifest)
+        if differences:
+            shown = "; ".join(differences[:5]) + ("; …" if len(differences) > 5 else "")
+            raise CommandError(
+                f"Not registered: {source.uri} holds another model than {sources[0].uri} "
+                f"(its manifest differs: {shown})"
+            )
+    return first
 
 
 def adapter_rank(uri: str) -> int:
@@ -66,9 +100,15 @@ class Command(BaseCommand):
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("model_id", help="the name clients send as `model`")
         parser.add_argument(
-            "uri",
-            help="azure://<container>/<prefix>, s3://<bucket>/<prefix>, gs://<bucket>/<prefix> "
-            "or file:///<directory>",
+            "sources",
+            nargs="+",
+            type=source_spec,
+            metavar="URI[#LABELS]",
+            help="where the model is published: azure://<container>/<prefix>, "
+            "s3://<bucket>/<prefix>, gs://<bucket>/<prefix> or file:///<directory>. More than "
+            "one: the same model in several stores (their manifests must agree), each with "
+            "labels saying where it is, e.g. s3://models/llama#cloud=aws,region=us-east-1; "
+            "agents read from the one sharing their zone, region or cloud first",
         )
         parser.add_argument(
             "--revision", default="", help="a label; changing it makes agents download again"
@@ -117,11 +157,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        uri = options["uri"]
-        try:
-            manifest = read_manifest(uri, os.environ)
-        except StoreError as exc:
-            raise CommandError(f"{uri}: {exc} ({exc.code})") from None
+        sources: list[SourceSpec] = options["sources"]
+        uri = sources[0].uri
+        if len({source.uri for source in sources}) != len(sources):
+            raise CommandError("Not registered: a source is named twice")
+        if options["base"] and len(sources) > 1:
+            raise CommandError("Not registered: a LoRA adapter has one source")
+        manifest = agreeing_manifest(sources)
         engine_args = (
             shlex.split(options["engine_args"]) if options["engine_args"] is not None else None
         )
@@ -144,6 +186,8 @@ class Command(BaseCommand):
                 base=options["base"],
                 adapter_rank=rank,
                 max_loras=options["max_loras"],
+                source_labels=sources[0].labels,
+                mirrors=sources[1:],
             )
         except ValidationError as exc:
             problems = "; ".join(
@@ -156,4 +200,5 @@ class Command(BaseCommand):
         total = manifest.total_size
         shown = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
         size = f"{len(manifest.files)} files, {shown}"
-        self.stdout.write(f"{verb} {model.model_id} from {uri}: {size}")
+        mirrors = f" (and {len(sources) - 1} mirror(s))" if len(sources) > 1 else ""
+        self.stdout.write(f"{verb} {model.model_id} from {uri}{mirrors}: {size}")
