@@ -1,6 +1,8 @@
-"""Download speed of a 1 GiB model from Azurite: llmfleet's downloader, the Azure SDK, the wire.
+"""Download speed of a 1 GiB model from Azurite: llmfleet's downloader, the Azure SDK, the wire;
+then every store (Azure, S3, GCS emulators) with llmfleet's downloader beside obstore.
 
-    .venv/bin/python bench/download.py [--size-mib 1024] [--files 4]
+    .venv/bin/python bench/download.py [--size-mib 1024] [--files 4] [--store-size-mib 256]
+    .venv/bin/python bench/download.py --stores-only
 
 Publishes a synthetic model (random bytes) to an in-memory Azurite, then in the
 same run measures MB/s for (a) llmfleet's downloader, CPU seconds of its process
@@ -12,6 +14,11 @@ with default settings, and (c) the machine's ceiling: the same bytes fetched
 over loopback HTTP by curl from a plain static server (`python -m http.server`).
 Ends with one RESULT line (`cpu_s_per_gib` is BLAKE3's, `cpu_s_per_gib_sha256`
 beside it). Needs `make azurite` (npm) and curl.
+
+The stores part (bench/stores.py) publishes a smaller model (`--store-size-mib`, in
+16 MiB files) to Azurite, moto and gcp-storage-emulator and downloads it from each with
+llmfleet's downloader and with obstore, each in a fresh process; its RESULT line has
+MB/s and CPU seconds per GiB for each pair.
 
 Each method runs in a fresh process, after `sync` and (as root) dropping the
 page cache: on these VMs a process's writes slow to about a third once it has
@@ -35,12 +42,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from azure.storage.blob import BlobServiceClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from stores import STORES, measure_here_store, publish_to, start, uri_of  # noqa: E402
 
 from nodeagent.download import DownloadProgress, DownloadSettings, download  # noqa: E402
 from nodeagent.store import open_store  # noqa: E402
@@ -192,6 +202,54 @@ def verify(directory: Path, digests: dict[str, str]) -> None:
             raise SystemExit(f"sha256 mismatch in {name}")
 
 
+def measure_store(method: str, uri: str, environ: dict[str, str], target: Path,
+                  tuning: list[str]) -> dict[str, Any]:  # fmt: skip
+    """One store's download by `method` (ours or obstore) in a fresh process."""
+    fresh_start()
+    argv = [sys.executable, __file__, "--measure-store", method, "--uri", uri,
+            "--environ-json", json.dumps(environ), "--target", str(target), *tuning]  # fmt: skip
+    output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(output.strip().splitlines()[-1]))
+
+
+def every_store(work: Path, size_mib: int, tuning: list[str]) -> dict[str, str]:
+    """Each store's download by llmfleet and by obstore, printed as a table; RESULT fields."""
+    model = work / "store-model"
+    digests = make_model(model, size_mib, max(size_mib // 16, 1))
+    total = sum(path.stat().st_size for path in model.iterdir())
+    rows: list[tuple[str, str, float | None, float | None, str]] = []
+    summary: dict[str, str] = {}
+    for kind in STORES:
+        server = start(kind, work)
+        try:
+            print(f"publishing {total / MIB:.0f} MiB to the {kind} emulator...", file=sys.stderr)
+            environ = publish_to(kind, server, model)
+            for method in ("ours", "obstore"):
+                target = work / f"{kind}-{method}"
+                result = measure_store(method, uri_of(kind), environ, target, tuning)
+                if "error" in result:
+                    rows.append((kind, method, None, None, str(result["error"])[:100]))
+                    summary[f"{kind}_{method}_mb_s"] = "n/a"
+                    shutil.rmtree(target, ignore_errors=True)
+                    continue
+                verify(target, digests)
+                shutil.rmtree(target)
+                mb_s = total / 1e6 / result["seconds"]
+                cpu = result["cpu"] / (total / 1024**3)
+                rows.append((kind, method, mb_s, cpu, ""))
+                summary[f"{kind}_{method}_mb_s"] = f"{mb_s:.0f}"
+                summary[f"{kind}_{method}_cpu_s_per_gib"] = f"{cpu:.2f}"
+        finally:
+            server.kill()
+    print(f"\n{'store':<6} {'client':<9} {'MB/s':>7} {'CPU s/GiB':>10}  ({total / MIB:.0f} MiB)")
+    for kind, method, rate, cpu_per_gib, note in rows:
+        if rate is None or cpu_per_gib is None:
+            print(f"{kind:<6} {method:<9} {'n/a':>7} {'n/a':>10}  {note}")
+        else:
+            print(f"{kind:<6} {method:<9} {rate:7.0f} {cpu_per_gib:10.2f}")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -205,17 +263,46 @@ def main() -> None:
     parser.add_argument(
         "--buffered", action="store_true", help=argparse.SUPPRESS
     )  # the downloader with O_DIRECT off
+    parser.add_argument(
+        "--store-size-mib", type=int, default=256, help="the model each store serves, MiB"
+    )
+    parser.add_argument(
+        "--stores-only", action="store_true", help="only every store, ours beside obstore"
+    )
     parser.add_argument("--measure", choices=["ours", "sdk"], help=argparse.SUPPRESS)
+    parser.add_argument("--measure-store", choices=["ours", "obstore"], help=argparse.SUPPRESS)
+    parser.add_argument("--uri", help=argparse.SUPPRESS)
+    parser.add_argument("--environ-json", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="model", help=argparse.SUPPRESS)
     parser.add_argument("--connection-string", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    settings = DownloadSettings(
+        concurrency=args.concurrency, range_bytes=args.range_mib * MIB,
+        hash_memory_bytes=args.hash_memory_mib * MIB, direct_io=not args.buffered,
+    )  # fmt: skip
+    if args.measure_store:
+        try:
+            seconds, cpu = measure_here_store(
+                args.measure_store, args.uri, json.loads(args.environ_json), args.target, settings
+            )
+        except Exception as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}))
+            return
+        print(json.dumps({"seconds": seconds, "cpu": cpu}))
+        return
+    tuning = ["--range-mib", str(args.range_mib), "--concurrency", str(args.concurrency),
+              "--hash-memory-mib", str(args.hash_memory_mib)]  # fmt: skip
+    if args.stores_only:
+        work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-"))
+        try:
+            summary = every_store(work, args.store_size_mib, tuning)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print("RESULT " + " ".join(f"{key}={value}" for key, value in summary.items()))
+        return
     if args.measure:
-        settings = DownloadSettings(
-            concurrency=args.concurrency, range_bytes=args.range_mib * MIB,
-            hash_memory_bytes=args.hash_memory_mib * MIB, direct_io=not args.buffered,
-        )  # fmt: skip
         measure_here(
             args.measure, args.connection_string, args.target, args.names.split(","), settings,
             args.prefix,
@@ -232,8 +319,6 @@ def main() -> None:
         publish(model, "azure://bench/model", azurite.environ(), stream=io.StringIO())
 
         connection = azurite.connection_string()
-        tuning = ["--range-mib", str(args.range_mib), "--concurrency", str(args.concurrency),
-                  "--hash-memory-mib", str(args.hash_memory_mib)]  # fmt: skip
         result = measure("ours", connection, work / "ours", names, tuning)
         seconds, cpu, verify_seconds = result["seconds"], result["cpu"], result["verify_seconds"]
         verify(work / "ours", digests)
@@ -255,6 +340,9 @@ def main() -> None:
         fresh_start()
         ceiling_seconds = ceiling(model, names, work / "curl")
         shutil.rmtree(work / "curl")
+        azurite.kill()
+        shutil.rmtree(model)
+        stores_summary = every_store(work, args.store_size_mib, tuning)
     finally:
         azurite.kill()
         shutil.rmtree(work, ignore_errors=True)
@@ -296,6 +384,7 @@ def main() -> None:
         "cpu_s_per_gib_sha256": f"{cpu_per_gib_sha:.2f}",
         "buffered_mb_s": f"{rate['buffered']:.0f}",
         "cpu_s_per_gib_buffered": f"{cpu_per_gib_buffered:.2f}",
+        **stores_summary,
     }
     print("RESULT " + " ".join(f"{key}={value}" for key, value in summary.items()))
 

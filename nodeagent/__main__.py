@@ -23,12 +23,18 @@ def publish_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nodeagent publish",
         description="Publish a Hugging Face checkpoint directory to a model store, with its "
-        "manifest (sizes and sha256) written last. Azure credentials come from "
-        "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL with "
-        "AZURE_STORAGE_SAS_TOKEN or AZURE_STORAGE_KEY.",
+        "manifest (sizes, sha256 and BLAKE3) written last. Credentials come from the "
+        "environment: Azure's AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_URL "
+        "with AZURE_STORAGE_SAS_TOKEN or AZURE_STORAGE_KEY); AWS's standard variables, "
+        "profiles and roles (AWS_ENDPOINT_URL_S3 for an S3-compatible store); "
+        "GOOGLE_APPLICATION_CREDENTIALS or Application Default Credentials.",
     )
     parser.add_argument("local_dir", type=Path, help="the checkpoint directory")
-    parser.add_argument("uri", help="azure://<container>/<prefix> or file:///<directory>")
+    parser.add_argument(
+        "uri",
+        help="azure://<container>/<prefix>, s3://<bucket>/<prefix>, gs://<bucket>/<prefix> or "
+        "file:///<directory>",
+    )
     args = parser.parse_args(argv)
     try:
         manifest = publish(args.local_dir, args.uri, os.environ)

@@ -48,7 +48,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--store",
             default=None,
-            help="where to publish it: azure://<container>/<prefix> or file:///<directory> "
+            help="where to publish it: azure://<container>/<prefix>, s3://<bucket>/<prefix>, "
+            "gs://<bucket>/<prefix> or file:///<directory> "
             "(default: file:// under VAR_DIR/store, which only agents on this machine can read)",
         )
         parser.add_argument(
