@@ -12,18 +12,41 @@ whose checksums fail, leaves nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nodeagent.cache import CachedModel, ModelCache
 from nodeagent.download import DownloadProgress, DownloadResult, DownloadSettings, download
-from nodeagent.store import Store, StoreError
+from nodeagent.store import RemoteFile, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 # Failures of this host, not of the source: another source would fail the same way.
 LOCAL_FAILURES = {"cache_full", "download_in_progress"}
+
+
+# Backoff between tries of a listing the store throttled or dropped, seconds.
+LISTING_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+async def _listing(store: Store, deadline: float, patience: float | None) -> list[RemoteFile]:
+    """The store's listing, tried again while the store answers with throttling or a server
+    error (429, 5xx), for up to `patience` seconds. A store that does not answer at all is
+    not waited for here: the next source takes over at once, or the load fails with a clear
+    error (an outage in the middle of a download is the downloader's to ride out)."""
+    loop = asyncio.get_running_loop()
+    give_up = min(deadline, loop.time() + (patience if patience is not None else 20.0))
+    for delay in (*LISTING_RETRY_DELAYS, None):
+        try:
+            return await store.listing()
+        except StoreError as exc:
+            if exc.code != "store_unavailable" or delay is None or loop.time() + delay >= give_up:
+                raise
+            log.info("%s: listing failed (%s); again in %.1f s", store.uri, exc, delay)
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,7 @@ async def fetch_model(
         last = position == len(sources) - 1
         try:
             store = open_store(uri)
-            files = await store.listing()
+            files = await _listing(store, deadline, failover_seconds)
             await make_room(sum(file.size for file in files))
             staging = cache.partial_directory(model_id)
             result = await download(

@@ -57,3 +57,4 @@ def test_a_model_whose_nearest_store_is_down_is_served_from_its_mirror(fleet, tm
     # The agent went to its own cloud's copy first, and said why it left it.
     assert "source s3://models/org/tiny failed" in agent.log()
     assert "trying the next" in agent.log()
+    assert s3.keys["AWS_SECRET_ACCESS_KEY"] not in agent.log()

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from nodeagent.cache import ModelCache
 from nodeagent.download import LOCK, DownloadProgress, DownloadSettings, download
+from nodeagent.fetch import Fetched, fetch_model
 from nodeagent.store import RemoteFile, StoreError
 from nodeagent.store.base import http_status_error
 from nodeagent.store.local import LocalStore
@@ -17,12 +19,19 @@ from tests.store.conftest import MIB, digests
 class FlakyStore:
     """A local store whose first `failures` reads of each range answer like a throttled server."""
 
-    def __init__(self, inner: LocalStore, failures: int, status: int) -> None:
+    def __init__(
+        self, inner: LocalStore, failures: int, status: int, listing_failures: int = 0
+    ) -> None:
         self.inner, self.failures, self.status = inner, failures, status
+        self.listing_failures = listing_failures
         self.uri = inner.uri
         self.attempts: dict[tuple[str, int], int] = {}
+        self.listings = 0
 
     async def listing(self) -> list[RemoteFile]:
+        self.listings += 1
+        if self.listings <= self.listing_failures:
+            raise http_status_error(self.status, "the listing", "slow down")
         return await self.inner.listing()
 
     async def read_range(
@@ -83,3 +92,44 @@ async def test_one_download_per_model_at_a_time(checkpoint, tmp_path):
     assert (raised.value.code, raised.value.status) == ("download_in_progress", 409)
     await first
     assert digests(staging) == digests(checkpoint)
+
+
+async def fetch_through(stores: dict[str, object], tmp_path, failover: float = 20) -> Fetched:
+    async def room(needed: int) -> None:
+        return None
+
+    deadline = asyncio.get_running_loop().time() + 30
+    return await fetch_model(
+        ModelCache(tmp_path / "cache"), list(stores), stores.__getitem__, "org/m", "",
+        DownloadProgress(), DownloadSettings(), deadline, room, failover_seconds=failover,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_throttled_listing_is_asked_again(checkpoint, tmp_path, status):
+    store = FlakyStore(LocalStore(checkpoint.as_uri()), 0, status, listing_failures=2)
+    fetched = await fetch_through({store.uri: store}, tmp_path)
+    assert store.listings == 3
+    assert digests(fetched.cached.directory) == digests(checkpoint)
+
+
+async def test_a_listing_throttled_past_the_failover_time_hands_over(checkpoint, tmp_path):
+    busy = FlakyStore(LocalStore(checkpoint.as_uri()), 0, 503, listing_failures=100)
+    mirror = LocalStore(checkpoint.as_uri() + "/")
+    started = asyncio.get_running_loop().time()
+    fetched = await fetch_through({busy.uri: busy, mirror.uri: mirror}, tmp_path, failover=1.0)
+    assert fetched.source == mirror.uri
+    assert 2 <= busy.listings <= 4  # asked again for about a second, not until the deadline
+    assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_a_store_that_does_not_answer_hands_over_at_once(checkpoint, tmp_path):
+    class Unreachable(FlakyStore):
+        async def listing(self) -> list[RemoteFile]:
+            self.listings += 1
+            raise StoreError("store_unreachable", "connection refused", 503, True)
+
+    dead = Unreachable(LocalStore((tmp_path / "gone").as_uri()), 0, 503)
+    mirror = LocalStore(checkpoint.as_uri())
+    fetched = await fetch_through({dead.uri: dead, mirror.uri: mirror}, tmp_path)
+    assert (fetched.source, dead.listings) == (mirror.uri, 1)
