@@ -10,7 +10,7 @@ import pytest
 from nodeagent.cache import ModelCache
 from nodeagent.download import LOCK, DownloadProgress, DownloadSettings, download
 from nodeagent.fetch import Fetched, fetch_model
-from nodeagent.store import RemoteFile, StoreError
+from nodeagent.store import RemoteFile, Store, StoreError
 from nodeagent.store.base import http_status_error
 from nodeagent.store.local import LocalStore
 from tests.store.conftest import MIB, digests
@@ -94,7 +94,7 @@ async def test_one_download_per_model_at_a_time(checkpoint, tmp_path):
     assert digests(staging) == digests(checkpoint)
 
 
-async def fetch_through(stores: dict[str, object], tmp_path, failover: float = 20) -> Fetched:
+async def fetch_through(stores: dict[str, Store], tmp_path, failover: float = 20) -> Fetched:
     async def room(needed: int) -> None:
         return None
 
