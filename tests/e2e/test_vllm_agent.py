@@ -13,6 +13,7 @@ import pytest
 
 from nodeagent import tinymodel
 from nodeagent.store.publish import publish
+from tests.clouds import Moto
 from tests.e2e.agent_process import engine_python as find_engine_python
 from tests.e2e.agent_process import (
     group_members,
@@ -155,3 +156,48 @@ def test_an_engine_that_cannot_start_fails_the_load_with_its_log_tail(
             for _, _, args in processes_mentioning(str(agent.cache_dir))
             if "api_server" in args
         ] == []
+
+
+def test_vllm_serves_a_model_from_s3_then_from_its_gcs_mirror_once_s3_is_gone(
+    tmp_path, engine_python, tiny, gcs
+):
+    # One model in two clouds. The agent (cloud=aws) reads its own cloud's S3 copy first;
+    # once that copy is gone from the cache and S3 is down, the GCS mirror serves it.
+    s3 = Moto(tmp_path / "moto").start()
+    publish(tiny, "s3://models/org/tiny", s3.environ(), stream=io.StringIO())
+    publish(tiny, "gs://models/vllm/tiny", gcs.environ(), stream=io.StringIO())
+    load = {
+        "model_id": "org/tiny", "source": "gs://models/vllm/tiny",
+        "sources": [
+            {"uri": "gs://models/vllm/tiny", "labels": {"cloud": "gcp"}},
+            {"uri": "s3://models/org/tiny", "labels": {"cloud": "aws"}},
+        ],
+        "engine": {"args": CPU_ARGS},
+    }  # fmt: skip
+    agent_args = ("--engine", "vllm", "--engine-python", engine_python, "--labels", "cloud=aws")
+    try:
+        with running_agent(
+            tmp_path, *agent_args, extra_env={**s3.environ(), **gcs.environ()}
+        ) as agent:
+            for expected in ("s3://models/org/tiny", "gs://models/vllm/tiny"):
+                response = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
+                assert response.status_code == 200, response.text
+                loaded = response.json()
+                assert loaded["timings"]["source"] == expected
+                assert loaded["timings"]["files_cached"] is False
+                client = openai.OpenAI(
+                    base_url=f"{loaded['inference_endpoint_url']}/v1", api_key=agent.token
+                )
+                answer = client.completions.create(
+                    model="org/tiny", prompt="Hello", max_tokens=4,
+                    extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                assert answer.usage is not None
+                assert answer.usage.completion_tokens == 4
+                # Off the GPU and off the disk; then S3 goes away.
+                response = agent.post("/unload_model", {"model_id": "org/tiny", "to": "NONE"})
+                assert response.status_code == 200, response.text
+                s3.kill()
+            assert "source s3://models/org/tiny failed" in agent.log()
+    finally:
+        s3.kill()
