@@ -327,7 +327,10 @@ class LoadModelRequest:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"engine": {"name": self.engine.name, "args": list(self.engine.args)}}
+        return asdict(self) | {
+            "engine": {"name": self.engine.name, "args": list(self.engine.args)},
+            "sources": [asdict(source) for source in self.sources],
+        }
 
     @property
     def all_sources(self) -> tuple[SourceSpec, ...]:

@@ -15,7 +15,9 @@ from nodeagent.protocol import (
     ModelState,
     ModelStatus,
     ProtocolError,
+    SourceSpec,
     UnloadModelRequest,
+    source_store,
 )
 
 
@@ -31,6 +33,30 @@ def test_load_request_with_engine_arguments():
     assert (request.model_id, request.revision, request.engine.name) == ("org/m", "abc", "vllm")
     assert request.engine.args == ("--dtype", "float32")
     assert LoadModelRequest.from_json(request.to_json()) == request
+
+
+def test_a_load_request_carries_every_source_with_its_labels():
+    sources = (SourceSpec("s3://b/k", {"cloud": "aws"}), SourceSpec("gs://b/k"))
+    request = LoadModelRequest("org/m", "s3://b/k", sources=sources)
+    decoded = LoadModelRequest.from_json(request.to_json())
+    assert decoded == request
+    assert decoded.all_sources == sources
+    # From a control plane that sends no list (contract 1.3): the one source.
+    older = LoadModelRequest.from_json({"model_id": "org/m", "source": "azure://c/m"})
+    assert older.all_sources == (SourceSpec("azure://c/m"),)
+
+
+@pytest.mark.parametrize(
+    ("uri", "store"),
+    [
+        ("s3://bucket/a/b", "s3://bucket"),
+        ("gs://bucket/a", "gs://bucket"),
+        ("azure://container/a/b/c", "azure://container"),
+        ("file:///srv/models/a", "file://"),
+    ],
+)
+def test_bandwidth_is_learned_per_store(uri, store):
+    assert source_store(uri) == store
 
 
 @pytest.mark.parametrize(
@@ -50,6 +76,20 @@ def test_load_request_with_engine_arguments():
             "'engine.args' must be a list",
         ),
         ({"model_id": "m", "source": "file:///m", "revision": 3}, "'revision' must be a string"),
+        ({"model_id": "m", "source": "file:///m", "sources": "s3://b/k"}, "'sources' must be a"),
+        ({"model_id": "m", "source": "file:///m", "sources": ["s3://b/k"]}, "'sources\\[0\\]'"),
+        (
+            {"model_id": "m", "source": "file:///m", "sources": [{"uri": "ftp://b/k"}]},
+            "'sources\\[0\\].uri' must be a file://, azure://, s3:// or gs:// URI",
+        ),
+        (
+            {
+                "model_id": "m",
+                "source": "file:///m",
+                "sources": [{"uri": "s3://b/k", "labels": {"zone": 1}}],
+            },
+            "'sources\\[0\\].labels' must be an object of strings",
+        ),
     ],
 )
 def test_bad_load_requests_say_what_is_wrong(body, message):
