@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from tests.support import free_port, wait_for
+from tests.support import free_port_block, wait_for
 
 BUCKET = "models"
 # Any key may sign at a moto without authentication; with it, only the IAM user's below.
@@ -30,7 +30,9 @@ class Emulator:
     """A server process on a free loopback port, logging into `workdir`."""
 
     workdir: Path
-    port: int = field(default_factory=free_port)
+    # Below the ephemeral range: a port an emulator gives up (killed, to restart) is not taken
+    # meanwhile by an outgoing connection.
+    port: int = field(default_factory=lambda: free_port_block(1))
     process: subprocess.Popen[bytes] | None = None
 
     @property

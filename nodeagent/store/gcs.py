@@ -72,8 +72,8 @@ def auth_errors(what: str) -> Iterator[None]:
 
 
 def _from_file(path: str, scope: str) -> tuple[Any, str | None]:
-    """The credentials in a key file of the two kinds GCS's users keep: a service account's
-    key, or gcloud's `application-default login` (authorized_user)."""
+    """The credentials in a key file: a service account's key, gcloud's
+    `application-default login` (authorized_user), or another kind google-auth takes."""
     import json
 
     from google.oauth2 import credentials, service_account
@@ -100,12 +100,26 @@ def _from_file(path: str, scope: str) -> tuple[Any, str | None]:
         raise StoreError(
             "no_credentials", f"GOOGLE_APPLICATION_CREDENTIALS={path} is not usable: {exc}", 400
         ) from None
-    raise StoreError(
-        "no_credentials",
-        f"GOOGLE_APPLICATION_CREDENTIALS={path} is of type {kind!r}: llmfleet takes "
-        "service_account and authorized_user files",
-        400,
-    )
+    # Workload identity federation (external_account: an agent on AWS or Azure reading a GCS
+    # mirror) and impersonation: google-auth's general loader. It warns about files from
+    # untrusted sources; this one is the operator's own configuration.
+    import warnings
+
+    import google.auth
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loaded: tuple[Any, str | None] = google.auth.load_credentials_from_file(  # type: ignore[no-untyped-call]
+                path, scopes=[scope]
+            )
+        except google.auth.exceptions.DefaultCredentialsError as exc:
+            raise StoreError(
+                "no_credentials",
+                f"GOOGLE_APPLICATION_CREDENTIALS={path} (type {kind!r}) is not usable: {exc}",
+                400,
+            ) from None
+    return loaded
 
 
 class GcsAuth:
@@ -192,11 +206,17 @@ class GcsStore:
             query = f"prefix={quote(self.prefix + '/', safe='')}"
             if token:
                 query += f"&pageToken={quote(token, safe='')}"
-            page = json.loads(await self._get(f"{self._objects}?{query}", self.uri, missing))
-            for item in page.get("items", ()):
-                name = str(item["name"]).removeprefix(self.prefix + "/")
-                found[name] = (int(item["size"]), str(item["generation"]))
-            token = page.get("nextPageToken") or ""
+            body = await self._get(f"{self._objects}?{query}", self.uri, missing)
+            try:
+                page = json.loads(body)
+                for item in page.get("items", ()):
+                    name = str(item["name"]).removeprefix(self.prefix + "/")
+                    found[name] = (int(item["size"]), str(item["generation"]))
+                token = page.get("nextPageToken") or ""
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise StoreError(
+                    "store_error", f"{self.uri}: the store's listing cannot be read: {exc!r}"
+                ) from None
             if not token:
                 return found
 

@@ -32,7 +32,10 @@ _DENIED = {
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
     "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "403",
 }  # fmt: skip
-_THROTTLED = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
+_THROTTLED = {
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "500", "502", "503",
+    "504",
+}  # fmt: skip
 # Publishing: parts of 64 MiB, a few at once (s3transfer's defaults are 8 MiB parts).
 _PART_BYTES = 64 * 1024 * 1024
 
@@ -60,7 +63,7 @@ class S3Connection:
         from botocore.config import Config
 
         self.endpoint = _endpoint(environ)
-        config = Config(
+        self.config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path" if self.endpoint else "auto"},
             retries={"mode": "standard", "max_attempts": 3},
@@ -75,19 +78,24 @@ class S3Connection:
                 region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
                 profile_name=environ.get("AWS_PROFILE") or None,
             )
-            self.client = self.session.client("s3", endpoint_url=self.endpoint, config=config)
+            self.client = self.session.client("s3", endpoint_url=self.endpoint, config=self.config)
         self.region: str = self.client.meta.region_name or "us-east-1"
 
-    def object_url(self, bucket: str, key: str) -> str:
-        """Where a GET of the object goes: path-style at a custom endpoint, else AWS's
-        virtual-hosted style (path-style only for bucket names with dots, which break TLS)."""
-        if self.endpoint:
-            return f"{self.endpoint.rstrip('/')}/{bucket}/{quote(key)}"
-        if "." in bucket:
-            return f"https://s3.{self.region}.amazonaws.com/{bucket}/{quote(key)}"
-        return f"https://{bucket}.s3.{self.region}.amazonaws.com/{quote(key)}"
+    def bucket_endpoint(self, bucket: str) -> tuple[str, str]:
+        """(base URL of the bucket's objects, region to sign for). At AWS, the bucket's own
+        region (it may not be the configured one: boto3 follows S3's redirects, a plain GET
+        does not), and that region's endpoint as botocore resolves it (partitions, FIPS and
+        dual-stack settings included). Blocking: a HEAD of the bucket, in a thread."""
+        if self.endpoint:  # an S3-compatible store: path-style, the configured region
+            return f"{self.endpoint.rstrip('/')}/{bucket}", self.region
+        with errors(f"the bucket {bucket}"):
+            head = self.client.head_bucket(Bucket=bucket)
+            headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            region = headers.get("x-amz-bucket-region") or self.region
+            regional = self.session.client("s3", region_name=region, config=self.config)
+        return bucket_base(regional.meta.endpoint_url, bucket), region
 
-    def signed_headers(self, url: str, headers: dict[str, str]) -> dict[str, str]:
+    def signed_headers(self, url: str, headers: dict[str, str], region: str) -> dict[str, str]:
         """`headers` plus SigV4's for a GET of `url` (botocore refreshes expiring credentials
         here, which may block: call it in a thread)."""
         from botocore.auth import S3SigV4Auth
@@ -102,8 +110,18 @@ class S3Connection:
                 400,
             )
         request = AWSRequest(method="GET", url=url, headers=headers)
-        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", region).add_auth(request)
         return dict(request.headers.items())
+
+
+def bucket_base(regional_endpoint: str, bucket: str) -> str:
+    """The bucket's objects at a regional AWS endpoint: virtual-hosted style
+    (`https://bucket.s3.eu-west-1.amazonaws.com`), path-style for names with dots, which
+    do not match the endpoint's TLS certificate as a host name."""
+    parts = urlsplit(regional_endpoint)
+    if "." in bucket:
+        return f"{parts.scheme}://{parts.netloc}/{bucket}"
+    return f"{parts.scheme}://{bucket}.{parts.netloc}"
 
 
 @contextlib.contextmanager
@@ -131,8 +149,8 @@ def errors(what: str, not_found: str = "") -> Iterator[None]:
         raise StoreError("store_error", message) from None
     except (bce.NoCredentialsError, bce.PartialCredentialsError, bce.ProfileNotFound) as exc:
         raise StoreError("no_credentials", f"{what}: {exc}", 400) from None
-    except (bce.EndpointConnectionError, bce.ConnectionClosedError, bce.ReadTimeoutError,
-            bce.ConnectTimeoutError) as exc:  # fmt: skip
+    except (bce.ConnectionError, bce.HTTPClientError, bce.ResponseStreamingError,
+            bce.IncompleteReadError) as exc:  # fmt: skip
         raise StoreError("store_unreachable", f"{what}: {exc}", 503, True) from None
     except bce.BotoCoreError as exc:
         raise StoreError("store_error", f"{what}: {exc}") from None
@@ -144,6 +162,7 @@ class S3Store:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.s3 = S3Connection(environ)
         self.client = self.s3.client
+        self._endpoint: tuple[str, str] | None = None  # (objects' base URL, region)
 
     def _list(self) -> dict[str, tuple[int, str]]:
         found: dict[str, tuple[int, str]] = {}
@@ -157,9 +176,11 @@ class S3Store:
                     found[name] = (int(item["Size"]), str(item["ETag"]))
         return found
 
-    def _manifest(self) -> Manifest:
+    def _manifest(self, etag: str) -> Manifest:
         with errors(f"reading {self.uri}/{MANIFEST_NAME}"):
-            body = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{MANIFEST_NAME}")
+            body = self.client.get_object(
+                Bucket=self.bucket, Key=f"{self.prefix}/{MANIFEST_NAME}", IfMatch=etag
+            )
             return Manifest.from_json(body["Body"].read())
 
     def _listing(self) -> list[RemoteFile]:
@@ -168,11 +189,20 @@ class S3Store:
             raise StoreError(
                 "model_not_found", f"{self.uri} holds no published model (no {MANIFEST_NAME})", 404
             )
-        return join_listing(self._manifest(), found, self.uri)
+        files = join_listing(self._manifest(found[MANIFEST_NAME][1]), found, self.uri)
+        self._endpoint = self._endpoint or self.s3.bucket_endpoint(self.bucket)
+        return files
 
     async def listing(self) -> list[RemoteFile]:
         # boto3 blocks (and may ask an instance's metadata service for credentials): a thread.
         return await asyncio.to_thread(self._listing)
+
+    def _signed(self, file: RemoteFile, start: int, end: int) -> tuple[str, dict[str, str]]:
+        self._endpoint = self._endpoint or self.s3.bucket_endpoint(self.bucket)
+        base, region = self._endpoint
+        url = f"{base}/{quote(f'{self.prefix}/{file.path}')}"
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": file.etag}
+        return url, self.s3.signed_headers(url, headers, region)
 
     async def read_range(
         self,
@@ -182,17 +212,25 @@ class S3Store:
         buffer: memoryview,
         on_bytes: Callable[[int], None],
     ) -> None:
-        url = self.s3.object_url(self.bucket, f"{self.prefix}/{file.path}")
-        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": file.etag}
-        signed = await asyncio.to_thread(self.s3.signed_headers, url, headers)
+        url, headers = await asyncio.to_thread(self._signed, file, start, end)
         await read_into(
             url,
-            signed,
+            headers,
             buffer,
             file.path,
-            lambda status, body: http_status_error(status, file.path, body),
+            lambda status, body: http_status_error(status, file.path, s3_error_code(body)),
             on_bytes,
         )
+
+
+def s3_error_code(body: str) -> str:
+    """S3's error code and message from an error body, without the rest (a signature
+    mismatch's body repeats the access key id and the string that was signed)."""
+    import re
+
+    code = re.search(r"<Code>([^<]{0,64})</Code>", body)
+    message = re.search(r"<Message>([^<]{0,200})</Message>", body)
+    return ": ".join(m.group(1) for m in (code, message) if m) or "(no error code)"
 
 
 class S3Bucket:

@@ -9,8 +9,9 @@ from nodeagent.cache import CacheEntry, plan_eviction
 from nodeagent.config import _bytes
 from nodeagent.store import Manifest, ManifestFile, StoreError, open_store, read_manifest
 from nodeagent.store.azure import AZURITE_ACCOUNT, AzureCredentials, parse_azure_uri
-from nodeagent.store.gcs import parse_gcs_uri
-from nodeagent.store.s3 import parse_s3_uri
+from nodeagent.store.base import http_status_error
+from nodeagent.store.gcs import GcsStore, parse_gcs_uri
+from nodeagent.store.s3 import bucket_base, parse_s3_uri, s3_error_code
 
 GIB = 1024**3
 
@@ -138,7 +139,7 @@ def test_s3_without_any_credentials_says_where_they_come_from(tmp_path, monkeypa
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     connection = S3Connection({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
     with pytest.raises(StoreError, match="AWS_ACCESS_KEY_ID") as raised:
-        connection.signed_headers("http://127.0.0.1:9/b/k", {})
+        connection.signed_headers("http://127.0.0.1:9/b/k", {}, "us-east-1")
     assert raised.value.code == "no_credentials"
 
 
@@ -167,3 +168,49 @@ def test_missing_ranges_are_the_gaps_whatever_range_size_wrote_the_journal():
     assert pieces == [(10, 26), (26, 30), (50, 66), (66, 82), (82, 98), (98, 100)]
     assert [(p.start, p.end) for p in missing_ranges([file], {}, 64)] == [(0, 64), (64, 100)]
     assert list(missing_ranges([file], {"w.safetensors": [(0, 100)]}, 16)) == []
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "bucket", "base"),
+    [
+        (
+            "https://s3.eu-west-1.amazonaws.com",
+            "models",
+            "https://models.s3.eu-west-1.amazonaws.com",
+        ),
+        (
+            "https://s3.cn-north-1.amazonaws.com.cn",
+            "m1",
+            "https://m1.s3.cn-north-1.amazonaws.com.cn",
+        ),
+        (
+            "https://s3.us-east-1.amazonaws.com",
+            "my.models",
+            "https://s3.us-east-1.amazonaws.com/my.models",
+        ),
+    ],
+)
+def test_s3_reads_go_to_the_buckets_own_regional_endpoint(endpoint, bucket, base):
+    assert bucket_base(endpoint, bucket) == base
+
+
+def test_s3_error_bodies_are_cut_to_their_code_and_message():
+    body = (
+        "<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated"
+        " does not match</Message><AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId><StringToSign>"
+        "AWS4-HMAC-SHA256 ...</StringToSign></Error>"
+    )
+    error = http_status_error(403, "model.safetensors", s3_error_code(body))
+    assert error.code == "access_denied"
+    assert "SignatureDoesNotMatch: The request signature" in str(error)
+    assert "AKIAEXAMPLE" not in str(error)
+
+
+async def test_gcs_reads_are_pinned_to_the_listed_generation():
+    async with aiohttp.ClientSession() as session:
+        store = GcsStore("gs://models/org/m", session, {"STORAGE_EMULATOR_HOST": "127.0.0.1:9"})
+    url = store._media_url("sub dir/model+1.safetensors", "1700000000123")
+    assert url == (
+        "http://127.0.0.1:9/download/storage/v1/b/models/o/org%2Fm%2Fsub%20dir%2Fmodel%2B1"
+        ".safetensors?alt=media&generation=1700000000123&ifGenerationMatch=1700000000123"
+    )
