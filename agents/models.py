@@ -28,6 +28,7 @@ from agents.scheduling import (
     operator_lora_rank,
 )
 from agents.validators import (
+    mirror_problem,
     validate_agent_id,
     validate_base_url,
     validate_engine_args,
@@ -155,6 +156,15 @@ class Model(models.Model):
         "from the source sharing its zone, region or cloud first and falls back to the others.",
     )
     revision = models.CharField(max_length=128, blank=True)
+    # What register_model read at every source (nodeagent.store.base.identity): an agent
+    # refuses a source holding another manifest. Blank for models cataloged otherwise.
+    manifest = models.CharField(
+        max_length=64,
+        blank=True,
+        db_default="",
+        help_text="Identity of the published manifest (its files' paths, sizes and sha256), "
+        "as register_model read it; agents refuse a source that holds another.",
+    )
     size_bytes = models.BigIntegerField(default=0, help_text="Checkpoint size on disk.")
     gpu_memory_bytes = models.BigIntegerField(
         default=0, help_text="GPU memory one replica needs (weights and KV cache)."
@@ -239,12 +249,13 @@ class Model(models.Model):
         return (SourceSpec(self.source, dict(self.source_labels or {})), *mirrors)
 
     def clean(self) -> None:
-        """A mirror is another place than the source. An adapter's base is a generation model
-        of the catalog that is no adapter itself, and its rank fits what the base's engines
-        take."""
+        """A mirror is another place than the source, and adapters have none. An adapter's
+        base is a generation model of the catalog that is no adapter itself, and its rank
+        fits what the base's engines take."""
         super().clean()
-        if any(isinstance(m, dict) and m.get("uri") == self.source for m in self.mirrors or ()):
-            raise ValidationError({"mirrors": f"{self.source} is the source already."})
+        problem = mirror_problem(self.source, self.mirrors, adapter=self.base_id is not None)
+        if problem:
+            raise ValidationError({"mirrors": problem})
         if self.base_id is None:
             if self.adapter_rank is not None:
                 raise ValidationError(

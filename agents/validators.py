@@ -193,3 +193,14 @@ def validate_mirrors(value: Any) -> None:
         if mirror["uri"] in seen:
             raise ValidationError(f"Mirror {position + 1} repeats {mirror['uri']}.")
         seen.add(mirror["uri"])
+
+
+def mirror_problem(source: str, mirrors: Any, *, adapter: bool = False) -> str:
+    """What is wrong with a model's mirrors beside its source ("" when nothing): a mirror
+    repeating the source, or mirrors of a LoRA adapter (its one source is its base's
+    engines' to read)."""
+    if adapter and mirrors:
+        return "A LoRA adapter has one source and no mirrors."
+    if any(isinstance(m, dict) and m.get("uri") == source for m in mirrors or ()):
+        return f"{source} is the source already."
+    return ""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from nodeagent.download import DownloadProgress, DownloadSettings, download
+from nodeagent.download import DownloadProgress, DownloadSettings, _write_all, download
 from nodeagent.store import RemoteFile, open_store
 from nodeagent.store.azure import AZURITE_ACCOUNT, AZURITE_KEY, parse_azure_uri
 from nodeagent.store.base import new_blake3
@@ -165,12 +165,6 @@ async def with_obstore(
         if file.blake3 and hashes[file.path].hash.hexdigest() != file.blake3:
             raise SystemExit(f"obstore: BLAKE3 mismatch in {file.path}")
     return seconds, cpu
-
-
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        count = os.pwrite(fd, view, offset)
-        view, offset = view[count:], offset + count
 
 
 def measure_here_store(method: str, uri: str, environ: dict[str, str], target: Path,

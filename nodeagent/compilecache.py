@@ -109,7 +109,8 @@ class CompileCache:
                 and not (local_path(self.uri) / MANIFEST_NAME).exists()
             ):
                 return  # nothing published (or a publish still under way: its manifest is last)
-            store = open_store(self.uri, session, environ)
+            # A cloud's client may look its credentials up over the network: not in the loop.
+            store = await asyncio.to_thread(open_store, self.uri, session, environ)
             files = await store.listing()
             deadline = asyncio.get_running_loop().time() + seconds
             await download(store, files, staging, settings, DownloadProgress(), deadline)

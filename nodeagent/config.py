@@ -110,7 +110,9 @@ def _float_between(low: float, high: float) -> type[float]:
     return parse  # type: ignore[return-value]
 
 
-def _labels(value: str) -> dict[str, str]:
+def parse_labels(value: str) -> dict[str, str]:
+    """`zone=eu-1a,cloud=aws` as a dict (ArgumentTypeError naming an item that is not
+    key=value): an agent's --labels, and a source's in register_model."""
     labels = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
         key, sep, label = item.partition("=")
@@ -287,7 +289,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     flag(
         "--labels",
         "AGENT_LABELS",
-        type=_labels,
+        type=parse_labels,
         default={},
         help="labels for scheduling, e.g. zone=eu-1a,tier=a",
     )
@@ -418,7 +420,7 @@ def parse_config(
     host = str(args.host)
     reachable_host = socket.gethostname() if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
     advertise = (args.advertise_url or f"http://{reachable_host}:{port}").rstrip("/")
-    labels = args.labels if isinstance(args.labels, dict) else _labels(str(args.labels))
+    labels = args.labels if isinstance(args.labels, dict) else parse_labels(str(args.labels))
     try:
         standby_engines = _count_or_auto(str(args.standby_engines))
         standby_fork_children = _boolean(str(args.standby_fork_children))

@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodeagent.store.base import RemoteFile, Store, StoreError, new_blake3, thread_to_end
+from nodeagent.store.base import (
+    RemoteFile,
+    Store,
+    StoreError,
+    identity,
+    new_blake3,
+    thread_to_end,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +119,15 @@ class _Range:
 def fingerprint(files: Sequence[RemoteFile]) -> str:
     """Names this exact version of the model: a journal for another version is void.
 
-    By the manifest's digests where there are some, not the store's versions: the same model
-    published in two stores has the same bytes under other ETags, and a download that one
-    source left half done resumes from the other (verification checks the result).
+    By the manifest's digests where there are some (store.base.identity), not the store's
+    versions: the same model published in two stores has the same bytes under other ETags,
+    and a download one source left half done resumes from the other (verification checks
+    the result). A listing without digests is named by its files' versions.
     """
-    text = "\n".join(
-        f"{f.path}\t{f.size}\t{f.sha256}\t{f.blake3 or ''}"
-        if f.digest
-        else f"{f.path}\t{f.size}\t{f.etag}\t"
-        for f in sorted(files, key=lambda f: f.path)
-    )
+    named = identity(files)
+    if named is not None:
+        return named
+    text = "\n".join(f"{f.path}\t{f.size}\t{f.etag}" for f in sorted(files, key=lambda f: f.path))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -16,10 +16,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from nodeagent.cache import CachedModel, ModelCache
 from nodeagent.download import DownloadProgress, DownloadResult, DownloadSettings, download
 from nodeagent.store import RemoteFile, Store, StoreError
+from nodeagent.store.base import identity
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +29,28 @@ log = logging.getLogger(__name__)
 LOCAL_FAILURES = {"cache_full", "download_in_progress"}
 
 
-# Backoff between tries of a listing the store throttled or dropped, seconds.
+# Backoff between tries of a listing the store throttled, seconds.
 LISTING_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+# How long a listing may throttle before its source is given up, without a failover time.
+LISTING_PATIENCE = 20.0
 
 
 async def _listing(store: Store, deadline: float, patience: float | None) -> list[RemoteFile]:
     """The store's listing, tried again while the store answers with throttling or a server
-    error (429, 5xx), for up to `patience` seconds. A store that does not answer at all is
-    not waited for here: the next source takes over at once, or the load fails with a clear
-    error (an outage in the middle of a download is the downloader's to ride out)."""
+    error (429, 5xx), for up to `patience` seconds, each try bounded by that time too. A
+    store that does not answer at all is not waited for here: the next source takes over at
+    once, or the load fails with a clear error (an outage in the middle of a download is the
+    downloader's to ride out)."""
     loop = asyncio.get_running_loop()
-    give_up = min(deadline, loop.time() + (patience if patience is not None else 20.0))
+    give_up = min(deadline, loop.time() + (patience or LISTING_PATIENCE))
     for delay in (*LISTING_RETRY_DELAYS, None):
         try:
-            return await store.listing()
+            async with asyncio.timeout_at(give_up):
+                return await store.listing()
+        except TimeoutError:
+            raise StoreError(
+                "store_unreachable", f"{store.uri}: the listing did not finish in time", 504, True
+            ) from None
         except StoreError as exc:
             if exc.code != "store_unavailable" or delay is None or loop.time() + delay >= give_up:
                 raise
@@ -49,13 +59,34 @@ async def _listing(store: Store, deadline: float, patience: float | None) -> lis
     raise AssertionError("unreachable")
 
 
+def _check_identity(uri: str, files: Sequence[RemoteFile], expected: str) -> None:
+    """Refuse a source holding another model than the one registered (a mirror published
+    from other files, or republished since): the next source is tried instead."""
+    found = identity(files)
+    if expected and found is not None and found != expected:
+        raise StoreError(
+            "manifest_mismatch",
+            f"{uri} holds another model than the one registered (its manifest differs)",
+            409,
+        )
+
+
+def _allocated(directory: Path) -> int:
+    """Bytes a partial download already holds on disk (its files are sparse until written)."""
+    if not directory.is_dir():
+        return 0
+    return sum(path.stat().st_blocks * 512 for path in directory.rglob("*") if path.is_file())
+
+
 @dataclass(frozen=True)
 class Fetched:
-    """The cached copy, the download that filled it (None: it was there) and its source."""
+    """The cached copy, the download that filled it (None: it was there), its source, and
+    the seconds from that source's listing to the verified last byte (0 when cached)."""
 
     cached: CachedModel
     result: DownloadResult | None
     source: str
+    seconds: float = 0.0
 
 
 async def fetch_model(
@@ -70,11 +101,14 @@ async def fetch_model(
     make_room: Callable[[int], Awaitable[None]],
     adapter_of: str = "",
     failover_seconds: float | None = None,
+    manifest: str = "",
 ) -> Fetched:
     """The model's cached copy, downloaded first unless one of the same revision from any of
     `sources` is there. Sources are tried in order (the nearest first): a source that
     fails (unreachable past `failover_seconds` of retries, refusing the credentials, holding
-    another manifest) hands over to the next, which resumes what the last one fetched.
+    another manifest than `manifest`, the registered identity) hands over to the next,
+    which resumes what the last one fetched. `open_store` runs in a thread: a cloud's
+    client may look its credentials up over the network (an instance's metadata service).
     `adapter_of`: the files are a LoRA adapter of that model (nodeagent.adapters)."""
     for uri in sources:
         cached = cache.lookup(model_id, uri, revision)
@@ -83,13 +117,16 @@ async def fetch_model(
             progress.add(cached.size)
             return Fetched(cached, None, uri)
     failures: list[str] = []
+    loop = asyncio.get_running_loop()
     for position, uri in enumerate(sources):
         last = position == len(sources) - 1
+        started = loop.time()
         try:
-            store = open_store(uri)
+            store = await asyncio.to_thread(open_store, uri)
             files = await _listing(store, deadline, failover_seconds)
-            await make_room(sum(file.size for file in files))
+            _check_identity(uri, files, manifest)
             staging = cache.partial_directory(model_id)
+            await make_room(max(sum(file.size for file in files) - _allocated(staging), 0))
             result = await download(
                 store, files, staging, settings, progress, deadline,
                 give_up_after=None if last else failover_seconds,
@@ -106,5 +143,5 @@ async def fetch_model(
             failures.append(f"{uri}: {exc}")
             continue
         cached = cache.publish(staging, model_id, uri, revision, adapter_of)
-        return Fetched(cached, result, uri)
+        return Fetched(cached, result, uri, loop.time() - started)
     raise StoreError("bad_source", f"{model_id}: no source to download from", 400)

@@ -26,7 +26,8 @@ import msgspec
 # 1.3: LoRA adapters: `adapters`, `max_loras` and `max_lora_rank` on model statuses; the
 #      ADAPTER_HEADERS on proxied requests; `POST /load_adapter` and `/unload_adapter`.
 # 1.4: `sources` (every source of the model, with labels) on load requests, beside `source`
-#      (the one an agent of 1.3 uses); `source` and `download_bytes` in load timings.
+#      (the one an agent of 1.3 uses), and the registered `manifest`'s identity; `source`
+#      and `download_bytes` in load timings.
 CONTRACT_VERSION = "1.4"
 
 
@@ -268,9 +269,24 @@ class SourceSpec:
         return cls(uri, dict(labels))
 
 
-# The labels that say where a host or a source is, most specific first: a source in the
-# agent's own zone beats one in its region, which beats one in its cloud.
-LOCALITY_LABELS = ("zone", "region", "cloud")
+# The labels that say where a host or a source is, widest first: a zone lies in a region,
+# which lies in a cloud.
+LOCALITY_LABELS = ("cloud", "region", "zone")
+
+
+def nearness(source: SourceSpec, labels: Mapping[str, str]) -> tuple[bool, ...]:
+    """How near a source is to a host with `labels`, as (same zone, same region, same
+    cloud), compared as a tuple. A level counts only where every wider level both sides
+    name agrees: Azure names its zones "1", "2", "3" in every region, so zone 1 of another
+    region is not near."""
+    same: list[bool] = []
+    agreeing = True
+    for key in LOCALITY_LABELS:
+        ours, theirs = labels.get(key), source.labels.get(key)
+        if ours and theirs and ours != theirs:
+            agreeing = False
+        same.append(agreeing and bool(ours) and ours == theirs)
+    return tuple(reversed(same))
 
 
 def order_sources(sources: Sequence[SourceSpec], labels: Mapping[str, str]) -> list[SourceSpec]:
@@ -279,14 +295,7 @@ def order_sources(sources: Sequence[SourceSpec], labels: Mapping[str, str]) -> l
 
     Both sides call it: the agent to choose, the control plane to estimate the download
     from the bandwidth observed from the source the agent will choose."""
-
-    def nearness(source: SourceSpec) -> tuple[bool, ...]:
-        return tuple(
-            bool(labels.get(key)) and source.labels.get(key) == labels.get(key)
-            for key in LOCALITY_LABELS
-        )
-
-    return sorted(sources, key=nearness, reverse=True)
+    return sorted(sources, key=lambda source: nearness(source, labels), reverse=True)
 
 
 def source_store(uri: str) -> str:
@@ -309,6 +318,9 @@ class LoadModelRequest:
     revision: str = ""
     engine: EngineSpec = EngineSpec()
     sources: tuple[SourceSpec, ...] = ()
+    # The registered manifest's identity (store.base.identity; "" when unknown): a source
+    # holding another manifest is refused and the next one tried.
+    manifest: str = ""
 
     @classmethod
     def from_json(cls, body: Any) -> LoadModelRequest:
@@ -324,6 +336,7 @@ class LoadModelRequest:
             sources=tuple(
                 SourceSpec.from_json(item, f"sources[{index}]") for index, item in enumerate(listed)
             ),
+            manifest=_string(body, "manifest", required=False),
         )
 
     def to_json(self) -> dict[str, Any]:

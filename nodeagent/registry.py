@@ -246,6 +246,7 @@ class ModelRegistry:
                 self.cache, sources, lambda uri: open_store(uri, session, self.environ),
                 request.model_id, request.revision, slot.progress, self.download_settings,
                 deadline, make_room, failover_seconds=self.config.source_failover_seconds,
+                manifest=request.manifest,
             )  # fmt: skip
         except StoreError:
             self.metrics.downloads.labels("failed").inc()
@@ -256,7 +257,8 @@ class ModelRegistry:
             self.metrics.downloads.labels("resumed" if result.resumed_bytes else "complete").inc()
             self.metrics.download_bytes.inc(result.fetched_bytes)
             self.metrics.download_retries.inc(result.retries)
-        download_seconds = time.monotonic() - fetch_started
+        # The source that served's own time (a source given up before it is not its bandwidth).
+        download_seconds = fetched.seconds or time.monotonic() - fetch_started
         slot.source, slot.revision, slot.directory = (
             fetched.source,
             request.revision,

@@ -35,11 +35,13 @@ def register_catalog_model(
     max_loras: int | None = None,
     source_labels: dict[str, str] | None = None,
     mirrors: Sequence[SourceSpec] = (),
+    manifest: str = "",
 ) -> tuple[Model, bool]:
     """Add a published model to the catalog, or update its entry; returns it and whether it is new.
 
     `source_labels` say where `source` is; `mirrors` are more stores holding the same
-    published model (the caller checked their manifests agree), replacing any there were.
+    published model (the caller checked their manifests agree), replacing any there were;
+    `manifest` is that manifest's identity, which agents hold every source to.
     `base` (a catalog model_id) and `adapter_rank` make it a LoRA adapter of that model.
     Options left as None keep their current (or default) values. Raises ValidationError
     (writing nothing) for an invalid id, source or replica bounds, or an adapter whose base
@@ -69,7 +71,7 @@ def register_catalog_model(
             "max_replicas": max_replicas,
             "pinned": pinned,
         }
-        model.source_labels = dict(source_labels or {})
+        model.source_labels, model.manifest = dict(source_labels or {}), manifest
         model.mirrors = [{"uri": m.uri, "labels": dict(m.labels)} for m in mirrors]
         for name, value in options.items():
             if value is not None:

@@ -338,6 +338,7 @@ def begin_load(event_id: int) -> LoadJob | None:
         revision=model.revision,
         engine=EngineSpec(args=model.engine_argv + model.lora_argv),
         sources=sources,
+        manifest=model.manifest,
     )
     return LoadJob(event.pk, event.agent.base_url, event.agent.credential, request)
 
@@ -383,9 +384,10 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.engine_start_note = timings.engine_start_note
         event.compile_cache = timings.compile_cache
         event.source = timings.source
-        event.bytes_downloaded = timings.download_bytes or (
-            event.model.size_bytes if timings.download_seconds else 0
-        )
+        if timings.source:  # an agent of contract 1.4 counts what it fetched (0: all resumed)
+            event.bytes_downloaded = timings.download_bytes
+        else:
+            event.bytes_downloaded = event.model.size_bytes if timings.download_seconds else 0
         event.save()
         history.observe_load(event)
         history.count_finished(event, newly=newly)

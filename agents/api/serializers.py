@@ -10,7 +10,12 @@ from rest_framework import serializers
 
 from agents.choices import REPORTED_AGENT_STATES, CacheLevel
 from agents.models import Agent, LoadEvent, Model, Placement
-from agents.validators import validate_agent_address, validate_agent_id, validate_base_url
+from agents.validators import (
+    mirror_problem,
+    validate_agent_address,
+    validate_agent_id,
+    validate_base_url,
+)
 from nodeagent.protocol import GpuInfo, ProtocolError, RegisterRequest, check_contract
 
 
@@ -53,8 +58,8 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
     class Meta:
         model = Model
         fields = [
-            "model_id", "kind", "source", "source_labels", "mirrors", "revision", "size_bytes",
-            "gpu_memory_bytes",
+            "model_id", "kind", "source", "source_labels", "mirrors", "manifest", "revision",
+            "size_bytes", "gpu_memory_bytes",
             "engine_args", "keep_alive", "max_keep_alive", "min_replicas", "max_replicas",
             "pinned", "enabled", "owned_by", "created_at", "updated_at",
         ]  # fmt: skip
@@ -74,10 +79,13 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
             raise serializers.ValidationError(
                 {"max_replicas": f"Must be at least min_replicas ({low})."}
             )
-        source = attrs.get("source", current.source if current else "")
-        mirrors = attrs.get("mirrors", current.mirrors if current else [])
-        if any(isinstance(m, dict) and m.get("uri") == source for m in mirrors or ()):
-            raise serializers.ValidationError({"mirrors": f"{source} is the source already."})
+        problem = mirror_problem(
+            attrs.get("source", current.source if current else ""),
+            attrs.get("mirrors", current.mirrors if current else []),
+            adapter=current is not None and current.base_id is not None,
+        )
+        if problem:
+            raise serializers.ValidationError({"mirrors": problem})
         return attrs
 
 

@@ -94,6 +94,11 @@ class Manifest:
                 )
         return cls(files)
 
+    @property
+    def identity(self) -> str:
+        """The model's identity (`identity`): equal for equal manifests in any store."""
+        return identity(self.files) or ""
+
     def differences(self, other: Manifest) -> list[str]:
         """What makes `other` another model than this one: files missing on either side, or
         of another size or digest (a digest only one side has is not compared)."""
@@ -122,6 +127,19 @@ class Manifest:
             sha256, blake3 = digests_of(path, on_bytes)
             files.append(ManifestFile(relative, path.stat().st_size, sha256, blake3))
         return cls(tuple(files))
+
+
+def identity(files: Iterable[ManifestFile | RemoteFile]) -> str | None:
+    """What a published model is, as one hex digest: every file's path, size and sha256 (not
+    BLAKE3, which older manifests lack, nor the store's versions, which differ from store to
+    store). The same in every store that holds the model; None for files without digests (a
+    plain directory, published without a manifest)."""
+    lines = []
+    for file in sorted(files, key=lambda f: f.path):
+        if not file.sha256:
+            return None
+        lines.append(f"{file.path}\t{file.size}\t{file.sha256}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def model_files(directory: Path) -> list[Path]:

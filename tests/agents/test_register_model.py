@@ -9,6 +9,7 @@ from django.core.management import CommandError, call_command
 
 from agents.models import Model
 from nodeagent import tinymodel
+from nodeagent.store import Manifest
 from nodeagent.store.publish import publish
 from tests.factories import ModelFactory
 
@@ -117,6 +118,7 @@ def test_a_model_in_two_stores_registers_with_its_mirror_and_labels(
     assert model.source_labels == {"cloud": "aws", "region": "us-east-1"}
     assert model.mirrors == [{"uri": "gs://models/two/tiny", "labels": {"cloud": "gcp"}}]
     assert [s.uri for s in model.sources] == ["s3://models/two/tiny", "gs://models/two/tiny"]
+    assert model.manifest == Manifest.of_directory(checkpoint).identity
     assert "(and 1 mirror(s))" in output
 
 

@@ -21,7 +21,7 @@ S3 = "s3://models-us/org/m"
 
 def mirrored(**fields: object) -> Model:
     model = ModelFactory.create(
-        source=AZURE, source_labels={"cloud": "azure"},
+        source=AZURE, source_labels={"cloud": "azure"}, manifest="ab" * 32,
         mirrors=[{"uri": S3, "labels": {"cloud": "aws", "region": "us-east-1"}}], **fields,
     )  # fmt: skip
     return model
@@ -43,6 +43,7 @@ def test_an_agent_is_sent_every_source_nearest_first(monkeypatch):
         SourceSpec(S3, {"cloud": "aws", "region": "us-east-1"}),
         SourceSpec(AZURE, {"cloud": "azure"}),
     )
+    assert job.request.manifest == "ab" * 32  # the agent holds every source to it
     assert job.request.to_json()["sources"][0] == {
         "uri": S3, "labels": {"cloud": "aws", "region": "us-east-1"},
     }  # fmt: skip
@@ -108,3 +109,25 @@ def test_mirrors_are_validated(mirrors, message):
     model = Model(model_id="org/m", source=AZURE, mirrors=mirrors)
     with pytest.raises(ValidationError, match=message):
         model.full_clean()
+
+
+def test_a_lora_adapter_has_no_mirrors():
+    base = ModelFactory.create()
+    adapter = Model(
+        model_id="org/lora", source="azure://models/lora", base=base, adapter_rank=8,
+        mirrors=[{"uri": S3, "labels": {}}],
+    )  # fmt: skip
+    with pytest.raises(ValidationError, match="A LoRA adapter has one source"):
+        adapter.full_clean()
+
+
+def test_a_download_resumed_whole_counts_no_bytes(monkeypatch):
+    event = load_on({"cloud": "aws"}, monkeypatch)
+    actions.begin_load(event.pk)
+    timings = LoadTimings(download_seconds=0.5, source=S3, download_bytes=0)
+    actions.finish_load(
+        event.pk, LoadModelResponse("m", f"{event.agent.base_url}/models/m", timings)
+    )
+    event.refresh_from_db()
+    assert event.bytes_downloaded == 0  # not the model's size: nothing came down the wire
+    assert not LoadEstimate.objects.get(agent=event.agent).source_bytes_per_second

@@ -199,7 +199,7 @@ async def test_an_emulator_killed_mid_download_and_restarted_resumes_only_the_mi
     quiet_publish(checkpoint, uri, environ)
     staging, progress = tmp_path / "staging", DownloadProgress()
     task = asyncio.create_task(fetch(uri, environ, staging, SLOW, progress, deadline_seconds=4))
-    await when_progress(progress, 0.3)
+    await when_progress(progress, 0.5)
     restartable.server.kill()
     with pytest.raises(StoreError) as raised:
         await task
@@ -211,6 +211,6 @@ async def test_an_emulator_killed_mid_download_and_restarted_resumes_only_the_mi
         publish(checkpoint, uri, environ, stream=io.StringIO())
     result = await fetch(uri, environ, staging)
     total = total_bytes(checkpoint)
-    assert result.resumed_bytes >= 0.25 * total
+    assert result.resumed_bytes >= 0.4 * total  # all but the two 1 MiB ranges in flight
     assert result.fetched_bytes == total - result.resumed_bytes
     assert digests(staging) == digests(checkpoint)

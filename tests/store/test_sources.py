@@ -4,6 +4,7 @@ nearest first) and falls back when one is down, against real emulators killed fo
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +14,7 @@ from nodeagent.cache import ModelCache
 from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.fetch import Fetched, fetch_model
 from nodeagent.protocol import SourceSpec, order_sources
-from nodeagent.store import StoreError, open_store
+from nodeagent.store import StoreError, open_store, read_manifest
 from tests.azurite import Azurite
 from tests.clouds import GcsEmulator, Moto
 from tests.store.conftest import MIB, digests, quiet_publish, when_progress
@@ -26,6 +27,7 @@ async def fetch_from(
     progress: DownloadProgress | None = None,
     settings: DownloadSettings | None = None,
     failover_seconds: float | None = 20,
+    manifest: str = "",
 ) -> Fetched:
     cache = ModelCache(cache_dir)
 
@@ -37,20 +39,21 @@ async def fetch_from(
         return await fetch_model(
             cache, sources, lambda uri: open_store(uri, session, environ), "org/mirrored", "",
             progress or DownloadProgress(), settings or DownloadSettings(), deadline, room,
-            failover_seconds=failover_seconds,
+            failover_seconds=failover_seconds, manifest=manifest,
         )  # fmt: skip
 
 
 @pytest.fixture
-def dead_moto(tmp_path):
-    """An S3 that was there and is gone: moto started, then killed."""
+def dead_moto(tmp_path, moto, gcs, azurite):
+    """An S3 that was there and is gone: moto started, then killed (after the session's own
+    emulators, so none of them can be listening on its port)."""
     server = Moto(tmp_path / "dead-moto", auth=False).start()
     server.kill()
     return server
 
 
 @pytest.fixture
-def dead_gcs(tmp_path):
+def dead_gcs(tmp_path, moto, gcs, azurite):
     server = GcsEmulator(tmp_path / "dead-gcs").start()
     server.kill()
     return server
@@ -78,6 +81,27 @@ async def test_a_model_whose_first_source_is_down_is_served_from_the_second(
     # The cached copy serves the next load whichever source is listed first.
     again = await fetch_from([dead_uri, live_uri], environ, tmp_path / "cache")
     assert (again.result, again.source) == (None, live_uri)
+
+
+async def test_a_source_holding_another_model_is_refused_and_the_next_serves(
+    moto, gcs, checkpoint, tmp_path
+):
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    (other / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
+    stale, right = f"gs://models/stale-{tmp_path.name}", f"s3://models/right-{tmp_path.name}"
+    quiet_publish(other, stale, gcs.environ())
+    quiet_publish(checkpoint, right, moto.environ())
+    registered = read_manifest(right, moto.environ()).identity
+    environ = {**gcs.environ(), **moto.environ()}
+
+    fetched = await fetch_from([stale, right], environ, tmp_path / "cache", manifest=registered)
+    assert fetched.source == right
+    assert digests(fetched.cached.directory) == digests(checkpoint)
+    with pytest.raises(StoreError) as raised:
+        await fetch_from([stale], environ, tmp_path / "alone", manifest=registered)
+    assert (raised.value.code, raised.value.status) == ("manifest_mismatch", 409)
+    assert f"{stale} holds another model than the one registered" in str(raised.value)
 
 
 async def test_every_source_failing_names_each(dead_moto, dead_gcs, tmp_path):
@@ -108,14 +132,15 @@ async def test_a_source_that_dies_mid_download_hands_over_and_the_next_resumes(
     task = asyncio.create_task(
         fetch_from([first, second], environ, tmp_path / "cache", progress, slow, 1.0)
     )
-    await when_progress(progress, 0.3)
+    await when_progress(progress, 0.5)
     disk_azurite.kill()
     fetched = await task
     assert fetched.source == second
     assert fetched.result is not None
     total = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
-    # The same manifest in both stores: what the first source fetched is kept.
-    assert fetched.result.resumed_bytes >= 0.25 * total
+    # The same manifest in both stores: what the first source fetched is kept (all but the
+    # two 1 MiB ranges that were in flight, of 40 MiB).
+    assert fetched.result.resumed_bytes >= 0.4 * total
     assert fetched.result.fetched_bytes == total - fetched.result.resumed_bytes
     assert digests(fetched.cached.directory) == digests(checkpoint)
 
@@ -137,3 +162,11 @@ def test_sources_are_tried_nearest_first():
     assert uris({"cloud": "aws", "region": "us-east-1"})[:2] == ["s3://m/x", "s3://m-west/x"]
     assert uris({"cloud": "gcp"}) == [s.uri for s in catalog]
     assert uris({"region": "westeurope", "zone": "local"})[0] == "azure://m/x"
+
+
+def test_a_zone_of_the_same_name_in_another_region_is_not_near():
+    # Azure names its zones 1, 2 and 3 in every region.
+    far = SourceSpec("azure://far/x", {"cloud": "azure", "region": "westeurope", "zone": "1"})
+    near = SourceSpec("azure://near/x", {"cloud": "azure", "region": "eastus", "zone": "2"})
+    labels = {"cloud": "azure", "region": "eastus", "zone": "1"}
+    assert [s.uri for s in order_sources([far, near], labels)] == [near.uri, far.uri]

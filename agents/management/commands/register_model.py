@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
 from agents.choices import ModelKind
+from nodeagent.config import parse_labels
 from nodeagent.protocol import SourceSpec
 from nodeagent.store import Manifest, StoreError, read_file, read_manifest
 
@@ -43,13 +44,7 @@ def gigabytes(value: str) -> int:
 def source_spec(text: str) -> SourceSpec:
     """`URI` or `URI#key=value,key=value`: a source and the labels saying where it is."""
     uri, _, labels = text.partition("#")
-    found: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in labels.split(","))):
-        key, equals, value = item.partition("=")
-        if not equals or not key.strip() or not value.strip():
-            raise ArgumentTypeError(f"{text!r}: labels after # are key=value pairs, not {item!r}")
-        found[key.strip()] = value.strip()
-    return SourceSpec(uri.strip(), found)
+    return SourceSpec(uri.strip(), parse_labels(labels))
 
 
 def agreeing_manifest(sources: list[SourceSpec]) -> Manifest:
@@ -188,6 +183,7 @@ class Command(BaseCommand):
                 max_loras=options["max_loras"],
                 source_labels=sources[0].labels,
                 mirrors=sources[1:],
+                manifest=manifest.identity,
             )
         except ValidationError as exc:
             problems = "; ".join(

@@ -71,12 +71,13 @@ class Command(BaseCommand):
         engine_args = GPU_ENGINE_ARGS if monitor.snapshot() else CPU_ENGINE_ARGS
         monitor.close()
         model, created = register_catalog_model(
-            DEMO_MODEL, uri, size_bytes=manifest.total_size, engine_args=engine_args
-        )
+            DEMO_MODEL, uri, size_bytes=manifest.total_size, engine_args=engine_args,
+            manifest=manifest.identity,
+        )  # fmt: skip
         self.stdout.write(f"{'Registered' if created else 'Kept'} {model.model_id} from {uri}")
         embedder, created = register_catalog_model(
             DEMO_EMBEDDING_MODEL, uri, size_bytes=manifest.total_size, engine_args=engine_args,
-            kind=ModelKind.EMBEDDING,
+            kind=ModelKind.EMBEDDING, manifest=manifest.identity,
         )  # fmt: skip
         self.stdout.write(
             f"{'Registered' if created else 'Kept'} {embedder.model_id} (embeddings) from {uri}"
