@@ -28,6 +28,8 @@ from nodeagent.store.base import (
     StoreError,
     http_status_error,
     join_listing,
+    no_model,
+    parse_bucket_uri,
 )
 from nodeagent.store.ranges import read_into
 
@@ -43,11 +45,7 @@ _LIST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 
 def parse_azure_uri(uri: str) -> tuple[str, str]:
     """`azure://container/some/prefix` → (`container`, `some/prefix`)."""
-    parts = urlsplit(uri)
-    container, prefix = parts.netloc, parts.path.strip("/")
-    if parts.scheme != "azure" or not container or not prefix:
-        raise StoreError("bad_uri", f"{uri!r} is not azure://<container>/<prefix>", 400)
-    return container, prefix
+    return parse_bucket_uri(uri, "azure", "container")
 
 
 @dataclass(frozen=True)
@@ -213,9 +211,7 @@ class AzureStore:
     async def listing(self) -> list[RemoteFile]:
         found = await self._list()
         if MANIFEST_NAME not in found:
-            raise StoreError(
-                "model_not_found", f"{self.uri} holds no published model (no {MANIFEST_NAME})", 404
-            )
+            raise no_model(self.uri)
         manifest = Manifest.from_json(
             await self._get_text(self._blob_url(MANIFEST_NAME), MANIFEST_NAME)
         )

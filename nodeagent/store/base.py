@@ -10,6 +10,7 @@ from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -236,6 +237,23 @@ async def thread_to_end(
         if not future.cancelled():
             future.exception()  # retrieved: the cancellation is what the caller hears of
         raise
+
+
+def parse_bucket_uri(uri: str, scheme: str, bucket: str = "bucket") -> tuple[str, str]:
+    """`scheme://bucket/some/prefix` → (`bucket`, `some/prefix`); StoreError `bad_uri`
+    naming the form (`bucket` is what the cloud calls it: Azure's are containers)."""
+    parts = urlsplit(uri)
+    name, prefix = parts.netloc, parts.path.strip("/")
+    if parts.scheme != scheme or not name or not prefix:
+        raise StoreError("bad_uri", f"{uri!r} is not {scheme}://<{bucket}>/<prefix>", 400)
+    return name, prefix
+
+
+def no_model(uri: str) -> StoreError:
+    """A prefix without a manifest: no model, or a publish that has not finished."""
+    return StoreError(
+        "model_not_found", f"{uri} holds no published model (no {MANIFEST_NAME})", 404
+    )
 
 
 def join_listing(

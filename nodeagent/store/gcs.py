@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 
@@ -29,6 +29,8 @@ from nodeagent.store.base import (
     StoreError,
     http_status_error,
     join_listing,
+    no_model,
+    parse_bucket_uri,
 )
 from nodeagent.store.ranges import read_into
 
@@ -42,11 +44,7 @@ _CHUNK_BYTES = 64 * 1024 * 1024
 
 def parse_gcs_uri(uri: str) -> tuple[str, str]:
     """`gs://bucket/some/prefix` → (`bucket`, `some/prefix`)."""
-    parts = urlsplit(uri)
-    bucket, prefix = parts.netloc, parts.path.strip("/")
-    if parts.scheme != "gs" or not bucket or not prefix:
-        raise StoreError("bad_uri", f"{uri!r} is not gs://<bucket>/<prefix>", 400)
-    return bucket, prefix
+    return parse_bucket_uri(uri, "gs", "bucket")
 
 
 @contextlib.contextmanager
@@ -223,9 +221,7 @@ class GcsStore:
     async def listing(self) -> list[RemoteFile]:
         found = await self._list()
         if MANIFEST_NAME not in found:
-            raise StoreError(
-                "model_not_found", f"{self.uri} holds no published model (no {MANIFEST_NAME})", 404
-            )
+            raise no_model(self.uri)
         manifest = Manifest.from_json(
             await self._get(self._media_url(MANIFEST_NAME, found[MANIFEST_NAME][1]), MANIFEST_NAME)
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from nodeagent.store.azure import AzureBucket, AzureCredentials, AzureStore
-from nodeagent.store.base import MANIFEST_NAME, Bucket, Manifest, Store, StoreError
+from nodeagent.store.base import MANIFEST_NAME, Bucket, Manifest, Store, StoreError, no_model
 from nodeagent.store.gcs import GcsBucket, GcsStore
 from nodeagent.store.local import LocalStore, local_path
 from nodeagent.store.s3 import S3Bucket, S3Store
@@ -63,11 +63,7 @@ def read_manifest(uri: str, environ: Mapping[str, str]) -> Manifest:
                 raise StoreError("model_not_found", f"{uri} is not a directory on this host", 404)
             return Manifest.of_directory(local_path(uri))
         return Manifest.from_json(Path(path).read_bytes())
-    return Manifest.from_json(
-        read_file(
-            uri, MANIFEST_NAME, environ, f"{uri} holds no published model (no {MANIFEST_NAME})"
-        )
-    )
+    return Manifest.from_json(read_file(uri, MANIFEST_NAME, environ, str(no_model(uri))))
 
 
 def read_file(

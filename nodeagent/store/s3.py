@@ -24,6 +24,8 @@ from nodeagent.store.base import (
     StoreError,
     http_status_error,
     join_listing,
+    no_model,
+    parse_bucket_uri,
 )
 from nodeagent.store.ranges import read_into
 
@@ -42,11 +44,7 @@ _PART_BYTES = 64 * 1024 * 1024
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` → (`bucket`, `some/prefix`)."""
-    parts = urlsplit(uri)
-    bucket, prefix = parts.netloc, parts.path.strip("/")
-    if parts.scheme != "s3" or not bucket or not prefix:
-        raise StoreError("bad_uri", f"{uri!r} is not s3://<bucket>/<prefix>", 400)
-    return bucket, prefix
+    return parse_bucket_uri(uri, "s3", "bucket")
 
 
 def _endpoint(environ: Mapping[str, str]) -> str | None:
@@ -186,9 +184,7 @@ class S3Store:
     def _listing(self) -> list[RemoteFile]:
         found = self._list()
         if MANIFEST_NAME not in found:
-            raise StoreError(
-                "model_not_found", f"{self.uri} holds no published model (no {MANIFEST_NAME})", 404
-            )
+            raise no_model(self.uri)
         files = join_listing(self._manifest(found[MANIFEST_NAME][1]), found, self.uri)
         self._endpoint = self._endpoint or self.s3.bucket_endpoint(self.bucket)
         return files
