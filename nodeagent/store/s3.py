@@ -138,6 +138,10 @@ def errors(what: str, not_found: str = "") -> Iterator[None]:
             raise StoreError(
                 "bucket_not_found", f"{what}: the bucket does not exist", 404
             ) from None
+        if code in ("PreconditionFailed", "412"):  # a read pinned to the listing's ETag
+            raise StoreError(
+                "blob_changed", f"{what}: changed in the store since it was listed", 409
+            ) from None
         if code in ("NoSuchKey", "404"):
             raise StoreError("model_not_found", not_found or f"{what}: not found", 404) from None
         if code in _DENIED:
