@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +14,7 @@ from nodeagent.download import DownloadProgress, DownloadResult, DownloadSetting
 from nodeagent.store import open_store
 from nodeagent.store.base import RemoteFile
 from nodeagent.store.publish import publish
+from tests.azurite import Azurite
 
 MIB = 1024 * 1024
 
@@ -73,3 +75,11 @@ async def when_progress(progress: DownloadProgress, share: float) -> None:
 async def listing(uri: str, environ: dict[str, str] | None = None) -> list[RemoteFile]:
     async with aiohttp.ClientSession() as session:
         return await open_store(uri, session, environ or {}).listing()
+
+
+@pytest.fixture
+def disk_azurite(tmp_path: Path) -> Iterator[Azurite]:
+    """An Azurite of this test's own that keeps blobs on disk, so it can be restarted."""
+    server = Azurite(tmp_path / "azurite-work", location=tmp_path / "azurite-data").start()
+    yield server
+    server.kill()

@@ -116,14 +116,6 @@ async def test_a_blob_changed_mid_download_is_detected(azurite, checkpoint, tmp_
     assert not (tmp_path / "staging").exists()
 
 
-@pytest.fixture
-def disk_azurite(tmp_path):
-    """An Azurite of this test's own that keeps blobs on disk, so it can be restarted."""
-    server = Azurite(tmp_path / "azurite-work", location=tmp_path / "azurite-data").start()
-    yield server
-    server.kill()
-
-
 async def test_an_outage_fails_within_the_deadline_and_the_next_try_fetches_only_what_is_missing(
     disk_azurite, checkpoint, tmp_path
 ):

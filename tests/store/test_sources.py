@@ -15,7 +15,6 @@ from nodeagent.download import DownloadProgress, DownloadSettings
 from nodeagent.fetch import Fetched, fetch_model
 from nodeagent.protocol import SourceSpec, order_sources
 from nodeagent.store import StoreError, open_store, read_manifest
-from tests.azurite import Azurite
 from tests.clouds import GcsEmulator, Moto
 from tests.store.conftest import MIB, digests, quiet_publish, when_progress
 
@@ -111,13 +110,6 @@ async def test_every_source_failing_names_each(dead_moto, dead_gcs, tmp_path):
     assert raised.value.code == "store_unreachable"
     assert "s3://models/a: " in str(raised.value)
     assert "gs://models/b: " in str(raised.value)
-
-
-@pytest.fixture
-def disk_azurite(tmp_path):
-    server = Azurite(tmp_path / "azurite-work", location=tmp_path / "azurite-data").start()
-    yield server
-    server.kill()
 
 
 async def test_a_source_that_dies_mid_download_hands_over_and_the_next_resumes(
