@@ -129,12 +129,19 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
     def placement_count(self, agent: Agent) -> int:
         return int(getattr(agent, "placement_total", 0))
 
-    @admin.action(description="Drain: send no new work to the selected agents")
+    def has_manage_credentials_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("agents.manage_agent_credentials")
+
+    @admin.action(
+        description="Drain: send no new work to the selected agents", permissions=["change"]
+    )
     def drain(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         count = _for_each_agent(queryset, actions.drain_agent)
         self.message_user(request, f"Draining {count} agent(s).", messages.SUCCESS)
 
-    @admin.action(description="Undrain: let the selected agents take new work")
+    @admin.action(
+        description="Undrain: let the selected agents take new work", permissions=["change"]
+    )
     def undrain(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         count = _for_each_agent(queryset, actions.undrain_agent)
         self.message_user(request, f"{count} agent(s) take new work again.", messages.SUCCESS)
@@ -146,7 +153,9 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
             return f"sha256:{agent.credential_fingerprint[:12]}…"
         return "revoked" if agent.credential_revoked_at else "not enrolled"
 
-    @admin.action(description="Rotate the selected agents' credentials")
+    @admin.action(
+        description="Rotate the selected agents' credentials", permissions=["manage_credentials"]
+    )
     def rotate_credential(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         for agent_id in queryset.values_list("agent_id", flat=True):
             try:
@@ -156,12 +165,18 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
             else:
                 self.message_user(request, f"{agent_id}: credential rotated.", messages.SUCCESS)
 
-    @admin.action(description="Revoke the selected agents' credentials (they go OFFLINE)")
+    @admin.action(
+        description="Revoke the selected agents' credentials (they go OFFLINE)",
+        permissions=["manage_credentials"],
+    )
     def revoke_credential(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         count = _for_each_agent(queryset, actions.revoke_agent_credential)
         self.message_user(request, f"Revoked {count} credential(s).", messages.WARNING)
 
-    @admin.action(description="Allow the selected revoked agents to enrol again")
+    @admin.action(
+        description="Allow the selected revoked agents to enrol again",
+        permissions=["manage_credentials"],
+    )
     def allow_enrolment(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         count = _for_each_agent(queryset, actions.allow_enrolment)
         self.message_user(request, f"{count} agent(s) may enrol again.", messages.SUCCESS)
@@ -207,7 +222,20 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
     inlines = [ModelPlacementInline]
     actions = ["load_where_soonest", "load_onto_agent"]
 
-    @admin.action(description="Load: onto the agent where it can serve soonest")
+    def has_load_permission(self, request: HttpRequest) -> bool:
+        # A load makes a placement, as a cold request would.
+        return request.user.has_perm("agents.add_placement")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list[str]:
+        # Letting a checkpoint's code run is a permission of its own, not change_model.
+        readonly = list(super().get_readonly_fields(request, obj))
+        if not request.user.has_perm("agents.trust_remote_code"):
+            readonly.append("trust_remote_code")
+        return readonly
+
+    @admin.action(
+        description="Load: onto the agent where it can serve soonest", permissions=["load"]
+    )
     def load_where_soonest(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
         for model in queryset:
             try:
@@ -219,7 +247,7 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
                 request, f"{placement}: {placement.get_state_display()}", messages.SUCCESS
             )
 
-    @admin.action(description="Load onto an agent you choose…")
+    @admin.action(description="Load onto an agent you choose…", permissions=["load"])
     def load_onto_agent(
         self, request: HttpRequest, queryset: QuerySet[Model]
     ) -> HttpResponse | None:
@@ -301,15 +329,18 @@ class PlacementAdmin(admin.ModelAdmin[Placement]):
                 continue
             self.message_user(request, f"{placement}: stepping down to {level}", messages.SUCCESS)
 
-    @admin.action(description="Step down to host RAM (engine asleep)")
+    def has_step_down_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("agents.change_placement")
+
+    @admin.action(description="Step down to host RAM (engine asleep)", permissions=["step_down"])
     def to_host_ram(self, request: HttpRequest, queryset: QuerySet[Placement]) -> None:
         self._step_down(request, queryset, CacheLevel.DRAM_CACHED)
 
-    @admin.action(description="Step down to local disk (engine stopped)")
+    @admin.action(description="Step down to local disk (engine stopped)", permissions=["step_down"])
     def to_local_disk(self, request: HttpRequest, queryset: QuerySet[Placement]) -> None:
         self._step_down(request, queryset, CacheLevel.NVME_CACHED)
 
-    @admin.action(description="Remove from the agent (files deleted)")
+    @admin.action(description="Remove from the agent (files deleted)", permissions=["step_down"])
     def to_nothing(self, request: HttpRequest, queryset: QuerySet[Placement]) -> None:
         self._step_down(request, queryset, CacheLevel.NONE)
 

@@ -12,6 +12,7 @@ from django.utils import timezone
 from agents import events
 from agents.choices import CacheLevel, LoadEventKind, LoadOutcome, PlacementState
 from agents.models import Agent, LoadEvent, Placement
+from agents.views import DASHBOARD_PERMISSION
 
 # How far back the per-model request panel and the cold-start timeline reach.
 RECENT_MINUTES = 15
@@ -19,11 +20,14 @@ RECENT_LOADS = 30
 
 
 class FleetConsumer(AsyncJsonWebsocketConsumer):
-    """Staff only: the handshake of anyone else is refused (HTTP 403)."""
+    """Staff who may view agents only: the handshake of anyone else is refused (HTTP 403)."""
 
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated or not user.is_staff:
+            await self.close()
+            return
+        if not await database_sync_to_async(user.has_perm)(DASHBOARD_PERMISSION):
             await self.close()
             return
         await self.channel_layer.group_add(events.GROUP, self.channel_name)

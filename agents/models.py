@@ -109,6 +109,12 @@ class Agent(models.Model):
     class Meta:
         ordering = ["agent_id"]
         indexes = [models.Index(fields=["state"], name="agent_state")]
+        permissions = [
+            (
+                "manage_agent_credentials",
+                "Can rotate and revoke agents' credentials and let revoked agents enrol again",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.agent_id
@@ -178,7 +184,22 @@ class Model(models.Model):
         help_text="Generation models serve chat, completions and responses; embedding models "
         "serve /v1/embeddings (their engines start as vLLM pooling runners).",
     )
-    engine_args = models.JSONField(default=list, blank=True, validators=[validate_engine_args])
+    engine_args = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_engine_args],
+        help_text='vLLM flags on the allow-list (README: Engine arguments), e.g. ["--dtype", '
+        '"float32"].',
+    )
+    # Its own field, with its own permission, never a flag in engine_args: the checkpoint's
+    # Python runs on every agent that loads it (those whose operator allows remote code).
+    trust_remote_code = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="Let its engines run the checkpoint's own Python code (vLLM's "
+        "--trust-remote-code). Needs the 'trust remote code' permission, and agents that allow "
+        "it (AGENT_ALLOW_REMOTE_CODE).",
+    )
     # A LoRA adapter is a catalog model too: clients ask for it by its own model_id; it is
     # served by its base's engines (nodeagent.adapters), its source holds the adapter's files.
     base = models.ForeignKey(
@@ -220,6 +241,9 @@ class Model(models.Model):
 
     class Meta:
         ordering = ["model_id"]
+        permissions = [
+            ("trust_remote_code", "Can let a model run its checkpoint's code (trust_remote_code)"),
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(max_replicas__gte=1) & Q(max_replicas__gte=models.F("min_replicas")),

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 
+from nodeagent import engineargs
+
 # What OpenAI clients send as `model`: Hugging Face style ids with an optional tag.
 validate_model_id = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$",
@@ -157,11 +159,15 @@ def validate_source(value: str) -> None:
 
 
 def validate_engine_args(value: Any) -> None:
-    """Extra engine command-line arguments, as a list of strings (`["--max-model-len", "512"]`)."""
+    """Extra engine command-line arguments, as a list of strings (`["--max-model-len", "512"]`),
+    each flag on the allow-list (nodeagent.engineargs: an operator tunes vLLM, never binds it
+    elsewhere or makes it run code)."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValidationError(
             'Engine arguments are a JSON list of strings, e.g. ["--dtype", "float32"].'
         )
+    if found := engineargs.problems(value):
+        raise ValidationError(found)
 
 
 def validate_labels(value: Any) -> None:

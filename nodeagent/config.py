@@ -57,6 +57,9 @@ class AgentConfig:
     share_compile_cache: bool = True
     # Seconds a source may keep failing a download before the model's next source takes over.
     source_failover_seconds: float = 20.0
+    # Whether a model whose catalog entry sets trust_remote_code may run its checkpoint's own
+    # Python here (the host's operator decides, beside the control plane's permission).
+    allow_remote_code: bool = False
 
     def standby_count(self, gpu_count: int) -> int:
         if self.standby_engines is not None:
@@ -354,6 +357,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "store); false: each agent keeps its own",
     )
     flag(
+        "--allow-remote-code",
+        "AGENT_ALLOW_REMOTE_CODE",
+        default="false",
+        help="run a checkpoint's own Python code (vLLM's --trust-remote-code) for models whose "
+        "catalog entry sets trust_remote_code; false: such loads are refused on this host",
+    )
+    flag(
         "--sim-load-seconds",
         "AGENT_SIM_LOAD_SECONDS",
         type=float,
@@ -426,10 +436,11 @@ def parse_config(
         standby_fork_children = _boolean(str(args.standby_fork_children))
         share_compile_cache = _boolean(str(args.share_compile_cache))
         download_direct_io = _boolean(str(args.download_direct_io))
+        allow_remote_code = _boolean(str(args.allow_remote_code))
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(
             "--standby-engines, --standby-fork-children, --share-compile-cache, "
-            f"--download-direct-io: {exc}"
+            f"--download-direct-io, --allow-remote-code: {exc}"
         )
     return AgentConfig(
         agent_id=str(args.agent_id),
@@ -465,4 +476,5 @@ def parse_config(
         standby_engines=standby_engines,
         standby_fork_children=standby_fork_children,
         share_compile_cache=share_compile_cache,
+        allow_remote_code=allow_remote_code,
     )

@@ -28,7 +28,9 @@ import msgspec
 # 1.4: `sources` (every source of the model, with labels) on load requests, beside `source`
 #      (the one an agent of 1.3 uses), and the registered `manifest`'s identity; `source`
 #      and `download_bytes` in load timings.
-CONTRACT_VERSION = "1.4"
+# 1.5: `engine.trust_remote_code` on load requests (the only way the checkpoint's own code
+#      runs: engine arguments are held to nodeagent.engineargs by both sides).
+CONTRACT_VERSION = "1.5"
 
 
 class AgentReportedState(StrEnum):
@@ -226,11 +228,13 @@ class RegisterResponse:
 class EngineSpec:
     """Which engine serves a model and its extra command-line arguments.
 
-    `name` None means the agent's default engine.
+    `name` None means the agent's default engine. `trust_remote_code` lets the engine run the
+    checkpoint's own Python (an agent refuses it unless its operator allows remote code).
     """
 
     name: str | None = None
     args: tuple[str, ...] = ()
+    trust_remote_code: bool = False
 
     @classmethod
     def from_json(cls, body: Any) -> EngineSpec:
@@ -243,7 +247,7 @@ class EngineSpec:
         args = body.get("args", [])
         if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
             raise ProtocolError("'engine.args' must be a list of strings")
-        return cls(name=name, args=tuple(args))
+        return cls(name=name, args=tuple(args), trust_remote_code=_flag(body, "trust_remote_code"))
 
 
 @dataclass(frozen=True)
@@ -341,7 +345,11 @@ class LoadModelRequest:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {
-            "engine": {"name": self.engine.name, "args": list(self.engine.args)},
+            "engine": {
+                "name": self.engine.name,
+                "args": list(self.engine.args),
+                "trust_remote_code": self.engine.trust_remote_code,
+            },
             "sources": [asdict(source) for source in self.sources],
         }
 

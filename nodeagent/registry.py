@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from nodeagent import lifecycle
+from nodeagent import engineargs, lifecycle
 from nodeagent.adapters import AdapterError, AdapterLoader, EngineAdapters, LoadedAdapter
 from nodeagent.cache import CachedModel, CacheEntry, ModelCache, plan_eviction
 from nodeagent.compilecache import (
@@ -181,13 +181,30 @@ class ModelRegistry:
     async def load(
         self, request: LoadModelRequest, session: aiohttp.ClientSession
     ) -> LoadModelResponse:
-        """Serve the model on the GPU; a call while a load runs joins that load."""
+        """Serve the model on the GPU; a call while a load runs joins that load. Engine
+        arguments outside the policy (nodeagent.engineargs) are refused before anything."""
+        self._check_engine(request)
         slot = self.slots.setdefault(request.model_id, ModelSlot(request.model_id))
         # No await between the check and the assignment: concurrent calls see the same task.
         task = slot.load_task
         if task is None or task.done():
             task = slot.load_task = asyncio.create_task(self._load(slot, request, session))
         return await asyncio.shield(task)
+
+    def _check_engine(self, request: LoadModelRequest) -> None:
+        """Whatever the control plane sent (an older one checks nothing), an engine starts only
+        with allowed arguments, and runs the checkpoint's code only where this host allows it."""
+        try:
+            engineargs.check(request.engine.args)
+        except engineargs.EngineArgsRefused as exc:
+            raise AgentError("engine_args_refused", str(exc), 400, request.model_id) from None
+        if request.engine.trust_remote_code and not self.config.allow_remote_code:
+            raise AgentError(
+                "remote_code_refused",
+                "this agent does not run checkpoint code (AGENT_ALLOW_REMOTE_CODE=false)",
+                403,
+                request.model_id,
+            )
 
     async def _load(
         self, slot: ModelSlot, request: LoadModelRequest, session: aiohttp.ClientSession
@@ -508,6 +525,7 @@ class ModelRegistry:
             request.engine.args,
             gpu=self.gpu,
             gpu_memory_share=self.config.gpu_memory_share,
+            trust_remote_code=request.engine.trust_remote_code,
         )
         environ = (
             {**self.environ, "VLLM_CACHE_ROOT": str(compile_cache.root)}

@@ -78,6 +78,23 @@ def make_api_key(
     return create_api_key(name, model_ids, **limits)
 
 
+def make_role_user(username: str, role: str | None = None, *perms: str) -> Any:
+    """A staff user (not a superuser) in the group `role`, with `perms` ("app.codename")."""
+    from django.contrib.auth.models import Group, Permission
+
+    user = get_user_model().objects.create_user(
+        username=username, password="correct horse battery staple", is_staff=True
+    )
+    if role is not None:
+        user.groups.add(Group.objects.get(name=role))
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    return user
+
+
 def make_staff_user(username: str = "operator") -> Any:
     return get_user_model().objects.create_user(
         username=username, password="correct horse battery staple", is_staff=True, is_superuser=True

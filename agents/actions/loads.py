@@ -336,7 +336,9 @@ def begin_load(event_id: int) -> LoadJob | None:
         model_id=model.model_id,
         source=sources[0].uri,
         revision=model.revision,
-        engine=EngineSpec(args=model.engine_argv + model.lora_argv),
+        engine=EngineSpec(
+            args=model.engine_argv + model.lora_argv, trust_remote_code=model.trust_remote_code
+        ),
         sources=sources,
         manifest=model.manifest,
     )

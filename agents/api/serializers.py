@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from rest_framework import serializers
+from rest_framework import exceptions, serializers
 
 from agents.choices import REPORTED_AGENT_STATES, CacheLevel
 from agents.models import Agent, LoadEvent, Model, Placement
@@ -60,8 +60,8 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
         fields = [
             "model_id", "kind", "source", "source_labels", "mirrors", "manifest", "revision",
             "size_bytes", "gpu_memory_bytes",
-            "engine_args", "keep_alive", "max_keep_alive", "min_replicas", "max_replicas",
-            "pinned", "enabled", "owned_by", "created_at", "updated_at",
+            "engine_args", "trust_remote_code", "keep_alive", "max_keep_alive", "min_replicas",
+            "max_replicas", "pinned", "enabled", "owned_by", "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["created_at", "updated_at"]
         extra_kwargs = {
@@ -69,6 +69,18 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
             "gpu_memory_bytes": {"min_value": 0},
             "max_replicas": {"min_value": 1},
         }
+
+    def validate_trust_remote_code(self, value: bool) -> bool:
+        """Letting a checkpoint's code run is a permission of its own (not change_model)."""
+        current = self.instance.trust_remote_code if self.instance is not None else False
+        request = self.context.get("request")
+        user = getattr(request, "user", None)
+        if value != current and not (user and user.has_perm("agents.trust_remote_code")):
+            raise exceptions.PermissionDenied(
+                "Setting trust_remote_code needs the 'Can let a model run its checkpoint's code' "
+                "permission (agents.trust_remote_code)."
+            )
+        return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         # A PATCH may carry only one of the two: compare with the stored other.

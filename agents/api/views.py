@@ -44,6 +44,7 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet[Agent]):
     serializer_class = AgentSerializer
     lookup_field = "agent_id"
     lookup_value_regex = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+    action_permissions = {"drain": ["agents.change_agent"], "undrain": ["agents.change_agent"]}
 
     @extend_schema(request=None, responses=AgentSerializer)
     @action(detail=True, methods=["post"])
@@ -65,6 +66,8 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
     serializer_class = ModelSerializer
     lookup_field = "model_id"
     lookup_value_regex = MODEL_ID_PATTERN
+    # Loading makes a placement, as a cold request would.
+    action_permissions = {"load": ["agents.view_model", "agents.add_placement"]}
 
     @extend_schema(request=LoadRequestSerializer, responses={202: PlacementSerializer})
     @action(detail=True, methods=["post"])
@@ -98,6 +101,7 @@ class PlacementViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Placement]
 ):
     serializer_class = PlacementSerializer
+    action_permissions = {"unload": ["agents.change_placement"]}
 
     def get_queryset(self) -> QuerySet[Placement]:
         queryset = Placement.objects.select_related("agent", "model")

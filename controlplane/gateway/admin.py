@@ -45,7 +45,7 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
             )
         super().save_model(request, obj, form, change)
 
-    @admin.action(description="Revoke the selected keys")
+    @admin.action(description="Revoke the selected keys", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         count = actions.revoke_api_keys(queryset.values_list("pk", flat=True))
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)

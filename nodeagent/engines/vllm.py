@@ -37,13 +37,17 @@ def vllm_argv(
     *,
     gpu: bool,
     gpu_memory_share: float,
+    trust_remote_code: bool = False,
 ) -> list[str]:
-    """The engine's command line. On a GPU: sleep mode (the DRAM tier) and the memory share,
-    unless the model's own arguments set it."""
+    """The engine's command line: the model's own arguments (nodeagent.engineargs checked
+    them), then the agent's, which win over anything before them (argparse keeps the last
+    value), so the engine always listens where the agent says. On a GPU: sleep mode (the DRAM
+    tier) and the memory share, unless the model's own arguments set it."""
     argv = [
         python,
         "-m",
         API_SERVER,
+        *args,
         "--model",
         str(model_dir),
         "--served-model-name",
@@ -53,11 +57,13 @@ def vllm_argv(
         "--port",
         str(port),
     ]
+    if trust_remote_code:
+        argv.append("--trust-remote-code")
     if gpu:
         argv.append("--enable-sleep-mode")
         if not any(arg.startswith("--gpu-memory-utilization") for arg in args):
             argv += ["--gpu-memory-utilization", f"{gpu_memory_share:g}"]
-    return argv + list(args)
+    return argv
 
 
 class VllmEngine:

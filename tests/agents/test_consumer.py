@@ -16,7 +16,7 @@ from agents.agent_client import HeartbeatResult
 from agents.choices import PlacementState
 from controlplane.asgi import application
 from nodeagent.protocol import DiskInfo, HeartbeatResponse, ModelStatus
-from tests.factories import AgentFactory, ModelFactory, make_staff_user
+from tests.factories import AgentFactory, ModelFactory, make_role_user, make_staff_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -60,6 +60,16 @@ async def test_anonymous_and_non_staff_users_are_refused():
         return f"sessionid={client.cookies['sessionid'].value}"
 
     connected, _ = await socket(await sync_to_async(someone)()).connect()
+    assert not connected
+
+
+async def test_staff_without_the_permission_to_view_agents_are_refused():
+    def nobody() -> str:
+        client = Client()
+        client.force_login(make_role_user("nobody"))
+        return f"sessionid={client.cookies['sessionid'].value}"
+
+    connected, _ = await socket(await sync_to_async(nobody)()).connect()
     assert not connected
 
 
