@@ -52,9 +52,11 @@ async def _post(
     CONTRACT_VIOLATION for an answer that does not follow the contract."""
     try:
         async with session.post(
-            url, json=body, headers=_headers(token), timeout=aiohttp.ClientTimeout(total=seconds)
-        ) as response:
+            url, json=body, headers=_headers(token), timeout=aiohttp.ClientTimeout(total=seconds),
+            allow_redirects=False,
+        ) as response:  # fmt: skip
             raw = await response.read()
+            _refuse_redirect(url, response.status)
             if response.status >= 400:
                 raise _refusal(url, response.status, raw)
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -65,6 +67,15 @@ async def _post(
         raise AgentCallFailed(
             f"{url} answered outside the contract: {exc}", code=CONTRACT_VIOLATION
         ) from None
+
+
+def _refuse_redirect(url: str, status: int) -> None:
+    """No redirect is followed from an agent (aiohttp follows them unless told not to): a
+    `303 Location: http://169.254.169.254/` would have a worker fetch the cloud's metadata."""
+    if 300 <= status < 400:
+        raise AgentCallFailed(
+            f"{url} answered with a redirect ({status}), refused", code=CONTRACT_VIOLATION
+        )
 
 
 def _refusal(url: str, status: int, raw: bytes) -> AgentCallFailed:
@@ -135,8 +146,9 @@ async def forget_credential(base_url: str, token: str, seconds: float) -> None:
     try:
         async with aiohttp.ClientSession() as session, session.delete(
             f"{base_url}/credential", headers=_headers(token),
-            timeout=aiohttp.ClientTimeout(total=seconds),
+            timeout=aiohttp.ClientTimeout(total=seconds), allow_redirects=False,
         ) as response:  # fmt: skip
+            _refuse_redirect(base_url, response.status)
             if response.status >= 400:
                 raise _refusal(base_url, response.status, await response.read())
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -128,6 +128,7 @@ class InferenceProxy:
                 headers=_filtered(request.headers, _REQUEST_DROP),
                 timeout=_UPSTREAM_TIMEOUT,
                 auto_decompress=False,
+                allow_redirects=False,  # relayed as they are, never followed
             ) as upstream:
                 response = web.StreamResponse(
                     status=upstream.status,

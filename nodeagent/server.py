@@ -243,6 +243,7 @@ class AgentServer:
             json=body,
             headers={"Authorization": f"Bearer {token}"},
             timeout=aiohttp.ClientTimeout(total=seconds),
+            allow_redirects=False,  # the token goes to CONTROL_PLANE_URL or nowhere
         ) as response:
             status, text = response.status, await response.text()
         if status in (200, 201):
@@ -263,6 +264,7 @@ class AgentServer:
             json=body,
             headers={"Authorization": f"Bearer {self.credentials.current}"},
             timeout=aiohttp.ClientTimeout(total=PROGRESS_TIMEOUT_SECONDS),
+            allow_redirects=False,
         ) as response:
             if response.status != 204:
                 raise aiohttp.ClientError(f"HTTP {response.status} {(await response.text())[:200]}")

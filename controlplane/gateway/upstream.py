@@ -117,12 +117,12 @@ async def post(
     }
     if adapter is not None:
         headers.update(adapter.headers())
-    sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT)
+    # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...` would
+    # have the web process fetch that address and hand the body to the client.
+    sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT, allow_redirects=False)
     limit = max(min(settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS, seconds_left), 0.1)
     try:
-        if stream:
-            return await asyncio.wait_for(sent, limit)
-        return await sent
+        answer = await (asyncio.wait_for(sent, limit) if stream else sent)
     except aiohttp.ClientConnectionError as exc:  # connection timeouts too
         text = str(exc) or type(exc).__name__
         raise ReplicaFailed(Fault.UNREACHABLE, f"{placement.agent.agent_id}: {text}") from None
@@ -130,6 +130,14 @@ async def post(
         raise ReplicaFailed(
             Fault.NOT_SERVING, f"no stream headers from {placement.agent.agent_id} in {limit:.0f} s"
         ) from None
+    if 300 <= answer.status < 400:
+        answer.close()
+        # Outside the contract: the agent is not trusted with this request, nor the next.
+        raise ReplicaFailed(
+            Fault.UNREACHABLE,
+            f"{placement.agent.agent_id} answered with a redirect ({answer.status}), refused",
+        )
+    return answer
 
 
 async def refusal(answer: aiohttp.ClientResponse) -> AgentRefusal | None:
