@@ -8,6 +8,7 @@ closes the upstream connection, and the engine aborts the request.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import time
 
 import aiohttp
@@ -53,6 +54,22 @@ _RESPONSE_DROP = {
 _UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5)
 
 
+def engine_path(tail: str) -> str:
+    """The path on the engine for a proxied `/models/<id>/v1/<tail>`: under `/v1/` once its
+    `.` and `..` segments are resolved (as the HTTP client would resolve them on the way
+    out), and never the engine's own adapter management. The check is made on what the
+    engine will be asked, so `/v1/./load_lora_adapter` or `/v1/../sleep` cannot slip by."""
+    path = posixpath.normpath("/v1/" + tail)
+    name = path.removeprefix("/v1/")
+    if not path.startswith("/v1/") or not name:
+        raise AgentError("not_found", "expected /models/<model_id>/v1/<path>", 404)
+    if name in _ENGINE_ONLY:
+        raise AgentError(
+            "not_found", "adapters are loaded through the agent: POST /load_adapter", 404
+        )
+    return path
+
+
 def split_model_path(rest: str) -> tuple[str, str]:
     """`org/name/v1/chat/completions` → (`org/name`, `chat/completions`): ids hold slashes."""
     model_id, separator, tail = rest.partition("/v1/")
@@ -83,10 +100,7 @@ class InferenceProxy:
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
         model_id, tail = split_model_path(request.match_info["rest"])
-        if tail.strip("/") in _ENGINE_ONLY:
-            raise AgentError(
-                "not_found", "adapters are loaded through the agent: POST /load_adapter", 404
-            )
+        path = engine_path(tail)
         if self.draining:
             raise AgentError("agent_draining", "this agent is stopping", 503, model_id)
         slot = self.registry.slots.get(model_id)
@@ -106,7 +120,7 @@ class InferenceProxy:
         try:
             if ref is not None:  # a LoRA adapter of this model: loaded first if need be
                 adapter = await self.registry.acquire_adapter(model_id, ref, session)
-            return await self._forward(request, session, f"{engine.url}/v1/{tail}", body)
+            return await self._forward(request, session, f"{engine.url}{path}", body)
         finally:
             if adapter is not None:
                 self.registry.release_adapter(adapter)

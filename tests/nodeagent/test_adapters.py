@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from nodeagent import tinymodel
 from nodeagent.engines.sim import SimEngine, SimServer, words_for
@@ -194,15 +195,29 @@ async def test_unload_adapter_and_a_restarted_engine_holds_none(agent, tiny_mode
     assert sim(agent).lora_loads == 1
 
 
-async def test_callers_cannot_reach_the_engines_own_adapter_endpoints(agent, tiny_model):
+@pytest.mark.parametrize(
+    "path",
+    [
+        "v1/load_lora_adapter",
+        "v1/./load_lora_adapter",
+        "v1//load_lora_adapter",
+        "v1/x/../load_lora_adapter",
+        "v1/%2E/load_lora_adapter",
+        "v1/unload_lora_adapter/",
+        "v1/../sleep",  # the engine's own endpoints outside /v1 are not the proxy's either
+        "v1/%2E%2E/sleep",
+    ],
+)
+async def test_callers_cannot_reach_the_engines_own_adapter_endpoints(agent, tiny_model, path):
     await load_base(agent, tiny_model)
+    # encoded=True: sent as written, not normalised by the client on the way out.
+    url = URL(f"{agent.url}/models/org/tiny/{path}", encoded=True)
     async with agent.http.post(
-        f"{agent.url}/models/org/tiny/v1/load_lora_adapter",
-        json={"lora_name": "x", "lora_path": "/etc"},
-        headers=agent.headers,
+        url, json={"lora_name": "x", "lora_path": "/etc"}, headers=agent.headers
     ) as response:
         assert response.status == 404
     assert sim(agent).loras == {}
+    assert not sim(agent).sleeping
 
 
 async def test_a_restarted_agent_knows_its_cached_adapters_apart_from_models(
