@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
@@ -71,23 +72,33 @@ def revoke_api_keys(key_ids: Iterable[int]) -> int:
 async def record_usage(
     key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int, requests: int = 1
 ) -> None:
-    """Add requests and their tokens to the key's usage for the model today; mark the key used."""
+    """Add requests and their tokens to the key's usage for the model today; mark the key used.
+    One transaction: a batch whose write fails is written again whole (gateway.batches), so a
+    failure after the usage row was written must take that row's addition back with it."""
+    await sync_to_async(_record_usage)(key_id, model_pk, prompt_tokens, completion_tokens, requests)
+
+
+def _record_usage(
+    key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int, requests: int
+) -> None:
     now = timezone.now()
     counts = {
         "requests": F("requests") + requests,
         "prompt_tokens": F("prompt_tokens") + prompt_tokens,
         "completion_tokens": F("completion_tokens") + completion_tokens,
     }
-    rows = Usage.objects.filter(api_key_id=key_id, model_id=model_pk, day=now.date())
-    if not await rows.aupdate(**counts):
-        try:
-            await Usage.objects.acreate(
-                api_key_id=key_id, model_id=model_pk, day=now.date(), requests=requests,
-                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            )  # fmt: skip
-        except IntegrityError:  # another process created today's row first
-            await rows.aupdate(**counts)
-    await ApiKey.objects.filter(pk=key_id).aupdate(last_used_at=now)
+    with transaction.atomic():
+        rows = Usage.objects.filter(api_key_id=key_id, model_id=model_pk, day=now.date())
+        if not rows.update(**counts):
+            try:
+                with transaction.atomic():  # a savepoint: the race below leaves the rest usable
+                    Usage.objects.create(
+                        api_key_id=key_id, model_id=model_pk, day=now.date(), requests=requests,
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    )  # fmt: skip
+            except IntegrityError:  # another process created today's row first
+                rows.update(**counts)
+        ApiKey.objects.filter(pk=key_id).update(last_used_at=now)
 
 
 def granted_keep_alive(asked_seconds: float, model: Model) -> timedelta:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import redis
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 
 from controlplane import metrics
 from controlplane.gateway import limits
@@ -72,6 +72,43 @@ def test_usage_accumulates_per_key_model_and_day():
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 13, 25)
     key.refresh_from_db()
     assert key.last_used_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_batch_whose_write_fails_after_its_usage_row_is_counted_once(monkeypatch):
+    """The key's last_used_at is written after its usage: should that fail, the batch is kept
+    and written again whole, so the usage row's addition must not have stayed behind."""
+    from django.db import DatabaseError, connection
+
+    from controlplane.gateway.models import ApiKey
+    from controlplane.gateway.usage import UsageBuffer
+
+    model = await sync_to_async(ModelFactory)()
+    key, _ = await sync_to_async(make_api_key)()
+    filter_keys, failures = ApiKey.objects.filter, [DatabaseError("connection lost")]
+
+    class Flaky:
+        def __init__(self, *args, **kwargs):
+            self.rows = filter_keys(*args, **kwargs)
+
+        def update(self, **values):
+            if failures:
+                raise failures.pop()
+            return self.rows.update(**values)
+
+    monkeypatch.setattr(ApiKey.objects, "filter", Flaky)
+    usage = UsageBuffer()
+    usage.add(key.pk, model.pk, 3, 5)
+    await usage.flush()  # fails at last_used_at: kept for the next flush
+    assert usage.pending
+    await usage.flush()
+    row = await Usage.objects.aget()
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 3, 5)
+    if usage.flusher is not None:
+        usage.flusher.cancel()
+    await sync_to_async(
+        lambda: connection.close()
+    )()  # the ORM thread's: not left for teardown to meet
 
 
 @pytest.fixture(params=["redis", "in-process"])
