@@ -278,6 +278,18 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
             },
         )
 
+    def delete_model(self, request: HttpRequest, obj: Model) -> None:
+        # Through the action, so its engines stop and its usage stays (actions.delete_model).
+        try:
+            actions.delete_model(obj.model_id)
+        except actions.ModelInUse as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+        # Adapters first: a base goes once none of its adapters is left.
+        for model in sorted(queryset, key=lambda model: model.base_id is None):
+            self.delete_model(request, model)
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[Model]:
         ready = Count("placements", filter=Q(placements__state=PlacementState.READY))
         return super().get_queryset(request).annotate(ready_total=ready)

@@ -162,6 +162,29 @@ def unload_adapter(placement_pk: int, adapter_id: str) -> None:
     log.info("adapter %s unloaded from %s on %s (idle)", adapter_id, job.model_id, job.agent_id)
 
 
+@shared_task(name="agents.tasks.unload_orphan")
+def unload_orphan(agent_pk: int, model_id: str) -> None:
+    """A model that is no longer in the catalog off an agent: engine stopped, files deleted
+    (queued when a model is deleted, and by heartbeats that still report one)."""
+    target = actions.orphan_unload_target(agent_pk, model_id)
+    if target is None:
+        return
+    base_url, credential = target
+    try:
+        asyncio.run(
+            agent_client.unload_model(
+                base_url, credential, model_id, "NONE", seconds=actions.UNLOAD_TIMEOUT_SECONDS,
+                force=True,
+            )
+        )  # fmt: skip
+    except agent_client.AgentCallFailed as exc:
+        if exc.code != "model_not_found":  # else gone already
+            log.warning("could not unload %s (not in the catalog) from %s: %s: %s",
+                        model_id, base_url, exc.code, exc)  # fmt: skip
+        return
+    log.info("%s (not in the catalog) unloaded from %s", model_id, base_url)
+
+
 @shared_task(name="agents.tasks.prune_history")
 def prune_history() -> None:
     """Beat's hourly pruning of history past its retention (README: Bounded history)."""

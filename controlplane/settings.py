@@ -261,6 +261,7 @@ CELERY_TASK_ROUTES = {
     "agents.tasks.unload": {"queue": "loads"},
     "agents.tasks.scale_out": {"queue": "loads"},
     "agents.tasks.unload_adapter": {"queue": "loads"},
+    "agents.tasks.unload_orphan": {"queue": "loads"},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TIMEZONE = TIME_ZONE

@@ -18,7 +18,12 @@ key), then load events. A function that locks says which rows in its docstring.
 """
 
 from agents.actions.adapters import AdapterUnloadJob, adapter_unload_job, forget_adapter
-from agents.actions.catalog import register_catalog_model
+from agents.actions.catalog import (
+    ModelInUse,
+    delete_model,
+    orphan_unload_target,
+    register_catalog_model,
+)
 from agents.actions.heartbeats import apply_heartbeats
 from agents.actions.history import prune_load_events
 from agents.actions.loads import (
@@ -63,6 +68,7 @@ __all__ = [
     "CannotStepDown",
     "CredentialError",
     "LoadJob",
+    "ModelInUse",
     "NoCapacity",
     "Registration",
     "RegistrationRefused",
@@ -72,6 +78,7 @@ __all__ = [
     "apply_heartbeats",
     "begin_load",
     "begin_unload",
+    "delete_model",
     "drain_agent",
     "ensure_placement",
     "fail_load",
@@ -80,6 +87,7 @@ __all__ = [
     "finish_unload",
     "forget_adapter",
     "load_on_agent",
+    "orphan_unload_target",
     "prune_load_events",
     "record_first_token",
     "record_progress",

@@ -1,4 +1,4 @@
-"""The model catalog: adding and updating the models clients may ask for."""
+"""The model catalog: adding, updating and deleting the models clients may ask for."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from datetime import timedelta
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from agents.models import Model
+from agents.actions import steps
+from agents.choices import CacheLevel, PlacementState
+from agents.models import Agent, Model, Placement
 from nodeagent.protocol import SourceSpec
 
 log = logging.getLogger(__name__)
@@ -88,3 +90,59 @@ def register_catalog_model(
         model.full_clean()
         model.save()
     return model, created
+
+
+class ModelInUse(Exception):
+    """The model cannot be deleted now: LoRA adapters in the catalog name it as their base."""
+
+
+def delete_model(model_id: str) -> None:
+    """Take a model out of the catalog and off every agent: its engines stop and its files are
+    deleted there (`unload_orphan`, to NONE), an adapter is unloaded from the engines holding
+    it, and its placements and load history go with the row. Usage names the model and stays.
+    Raises ModelInUse, deleting nothing, while adapters depend on it; Model.DoesNotExist for
+    an unknown id. Locks the model.
+
+    An agent that cannot be told now (down, partitioned) is told by the first heartbeat that
+    reports the model (`heartbeats`: a model no longer in the catalog is an orphan)."""
+    with transaction.atomic():
+        model = Model.objects.select_for_update(of=("self",)).get(model_id=model_id)
+        adapters = sorted(model.adapters.values_list("model_id", flat=True))
+        if adapters:
+            raise ModelInUse(
+                f"{model_id} is the base of {', '.join(adapters)}: delete those adapters first"
+            )
+        holders = list(
+            model.placements.exclude(state=PlacementState.UNLOADED, cache_level=CacheLevel.NONE)
+            .order_by("agent_id")
+            .values_list("agent_id", flat=True)
+        )
+        holding = (
+            [
+                p.pk
+                for p in Placement.objects.filter(model_id=model.base_id)
+                if model_id in p.adapters
+            ]
+            if model.base_id is not None
+            else []
+        )
+        model.delete()
+        for agent_pk in holders:
+            steps.queue("agents.tasks.unload_orphan", agent_pk, model_id)
+        for placement_pk in holding:
+            steps.queue("agents.tasks.unload_adapter", placement_pk, model_id)
+    log.info("model %s deleted from the catalog (%d agent(s) told to unload it)", model_id,
+             len(holders) + len(holding))  # fmt: skip
+
+
+def orphan_unload_target(agent_pk: int, model_id: str) -> tuple[str, str] | None:
+    """Where to send the unload of a model that is no longer in the catalog: the agent's base
+    URL and credential; None when the model is in the catalog again or the agent is gone."""
+    if Model.objects.filter(model_id=model_id).exists():
+        return None
+    found = (
+        Agent.objects.filter(pk=agent_pk).only("agent_id", "base_url", "credential_nonce").first()
+    )
+    if found is None or not found.credential:
+        return None
+    return found.base_url, found.credential

@@ -105,8 +105,10 @@ def _apply_heartbeats(results: Sequence[HeartbeatResult]) -> None:
             polled_at = datetime.fromtimestamp(result.polled_at, UTC)
             for status in result.response.models:
                 model_pk = catalog.get(status.model_id)
-                if model_pk is None:
-                    continue  # not in the catalog (any more): nothing routes to it
+                if model_pk is None:  # not in the catalog (any more): nothing routes to it
+                    if _orphan(status):
+                        steps.queue("agents.tasks.unload_orphan", agent.pk, status.model_id)
+                    continue
                 seen.add(model_pk)
                 known = mine.get(model_pk)
                 if known is None:
@@ -249,6 +251,16 @@ def _reconcile(placement: Placement, status: ModelStatus, *, new: bool = False) 
         placement.max_loras, placement.max_lora_rank = status.max_loras, status.max_lora_rank
         placement.adapters = adapter_facts(status.adapters)
     placement.updated_at = timezone.now()
+
+
+def _orphan(status: ModelStatus) -> bool:
+    """A model the agent holds that the catalog no longer has (deleted while the agent was
+    away, or while its load ran): it is to be unloaded, unless that is under way or a load
+    still runs (the agent refuses to unload then; the next heartbeat asks again)."""
+    state, level = PlacementState(status.cache_state), CacheLevel(status.cache_level)
+    if state == PlacementState.UNLOADING or state in transitions.LOADING:
+        return False
+    return level != CacheLevel.NONE or state != PlacementState.UNLOADED
 
 
 def adapter_facts(adapters: Sequence[AdapterStatus]) -> dict[str, dict[str, float | int | None]]:

@@ -69,6 +69,19 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
     # Loading makes a placement, as a cold request would.
     action_permissions = {"load": ["agents.view_model", "agents.add_placement"]}
 
+    @extend_schema(responses={204: None, 409: None})
+    def destroy(self, request: Request, *args: object, **kwargs: object) -> Response:
+        """Take the model out of the catalog and off every agent (engines stopped, files
+        deleted there; its usage stays). 409 while LoRA adapters name it as their base."""
+        model = self.get_object()
+        try:
+            actions.delete_model(model.model_id)
+        except actions.ModelInUse as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        except Model.DoesNotExist:  # deleted meanwhile
+            pass
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
     @extend_schema(request=LoadRequestSerializer, responses={202: PlacementSerializer})
     @action(detail=True, methods=["post"])
     def load(self, request: Request, model_id: str) -> Response:

@@ -70,16 +70,16 @@ def revoke_api_keys(key_ids: Iterable[int]) -> int:
 
 
 async def record_usage(
-    key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int, requests: int = 1
+    key_id: int, model_id: str, prompt_tokens: int, completion_tokens: int, requests: int = 1
 ) -> None:
     """Add requests and their tokens to the key's usage for the model today; mark the key used.
     One transaction: a batch whose write fails is written again whole (gateway.batches), so a
     failure after the usage row was written must take that row's addition back with it."""
-    await sync_to_async(_record_usage)(key_id, model_pk, prompt_tokens, completion_tokens, requests)
+    await sync_to_async(_record_usage)(key_id, model_id, prompt_tokens, completion_tokens, requests)
 
 
 def _record_usage(
-    key_id: int, model_pk: int, prompt_tokens: int, completion_tokens: int, requests: int
+    key_id: int, model_id: str, prompt_tokens: int, completion_tokens: int, requests: int
 ) -> None:
     now = timezone.now()
     counts = {
@@ -88,12 +88,12 @@ def _record_usage(
         "completion_tokens": F("completion_tokens") + completion_tokens,
     }
     with transaction.atomic():
-        rows = Usage.objects.filter(api_key_id=key_id, model_id=model_pk, day=now.date())
+        rows = Usage.objects.filter(api_key_id=key_id, model_id=model_id, day=now.date())
         if not rows.update(**counts):
             try:
                 with transaction.atomic():  # a savepoint: the race below leaves the rest usable
                     Usage.objects.create(
-                        api_key_id=key_id, model_id=model_pk, day=now.date(), requests=requests,
+                        api_key_id=key_id, model_id=model_id, day=now.date(), requests=requests,
                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     )  # fmt: skip
             except IntegrityError:  # another process created today's row first

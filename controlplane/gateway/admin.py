@@ -53,10 +53,10 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
 
 @admin.register(Usage)
 class UsageAdmin(admin.ModelAdmin[Usage]):
-    list_display = ["day", "api_key", "model", "requests", "prompt_tokens", "completion_tokens"]
-    list_filter = ["day", ("model", admin.RelatedOnlyFieldListFilter)]
-    list_select_related = ["api_key", "model"]
-    search_fields = ["api_key__name", "model__model_id"]
+    list_display = ["day", "api_key", "model_id", "requests", "prompt_tokens", "completion_tokens"]
+    list_filter = ["day", "model_id"]
+    list_select_related = ["api_key"]
+    search_fields = ["api_key__name", "model_id"]
     date_hierarchy = "day"
     readonly_fields = [field.name for field in Usage._meta.fields]
 

@@ -101,26 +101,29 @@ class ApiKey(models.Model):
 
 
 class Usage(models.Model):
-    """Tokens a key spent on a model in a day, as the engines reported them."""
+    """Tokens a key spent on a model in a day, as the engines reported them.
+
+    It names the model (the `model` clients sent) rather than pointing at its catalog row:
+    billing history outlives a model taken out of the catalog."""
 
     api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="usage")
-    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="usage")
+    model_id = models.CharField(max_length=200, verbose_name="model")
     day = models.DateField()
     requests = models.PositiveBigIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
 
     class Meta:
-        ordering = ["-day", "api_key", "model"]
+        ordering = ["-day", "api_key", "model_id"]
         verbose_name_plural = "usage"
         constraints = [
             models.UniqueConstraint(
-                fields=["api_key", "model", "day"], name="usage_one_row_per_key_model_day"
+                fields=["api_key", "model_id", "day"], name="usage_one_row_per_key_model_day"
             )
         ]
 
     def __str__(self) -> str:
-        return f"{self.api_key.name} / {self.model.model_id} on {self.day}"
+        return f"{self.api_key.name} / {self.model_id} on {self.day}"
 
 
 class RequestMinute(models.Model):

@@ -10,19 +10,19 @@ from controlplane.gateway.batches import Batches
 from controlplane.gateway.loops import on_shutdown, per_loop
 
 
-class UsageBuffer(Batches[tuple[int, int]]):
-    """Per (key, model): requests, prompt tokens, completion tokens."""
+class UsageBuffer(Batches[tuple[int, str]]):
+    """Per (key, model_id): requests, prompt tokens, completion tokens."""
 
     width = 3
     what = "usage of (key, model)"
 
-    def add(self, key_id: int, model_pk: int, prompt: int, completion: int) -> None:
-        counts = self.counts((key_id, model_pk))
+    def add(self, key_id: int, model_id: str, prompt: int, completion: int) -> None:
+        counts = self.counts((key_id, model_id))
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
 
-    async def write(self, key: tuple[int, int], counts: list[float]) -> None:
+    async def write(self, key: tuple[int, str], counts: list[float]) -> None:
         requests, prompt, completion = (int(count) for count in counts)
         await record_usage(*key, prompt, completion, requests=requests)
 

@@ -187,7 +187,7 @@ def _adapter_of(model: Model) -> AdapterRef | None:
 def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt, completion = usage_tokens(usage)
-        gateway_usage.buffer().add(key.pk, model.pk, prompt, completion)
+        gateway_usage.buffer().add(key.pk, model.model_id, prompt, completion)
         if key.tokens_per_minute is not None:  # charged after the answer, off its path
             in_background(limits.add_tokens(key, prompt + completion))
 

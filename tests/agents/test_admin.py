@@ -24,7 +24,11 @@ def fleet():
     LoadEventFactory(agent=placement.agent, model=placement.model, placement=placement)
     key, _ = make_api_key("app", (placement.model.model_id,))
     Usage.objects.create(
-        api_key=key, model=placement.model, day="2026-11-27", requests=3, prompt_tokens=30
+        api_key=key,
+        model_id=placement.model.model_id,
+        day="2026-11-27",
+        requests=3,
+        prompt_tokens=30,
     )
     AgentFactory(state=AgentState.OFFLINE, gpu_count=0, gpu_name="", gpu_memory_total=0)
     return placement

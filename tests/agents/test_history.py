@@ -55,7 +55,9 @@ def test_pruning_keeps_two_days_of_minutes_and_usage_by_day(settings):
     for minutes_ago in (10, 60 * 47, 60 * 49):
         RequestMinute.objects.create(model=model, minute=now - timedelta(minutes=minutes_ago))
     for days_ago in (1, 399, 401):
-        Usage.objects.create(api_key=key, model=model, day=(now - timedelta(days=days_ago)).date())
+        Usage.objects.create(
+            api_key=key, model_id=model.model_id, day=(now - timedelta(days=days_ago)).date()
+        )
     tasks.prune_history()
     assert RequestMinute.objects.count() == 2
     assert sorted((now.date() - u.day).days for u in Usage.objects.all()) == [1, 399]

@@ -24,9 +24,10 @@ from agents.choices import (
     PlacementState,
 )
 from agents.models import Agent, LoadEvent, Model, Placement
+from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
-from tests.e2e.fleet import registered, running_control_plane
+from tests.e2e.fleet import registered, running_control_plane, serving_on
 from tests.factories import make_api_key
 from tests.support import wait_for
 
@@ -284,3 +285,23 @@ def test_drain_moves_traffic_to_another_agent(fleet, tmp_path, tiny):
         lambda: Agent.objects.get(agent_id="gpu-a").last_heartbeat_at is not None, 10, "a beat"
     )
     assert Agent.objects.get(agent_id="gpu-a").state == AgentState.DRAINING
+
+
+def test_a_deleted_model_leaves_every_agent_even_one_that_was_down(fleet, tmp_path, tiny):
+    plane, stack = fleet
+    first = plane.agent(stack, tmp_path, "gpu-a", *SIM)
+    second = plane.agent(stack, tmp_path, "gpu-b", *SIM)
+    registered("gpu-a", "gpu-b")
+    serving_on(catalog("org/tiny", tiny, max_replicas=2), "gpu-a", "gpu-b")
+    assert ask(client_for(plane.url))
+    wait_for(lambda: Usage.objects.filter(model_id="org/tiny").exists(), 10, "the usage")
+    second.process.kill()  # down while the model is deleted: nobody can tell it now
+    second.process.wait()
+
+    actions.delete_model("org/tiny")
+    wait_for(lambda: not first.heartbeat()["models"], 30, "gpu-a to stop the deleted model")
+    assert not list((first.cache_dir / "models").iterdir())  # its files went too
+    back = plane.agent(stack, tmp_path, "gpu-b", *SIM)  # the same cache: the model's files
+    wait_for(lambda: not back.heartbeat()["models"], 30, "gpu-b to unload it once back")
+    assert not list((back.cache_dir / "models").iterdir())
+    assert Usage.objects.get(model_id="org/tiny").requests == 1  # billing history stays

@@ -43,7 +43,7 @@ def test_usage_is_written_in_batches(settings):
     async def serve_three_requests() -> None:
         buffer = UsageBuffer()
         for prompt, completion in [(1, 2), (3, 4), (5, 6)]:
-            buffer.add(key.pk, model.pk, prompt, completion)
+            buffer.add(key.pk, model.model_id, prompt, completion)
         assert buffer.flusher is not None
         await buffer.flusher
 
@@ -57,7 +57,7 @@ class FlakyUsage(UsageBuffer):
 
     down = True
 
-    async def write(self, key: tuple[int, int], counts: list[float]) -> None:
+    async def write(self, key: tuple[int, str], counts: list[float]) -> None:
         if self.down:
             raise OperationalError("the database is away")
         await super().write(key, counts)
@@ -70,10 +70,10 @@ def test_usage_that_could_not_be_written_is_kept_for_the_next_flush(settings):
 
     async def serve_while_the_database_blinks() -> None:
         buffer = FlakyUsage()
-        buffer.add(key.pk, model.pk, 1, 2)
+        buffer.add(key.pk, model.model_id, 1, 2)
         await buffer.flush()  # fails: kept
-        buffer.add(key.pk, model.pk, 3, 4)  # meanwhile
-        assert buffer.pending == {(key.pk, model.pk): [2, 4, 6]}
+        buffer.add(key.pk, model.model_id, 3, 4)  # meanwhile
+        assert buffer.pending == {(key.pk, model.model_id): [2, 4, 6]}
         buffer.down = False
         await buffer.flush()
         assert buffer.pending == {}
@@ -93,13 +93,13 @@ def test_past_the_backlog_the_oldest_unwritten_usage_is_dropped_and_counted(sett
 
     async def fill() -> dict:
         buffer = FlakyUsage()
-        for model_pk in (1, 2, 3):
-            buffer.add(7, model_pk, 1, 1)
+        for model_id in ("org/a", "org/b", "org/c"):
+            buffer.add(7, model_id, 1, 1)
         await buffer.flush()
         assert buffer.flusher is not None
         buffer.flusher.cancel()
         return buffer.pending
 
-    assert list(async_to_sync(fill)()) == [(7, 2), (7, 3)]
+    assert list(async_to_sync(fill)()) == [(7, "org/b"), (7, "org/c")]
     assert dropped._value.get() - before == 1
     assert "dropped 1 unwritten usage" in caplog.text

@@ -67,7 +67,7 @@ def test_usage_accumulates_per_key_model_and_day():
     model = ModelFactory()
     key, _ = make_api_key()
     for prompt, completion in [(3, 5), (10, 20)]:
-        async_to_sync(record_usage)(key.pk, model.pk, prompt, completion)
+        async_to_sync(record_usage)(key.pk, model.model_id, prompt, completion)
     usage = Usage.objects.get()
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 13, 25)
     key.refresh_from_db()
@@ -98,7 +98,7 @@ async def test_a_batch_whose_write_fails_after_its_usage_row_is_counted_once(mon
 
     monkeypatch.setattr(ApiKey.objects, "filter", Flaky)
     usage = UsageBuffer()
-    usage.add(key.pk, model.pk, 3, 5)
+    usage.add(key.pk, model.model_id, 3, 5)
     await usage.flush()  # fails at last_used_at: kept for the next flush
     assert usage.pending
     await usage.flush()
