@@ -84,4 +84,5 @@ class LoadTrigger(models.TextChoices):
     OPERATOR = "OPERATOR", "Operator"
     KEEP_ALIVE = "KEEP_ALIVE", "Idle past keep-alive"
     PRESSURE = "PRESSURE", "Memory pressure"
+    EXCESS = "EXCESS", "Beyond max_replicas"
     FAILURE = "FAILURE", "Failure recovery"

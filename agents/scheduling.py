@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agents.choices import AgentState, CacheLevel, LoadTrigger
@@ -352,6 +352,7 @@ class PlacementFacts:
     min_replicas: int
     idle_seconds: float
     busy: bool  # requests in flight or queued at the engine
+    max_replicas: int = 0  # 0: no bound known here
 
 
 @dataclass(frozen=True)
@@ -368,6 +369,30 @@ class Demotion:
     trigger: str  # LoadTrigger
 
 
+def demote_excess(
+    replicas: Sequence[PlacementFacts],
+    on_gpu: int,
+    demote: Callable[[PlacementFacts, str, str], None],
+    chosen: set[int],
+) -> None:
+    """Step one model's GPU replicas beyond its max_replicas down, however they came: a load
+    that finished after it was given up and retried elsewhere (its FAILED row turned READY by
+    a heartbeat), an agent back from a partition while its model was started elsewhere. The
+    idlest go first, those with requests only when the idle are not enough (the agent refuses
+    an unload while requests run; the next sweep asks again), pinned ones last."""
+    bound = max((f.max_replicas for f in replicas), default=0)
+    if not bound or on_gpu <= bound:
+        return
+    serving = [
+        f
+        for f in replicas
+        if f.ready and f.cache_level == CacheLevel.GPU_RESIDENT and f.placement_id not in chosen
+    ]
+    serving.sort(key=lambda f: (f.pinned, f.busy, -f.idle_seconds, -f.placement_id))
+    for facts in serving[: on_gpu - bound]:
+        demote(facts, CacheLevel.DRAM_CACHED, LoadTrigger.EXCESS)
+
+
 def plan_sweep(
     placements: Sequence[PlacementFacts], agents: Sequence[AgentMemory], *, pressure_percent: int
 ) -> list[Demotion]:
@@ -377,6 +402,8 @@ def plan_sweep(
     GPU → host RAM after `keep_alive` idle, host RAM → local disk after twice that. Never a
     pinned model off the GPU, never a busy one, never a model's GPU replicas below its
     `min_replicas`. Local disk → gone is the agent's own cache eviction (disk pressure).
+    And a model's GPU replicas beyond its `max_replicas` step down, whatever brought them
+    (`demote_excess`).
     """
     on_gpu: dict[str, int] = {}
     for facts in placements:
@@ -411,6 +438,9 @@ def plan_sweep(
             and facts.idle_seconds >= 2 * facts.keep_alive_seconds
         ):
             demote(facts, CacheLevel.NVME_CACHED, LoadTrigger.KEEP_ALIVE)
+
+    for model_id, count in sorted(on_gpu.items()):
+        demote_excess([f for f in placements if f.model == model_id], count, demote, chosen)
 
     pressed = {
         agent.agent_id

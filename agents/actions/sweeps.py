@@ -189,6 +189,7 @@ def sweep() -> list[LoadEvent]:
             pinned=p.model.pinned, keep_alive_seconds=keep_alive(p).total_seconds(),
             min_replicas=p.model.min_replicas, idle_seconds=steps.idle_seconds(p, now),
             busy=bool(p.requests_in_flight or p.requests_waiting),
+            max_replicas=p.model.max_replicas,
         )
         for p in placements
     ]  # fmt: skip

@@ -172,3 +172,30 @@ def test_memory_pressure_steps_down_the_least_recently_used_idle_model():
         Demotion(2, CacheLevel.DRAM_CACHED, LoadTrigger.PRESSURE)
     ]
     assert plan_sweep(placements, agents, pressure_percent=0) == []
+
+
+def test_replicas_beyond_max_replicas_step_down_the_idlest_first():
+    plan = plan_sweep(
+        [
+            facts(1, agent="a", idle=5, max_replicas=2),
+            facts(2, agent="b", idle=50, max_replicas=2, busy=True),
+            facts(3, agent="c", idle=40, max_replicas=2),
+            facts(4, agent="d", idle=90, max_replicas=2, pinned=True),
+        ],
+        [],
+        pressure_percent=5,
+    )
+    # Four on the GPU, two allowed: the idle unpinned ones go before the busy and the pinned.
+    assert plan == [
+        Demotion(3, CacheLevel.DRAM_CACHED, LoadTrigger.EXCESS),
+        Demotion(1, CacheLevel.DRAM_CACHED, LoadTrigger.EXCESS),
+    ]
+
+
+def test_an_excess_already_stepping_down_for_idleness_is_not_counted_twice():
+    plan = plan_sweep(
+        [facts(1, idle=700, max_replicas=1), facts(2, agent="b", idle=10, max_replicas=1)],
+        [],
+        pressure_percent=5,
+    )
+    assert plan == [Demotion(1, CacheLevel.DRAM_CACHED, LoadTrigger.KEEP_ALIVE)]

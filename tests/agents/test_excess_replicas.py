@@ -1,0 +1,44 @@
+"""A model never keeps more GPU replicas than max_replicas, whichever way they arrived: here a
+load the control plane gave up on (and retried elsewhere) that finished after all, its
+FAILED placement turned READY by the agent's heartbeat."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agents import actions
+from agents.actions import steps
+from agents.agent_client import HeartbeatResult
+from agents.choices import CacheLevel, LoadTrigger, PlacementState
+from agents.models import LoadEvent, Placement
+from nodeagent.protocol import AgentReportedState, DiskInfo, HeartbeatResponse, ModelStatus
+from tests.factories import AgentFactory, ModelFactory, PlacementFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_failed_replica_that_comes_back_ready_beyond_max_replicas_steps_down(monkeypatch):
+    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    model = ModelFactory(model_id="org/m", max_replicas=1, keep_alive="01:00:00")
+    slow = AgentFactory(agent_id="slow")
+    given_up = PlacementFactory(
+        model=model, agent=slow, state=PlacementState.FAILED, cache_level=CacheLevel.NVME_CACHED
+    )
+    PlacementFactory(model=model, agent=AgentFactory(agent_id="retry"))  # READY, serving
+    endpoint = f"{slow.base_url}/models/org/m"
+    beat = HeartbeatResponse(
+        agent_id="slow", state=AgentReportedState.IDLE, version="t",
+        disk=DiskInfo("/c", 1, 1, 0),
+        models=(ModelStatus("org/m", "READY", "GPU_RESIDENT", inference_endpoint_url=endpoint),),
+    )  # fmt: skip
+    actions.apply_heartbeats([HeartbeatResult(slow.pk, time.time(), beat)])
+    given_up.refresh_from_db()
+    assert given_up.state == PlacementState.READY  # what the agent says it serves, it serves
+
+    actions.sweep()
+    ready = Placement.objects.filter(model=model, state=PlacementState.READY)
+    assert ready.count() == 1
+    (step,) = LoadEvent.objects.filter(trigger=LoadTrigger.EXCESS)
+    assert step.placement.state == PlacementState.UNLOADING
