@@ -89,10 +89,8 @@ class Manifest:
                 "bad_manifest", f"the model's manifest cannot be read: {exc}"
             ) from None
         for file in files:
-            if file.path.startswith("/") or ".." in Path(file.path).parts:
-                raise StoreError(
-                    "bad_manifest", f"the manifest names a path outside the model: {file.path}"
-                )
+            if problem := path_problem(file.path):
+                raise StoreError("bad_manifest", f"the manifest names {file.path!r}: {problem}")
         return cls(files)
 
     @property
@@ -141,6 +139,21 @@ def identity(files: Iterable[ManifestFile | RemoteFile]) -> str | None:
             return None
         lines.append(f"{file.path}\t{file.size}\t{file.sha256}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def path_problem(path: str) -> str:
+    """Why `path` cannot be a file of a published model ("" when it can): only what a
+    checkpoint holds, under its directory, never the agent's own files beside it (its
+    metadata, download journal, lock, or a compile cache the engine would then run, even with
+    AGENT_SHARE_COMPILE_CACHE=false)."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        return "not a relative path"
+    if any(part in ("", ".", "..") for part in parts):
+        return "a path outside the model, or not in its plain form"
+    if any(part.startswith(".llmfleet") for part in parts) or path == MANIFEST_NAME:
+        return "the agent's own files are not a model's"
+    return ""
 
 
 def model_files(directory: Path) -> list[Path]:
@@ -260,8 +273,12 @@ def join_listing(
     manifest: Manifest | None, found: dict[str, tuple[int, str]], uri: str
 ) -> list[RemoteFile]:
     """The listing a download follows: the manifest's files, each with the store's size and etag."""
-    if manifest is None:
-        return [RemoteFile(path, size, etag, None) for path, (size, etag) in sorted(found.items())]
+    if manifest is None:  # a directory published without one: its files, bar the agent's own
+        return [
+            RemoteFile(path, size, etag, None)
+            for path, (size, etag) in sorted(found.items())
+            if not path_problem(path)
+        ]
     files = []
     for entry in manifest.files:
         if entry.path not in found:

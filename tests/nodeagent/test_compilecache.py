@@ -4,6 +4,8 @@ tests/e2e/test_compile_cache_vllm.py does the same with vLLM compiling for real.
 
 from __future__ import annotations
 
+import shutil
+
 import aiohttp
 import pytest
 
@@ -112,3 +114,37 @@ def test_an_eager_engine_s_cache_is_not_worth_publishing_and_a_discarded_one_is_
     assert (
         cache.note == "the compile cache was deleted: engine_exited: engine exited during start-up"
     )
+
+
+async def test_a_manifest_naming_a_compile_cache_plants_nothing(tmp_path, tiny_model):
+    """A store's manifest that lists `.llmfleet-compile/...` files would have the agent put a
+    compile cache (code the engine runs) beside the model, even with sharing off."""
+    from nodeagent.store.base import MANIFEST_NAME, Manifest, ManifestFile, digests_of
+    from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
+
+    store = tmp_path / "store" / "org" / "tiny"
+    shutil.copytree(tiny_model, store)
+    planted = store / ".llmfleet-compile" / "key" / "inductor.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text("import os; os.system('id')\n")
+    honest = Manifest.of_directory(store)
+    sha256, blake3 = digests_of(planted)
+    rigged = ManifestFile(
+        ".llmfleet-compile/key/inductor.py", planted.stat().st_size, sha256, blake3
+    )
+    (store / MANIFEST_NAME).write_text(Manifest((*honest.files, rigged)).to_json())
+
+    _, test_server, url = await start_agent(
+        sim_args(tmp_path / "cache", "--share-compile-cache", "false")
+    )
+    try:
+        body = {"model_id": "org/tiny", "source": store.as_uri()}
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+            http.post(f"{url}/load_model", json=body) as response,
+        ):
+            error = (await response.json())["error"]
+        assert error["code"] == "bad_manifest"
+        assert not list((tmp_path / "cache").rglob("inductor.py"))
+    finally:
+        await test_server.close()

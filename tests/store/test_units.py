@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import aiohttp
 import pytest
@@ -152,8 +153,23 @@ def test_manifest_round_trip_and_paths_that_escape_are_refused():
     )
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.total_size == 15
-    with pytest.raises(StoreError, match="outside the model"):
-        Manifest.from_json('{"files": [{"path": "../../etc/passwd", "size": 1, "sha256": "x"}]}')
+    for escaping in ("../../etc/passwd", "/etc/passwd", "a/./b", "a//b", ""):
+        body = json.dumps({"files": [{"path": escaping, "size": 1, "sha256": "x"}]})
+        with pytest.raises(StoreError) as raised:
+            Manifest.from_json(body)
+        assert raised.value.code == "bad_manifest"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [".llmfleet-compile/k/inductor.py", "sub/.llmfleet-journal", ".llmfleet.json",
+     "llmfleet-manifest.json"],
+)  # fmt: skip
+def test_a_manifest_cannot_name_the_agent_s_own_files(path):
+    body = json.dumps({"files": [{"path": path, "size": 1, "sha256": "x"}]})
+    with pytest.raises(StoreError, match="the agent's own files") as raised:
+        Manifest.from_json(body)
+    assert raised.value.code == "bad_manifest"
     with pytest.raises(StoreError, match="cannot be read"):
         Manifest.from_json("{not json")
 
