@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent import __version__
+from nodeagent.engines.identity import EngineUser
 from nodeagent.protocol import ENGINES
 
 
@@ -60,6 +61,10 @@ class AgentConfig:
     # Whether a model whose catalog entry sets trust_remote_code may run its checkpoint's own
     # Python here (the host's operator decides, beside the control plane's permission).
     allow_remote_code: bool = False
+    # Engines run as this user (name or uid; "": the agent's own), with the variables of the
+    # agent's environment named here on top of the minimal one (nodeagent.engines.identity).
+    engine_user: str = ""
+    engine_env: tuple[str, ...] = ()
 
     def standby_count(self, gpu_count: int) -> int:
         if self.standby_engines is not None:
@@ -357,6 +362,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "store); false: each agent keeps its own",
     )
     flag(
+        "--engine-user",
+        "AGENT_ENGINE_USER",
+        default="",
+        help="run engines (and standbys) as this user, name or uid, so that code in an engine "
+        "cannot read the agent's credential file or environment; needs the agent to run as "
+        "root, and the cache directory readable by that user (default: the agent's own user)",
+    )
+    flag(
+        "--engine-env",
+        "AGENT_ENGINE_ENV",
+        default="",
+        help="names of more variables of the agent's environment that engines get, comma "
+        "separated (engines get a minimal environment: PATH, locale, and how this host runs "
+        "vLLM: VLLM_*, CUDA_*, NCCL_*, OMP_*, HF_*...; never one whose name says secret)",
+    )
+    flag(
         "--allow-remote-code",
         "AGENT_ALLOW_REMOTE_CODE",
         default="false",
@@ -442,6 +463,11 @@ def parse_config(
             "--standby-engines, --standby-fork-children, --share-compile-cache, "
             f"--download-direct-io, --allow-remote-code: {exc}"
         )
+    try:
+        EngineUser.lookup(str(args.engine_user))
+    except ValueError as exc:
+        parser.error(f"--engine-user: {exc}")
+    engine_env = tuple(name.strip() for name in str(args.engine_env).split(",") if name.strip())
     return AgentConfig(
         agent_id=str(args.agent_id),
         host=host,
@@ -477,4 +503,6 @@ def parse_config(
         standby_fork_children=standby_fork_children,
         share_compile_cache=share_compile_cache,
         allow_remote_code=allow_remote_code,
+        engine_user=str(args.engine_user),
+        engine_env=engine_env,
     )

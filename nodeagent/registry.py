@@ -33,7 +33,9 @@ from nodeagent.compilecache import (
 )
 from nodeagent.config import AgentConfig
 from nodeagent.download import DownloadProgress, DownloadSettings
+from nodeagent.engines import identity
 from nodeagent.engines.base import Engine, EngineError, read_stats, sleep_engine, wake_engine
+from nodeagent.engines.identity import EngineUser, engine_environment
 from nodeagent.engines.sim import SimEngine
 from nodeagent.engines.standby import StandbyPool, is_pooling, lora_limits, standby_refusal
 from nodeagent.engines.vllm import VllmEngine, vllm_argv
@@ -119,6 +121,11 @@ class ModelRegistry:
         self.gpu = gpu
         self.environ = dict(environ)
         self.environ.setdefault("VLLM_CACHE_ROOT", str(config.cache_dir / "vllm-cache"))
+        # Engines get a minimal environment (no token, no store credentials) and, where the
+        # operator set one, a user of their own (nodeagent.engines.identity).
+        self.engine_user = EngineUser.lookup(config.engine_user)
+        self.engine_home = config.cache_dir / "engine-home"
+        self.engine_environ = engine_environment(self.environ, config.engine_env, self.engine_home)
         self.cache = ModelCache(config.models_dir)
         self.download_settings = DownloadSettings(
             concurrency=config.download_concurrency,
@@ -140,6 +147,13 @@ class ModelRegistry:
         # Told of every phase change of a load (the progress reporter's poke).
         self.on_phase: Callable[[], None] = lambda: None
 
+    def prepare_engines(self) -> None:
+        """What every engine writes to, made (and given to the engine user) once at start: its
+        home and vLLM's cache root for the standbys."""
+        for directory in (self.engine_home, Path(self.environ["VLLM_CACHE_ROOT"])):
+            directory.mkdir(parents=True, exist_ok=True)
+            identity.own(self.engine_user, directory)
+
     def start_standbys(self, gpu_names: Sequence[str]) -> None:
         """Keep the configured number of standby engines ready (needs the running loop)."""
         self.device = device_kind(gpu_names)
@@ -150,8 +164,9 @@ class ModelRegistry:
             python=self.config.engine_python,
             size=count,
             log_path=self.config.logs_dir / "standby.log",
-            environ=self.environ,
+            environ=self.engine_environ,
             on_death=self.metrics.standby_deaths.inc,
+            user=self.engine_user,
         )
         self.standbys.start()
 
@@ -527,11 +542,11 @@ class ModelRegistry:
             gpu_memory_share=self.config.gpu_memory_share,
             trust_remote_code=request.engine.trust_remote_code,
         )
-        environ = (
-            {**self.environ, "VLLM_CACHE_ROOT": str(compile_cache.root)}
-            if compile_cache is not None
-            else dict(self.environ)
-        )
+        environ = dict(self.engine_environ)
+        if compile_cache is not None:
+            environ["VLLM_CACHE_ROOT"] = str(compile_cache.root)
+            compile_cache.root.mkdir(parents=True, exist_ok=True)
+            identity.own(self.engine_user, compile_cache.root)
         if lora_limits(request.engine.args)[0]:  # adapters are loaded as they are asked for
             environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         return VllmEngine(
@@ -544,6 +559,7 @@ class ModelRegistry:
             gpu=self.gpu,
             environ=environ,
             standby=standby,
+            user=self.engine_user,
             fork_children=self.config.standby_fork_children,
             start_note=note,
         )

@@ -143,6 +143,7 @@ class AgentServer:
             connector=connector, skip_auto_headers={"Accept-Encoding"}
         )
         self.registry.restore()
+        self.registry.prepare_engines()
         self.registry.start_standbys([gpu.name for gpu in self.gpu.snapshot()])
         self.credentials.load()
         if self.config.control_plane_url:

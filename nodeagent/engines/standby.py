@@ -26,6 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodeagent.engines import identity
+from nodeagent.engines.identity import EngineUser
+
 log = logging.getLogger(__name__)
 
 STANDBY_MAIN = Path(__file__).with_name("standby_main.py")
@@ -148,12 +151,14 @@ class StandbyPool:
         log_path: Path,
         environ: Mapping[str, str],
         on_death: Callable[[], None] = lambda: None,
+        user: EngineUser | None = None,
     ) -> None:
         self.python = python
         self.on_death = on_death
         self.size = size
         self.log_path = log_path
         self.environ = dict(environ)
+        self.user = user
         self.ready: list[Standby] = []
         self.starting = 0
         self.held = 0  # taken, their engines still starting: successors wait for them
@@ -278,7 +283,7 @@ class StandbyPool:
             process = await asyncio.create_subprocess_exec(
                 self.python, str(STANDBY_MAIN),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                env=self.environ, start_new_session=True,
+                env=self.environ, start_new_session=True, **identity.process_options(self.user),
             )  # fmt: skip
         self.started += 1
         assert process.stdout is not None

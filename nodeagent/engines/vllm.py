@@ -20,7 +20,9 @@ from pathlib import Path
 
 import aiohttp
 
+from nodeagent.engines import identity
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
+from nodeagent.engines.identity import EngineUser
 from nodeagent.engines.standby import Standby, end_standby
 from nodeagent.protocol import EngineStart
 
@@ -81,6 +83,7 @@ class VllmEngine:
         gpu: bool,
         environ: Mapping[str, str],
         standby: Standby | None = None,
+        user: EngineUser | None = None,
         fork_children: bool = True,
         start_note: str = "",
     ) -> None:
@@ -98,6 +101,7 @@ class VllmEngine:
         self._stopping = False
         self._exited: asyncio.Future[EngineExit] | None = None
         self.standby = standby
+        self.user = user
         self.fork_children = fork_children
         # How it started ("standby" or "plain") and, for a plain start, why: the LoadEvent's.
         self.start_mode: EngineStart = "standby" if standby is not None else "plain"
@@ -114,6 +118,9 @@ class VllmEngine:
     async def start(self, session: aiohttp.ClientSession, deadline: float) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.touch()
+        # A standby opens the log itself, as the engine user: that user's, like its TMPDIR.
+        identity.own(self.user, self.tmp_dir, self.log_path)
         if self.standby is not None:
             self.process = await self._adopt(self.standby)
         if self.process is None:
@@ -159,6 +166,7 @@ class VllmEngine:
                     stderr=asyncio.subprocess.STDOUT,
                     env=self._env(),
                     start_new_session=True,
+                    **identity.process_options(self.user),
                 )
             except OSError as exc:
                 raise EngineError(

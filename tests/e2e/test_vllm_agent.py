@@ -142,13 +142,16 @@ def test_an_engine_that_cannot_start_fails_the_load_with_its_log_tail(
     tmp_path, engine_python, tiny
 ):
     with running_agent(tmp_path, "--engine", "vllm", "--engine-python", engine_python) as agent:
-        load = {"model_id": "bad", "source": tiny.as_uri(), "engine": {"args": ["--no-such-flag"]}}
+        # An allowed flag with a value vLLM refuses (a flag off the allow-list never gets
+        # this far: 400 engine_args_refused, tests/nodeagent/test_engineargs.py).
+        args = ["--dtype", "no-such-dtype"]
+        load = {"model_id": "bad", "source": tiny.as_uri(), "engine": {"args": args}}
         response = agent.post("/load_model", load, timeout=LOAD_TIMEOUT)
         assert response.status_code == 502
         error = response.json()["error"]
         assert error["code"] == "engine_exited"
         assert "exit status 2" in error["message"]
-        assert "unrecognized arguments: --no-such-flag" in error["message"]
+        assert "no-such-dtype" in error["message"]
         model = next(m for m in agent.heartbeat()["models"] if m["model_id"] == "bad")
         assert model["cache_state"] == "FAILED"
         assert [
