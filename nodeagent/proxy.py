@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from nodeagent.adapters import LoadedAdapter
+from nodeagent.engines.base import Engine, is_alive
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
     ADAPTER_HEADER,
@@ -120,7 +121,7 @@ class InferenceProxy:
         try:
             if ref is not None:  # a LoRA adapter of this model: loaded first if need be
                 adapter = await self.registry.acquire_adapter(model_id, ref, session)
-            return await self._forward(request, session, f"{engine.url}{path}", body)
+            return await self._forward(request, session, engine, f"{engine.url}{path}", body)
         finally:
             if adapter is not None:
                 self.registry.release_adapter(adapter)
@@ -130,7 +131,12 @@ class InferenceProxy:
             self.request_ended.set()
 
     async def _forward(
-        self, request: web.Request, session: aiohttp.ClientSession, url: str, body: bytes
+        self,
+        request: web.Request,
+        session: aiohttp.ClientSession,
+        engine: Engine,
+        url: str,
+        body: bytes,
     ) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         try:
@@ -144,6 +150,16 @@ class InferenceProxy:
                 auto_decompress=False,
                 allow_redirects=False,  # relayed as they are, never followed
             ) as upstream:
+                if upstream.status >= 500 and not await is_alive(session, engine.url):
+                    # vLLM's API server outlives its EngineCore (a worker killed by the OOM
+                    # killer, a GPU fault) and answers 500 to everything: that is no verdict
+                    # on this request, which another replica can answer.
+                    self.registry.engine_died(engine, f"it answered {upstream.status}, and "
+                                              "its /health no longer does")  # fmt: skip
+                    self.metrics.proxy_errors.labels("engine_unreachable").inc()
+                    raise AgentError(
+                        "engine_unreachable", "the engine died: the request was not served", 502
+                    )
                 response = web.StreamResponse(
                     status=upstream.status,
                     reason=upstream.reason,

@@ -564,6 +564,20 @@ class ModelRegistry:
             start_note=note,
         )
 
+    def engine_died(self, engine: Engine, detail: str) -> None:
+        """An engine found unable to serve while its process still runs (the proxy saw its
+        EngineCore gone): its model is FAILED now, as a crash would leave it, and what is
+        left of it is stopped (the GPU memory it holds is freed)."""
+        slot = self.slots.get(engine.model_id)
+        if slot is None or slot.engine is not engine:
+            return  # noticed already
+        slot.engine, slot.adapters = None, None
+        self.metrics.engine_exits.labels(engine.name, "crashed").inc()
+        self._fail(slot, f"engine died: {detail}")
+        task = asyncio.create_task(engine.stop())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
     def _watch(self, slot: ModelSlot, engine: Engine) -> None:
         """Notice an engine that ends on its own: the next heartbeat reports the model FAILED."""
 

@@ -67,6 +67,15 @@ async def is_ready(session: aiohttp.ClientSession, url: str, model_id: str) -> b
     return any(entry.get("id") == model_id for entry in listed.get("data", []))
 
 
+async def is_alive(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the engine's own /health says it can serve (200 within a second or two)."""
+    try:
+        async with session.get(f"{url}/health", timeout=_QUICK) as health:
+            return health.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
 async def wait_until_ready(
     engine: Engine,
     session: aiohttp.ClientSession,

@@ -191,6 +191,9 @@ class SimServer:
         self.loras: dict[str, str] = {}  # adapter name → its directory
         self.lora_loads = 0
         self.sleeping = False
+        # vLLM once its EngineCore (or a worker) died: requests get 500 EngineDeadError and
+        # /health 503, while the API server still runs (`kill_core`).
+        self.core_dead = False
         self.counters = _Counters()
         self.seats = asyncio.Semaphore(settings.max_num_seqs)
         self.seen_prompts: set[str] = set()
@@ -253,7 +256,7 @@ class SimServer:
         return f"{model}\n{prompt}" if model in self.loras else prompt
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return web.Response(status=503 if self.core_dead else 200)
 
     async def models(self, request: web.Request) -> web.Response:
         entry = {
@@ -278,6 +281,8 @@ class SimServer:
         """The request's JSON for this engine, or the error vLLM would answer."""
         if self.pooling != pooling:  # vLLM mounts only its runner's routes
             return web.json_response({"detail": "Not Found"}, status=404)
+        if self.core_dead:
+            return _error(500, "EngineCore encountered an issue. See stack trace for details.")
         if self.sleeping:
             return _error(503, "the engine is sleeping")
         try:
@@ -557,6 +562,11 @@ class SimEngine:
             self._runner = None
         if not self._exited.done():
             self._exited.set_result(EngineExit(expected=True, returncode=0, detail="stopped"))
+
+    def kill_core(self) -> None:
+        """As vLLM when its EngineCore or a worker is killed (an OOM kill, a GPU fault): the
+        API server answers on, 500 to every request and 503 to /health. For tests."""
+        self.server.core_dead = True
 
     async def crash(self) -> None:
         """End as if the process had died: for tests of failure handling."""

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from nodeagent.cache import ModelCache
 from nodeagent.engines.sim import SimEngine, words_for
-from nodeagent.protocol import HeartbeatResponse
+from nodeagent.protocol import AGENT_ERROR_HEADER, HeartbeatResponse
 from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
 
 
@@ -234,6 +234,37 @@ async def test_engine_errors_pass_through_with_their_status(agent, tiny_model):
     ) as response:
         assert response.status == 404
         assert "does not exist" in (await response.json())["error"]["message"]
+
+
+async def test_an_engine_whose_core_died_is_never_relayed_as_its_answer(agent, tiny_model):
+    """vLLM's API server outlives its EngineCore (a worker OOM-killed) and answers 500 to
+    everything: the agent says its engine is unreachable (the gateway fails the request over)
+    and reports the model FAILED, instead of relaying a 500 as the engine's verdict."""
+    await agent.post("/load_model", load_body(tiny_model))
+    engine = agent.server.registry.slots["org/tiny"].engine
+    assert isinstance(engine, SimEngine)
+    engine.kill_core()
+    url = f"{agent.url}/models/org/tiny/v1/chat/completions"
+    body = {"model": "org/tiny", "messages": [{"role": "user", "content": "hi"}]}
+    async with agent.http.post(url, json=body, headers=agent.headers) as response:
+        assert response.status == 502
+        assert response.headers[AGENT_ERROR_HEADER] == "engine_unreachable"
+    model = agent.model(await agent.heartbeat(), "org/tiny")
+    assert model["cache_state"] == "FAILED"
+    assert "engine died" in model["error"]
+    # A load serves it again, with a new engine.
+    status, loaded = await agent.post("/load_model", load_body(tiny_model))
+    assert status == 200, loaded
+    async with agent.http.post(url, json=body, headers=agent.headers) as response:
+        assert response.status == 200
+
+
+async def test_an_engine_error_from_a_live_engine_is_its_answer(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    url = f"{agent.url}/models/org/tiny/v1/chat/completions"
+    async with agent.http.post(url, data=b"{not json", headers=agent.headers) as response:
+        assert response.status == 400  # the engine's own verdict: relayed as it is
+        assert AGENT_ERROR_HEADER not in response.headers
 
 
 async def test_proxy_to_a_model_that_is_not_ready(agent, tiny_model):
