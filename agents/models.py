@@ -97,6 +97,17 @@ class Agent(models.Model):
     # When the agent first spoke with its credential (a registration, or an answered poll):
     # until then its enrolment answer may have been lost, so it may enrol again.
     credential_confirmed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # A rotation under way: the agent keeps the credential of this nonce only once the control
+    # plane confirms it is the one it issues (a caller holding the current one cannot rotate
+    # the agent to a credential of its own).
+    credential_pending_nonce = models.CharField(
+        max_length=64, blank=True, editable=False, db_default=""
+    )
+    # The nonce of a revoked credential, kept until the agent was told to forget it (told again
+    # and again while it cannot be reached: a credential that leaked must reach nothing there).
+    credential_revoked_nonce = models.CharField(
+        max_length=64, blank=True, editable=False, db_default=""
+    )
     credential_revoked_at = models.DateTimeField(
         null=True,
         blank=True,

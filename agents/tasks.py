@@ -185,6 +185,12 @@ def unload_orphan(agent_pk: int, model_id: str) -> None:
     log.info("%s (not in the catalog) unloaded from %s", model_id, base_url)
 
 
+@shared_task(name="agents.tasks.tell_revoked_agents")
+def tell_revoked_agents() -> None:
+    """Beat's retry of revocations an agent has not heard of yet (it was unreachable)."""
+    actions.tell_revoked_agents()
+
+
 @shared_task(name="agents.tasks.prune_history")
 def prune_history() -> None:
     """Beat's hourly pruning of history past its retention (README: Bounded history)."""

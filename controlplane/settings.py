@@ -278,6 +278,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(EVICTION_INTERVAL_SECONDS),
         "options": {"expires": float(EVICTION_INTERVAL_SECONDS)},
     },
+    # Revocations an unreachable agent has not heard of: its old credential must reach nothing.
+    "tell-revoked-agents": {
+        "task": "agents.tasks.tell_revoked_agents",
+        "schedule": 30.0,
+        "options": {"expires": 30.0},
+    },
     "prune-history": {
         "task": "agents.tasks.prune_history",
         "schedule": float(PRUNE_INTERVAL_SECONDS),

@@ -387,7 +387,9 @@ class AgentServer:
 
     async def rotate_credential(self, request: web.Request) -> web.Response:
         """`POST /credential {"credential"}`: the control plane rotates this agent's credential
-        (the call carries the current one); the previous one is taken a while longer."""
+        (the call carries the current one); the previous one is taken a while longer. The new
+        one is kept only once CONTROL_PLANE_URL confirms it issues it: the current credential
+        alone (leaked, say) cannot rotate this agent to a credential of the caller's own."""
         body = await self._control_body(request)
         credential = body.get("credential") if isinstance(body, dict) else None
         if self.credentials.standalone:
@@ -396,9 +398,34 @@ class AgentServer:
             raise AgentError("unauthorized", "only the current credential may rotate it", 401)
         if not isinstance(credential, str) or not well_formed(credential):
             raise ProtocolError("'credential' must be a credential the control plane issued")
+        await self._confirm_with_control_plane(credential)
         self.credentials.store(credential)
         log.info("credential rotated")
         return web.json_response({"status": "success"})
+
+    async def _confirm_with_control_plane(self, credential: str) -> None:
+        """Raise AgentError unless the control plane says it is issuing `credential` to us."""
+        url = (
+            f"{self.config.control_plane_url}/api/agents/"
+            f"{quote(self.config.agent_id, safe='')}/credential/confirm"
+        )
+        try:
+            async with self.session.post(
+                url, headers={"Authorization": f"Bearer {credential}"},
+                timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False,
+            ) as response:  # fmt: skip
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AgentError(
+                "credential_unconfirmed", f"could not ask the control plane: {exc}", 503
+            ) from None
+        if status != 204:
+            log.warning("refused a rotation to a credential the control plane did not confirm")
+            raise AgentError(
+                "credential_unconfirmed",
+                f"the control plane did not confirm this credential (HTTP {status})",
+                403,
+            )
 
     async def forget_credential(self, request: web.Request) -> web.Response:
         """`DELETE /credential`: the control plane revoked this agent; from now on it takes no

@@ -43,11 +43,13 @@ from agents.actions.registration import (
     Registration,
     RegistrationRefused,
     allow_enrolment,
+    confirm_pending_credential,
     drain_agent,
     register_agent,
     replica_failed,
     revoke_agent_credential,
     rotate_agent_credential,
+    tell_revoked_agents,
     undrain_agent,
 )
 from agents.actions.steps import LOADING_STATES, UNLOAD_TIMEOUT_SECONDS
@@ -78,6 +80,7 @@ __all__ = [
     "apply_heartbeats",
     "begin_load",
     "begin_unload",
+    "confirm_pending_credential",
     "delete_model",
     "drain_agent",
     "ensure_placement",
@@ -99,6 +102,7 @@ __all__ = [
     "scale_out",
     "settle_orphaned_steps",
     "sweep",
+    "tell_revoked_agents",
     "undrain_agent",
     "unload",
 ]

@@ -4,6 +4,7 @@ replica (`replica_failed`)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -112,6 +113,8 @@ def _enrol(agent: Agent) -> str:
 
 
 def _issue(agent: Agent) -> None:
+    # A new enrolment supersedes a revoked credential's notice: the agent replaces it now.
+    agent.credential_revoked_nonce = agent.credential_pending_nonce = ""
     agent.credential_nonce = credentials.new_nonce()
     agent.credential_fingerprint = credentials.fingerprint(agent.credential)
     agent.credential_issued_at = timezone.now()
@@ -127,58 +130,128 @@ class CredentialError(Exception):
 
 
 def rotate_agent_credential(agent_id: str) -> Agent:
-    """Hand the agent a new credential and forget the old one. The agent is told first (with
-    its current credential); only once it has kept the new one does the control plane switch,
-    so the two never disagree. Raises CredentialError when the agent is not enrolled or did not
-    take it. Holds no lock across the call: one row update, compared with the nonce it read."""
+    """Hand the agent a new credential and forget the old one. The new one is pending here
+    first: the agent, told with its current credential, keeps it only once this control plane
+    confirms it (`confirm_pending_credential`), so whoever else holds the current one cannot
+    rotate the agent to a credential of their own and lock the control plane out. Only once the
+    agent has kept it does the control plane switch, so the two never disagree. Raises
+    CredentialError when the agent is not enrolled or did not take it. Holds no lock across
+    the call: one row update, compared with the nonces it read."""
     agent = Agent.objects.get(agent_id=agent_id)
     if not agent.credential_nonce:
         raise CredentialError(f"agent {agent_id} is not enrolled: nothing to rotate")
     old_nonce, current = agent.credential_nonce, agent.credential
-    _issue(agent)
+    pending = credentials.new_nonce()
+    Agent.objects.filter(pk=agent.pk).update(credential_pending_nonce=pending)
+    new = credentials.derive(agent_id, pending)
     try:
-        asyncio.run(agent_client.set_credential(agent.base_url, current, agent.credential, 10.0))
+        asyncio.run(agent_client.set_credential(agent.base_url, current, new, 10.0))
     except agent_client.AgentCallFailed as exc:
+        Agent.objects.filter(pk=agent.pk, credential_pending_nonce=pending).update(
+            credential_pending_nonce=""
+        )
         raise CredentialError(f"agent {agent_id} did not take its new credential: {exc}") from None
     # The agent takes the old one until a call with the new one arrives (so a lost answer
     # above leaves the two in agreement): make that call now.
-    target = agent_client.HeartbeatTarget(agent.pk, agent.base_url, agent.credential)
+    target = agent_client.HeartbeatTarget(agent.pk, agent.base_url, new)
     asyncio.run(agent_client.poll_heartbeats([target], seconds=10.0))
     with transaction.atomic():
-        switched = Agent.objects.filter(pk=agent.pk, credential_nonce=old_nonce).update(
-            credential_nonce=agent.credential_nonce,
-            credential_fingerprint=agent.credential_fingerprint,
-            credential_issued_at=agent.credential_issued_at,
+        switched = Agent.objects.filter(
+            pk=agent.pk, credential_nonce=old_nonce, credential_pending_nonce=pending
+        ).update(
+            credential_nonce=pending,
+            credential_pending_nonce="",
+            credential_fingerprint=credentials.fingerprint(new),
+            credential_issued_at=timezone.now(),
             updated_at=timezone.now(),
         )
         if not switched:
             raise CredentialError(f"agent {agent_id}'s credential changed meanwhile; rotate again")
         events.announce(agents=[agent.pk])
+    agent.refresh_from_db()
     log.info("agent %s: credential rotated (now %s...)", agent_id, _short(agent))
     return agent
+
+
+def confirm_pending_credential(agent_id: str, presented: str) -> bool:
+    """Whether `presented` is the credential a rotation of `agent_id` under way is handing it:
+    what the agent asks before it keeps one (an agent keeps no credential this control plane
+    did not issue). Constant time."""
+    agent = Agent.objects.filter(agent_id=agent_id).only("credential_pending_nonce").first()
+    if agent is None or not agent.credential_pending_nonce:
+        return False
+    expected = credentials.derive(agent_id, agent.credential_pending_nonce)
+    return hmac.compare_digest(expected.encode(), presented.encode())
 
 
 def revoke_agent_credential(agent_id: str) -> Agent:
     """Revoke the agent's credential: it can no longer register or be called, it is OFFLINE at
     once (no new work), and its agent_id cannot enrol again until `allow_enrolment`. The agent
-    is told first (best effort), so it stops taking the credential too: one that leaked then
-    reaches nothing. Takes a row lock on the agent (after the call)."""
-    found = Agent.objects.get(agent_id=agent_id)
-    if found.credential:
-        try:
-            asyncio.run(agent_client.forget_credential(found.base_url, found.credential, 5.0))
-        except agent_client.AgentCallFailed as exc:
-            log.warning("agent %s was not told of its revocation: %s", agent_id, exc)
+    is told to forget it too, so one that leaked reaches nothing there either: now if it
+    answers, else by `tell_revoked_agents` until it does. Takes a row lock on the agent."""
     with transaction.atomic():
         agent = Agent.objects.select_for_update(no_key=True, of=("self",)).get(agent_id=agent_id)
+        if agent.credential_nonce:
+            agent.credential_revoked_nonce = agent.credential_nonce
         agent.credential_nonce = agent.credential_fingerprint = ""
+        agent.credential_pending_nonce = ""
         agent.credential_revoked_at = timezone.now()
         agent.state = AgentState.OFFLINE
         agent.heartbeat_failures = max(agent.heartbeat_failures, settings.HEARTBEAT_OFFLINE_AFTER)
         agent.save()
         events.announce(agents=[agent.pk])
     log.warning("agent %s: credential revoked", agent_id)
+    tell_revoked_agents([agent.pk])
     return agent
+
+
+@dataclass(frozen=True)
+class RevocationNotice:
+    agent_pk: int
+    agent_id: str
+    base_url: str
+    revoked: str  # the revoked credential: what the agent still takes until it is told
+    nonce: str
+
+
+def tell_revoked_agents(agent_pks: list[int] | None = None) -> int:
+    """Tell agents whose credential was revoked (and who have not heard yet) to forget it;
+    `None`: every such agent (beat's retry). Returns how many were told."""
+    rows = Agent.objects.exclude(credential_revoked_nonce="")
+    if agent_pks is not None:
+        rows = rows.filter(pk__in=agent_pks)
+    notices = [
+        RevocationNotice(
+            agent.pk, agent.agent_id, agent.base_url,
+            credentials.derive(agent.agent_id, agent.credential_revoked_nonce),
+            agent.credential_revoked_nonce,
+        )
+        for agent in rows.only("agent_id", "base_url", "credential_revoked_nonce")
+    ]  # fmt: skip
+    if not notices:
+        return 0
+    told = asyncio.run(_tell(notices))
+    for notice in told:
+        Agent.objects.filter(pk=notice.agent_pk, credential_revoked_nonce=notice.nonce).update(
+            credential_revoked_nonce=""
+        )
+    return len(told)
+
+
+async def _tell(notices: list[RevocationNotice]) -> list[RevocationNotice]:
+    async def one(notice: RevocationNotice) -> RevocationNotice | None:
+        try:
+            await agent_client.forget_credential(notice.base_url, notice.revoked, 5.0)
+        except agent_client.AgentCallFailed as exc:
+            # It takes that credential no more (told before, or enrolled anew): told already.
+            if exc.code not in ("unauthorized", "not_enrolled"):
+                log.warning("agent %s was not told of its revocation yet: %s", notice.agent_id,
+                            exc)  # fmt: skip
+                return None
+        log.info("agent %s was told of its revocation", notice.agent_id)
+        return notice
+
+    return [told for told in await asyncio.gather(*map(one, notices)) if told is not None]
 
 
 def allow_enrolment(agent_id: str) -> Agent:

@@ -7,6 +7,7 @@ from agents.api.views import (
     PlacementViewSet,
     RegisterAgentView,
     agent_progress,
+    confirm_credential,
 )
 
 
@@ -36,5 +37,10 @@ urlpatterns = [
     # Before the router, so "register" is not taken for an agent_id.
     path("agents/register", RegisterAgentView.as_view(), name="agent-register"),
     path("agents/<str:agent_id>/progress", agent_progress, name="agent-progress"),
+    path(
+        "agents/<str:agent_id>/credential/confirm",
+        confirm_credential,
+        name="agent-credential-confirm",
+    ),
     *router.urls,
 ]

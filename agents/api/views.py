@@ -19,7 +19,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents import actions
-from agents.api.authentication import AgentPrincipal, AgentTokenAuthentication, IsAgent
+from agents.api.authentication import (
+    AgentPrincipal,
+    AgentTokenAuthentication,
+    IsAgent,
+    bearer_token,
+)
 from agents.api.serializers import (
     AgentSerializer,
     LoadEventSerializer,
@@ -189,6 +194,34 @@ async def agent_progress(request: HttpRequest, agent_id: str) -> HttpResponse:
     if request.method != "POST":
         return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
     return await sync_to_async(_agent_progress, thread_sensitive=False)(request, agent_id)
+
+
+@csrf_exempt
+async def confirm_credential(request: HttpRequest, agent_id: str) -> HttpResponse:
+    """`POST /api/agents/<agent_id>/credential/confirm` with `Authorization: Bearer <new>`:
+    what an agent asks before it keeps a credential a rotation hands it. 204 when it is the
+    one this control plane is issuing to that agent, 403 otherwise (a caller holding the
+    agent's current credential cannot rotate it to one of its own).
+
+    Off the thread Django runs sync views in: the rotation that causes this call may be an
+    admin action waiting in that thread for the agent's answer."""
+    if request.method != "POST":
+        return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
+    token = bearer_token(request.headers.get("Authorization", "")) or ""
+    confirmed = await sync_to_async(_confirm, thread_sensitive=False)(agent_id, token)
+    if not confirmed:
+        return JsonResponse(
+            {"detail": "Not a credential this control plane is issuing to that agent."},
+            status=403,
+        )
+    return HttpResponse(status=204)
+
+
+def _confirm(agent_id: str, token: str) -> bool:
+    try:
+        return actions.confirm_pending_credential(agent_id, token)
+    finally:
+        connection.close()  # a thread of the pool, not a request's
 
 
 def _unauthenticated(detail: str) -> HttpResponse:

@@ -480,8 +480,14 @@ async def test_an_agent_enrols_keeps_its_credential_and_takes_no_other_token(tmp
             return web.json_response(body, status=201)
         return web.json_response({"agent_id": "test-agent", "created": False}, status=200)
 
+    async def confirm(request: web.Request) -> web.Response:
+        # The control plane issues ROTATED, and only that one.
+        return web.Response(status=204 if request.headers["Authorization"] == f"Bearer {ROTATED}"
+                            else 403)  # fmt: skip
+
     control_plane = web.Application()
     control_plane.router.add_post("/api/agents/register", register)
+    control_plane.router.add_post("/api/agents/test-agent/credential/confirm", confirm)
     cache = tmp_path / "cache"
     async with TestServer(control_plane) as cp, aiohttp.ClientSession() as http:
         cp_url = str(cp.make_url("")).rstrip("/")
@@ -500,6 +506,17 @@ async def test_an_agent_enrols_keeps_its_credential_and_takes_no_other_token(tmp
             # The enrolment token every agent holds calls no agent once it has a control plane.
             assert await status_with(TOKEN) == 401
             assert await status_with(ISSUED) == 200
+            # Whoever holds ISSUED (leaked, say) cannot rotate the agent to a credential of its
+            # own: the control plane does not confirm it, and the agent keeps what it had.
+            attackers = "lfa_" + "e" * 64
+            async with http.post(
+                f"{url}/credential", json={"credential": attackers},
+                headers={"Authorization": f"Bearer {ISSUED}"},
+            ) as response:  # fmt: skip
+                assert response.status == 403
+                assert (await response.json())["error"]["code"] == "credential_unconfirmed"
+            assert kept.read_text().strip() == ISSUED
+            assert await status_with(attackers) == 401
             async with http.post(
                 f"{url}/credential", json={"credential": ROTATED},
                 headers={"Authorization": f"Bearer {ISSUED}"},
