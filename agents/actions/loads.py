@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 
 class NoCapacity(Exception):
     """No agent can take the model now: none is routable, none has room, or every one tried
-    has failed to load it within the cold-start timeout."""
+    has failed to load it within the cold-start timeout (`loads_failed`). The message is for
+    operators: it names agents and the last load error."""
+
+    def __init__(self, message: str, *, loads_failed: bool = False) -> None:
+        super().__init__(message)
+        self.loads_failed = loads_failed
 
 
 def _served_by(model: Model) -> Model:
@@ -121,7 +126,8 @@ def _start_load(
         if failed:
             raise NoCapacity(
                 f"loading {model.model_id} failed on {len(failed)} agent(s); last error: "
-                f"{failed[0].error or 'unknown'}"
+                f"{failed[0].error or 'unknown'}",
+                loads_failed=True,
             )
         raise NoCapacity(
             f"no agent that takes new work has room for {model.model_id}{_unroutable_agents()}"

@@ -61,7 +61,13 @@ class Snapshot:
 
 
 class ColdStartFailed(Exception):
-    """No replica will serve in time: the message says why."""
+    """No replica will serve in time. Its message is what the client is told: short, and
+    nothing of the fleet's insides (agents, store URIs, engine logs); `detail` is the
+    operators', for the log."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class _Watch:
@@ -169,7 +175,12 @@ async def wait_until_ready(
             if waited_on_degraded:  # a verdict came since that refusal: ask once more
                 waited_on_degraded = False
                 continue
-            raise ColdStartFailed(str(exc)) from None
+            told = (
+                f"The model `{model.model_id}` could not be started: its loads failed."
+                if exc.loads_failed
+                else f"No GPU host can take the model `{model.model_id}` now."
+            )
+            raise ColdStartFailed(told, detail=str(exc)) from None
         if placement.state != PlacementState.READY:
             snapshot = await _follow(placement.pk, deadline, on_progress)
             if snapshot is None:

@@ -85,6 +85,8 @@ class Job:
     keep_alive: float | None = None  # seconds the request asked its replica to stay warm
     # For a LoRA adapter (`model` is one): what the agent loads into its base's engine.
     adapter: AdapterRef | None = None
+    # What the client and the operators' log both name the request by (X-Request-Id).
+    request_id: str = ""
 
     @property
     def target(self) -> Model:
@@ -283,7 +285,7 @@ class Router:
         try:
             opened = await self._open_cold(job, tried, deadline, None)
         except coldstart.ColdStartFailed as exc:
-            return not_ready(str(exc))
+            return not_ready(_told(job, exc))
         if isinstance(opened, HttpResponse):
             return opened
         return await self._relay(opened, job, cold=True)
@@ -322,7 +324,7 @@ class Router:
             raise
         if refused is not None:
             claim.release()
-            return openai_error(refused.status, refused.message, code=refused.code)
+            return openai_error(refused.status, _refusal_told(job, refused), code=refused.code)
         if job.keep_alive is not None:  # the replica that answers is the one kept warm
             in_background(
                 gateway_actions.keep_replica_alive(placement.pk, job.keep_alive, job.target)
@@ -397,7 +399,7 @@ class Router:
             taken = True
             opened = waiter.result()
         except coldstart.ColdStartFailed as exc:
-            yield job.api.error_event(str(exc), code="model_not_ready")
+            yield job.api.error_event(_told(job, exc), code="model_not_ready")
             return
         finally:
             if heard is not None:
@@ -451,6 +453,34 @@ class Router:
         finally:
             await chunks.aclose()
             opened.claim.release()
+
+
+def _told(job: Job, failed: coldstart.ColdStartFailed) -> str:
+    """What the client hears of a cold start that failed: its short message and the request
+    id; the operators' log has the detail (agents, errors, log tails) under that id."""
+    log.warning("request %s: no replica of %s: %s", job.request_id, job.target.model_id,
+                failed.detail)  # fmt: skip
+    return f"{failed} Retry later; request id {job.request_id}."
+
+
+# What a client is told of an agent's own refusal of its request (the agent's message may name
+# stores, paths and hosts: the operators' log has it, under the request id).
+_REFUSALS = {
+    "body_too_large": "The request body is over the model server's limit.",
+    "bad_request": "The model's server could not read the request.",
+}
+
+
+def _refusal_told(job: Job, refused: upstream.AgentRefusal) -> str:
+    log.warning("request %s: %s refused: %s: %s", job.request_id, job.model.model_id,
+                refused.code, refused.message)  # fmt: skip
+    if refused.code.startswith("adapter_"):
+        told = f"The LoRA adapter `{job.model.model_id}` could not be loaded ({refused.code})."
+    else:
+        told = _REFUSALS.get(
+            refused.code, f"The model's server refused the request ({refused.code})."
+        )
+    return f"{told} Request id {job.request_id}."
 
 
 def _without_lora(job: Job) -> str:

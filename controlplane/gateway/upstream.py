@@ -258,7 +258,8 @@ async def relay_chunks(
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone: the stream ends with an error event, as OpenAI clients expect.
         log.warning("stream from placement %s broke: %s", placement_id, exc)
-        yield scanner.api.error_event(f"The model's server failed mid-stream: {exc}")
+        # The client hears that it broke; what broke (hosts, ports) is the log's.
+        yield scanner.api.error_event("The model's server failed mid-stream.")
         finished = True
     finally:
         upstream.release() if finished else upstream.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, cast
 
@@ -194,9 +195,17 @@ def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     return on_usage
 
 
+def new_request_id() -> str:
+    """An id the client sees (X-Request-Id, and in error messages) and the operators' log
+    names: what a failure's detail is found by."""
+    return f"req_{secrets.token_hex(12)}"
+
+
 async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingHttpResponse:
     record = stats.RequestRecord()
-    response = await _answer(request, api, record)
+    request_id = new_request_id()
+    response = await _answer(request, api, record, request_id)
+    response["X-Request-Id"] = request_id
     if isinstance(response, StreamingHttpResponse) and response.is_async:
         chunks = cast(AsyncIterator[bytes], response.streaming_content)
         response.streaming_content = _observed(chunks, record, response, api)
@@ -228,7 +237,7 @@ async def _observed(
 
 
 async def _answer(
-    request: HttpRequest, api: Api, record: stats.RequestRecord
+    request: HttpRequest, api: Api, record: stats.RequestRecord, request_id: str
 ) -> HttpResponse | StreamingHttpResponse:
     """Authenticate, admit, parse, resolve the model, serve."""
     if request.method != "POST":
@@ -256,6 +265,6 @@ async def _answer(
     meter = upstream.Meter(_usage_recorder(key, model), estimate_prompt_tokens(parsed.body))
     job = Job(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
-        parsed.keep_alive, adapter=_adapter_of(model),
+        parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
     )  # fmt: skip
     return await router().serve(job)

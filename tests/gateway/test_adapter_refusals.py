@@ -86,3 +86,21 @@ async def test_the_adapter_travels_in_headers(agent):
     assert seen[-1]["X-Llmfleet-Adapter"] == "org/tiny-sql"
     assert seen[-1]["X-Llmfleet-Adapter-Source"] == "azure://models/org/tiny-sql"
     assert seen[-1]["X-Llmfleet-Adapter-Revision"] == "2"
+
+
+def test_a_client_is_told_an_agent_s_refusal_without_its_insides(caplog):
+    """An agent's message may name stores, paths and hosts: the client gets the code and the
+    request id, the operators' log the message."""
+    from types import SimpleNamespace
+
+    from controlplane.gateway.router import _refusal_told
+
+    job = SimpleNamespace(model=Model(model_id="org/tiny-sql"), request_id="req_abc")
+    inside = "checksum of /nvme/cache/org/tiny-sql from azure://models/org/tiny-sql differs"
+    told = _refusal_told(job, AgentRefusal(502, "adapter_checksum_mismatch", inside))
+    assert told == (
+        "The LoRA adapter `org/tiny-sql` could not be loaded (adapter_checksum_mismatch). "
+        "Request id req_abc."
+    )
+    assert inside in caplog.text
+    assert "azure://" not in _refusal_told(job, AgentRefusal(413, "body_too_large", inside))

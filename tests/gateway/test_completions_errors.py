@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.utils import timezone
 
-from tests.factories import ModelFactory, PlacementFactory, make_api_key
+from agents.choices import LoadOutcome
+from agents.models import Model
+from tests.factories import (
+    AgentFactory,
+    LoadEventFactory,
+    ModelFactory,
+    PlacementFactory,
+    make_api_key,
+)
 from tests.gateway import calls
 from tests.gateway.calls import error_of
 
@@ -92,17 +101,41 @@ def test_a_body_over_the_limit_is_413(client, key, settings):
     assert error_of(post(client, key, body), 413)["code"] == "request_too_large"
 
 
-def test_a_cold_model_with_no_agent_to_load_it_is_503_with_retry_after(client, key, settings):
+def test_a_cold_model_with_no_agent_to_load_it_is_503_with_retry_after(
+    client, key, settings, caplog
+):
     PlacementFactory(model=ModelFactory(model_id="org/other"), agent__state="DRAINING")
     response = post(client, key, chat())
     error = error_of(response, 503)
     assert error["code"] == "model_not_ready"
-    assert "no agent that takes new work" in error["message"]
+    assert error["message"].startswith("No GPU host can take the model `org/m` now.")
+    assert response["X-Request-Id"] in error["message"]
     assert response["Retry-After"] == str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+    # The operators' log says why, under the same request id.
+    assert f"request {response['X-Request-Id']}: no replica of org/m" in caplog.text
+    assert "no agent that takes new work" in caplog.text
+
+
+def test_a_cold_start_whose_loads_failed_tells_the_client_nothing_of_the_fleet(client, key, caplog):
+    """The last load error names agents, store URIs and up to 25 lines of vLLM's log: the
+    operators' (admin, load events, log), never the client's."""
+    model = Model.objects.get(model_id="org/m")
+    secret = "engine_exited: http://10.0.0.7:8100 azure://models/org/m Traceback (most recent"
+    for name in ("a", "b"):
+        LoadEventFactory(
+            model=model, agent=AgentFactory(agent_id=f"gpu-{name}"),
+            outcome=LoadOutcome.FAILED, finished_at=timezone.now(), error=secret,
+        )  # fmt: skip
+    response = post(client, key, chat())
+    error = error_of(response, 503)
+    assert error["message"].startswith("The model `org/m` could not be started")
+    assert "10.0.0.7" not in response.content.decode()
+    assert "azure://" not in response.content.decode()
+    assert secret in caplog.text
 
 
 def test_a_cold_model_waits_out_a_degraded_agent_before_saying_no_room(
-    client, key, settings, monkeypatch
+    client, key, settings, monkeypatch, caplog
 ):
     """An agent that missed a heartbeat may be back with the next: the request asks again
     until the heartbeats' verdict is due, and the refusal then says what the agents are."""
@@ -119,8 +152,8 @@ def test_a_cold_model_waits_out_a_degraded_agent_before_saying_no_room(
 
     monkeypatch.setattr(actions, "ensure_placement", counting)
     response = post(client, key, chat())
-    error = error_of(response, 503)
-    assert "(agents not taking work: 1 DEGRADED)" in error["message"]
+    error_of(response, 503)
+    assert "(agents not taking work: 1 DEGRADED)" in caplog.text  # the operators' to read
     assert len(asked) > 1
 
 
