@@ -79,4 +79,14 @@ def _at_daphne_shutdown() -> None:
     reactor.addSystemEventTrigger("before", "shutdown", stop)  # type: ignore[arg-type]
 
 
+def _limit_bodies_under_daphne() -> None:
+    """Under daphne, which buffers a whole body before the application sees it, bodies over
+    GATEWAY_MAX_BODY_BYTES are refused as they arrive (controlplane.bodylimit)."""
+    if "daphne.server" in sys.modules:
+        from controlplane import bodylimit
+
+        bodylimit.install(settings.GATEWAY_MAX_BODY_BYTES)
+
+
 _at_daphne_shutdown()
+_limit_bodies_under_daphne()

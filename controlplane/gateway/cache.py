@@ -9,7 +9,9 @@ a revoked key or a disabled model takes at most that long to stop working.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -18,10 +20,14 @@ from django.db import DatabaseError
 
 from agents.models import Model, Placement
 from controlplane.gateway.handler import drop_broken_connections
-from controlplane.gateway.models import ApiKey, hash_key
+from controlplane.gateway.loops import per_loop
+from controlplane.gateway.models import KEY_PREFIX, ApiKey, hash_key
 
 T = TypeVar("T")
-_entries: dict[tuple[str, str], tuple[float, object]] = {}
+# Least recently used first: past _MAX_ENTRIES that one goes (one-off lookups, mostly: a key
+# deleted, a model name nobody serves), so no run of misses ever empties the cache of the keys
+# and models every request needs.
+_entries: OrderedDict[tuple[str, str], tuple[float, object]] = OrderedDict()
 _MAX_ENTRIES = 10_000
 
 
@@ -48,6 +54,7 @@ async def _remember(
     entry = _entries.get((kind, name))
     if ttl and entry is not None:
         age = now - entry[0]
+        _entries.move_to_end((kind, name))  # used: the last to go
         if age < ttl:
             return entry[1]  # type: ignore[return-value]
         if refresh_behind and age < 5 * ttl:
@@ -71,15 +78,80 @@ async def _load(kind: str, name: str, load: Callable[[], Awaitable[T]], ttl: flo
         await drop_broken_connections()
         raise
     if ttl:
-        if len(_entries) >= _MAX_ENTRIES:  # many one-off wrong keys: start afresh, never grow
-            _entries.clear()
+        _entries.pop((kind, name), None)  # to the end: the newest
+        while len(_entries) >= _MAX_ENTRIES:
+            _entries.popitem(last=False)
         _entries[kind, name] = (started, value)
     return value
 
 
+# What the gateway issues (controlplane.gateway.models.new_raw_key): anything else is no key,
+# and is refused without a lookup.
+_KEY_SHAPE = re.compile(rf"{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{43}}")
+# Misses of the known-keys set ask the database at most this often, all waiting together.
+_KNOWN_REFRESH_SECONDS = 0.1
+# How often the set is read whole (deleted keys leave it then; new ones join at once).
+_KNOWN_RELOAD_SECONDS = 300.0
+
+
+class KnownKeys:
+    """Which keys exist, per process: the first 64 bits of every key's hash. A presented key
+    whose hash is not there is refused without a query, so a flood of made-up keys costs the
+    database (and the gateway's one ORM thread) at most one small query per
+    `_KNOWN_REFRESH_SECONDS`: the keys created since the last look (ids above the highest
+    seen). A key created a moment ago is found by that look, which its request waits for."""
+
+    def __init__(self) -> None:
+        self.prefixes: set[int] = set()
+        self.highest_id = 0
+        self.loaded_at = -_KNOWN_RELOAD_SECONDS
+        self.looked_at = 0.0
+        self.looking: asyncio.Task[None] | None = None
+
+    async def holds(self, digest: str) -> bool:
+        prefix = int(digest[:16], 16)
+        if prefix in self.prefixes:
+            return True
+        if self.looking is None or self.looking.done():
+            self.looking = asyncio.get_running_loop().create_task(self._look())
+        await asyncio.shield(self.looking)
+        return prefix in self.prefixes
+
+    async def _look(self) -> None:
+        await asyncio.sleep(max(self.looked_at + _KNOWN_REFRESH_SECONDS - time.monotonic(), 0))
+        whole = time.monotonic() - self.loaded_at >= _KNOWN_RELOAD_SECONDS
+        since = 0 if whole else self.highest_id
+        keys = ApiKey.objects.filter(pk__gt=since).values_list("pk", "key_hash").order_by()
+        try:
+            rows = [row async for row in keys]
+        except DatabaseError:
+            await drop_broken_connections()
+            raise
+        finally:
+            self.looked_at = time.monotonic()
+        found = {int(key_hash[:16], 16) for _, key_hash in rows}
+        if whole:
+            self.prefixes, self.loaded_at = found, time.monotonic()
+        else:
+            self.prefixes |= found
+        self.highest_id = max((pk for pk, _ in rows), default=self.highest_id)
+
+
+_known: dict[asyncio.AbstractEventLoop, KnownKeys] = {}
+
+
+def looks_like_a_key(raw_key: str) -> bool:
+    return bool(_KEY_SHAPE.fullmatch(raw_key))
+
+
 async def key_for_secret(raw_key: str) -> ApiKey | None:
-    """The key with this secret, with its allow-list's model ids prefetched."""
+    """The key with this secret, with its allow-list's model ids prefetched. What is not shaped
+    like a key, or not among the keys that exist (KnownKeys), is None without a lookup."""
+    if not looks_like_a_key(raw_key):
+        return None
     digest = hash_key(raw_key)
+    if settings.GATEWAY_CACHE_SECONDS and not await per_loop(_known, KnownKeys).holds(digest):
+        return None
 
     async def load() -> ApiKey | None:
         key = await ApiKey.objects.for_secret(raw_key).afirst()
@@ -117,3 +189,4 @@ def forget_placements(model: Model) -> None:
 
 def clear() -> None:
     _entries.clear()
+    _known.clear()

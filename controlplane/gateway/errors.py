@@ -51,6 +51,20 @@ def not_found(request: HttpRequest, path: str = "") -> JsonResponse:
     )
 
 
+async def database_away(exc: DatabaseError) -> JsonResponse:
+    """503 with Retry-After for a request that needed the database while it is away (a
+    restart, a failover); the broken connection is dropped for the next query."""
+    from controlplane.gateway.handler import drop_broken_connections
+
+    log.warning("the database is unavailable: %s", exc)
+    await drop_broken_connections()
+    response = openai_error(
+        503, "The service is briefly unavailable; try again.", code="service_unavailable"
+    )
+    response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
+    return response
+
+
 def openai_errors(
     view: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R | JsonResponse]]:
@@ -62,15 +76,7 @@ def openai_errors(
         try:
             return await view(*args, **kwargs)
         except DatabaseError as exc:
-            from controlplane.gateway.handler import drop_broken_connections
-
-            log.warning("the database is unavailable: %s", exc)
-            await drop_broken_connections()
-            response = openai_error(
-                503, "The service is briefly unavailable; try again.", code="service_unavailable"
-            )
-            response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
-            return response
+            return await database_away(exc)
         except Exception:
             log.exception("a /v1 request failed")
             return openai_error(500, "The server had an error processing your request.")

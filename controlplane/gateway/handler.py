@@ -51,6 +51,14 @@ class ApiHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # No key, or a body over the limit: answered before a byte of the body is read. (A
+        # local import: auth needs the cache, which imports this module.)
+        from controlplane.gateway.auth import refuse_before_body
+
+        refusal = await refuse_before_body(scope)
+        if refusal is not None:
+            await self.send_response(refusal, send)
+            return
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:

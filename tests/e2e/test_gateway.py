@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -461,3 +462,48 @@ def test_through_the_gateway_to_real_vllm(gateway, settings, tmp_path):
         assert [len(item.embedding) for item in several.data] == [128, 128]
         assert several.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1e-4)
         assert one.usage.prompt_tokens >= 1
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send `head` (and `body`) on a socket of its own; what daphne answered before closing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(head)
+        if body:
+            with contextlib.suppress(OSError):  # it may close while the body is on its way
+                sock.sendall(body)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_a_body_over_the_limit_is_refused_before_daphne_stores_it(gateway, settings):
+    """daphne (Twisted) buffers a whole body before the application sees it: an oversized one
+    is answered 413 as its headers arrive, without a byte of it being sent or stored."""
+    _, raw_key = make_api_key("big")
+    size = 10 * 1024**3  # 10 GiB declared, none sent
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {raw_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    ).encode()
+    answer = raw_request(gateway, head)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b'"code": "request_too_large"' in answer
+    # Chunked, with no length declared: refused once the chunks pass the limit.
+    chunked = head.replace(f"Content-Length: {size}".encode(), b"Transfer-Encoding: chunked")
+    chunk = b"x" * (1024 * 1024)
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(8)) + b"0\r\n\r\n"
+    assert len(chunk) * 8 > settings.GATEWAY_MAX_BODY_BYTES
+    assert raw_request(gateway, chunked, body).startswith(b"HTTP/1.1 413")
+    # Under the limit and well-formed, the same path answers as ever.
+    response = requests.post(
+        f"{gateway}/v1/chat/completions", data=b"{not json", timeout=10,
+        headers={"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 400

@@ -103,3 +103,64 @@ def test_past_the_backlog_the_oldest_unwritten_usage_is_dropped_and_counted(sett
     assert list(async_to_sync(fill)()) == [(7, "org/b"), (7, "org/c")]
     assert dropped._value.get() - before == 1
     assert "dropped 1 unwritten usage" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_made_up_keys_cost_no_query_each_and_a_new_key_works_at_once(settings, monkeypatch):
+    """A flood of well-formed keys nobody holds shares one look at the keys created since the
+    last (KnownKeys), and one of the wrong shape asks nothing; a key created a moment ago is
+    found by the look its request waits for."""
+    import asyncio
+    import secrets
+
+    settings.GATEWAY_CACHE_SECONDS = 60
+    cache.clear()
+    _, real = make_api_key("real")
+    looks = []
+    look = cache.KnownKeys._look
+
+    async def counted(self):
+        looks.append(1)
+        await look(self)
+
+    monkeypatch.setattr(cache.KnownKeys, "_look", counted)
+
+    async def flood() -> list:
+        made_up = [f"llmf-{secrets.token_urlsafe(32)}" for _ in range(500)]
+        found = await asyncio.gather(*(cache.key_for_secret(key) for key in made_up))
+        found += [await cache.key_for_secret("llmf-short"), await cache.key_for_secret("x" * 48)]
+        return found
+
+    assert async_to_sync(flood)() == [None] * 502
+    assert len(looks) <= 2  # the first whole read, and at most one more
+    assert async_to_sync(cache.key_for_secret)(real) is not None
+    _, brand_new = make_api_key("created just now")
+    assert async_to_sync(cache.key_for_secret)(brand_new) is not None
+    from django.db import connection
+
+    connection.close()
+
+
+def test_a_run_of_one_off_lookups_evicts_the_oldest_never_the_whole_cache(settings, monkeypatch):
+    settings.GATEWAY_CACHE_SECONDS = 60
+    monkeypatch.setattr(cache, "_MAX_ENTRIES", 50)
+
+    async def fill() -> None:
+        async def value() -> str:
+            return "v"
+
+        await cache._remember("model", "org/everyday", value)
+        for n in range(49):
+            await cache._remember("key", f"one-off-{n}", value)
+        await cache._remember("model", "org/everyday", value)  # used again: the newest
+        for n in range(49, 90):
+            await cache._remember("key", f"one-off-{n}", value)
+        await cache._remember("model", "org/everyday", value)
+        for n in range(90, 100):
+            await cache._remember("key", f"one-off-{n}", value)
+
+    async_to_sync(fill)()
+    assert len(cache._entries) == 50
+    assert ("key", "one-off-0") not in cache._entries
+    assert ("key", "one-off-99") in cache._entries
+    assert ("model", "org/everyday") in cache._entries  # in use: not evicted by one-offs

@@ -47,3 +47,53 @@ def test_a_connection_that_failed_is_closed_for_the_next_query(monkeypatch):
     _drop_broken_connections()
     assert connection.connection is None
     assert connection.errors_occurred is False
+
+
+class Unread:
+    """An ASGI `receive` that counts how often the handler asked for the body."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.asked = 0
+
+    async def __call__(self) -> dict:
+        self.asked += 1
+        return {"type": "http.request", "body": self.body, "more_body": False}
+
+
+async def call_handler(headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict, Unread]:
+    from controlplane.asgi import api_app
+
+    receive, sent = Unread(body), []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"",
+        "query_string": b"", "root_path": "", "scheme": "http", "headers": headers,
+        "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+    await api_app(scope, receive, send)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    body_out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body_out), receive
+
+
+async def test_a_request_without_an_active_key_is_refused_before_its_body_is_read(settings):
+    from asgiref.sync import sync_to_async
+
+    body = b'{"model": "org/m", "messages": []}'
+    for authorization in (b"", b"Bearer nope", b"Bearer llmf-" + b"x" * 43, b"Basic abc"):
+        headers = [(b"content-type", b"application/json")]
+        headers += [(b"authorization", authorization)] if authorization else []
+        status, answer, receive = await call_handler(headers, body)
+        assert status == 401, answer
+        assert receive.asked == 0  # not a byte of the body was read
+    _, raw_key = await sync_to_async(make_api_key)()
+    too_large = str(settings.GATEWAY_MAX_BODY_BYTES + 1).encode()
+    status, answer, receive = await call_handler(
+        [(b"authorization", f"Bearer {raw_key}".encode()), (b"content-length", too_large)], body
+    )
+    assert (status, answer["error"]["code"], receive.asked) == (413, "request_too_large", 0)
+    await sync_to_async(lambda: connection.close())()
