@@ -10,10 +10,14 @@ never request ids or keys.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -70,8 +74,17 @@ RATE_LIMIT_UNAVAILABLE = Counter(
 PHASES = ("queue", "download", "engine_start", "first_token")
 
 
+# Scrapes within this many seconds of one another share one read of the database: several
+# Prometheus servers, or one scraping fast, cost the database one read per interval.
+FLEET_METRICS_SECONDS = 5.0
+
+
 class FleetCollector(Collector):
-    """Fleet state, read from the database at scrape time."""
+    """Fleet state, read from the database at scrape time (at most every
+    FLEET_METRICS_SECONDS)."""
+
+    def __init__(self) -> None:
+        self._read: tuple[float, list[Metric]] | None = None
 
     def describe(self) -> Iterator[Metric]:
         # What registration checks names against: without it, registering would collect,
@@ -87,10 +100,16 @@ class FleetCollector(Collector):
         yield SummaryMetricFamily("llmfleet_cold_start_phase_seconds", "")
 
     def collect(self) -> Iterator[Metric]:
+        if self._read is not None and time.monotonic() - self._read[0] < FLEET_METRICS_SECONDS:
+            yield from self._read[1]
+            return
         try:
-            yield from self._collect()
+            families = list(self._collect())
         except Exception:  # the database is away: /metrics still answers, without these
             log.exception("fleet metrics are unavailable")
+            return
+        self._read = (time.monotonic(), families)
+        yield from families
 
     def _collect(self) -> Iterator[Metric]:
         from django.db.models import Count
@@ -215,3 +234,31 @@ def register_fleet_collector() -> None:
     if not _registered:
         REGISTRY.register(FleetCollector())
         _registered = True
+
+
+def _may_scrape(request: HttpRequest) -> bool:
+    """A scraper with METRICS_TOKEN (the agent token when unset: what Prometheus scrapes the
+    agents with), or a staff user who may view agents. The fleet's agents and models are
+    named here: not for everyone who can reach the web port."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = settings.METRICS_TOKEN or settings.AGENT_TOKEN
+    presented = token.strip().encode()
+    if scheme.lower() == "bearer" and hmac.compare_digest(presented, expected.encode()):
+        return True
+    user = getattr(request, "user", None)
+    return bool(user and user.is_staff and user.has_perm("agents.view_agent"))
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """`/metrics`: Prometheus text for a scraper that may read it (`_may_scrape`), else 401."""
+    from django_prometheus.exports import ExportToDjangoView
+
+    if not _may_scrape(request):
+        response = JsonResponse(
+            {"detail": "Scrape with 'Authorization: Bearer <METRICS_TOKEN>' (README: Metrics)."},
+            status=401,
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="llmfleet-metrics"'
+        return response
+    answer: HttpResponse = ExportToDjangoView(request)
+    return answer

@@ -58,6 +58,9 @@ SECRET_KEY = _secret("SECRET_KEY")
 # The fleet's enrolment token: an agent presents it once, to enrol an agent_id nobody holds,
 # and gets its own credential back (README: Agent enrolment). Nothing else accepts it.
 AGENT_TOKEN = _secret("AGENT_TOKEN")
+# What Prometheus presents to scrape the control plane's /metrics (Bearer); unset: the
+# enrolment token, which the agents' /metrics take too. Staff who may view agents need none.
+METRICS_TOKEN = env_secret("METRICS_TOKEN")
 # The key agent credentials are derived from (HMAC of agent_id and a per-agent nonce): the
 # database holds neither a credential nor this key. Changing it invalidates every credential.
 AGENT_CREDENTIAL_KEY = env_secret("AGENT_CREDENTIAL_KEY") or SECRET_KEY

@@ -9,6 +9,7 @@ from drf_spectacular.views import SpectacularAPIView
 from agents.views import dashboard
 from controlplane.gateway.errors import not_found
 from controlplane.health import healthz
+from controlplane.metrics import metrics_view
 
 admin.site.site_header = "llmfleet"
 admin.site.site_title = "llmfleet admin"
@@ -34,5 +35,5 @@ urlpatterns = [
     path("api/", include("agents.api.urls")),
     path("dashboard/", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
-    path("", include("django_prometheus.urls")),
+    path("metrics", metrics_view, name="prometheus-django-metrics"),
 ]

@@ -49,7 +49,28 @@ def test_healthz_needs_no_login_and_only_reads(client):
     assert client.post("/healthz").status_code == 405
 
 
-def test_metrics_are_exposed_for_prometheus(client):
+def test_metrics_are_exposed_for_prometheus(client, settings):
     client.get("/healthz")
-    body = client.get("/metrics").content.decode()
-    assert "django_http_requests_total_by_view_transport_method_total" in body
+    body = client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {settings.AGENT_TOKEN}")
+    assert "django_http_requests_total_by_view_transport_method_total" in body.content.decode()
+
+
+def test_metrics_name_the_fleet_only_to_a_scraper_with_the_token(client, staff_client, settings):
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    settings.METRICS_TOKEN = "scrape-token"
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-token").status_code == 200
+    # Once a token of its own is set, the agent token no longer scrapes the control plane.
+    refused = client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {settings.AGENT_TOKEN}")
+    assert refused.status_code == 401
+    assert staff_client.get("/metrics").status_code == 200  # an operator's browser
+
+
+@pytest.mark.django_db
+def test_scrapes_in_quick_succession_read_the_database_once(django_assert_num_queries):
+    from controlplane.metrics import FleetCollector
+
+    collector = FleetCollector()
+    list(collector.collect())
+    with django_assert_num_queries(0):
+        list(collector.collect())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from django.conf import settings as django_settings
 from django.db import connection
 
 from agents import actions
@@ -22,6 +23,10 @@ from agents.choices import PlacementState
 from agents.models import Agent, Model, Placement
 from tests.e2e.agent_process import ROOT, AgentProcess, running_agent
 from tests.support import free_port, http_ok, wait_for
+
+# How a test scrapes the control plane's /metrics: as Prometheus does, with the token (the
+# agent token, METRICS_TOKEN being unset).
+SCRAPER = {"Authorization": f"Bearer {django_settings.AGENT_TOKEN}"}
 
 # Fast clocks, so the tests see heartbeats, verdicts and sweeps within seconds.
 FAST = {

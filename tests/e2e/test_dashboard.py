@@ -23,7 +23,7 @@ from agents.choices import CacheLevel
 from agents.models import Agent, Placement
 from nodeagent import tinymodel
 from tests.e2e.agent_process import ROOT
-from tests.e2e.fleet import running_control_plane
+from tests.e2e.fleet import SCRAPER, running_control_plane
 from tests.factories import make_api_key, make_staff_user
 from tests.support import wait_for
 
@@ -107,7 +107,9 @@ def test_the_dashboard_shows_a_cold_start_live(settings, tmp_path, checkpoint):
 def scrape(url: str) -> dict[str, set[tuple[str, ...]]]:
     """Metric name -> the label-name tuples of its samples."""
     found: dict[str, set[tuple[str, ...]]] = {}
-    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
+    for family in text_string_to_metric_families(
+        requests.get(f"{url}/metrics", timeout=10, headers=SCRAPER).text
+    ):
         for sample in family.samples:
             found.setdefault(sample.name, set()).add(tuple(sorted(sample.labels)))
     return found
@@ -133,7 +135,7 @@ def test_metrics_after_a_warm_request_a_cold_start_and_an_eviction(settings, tmp
         )
         wait_for(lambda: "llmfleet_evictions_total" in scrape(plane.url), 10, "the eviction")
         metrics = scrape(plane.url)
-        text = requests.get(f"{plane.url}/metrics", timeout=10).text
+        text = requests.get(f"{plane.url}/metrics", timeout=10, headers=SCRAPER).text
     expected = {
         "llmfleet_requests_total": {("model", "status")},
         "llmfleet_request_duration_seconds_bucket": {("le", "model", "start")},

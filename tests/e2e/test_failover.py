@@ -23,7 +23,7 @@ from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
 from nodeagent.engines.sim import words_for
 from tests.e2e.agent_process import AgentProcess
-from tests.e2e.fleet import ControlPlane, registered, running_control_plane, serving_on
+from tests.e2e.fleet import SCRAPER, ControlPlane, registered, running_control_plane, serving_on
 from tests.factories import make_api_key
 from tests.support import wait_for
 
@@ -84,7 +84,7 @@ def loads() -> int:
 
 
 def gateway_in_flight(plane: ControlPlane) -> float:
-    text = requests.get(f"{plane.url}/metrics", timeout=5).text
+    text = requests.get(f"{plane.url}/metrics", timeout=5, headers=SCRAPER).text
     return sum(
         float(value)
         for value in re.findall(r"^llmfleet_gateway_requests_in_flight\{.*\} (\S+)$", text, re.M)
