@@ -122,6 +122,20 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
+# Clients reach the control plane over HTTPS, terminated by the load balancer or ingress in
+# front, which says so in X-Forwarded-Proto (README: Deploying behind TLS). Then the admin and
+# the dashboard redirect plain HTTP to HTTPS, send HSTS and keep their cookies to HTTPS. The
+# probes and scrapers inside the cluster (/healthz, /metrics) keep plain HTTP.
+HTTPS = env_bool("HTTPS", False)
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -231,6 +245,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Agents, the model catalog and placements; node agent registration.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # One name per choice set, however many fields use it (state, reported_state; levels).
+    "ENUM_NAME_OVERRIDES": {
+        "AgentStateEnum": "agents.choices.AgentState",
+        "PlacementStateEnum": "agents.choices.PlacementState",
+        "CacheLevelEnum": "agents.choices.CacheLevel",
+    },
 }
 
 # Celery: configured here, read by controlplane/celery.py with the CELERY_ namespace.

@@ -4,8 +4,10 @@ fleet's enrolment token to enrol an agent_id nobody holds (README: Agent enrolme
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from django.conf import settings
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -76,3 +78,17 @@ class IsAgent(permissions.BasePermission):
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return isinstance(request.user, AgentPrincipal)
+
+
+class AgentTokenScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    """How the OpenAPI schema describes the agents' authentication: a bearer token."""
+
+    target_class = AgentTokenAuthentication
+    name = "agentCredential"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An agent's own credential, or the enrolment token to enrol one.",
+        }

@@ -110,3 +110,31 @@ def test_a_database_without_redis_runs_only_when_asked_to(tmp_path):
     allowed = load_settings(tmp_path, **configured, ALLOW_WITHOUT_REDIS="true")
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["broker"].startswith("filesystem://")
+
+
+def deploy_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`manage.py check --deploy` under a production configuration (no DEBUG, its own
+    database, Redis and secrets), failing on any warning."""
+    clean = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    clean.update(
+        VAR_DIR=str(tmp_path / "var"), DATABASE_URL="postgres://u@db.internal:5432/fleet",
+        REDIS_URL="redis://cache.internal:6379/0", SECRET_KEY="Kq8-x7Zp2_vN" * 5,
+        AGENT_TOKEN="t" * 40, ALLOWED_HOSTS="fleet.example.com", **env,
+    )  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_the_documented_production_settings_pass_the_deploy_check(tmp_path):
+    """README, "Deploying behind TLS": HTTPS=true behind a TLS-terminating proxy."""
+    result = deploy_check(tmp_path, HTTPS="true")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_without_https_the_deploy_check_says_what_is_missing(tmp_path):
+    result = deploy_check(tmp_path)
+    assert result.returncode != 0
+    assert "SECURE_SSL_REDIRECT" in result.stderr + result.stdout
