@@ -9,6 +9,8 @@ from typing import Any
 
 from celery import Celery, signals
 
+from controlplane import broker
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 app = Celery("controlplane")
@@ -18,7 +20,7 @@ app.autodiscover_tasks()
 
 def _prepare_filesystem_broker() -> None:
     """The file-system transport expects its folders to exist before anyone sends."""
-    if not str(app.conf.broker_url).startswith("filesystem://"):
+    if not str(app.conf.broker_url).startswith(f"{broker.SCHEME}://"):
         return
     for key in ("data_folder_in", "data_folder_out", "control_folder"):
         folder = app.conf.broker_transport_options.get(key)

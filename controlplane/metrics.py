@@ -27,6 +27,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from controlplane import broker
+
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -94,7 +96,8 @@ class FleetCollector(Collector):
         for name in gauges:
             yield GaugeMetricFamily(name, "")
         counters = ("llmfleet_cold_starts", "llmfleet_loads", "llmfleet_evictions",
-                    "llmfleet_agent_contract_rejections")  # fmt: skip
+                    "llmfleet_agent_contract_rejections",
+                    "llmfleet_broker_messages_dropped")  # fmt: skip
         for name in counters:
             yield CounterMetricFamily(name, "")
         yield SummaryMetricFamily("llmfleet_cold_start_phase_seconds", "")
@@ -213,6 +216,13 @@ class FleetCollector(Collector):
         yield cold
         yield loads
         yield evictions
+
+        dropped = CounterMetricFamily(
+            "llmfleet_broker_messages_dropped",
+            "Broker messages the workers could not decode and dropped (controlplane.broker).",
+        )
+        dropped.add_metric([], broker.dropped_count())
+        yield dropped
 
         # A summary without quantiles: rate(_sum) / rate(_count) is the mean of a phase
         # over any window.

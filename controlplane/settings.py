@@ -16,6 +16,7 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
+from controlplane import broker
 from controlplane.env import env_bool, env_int, env_list, env_secret, env_str, local_secret
 
 # Lets the code write `ModelAdmin[Agent]` for mypy at run time. DRF's classes are patched in
@@ -258,18 +259,11 @@ if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {}
 else:
-    _broker_dir = VAR_DIR / "broker"
-    CELERY_BROKER_URL = "filesystem://localhost/"
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        # in and out are the same folder: producers (web, beat) and the worker share it.
-        "data_folder_in": str(_broker_dir / "queue"),
-        "data_folder_out": str(_broker_dir / "queue"),
-        "control_folder": str(_broker_dir / "control"),
-        "store_processed": False,
-        # The transport polls its folder; kombu's 1 s default would add up to a second to
-        # every cold start's queue time.
-        "polling_interval": 0.1,
-    }
+    # kombu's file-system transport, made safe for several producers and consumers
+    # (controlplane.broker: messages renamed into place whole, claimed by rename).
+    BROKER_DIR = VAR_DIR / "broker"
+    CELERY_BROKER_URL = f"{broker.SCHEME}://localhost/"
+    CELERY_BROKER_TRANSPORT_OPTIONS = broker.transport_options(BROKER_DIR)
 # Tasks write their outcome to fleet state; nobody waits on a Celery result.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True

@@ -42,7 +42,7 @@ def test_embedded_defaults_need_nothing_configured(tmp_path):
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     assert loaded["db"] == "django.db.backends.sqlite3"
-    assert loaded["broker"].startswith("filesystem://")
+    assert loaded["broker"].startswith("llmfleetfs://")
     assert loaded["layer"] == "controlplane.layers.SQLiteChannelLayer"
     # A generated agent token, kept where local agents can read it (AGENT_TOKEN_FILE).
     assert (tmp_path / "var" / "agent-token").read_text() == loaded["agent_token"]
@@ -109,7 +109,7 @@ def test_a_database_without_redis_runs_only_when_asked_to(tmp_path):
     assert "REDIS_URL" in refused.stderr
     allowed = load_settings(tmp_path, **configured, ALLOW_WITHOUT_REDIS="true")
     assert allowed.returncode == 0, allowed.stderr
-    assert json.loads(allowed.stdout)["broker"].startswith("filesystem://")
+    assert json.loads(allowed.stdout)["broker"].startswith("llmfleetfs://")
 
 
 def deploy_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
