@@ -5,8 +5,9 @@ setup_demo`), then runs web (daphne), worker and beat (Celery) and one node agen
 (vLLM, or the sim engine with FLEET_AGENT=sim, or none with FLEET_AGENT=none) as
 child processes with their output prefixed by name. Once the agent has registered
 it prints ready-to-paste curl and openai commands; the first cold-starts the model.
-Ctrl-C, SIGTERM or the exit of any child stops them all: a half-running fleet is
-worse than a stopped one.
+Ctrl-C or SIGTERM stops them all. A child that dies is started again, saying so; one
+that keeps dying (FLEET_MAX_RESTARTS times within a minute) stops the whole fleet: a
+half-running fleet is worse than a stopped one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +33,9 @@ GRACE_SECONDS = 30.0
 # 15): a SIGKILL before then would leave engines running in their own sessions.
 AGENT_GRACE_SECONDS = 60.0
 AGENT_KINDS = ("vllm", "sim", "none")
+# A child that exits is started again, unless it did so this often within the window.
+MAX_RESTARTS = 5
+RESTART_WINDOW_SECONDS = 60.0
 # Who stops first on Ctrl-C (README, "What each process does on SIGTERM"); the rest after.
 STOP_ORDER = (("agent",), ("web",))
 LOCAL_AGENT = "local-1"
@@ -94,12 +99,20 @@ def _relay(name: str, stream: IO[bytes]) -> None:
 
 
 class Supervisor:
-    """Starts the children, watches them, and stops every one of them."""
+    """Starts the children, starts again one that dies, and stops every one of them."""
 
-    def __init__(self, specs: Sequence[ProcessSpec]) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ProcessSpec],
+        max_restarts: int = MAX_RESTARTS,
+        window: float = RESTART_WINDOW_SECONDS,
+    ) -> None:
         self.specs = specs
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stop_requested = False
+        self.max_restarts = max_restarts
+        self.window = window
+        self.restarts: dict[str, deque[float]] = {spec.name: deque() for spec in specs}
 
     def request_stop(self, signum: int, frame: object) -> None:
         # A signal handler only sets the flag; the main loop does the stopping.
@@ -107,27 +120,52 @@ class Supervisor:
 
     def start(self) -> None:
         for spec in self.specs:
-            # A session of its own: Ctrl-C reaches us alone, and we stop each child's group.
-            child = subprocess.Popen(
-                spec.argv,
-                cwd=ROOT,
-                env=None if spec.env is None else dict(spec.env),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            assert child.stdout is not None
-            threading.Thread(target=_relay, args=(spec.name, child.stdout), daemon=True).start()
-            self.children[spec.name] = child
+            self._spawn(spec)
+
+    def _spawn(self, spec: ProcessSpec) -> None:
+        # A session of its own: Ctrl-C reaches us alone, and we stop each child's group.
+        child = subprocess.Popen(
+            spec.argv,
+            cwd=ROOT,
+            env=None if spec.env is None else dict(spec.env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        assert child.stdout is not None
+        threading.Thread(target=_relay, args=(spec.name, child.stdout), daemon=True).start()
+        self.children[spec.name] = child
+
+    def tend(self) -> int | None:
+        """Start again each child that exited; the fleet's exit status when one keeps dying
+        (more than `max_restarts` restarts within `window` seconds), else None."""
+        now = time.monotonic()
+        for spec in self.specs:
+            child = self.children[spec.name]
+            code = child.poll()
+            if code is None:
+                continue
+            _signal_group(child, signal.SIGKILL)  # what is left of it (a Celery pool)
+            recent = self.restarts[spec.name]
+            while recent and now - recent[0] > self.window:
+                recent.popleft()
+            if len(recent) >= self.max_restarts:
+                print(f"fleet: {spec.name} exited with status {code}, its {len(recent) + 1}th "
+                      f"exit in {self.window:.0f} s: it keeps dying; stopping the rest",
+                      flush=True)  # fmt: skip
+                return code or 1
+            recent.append(now)
+            print(f"fleet: {spec.name} exited with status {code}; starting it again "
+                  f"(restart {len(recent)} of {self.max_restarts} allowed in "
+                  f"{self.window:.0f} s)", flush=True)  # fmt: skip
+            self._spawn(spec)
+        return None
 
     def watch(self) -> int:
-        """Wait for a stop request or a child's exit; the exit status for the whole fleet."""
+        """Tend the children until a stop request or one keeps dying; the fleet's status."""
         while not self.stop_requested:
-            for name, child in self.children.items():
-                code = child.poll()
-                if code is not None:
-                    print(f"fleet: {name} exited with status {code}; stopping the rest", flush=True)
-                    return code or 1
+            if (code := self.tend()) is not None:
+                return code
             time.sleep(0.2)
         return 0
 
@@ -196,7 +234,7 @@ def _wait_for_agent(agent_id: str, supervisor: Supervisor, seconds: float, since
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline and not supervisor.stop_requested:
-            if any(child.poll() is not None for child in supervisor.children.values()):
+            if supervisor.tend() is not None:  # one keeps dying: watch() stops the fleet
                 return False
             # Registered by this run: a row of an earlier run of the same VAR_DIR says nothing.
             if Agent.objects.filter(agent_id=agent_id, updated_at__gte=since).exists():
@@ -260,7 +298,7 @@ def main() -> int:
     specs = process_specs(host, port, concurrency)
     if kind != "none":
         specs.append(agent_spec(kind, base, agent_port, var_dir, token))
-    supervisor = Supervisor(specs)
+    supervisor = Supervisor(specs, max_restarts=_env_int("FLEET_MAX_RESTARTS", MAX_RESTARTS))
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     since = datetime.now(UTC)
