@@ -104,17 +104,20 @@ async def load_model(
 
 
 async def unload_model(
-    base_url: str, token: str, model_id: str, to: str, seconds: float, *, force: bool = False
+    base_url: str,
+    token: str,
+    model_id: str,
+    to: str,
+    seconds: float,
+    *,
+    force: bool = False,
+    drain_seconds: float = 0.0,
 ) -> UnloadModelResponse:
     """`POST /unload_model`: where the model ended up (maybe lower than asked: see `note`)."""
+    body = {"model_id": model_id, "to": to, "force": force, "drain_seconds": drain_seconds}
     async with aiohttp.ClientSession() as session:
         return await _post(
-            session,
-            f"{base_url}/unload_model",
-            token,
-            {"model_id": model_id, "to": to, "force": force},
-            seconds,
-            UnloadModelResponse,
+            session, f"{base_url}/unload_model", token, body, seconds, UnloadModelResponse
         )
 
 

@@ -79,7 +79,7 @@ def unload(event_id: int) -> None:
         response = asyncio.run(
             agent_client.unload_model(
                 job.agent_url, job.credential, job.model_id, job.to_level,
-                seconds=actions.UNLOAD_TIMEOUT_SECONDS,
+                seconds=actions.UNLOAD_TIMEOUT_SECONDS, drain_seconds=job.drain_seconds,
             )
         )  # fmt: skip
     except agent_client.AgentCallFailed as exc:
@@ -109,6 +109,9 @@ def poll_heartbeats() -> None:
             agent_client.poll_heartbeats(targets, seconds=settings.HEARTBEAT_TIMEOUT_SECONDS)
         )
         actions.apply_heartbeats(results)
+        # What a round brings back (an agent back from a partition) must not outnumber
+        # max_replicas until the next sweep.
+        actions.step_down_excess()
         log.info(
             "polled %d agent(s) in %.2f s (%d missed)",
             len(targets),

@@ -29,7 +29,8 @@ import msgspec
 #      (the one an agent of 1.3 uses), and the registered `manifest`'s identity; `source`
 #      and `download_bytes` in load timings.
 # 1.5: `engine.trust_remote_code` on load requests (the only way the checkpoint's own code
-#      runs: engine arguments are held to nodeagent.engineargs by both sides).
+#      runs: engine arguments are held to nodeagent.engineargs by both sides); unloads'
+#      `drain_seconds` (wait for the requests in flight instead of refusing).
 CONTRACT_VERSION = "1.5"
 
 
@@ -399,21 +400,33 @@ class LoadModelResponse:
         return body
 
 
+# The longest an unload may wait for the model's requests in flight to finish.
+MAX_DRAIN_SECONDS = 600.0
+
+
 @dataclass(frozen=True)
 class UnloadModelRequest:
-    """Body of `POST /unload_model`. Refused while requests are in flight unless `force`."""
+    """Body of `POST /unload_model`. Refused while requests are in flight unless `force`, or
+    unless they finish within `drain_seconds` (the control plane routes none there meanwhile)."""
 
     model_id: str
     to: str
     force: bool = False
+    drain_seconds: float = 0.0
 
     @classmethod
     def from_json(cls, body: Any) -> UnloadModelRequest:
         body = _object(body)
         force = _flag(body, "force")
+        drain = body.get("drain_seconds", 0)
+        if isinstance(drain, bool) or not isinstance(drain, int | float):
+            raise ProtocolError("'drain_seconds' must be a number of seconds")
+        if not 0 <= drain <= MAX_DRAIN_SECONDS:
+            raise ProtocolError(f"'drain_seconds' must be between 0 and {MAX_DRAIN_SECONDS:g}")
         return cls(
-            model_id=_string(body, "model_id"), to=_choice(body, "to", UNLOAD_TARGETS), force=force
-        )
+            model_id=_string(body, "model_id"), to=_choice(body, "to", UNLOAD_TARGETS),
+            force=force, drain_seconds=float(drain),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,17 @@ class AgentServer:
         if self.in_flight():
             log.warning("drain period over: cutting %d request(s)", self.in_flight())
 
+    async def _drained(self, model_id: str, seconds: float) -> None:
+        """Until the model's requests in flight have finished, or `seconds` have passed (the
+        control plane routes no new ones here meanwhile: the placement is UNLOADING)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        slot = self.registry.slots.get(model_id)
+        while slot is not None and slot.in_flight and loop.time() < deadline:
+            self.proxy.request_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proxy.request_ended.wait(), deadline - loop.time())
+
     async def _say_draining(self) -> None:
         """One registration saying DRAINING, so routing stops before the next heartbeat."""
         try:
@@ -364,6 +375,8 @@ class AgentServer:
 
     async def unload_model(self, request: web.Request) -> web.Response:
         unload = UnloadModelRequest.from_json(await self._control_body(request))
+        if unload.drain_seconds and not unload.force:
+            await self._drained(unload.model_id, unload.drain_seconds)
         result = await asyncio.shield(self.registry.unload(unload, self.session))
         return web.json_response(result.to_json())
 

@@ -53,7 +53,7 @@ from agents.actions.registration import (
     undrain_agent,
 )
 from agents.actions.steps import LOADING_STATES, UNLOAD_TIMEOUT_SECONDS
-from agents.actions.sweeps import settle_orphaned_steps, sweep
+from agents.actions.sweeps import settle_orphaned_steps, step_down_excess, sweep
 from agents.actions.unloads import (
     CannotStepDown,
     UnloadJob,
@@ -101,6 +101,7 @@ __all__ = [
     "rotate_agent_credential",
     "scale_out",
     "settle_orphaned_steps",
+    "step_down_excess",
     "sweep",
     "tell_revoked_agents",
     "undrain_agent",

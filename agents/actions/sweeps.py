@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from agents import events, scheduling, transitions
@@ -168,6 +168,36 @@ def keep_alive(placement: Placement) -> timedelta:
     return placement.model.keep_alive
 
 
+def _facts(p: Placement, now: datetime) -> scheduling.PlacementFacts:
+    return scheduling.PlacementFacts(
+        placement_id=p.pk, model=p.model.model_id, agent_id=p.agent.agent_id,
+        cache_level=p.cache_level, ready=p.state == PlacementState.READY,
+        pinned=p.model.pinned, keep_alive_seconds=keep_alive(p).total_seconds(),
+        min_replicas=p.model.min_replicas, idle_seconds=steps.idle_seconds(p, now),
+        busy=bool(p.requests_in_flight or p.requests_waiting),
+        max_replicas=p.model.max_replicas,
+    )  # fmt: skip
+
+
+def _step_down(plan: list[scheduling.Demotion], read: dict[int, Placement]) -> list[LoadEvent]:
+    """Begin each planned step down whose placement is still as the plan read it (under its
+    row lock); one that changed meanwhile is left for the next decision."""
+    demoted = []
+    for demotion in plan:
+        with transaction.atomic():
+            placement = (
+                Placement.objects.select_for_update(no_key=True, of=("self",))
+                .select_related("agent", "model")
+                .get(pk=demotion.placement_id)
+            )
+            if placement.state != read[demotion.placement_id].state:
+                continue
+            demoted.append(
+                unloads.begin_step_down(placement, demotion.to_level, demotion.trigger, queue=True)
+            )
+    return demoted
+
+
 def sweep() -> list[LoadEvent]:
     """Beat's eviction sweep: step idle models down the ladder (scheduling.plan_sweep), top
     models up to their min_replicas, and fail loads a dead worker left pending."""
@@ -182,17 +212,7 @@ def sweep() -> list[LoadEvent]:
         )
         .select_related("model", "agent")
     )
-    facts = [
-        scheduling.PlacementFacts(
-            placement_id=p.pk, model=p.model.model_id, agent_id=p.agent.agent_id,
-            cache_level=p.cache_level, ready=p.state == PlacementState.READY,
-            pinned=p.model.pinned, keep_alive_seconds=keep_alive(p).total_seconds(),
-            min_replicas=p.model.min_replicas, idle_seconds=steps.idle_seconds(p, now),
-            busy=bool(p.requests_in_flight or p.requests_waiting),
-            max_replicas=p.model.max_replicas,
-        )
-        for p in placements
-    ]  # fmt: skip
+    facts = [_facts(p, now) for p in placements]
     memory = {
         p.agent.agent_id: scheduling.AgentMemory(
             p.agent.agent_id, p.agent.gpu_memory_total, p.agent.gpu_memory_free
@@ -202,25 +222,41 @@ def sweep() -> list[LoadEvent]:
     plan = scheduling.plan_sweep(
         facts, list(memory.values()), pressure_percent=settings.GPU_MEMORY_PRESSURE_PERCENT
     )
-    by_pk = {p.pk: p for p in placements}
-    demoted = []
-    for demotion in plan:
-        with transaction.atomic():
-            placement = (
-                Placement.objects.select_for_update(no_key=True, of=("self",))
-                .select_related("agent", "model")
-                .get(pk=demotion.placement_id)
-            )
-            if placement.state != by_pk[demotion.placement_id].state:
-                continue  # it changed since the plan was made: next sweep decides again
-            demoted.append(
-                unloads.begin_step_down(placement, demotion.to_level, demotion.trigger, queue=True)
-            )
+    demoted = _step_down(plan, {p.pk: p for p in placements})
     for model in Model.objects.filter(enabled=True, min_replicas__gt=0):
         loads.scale_out(model, LoadTrigger.SCALE_OUT)
     for placement_pk, adapter_id in idle_adapters(placements):
         steps.send("agents.tasks.unload_adapter", placement_pk, adapter_id)
     return demoted
+
+
+def step_down_excess() -> list[LoadEvent]:
+    """Step down the GPU replicas beyond their model's max_replicas now (the sweep would, at
+    its next run): run after each heartbeat round, which is what brings most of them back (a
+    load that finished late, an agent back from a partition). One grouped query when there is
+    none. Locks each chosen placement."""
+    ready = Placement.objects.ready_for_any().filter(cache_level=CacheLevel.GPU_RESIDENT)
+    crowded = (
+        ready.values("model_id")
+        .annotate(n=Count("pk"))
+        .filter(n__gt=F("model__max_replicas"))
+        .values_list("model_id", flat=True)
+    )
+    placements = list(ready.filter(model_id__in=list(crowded)).select_related("model", "agent"))
+    if not placements:
+        return []
+    now = timezone.now()
+    chosen: list[scheduling.Demotion] = []
+    for model_pk in {p.model_id for p in placements}:
+        replicas = [_facts(p, now) for p in placements if p.model_id == model_pk]
+        scheduling.demote_excess(
+            replicas, len(replicas),
+            lambda f, level, trigger: chosen.append(
+                scheduling.Demotion(f.placement_id, level, trigger)
+            ),
+            set(),
+        )  # fmt: skip
+    return _step_down(chosen, {p.pk: p for p in placements})
 
 
 def idle_adapters(placements: list[Placement]) -> list[tuple[int, str]]:

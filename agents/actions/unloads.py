@@ -79,6 +79,11 @@ def unload(placement: Placement, to_level: str, trigger: str = LoadTrigger.OPERA
         return begin_step_down(locked, to_level, trigger, queue=True)
 
 
+# A replica stepped down for being one too many (EXCESS) may serve requests right now: the
+# agent lets them finish first, this long at most (new ones go to the other replicas).
+EXCESS_DRAIN_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class UnloadJob:
     event_id: int
@@ -86,6 +91,7 @@ class UnloadJob:
     credential: str
     model_id: str
     to_level: str
+    drain_seconds: float = 0.0
 
 
 def begin_unload(event_id: int) -> UnloadJob | None:
@@ -93,8 +99,9 @@ def begin_unload(event_id: int) -> UnloadJob | None:
     if event is None:
         return None
     agent = event.agent
+    drain = EXCESS_DRAIN_SECONDS if event.trigger == LoadTrigger.EXCESS else 0.0
     return UnloadJob(
-        event.pk, agent.base_url, agent.credential, event.model.model_id, event.to_level
+        event.pk, agent.base_url, agent.credential, event.model.model_id, event.to_level, drain
     )
 
 

@@ -42,3 +42,18 @@ def test_a_failed_replica_that_comes_back_ready_beyond_max_replicas_steps_down(m
     assert ready.count() == 1
     (step,) = LoadEvent.objects.filter(trigger=LoadTrigger.EXCESS)
     assert step.placement.state == PlacementState.UNLOADING
+
+
+def test_a_heartbeat_round_steps_the_excess_down_at_once(monkeypatch):
+    """What a round brought back is stepped down by the round's task, not a sweep later; a
+    model within its bound costs one grouped query and nothing else."""
+    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    model = ModelFactory(model_id="org/m", max_replicas=1)
+    PlacementFactory(model=model, agent=AgentFactory(agent_id="a"))
+    assert actions.step_down_excess() == []
+    PlacementFactory(model=model, agent=AgentFactory(agent_id="b"))
+    PlacementFactory(model=ModelFactory(model_id="org/roomy", max_replicas=2))
+    (step,) = actions.step_down_excess()
+    assert step.trigger == LoadTrigger.EXCESS
+    assert step.model == model
+    assert Placement.objects.filter(model=model, state=PlacementState.READY).count() == 1

@@ -13,6 +13,7 @@ from nodeagent.cache import ModelCache
 from nodeagent.engines.sim import SimEngine, words_for
 from nodeagent.protocol import AGENT_ERROR_HEADER, HeartbeatResponse
 from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
+from tests.support import until
 
 
 def load_body(tiny_model, model_id: str = "org/tiny", **extra) -> dict:
@@ -133,6 +134,33 @@ async def test_unload_refusals(agent, tiny_model):
         "/unload_model", {"model_id": "org/tiny", "to": "NVME_CACHED", "force": True}
     )
     assert status == 200
+
+
+async def test_an_unload_with_drain_seconds_waits_for_the_requests_in_flight(agent, tiny_model):
+    await agent.post("/load_model", load_body(tiny_model))
+    slot = agent.server.registry.slots["org/tiny"]
+    url = f"{agent.url}/models/org/tiny/v1/completions"
+    body = {"model": "org/tiny", "prompt": "hi", "max_tokens": 600}  # about 0.6 s
+
+    async def complete() -> int:
+        async with agent.http.post(url, json=body, headers=agent.headers) as response:
+            await response.read()
+            return response.status
+
+    request = asyncio.ensure_future(complete())
+    await until(lambda: slot.in_flight == 1, 5, "the request in flight")
+    unload = {"model_id": "org/tiny", "to": "NVME_CACHED", "drain_seconds": 10}
+    status, answer = await agent.post("/unload_model", unload)
+    assert status == 200, answer
+    assert request.done()  # it waited for the request, and cut nothing
+    assert await request == 200
+
+    await agent.post("/load_model", load_body(tiny_model))
+    agent.server.registry.slots["org/tiny"].in_flight = 1  # never ends
+    status, answer = await agent.post("/unload_model", {**unload, "drain_seconds": 0.3})
+    assert (status, answer["error"]["code"]) == (409, "requests_in_flight")  # past its drain
+    status, _ = await agent.post("/unload_model", {**unload, "drain_seconds": -1})
+    assert status == 400
 
 
 async def test_a_source_that_does_not_exist_fails_the_load(agent, tmp_path):
