@@ -7,10 +7,14 @@ haproxy and vLLM as `make test`; run `make test` once first to install them), ga
 case's report and prints them side by side with what a client sees during each fault, then:
 
     RESULT faults=<n> survived=<n> failed_while_faulted=<n> failed_after_heal=<n> stuck=<n>
-           worst_recovery_s=<x>
+           worst_recovery_s=<x> network_cases=<n> network_failed_after_heal=<n>
+           network_stuck=<n> network_worst_converge_s=<x> delay_loss_flaps=<n>
 
 Targets: survived = faults, failed_after_heal = 0, stuck = 0, and for engine SIGKILL with
-another READY replica failed_while_faulted = 0. A case's recovery is the time from its heal
+another READY replica failed_while_faulted = 0. The network cases (an agent in a network
+namespace behind a link the suite cuts, delays and makes lossy: root only) also converge
+within two heartbeat intervals of the heal (no model above max_replicas, the agent answering
+again), and the delayed, lossy link flips the agent's state not once (delay_loss_flaps=0). A case's recovery is the time from its heal
 until a client was served again (held requests of a cold start included). The baseline of
 each case is its own traffic before the fault: it must have no failure at all (a failure
 before the fault counts in failed_after_heal, as a failure while nothing was faulted).
@@ -57,24 +61,32 @@ def main() -> int:
         print(pytest_run.stdout[-4000:], pytest_run.stderr[-4000:])
         return 1
     print()
-    print("| fault | sent | failed while faulted | failed after heal | stuck | recovery s | ok |")
-    print("|---|---|---|---|---|---|---|")
+    print("| fault | sent | failed while faulted | failed after heal | stuck | recovery s "
+          "| converged s | verdicts | ok |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in reports:
+        converged = f"{r['converge_s']:.1f}" if r["converge_s"] >= 0 else "-"
         print(f"| {r['name']} | {r['sent']} | {r['failed_while_faulted']} | "
               f"{r['failed_after_heal']} | {r['stuck']} | {r['recovery_s']:.1f} | "
-              f"{'yes' if r['survived'] else 'NO'} |")  # fmt: skip
+              f"{converged} | {r['flaps']} | {'yes' if r['survived'] else 'NO'} |")  # fmt: skip
     print()
     for r in reports:
         print(f"- {r['name']}: {r['why']}")
         for error in r["errors"]:
             print(f"    seen: {error}")
     survived = sum(r["survived"] for r in reports)
+    network = [r for r in reports if r["name"].startswith("network_")]
     print(
         f"\nRESULT faults={len(reports)} survived={survived} "
         f"failed_while_faulted={sum(r['failed_while_faulted'] for r in reports)} "
         f"failed_after_heal={sum(r['failed_after_heal'] for r in reports)} "
         f"stuck={sum(r['stuck'] for r in reports)} "
-        f"worst_recovery_s={max(r['recovery_s'] for r in reports):.1f}"
+        f"worst_recovery_s={max(r['recovery_s'] for r in reports):.1f} "
+        f"network_cases={len(network)} network_failed_after_heal="
+        f"{sum(r['failed_after_heal'] for r in network)} "
+        f"network_stuck={sum(r['stuck'] for r in network)} "
+        f"network_worst_converge_s={max((r['converge_s'] for r in network), default=0):.1f} "
+        f"delay_loss_flaps={sum(r['flaps'] for r in network if r['name'] == 'network_delay_loss')}"
     )
     return 0 if survived == len(reports) else 1
 

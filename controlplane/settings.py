@@ -117,6 +117,10 @@ GATEWAY_USAGE_BACKLOG = env_int("GATEWAY_USAGE_BACKLOG", 100_000, minimum=1)
 GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int(
     "GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS", 30, minimum=1
 )
+# A stream that sends nothing for this long is given up: its agent is cut off (a network
+# partition, a host gone dark) and the client gets OpenAI's error event, charged for what was
+# relayed. Long enough for any prefill: the engine's first token comes before it.
+GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS", 120, minimum=1)
 # Django refuses larger bodies before a view sees them; the gateway answers 413 itself.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 

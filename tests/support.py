@@ -36,13 +36,15 @@ def free_port_block(count: int) -> int:
     raise AssertionError(f"no block of {count} free ports")
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.2
+) -> None:
     """Poll until `predicate()` holds; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

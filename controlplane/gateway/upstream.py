@@ -119,7 +119,16 @@ async def post(
         headers.update(adapter.headers())
     # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...` would
     # have the web process fetch that address and hand the body to the client.
-    sent = session().post(url, data=raw, headers=headers, timeout=_CONNECT, allow_redirects=False)
+    # A stream that goes silent past GATEWAY_STREAM_IDLE_SECONDS is given up (relay_chunks
+    # ends it with an error event); a plain answer comes whole, however long it takes.
+    timeout = (
+        aiohttp.ClientTimeout(
+            total=None, sock_connect=3, sock_read=settings.GATEWAY_STREAM_IDLE_SECONDS
+        )
+        if stream
+        else _CONNECT
+    )
+    sent = session().post(url, data=raw, headers=headers, timeout=timeout, allow_redirects=False)
     limit = max(min(settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS, seconds_left), 0.1)
     try:
         answer = await (asyncio.wait_for(sent, limit) if stream else sent)

@@ -17,11 +17,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ import openai
 from django.db import connection
 
 from agents import actions
-from agents.choices import LoadEventKind, LoadOutcome, PlacementState
-from agents.models import LoadEvent, Model, Placement
+from agents.choices import AgentState, LoadEventKind, LoadOutcome, PlacementState
+from agents.models import Agent, LoadEvent, Model, Placement
 from nodeagent import tinymodel
 from nodeagent.store.publish import publish
 from tests.azurite import Azurite
+from tests.e2e import netns
 from tests.e2e.agent_process import ROOT, AgentProcess, engine_python, processes_mentioning
 from tests.e2e.fleet import ControlPlane, running_control_plane, serving_on
 from tests.factories import make_api_key
@@ -226,9 +228,17 @@ class Fault:
     warm: bool = True
     hold_seconds: float = 2.0  # how long the fault lasts before it heals
     web_replicas: int = 1
-    plane_env: Callable[[World], dict[str, str]] | None = None
+    plane_env: Callable[[World], dict[str, str]] | None = None  # settings made for the case
+    plane_settings: dict[str, str] = field(default_factory=dict)  # and fixed ones
     why: str = ""  # what clients may see during it, for the report
     may_fail: tuple[str, ...] = ()
+    netns: bool = False  # it needs a network namespace (root): skipped where there is none
+    # Measure how long after the heal the fleet takes to converge (`converged`).
+    converge: bool = False
+    # An agent whose verdicts (DEGRADED, OFFLINE) are counted while the fault lasts; with
+    # `flaps_allowed`, more of them than that fail the case.
+    watch: str = ""
+    flaps_allowed: int | None = None
 
 
 def _engine_sigkill_prepare(world: World) -> None:
@@ -423,6 +433,113 @@ def _store_back(world: World) -> None:
     azurite.start()
 
 
+# --- network faults: an agent on a host of its own (tests/e2e/netns.py) ------------------------
+
+NET_AGENT = "net-a"
+
+
+def _network_plane(world: World) -> dict[str, str]:
+    """The namespace, made before the control plane, which must accept the agent's Host."""
+    link = world.stack.enter_context(netns.linked_namespace())
+    world.extra["link"] = link
+    return {"ALLOWED_HOSTS": f"localhost,127.0.0.1,{link.host_ip}"}
+
+
+def _networked_agent(world: World, name: str, *args: str) -> AgentProcess:
+    """A node agent inside the namespace. The control plane reaches it, and it the control
+    plane, through proxies on the link (delay and loss: `LinkProxy`); both cross the veth."""
+    link: netns.Link = world.extra["link"]
+    port = free_port()
+    web_port = int(world.plane.url.rsplit(":", 1)[1])
+    to_agent = netns.LinkProxy("127.0.0.1", free_port(), link.agent_ip, port).start()
+    to_plane = netns.LinkProxy(link.host_ip, free_port(), "127.0.0.1", web_port).start()
+    world.stack.callback(to_plane.stop)
+    world.stack.callback(to_agent.stop)
+    world.extra["proxies"] = (to_agent, to_plane)
+    home = world.tmp_path / name
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AGENT_")}
+    env.update(TMPDIR=str(home), VLLM_CACHE_ROOT=str(home / "vllm-cache"))
+    argv = [
+        sys.executable, "-m", "nodeagent", "--agent-id", name, "--host", link.agent_ip,
+        "--port", str(port), "--advertise-url", f"http://127.0.0.1:{to_agent.listen_port}",
+        "--control-plane-url", f"http://{link.host_ip}:{to_plane.listen_port}",
+        "--token", world.plane.token, "--cache-dir", str(home / "agent-cache"), *args,
+    ]  # fmt: skip
+    log_path = home / "agent.log"
+    with log_path.open("wb") as log:
+        process = link.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    world.stack.callback(_stop, process)
+    agent = AgentProcess(process, to_agent_url(to_agent), home / "agent-cache", log_path,
+                         world.plane.token)  # fmt: skip
+    world.agents[name] = agent
+    wait_for(lambda: http_ok(f"{agent.url}/healthz"), 30, f"{name} to answer")
+    agent.wait_registered()
+    return agent
+
+
+def to_agent_url(proxy: netns.LinkProxy) -> str:
+    return f"http://127.0.0.1:{proxy.listen_port}"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _served_across_the_link(*args: str) -> Callable[[World], None]:
+    """The model served by the agent across the link (max_replicas 1: it alone), another
+    agent on this host with room to take it."""
+
+    def prepare(world: World) -> None:
+        _networked_agent(world, NET_AGENT, *(args or SIM))
+        world.start_agent("gpu-b", *SIM)
+        serving_on(catalog(world, max_replicas=1), NET_AGENT, seconds=60)
+
+    return prepare
+
+
+def _cut(world: World) -> None:
+    world.extra["link"].cut()
+
+
+def _heal(world: World) -> None:
+    world.extra["link"].heal()
+
+
+def _slow_and_lossy(world: World) -> None:
+    for proxy in world.extra["proxies"]:
+        proxy.delay, proxy.loss = 0.1, 0.05  # 200 ms a round trip, 5% of segments resent
+
+
+def _fast_again(world: World) -> None:
+    for proxy in world.extra["proxies"]:
+        proxy.delay, proxy.loss = 0.0, 0.0
+
+
+def heartbeat_interval(fault: Fault) -> float:
+    """HEARTBEAT_INTERVAL_SECONDS as the fault's control plane runs with it."""
+    from tests.e2e.fleet import FAST
+
+    return float({**FAST, **PLANE_ENV, **fault.plane_settings}["HEARTBEAT_INTERVAL_SECONDS"])
+
+
+def converged() -> bool:
+    """No model above max_replicas among routable READY replicas, the networked agent answering
+    its heartbeats, and every model it reports known as its placement."""
+    over = [
+        model.model_id
+        for model in Model.objects.all()
+        if Placement.objects.ready_for(model).count() > model.max_replicas
+    ]
+    agent = Agent.objects.filter(agent_id=NET_AGENT).first()
+    return not over and agent is not None and agent.is_routable
+
+
 _CUT = "failed mid-stream"  # the gateway's error event for a stream whose replica died
 
 FAULTS = [
@@ -456,6 +573,28 @@ FAULTS = [
     Fault("store_gone_mid_download", _stored_model, _store_gone_mid_download, _store_back,
           answerable=True, warm=False, hold_seconds=3,
           why="the download stalls and resumes; held requests wait"),
+    # The agent serving the model is cut off for longer than the OFFLINE verdict: new
+    # requests fail over (a cold start elsewhere); its open streams wait and finish once the
+    # link heals; then one of the two replicas steps down (max_replicas 1).
+    Fault("network_partition", _served_across_the_link(), _cut, _heal, answerable=True,
+          hold_seconds=6, netns=True, converge=True, watch=NET_AGENT,
+          plane_env=_network_plane, plane_settings={"GATEWAY_STREAM_IDLE_SECONDS": "60"},
+          why="streams open across the link pause until it heals; new requests fail over"),
+    # 200 ms round trips and 5% of segments resent on the agent's link: heartbeats take
+    # longer but within HEARTBEAT_TIMEOUT_SECONDS, so its state never flaps.
+    Fault("network_delay_loss", _served_across_the_link(), _slow_and_lossy, _fast_again,
+          answerable=True, hold_seconds=12, netns=True, watch=NET_AGENT, flaps_allowed=0,
+          plane_env=_network_plane,
+          plane_settings={"HEARTBEAT_INTERVAL_SECONDS": "2", "HEARTBEAT_TIMEOUT_SECONDS": "2"},
+          why="answers across the link are slower; nothing fails, the agent never flaps"),
+    # The link cut mid-stream and left cut past GATEWAY_STREAM_IDLE_SECONDS: streams open
+    # across it end with OpenAI's error event (charged for what was relayed); the rest moves.
+    Fault("network_cut_mid_stream", _served_across_the_link(*SIM[:-1], "40"), _cut, _heal,
+          answerable=False, hold_seconds=7, netns=True, converge=True, watch=NET_AGENT,
+          may_fail=(_CUT,), plane_env=_network_plane,
+          plane_settings={"GATEWAY_STREAM_IDLE_SECONDS": "4"},
+          why="streams open across the cut link end with an error event after "
+              "GATEWAY_STREAM_IDLE_SECONDS; new requests fail over"),
 ]  # fmt: skip
 
 
@@ -475,12 +614,21 @@ class Report:
     errors: tuple[str, ...]
     why: str = ""
     unexpected: int = 0  # failures while faulted of a kind the fault does not explain
+    converge_s: float = -1.0  # from the heal until `converged` (-1: not measured)
+    flaps: int = 0  # the watched agent's turns into DEGRADED or OFFLINE while faulted
+    flaps_allowed: int | None = None
 
     @property
     def survived(self) -> bool:
         faulted_ok = self.failed_while_faulted == 0 or not self.answerable
+        flapped = self.flaps_allowed is not None and self.flaps > self.flaps_allowed
         return faulted_ok and not (
-            self.failed_after_heal or self.stuck or self.badly_shaped or self.unexpected
+            self.failed_after_heal
+            or self.stuck
+            or self.badly_shaped
+            or self.unexpected
+            or flapped
+            or self.converge_s == CONVERGE_NEVER
         )
 
     def line(self) -> str:
@@ -488,14 +636,17 @@ class Report:
             f"{self.name}: sent {self.sent}, failed while faulted {self.failed_while_faulted}, "
             f"failed after heal {self.failed_after_heal}, badly shaped {self.badly_shaped}, "
             f"unexplained {self.unexpected}, stuck {self.stuck}, recovery {self.recovery_s:.1f} s"
-            f" -> {'survived' if self.survived else 'FAILED'}"
+            + (f", converged {self.converge_s:.1f} s" if self.converge_s >= 0 else "")
+            + (f", verdicts {self.flaps}" if self.flaps or self.flaps_allowed is not None else "")
+            + f" -> {'survived' if self.survived else 'FAILED'}"
         )
 
 
 def run_fault(fault: Fault, settings: Any, tmp_path: Path) -> Report:
     with ExitStack() as stack:
         world_stub = World(settings, tmp_path, stack, ControlPlane("", tmp_path, ""), "")
-        env = {**PLANE_ENV, **(fault.plane_env(world_stub) if fault.plane_env else {})}
+        made = fault.plane_env(world_stub) if fault.plane_env else {}
+        env = {**PLANE_ENV, **fault.plane_settings, **made}
         plane = stack.enter_context(
             running_control_plane(settings, tmp_path, web_replicas=fault.web_replicas, **env)
         )
@@ -512,13 +663,65 @@ def run_fault(fault: Fault, settings: Any, tmp_path: Path) -> Report:
                 started = time.monotonic()
                 wait_for(lambda: traffic.answered_since(started) >= 16, 60, "steady traffic")
             injected = time.monotonic()
-            fault.inject(world)
-            time.sleep(fault.hold_seconds)  # the fault lasts: traffic goes on meanwhile
-            fault.heal(world)
+            with Verdicts(fault.watch) as verdicts:
+                fault.inject(world)
+                time.sleep(fault.hold_seconds)  # the fault lasts: traffic goes on meanwhile
+                fault.heal(world)
             healed = time.monotonic()
+            converge_s = _converge_time(healed) if fault.converge else -1.0
             wait_for(lambda: traffic.answered_since(healed) >= 32, 180, "traffic after the heal")
         stuck = _settled_or_stuck()
-    return _report(fault, traffic.sent, injected, healed, stuck)
+    report = _report(fault, traffic.sent, injected, healed, stuck)
+    return replace(
+        report, converge_s=converge_s, flaps=verdicts.turns, flaps_allowed=fault.flaps_allowed
+    )
+
+
+CONVERGE_NEVER = float("inf")
+
+
+def _converge_time(healed: float, seconds: float = 60) -> float:
+    """Seconds from the heal until the fleet converged (`converged`); CONVERGE_NEVER if it
+    did not within `seconds`."""
+    with contextlib.suppress(AssertionError):
+        wait_for(converged, seconds, "the fleet to converge", interval=0.05)
+        return time.monotonic() - healed
+    return CONVERGE_NEVER
+
+
+class Verdicts:
+    """Counts the turns of one agent's state into DEGRADED or OFFLINE while it runs (a thread
+    reading the row every 0.1 s)."""
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.turns = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> Verdicts:
+        if self.agent_id:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        if self.agent_id:
+            self.thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        bad = {AgentState.DEGRADED, AgentState.OFFLINE}
+        last = None
+        try:
+            while not self.stopping.wait(0.1):
+                state = Agent.objects.filter(agent_id=self.agent_id).values_list(
+                    "state", flat=True
+                ).first()  # fmt: skip
+                if state in bad and last not in bad:
+                    self.turns += 1
+                last = state
+        finally:
+            connection.close()
 
 
 def _settled_or_stuck(seconds: float = 60) -> int:

@@ -10,13 +10,16 @@ from dataclasses import asdict
 
 import pytest
 
-from tests.e2e.faults import FAULTS, Fault, run_fault
+from tests.e2e import netns
+from tests.e2e.faults import FAULTS, Fault, heartbeat_interval, run_fault
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[fault.name for fault in FAULTS])
 def test_the_fleet_survives(fault: Fault, settings, tmp_path) -> None:
+    if fault.netns and (missing := netns.available()):
+        pytest.skip(missing)
     report = run_fault(fault, settings, tmp_path)
     print(report.line())
     if path := os.environ.get("FAULTS_REPORT"):  # bench/faults.py gathers the reports
@@ -28,4 +31,8 @@ def test_the_fleet_survives(fault: Fault, settings, tmp_path) -> None:
     if fault.answerable:
         assert report.failed_while_faulted == 0, report.errors
     assert report.unexpected == 0, report.errors  # only what the fault explains
+    if fault.converge:  # no model above max_replicas, the agent reconciled: within two beats
+        assert report.converge_s <= 2 * heartbeat_interval(fault), report.line()
+    if fault.flaps_allowed is not None:
+        assert report.flaps <= fault.flaps_allowed, report.line()
     assert report.survived
