@@ -129,13 +129,19 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 # Clients reach the control plane over HTTPS, terminated by the load balancer or ingress in
 # front, which says so in X-Forwarded-Proto (README: Deploying behind TLS). Then the admin and
-# the dashboard redirect plain HTTP to HTTPS, send HSTS and keep their cookies to HTTPS. The
-# probes and scrapers inside the cluster (/healthz, /metrics) keep plain HTTP.
+# the dashboard redirect plain HTTP to HTTPS, send HSTS and keep their cookies to HTTPS. What
+# calls from inside the cluster keeps plain HTTP: probes and scrapers (/healthz, /metrics) and
+# the node agents (registration, progress, credential confirmation), which follow no redirect.
 HTTPS = env_bool("HTTPS", False)
 if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+    SECURE_REDIRECT_EXEMPT = [
+        r"^healthz$",
+        r"^metrics$",
+        r"^api/agents/register$",
+        r"^api/agents/[^/]+/(progress|credential/confirm)$",
+    ]
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)

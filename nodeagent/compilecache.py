@@ -22,8 +22,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import platform
 import shutil
+import stat
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,11 +149,39 @@ class CompileCache:
 
 
 def publish_cache(cache: CompileCache, environ: Mapping[str, str]) -> None:
-    """Publish a compile cache to the store (blocking: run it in a thread)."""
+    """Publish a compile cache to the store (blocking: run it in a thread).
+
+    The engine that wrote the cache runs code the agent does not control, and may still be
+    writing: what is published is a copy of its regular files alone, each opened without
+    following a link, so a link it planted (to the agent's credential, say) is never read."""
     from nodeagent.store.publish import publish
 
     if cache.uri.startswith("file://"):
         target = local_path(cache.uri)
         if (target / MANIFEST_NAME).exists():
             return  # another agent published this key already
-    publish(cache.root, cache.uri, environ, stream=io.StringIO())  # its progress bar: unwanted
+    with tempfile.TemporaryDirectory(dir=cache.root.parent, prefix=".publishing-") as staging:
+        copy_regular_files(cache.root, Path(staging))
+        publish(Path(staging), cache.uri, environ, stream=io.StringIO())  # no progress bar
+
+
+def copy_regular_files(source: Path, target: Path) -> int:
+    """Copy the regular files below `source` to `target`, never through a link (files and
+    directories that are links, and anything but regular files, are left out); how many."""
+    copied = 0
+    for directory, _, files, fd in os.fwalk(source, follow_symlinks=False):
+        relative = Path(directory).relative_to(source)
+        for name in files:
+            try:
+                handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:  # a link (ELOOP), or gone meanwhile
+                continue
+            with os.fdopen(handle, "rb") as reader:
+                if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+                    continue
+                destination = target / relative / name
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with destination.open("wb") as writer:
+                    shutil.copyfileobj(reader, writer)
+            copied += 1
+    return copied

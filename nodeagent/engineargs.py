@@ -83,7 +83,8 @@ ALLOWED: dict[str, Flag] = {
     "--pipeline-parallel-size": _VALUE,
     "--data-parallel-size": _VALUE,
     "--enable-expert-parallel": _BOOL,
-    "--distributed-executor-backend": Flag(choices=("mp", "uni", "ray")),
+    # Not ray: ray.init() joins (or starts) a cluster whose workers take unauthenticated jobs.
+    "--distributed-executor-backend": Flag(choices=("mp", "uni")),
     "--disable-custom-all-reduce": _BOOL,
     "--api-server-count": _VALUE,
     "--numa-bind": _BOOL,

@@ -60,6 +60,11 @@ def engine_path(tail: str) -> str:
     `.` and `..` segments are resolved (as the HTTP client would resolve them on the way
     out), and never the engine's own adapter management. The check is made on what the
     engine will be asked, so `/v1/./load_lora_adapter` or `/v1/../sleep` cannot slip by."""
+    # The tail is decoded once already; the HTTP client would decode an escape left in it
+    # (`%252e` came in as `%2e`, and leaves as `.`) before resolving dot segments: no API path
+    # of an engine holds a `%`, a backslash or a control character.
+    if any(char in tail for char in "%\\") or any(ord(char) < 32 for char in tail):
+        raise AgentError("not_found", "expected /models/<model_id>/v1/<path>", 404)
     path = posixpath.normpath("/v1/" + tail)
     name = path.removeprefix("/v1/")
     if not path.startswith("/v1/") or not name:

@@ -79,14 +79,18 @@ class EngineUser:
 
     def own(self, *paths: Path) -> None:
         """Give this user what it must write: its temporary directory, its compile cache, its
-        log, its home (each path, and everything below a directory)."""
+        log, its home (each path, and everything below a directory). Never through a link:
+        an engine may have left one there, pointing anywhere, and this runs as root."""
         for path in paths:
-            if not path.exists():
+            if not path.exists() or path.is_symlink():
                 continue
-            os.chown(path, self.uid, self.gid)
-            if path.is_dir():
-                for below in path.rglob("*"):
-                    os.chown(below, self.uid, self.gid, follow_symlinks=False)
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
+            if not path.is_dir():
+                continue
+            # fwalk holds each directory open: one swapped for a link meanwhile is not entered.
+            for _, dirs, files, fd in os.fwalk(path, follow_symlinks=False):
+                for name in (*dirs, *files):
+                    os.chown(name, self.uid, self.gid, dir_fd=fd, follow_symlinks=False)
 
 
 def process_options(user: EngineUser | None) -> dict[str, Any]:

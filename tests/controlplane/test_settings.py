@@ -138,3 +138,27 @@ def test_without_https_the_deploy_check_says_what_is_missing(tmp_path):
     result = deploy_check(tmp_path)
     assert result.returncode != 0
     assert "SECURE_SSL_REDIRECT" in result.stderr + result.stdout
+
+
+HTTPS_PROBE = (
+    "import json, django; django.setup(); from django.core.management import call_command; "
+    "call_command('migrate', verbosity=0); from django.test import Client; c = Client(); "
+    "print(json.dumps({path: c.generic(method, path).status_code for method, path in ["
+    "('GET', '/admin/'), ('POST', '/api/agents/register'), ('POST', '/api/agents/a/progress'),"
+    " ('POST', '/api/agents/a/credential/confirm'), ('GET', '/healthz')]}))"
+)
+
+
+def test_behind_tls_people_are_redirected_and_agents_and_probes_are_not(tmp_path):
+    """Agents follow no redirect: their calls must keep working over the cluster's HTTP."""
+    clean = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    clean.update(VAR_DIR=str(tmp_path / "var"), DJANGO_SETTINGS_MODULE="controlplane.settings",
+                 HTTPS="true", ALLOWED_HOSTS="testserver")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", HTTPS_PROBE], cwd=ROOT, env=clean, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    statuses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert statuses.pop("/admin/") == 301
+    assert all(status != 301 for status in statuses.values()), statuses

@@ -206,6 +206,9 @@ async def test_unload_adapter_and_a_restarted_engine_holds_none(agent, tiny_mode
         "v1/unload_lora_adapter/",
         "v1/../sleep",  # the engine's own endpoints outside /v1 are not the proxy's either
         "v1/%2E%2E/sleep",
+        "v1/%252e%252e/sleep",  # decoded once here, and once more on the way to the engine
+        "v1/load%255Flora%255Fadapter",
+        "v1/..%5Csleep",
     ],
 )
 async def test_callers_cannot_reach_the_engines_own_adapter_endpoints(agent, tiny_model, path):

@@ -148,3 +148,22 @@ async def test_a_manifest_naming_a_compile_cache_plants_nothing(tmp_path, tiny_m
         assert not list((tmp_path / "cache").rglob("inductor.py"))
     finally:
         await test_server.close()
+
+
+def test_a_published_compile_cache_holds_no_link_the_engine_planted(tmp_path):
+    """An engine runs code the agent does not control and writes its compile cache: a link
+    there (to the agent's credential) must not be read by the agent, which publishes as the
+    agent's user."""
+    from nodeagent.compilecache import copy_regular_files
+
+    secret = tmp_path / "agent-credential"
+    secret.write_text("lfa_secret")
+    cache = tmp_path / "cache"
+    (cache / "torch_compile_cache" / "abc").mkdir(parents=True)
+    (cache / "torch_compile_cache" / "abc" / "graph.py").write_text("compiled")
+    (cache / "torch_compile_cache" / "stolen").symlink_to(secret)
+    (cache / "linked-dir").symlink_to(tmp_path)
+    staging = tmp_path / "staging"
+    assert copy_regular_files(cache, staging) == 1
+    copied = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    assert copied == ["torch_compile_cache/abc/graph.py"]

@@ -48,7 +48,8 @@ def test_tuning_flags_are_allowed(args):
         (["--dtype"], "--dtype needs a value"),
         (["--dtype", "--host", "0.0.0.0"], "--dtype needs a value"),  # noqa: S104
         (["--enforce-eager=false"], "--enforce-eager takes no value"),
-        (["--distributed-executor-backend", "external_launcher"], "takes one of mp, uni, ray"),
+        (["--distributed-executor-backend", "external_launcher"], "takes one of mp, uni"),
+        (["--distributed-executor-backend=ray"], "takes one of mp, uni"),
         (["--dtype", "float32\n--host"], "control character"),
         ([3], "is not a string"),
     ],
