@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
@@ -17,7 +18,7 @@ from django.utils.safestring import SafeString
 
 from agents import actions
 from agents.choices import UNROUTABLE_AGENT_STATES, AgentState, CacheLevel, PlacementState
-from agents.models import Agent, LoadEvent, Model, Placement
+from agents.models import TRUSTED_CHECKPOINT, Agent, LoadEvent, Model, Placement
 
 _STATE_COLOURS = {
     AgentState.IDLE: "#2e7d32",
@@ -231,6 +232,8 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
         readonly = list(super().get_readonly_fields(request, obj))
         if not request.user.has_perm("agents.trust_remote_code"):
             readonly.append("trust_remote_code")
+            if obj is not None and obj.trust_remote_code:  # another checkpoint would run too
+                readonly += TRUSTED_CHECKPOINT
         return readonly
 
     @admin.action(
@@ -277,6 +280,13 @@ class CatalogModelAdmin(admin.ModelAdmin[Model]):
                 "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             },
         )
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        # Placements and history go with a model by the action (actions.delete_model), not by
+        # their own delete permissions, which no role has; adapters standing in the way are
+        # the page's "protected" objects, as their PROTECT foreign key makes them.
+        deleted, counts, _, protected = super().get_deleted_objects(objs, request)
+        return deleted, counts, set(), protected
 
     def delete_model(self, request: HttpRequest, obj: Model) -> None:
         # Through the action, so its engines stop and its usage stays (actions.delete_model).

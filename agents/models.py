@@ -144,6 +144,11 @@ class Agent(models.Model):
         return credentials.derive(self.agent_id, self.credential_nonce)
 
 
+# What says which checkpoint a model is: on a model that runs its checkpoint's code
+# (trust_remote_code), these are that permission's to change, as the flag itself is.
+TRUSTED_CHECKPOINT = ("source", "mirrors", "revision", "manifest", "source_labels")
+
+
 class Model(models.Model):
     """A catalog entry: a checkpoint clients may ask for by `model_id`."""
 

@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import exceptions, serializers
 
 from agents.choices import REPORTED_AGENT_STATES, CacheLevel
-from agents.models import Agent, LoadEvent, Model, Placement
+from agents.models import TRUSTED_CHECKPOINT, Agent, LoadEvent, Model, Placement
 from agents.validators import (
     mirror_problem,
     validate_agent_address,
@@ -70,12 +70,14 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
             "max_replicas": {"min_value": 1},
         }
 
+    def _may_trust(self) -> bool:
+        user = getattr(self.context.get("request"), "user", None)
+        return bool(user and user.has_perm("agents.trust_remote_code"))
+
     def validate_trust_remote_code(self, value: bool) -> bool:
         """Letting a checkpoint's code run is a permission of its own (not change_model)."""
         current = self.instance.trust_remote_code if self.instance is not None else False
-        request = self.context.get("request")
-        user = getattr(request, "user", None)
-        if value != current and not (user and user.has_perm("agents.trust_remote_code")):
+        if value != current and not self._may_trust():
             raise exceptions.PermissionDenied(
                 "Setting trust_remote_code needs the 'Can let a model run its checkpoint's code' "
                 "permission (agents.trust_remote_code)."
@@ -85,6 +87,16 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         # A PATCH may carry only one of the two: compare with the stored other.
         current = self.instance
+        if current is not None and current.trust_remote_code and not self._may_trust():
+            # Another checkpoint under a trusted entry would run its code just the same.
+            moved = [
+                f for f in TRUSTED_CHECKPOINT if f in attrs and attrs[f] != getattr(current, f)
+            ]
+            if moved:
+                raise exceptions.PermissionDenied(
+                    f"{current.model_id} runs its checkpoint's code: changing {', '.join(moved)} "
+                    "needs the permission agents.trust_remote_code."
+                )
         low = attrs.get("min_replicas", current.min_replicas if current else 0)
         high = attrs.get("max_replicas", current.max_replicas if current else 1)
         if high < low:

@@ -12,7 +12,13 @@ from django.urls import reverse
 
 from agents.choices import AgentState
 from agents.models import Agent, Model
-from tests.factories import AgentFactory, ModelFactory, PlacementFactory, make_role_user
+from tests.factories import (
+    AgentFactory,
+    LoadEventFactory,
+    ModelFactory,
+    PlacementFactory,
+    make_role_user,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -164,3 +170,46 @@ def test_trust_remote_code_is_read_only_in_the_admin_without_its_permission(flee
 def test_the_dashboard_needs_the_permission_to_view_agents():
     assert client_for(make_role_user("nobody")).get("/dashboard/").status_code == 403
     assert client_for(make_role_user("viewer", VIEWER)).get("/dashboard/").status_code == 200
+
+
+def test_a_trusted_model_s_checkpoint_is_the_trust_permission_s_to_change(fleet):
+    """Pointing a model that runs its checkpoint's code at another checkpoint would run that
+    one's code: the same permission as the flag itself."""
+    Model.objects.filter(model_id="llmfleet/tiny").update(trust_remote_code=True)
+    url = "/api/models/llmfleet/tiny/"
+    operator = client_for(make_role_user("op", OPERATOR))
+    changes = [
+        {"source": "azure://models/other"},
+        {"revision": "evil"},
+        {"mirrors": [{"uri": "s3://models-mirror/other", "labels": {}}]},
+    ]
+    for change in changes:
+        assert send(operator, "patch", url, change).status_code == 403, change
+    assert send(operator, "patch", url, {"max_replicas": 2}).status_code == 200  # the rest: ok
+    lead = client_for(make_role_user("lead", OPERATOR, "agents.trust_remote_code"))
+    assert send(lead, "patch", url, {"source": "azure://models/other"}).status_code == 200
+    page = operator.get(reverse("admin:agents_model_change", args=[Model.objects.get().pk]))
+    assert 'name="source"' not in page.content.decode()
+
+
+def test_an_operator_deletes_a_model_in_the_admin_however_much_history_it_has(fleet, monkeypatch):
+    from agents.actions import steps
+
+    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    model, placement = fleet
+    LoadEventFactory(model=model, agent=placement.agent, placement=placement)
+    client = client_for(make_role_user("op", OPERATOR))
+    url = reverse("admin:agents_model_delete", args=[model.pk])
+    assert client.get(url).status_code == 200
+    client.post(url, {"post": "yes"})
+    assert not Model.objects.exists()
+
+
+def test_a_base_with_adapters_is_not_deleted_in_the_admin_and_says_why(fleet):
+    model, _ = fleet
+    ModelFactory(model_id="llmfleet/tiny-sql", base=model, adapter_rank=8)
+    client = client_for(make_role_user("op", OPERATOR))
+    page = client.get(reverse("admin:agents_model_delete", args=[model.pk]))
+    assert "llmfleet/tiny-sql" in page.content.decode()  # named as what stands in the way
+    client.post(reverse("admin:agents_model_delete", args=[model.pk]), {"post": "yes"})
+    assert Model.objects.filter(model_id="llmfleet/tiny").exists()
