@@ -13,10 +13,13 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TypeVar
 
 from django.conf import settings
 from django.db import DatabaseError
+from django.db.models import Q
+from django.utils import timezone
 
 from agents.models import Model, Placement
 from controlplane.gateway.handler import drop_broken_connections
@@ -92,6 +95,8 @@ _KEY_SHAPE = re.compile(rf"{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{43}}")
 _KNOWN_REFRESH_SECONDS = 0.1
 # How often the set is read whole (deleted keys leave it then; new ones join at once).
 _KNOWN_RELOAD_SECONDS = 300.0
+# How far back a look at the new keys reaches, for keys whose commit came late.
+_KNOWN_LOOK_BACK_SECONDS = 60.0
 
 
 class KnownKeys:
@@ -120,8 +125,13 @@ class KnownKeys:
     async def _look(self) -> None:
         await asyncio.sleep(max(self.looked_at + _KNOWN_REFRESH_SECONDS - time.monotonic(), 0))
         whole = time.monotonic() - self.loaded_at >= _KNOWN_RELOAD_SECONDS
-        since = 0 if whole else self.highest_id
-        keys = ApiKey.objects.filter(pk__gt=since).values_list("pk", "key_hash").order_by()
+        keys = ApiKey.objects.values_list("pk", "key_hash").order_by()
+        if not whole:
+            # Ids are drawn at insert, commits land in any order: a key whose transaction ran
+            # long (the admin's) may commit below the highest id seen. The last minute's keys
+            # are asked for again (a handful); older stragglers wait for the whole read.
+            recent = timezone.now() - timedelta(seconds=_KNOWN_LOOK_BACK_SECONDS)
+            keys = keys.filter(Q(pk__gt=self.highest_id) | Q(created_at__gte=recent))
         try:
             rows = [row async for row in keys]
         except DatabaseError:

@@ -164,3 +164,22 @@ def test_a_run_of_one_off_lookups_evicts_the_oldest_never_the_whole_cache(settin
     assert ("key", "one-off-0") not in cache._entries
     assert ("key", "one-off-99") in cache._entries
     assert ("model", "org/everyday") in cache._entries  # in use: not evicted by one-offs
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_committed_below_the_highest_id_seen_is_still_found(settings):
+    """Ids are drawn at insert and commits land in any order: a key whose transaction ran
+    long commits with an id under one already seen, and must not be refused for it."""
+    settings.GATEWAY_CACHE_SECONDS = 60
+    cache.clear()
+    late, late_raw = make_api_key("committed late")
+    _, early_raw = make_api_key("committed first")
+    from controlplane.gateway.models import ApiKey, hash_key
+
+    ApiKey.objects.filter(pk=late.pk).update(key_hash="0" * 64)  # not there yet, as it were
+    assert async_to_sync(cache.key_for_secret)(early_raw) is not None  # the highest id seen
+    ApiKey.objects.filter(pk=late.pk).update(key_hash=hash_key(late_raw))  # its commit lands
+    assert async_to_sync(cache.key_for_secret)(late_raw) is not None
+    from django.db import connection
+
+    connection.close()
