@@ -78,7 +78,11 @@ def openai_errors(
         except DatabaseError as exc:
             return await database_away(exc)
         except Exception:
-            log.exception("a /v1 request failed")
+            from controlplane.gateway.handler import REQUEST_ID
+
+            request = args[0] if args else None
+            request_id = getattr(request, "scope", {}).get(REQUEST_ID, "-")
+            log.exception("request %s: a /v1 request failed", request_id)
             return openai_error(500, "The server had an error processing your request.")
 
     return wrapped

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -34,6 +35,21 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import connections
 from django.urls import set_script_prefix
+
+# Where the handler keeps the request's id in its scope: what the client sees (X-Request-Id)
+# and the operators' log names a request's failure by.
+REQUEST_ID = "llmfleet.request_id"
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(12)}"
+
+
+def request_id_of(request: Any) -> str:
+    """The id the /v1 handler gave the request (a new one where it gave none: Django's test
+    client)."""
+    found = getattr(request, "scope", {}).get(REQUEST_ID)
+    return str(found) if found else new_request_id()
 
 
 class ApiHandler(ASGIHandler):
@@ -55,8 +71,10 @@ class ApiHandler(ASGIHandler):
         # local import: auth needs the cache, which imports this module.)
         from controlplane.gateway.auth import refuse_before_body
 
+        request_id = scope[REQUEST_ID] = new_request_id()
         refusal = await refuse_before_body(scope)
         if refusal is not None:
+            refusal["X-Request-Id"] = request_id
             await self.send_response(refusal, send)
             return
         try:
@@ -74,6 +92,7 @@ class ApiHandler(ASGIHandler):
 
         async def process_request() -> Any:
             response = await self.run_get_response(request)
+            response["X-Request-Id"] = request_id  # every answer, errors and 404s included
             # CancelledError: the client went away while the response was sent.
             with contextlib.suppress(asyncio.CancelledError):
                 await self.send_response(response, send)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, cast
 
@@ -21,6 +20,7 @@ from controlplane.gateway import usage as gateway_usage
 from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error, openai_errors
+from controlplane.gateway.handler import request_id_of
 from controlplane.gateway.loops import in_background
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.router import Job, router
@@ -195,15 +195,9 @@ def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
     return on_usage
 
 
-def new_request_id() -> str:
-    """An id the client sees (X-Request-Id, and in error messages) and the operators' log
-    names: what a failure's detail is found by."""
-    return f"req_{secrets.token_hex(12)}"
-
-
 async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingHttpResponse:
     record = stats.RequestRecord()
-    request_id = new_request_id()
+    request_id = request_id_of(request)
     response = await _answer(request, api, record, request_id)
     response["X-Request-Id"] = request_id
     if isinstance(response, StreamingHttpResponse) and response.is_async:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -77,7 +78,35 @@ async def call_handler(headers: list[tuple[bytes, bytes]], body: bytes) -> tuple
     await api_app(scope, receive, send)
     start = next(message for message in sent if message["type"] == "http.response.start")
     body_out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    answered = {name.lower(): value for name, value in start["headers"]}
+    assert answered[b"x-request-id"].startswith(b"req_")  # every answer names its request
     return start["status"], json.loads(body_out), receive
+
+
+async def test_even_a_public_answer_carries_its_request_id():
+    from controlplane.asgi import api_app
+
+    sent = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    bodies = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict:
+        if bodies:
+            return bodies.pop()
+        await asyncio.Event().wait()  # the client stays: no disconnect
+        raise AssertionError("unreachable")
+
+    scope = {
+        "type": "http", "method": "GET", "path": "/v1/openapi.json", "raw_path": b"",
+        "query_string": b"", "root_path": "", "scheme": "http", "headers": [],
+        "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+    await api_app(scope, receive, send)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    assert any(name.lower() == b"x-request-id" for name, _ in start["headers"])
 
 
 async def test_a_request_without_an_active_key_is_refused_before_its_body_is_read(settings):
