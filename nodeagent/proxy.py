@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from nodeagent.adapters import LoadedAdapter
-from nodeagent.engines.base import Engine, is_alive
+from nodeagent.engines.base import Engine, is_dead
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
     ADAPTER_HEADER,
@@ -155,7 +155,7 @@ class InferenceProxy:
                 auto_decompress=False,
                 allow_redirects=False,  # relayed as they are, never followed
             ) as upstream:
-                if upstream.status >= 500 and not await is_alive(session, engine.url):
+                if upstream.status >= 500 and await is_dead(session, engine.url):
                     # vLLM's API server outlives its EngineCore (a worker killed by the OOM
                     # killer, a GPU fault) and answers 500 to everything: that is no verdict
                     # on this request, which another replica can answer.

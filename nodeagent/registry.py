@@ -13,10 +13,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -141,6 +143,8 @@ class ModelRegistry:
             self._make_room, lambda cached: self.adapter_files.__setitem__(cached.model_id, cached),
         )  # fmt: skip
         self._watchers: set[asyncio.Task[None]] = set()
+        # Engines whose end was counted and reported as they were found gone.
+        self._lost: weakref.WeakSet[Engine] = weakref.WeakSet()
         self.standbys: StandbyPool | None = None
         self.device = device_kind([])  # what compiled code is for (start_standbys knows GPUs)
         self._engine_version: str | None = None
@@ -571,26 +575,34 @@ class ModelRegistry:
         slot = self.slots.get(engine.model_id)
         if slot is None or slot.engine is not engine:
             return  # noticed already
-        slot.engine, slot.adapters = None, None
-        self.metrics.engine_exits.labels(engine.name, "crashed").inc()
-        self._fail(slot, f"engine died: {detail}")
-        task = asyncio.create_task(engine.stop())
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._engine_lost(slot, engine, detail)
+        self._background(engine.stop())
 
     def _watch(self, slot: ModelSlot, engine: Engine) -> None:
         """Notice an engine that ends on its own: the next heartbeat reports the model FAILED."""
 
         async def watch() -> None:
             ended = await engine.wait()
-            self.metrics.engine_exits.labels(
-                engine.name, "stopped" if ended.expected else "crashed"
-            ).inc()
-            if not ended.expected and slot.engine is engine:
-                slot.engine, slot.adapters = None, None
-                self._fail(slot, f"engine died: {ended.detail}")
+            if engine in self._lost:  # counted and reported when it was found gone
+                return
+            if ended.expected:
+                self.metrics.engine_exits.labels(engine.name, "stopped").inc()
+            elif slot.engine is engine:
+                self._engine_lost(slot, engine, ended.detail)
+            else:
+                self.metrics.engine_exits.labels(engine.name, "crashed").inc()
 
-        task = asyncio.create_task(watch())
+        self._background(watch())
+
+    def _engine_lost(self, slot: ModelSlot, engine: Engine, detail: str) -> None:
+        """The slot's engine is gone (it crashed, or cannot serve): the model is FAILED."""
+        self._lost.add(engine)
+        slot.engine, slot.adapters = None, None
+        self.metrics.engine_exits.labels(engine.name, "crashed").inc()
+        self._fail(slot, f"engine died: {detail}")
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 

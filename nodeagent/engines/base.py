@@ -67,13 +67,17 @@ async def is_ready(session: aiohttp.ClientSession, url: str, model_id: str) -> b
     return any(entry.get("id") == model_id for entry in listed.get("data", []))
 
 
-async def is_alive(session: aiohttp.ClientSession, url: str) -> bool:
-    """Whether the engine's own /health says it can serve (200 within a second or two)."""
+async def is_dead(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the engine says it cannot serve: its /health answers anything but 200, or
+    nothing listens there any more. A /health too slow to answer says nothing (a busy engine
+    is not a dead one)."""
     try:
         async with session.get(f"{url}/health", timeout=_QUICK) as health:
-            return health.status == 200
-    except (aiohttp.ClientError, TimeoutError):
+            return health.status != 200
+    except TimeoutError:
         return False
+    except aiohttp.ClientError:
+        return True
 
 
 async def wait_until_ready(
