@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from agents.choices import AgentState, CacheLevel, LoadTrigger
@@ -309,14 +309,17 @@ def idle_adapters(
     adapters: dict[str, dict[str, object]], keep_alive: dict[str, float], now: float
 ) -> list[str]:
     """The adapters of one engine to unload: no request in flight and idle past their own
-    keep_alive (seconds, by adapter id; an adapter not in it is kept)."""
+    keep_alive (seconds, by adapter id). One not in `keep_alive` is no longer in the catalog
+    (deleted while its unload could not reach the engine): it goes as soon as it is idle."""
     idle = []
     for adapter_id, facts in adapters.items():
-        seconds = keep_alive.get(adapter_id)
+        seconds = keep_alive.get(adapter_id, 0.0)
         last_used = facts.get("last_used_at")
-        if seconds is None or facts.get("requests_in_flight"):
+        if facts.get("requests_in_flight"):
             continue
-        if isinstance(last_used, int | float) and now - last_used >= seconds:
+        if adapter_id not in keep_alive or (
+            isinstance(last_used, int | float) and now - last_used >= seconds
+        ):
             idle.append(adapter_id)
     return sorted(idle)
 
@@ -369,28 +372,25 @@ class Demotion:
     trigger: str  # LoadTrigger
 
 
-def demote_excess(
-    replicas: Sequence[PlacementFacts],
-    on_gpu: int,
-    demote: Callable[[PlacementFacts, str, str], None],
-    chosen: set[int],
-) -> None:
-    """Step one model's GPU replicas beyond its max_replicas down, however they came: a load
-    that finished after it was given up and retried elsewhere (its FAILED row turned READY by
-    a heartbeat), an agent back from a partition while its model was started elsewhere. The
-    idlest go first, those with requests only when the idle are not enough (the agent refuses
-    an unload while requests run; the next sweep asks again), pinned ones last."""
+def excess_replicas(
+    replicas: Sequence[PlacementFacts], on_gpu: int, chosen: Set[int] = frozenset()
+) -> list[PlacementFacts]:
+    """One model's GPU replicas beyond its max_replicas, to step down however they came: a
+    load that finished after it was given up and retried elsewhere (its FAILED row turned
+    READY by a heartbeat), an agent back from a partition while its model was started
+    elsewhere. `on_gpu` counts the model's GPU replicas not stepping down already (`chosen`).
+    The idlest go first, those with requests only when the idle are not enough (their agent
+    lets the requests finish first: the step down drains), pinned ones last."""
     bound = max((f.max_replicas for f in replicas), default=0)
     if not bound or on_gpu <= bound:
-        return
+        return []
     serving = [
         f
         for f in replicas
         if f.ready and f.cache_level == CacheLevel.GPU_RESIDENT and f.placement_id not in chosen
     ]
     serving.sort(key=lambda f: (f.pinned, f.busy, -f.idle_seconds, -f.placement_id))
-    for facts in serving[: on_gpu - bound]:
-        demote(facts, CacheLevel.DRAM_CACHED, LoadTrigger.EXCESS)
+    return serving[: on_gpu - bound]
 
 
 def plan_sweep(
@@ -403,7 +403,7 @@ def plan_sweep(
     pinned model off the GPU, never a busy one, never a model's GPU replicas below its
     `min_replicas`. Local disk → gone is the agent's own cache eviction (disk pressure).
     And a model's GPU replicas beyond its `max_replicas` step down, whatever brought them
-    (`demote_excess`).
+    (`excess_replicas`).
     """
     on_gpu: dict[str, int] = {}
     for facts in placements:
@@ -440,7 +440,9 @@ def plan_sweep(
             demote(facts, CacheLevel.NVME_CACHED, LoadTrigger.KEEP_ALIVE)
 
     for model_id, count in sorted(on_gpu.items()):
-        demote_excess([f for f in placements if f.model == model_id], count, demote, chosen)
+        replicas = [f for f in placements if f.model == model_id]
+        for facts in excess_replicas(replicas, count, chosen):
+            demote(facts, CacheLevel.DRAM_CACHED, LoadTrigger.EXCESS)
 
     pressed = {
         agent.agent_id

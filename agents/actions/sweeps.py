@@ -181,21 +181,38 @@ def _facts(p: Placement, now: datetime) -> scheduling.PlacementFacts:
 
 def _step_down(plan: list[scheduling.Demotion], read: dict[int, Placement]) -> list[LoadEvent]:
     """Begin each planned step down whose placement is still as the plan read it (under its
-    row lock); one that changed meanwhile is left for the next decision."""
+    row lock); one that changed meanwhile is left for the next decision. A step down for
+    being one too many also needs its model to be still over max_replicas, counted under the
+    model's lock: the sweep and a heartbeat round may each have chosen another replica.
+    Locks the model (for an EXCESS step), then the placement."""
     demoted = []
     for demotion in plan:
         with transaction.atomic():
+            if demotion.trigger == LoadTrigger.EXCESS and not _still_over(
+                read[demotion.placement_id].model_id
+            ):
+                continue
             placement = (
                 Placement.objects.select_for_update(no_key=True, of=("self",))
                 .select_related("agent", "model")
-                .get(pk=demotion.placement_id)
+                .filter(pk=demotion.placement_id)
+                .first()
             )
-            if placement.state != read[demotion.placement_id].state:
+            if placement is None or placement.state != read[demotion.placement_id].state:
                 continue
             demoted.append(
                 unloads.begin_step_down(placement, demotion.to_level, demotion.trigger, queue=True)
             )
     return demoted
+
+
+def _still_over(model_pk: int) -> bool:
+    """Whether the model has more routable GPU replicas than max_replicas (locks the model)."""
+    model = Model.objects.select_for_update(no_key=True, of=("self",)).filter(pk=model_pk).first()
+    if model is None:
+        return False
+    serving = Placement.objects.ready_for(model).filter(cache_level=CacheLevel.GPU_RESIDENT)
+    return serving.count() > model.max_replicas
 
 
 def sweep() -> list[LoadEvent]:
@@ -246,17 +263,14 @@ def step_down_excess() -> list[LoadEvent]:
     if not placements:
         return []
     now = timezone.now()
-    chosen: list[scheduling.Demotion] = []
+    plan = []
     for model_pk in {p.model_id for p in placements}:
         replicas = [_facts(p, now) for p in placements if p.model_id == model_pk]
-        scheduling.demote_excess(
-            replicas, len(replicas),
-            lambda f, level, trigger: chosen.append(
-                scheduling.Demotion(f.placement_id, level, trigger)
-            ),
-            set(),
-        )  # fmt: skip
-    return _step_down(chosen, {p.pk: p for p in placements})
+        plan += [
+            scheduling.Demotion(facts.placement_id, CacheLevel.DRAM_CACHED, LoadTrigger.EXCESS)
+            for facts in scheduling.excess_replicas(replicas, len(replicas))
+        ]
+    return _step_down(plan, {p.pk: p for p in placements})
 
 
 def idle_adapters(placements: list[Placement]) -> list[tuple[int, str]]:

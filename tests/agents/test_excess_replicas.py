@@ -57,3 +57,19 @@ def test_a_heartbeat_round_steps_the_excess_down_at_once(monkeypatch):
     assert step.trigger == LoadTrigger.EXCESS
     assert step.model == model
     assert Placement.objects.filter(model=model, state=PlacementState.READY).count() == 1
+
+
+def test_two_deciders_choosing_different_excess_replicas_leave_max_replicas_serving(monkeypatch):
+    """The sweep and a heartbeat round each read, and each chose another replica: the second
+    step down finds the model within its bound and is dropped."""
+    from agents.actions import sweeps
+    from agents.scheduling import Demotion
+
+    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    model = ModelFactory(model_id="org/m", max_replicas=1)
+    first = PlacementFactory(model=model, agent=AgentFactory(agent_id="a"))
+    second = PlacementFactory(model=model, agent=AgentFactory(agent_id="b"))
+    read = {p.pk: p for p in (first, second)}
+    assert sweeps._step_down([Demotion(first.pk, "DRAM_CACHED", LoadTrigger.EXCESS)], read)
+    assert not sweeps._step_down([Demotion(second.pk, "DRAM_CACHED", LoadTrigger.EXCESS)], read)
+    assert Placement.objects.filter(model=model, state=PlacementState.READY).count() == 1
