@@ -40,6 +40,30 @@ def _headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def _call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    token: str,
+    body: dict[str, Any] | None,
+    seconds: float,
+) -> bytes:
+    """The body of the agent's 2xx answer; AgentCallFailed for anything else (its refusal,
+    a redirect, no answer)."""
+    try:
+        async with session.request(
+            method, url, json=body, headers=_headers(token),
+            timeout=aiohttp.ClientTimeout(total=seconds), allow_redirects=False,
+        ) as response:  # fmt: skip
+            raw = await response.read()
+            _refuse_redirect(url, response.status)
+            if response.status >= 400:
+                raise _refusal(url, response.status, raw)
+            return raw
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise AgentCallFailed(f"{url}: {type(exc).__name__}: {exc}") from None
+
+
 async def _post(
     session: aiohttp.ClientSession,
     url: str,
@@ -50,17 +74,7 @@ async def _post(
 ) -> T:
     """POST `body` and decode a 2xx answer as a `kind`; AgentCallFailed otherwise, with code
     CONTRACT_VIOLATION for an answer that does not follow the contract."""
-    try:
-        async with session.post(
-            url, json=body, headers=_headers(token), timeout=aiohttp.ClientTimeout(total=seconds),
-            allow_redirects=False,
-        ) as response:  # fmt: skip
-            raw = await response.read()
-            _refuse_redirect(url, response.status)
-            if response.status >= 400:
-                raise _refusal(url, response.status, raw)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise AgentCallFailed(f"{url}: {type(exc).__name__}: {exc}") from None
+    raw = await _call(session, "POST", url, token, body, seconds)
     try:
         return decode(raw, kind)
     except ProtocolError as exc:
@@ -146,16 +160,8 @@ async def set_credential(base_url: str, token: str, credential: str, seconds: fl
 
 async def forget_credential(base_url: str, token: str, seconds: float) -> None:
     """`DELETE /credential`: the agent forgets its credential (it was revoked)."""
-    try:
-        async with aiohttp.ClientSession() as session, session.delete(
-            f"{base_url}/credential", headers=_headers(token),
-            timeout=aiohttp.ClientTimeout(total=seconds), allow_redirects=False,
-        ) as response:  # fmt: skip
-            _refuse_redirect(base_url, response.status)
-            if response.status >= 400:
-                raise _refusal(base_url, response.status, await response.read())
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise AgentCallFailed(f"{base_url}: {type(exc).__name__}: {exc}") from None
+    async with aiohttp.ClientSession() as session:
+        await _call(session, "DELETE", f"{base_url}/credential", token, None, seconds)
 
 
 @dataclass(frozen=True)

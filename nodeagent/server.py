@@ -411,20 +411,22 @@ class AgentServer:
             raise AgentError("unauthorized", "only the current credential may rotate it", 401)
         if not isinstance(credential, str) or not well_formed(credential):
             raise ProtocolError("'credential' must be a credential the control plane issued")
-        await self._confirm_with_control_plane(credential)
+        await self._confirm_with_control_plane(credential, revocation=False)
         self.credentials.store(credential)
         log.info("credential rotated")
         return web.json_response({"status": "success"})
 
-    async def _confirm_with_control_plane(self, credential: str) -> None:
-        """Raise AgentError unless the control plane says it is issuing `credential` to us."""
+    async def _confirm_with_control_plane(self, credential: str, *, revocation: bool) -> None:
+        """Raise AgentError unless the control plane says it is issuing `credential` to us (or,
+        with `revocation`, that it revoked it)."""
         url = (
             f"{self.config.control_plane_url}/api/agents/"
             f"{quote(self.config.agent_id, safe='')}/credential/confirm"
         )
         try:
             async with self.session.post(
-                url, headers={"Authorization": f"Bearer {credential}"},
+                url, json={"revocation": revocation},
+                headers={"Authorization": f"Bearer {credential}"},
                 timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False,
             ) as response:  # fmt: skip
                 status = response.status
@@ -445,6 +447,8 @@ class AgentServer:
         call until it enrols again (which an operator must allow)."""
         if self.credentials.standalone:
             raise AgentError("no_control_plane", "this agent has no control plane", 409)
+        # Only its control plane may: whoever else holds the credential could lock us out.
+        await self._confirm_with_control_plane(_bearer(request), revocation=True)
         self.credentials.forget()
         log.warning("credential revoked by the control plane: this agent takes no calls now")
         return web.json_response({"status": "success"})

@@ -142,7 +142,10 @@ def rotate_agent_credential(agent_id: str) -> Agent:
         raise CredentialError(f"agent {agent_id} is not enrolled: nothing to rotate")
     old_nonce, current = agent.credential_nonce, agent.credential
     pending = credentials.new_nonce()
-    Agent.objects.filter(pk=agent.pk).update(credential_pending_nonce=pending)
+    if not Agent.objects.filter(pk=agent.pk, credential_nonce=old_nonce).update(
+        credential_pending_nonce=pending
+    ):
+        raise CredentialError(f"agent {agent_id}'s credential changed meanwhile; rotate again")
     new = credentials.derive(agent_id, pending)
     try:
         asyncio.run(agent_client.set_credential(agent.base_url, current, new, 10.0))
@@ -166,6 +169,9 @@ def rotate_agent_credential(agent_id: str) -> Agent:
             updated_at=timezone.now(),
         )
         if not switched:
+            Agent.objects.filter(pk=agent.pk, credential_pending_nonce=pending).update(
+                credential_pending_nonce=""
+            )
             raise CredentialError(f"agent {agent_id}'s credential changed meanwhile; rotate again")
         events.announce(agents=[agent.pk])
     agent.refresh_from_db()
@@ -173,15 +179,23 @@ def rotate_agent_credential(agent_id: str) -> Agent:
     return agent
 
 
-def confirm_pending_credential(agent_id: str, presented: str) -> bool:
-    """Whether `presented` is the credential a rotation of `agent_id` under way is handing it:
-    what the agent asks before it keeps one (an agent keeps no credential this control plane
-    did not issue). Constant time."""
-    agent = Agent.objects.filter(agent_id=agent_id).only("credential_pending_nonce").first()
-    if agent is None or not agent.credential_pending_nonce:
+def confirm_credential(agent_id: str, presented: str, *, revocation: bool = False) -> bool:
+    """Whether `presented` is the credential a rotation of `agent_id` under way is handing it
+    (or, with `revocation`, the one a revocation took from it): what the agent asks before it
+    keeps a new credential or forgets its own, so that nobody but this control plane, whoever
+    holds the current credential, can rotate it to one of theirs or lock it out. Constant
+    time."""
+    agent = (
+        Agent.objects.filter(agent_id=agent_id)
+        .only("credential_pending_nonce", "credential_revoked_nonce")
+        .first()
+    )
+    nonce = "" if agent is None else (
+        agent.credential_revoked_nonce if revocation else agent.credential_pending_nonce
+    )  # fmt: skip
+    if not nonce:
         return False
-    expected = credentials.derive(agent_id, agent.credential_pending_nonce)
-    return hmac.compare_digest(expected.encode(), presented.encode())
+    return hmac.compare_digest(credentials.derive(agent_id, nonce).encode(), presented.encode())
 
 
 def revoke_agent_credential(agent_id: str) -> Agent:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -201,14 +203,27 @@ async def confirm_credential(request: HttpRequest, agent_id: str) -> HttpRespons
     """`POST /api/agents/<agent_id>/credential/confirm` with `Authorization: Bearer <new>`:
     what an agent asks before it keeps a credential a rotation hands it. 204 when it is the
     one this control plane is issuing to that agent, 403 otherwise (a caller holding the
-    agent's current credential cannot rotate it to one of its own).
+    agent's current credential cannot rotate it to one of its own). With the body
+    `{"revocation": true}` and the agent's own credential: whether this control plane revoked
+    it (before the agent forgets it: a caller holding it cannot lock the agent out).
 
     Off the thread Django runs sync views in: the rotation that causes this call may be an
     admin action waiting in that thread for the agent's answer."""
     if request.method != "POST":
         return JsonResponse({"detail": "Use POST."}, status=405, headers={"Allow": "POST"})
     token = bearer_token(request.headers.get("Authorization", "")) or ""
-    confirmed = await sync_to_async(_confirm, thread_sensitive=False)(agent_id, token)
+    asked: Any = {}
+    if request.content_type == "application/json" and request.body:
+        try:
+            asked = json.loads(request.body)
+        except ValueError:
+            asked = None
+    if not isinstance(asked, dict) or not isinstance(asked.get("revocation", False), bool):
+        return JsonResponse(
+            {"detail": 'The body is {"revocation": true|false} or none.'}, status=400
+        )
+    revocation = asked.get("revocation", False)
+    confirmed = await sync_to_async(_confirm, thread_sensitive=False)(agent_id, token, revocation)
     if not confirmed:
         return JsonResponse(
             {"detail": "Not a credential this control plane is issuing to that agent."},
@@ -217,9 +232,9 @@ async def confirm_credential(request: HttpRequest, agent_id: str) -> HttpRespons
     return HttpResponse(status=204)
 
 
-def _confirm(agent_id: str, token: str) -> bool:
+def _confirm(agent_id: str, token: str, revocation: bool) -> bool:
     try:
-        return actions.confirm_pending_credential(agent_id, token)
+        return actions.confirm_credential(agent_id, token, revocation=revocation)
     finally:
         connection.close()  # a thread of the pool, not a request's
 

@@ -40,6 +40,25 @@ def test_only_the_credential_a_rotation_is_issuing_is_confirmed(client):
     assert client.get(CONFIRM).status_code == 405
 
 
+@pytest.mark.django_db(transaction=True)
+def test_only_a_revocation_of_this_control_plane_is_confirmed(client):
+    agent = AgentFactory(agent_id="gpu-1", credential_nonce="a" * 64)
+    current = agent.credential
+
+    def revocation(token: str, body: str = '{"revocation": true}') -> int:
+        return client.post(
+            CONFIRM, data=body, content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        ).status_code  # fmt: skip
+
+    assert revocation(current) == 403  # not revoked: whoever holds it cannot lock it out
+    Agent.objects.filter(pk=agent.pk).update(credential_revoked_nonce="a" * 64)
+    assert revocation(current) == 204
+    assert revocation("lfa_" + "e" * 64) == 403
+    assert revocation(current, '{"revocation": "yes"}') == 400
+    assert revocation(current, "{not json") == 400
+
+
 class FakeAgent:
     """An agent's DELETE /credential, answering as the real one would, recording callers."""
 

@@ -606,3 +606,40 @@ def test_a_rotation_whose_answer_was_lost_can_be_sent_again_with_the_old_credent
     kept.forget()
     assert not kept.accepts(ROTATED)
     assert not kept.accepts(ISSUED)
+
+
+async def test_an_agent_forgets_its_credential_only_when_its_control_plane_revoked_it(tmp_path):
+    """Whoever holds the credential (one that leaked) could otherwise lock the agent out."""
+    revoked: list[bool] = [False]
+
+    async def register(request: web.Request) -> web.Response:
+        return web.json_response({"agent_id": "test-agent", "created": False}, status=200)
+
+    async def confirm(request: web.Request) -> web.Response:
+        asked = await request.json()
+        ok = asked == {"revocation": True} and revoked[0]
+        ok = ok and request.headers["Authorization"] == f"Bearer {ISSUED}"
+        return web.Response(status=204 if ok else 403)
+
+    control_plane = web.Application()
+    control_plane.router.add_post("/api/agents/register", register)
+    control_plane.router.add_post("/api/agents/test-agent/credential/confirm", confirm)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "agent-credential").write_text(ISSUED)
+    async with TestServer(control_plane) as cp, aiohttp.ClientSession() as http:
+        cp_url = str(cp.make_url("")).rstrip("/")
+        server, test_server, url = await start_agent(sim_args(cache, "--control-plane-url", cp_url))
+        headers = {"Authorization": f"Bearer {ISSUED}"}
+        try:
+            await asyncio.wait_for(server.registered.wait(), timeout=10)
+            async with http.delete(f"{url}/credential", headers=headers) as response:
+                assert response.status == 403
+                assert (await response.json())["error"]["code"] == "credential_unconfirmed"
+            assert (cache / "agent-credential").read_text().strip() == ISSUED
+            revoked[0] = True  # the control plane revoked it
+            async with http.delete(f"{url}/credential", headers=headers) as response:
+                assert response.status == 200
+            assert not (cache / "agent-credential").exists()
+        finally:
+            await test_server.close()
