@@ -29,10 +29,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Flag:
-    """An allowed flag: whether it takes a value, and which values when only some are safe."""
+    """An allowed flag: whether it takes a value (`many`: one or more, as argparse's nargs=+),
+    and which values when only some are safe."""
 
     takes_value: bool = True
     choices: tuple[str, ...] = ()
+    many: bool = False
 
 
 _BOOL = Flag(takes_value=False)
@@ -75,7 +77,7 @@ ALLOWED: dict[str, Flag] = {
     "--optimization-level": _VALUE,
     "--performance-mode": _VALUE,
     "--max-cudagraph-capture-size": _VALUE,
-    "--cudagraph-capture-sizes": _VALUE,
+    "--cudagraph-capture-sizes": Flag(many=True),
     "--attention-backend": _VALUE,
     "--kv-sharing-fast-prefill": _BOOL,
     # Parallelism on this host
@@ -216,17 +218,20 @@ def problems(args: Sequence[object]) -> list[str]:
             if equals:
                 found.append(f"{name} takes no value")
             continue
-        if not equals:
-            following = items[index] if index < len(items) else None
+        values = [value] if equals else []
+        while index < len(items) and (not values or flag.many):
+            following = items[index]
             if not isinstance(following, str) or not _is_value(following):
-                found.append(f"{name} needs a value")
-                continue
-            value = following
+                break
+            values.append(following)
             index += 1
-        if "\x00" in value or "\n" in value:
-            found.append(f"{name}'s value holds a control character")
-        elif flag.choices and value not in flag.choices:
-            found.append(f"{name} takes one of {', '.join(flag.choices)}, not {value!r}")
+        if not values:
+            found.append(f"{name} needs a value")
+        for value in values:
+            if "\x00" in value or "\n" in value:
+                found.append(f"{name}'s value holds a control character")
+            elif flag.choices and value not in flag.choices:
+                found.append(f"{name} takes one of {', '.join(flag.choices)}, not {value!r}")
     return found
 
 

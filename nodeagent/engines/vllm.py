@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
+from nodeagent import engineargs
 from nodeagent.engines import identity
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
 from nodeagent.engines.identity import EngineUser
@@ -63,7 +64,8 @@ def vllm_argv(
         argv.append("--trust-remote-code")
     if gpu:
         argv.append("--enable-sleep-mode")
-        if not any(arg.startswith("--gpu-memory-utilization") for arg in args):
+        given = {engineargs.canonical(arg.partition("=")[0]) for arg in args}
+        if "--gpu-memory-utilization" not in given:
             argv += ["--gpu-memory-utilization", f"{gpu_memory_share:g}"]
     return argv
 

@@ -22,6 +22,7 @@ from tests.nodeagent.conftest import sim_args, start_agent
         ["--runner", "pooling", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "16"],
         ["--distributed-executor-backend", "mp", "--tensor-parallel-size", "2"],
         ["--override-generation-config", '{"temperature": 0.5}'],
+        ["--cudagraph-capture-sizes", "1", "2", "4", "--enforce-eager"],
     ],
 )
 def test_tuning_flags_are_allowed(args):
@@ -64,6 +65,12 @@ def test_every_refused_flag_is_named_at_once():
     with pytest.raises(engineargs.EngineArgsRefused) as refused:
         engineargs.check(["--host", "0.0.0.0", "--trust-remote-code", "--dtype", "half"])  # noqa: S104
     assert len(refused.value.problems) == 2
+
+
+def test_an_operator_s_memory_share_is_kept_however_it_is_spelled():
+    for given in (["--gpu_memory_utilization", "0.5"], ["--gpu-memory-utilization=0.5"]):
+        argv = vllm_argv("python", Path("/m"), "m", 1, given, gpu=True, gpu_memory_share=0.9)
+        assert "0.9" not in argv
 
 
 def test_the_agent_s_own_flags_come_last_so_they_win():
