@@ -14,16 +14,15 @@ from typing import Any
 
 
 def refusal(path: bytes, limit: int) -> bytes:
-    """The raw HTTP 413 for a request to `path`, in the shape of the API it was sent to."""
+    """The raw HTTP 413 for a request to `path`, in the shape of the API it was sent to (Twisted
+    answers it: no Django response is sent here, only its bytes)."""
+    from controlplane.gateway.errors import openai_error
+
     message = f"The request body exceeds {limit} bytes."
     if path.startswith(b"/v1/"):
-        body: dict[str, Any] = {
-            "error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": "request_too_large"},
-        }  # fmt: skip
+        raw = openai_error(413, message, code="request_too_large").content
     else:
-        body = {"detail": message}
-    raw = json.dumps(body).encode()
+        raw = json.dumps({"detail": message}).encode()
     head = (
         "HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"

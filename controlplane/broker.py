@@ -60,16 +60,21 @@ def transport_options(broker_dir: Path) -> dict[str, Any]:
     }
 
 
-def dropped_count() -> int:
+def dropped_count() -> int | None:
     """How many broker messages workers could not decode and dropped, ever (for /metrics):
-    counted in Redis, or the files the embedded broker set aside."""
+    counted in Redis, or the files the embedded broker set aside; None when Redis does not
+    answer (the other fleet series are still reported)."""
     from django.conf import settings
 
     if settings.REDIS_URL:
         import redis as redis_client
 
-        with redis_client.Redis.from_url(settings.REDIS_URL, socket_timeout=1.0) as client:
-            return int(client.get(REDIS_DROPPED_KEY) or 0)
+        try:
+            with redis_client.Redis.from_url(settings.REDIS_URL, socket_timeout=1.0) as client:
+                return int(client.get(REDIS_DROPPED_KEY) or 0)
+        except redis_client.RedisError:
+            log.warning("the broker's dropped-message count is unavailable: Redis does not answer")
+            return None
     try:
         return sum(1 for _ in (settings.BROKER_DIR / DROPPED).iterdir())
     except FileNotFoundError:

@@ -217,12 +217,13 @@ class FleetCollector(Collector):
         yield loads
         yield evictions
 
-        dropped = CounterMetricFamily(
-            "llmfleet_broker_messages_dropped",
-            "Broker messages the workers could not decode and dropped (controlplane.broker).",
-        )
-        dropped.add_metric([], broker.dropped_count())
-        yield dropped
+        if (count := broker.dropped_count()) is not None:
+            dropped = CounterMetricFamily(
+                "llmfleet_broker_messages_dropped",
+                "Broker messages the workers could not decode and dropped (controlplane.broker).",
+            )
+            dropped.add_metric([], count)
+            yield dropped
 
         # A summary without quantiles: rate(_sum) / rate(_count) is the mean of a phase
         # over any window.

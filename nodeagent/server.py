@@ -206,22 +206,22 @@ class AgentServer:
             if self._register_task is not None:
                 self._register_task.cancel()
             await self._say_draining()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_seconds
-        while self.in_flight() and loop.time() < deadline:
-            self.proxy.request_ended.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proxy.request_ended.wait(), deadline - loop.time())
+        await self._until_ended(self.in_flight, self.config.drain_seconds)
         if self.in_flight():
             log.warning("drain period over: cutting %d request(s)", self.in_flight())
 
     async def _drained(self, model_id: str, seconds: float) -> None:
         """Until the model's requests in flight have finished, or `seconds` have passed (the
         control plane routes no new ones here meanwhile: the placement is UNLOADING)."""
+        slot = self.registry.slots.get(model_id)
+        if slot is not None:
+            await self._until_ended(lambda: slot.in_flight, seconds)
+
+    async def _until_ended(self, in_flight: Callable[[], int], seconds: float) -> None:
+        """Until `in_flight()` is 0, waking as each proxied request ends, or `seconds` pass."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        slot = self.registry.slots.get(model_id)
-        while slot is not None and slot.in_flight and loop.time() < deadline:
+        while in_flight() and loop.time() < deadline:
             self.proxy.request_ended.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proxy.request_ended.wait(), deadline - loop.time())

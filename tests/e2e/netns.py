@@ -47,15 +47,37 @@ def available() -> str:
     return ""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_leftovers() -> None:
+    """What a run that died left behind: its pid and subnet are in its namespace's name
+    (`llmf-<pid>-<octet>-<tag>`), so another live run's are never touched."""
     for line in ip("netns", "list").splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX):
-            ip("netns", "delete", name, check=False)
-    for line in ip("route", "show", "type", "blackhole").splitlines():
-        subnet = line.split()[1] if len(line.split()) > 1 else ""
-        if subnet.startswith("10.213."):
-            ip("route", "delete", "blackhole", subnet, check=False)
+        parts = name.removeprefix(PREFIX).split("-")
+        if not name.startswith(PREFIX) or len(parts) != 3 or not parts[0].isdigit():
+            continue
+        if not _alive(int(parts[0])):
+            ip("netns", "delete", name, check=False)  # its veth pair goes with it
+            ip("route", "delete", "blackhole", f"10.213.{parts[1]}.0/24", check=False)
+
+
+def _free_octet() -> int:
+    """A third octet of 10.213.0.0/16 no route of this machine uses yet."""
+    used = ip("route", "show", "table", "all")
+    for _ in range(100):
+        octet = random.randrange(1, 250)
+        if f"10.213.{octet}." not in used:
+            return octet
+    raise RuntimeError("no free 10.213.x.0/24 for a test namespace")
 
 
 @dataclass
@@ -85,11 +107,13 @@ class Link:
 def linked_namespace() -> Iterator[Link]:
     """A fresh namespace and link; removed, with its routes, whatever happens."""
     _remove_leftovers()
-    third = random.randrange(1, 250)
+    third = _free_octet()
     subnet = f"10.213.{third}.0/24"
     tag = uuid.uuid4().hex[:6]
-    link = Link(f"{PREFIX}{tag}", f"10.213.{third}.1", f"10.213.{third}.2", f"lfh{tag}",
-                f"lfn{tag}")  # fmt: skip
+    link = Link(
+        f"{PREFIX}{os.getpid()}-{third}-{tag}", f"10.213.{third}.1", f"10.213.{third}.2",
+        f"lfh{tag}", f"lfn{tag}",
+    )  # fmt: skip
     ip("route", "add", "blackhole", subnet)  # before anything can route to the subnet
     try:
         ip("netns", "add", link.name)
@@ -157,6 +181,7 @@ class LinkProxy:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        self._loop.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

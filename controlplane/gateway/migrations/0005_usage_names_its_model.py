@@ -2,13 +2,14 @@
 catalog no longer deletes the billing history of it (the FK cascaded)."""
 
 from django.db import migrations, models
+from django.db.models import OuterRef, Subquery
 
 
 def copy_names(apps, schema_editor):
     Usage = apps.get_model("gateway", "Usage")
-    for usage in Usage.objects.select_related("model_ref").order_by().iterator():
-        usage.model_name = usage.model_ref.model_id
-        usage.save(update_fields=["model_name"])
+    Model = apps.get_model("agents", "Model")
+    names = Model.objects.filter(pk=OuterRef("model_ref_id")).values("model_id")[:1]
+    Usage.objects.order_by().update(model_name=Subquery(names))  # one statement, any size
 
 
 def copy_back(apps, schema_editor):
