@@ -78,9 +78,23 @@ def make_api_key(
     return create_api_key(name, model_ids, **limits)
 
 
+def ensure_roles() -> None:
+    """The role groups, as their migration makes them: a transactional test's flush empties
+    every table, the migration's rows with it."""
+    import importlib
+
+    from django.apps import apps
+
+    roles = importlib.import_module("agents.migrations.0012_operator_roles")
+    roles.create_roles(apps, None)
+
+
 def make_role_user(username: str, role: str | None = None, *perms: str) -> Any:
     """A staff user (not a superuser) in the group `role`, with `perms` ("app.codename")."""
     from django.contrib.auth.models import Group, Permission
+
+    if role is not None and not Group.objects.filter(name=role).exists():
+        ensure_roles()
 
     user = get_user_model().objects.create_user(
         username=username, password="correct horse battery staple", is_staff=True
