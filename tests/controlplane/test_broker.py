@@ -23,14 +23,15 @@ def test_a_message_that_does_not_decode_is_set_aside_and_the_next_one_served(tmp
     options = broker.transport_options(tmp_path)
     queue = Path(options["data_folder_in"])
     queue.mkdir(parents=True)
-    (queue / "1_garbage.control.msg").write_bytes(b"this is {not json")
-    (queue / "2_empty.control.msg").write_bytes(b"")  # what kombu's half-written file read as
+    # Older than any message a producer names now (names sort as text; "0_" comes first).
+    (queue / "0_a_garbage.control.msg").write_bytes(b"this is {not json")
+    (queue / "0_b_empty.control.msg").write_bytes(b"")  # what kombu's half-written file read as
     with Connection(f"{broker.SCHEME}://localhost/", transport_options=options) as connection:
         channel = connection.default_channel
         channel._put("control", {"body": "whole", "headers": {}, "properties": {}})
         assert channel._get("control")["body"] == "whole"
     dropped = sorted(path.name for path in (tmp_path / broker.DROPPED).iterdir())
-    assert dropped == ["1_garbage.control.msg", "2_empty.control.msg"]
+    assert dropped == ["0_a_garbage.control.msg", "0_b_empty.control.msg"]
     assert list(queue.glob("*.msg")) == []
 
 

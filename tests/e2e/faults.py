@@ -140,7 +140,10 @@ class Traffic:
         except openai.APIConnectionError as exc:  # the connection itself failed: no body
             return Sent(started, time.monotonic(), stream, f"connection: {exc}")
         except openai.APIError as exc:
-            return Sent(started, time.monotonic(), stream, str(exc), _shaped(exc.body))
+            # The client's text of an error is its message alone: the code (what `may_fail`
+            # names, e.g. service_unavailable) goes in front of it.
+            said = f"{exc.code}: {exc}" if exc.code else str(exc)
+            return Sent(started, time.monotonic(), stream, said, _shaped(exc.body))
         except Exception as exc:  # httpx's own, from a stream cut mid-way (openai lets them by)
             return Sent(started, time.monotonic(), stream, f"connection: {exc!r}")
         if not text:
