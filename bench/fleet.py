@@ -14,7 +14,7 @@ when set):
   (bulk writes and reconciliation of every placement);
 - route: the gateway's decision for one request, timed 2,000 times with the
   replica cache off (the indexed READY query every time, the worst case) and
-  on: `cache.ready_placements` + `Router.pick`.
+  on: `Cache.ready_placements` + `Router.pick`.
 
 The baseline is the target of the issue: polling must fit in the heartbeat
 interval (5 s) and a decision in 2 ms; each line prints the ratio. Ends with
@@ -109,10 +109,10 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
     from agents import actions, agent_client
     from agents.choices import CacheLevel, PlacementState
     from agents.models import Agent, Model, Placement
-    from controlplane.gateway import cache
-    from controlplane.gateway.router import Router
+    from controlplane.gateway.state import GatewayState, forget_cached
 
-    router = Router()
+    state = GatewayState()
+    router = state.router
 
     urls = [f"http://127.0.0.1:{base + n}" for n in range(options.agents)]
     models = [f"bench/m{n}" for n in range(options.models)]
@@ -183,7 +183,7 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
         timings = []
         for _ in range(count):
             started = time.perf_counter()
-            placements = await cache.ready_placements(model)
+            placements = await state.cache.ready_placements(model)
             chosen = router.pick(placements, None)
             assert chosen is not None
             timings.append((time.perf_counter() - started) * 1000)
@@ -192,9 +192,9 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
     settings.GATEWAY_CACHE_SECONDS = 0
     uncached = asyncio.run(decide(2000))
     settings.GATEWAY_CACHE_SECONDS = 5
-    cache.clear()
+    forget_cached()
     cached = asyncio.run(decide(2000))
-    replicas = len(asyncio.run(cache.ready_placements(model)))
+    replicas = len(asyncio.run(state.cache.ready_placements(model)))
     worst = max(polls)
     print()
     print(f"{'measure':<36}{'p50':>10}{'p99':>10}{'target':>10}{'ratio':>8}")

@@ -56,12 +56,12 @@ application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app})
 async def _last_writes() -> None:
     """Once the requests daphne cancels as it stops have ended (their usage settled), the
     gateway's buffered usage and request figures are written and its connections closed."""
-    from controlplane.gateway.loops import shutdown
+    from controlplane.gateway.state import close_current
 
     await asyncio.sleep(0)  # daphne's own shutdown trigger, called next, cancels them
     if _answering:
         await asyncio.wait(set(_answering), timeout=10)
-    await shutdown()
+    await close_current()
 
 
 def _at_daphne_shutdown() -> None:

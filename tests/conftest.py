@@ -34,10 +34,10 @@ def agent_headers(settings: Any) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def gateway_reads_the_database_every_time(settings: Any) -> None:
     """Tests see their writes at once; tests/gateway/test_cache.py checks the cache itself."""
-    from controlplane.gateway import cache
+    from controlplane.gateway.state import forget_cached
 
     settings.GATEWAY_CACHE_SECONDS = 0
-    cache.clear()
+    forget_cached()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
-from controlplane.gateway.cache import key_for_secret
+from controlplane.gateway.cache import Cache
 from controlplane.gateway.errors import database_away, openai_error
 from controlplane.gateway.models import ApiKey
 
@@ -25,16 +25,16 @@ class AuthFailure:
     response: JsonResponse
 
 
-async def authenticate(request: HttpRequest) -> ApiKey | AuthFailure:
+async def authenticate(request: HttpRequest, cache: Cache) -> ApiKey | AuthFailure:
     """The request's active API key, or the 401 to answer with (the /v1 handler found it
     already, before it read the body: `refuse_before_body`)."""
     found = getattr(request, "scope", {}).get(SCOPE_KEY)
     if isinstance(found, ApiKey):
         return found
-    return await key_for_header(request.headers.get("Authorization", ""))
+    return await key_for_header(request.headers.get("Authorization", ""), cache)
 
 
-async def key_for_header(header: str) -> ApiKey | AuthFailure:
+async def key_for_header(header: str, cache: Cache) -> ApiKey | AuthFailure:
     """The active API key of an `Authorization` header's value, or the 401 to answer with."""
     scheme, _, raw_key = header.partition(" ")
     raw_key = raw_key.strip()
@@ -46,7 +46,7 @@ async def key_for_header(header: str) -> ApiKey | AuthFailure:
                 code="missing_api_key",
             )
         )
-    key = await key_for_secret(raw_key)
+    key = await cache.key_for_secret(raw_key)
     if key is None:
         return AuthFailure(openai_error(401, "Incorrect API key provided.", code="invalid_api_key"))
     reason = key.inactive_reason(timezone.now())
@@ -57,7 +57,7 @@ async def key_for_header(header: str) -> ApiKey | AuthFailure:
     return key
 
 
-async def refuse_before_body(scope: dict[str, Any]) -> JsonResponse | None:
+async def refuse_before_body(scope: dict[str, Any], cache: Cache) -> JsonResponse | None:
     """The answer to a /v1 request that its headers alone settle, before its body is read:
     401 without an active key, 413 for a declared length over GATEWAY_MAX_BODY_BYTES. A key
     it finds is left in the scope for the view (SCOPE_KEY)."""
@@ -65,7 +65,7 @@ async def refuse_before_body(scope: dict[str, Any]) -> JsonResponse | None:
         return None
     headers = dict(reversed(scope["headers"]))  # the first of a repeated header wins
     try:
-        key = await key_for_header(headers.get(b"authorization", b"").decode("latin-1"))
+        key = await key_for_header(headers.get(b"authorization", b"").decode("latin-1"), cache)
     except DatabaseError as exc:  # as a view answers: 503 with Retry-After
         return await database_away(exc)
     if isinstance(key, AuthFailure):

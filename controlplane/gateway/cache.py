@@ -23,70 +23,28 @@ from django.utils import timezone
 
 from agents.models import Model, Placement
 from controlplane.gateway.handler import drop_broken_connections
-from controlplane.gateway.loops import per_loop
 from controlplane.gateway.models import KEY_PREFIX, ApiKey, hash_key
 
 T = TypeVar("T")
-# Least recently used first: past _MAX_ENTRIES that one goes (one-off lookups, mostly: a key
-# deleted, a model name nobody serves), so no run of misses ever empties the cache of the keys
-# and models every request needs.
-_entries: OrderedDict[tuple[str, str], tuple[float, object]] = OrderedDict()
 _MAX_ENTRIES = 10_000
 
 
-async def _remember(
-    kind: str,
-    name: str,
-    load: Callable[[], Awaitable[T]],
-    most: float | None = None,
-    *,
-    refresh_behind: bool = False,
-) -> T:
-    """The cached value, loaded when missing or older than the TTL.
+class Memory:
+    """What the process remembers of the database's rows: plain values, valid on every event
+    loop, so the process keeps one (MEMORY) for all of its loops' caches.
 
-    With `refresh_behind`, a value past its TTL (but younger than five TTLs) is still
-    returned while one background task loads the new one: the request that finds it
-    stale does not wait for the query (what kept the p99 up, bench/README.md).
-    """
-    ttl = (
-        settings.GATEWAY_CACHE_SECONDS
-        if most is None
-        else min(settings.GATEWAY_CACHE_SECONDS, most)
-    )
-    now = time.monotonic()
-    entry = _entries.get((kind, name))
-    if ttl and entry is not None:
-        age = now - entry[0]
-        _entries.move_to_end((kind, name))  # used: the last to go
-        if age < ttl:
-            return entry[1]  # type: ignore[return-value]
-        if refresh_behind and age < 5 * ttl:
-            if (kind, name) not in _refreshing:
-                task = asyncio.get_running_loop().create_task(_load(kind, name, load, ttl))
-                _refreshing[kind, name] = task
-                task.add_done_callback(lambda _: _refreshing.pop((kind, name), None))
-            return entry[1]  # type: ignore[return-value]
-    return await _load(kind, name, load, ttl)
+    Least recently used first: past _MAX_ENTRIES that one goes (one-off lookups, mostly: a key
+    deleted, a model name nobody serves), so no run of misses ever empties it of the keys and
+    models every request needs."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple[str, str], tuple[float, object]] = OrderedDict()
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
-_refreshing: dict[tuple[str, str], asyncio.Task[object]] = {}
-
-
-async def _load(kind: str, name: str, load: Callable[[], Awaitable[T]], ttl: float) -> T:
-    started = time.monotonic()
-    try:
-        value = await load()
-    except DatabaseError:
-        # The /v1 handler ends no request with close_old_connections (handler.py).
-        await drop_broken_connections()
-        raise
-    if ttl:
-        _entries.pop((kind, name), None)  # to the end: the newest
-        while len(_entries) >= _MAX_ENTRIES:
-            _entries.popitem(last=False)
-        _entries[kind, name] = (started, value)
-    return value
-
+MEMORY = Memory()
 
 # What the gateway issues (controlplane.gateway.models.new_raw_key): anything else is no key,
 # and is refused without a lookup.
@@ -147,56 +105,118 @@ class KnownKeys:
         self.highest_id = max((pk for pk, _ in rows), default=self.highest_id)
 
 
-_known: dict[asyncio.AbstractEventLoop, KnownKeys] = {}
-
-
 def looks_like_a_key(raw_key: str) -> bool:
     return bool(_KEY_SHAPE.fullmatch(raw_key))
 
 
-async def key_for_secret(raw_key: str) -> ApiKey | None:
-    """The key with this secret, with its allow-list's model ids prefetched. What is not shaped
-    like a key, or not among the keys that exist (KnownKeys), is None without a lookup."""
-    if not looks_like_a_key(raw_key):
-        return None
-    digest = hash_key(raw_key)
-    if settings.GATEWAY_CACHE_SECONDS and not await per_loop(_known, KnownKeys).holds(digest):
-        return None
+class Cache:
+    """One event loop's cache (controlplane.gateway.state): lookups that answer from MEMORY
+    while it is fresh, with the loop's own background refreshes and known-keys set."""
 
-    async def load() -> ApiKey | None:
-        key = await ApiKey.objects.for_secret(raw_key).afirst()
-        if key is not None:
-            key.allowed_ids = {pk async for pk in key.allowed_models.values_list("pk", flat=True)}
-        return key
+    def __init__(self, memory: Memory = MEMORY) -> None:
+        self.memory = memory
+        self.refreshing: dict[tuple[str, str], asyncio.Task[object]] = {}
+        self.known = KnownKeys()
 
-    return await _remember("key", digest, load)
+    def forget(self) -> None:
+        self.memory.clear()
+        self.known = KnownKeys()
 
+    async def _remember(
+        self,
+        kind: str,
+        name: str,
+        load: Callable[[], Awaitable[T]],
+        most: float | None = None,
+        *,
+        refresh_behind: bool = False,
+    ) -> T:
+        """The cached value, loaded when missing or older than the TTL.
 
-async def enabled_model(model_id: str) -> Model | None:
-    return await _remember(
-        "model",
-        model_id,
-        lambda: (
-            Model.objects.select_related("base").filter(model_id=model_id, enabled=True).afirst()
-        ),
-    )
+        With `refresh_behind`, a value past its TTL (but younger than five TTLs) is still
+        returned while one background task loads the new one: the request that finds it
+        stale does not wait for the query (what kept the p99 up, bench/README.md).
+        """
+        ttl = (
+            settings.GATEWAY_CACHE_SECONDS
+            if most is None
+            else min(settings.GATEWAY_CACHE_SECONDS, most)
+        )
+        now = time.monotonic()
+        entries = self.memory.entries
+        entry = entries.get((kind, name))
+        if ttl and entry is not None:
+            age = now - entry[0]
+            entries.move_to_end((kind, name))  # used: the last to go
+            if age < ttl:
+                return entry[1]  # type: ignore[return-value]
+            if refresh_behind and age < 5 * ttl:
+                if (kind, name) not in self.refreshing:
+                    task = asyncio.get_running_loop().create_task(self._load(kind, name, load, ttl))
+                    self.refreshing[kind, name] = task
+                    task.add_done_callback(lambda _: self.refreshing.pop((kind, name), None))
+                return entry[1]  # type: ignore[return-value]
+        return await self._load(kind, name, load, ttl)
 
+    async def _load(self, kind: str, name: str, load: Callable[[], Awaitable[T]], ttl: float) -> T:
+        started = time.monotonic()
+        try:
+            value = await load()
+        except DatabaseError:
+            # The /v1 handler ends no request with close_old_connections (handler.py).
+            await drop_broken_connections()
+            raise
+        if ttl:
+            entries = self.memory.entries
+            entries.pop((kind, name), None)  # to the end: the newest
+            while len(entries) >= _MAX_ENTRIES:
+                entries.popitem(last=False)
+            entries[kind, name] = (started, value)
+        return value
 
-async def ready_placements(model: Model) -> list[Placement]:
-    """The model's routable READY placements, at most a second old: a drain or a new replica
-    reaches routing within a second, well inside the heartbeat interval."""
+    async def key_for_secret(self, raw_key: str) -> ApiKey | None:
+        """The key with this secret, with its allow-list's model ids prefetched. What is not
+        shaped like a key, or not among the keys that exist (KnownKeys), is None without a
+        lookup."""
+        if not looks_like_a_key(raw_key):
+            return None
+        digest = hash_key(raw_key)
+        if settings.GATEWAY_CACHE_SECONDS and not await self.known.holds(digest):
+            return None
 
-    async def load() -> list[Placement]:
-        return [placement async for placement in Placement.objects.ready_for(model)]
+        async def load() -> ApiKey | None:
+            key = await ApiKey.objects.for_secret(raw_key).afirst()
+            if key is not None:
+                key.allowed_ids = {
+                    pk async for pk in key.allowed_models.values_list("pk", flat=True)
+                }
+            return key
 
-    return await _remember("placements", model.model_id, load, most=1.0, refresh_behind=True)
+        return await self._remember("key", digest, load)
 
+    async def enabled_model(self, model_id: str) -> Model | None:
+        return await self._remember(
+            "model",
+            model_id,
+            lambda: (
+                Model.objects.select_related("base")
+                .filter(model_id=model_id, enabled=True)
+                .afirst()
+            ),
+        )
 
-def forget_placements(model: Model) -> None:
-    """A load just finished here: the next request must not see the empty list from before."""
-    _entries.pop(("placements", model.model_id), None)
+    async def ready_placements(self, model: Model) -> list[Placement]:
+        """The model's routable READY placements, at most a second old: a drain or a new
+        replica reaches routing within a second, well inside the heartbeat interval."""
 
+        async def load() -> list[Placement]:
+            return [placement async for placement in Placement.objects.ready_for(model)]
 
-def clear() -> None:
-    _entries.clear()
-    _known.clear()
+        return await self._remember(
+            "placements", model.model_id, load, most=1.0, refresh_behind=True
+        )
+
+    def forget_placements(self, model: Model) -> None:
+        """A load just finished here: the next request must not see the empty list from
+        before."""
+        self.memory.entries.pop(("placements", model.model_id), None)

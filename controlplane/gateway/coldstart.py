@@ -21,7 +21,6 @@ from django.conf import settings
 from agents import actions
 from agents.choices import UNROUTABLE_AGENT_STATES, AgentState, PlacementState
 from agents.models import Agent, Model, Placement
-from controlplane.gateway.loops import per_loop
 
 _POLL_SECONDS = 0.1
 
@@ -99,7 +98,9 @@ class _Watch:
             await asyncio.sleep(_POLL_SECONDS)
 
 
-_watches: dict[asyncio.AbstractEventLoop, dict[int, _Watch]] = {}
+class Watches(dict[int, _Watch]):
+    """One event loop's pollers, by placement (controlplane.gateway.state): a poller's task
+    and condition belong to that loop."""
 
 
 # A waiter asks ensure_placement again this often even while its placement still looks
@@ -108,11 +109,13 @@ _RECHECK_SECONDS = 5.0
 
 
 async def _follow(
-    placement_id: int, deadline: float, on_progress: Callable[[str], None] | None
+    watches: Watches,
+    placement_id: int,
+    deadline: float,
+    on_progress: Callable[[str], None] | None,
 ) -> Snapshot | None:
     """Wait until the placement serves or stops loading, or _RECHECK_SECONDS pass without a
     change (then the last snapshot, still loading); None at the deadline."""
-    watches = per_loop(_watches, dict)
     watch = watches.get(placement_id) or watches.setdefault(placement_id, _Watch(placement_id))
     watch.waiters += 1
     watch.ensure_running()
@@ -149,11 +152,15 @@ async def _degraded_agents_exist() -> bool:
 
 
 async def wait_until_ready(
-    model: Model, seconds: float, on_progress: Callable[[str], None] | None = None
+    watches: Watches,
+    model: Model,
+    seconds: float,
+    on_progress: Callable[[str], None] | None = None,
 ) -> Placement:
     """A READY placement of `model`, loading it first if need be; raises ColdStartFailed.
 
-    `on_progress` hears a short description ("downloading 43%") whenever it changes.
+    `watches` are the running loop's pollers. `on_progress` hears a short description
+    ("downloading 43%") whenever it changes.
     """
     deadline = time.monotonic() + seconds
     # An agent that missed a heartbeat is DEGRADED until the next one says otherwise, or
@@ -182,7 +189,7 @@ async def wait_until_ready(
             )
             raise ColdStartFailed(told, detail=str(exc)) from None
         if placement.state != PlacementState.READY:
-            snapshot = await _follow(placement.pk, deadline, on_progress)
+            snapshot = await _follow(watches, placement.pk, deadline, on_progress)
             if snapshot is None:
                 break
             if not snapshot.serving:

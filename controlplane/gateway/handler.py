@@ -67,12 +67,13 @@ class ApiHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # No key, or a body over the limit: answered before a byte of the body is read. (A
-        # local import: auth needs the cache, which imports this module.)
+        # No key, or a body over the limit: answered before a byte of the body is read. (Local
+        # imports: auth needs the cache, which imports this module.)
         from controlplane.gateway.auth import refuse_before_body
+        from controlplane.gateway.state import current
 
         request_id = scope[REQUEST_ID] = new_request_id()
-        refusal = await refuse_before_body(scope)
+        refusal = await refuse_before_body(scope, current().cache)
         if refusal is not None:
             refusal["X-Request-Id"] = request_id
             await self.send_response(refusal, send)

@@ -15,7 +15,6 @@ Redis restarts would be an outage of its own.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -25,16 +24,15 @@ import redis.asyncio as aioredis
 from django.conf import settings
 
 from controlplane import metrics
-from controlplane.gateway.loops import on_shutdown, per_loop
 from controlplane.gateway.models import ApiKey
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 _WARN_EVERY_SECONDS = 10.0
 _warned_at = -1e9
+# The counters without Redis: the process's (the embedded fleet runs one web process), shared
+# by its event loops as Redis would be.
 _local: Counter[str] = Counter()
-# One client per event loop: an asyncio Redis connection belongs to the loop that opened it.
-_clients: dict[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = {}
 
 
 @dataclass(frozen=True)
@@ -51,41 +49,6 @@ def _window(now: float) -> tuple[int, int]:
     return number, max(1, int((number + 1) * WINDOW_SECONDS - now))
 
 
-def _client() -> aioredis.Redis | None:
-    url = settings.REDIS_URL
-    if not url:
-        return None
-    clients = per_loop(_clients, dict)
-    if url not in clients:
-        clients[url] = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-    return clients[url]
-
-
-@on_shutdown
-async def _close_clients(loop: asyncio.AbstractEventLoop) -> None:
-    for client in _clients.pop(loop, {}).values():
-        await client.aclose()
-
-
-async def _counts(key: ApiKey, window: int, add_request: bool) -> tuple[int, int]:
-    requests_name = f"llmfleet:rate:{key.pk}:{window}:requests"
-    tokens_name = f"llmfleet:rate:{key.pk}:{window}:tokens"
-    client = _client()
-    if client is None:
-        if add_request:
-            _local[requests_name] += 1
-        return _local[requests_name], _local[tokens_name]
-    async with client.pipeline(transaction=False) as pipe:
-        if add_request:
-            pipe.incr(requests_name)
-            pipe.expire(requests_name, WINDOW_SECONDS * 2)
-        else:
-            pipe.get(requests_name)
-        pipe.get(tokens_name)
-        results = await pipe.execute()
-    return int(results[0] or 0), int(results[-1] or 0)
-
-
 def _unavailable(exc: Exception) -> None:
     global _warned_at
     metrics.RATE_LIMIT_UNAVAILABLE.inc()
@@ -94,40 +57,82 @@ def _unavailable(exc: Exception) -> None:
         log.warning("rate limits not enforced: Redis did not answer (%s)", exc)
 
 
-async def admit(key: ApiKey, now: float | None = None) -> Refusal | None:
-    """Count the request against the key's limits; a Refusal when it is over one. Lets the
-    request in, uncounted, when Redis does not answer (the module's docstring says why)."""
-    if key.requests_per_minute is None and key.tokens_per_minute is None:
-        return None
-    window, left = _window(time.time() if now is None else now)
-    try:
-        requests, tokens = await _counts(
-            key, window, add_request=key.requests_per_minute is not None
-        )
-    except (aioredis.RedisError, OSError) as exc:
-        _unavailable(exc)
-        return None
-    if key.requests_per_minute is not None and requests > key.requests_per_minute:
-        return Refusal(f"Rate limit reached: {key.requests_per_minute} requests per minute.", left)
-    if key.tokens_per_minute is not None and tokens >= key.tokens_per_minute:
-        return Refusal(f"Rate limit reached: {key.tokens_per_minute} tokens per minute.", left)
-    return None
+class Limiter:
+    """One event loop's way to the counters (controlplane.gateway.state): its Redis client,
+    since an asyncio Redis connection belongs to the loop that opened it."""
 
+    def __init__(self) -> None:
+        self.clients: dict[str, aioredis.Redis] = {}
 
-async def add_tokens(key: ApiKey, tokens: int, now: float | None = None) -> None:
-    """Charge a finished request's tokens to the key's current window."""
-    if key.tokens_per_minute is None or tokens <= 0:
-        return
-    window, _ = _window(time.time() if now is None else now)
-    name = f"llmfleet:rate:{key.pk}:{window}:tokens"
-    client = _client()
-    if client is None:
-        _local[name] += tokens
-        return
-    try:
+    def _client(self) -> aioredis.Redis | None:
+        url = settings.REDIS_URL
+        if not url:
+            return None
+        if url not in self.clients:
+            self.clients[url] = aioredis.Redis.from_url(
+                url, socket_timeout=1, socket_connect_timeout=1
+            )
+        return self.clients[url]
+
+    async def close(self) -> None:
+        clients, self.clients = self.clients, {}
+        for client in clients.values():
+            await client.aclose()
+
+    async def _counts(self, key: ApiKey, window: int, add_request: bool) -> tuple[int, int]:
+        requests_name = f"llmfleet:rate:{key.pk}:{window}:requests"
+        tokens_name = f"llmfleet:rate:{key.pk}:{window}:tokens"
+        client = self._client()
+        if client is None:
+            if add_request:
+                _local[requests_name] += 1
+            return _local[requests_name], _local[tokens_name]
         async with client.pipeline(transaction=False) as pipe:
-            pipe.incrby(name, tokens)
-            pipe.expire(name, WINDOW_SECONDS * 2)
-            await pipe.execute()
-    except (aioredis.RedisError, OSError) as exc:
-        _unavailable(exc)
+            if add_request:
+                pipe.incr(requests_name)
+                pipe.expire(requests_name, WINDOW_SECONDS * 2)
+            else:
+                pipe.get(requests_name)
+            pipe.get(tokens_name)
+            results = await pipe.execute()
+        return int(results[0] or 0), int(results[-1] or 0)
+
+    async def admit(self, key: ApiKey, now: float | None = None) -> Refusal | None:
+        """Count the request against the key's limits; a Refusal when it is over one. Lets
+        the request in, uncounted, when Redis does not answer (the module's docstring says
+        why)."""
+        if key.requests_per_minute is None and key.tokens_per_minute is None:
+            return None
+        window, left = _window(time.time() if now is None else now)
+        try:
+            requests, tokens = await self._counts(
+                key, window, add_request=key.requests_per_minute is not None
+            )
+        except (aioredis.RedisError, OSError) as exc:
+            _unavailable(exc)
+            return None
+        if key.requests_per_minute is not None and requests > key.requests_per_minute:
+            return Refusal(
+                f"Rate limit reached: {key.requests_per_minute} requests per minute.", left
+            )
+        if key.tokens_per_minute is not None and tokens >= key.tokens_per_minute:
+            return Refusal(f"Rate limit reached: {key.tokens_per_minute} tokens per minute.", left)
+        return None
+
+    async def add_tokens(self, key: ApiKey, tokens: int, now: float | None = None) -> None:
+        """Charge a finished request's tokens to the key's current window."""
+        if key.tokens_per_minute is None or tokens <= 0:
+            return
+        window, _ = _window(time.time() if now is None else now)
+        name = f"llmfleet:rate:{key.pk}:{window}:tokens"
+        client = self._client()
+        if client is None:
+            _local[name] += tokens
+            return
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incrby(name, tokens)
+                pipe.expire(name, WINDOW_SECONDS * 2)
+                await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:
+            _unavailable(exc)

@@ -1,4 +1,4 @@
-"""The gateway's one owner of per-process routing state, and the one call that serves.
+"""Routing, and the one call that serves: `Router.serve`.
 
 `Router.serve` answers a parsed request for a catalog model: on the best READY
 replica (warm), or after the model loads (cold: held, with SSE progress comments
@@ -8,10 +8,11 @@ for every web process, and the request moves to the next replica, or into the co
 path when none is left. Errors of the request itself (an engine's 400) are the
 client's and pass unchanged.
 
-State, all per process: how many requests each placement has in flight here (the
-freshest load signal routing has: `claim` pairs every increment with its
-decrement), replicas this process saw fail (skipped until their row is written
-again: a heartbeat, a new load), and when each model last asked for another replica.
+State, per event loop (its GatewayState holds the router): how many requests each
+placement has in flight here (the freshest load signal routing has: `claim` pairs
+every increment with its decrement), replicas this process saw fail (skipped until
+their row is written again: a heartbeat, a new load), and when each model last asked
+for another replica.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from asgiref.sync import sync_to_async
@@ -41,12 +43,14 @@ from agents.scheduling import (
 )
 from controlplane import metrics
 from controlplane.gateway import actions as gateway_actions
-from controlplane.gateway import cache, coldstart, stats, upstream
+from controlplane.gateway import coldstart, stats, upstream
 from controlplane.gateway.apis import Api
 from controlplane.gateway.errors import openai_error
-from controlplane.gateway.loops import in_background, per_loop
 from controlplane.gateway.upstream import Fault, Meter, ReplicaFailed
 from nodeagent.protocol import AdapterRef
+
+if TYPE_CHECKING:
+    from controlplane.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,11 @@ class Cleanup:
 
 
 class Router:
-    def __init__(self) -> None:
+    """One event loop's routing (its GatewayState's): `state` gives it the session to the
+    agents, the cache, the cold-start watches and the loop's background tasks."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
         self.in_flight: Counter[int] = Counter()
         # (placement pk, its row's updated_at) → when this process saw that replica fail. A row
         # written since (a heartbeat, a new load) is another generation, tried afresh.
@@ -209,7 +217,7 @@ class Router:
     async def replicas(self, model: Model) -> list[Placement]:
         """The model's READY replicas, less those this process saw fail whose rows nobody has
         written since (the cache may still hold them, or the failure could not be written)."""
-        placements = await cache.ready_placements(model)
+        placements = await self.state.cache.ready_placements(model)
         if not self.failed_at:
             return placements
         horizon = time.monotonic() - _FORGET_FAILED_SECONDS
@@ -233,14 +241,16 @@ class Router:
         self.scale_out_asked[model.pk] = now
         from controlplane.celery import app
 
-        in_background(asyncio.to_thread(app.send_task, "agents.tasks.scale_out", args=(model.pk,)))
+        self.state.in_background(
+            asyncio.to_thread(app.send_task, "agents.tasks.scale_out", args=(model.pk,))
+        )
 
     async def _failed(self, placement: Placement, model: Model, failure: ReplicaFailed) -> None:
         """Skip the replica here at once, and have the fleet state say so for everyone."""
         log.warning("replica %s failed before the first byte: %s", placement.pk, failure)
         metrics.FAILOVERS.labels(model.model_id, failure.fault.value).inc()
         self.failed_at[generation(placement)] = time.monotonic()
-        cache.forget_placements(model)
+        self.state.cache.forget_placements(model)
         try:
             await sync_to_async(actions.replica_failed)(
                 placement.pk, placement.ready_at, failure.fault, str(failure)
@@ -290,6 +300,10 @@ class Router:
             return opened
         return await self._relay(opened, job, cold=True)
 
+    def _first_token(self, placement: Placement) -> None:
+        """Record the cold start's last phase, time to first token, off the request's path."""
+        self.state.in_background(sync_to_async(actions.record_first_token)(placement.pk))
+
     def _takes_adapter(self, job: Job, placements: list[Placement]) -> list[Placement]:
         """The base replicas whose engines can load the adapter (LoRA on, its rank fits)."""
         rank = job.model.adapter_rank or 0
@@ -304,8 +318,8 @@ class Router:
         claim = self.claim(placement, job.model)
         try:
             answer = await upstream.post(
-                placement, job.api.value, job.raw, job.stream, deadline - time.monotonic(),
-                job.adapter,
+                self.state.session, placement, job.api.value, job.raw, job.stream,
+                deadline - time.monotonic(), job.adapter,
             )  # fmt: skip
             refused = await upstream.refusal(answer)
         except ReplicaFailed as failure:
@@ -326,7 +340,7 @@ class Router:
             claim.release()
             return openai_error(refused.status, _refusal_told(job, refused), code=refused.code)
         if job.keep_alive is not None:  # the replica that answers is the one kept warm
-            in_background(
+            self.state.in_background(
                 gateway_actions.keep_replica_alive(placement.pk, job.keep_alive, job.target)
             )
         if job.adapter is not None:
@@ -352,8 +366,10 @@ class Router:
                     f"No replica of `{job.model.model_id}` could answer within "
                     f"{settings.COLD_START_TIMEOUT_SECONDS} s."
                 )
-            placement = await coldstart.wait_until_ready(job.target, remaining, on_progress)
-            cache.forget_placements(job.target)
+            placement = await coldstart.wait_until_ready(
+                self.state.watches, job.target, remaining, on_progress
+            )
+            self.state.cache.forget_placements(job.target)
             # A replica tried already still reads READY when its failure could not be written
             # (the database is away): it pauses too, rather than spin.
             if generation(placement) not in tried:
@@ -426,7 +442,7 @@ class Router:
         finally:
             opened.claim.release()
             if cold:
-                _first_token(opened.placement)
+                self._first_token(opened.placement)
 
     async def _answer_chunks(self, opened: Opened, job: Job, cold: bool) -> AsyncIterator[bytes]:
         answer = opened.answer
@@ -447,7 +463,7 @@ class Router:
         try:
             async for chunk in chunks:
                 if first and cold:
-                    _first_token(opened.placement)
+                    self._first_token(opened.placement)
                 first = False
                 yield chunk
         finally:
@@ -509,11 +525,6 @@ def _abandon_if_opened(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
         opened.abandon()
 
 
-def _first_token(placement: Placement) -> None:
-    """Record the cold start's last phase, time to first token, off the request's path."""
-    in_background(sync_to_async(actions.record_first_token)(placement.pk))
-
-
 def _error_message(status: int, body: bytes) -> str:
     try:
         error = json.loads(body).get("error")
@@ -527,11 +538,3 @@ def not_ready(message: str) -> JsonResponse:
     response = openai_error(503, message, code="model_not_ready")
     response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
     return response
-
-
-_routers: dict[asyncio.AbstractEventLoop, Router] = {}
-
-
-def router() -> Router:
-    """The router of the running event loop (daphne runs one)."""
-    return per_loop(_routers, Router)

@@ -8,7 +8,6 @@ as one upsert per model and minute, then announces to the dashboard.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,13 +17,14 @@ from django.db.models import F
 
 from controlplane import metrics
 from controlplane.gateway.batches import Batches
-from controlplane.gateway.loops import on_shutdown, per_loop
 
 
 @dataclass
 class RequestRecord:
-    """One /v1 completion request, filled in as the view learns about it."""
+    """One /v1 completion request, filled in as the view learns about it; counted into
+    `buffer` (its event loop's, controlplane.gateway.state) as it ends."""
 
+    buffer: StatsBuffer | None = None
     started: float = field(default_factory=time.perf_counter)
     model: str = "-"  # a catalog model_id once known; never what a client made up
     model_pk: int | None = None
@@ -50,7 +50,8 @@ class RequestRecord:
         metrics.REQUEST_DURATION.labels(self.model, self.start).observe(duration)
         if status < 400:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.model, self.start).observe(ttft)
-        buffer().add(self.model_pk, status, self.start, ttft if status < 400 else None)
+        if self.buffer is not None:
+            self.buffer.add(self.model_pk, status, self.start, ttft if status < 400 else None)
 
 
 class StatsBuffer(Batches[tuple[int, datetime]]):
@@ -98,17 +99,3 @@ async def record_minute(model_pk: int, minute: datetime, counts: list[float]) ->
     row = await rows.select_related("model").afirst()
     if row is not None:
         await events.apublish("requests.update", events.request_minute_payload(row))
-
-
-_buffers: dict[asyncio.AbstractEventLoop, StatsBuffer] = {}
-
-
-def buffer() -> StatsBuffer:
-    return per_loop(_buffers, StatsBuffer)
-
-
-@on_shutdown
-async def _flush(loop: asyncio.AbstractEventLoop) -> None:
-    """A web process that stops writes the request figures it still holds."""
-    if (pending := _buffers.get(loop)) is not None:
-        await pending.flush()

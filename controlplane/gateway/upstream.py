@@ -19,32 +19,19 @@ from django.http.response import HttpResponseBase
 
 from agents.models import Placement
 from controlplane.gateway.apis import Api
-from controlplane.gateway.loops import on_shutdown, per_loop
 from nodeagent.protocol import AGENT_ERROR_HEADER, AdapterRef
 
 log = logging.getLogger(__name__)
 
 _CONNECT = aiohttp.ClientTimeout(total=None, sock_connect=3)
-_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
 
-def _new_session() -> aiohttp.ClientSession:
+def new_session() -> aiohttp.ClientSession:
+    """The client session to the node agents: one per event loop (state.GatewayState)."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers={"Accept-Encoding"}
     )
-
-
-def session() -> aiohttp.ClientSession:
-    """One long-lived client session per event loop (daphne runs one)."""
-    return per_loop(_sessions, _new_session)
-
-
-@on_shutdown
-async def _close_session(loop: asyncio.AbstractEventLoop) -> None:
-    """Closed before the process exits: aiohttp logs an ERROR for a session left open."""
-    if (open_session := _sessions.pop(loop, None)) is not None:
-        await open_session.close()
 
 
 class Fault(StrEnum):
@@ -95,6 +82,7 @@ class AgentRefusal:
 
 
 async def post(
+    session: aiohttp.ClientSession,
     placement: Placement,
     path: str,
     raw: bytes,
@@ -128,7 +116,7 @@ async def post(
         if stream
         else _CONNECT
     )
-    sent = session().post(url, data=raw, headers=headers, timeout=timeout, allow_redirects=False)
+    sent = session.post(url, data=raw, headers=headers, timeout=timeout, allow_redirects=False)
     limit = max(min(settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS, seconds_left), 0.1)
     try:
         answer = await (asyncio.wait_for(sent, limit) if stream else sent)

@@ -3,11 +3,8 @@ on a database write: one upsert per key and model every `GATEWAY_USAGE_FLUSH_SEC
 
 from __future__ import annotations
 
-import asyncio
-
 from controlplane.gateway.actions import record_usage
 from controlplane.gateway.batches import Batches
-from controlplane.gateway.loops import on_shutdown, per_loop
 
 
 class UsageBuffer(Batches[tuple[int, str]]):
@@ -25,18 +22,3 @@ class UsageBuffer(Batches[tuple[int, str]]):
     async def write(self, key: tuple[int, str], counts: list[float]) -> None:
         requests, prompt, completion = (int(count) for count in counts)
         await record_usage(*key, prompt, completion, requests=requests)
-
-
-_buffers: dict[asyncio.AbstractEventLoop, UsageBuffer] = {}
-
-
-def buffer() -> UsageBuffer:
-    """The buffer of the running event loop (daphne runs one)."""
-    return per_loop(_buffers, UsageBuffer)
-
-
-@on_shutdown
-async def _flush(loop: asyncio.AbstractEventLoop) -> None:
-    """A web process that stops writes the usage it still holds (its requests are done)."""
-    if (pending := _buffers.get(loop)) is not None:
-        await pending.flush()

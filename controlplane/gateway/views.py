@@ -15,15 +15,14 @@ from django.views.decorators.csrf import csrf_exempt
 
 from agents.choices import ModelKind
 from agents.models import Model, Placement
-from controlplane.gateway import cache, limits, stats, upstream
-from controlplane.gateway import usage as gateway_usage
+from controlplane.gateway import stats, upstream
 from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.handler import request_id_of
-from controlplane.gateway.loops import in_background
 from controlplane.gateway.models import ApiKey
-from controlplane.gateway.router import Job, router
+from controlplane.gateway.router import Job
+from controlplane.gateway.state import GatewayState, current
 from controlplane.gateway.validation import (
     ApiRequest,
     InvalidRequest,
@@ -61,7 +60,7 @@ async def list_models(request: HttpRequest) -> JsonResponse:
     """`GET /v1/models` in OpenAI's list shape."""
     if request.method != "GET":
         return openai_error(405, f"Method {request.method} is not allowed here; use GET.")
-    key = await authenticate(request)
+    key = await authenticate(request, current().cache)
     if isinstance(key, AuthFailure):
         return key.response
     models = _with_warmth(key.usable_models()).order_by("model_id")
@@ -76,7 +75,7 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> JsonResponse:
     unknown to it as one that does not exist (404 both), as OpenAI answers."""
     if request.method != "GET":
         return openai_error(405, f"Method {request.method} is not allowed here; use GET.")
-    key = await authenticate(request)
+    key = await authenticate(request, current().cache)
     if isinstance(key, AuthFailure):
         return key.response
     model = await _with_warmth(key.usable_models()).filter(model_id=model_id).afirst()
@@ -115,7 +114,7 @@ async def stored_response(request: HttpRequest, response_id: str) -> JsonRespons
     why, once the key is known to be good."""
     if request.method not in ("GET", "DELETE", "POST"):
         return openai_error(405, f"Method {request.method} is not allowed here.")
-    key = await authenticate(request)
+    key = await authenticate(request, current().cache)
     if isinstance(key, AuthFailure):
         return key.response
     return openai_error(
@@ -153,8 +152,10 @@ _KIND_SERVED_AT = {
 }
 
 
-async def _model_for(key: ApiKey, model_id: str, api: Api) -> Model | JsonResponse:
-    model = await cache.enabled_model(model_id)
+async def _model_for(
+    state: GatewayState, key: ApiKey, model_id: str, api: Api
+) -> Model | JsonResponse:
+    model = await state.cache.enabled_model(model_id)
     if model is None:
         return openai_error(
             404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model"
@@ -185,20 +186,21 @@ def _adapter_of(model: Model) -> AdapterRef | None:
     return AdapterRef(model.model_id, model.source, model.revision)
 
 
-def _usage_recorder(key: ApiKey, model: Model) -> upstream.UsageSink:
+def _usage_recorder(state: GatewayState, key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt, completion = usage_tokens(usage)
-        gateway_usage.buffer().add(key.pk, model.model_id, prompt, completion)
+        state.usage.add(key.pk, model.model_id, prompt, completion)
         if key.tokens_per_minute is not None:  # charged after the answer, off its path
-            in_background(limits.add_tokens(key, prompt + completion))
+            state.in_background(state.limiter.add_tokens(key, prompt + completion))
 
     return on_usage
 
 
 async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingHttpResponse:
-    record = stats.RequestRecord()
+    state = current()  # the running loop's: everything this request uses between requests
+    record = stats.RequestRecord(state.stats)
     request_id = request_id_of(request)
-    response = await _answer(request, api, record, request_id)
+    response = await _answer(state, request, api, record, request_id)
     response["X-Request-Id"] = request_id
     if isinstance(response, StreamingHttpResponse) and response.is_async:
         chunks = cast(AsyncIterator[bytes], response.streaming_content)
@@ -231,15 +233,19 @@ async def _observed(
 
 
 async def _answer(
-    request: HttpRequest, api: Api, record: stats.RequestRecord, request_id: str
+    state: GatewayState,
+    request: HttpRequest,
+    api: Api,
+    record: stats.RequestRecord,
+    request_id: str,
 ) -> HttpResponse | StreamingHttpResponse:
     """Authenticate, admit, parse, resolve the model, serve."""
     if request.method != "POST":
         return openai_error(405, f"Method {request.method} is not allowed here; use POST.")
-    key = await authenticate(request)
+    key = await authenticate(request, state.cache)
     if isinstance(key, AuthFailure):
         return key.response
-    refusal = await limits.admit(key)
+    refusal = await state.limiter.admit(key)
     if refusal is not None:
         response = openai_error(429, refusal.message, code="rate_limit_exceeded")
         response["Retry-After"] = str(refusal.retry_after)
@@ -247,7 +253,7 @@ async def _answer(
     parsed = await _read_request(request, api)
     if isinstance(parsed, JsonResponse):
         return parsed
-    model = await _model_for(key, parsed.model_id, api)
+    model = await _model_for(state, key, parsed.model_id, api)
     if isinstance(model, JsonResponse):
         return model
     record.model, record.model_pk = model.model_id, model.pk
@@ -256,9 +262,9 @@ async def _answer(
         if parsed.stream and api.asks_for_usage
         else (parsed.raw, False)
     )
-    meter = upstream.Meter(_usage_recorder(key, model), estimate_prompt_tokens(parsed.body))
+    meter = upstream.Meter(_usage_recorder(state, key, model), estimate_prompt_tokens(parsed.body))
     job = Job(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
         parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
     )  # fmt: skip
-    return await router().serve(job)
+    return await state.router.serve(job)

@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestServer
 
 from agents.models import Agent, Model, Placement
 from controlplane.gateway import upstream
+from controlplane.gateway.state import current
 from controlplane.gateway.upstream import AgentRefusal, Fault, ReplicaFailed
 from nodeagent.protocol import AGENT_ERROR_HEADER, AdapterRef, error_body
 
@@ -34,7 +35,7 @@ async def agent():
     await server.start_server()
     yield server, seen
     await server.close()
-    await upstream.session().close()
+    await current().close()
 
 
 def placement(url: str) -> Placement:
@@ -45,7 +46,9 @@ def placement(url: str) -> Placement:
 async def outcome(agent, code: str, status: int) -> AgentRefusal | Fault:
     server, _ = agent
     url = str(server.make_url(f"/models/org/tiny/{code}/{status}"))
-    answer = await upstream.post(placement(url), "chat/completions", b"{}", False, 10, ADAPTER)
+    answer = await upstream.post(
+        current().session, placement(url), "chat/completions", b"{}", False, 10, ADAPTER
+    )
     try:
         refused = await upstream.refusal(answer)
     except ReplicaFailed as failure:

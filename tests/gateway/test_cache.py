@@ -7,6 +7,7 @@ from django.db import OperationalError
 from controlplane import metrics
 from controlplane.gateway import actions, cache
 from controlplane.gateway.models import Usage
+from controlplane.gateway.state import forget_cached
 from controlplane.gateway.usage import UsageBuffer
 from tests.factories import ModelFactory, make_api_key
 
@@ -22,7 +23,7 @@ def test_keys_and_models_are_remembered_for_the_configured_seconds(client, setti
     actions.revoke_api_keys([key.pk])
     # Remembered: the documented delay before a revocation bites (at most the cache's seconds).
     assert client.get("/v1/models", **headers).status_code == 200
-    cache.clear()
+    forget_cached()
     assert client.get("/v1/models", **headers).status_code == 401
 
 
@@ -30,7 +31,7 @@ def test_the_allow_list_comes_with_the_remembered_key(settings):
     settings.GATEWAY_CACHE_SECONDS = 60
     allowed, other = ModelFactory(model_id="org/a"), ModelFactory(model_id="org/b")
     _, raw_key = make_api_key("scoped", ("org/a",))
-    key = async_to_sync(cache.key_for_secret)(raw_key)
+    key = async_to_sync(cache.Cache().key_for_secret)(raw_key)
     assert key.may_use(allowed)
     assert not key.may_use(other)
 
@@ -114,7 +115,7 @@ def test_made_up_keys_cost_no_query_each_and_a_new_key_works_at_once(settings, m
     import secrets
 
     settings.GATEWAY_CACHE_SECONDS = 60
-    cache.clear()
+    forget_cached()
     _, real = make_api_key("real")
     looks = []
     look = cache.KnownKeys._look
@@ -125,17 +126,22 @@ def test_made_up_keys_cost_no_query_each_and_a_new_key_works_at_once(settings, m
 
     monkeypatch.setattr(cache.KnownKeys, "_look", counted)
 
+    lookups = cache.Cache()  # one loop's cache, as one web process has
+
     async def flood() -> list:
         made_up = [f"llmf-{secrets.token_urlsafe(32)}" for _ in range(500)]
-        found = await asyncio.gather(*(cache.key_for_secret(key) for key in made_up))
-        found += [await cache.key_for_secret("llmf-short"), await cache.key_for_secret("x" * 48)]
+        found = await asyncio.gather(*(lookups.key_for_secret(key) for key in made_up))
+        found += [
+            await lookups.key_for_secret("llmf-short"),
+            await lookups.key_for_secret("x" * 48),
+        ]
         return found
 
     assert async_to_sync(flood)() == [None] * 502
     assert len(looks) <= 2  # the first whole read, and at most one more
-    assert async_to_sync(cache.key_for_secret)(real) is not None
+    assert async_to_sync(cache.Cache().key_for_secret)(real) is not None
     _, brand_new = make_api_key("created just now")
-    assert async_to_sync(cache.key_for_secret)(brand_new) is not None
+    assert async_to_sync(cache.Cache().key_for_secret)(brand_new) is not None
     from django.db import connection
 
     connection.close()
@@ -145,25 +151,27 @@ def test_a_run_of_one_off_lookups_evicts_the_oldest_never_the_whole_cache(settin
     settings.GATEWAY_CACHE_SECONDS = 60
     monkeypatch.setattr(cache, "_MAX_ENTRIES", 50)
 
+    lookups = cache.Cache()
+
     async def fill() -> None:
         async def value() -> str:
             return "v"
 
-        await cache._remember("model", "org/everyday", value)
+        await lookups._remember("model", "org/everyday", value)
         for n in range(49):
-            await cache._remember("key", f"one-off-{n}", value)
-        await cache._remember("model", "org/everyday", value)  # used again: the newest
+            await lookups._remember("key", f"one-off-{n}", value)
+        await lookups._remember("model", "org/everyday", value)  # used again: the newest
         for n in range(49, 90):
-            await cache._remember("key", f"one-off-{n}", value)
-        await cache._remember("model", "org/everyday", value)
+            await lookups._remember("key", f"one-off-{n}", value)
+        await lookups._remember("model", "org/everyday", value)
         for n in range(90, 100):
-            await cache._remember("key", f"one-off-{n}", value)
+            await lookups._remember("key", f"one-off-{n}", value)
 
     async_to_sync(fill)()
-    assert len(cache._entries) == 50
-    assert ("key", "one-off-0") not in cache._entries
-    assert ("key", "one-off-99") in cache._entries
-    assert ("model", "org/everyday") in cache._entries  # in use: not evicted by one-offs
+    assert len(cache.MEMORY.entries) == 50
+    assert ("key", "one-off-0") not in cache.MEMORY.entries
+    assert ("key", "one-off-99") in cache.MEMORY.entries
+    assert ("model", "org/everyday") in cache.MEMORY.entries  # in use: not evicted by one-offs
 
 
 @pytest.mark.django_db(transaction=True)
@@ -171,15 +179,15 @@ def test_a_key_committed_below_the_highest_id_seen_is_still_found(settings):
     """Ids are drawn at insert and commits land in any order: a key whose transaction ran
     long commits with an id under one already seen, and must not be refused for it."""
     settings.GATEWAY_CACHE_SECONDS = 60
-    cache.clear()
+    forget_cached()
     late, late_raw = make_api_key("committed late")
     _, early_raw = make_api_key("committed first")
     from controlplane.gateway.models import ApiKey, hash_key
 
     ApiKey.objects.filter(pk=late.pk).update(key_hash="0" * 64)  # not there yet, as it were
-    assert async_to_sync(cache.key_for_secret)(early_raw) is not None  # the highest id seen
+    assert async_to_sync(cache.Cache().key_for_secret)(early_raw) is not None  # the highest id seen
     ApiKey.objects.filter(pk=late.pk).update(key_hash=hash_key(late_raw))  # its commit lands
-    assert async_to_sync(cache.key_for_secret)(late_raw) is not None
+    assert async_to_sync(cache.Cache().key_for_secret)(late_raw) is not None
     from django.db import connection
 
     connection.close()

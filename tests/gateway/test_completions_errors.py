@@ -182,10 +182,10 @@ def test_a_database_that_is_away_gives_503_in_openai_shape(client, key, monkeypa
 
     from controlplane.gateway import cache
 
-    async def away(model):
+    async def away(self, model):
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(cache, "ready_placements", away)
+    monkeypatch.setattr(cache.Cache, "ready_placements", away)
     response = post(client, key, chat())
     assert error_of(response, 503)["code"] == "service_unavailable"
     assert response["Retry-After"]
@@ -194,8 +194,8 @@ def test_a_database_that_is_away_gives_503_in_openai_shape(client, key, monkeypa
 def test_an_unexpected_failure_gives_500_in_openai_shape(client, key, monkeypatch):
     from controlplane.gateway import cache
 
-    async def broken(model):
+    async def broken(self, model):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cache, "ready_placements", broken)
+    monkeypatch.setattr(cache.Cache, "ready_placements", broken)
     assert error_of(post(client, key, chat()), 500)["type"] == "server_error"

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 from agents import agent_client
 from agents.models import Agent, Model, Placement
 from controlplane.gateway import upstream
+from controlplane.gateway.state import current
 from controlplane.gateway.upstream import Fault, ReplicaFailed
 from nodeagent.protocol import LoadModelRequest
 
@@ -46,7 +47,7 @@ async def redirecting_agent(metadata):
     await server.start_server()
     yield server
     await server.close()
-    await upstream.session().close()
+    await current().close()
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -55,7 +56,7 @@ async def test_the_gateway_refuses_an_agent_s_redirect(redirecting_agent, metada
     agent = Agent(agent_id="gpu-a", base_url=url, credential_nonce="n" * 64)
     replica = Placement(agent=agent, model=Model(model_id="org/tiny"), inference_endpoint_url=url)
     with pytest.raises(ReplicaFailed) as failed:
-        await upstream.post(replica, "chat/completions", b"{}", stream, 10)
+        await upstream.post(current().session, replica, "chat/completions", b"{}", stream, 10)
     assert failed.value.fault == Fault.UNREACHABLE
     assert "redirect" in str(failed.value)
     assert metadata[1] == []

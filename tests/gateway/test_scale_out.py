@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 from controlplane.celery import app
-from controlplane.gateway import loops
-from controlplane.gateway.router import Router
+from controlplane.gateway.state import GatewayState
 from tests.factories import ModelFactory, PlacementFactory
 
 pytestmark = pytest.mark.django_db
@@ -20,13 +19,14 @@ def test_every_replica_over_the_threshold_asks_for_one_more_once(monkeypatch, se
     monkeypatch.setattr(app, "send_task", lambda name, args: sent.append((name, args)))
     model = ModelFactory(max_replicas=3)
     placements = [PlacementFactory(model=model) for _ in range(2)]
-    router = Router()
+    state = GatewayState()
+    router = state.router
 
     async def route(in_flight: list[int]) -> None:
         for placement, count in zip(placements, in_flight, strict=True):
             router.in_flight[placement.pk] = count
         router.maybe_scale_out(model, placements)
-        await asyncio.gather(*loops._background)
+        await asyncio.gather(*state.background)
 
     asyncio.run(route([5, 2]))  # one replica has room
     assert sent == []

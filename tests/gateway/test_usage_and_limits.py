@@ -125,7 +125,10 @@ def limiter(request, settings):
 def test_requests_per_minute_refuse_then_recover_in_the_next_window(limiter):
     key, _ = make_api_key("rpm", requests_per_minute=2)
     start = 1_800_000_000.0 + key.pk * 600  # a window of this key alone
-    admit = async_to_sync(limits.admit)
+
+    def admit(key, now):  # each call on a loop of its own, with that loop's limiter
+        return async_to_sync(limits.Limiter().admit)(key, now)
+
     assert admit(key, start) is None
     assert admit(key, start + 1) is None
     refused = admit(key, start + 2)
@@ -139,27 +142,26 @@ def test_requests_per_minute_refuse_then_recover_in_the_next_window(limiter):
 def test_tokens_per_minute_count_what_the_engines_reported(limiter):
     key, _ = make_api_key("tpm", tokens_per_minute=100)
     start = 1_900_000_000.0 + key.pk * 600
-    assert async_to_sync(limits.admit)(key, start) is None
-    async_to_sync(limits.add_tokens)(key, 100, start)
-    assert "100 tokens per minute" in async_to_sync(limits.admit)(key, start + 1).message
-    assert async_to_sync(limits.admit)(key, start + 60) is None
+    assert async_to_sync(limits.Limiter().admit)(key, start) is None
+    async_to_sync(limits.Limiter().add_tokens)(key, 100, start)
+    assert "100 tokens per minute" in async_to_sync(limits.Limiter().admit)(key, start + 1).message
+    assert async_to_sync(limits.Limiter().admit)(key, start + 60) is None
 
 
 @pytest.mark.django_db
 def test_keys_without_limits_touch_nothing(settings):
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # would fail if it were used
     key, _ = make_api_key("free")
-    assert async_to_sync(limits.admit)(key) is None
+    assert async_to_sync(limits.Limiter().admit)(key) is None
 
 
 @pytest.mark.django_db
 def test_limits_let_requests_in_when_redis_does_not_answer(settings, caplog):
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
-    limits._clients.clear()
     key, _ = make_api_key("limited", requests_per_minute=1, tokens_per_minute=10)
     before = metrics.RATE_LIMIT_UNAVAILABLE._value.get()
     for _ in range(3):  # over the limit, were it counted
-        assert async_to_sync(limits.admit)(key) is None
-    async_to_sync(limits.add_tokens)(key, 50)
+        assert async_to_sync(limits.Limiter().admit)(key) is None
+    async_to_sync(limits.Limiter().add_tokens)(key, 50)
     assert metrics.RATE_LIMIT_UNAVAILABLE._value.get() - before == 4
     assert "rate limits not enforced: Redis did not answer" in caplog.text
