@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--models", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="20 agents, 2 rounds (CI)")
     options = parser.parse_args()
+    if options.quick:
+        options.agents, options.models, options.rounds = 20, 4, 2
     work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-fleet-"))
     os.environ.setdefault("VAR_DIR", str(work / "var"))
     os.environ.setdefault("GATEWAY_CACHE_SECONDS", "0")
@@ -71,24 +74,23 @@ def main() -> None:
     import django
 
     django.setup()
-    from django.conf import settings
     from django.core.management import call_command
 
     from tests.support import free_port_block, wait_for
 
     call_command("migrate", verbosity=0)
-    token = settings.AGENT_TOKEN
     base = free_port_block(options.agents)
     source = work / "checkpoint"
     source.mkdir()
     (source / "config.json").write_text("{}")
+    tokens = enrol(options.agents, base, work / "tokens")
     print(f"starting {options.agents} sim agents on ports {base}..{base + options.agents - 1}")
-    env = {**os.environ, "AGENT_TOKEN": token}
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_TOKEN"}
     log = (work / "simfleet.log").open("wb")
     fleet = subprocess.Popen(
         [sys.executable, "-m", "nodeagent.simfleet", "--count", str(options.agents),
-         "--base-port", str(base), "--cache-root", str(work / "agents"), "--log-level",
-         "WARNING", "--sim-load-seconds", "0"],
+         "--base-port", str(base), "--cache-root", str(work / "agents"), "--token-dir",
+         str(tokens), "--log-level", "WARNING", "--sim-load-seconds", "0"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -96,13 +98,34 @@ def main() -> None:
         wait_for(lambda: answers(last) or fleet.poll() is not None, 300, "the sim agents")
         if fleet.poll() is not None:
             raise SystemExit((work / "simfleet.log").read_text())
-        run(options, base, token, source.as_uri())
+        run(options, source.as_uri())
     finally:
         fleet.terminate()
         fleet.wait(timeout=60)
 
 
-def run(options: argparse.Namespace, base: int, token: str, source: str) -> None:
+def enrol(count: int, base: int, folder: Path) -> Path:
+    """Agent rows for the sim agents, each enrolled with a credential of its own (as
+    registration gives one), written where the sim fleet's agents read their tokens."""
+    import secrets
+
+    from agents import credentials
+    from agents.models import Agent
+
+    folder.mkdir()
+    rows = []
+    for n in range(count):
+        agent_id, nonce = f"sim-{n}", secrets.token_hex(32)
+        credential = credentials.derive(agent_id, nonce)
+        (folder / agent_id).write_text(credential)
+        rows.append(Agent(agent_id=agent_id, base_url=f"http://127.0.0.1:{base + n}",
+                          credential_nonce=nonce,
+                          credential_fingerprint=credentials.fingerprint(credential)))  # fmt: skip
+    Agent.objects.bulk_create(rows)
+    return folder
+
+
+def run(options: argparse.Namespace, source: str) -> None:
     import aiohttp
     from django.conf import settings
 
@@ -114,12 +137,11 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
     state = GatewayState()
     router = state.router
 
-    urls = [f"http://127.0.0.1:{base + n}" for n in range(options.agents)]
+    enrolled = {agent.agent_id: agent for agent in Agent.objects.all()}
+    fleet = [enrolled[f"sim-{n}"] for n in range(options.agents)]
+    urls = [agent.base_url for agent in fleet]
     models = [f"bench/m{n}" for n in range(options.models)]
     Model.objects.bulk_create(Model(model_id=m, source=source) for m in models)
-    Agent.objects.bulk_create(
-        Agent(agent_id=f"sim-{n}", base_url=url) for n, url in enumerate(urls)
-    )
 
     async def load_all() -> None:
         limit = asyncio.Semaphore(64)
@@ -129,7 +151,7 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
                 body = {"model_id": models[n % len(models)], "source": source}
                 async with limit, session.post(
                     f"{urls[n]}/load_model", json=body,
-                    headers={"Authorization": f"Bearer {token}"},
+                    headers={"Authorization": f"Bearer {fleet[n].credential}"},
                 ) as response:  # fmt: skip
                     assert response.status == 200, await response.text()
 
@@ -149,9 +171,9 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
         for n in range(len(urls))
     )  # fmt: skip
 
-    # The sim agents run without a control plane: each takes the token it was started with.
-    targets = [agent_client.HeartbeatTarget(pk, url, token) for pk, url in
-               Agent.objects.values_list("pk", "base_url")]  # fmt: skip
+    # The sim agents run without a control plane: each takes the credential it was enrolled
+    # with, as the control plane calls it.
+    targets = [agent_client.HeartbeatTarget(a.pk, a.base_url, a.credential) for a in fleet]
     polls, http_parts = [], []
     for round_number in range(options.rounds):
         started = time.monotonic()
@@ -176,6 +198,10 @@ def run(options: argparse.Namespace, base: int, token: str, source: str) -> None
               f"(HTTP {polled - started:.2f} s, database {done - polled:.2f} s, {missed} missed)")  # fmt: skip
     ready = Placement.objects.filter(state=PlacementState.READY).count()
     print(f"after the polls: {ready} READY placements of {options.agents}")
+    if ready < options.agents:  # every agent answered: a replica lost is the bench broken
+        states = Agent.objects.filter(state__in=["DEGRADED", "OFFLINE"])
+        raise SystemExit(f"replicas lost in the polls; agents missing heartbeats, e.g. "
+                         f"{list(states.values_list('agent_id', 'state')[:3])}")  # fmt: skip
 
     model = Model.objects.get(model_id=models[0])
 

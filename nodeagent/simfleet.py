@@ -7,6 +7,9 @@ while agents sharing one event loop cost little each. Every agent is a full
 the sim engine as its default; ports are consecutive from --base-port and ids
 are --id-prefix plus a number. Other flags go to every agent (see
 `python -m nodeagent --help`), e.g. --token, --control-plane-url, --sim-*.
+With --token-dir, each agent reads its own token from the file there named
+after its id (the credential its Agent row was enrolled with), instead of one
+--token for all.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def fleet_configs(argv: Sequence[str] | None = None) -> list[AgentConfig]:
         "--cache-root", type=Path, default=Path.home() / ".cache" / "llmfleet-sim",
         help="each agent's cache is a directory below this",
     )  # fmt: skip
+    parser.add_argument(
+        "--token-dir", type=Path,
+        help="each agent's token is in the file named after its id here (its own credential)",
+    )  # fmt: skip
     own, shared = parser.parse_known_args(argv)
     if own.count < 1:
         parser.error("--count must be at least 1")
@@ -42,7 +49,8 @@ def fleet_configs(argv: Sequence[str] | None = None) -> list[AgentConfig]:
         agent_id = f"{own.id_prefix}{number}"
         placement = ["--agent-id", agent_id, "--port", str(own.base_port + number)]
         cache = ["--cache-dir", str(own.cache_root / agent_id)]
-        configs.append(parse_config(["--engine", "sim", *shared, *placement, *cache]))
+        token = [] if own.token_dir is None else ["--token-file", str(own.token_dir / agent_id)]
+        configs.append(parse_config(["--engine", "sim", *shared, *placement, *cache, *token]))
     return configs
 
 
