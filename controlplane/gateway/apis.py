@@ -54,6 +54,18 @@ class Api(StrEnum):
             return event.startswith(_OUTPUT_EVENTS)
         return event.startswith(b"data: {") and not event.startswith(b'data: {"error"')
 
+    def count_outputs(self, chunk: bytes) -> int:
+        """How many of the whole events in `chunk` carry generated output (`is_output`), by a
+        scan: an event starts the chunk or follows a blank line, and a raw newline never
+        appears inside an event's JSON."""
+        if self is Api.RESPONSES:
+            return sum(
+                chunk.startswith(name) + chunk.count(b"\n\n" + name) for name in _OUTPUT_EVENTS
+            )
+        data = chunk.startswith(b"data: {") + chunk.count(b"\n\ndata: {")
+        errors = chunk.startswith(b'data: {"error"') + chunk.count(b'\n\ndata: {"error"')
+        return data - errors
+
     def has_output(self, chunk: bytes) -> bool:
         """Whether relayed bytes (whole events) hold generated output: the first token."""
         if self is Api.RESPONSES:

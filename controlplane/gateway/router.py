@@ -290,8 +290,9 @@ class Router:
         if job.stream:
             cleanup = Cleanup()
             return upstream.sse_response(
-                self._cold_stream(job, tried, deadline, cleanup), cleanup=cleanup
-            )
+                self._cold_stream(job, tried, deadline, cleanup), job.record, job.api,
+                cleanup=cleanup,
+            )  # fmt: skip
         try:
             opened = await self._open_cold(job, tried, deadline, None)
         except coldstart.ColdStartFailed as exc:
@@ -436,7 +437,9 @@ class Router:
         answer = opened.answer
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             chunks = self._answer_chunks(opened, job, cold)
-            return upstream.sse_response(chunks, status=answer.status, cleanup=opened.abandon)
+            return upstream.sse_response(
+                chunks, job.record, job.api, status=answer.status, cleanup=opened.abandon
+            )
         try:
             return await upstream.read_answer(answer, job.meter)
         finally:

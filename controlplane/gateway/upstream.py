@@ -19,6 +19,7 @@ from django.http.response import HttpResponseBase
 
 from agents.models import Placement
 from controlplane.gateway.apis import Api
+from controlplane.gateway.stats import RequestRecord
 from nodeagent.protocol import AGENT_ERROR_HEADER, AdapterRef
 
 log = logging.getLogger(__name__)
@@ -197,11 +198,30 @@ class Meter:
             )
 
 
+_USAGE = b'"usage"'
+
+
+def _may_report_usage(chunk: bytes) -> bool:
+    """Whether `chunk` may hold a usage report: a `"usage"` member that is not null. OpenAI's
+    own streams put `"usage": null` in every chunk once usage is asked for, and a response's
+    first events carry one too; a model's text never holds `"usage"` unescaped."""
+    at = chunk.find(_USAGE)
+    while at >= 0:
+        value = chunk[at + len(_USAGE) : at + len(_USAGE) + 8].lstrip(b" :")
+        if not value.startswith(b"null"):
+            return True
+        at = chunk.find(_USAGE, at + len(_USAGE))
+    return False
+
+
 class UsageScanner:
     """Finds the engine's usage event in an SSE stream, dropping it when the client did not ask,
     and counts the content events relayed until then (the estimate if no usage comes).
 
-    Bytes pass unchanged, held back at most to the end of the current event.
+    Bytes pass unchanged, held back at most to the end of the current event. A chunk of whole
+    events without a usage report (nearly every chunk: one token's event, or a few) passes as
+    it is, its output events counted by a scan; only a chunk that may hold the report, or that
+    ends mid-event, is split into events.
     """
 
     def __init__(self, strip: bool, meter: Meter, api: Api = Api.CHAT) -> None:
@@ -213,8 +233,16 @@ class UsageScanner:
     def feed(self, chunk: bytes) -> bytes:
         if self.meter.usage is not None and not self.strip:
             # Found, and the client's to keep: pass the rest straight through, in order.
+            if not self.pending:
+                return chunk
             held, self.pending = self.pending, b""
             return held + chunk
+        if not self.pending and chunk.endswith(b"\n\n"):
+            if self.meter.usage is not None:  # found and stripped: the rest is the client's
+                return chunk
+            if not _may_report_usage(chunk):
+                self.meter.relayed_events += self.api.count_outputs(chunk)
+                return chunk
         *events, self.pending = (self.pending + chunk).split(b"\n\n")
         kept = []
         for event in events:
@@ -269,11 +297,37 @@ def on_close(response: HttpResponseBase, step: Callable[[], object]) -> None:
     response._resource_closers.append(step)  # type: ignore[attr-defined]
 
 
+async def observed(
+    chunks: AsyncIterator[bytes], record: RequestRecord, api: Api, status: int
+) -> AsyncGenerator[bytes, None]:
+    """The stream as it was, timing its first token and counting how it ended (502: it ended
+    with an error event). Checks are prefix tests and one scan of bytes, per chunk."""
+    try:
+        async for chunk in chunks:
+            if api.is_error(chunk):
+                status = 502
+                record.first_token()
+            elif record.first_token_at is None and api.has_output(chunk):
+                record.first_token()
+            yield chunk
+    finally:
+        record.finish(status)
+
+
 def sse_response(
-    chunks: AsyncIterator[bytes], status: int = 200, cleanup: Callable[[], None] | None = None
+    chunks: AsyncIterator[bytes],
+    record: RequestRecord,
+    api: Api,
+    status: int = 200,
+    cleanup: Callable[[], None] | None = None,
 ) -> StreamingHttpResponse:
-    """A streamed answer; `cleanup` runs when Django closes the response, however it ended."""
-    response = StreamingHttpResponse(chunks, status=status, content_type="text/event-stream")
+    """A streamed answer, observed for the request's figures (`observed`); `cleanup` runs when
+    Django closes the response, however it ended."""
+    response = StreamingHttpResponse(
+        observed(chunks, record, api, status), status=status, content_type="text/event-stream"
+    )
+    # A client that leaves mid-stream may leave `observed` waiting at a yield forever.
+    on_close(response, lambda: record.finish(499))
     if cleanup is not None:
         on_close(response, cleanup)
     response["Cache-Control"] = "no-cache"

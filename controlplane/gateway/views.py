@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -202,34 +202,9 @@ async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingH
     request_id = request_id_of(request)
     response = await _answer(state, request, api, record, request_id)
     response["X-Request-Id"] = request_id
-    if isinstance(response, StreamingHttpResponse) and response.is_async:
-        chunks = cast(AsyncIterator[bytes], response.streaming_content)
-        response.streaming_content = _observed(chunks, record, response, api)
-        # A client that leaves mid-stream may leave _observed waiting at a yield forever.
-        upstream.on_close(response, lambda: record.finish(499))
-    else:
+    if not isinstance(response, StreamingHttpResponse):  # a stream counts itself as it ends
         record.finish(response.status_code)
     return response
-
-
-async def _observed(
-    chunks: AsyncIterator[bytes],
-    record: stats.RequestRecord,
-    response: StreamingHttpResponse,
-    api: Api,
-) -> AsyncIterator[bytes]:
-    """The stream as it was, timing its first token and counting how it ended."""
-    status = response.status_code
-    try:
-        async for chunk in chunks:
-            if api.is_error(chunk):
-                status = 502
-                record.first_token()
-            elif api.has_output(chunk):
-                record.first_token()
-            yield chunk
-    finally:
-        record.finish(status)
 
 
 async def _answer(

@@ -45,6 +45,46 @@ def test_a_stream_that_ends_without_usage_is_charged_what_was_relayed():
     assert heard == [{"prompt_tokens": 7, "completion_tokens": 2}]
 
 
+# OpenAI's own streams say `"usage": null` in every chunk once usage is asked for.
+NULL_USAGE = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}], "usage": null}\n\n'
+# A model's text that speaks of usage: escaped inside the JSON, never a member.
+QUOTED = b'data: {"choices": [{"index": 0, "delta": {"content": "\\"usage\\": 1"}}]}\n\n'
+ERROR = b'data: {"error": {"message": "boom"}}\n\n'
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_chunks_of_whole_events_without_usage_pass_as_the_same_bytes(strip):
+    """The fast path: a chunk of whole events that reports no usage is relayed as it is (the
+    same object: nothing split or joined), and its output events are still counted."""
+    meter = Meter(lambda usage: None, 1)
+    scanner = UsageScanner(strip, meter)
+    chunks = [CHUNK, NULL_USAGE, QUOTED, CHUNK + NULL_USAGE + QUOTED]
+    for chunk in chunks:
+        assert scanner.feed(chunk) is chunk
+    assert meter.relayed_events == 6
+    assert meter.usage is None
+
+
+@pytest.mark.parametrize("split", [1, 5, 33, 10_000])
+def test_counted_outputs_are_the_same_whichever_way_the_stream_is_cut(split):
+    stream = CHUNK + NULL_USAGE + ERROR + QUOTED + CHUNK + DONE
+    pieces = [stream[i : i + split] for i in range(0, len(stream), split)]
+    meter = Meter(lambda usage: None, 1)
+    scanner = UsageScanner(True, meter)
+    relayed = b"".join(scanner.feed(piece) for piece in pieces) + scanner.rest()
+    assert relayed == stream
+    assert meter.relayed_events == 4  # the error event and [DONE] are no output
+
+
+def test_the_usage_after_null_usage_chunks_is_found_and_removed():
+    heard: list[dict] = []
+    scanner = UsageScanner(True, Meter(heard.append, 1))
+    relayed = b"".join(scanner.feed(chunk) for chunk in (NULL_USAGE, NULL_USAGE, USAGE, DONE))
+    assert relayed == NULL_USAGE + NULL_USAGE + DONE
+    scanner.meter.settle()
+    assert heard == [{"prompt_tokens": 3, "completion_tokens": 5}]
+
+
 def test_the_prompt_estimate_reads_the_text_of_messages_and_prompts():
     chat = {"messages": [{"role": "user", "content": "x" * 400}]}
     assert estimate_prompt_tokens(chat) == 100
