@@ -93,7 +93,9 @@ def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement |
 
 def load_on_agent(model: Model, agent: Agent) -> Placement:
     """An operator's order: serve `model` on `agent`, stepping idle models down there if its
-    GPU memory needs it. Raises NoCapacity when the agent takes no work or has no room."""
+    GPU memory needs it. Raises NoCapacity when the agent takes no work or has no room, or
+    when the model has its max_replicas on GPUs already: the sweep would step the extra one
+    down again (excess replicas), so the order is refused, saying what to raise."""
     model = _served_by(model)
     with transaction.atomic():
         locked = Model.objects.select_for_update(no_key=True, of=("self",)).get(pk=model.pk)
@@ -101,8 +103,27 @@ def load_on_agent(model: Model, agent: Agent) -> Placement:
         current = next((p for p in placements if p.agent_id == agent.pk), None)
         if current is not None and current.state in (PlacementState.READY, *steps.LOADING_STATES):
             return current
+        on_gpu = [p for p in placements if _on_gpu_or_going(p)]
+        if len(on_gpu) >= locked.max_replicas:
+            raise NoCapacity(
+                f"{locked.model_id} has {len(on_gpu)} replica(s) on GPUs or loading "
+                f"({', '.join(sorted(p.agent.agent_id for p in on_gpu))}), its max_replicas: "
+                f"raise max_replicas to serve it on {agent.agent_id} too"
+            )
         others = set(Agent.objects.exclude(pk=agent.pk).values_list("pk", flat=True))
         return _start_load(locked, placements, LoadTrigger.OPERATOR, others, recent_failures=False)
+
+
+def _on_gpu_or_going(placement: Placement) -> bool:
+    """A replica that counts against max_replicas, as the sweep counts them: on an agent that
+    takes work, serving from a GPU or loading onto one."""
+    if placement.agent.state in UNROUTABLE_AGENT_STATES:
+        return False
+    if placement.state in steps.LOADING_STATES:
+        return True
+    return (
+        placement.state == PlacementState.READY and placement.cache_level == CacheLevel.GPU_RESIDENT
+    )
 
 
 def _start_load(

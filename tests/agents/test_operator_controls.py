@@ -54,6 +54,21 @@ def test_the_api_refuses_a_load_no_agent_can_take(staff_client):
     assert "no agent that takes new work" in response.json()["detail"]
 
 
+def test_an_order_beyond_max_replicas_is_refused_saying_what_to_raise(staff_client, queued):
+    """The sweep steps replicas beyond max_replicas down (excess): an operator's load that
+    would make one is refused at once rather than undone a moment later."""
+    model = ModelFactory(model_id="org/m", max_replicas=1)
+    PlacementFactory(model=model, agent=AgentFactory(agent_id="a1"))  # READY on a GPU
+    AgentFactory(agent_id="a2")
+    response = post(staff_client, "/api/models/org/m/load/", {"agent": "a2"})
+    assert response.status_code == 409
+    assert "raise max_replicas to serve it on a2 too" in response.json()["detail"]
+    assert queued == []
+    model.max_replicas = 2
+    model.save()
+    assert post(staff_client, "/api/models/org/m/load/", {"agent": "a2"}).status_code == 202
+
+
 def test_the_api_steps_a_placement_down(staff_client, queued):
     placement = PlacementFactory()
     url = f"/api/placements/{placement.pk}/unload/"

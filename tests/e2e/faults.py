@@ -193,7 +193,7 @@ def catalog(world: World, model_id: str = MODEL, source: str = "", **options: An
 def two_replicas(world: World, first: tuple[str, ...] = (), second: tuple[str, ...] = ()) -> None:
     world.start_agent("gpu-a", *(first or SIM))
     world.start_agent("gpu-b", *(second or SIM))
-    serving_on(catalog(world), "gpu-a", "gpu-b", seconds=60)
+    serving_on(catalog(world, max_replicas=2), "gpu-a", "gpu-b", seconds=60)
 
 
 def _two_replicas_by_the_sweep(world: World) -> None:
@@ -247,7 +247,7 @@ class Fault:
 def _engine_sigkill_prepare(world: World) -> None:
     world.start_agent("cpu-a", "--engine", "vllm", "--engine-python", engine_python())
     world.start_agent("gpu-b", *SIM)
-    serving_on(catalog(world, engine_args=CPU_ARGS), "cpu-a", "gpu-b", seconds=240)
+    serving_on(catalog(world, engine_args=CPU_ARGS, max_replicas=2), "cpu-a", "gpu-b", seconds=240)
 
 
 def _engine_sigkill(world: World) -> None:

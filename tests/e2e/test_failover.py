@@ -95,7 +95,7 @@ def test_a_replica_whose_engine_is_gone_is_skipped_and_marked_at_once(quiet, tin
     plane = quiet.plane
     with_agents = [quiet.agent(name) for name in ("gpu-a", "gpu-b")]
     first, second = registered("gpu-a", "gpu-b")
-    model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
+    model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1, max_replicas=2)
     serving_on(model, "gpu-a", "gpu-b")
     before = loads()
     # gpu-a's engine goes away behind the control plane's back: the agent now answers
@@ -180,7 +180,7 @@ def test_a_stopping_agent_finishes_its_streams_and_traffic_moves_on(quiet, tiny)
     quiet.agent("gpu-b", *SLOW)
     [first] = registered("gpu-a")
     registered("gpu-b")
-    model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
+    model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1, max_replicas=2)
     serving_on(model, "gpu-a", "gpu-b")
     client = client_for(plane.url)
     expected = " ".join(words_for("hello there", 100))
