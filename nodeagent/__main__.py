@@ -53,7 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(AgentServer(config).serve())
+    if config.event_loop == "uvloop":
+        # Every relayed chunk wakes the loop twice (the engine's bytes in, the caller's out):
+        # uvloop does both in C (bench/README.md, the warm path).
+        import uvloop
+
+        uvloop.run(AgentServer(config).serve())
+    else:
+        asyncio.run(AgentServer(config).serve())
     return 0
 
 
