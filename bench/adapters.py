@@ -45,7 +45,10 @@ BASE, ADAPTER = "llmfleet/tiny", "llmfleet/tiny-lora"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="2 adapters (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.adapters = 2
     work, base, agent_url, fleet = own_fleet("llmfleet-bench-lora-", standby=True)
     try:
         key = (work / "var" / "demo-api-key").read_text().strip()

@@ -53,6 +53,10 @@ def wait_published(agent: AgentProcess) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--standby-engines", default="auto")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="(CI) the same run, which is already the smallest: two engine starts",
+    )  # fmt: skip
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmfleet-bench-compile-"))
     tiny = tinymodel.build(work / "tiny")

@@ -277,7 +277,10 @@ def main() -> None:
     parser.add_argument("--connection-string", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="16 MiB, stores 8 MiB (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.size_mib, args.files, args.store_size_mib = 16, 2, 8
     settings = DownloadSettings(
         concurrency=args.concurrency, range_bytes=args.range_mib * MIB,
         hash_memory_bytes=args.hash_memory_mib * MIB, direct_io=not args.buffered,

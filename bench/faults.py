@@ -45,7 +45,10 @@ TEST_ENV = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", default="", help="run only the cases pytest's -k selects")
+    parser.add_argument("--quick", action="store_true", help="one case, engine_sigkill (CI)")
     options = parser.parse_args()
+    if options.quick:
+        options.k = "engine_sigkill"
     report_path = Path(tempfile.mkdtemp(prefix="llmfleet-faults-")) / "reports.jsonl"
     env = {**TEST_ENV, **os.environ, "FAULTS_REPORT": str(report_path)}
     argv = [sys.executable, "-m", "pytest", "tests/e2e/test_faults.py", "-p", "no:cacheprovider",

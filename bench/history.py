@@ -178,7 +178,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="2,000 rows, 2 repeats (CI)")
     options = parser.parse_args()
+    if options.quick:
+        options.rows, options.repeats = 2000, 2
     os.environ.update(
         DATABASE_URL=scratch_database(),
         REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
