@@ -458,7 +458,7 @@ def main() -> None:
             paths["chat", name] = (f"{base}/v1/chat/completions", {}, process, None)
         results: dict[tuple[str, str], dict[str, float]] = {}
         for (api, name), (url, headers, proxy, _) in paths.items():
-            _, body, streams = APIS[api]
+            _, body, streaming = APIS[api]
             asyncio.run(measure(url, headers, max(args.requests // 10, 8), 8, body))  # warm up
             cpu_before = cpu_seconds(proxy.pid) if proxy else 0.0
             single, _ = asyncio.run(measure(url, headers, args.requests // 4, 1, body))
@@ -466,7 +466,7 @@ def main() -> None:
             cpu = cpu_seconds(proxy.pid) - cpu_before if proxy else float("nan")
             count = 200 if not args.quick else 10
             firsts = (
-                asyncio.run(first_chunk(url, headers, count, body)) if streams else [float("nan")]
+                asyncio.run(first_chunk(url, headers, count, body)) if streaming else [float("nan")]
             )
             results[api, name] = {
                 "p50": p(single, 50), "p99": p(single, 99), "rps": len(many) / seconds,
@@ -643,16 +643,19 @@ def report(
         f"gateway_rps_c32={gateway['rps']:.0f}",
     ]
     for peer in ("litellm", "vllm-router"):
-        row = results.get(("chat", peer))
+        peer_row = results.get(("chat", peer))
         label = peer.replace("-", "_")
-        if row is None:
+        if peer_row is None:
             fields += [f"{label}_added_p50_ms=na", f"{label}_rps_c32=na"]
             continue
-        peer_added = row["p50"] - direct["p50"]
+        peer_added = peer_row["p50"] - direct["p50"]
         print(f"\nagainst {peer}: its added p50 {peer_added:.2f} ms against ours {added:.2f} ms "
               f"({peer_added / added:.1f}x), requests/s ours/its "
-              f"{gateway['rps'] / row['rps']:.1f}x")  # fmt: skip
-        fields += [f"{label}_added_p50_ms={peer_added:.2f}", f"{label}_rps_c32={row['rps']:.0f}"]
+              f"{gateway['rps'] / peer_row['rps']:.1f}x")  # fmt: skip
+        fields += [
+            f"{label}_added_p50_ms={peer_added:.2f}",
+            f"{label}_rps_c32={peer_row['rps']:.0f}",
+        ]
     for api in APIS:
         if api == "chat":
             continue
