@@ -29,7 +29,10 @@ from nodeagent.server import AgentServer
 
 
 def fleet_configs(argv: Sequence[str] | None = None) -> list[AgentConfig]:
-    parser = argparse.ArgumentParser(prog="python -m nodeagent.simfleet", description=__doc__)
+    # No abbreviations: `--token`, meant for every agent, must not be taken as `--token-dir`.
+    parser = argparse.ArgumentParser(
+        prog="python -m nodeagent.simfleet", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--count", type=int, default=10, help="how many agents (default 10)")
     parser.add_argument("--base-port", type=int, default=9100, help="port of the first agent")
     parser.add_argument("--id-prefix", default="sim-", help="agent ids are this plus a number")
