@@ -3,7 +3,17 @@
 Every `/v1` request needs its key and its model; reading both from the
 database each time costs more than the rest of the gateway together (see
 bench/README.md). Entries live `GATEWAY_CACHE_SECONDS` (0 turns this off):
-a revoked key or a disabled model takes at most that long to stop working.
+a revoked key or a disabled model takes at most that long to stop working, plus
+the one lookup that finds it so.
+
+No request waits for a lookup that a value in memory can answer: an entry past
+its TTL is still served while one background lookup replaces it (keys and
+models up to twice the TTL, replicas up to five), and the requests that find an
+entry missing share one lookup. The web process reads the database through one
+ORM thread, which its batched writes also use; a request that queued its own
+lookup behind a write waiting for the database's lock waited with it (seconds on
+the embedded SQLite while the worker writes heartbeats: bench/README.md,
+realclient).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from functools import partial
 from typing import TypeVar
 
 from django.conf import settings
@@ -27,6 +38,8 @@ from controlplane.gateway.models import KEY_PREFIX, ApiKey, hash_key
 
 T = TypeVar("T")
 _MAX_ENTRIES = 10_000
+# What entries' ages are read from (a test sets its own; the event loop keeps its own).
+clock = time.monotonic
 
 
 class Memory:
@@ -129,20 +142,16 @@ class Cache:
         load: Callable[[], Awaitable[T]],
         most: float | None = None,
         *,
-        refresh_behind: bool = False,
+        stale_for: float = 2.0,
     ) -> T:
-        """The cached value, loaded when missing or older than the TTL.
-
-        With `refresh_behind`, a value past its TTL (but younger than five TTLs) is still
-        returned while one background task loads the new one: the request that finds it
-        stale does not wait for the query (what kept the p99 up, bench/README.md).
-        """
+        """The cached value, loaded when missing or older than `stale_for` TTLs; between one
+        TTL and that, the value in memory while one background task loads the new one."""
         ttl = (
             settings.GATEWAY_CACHE_SECONDS
             if most is None
             else min(settings.GATEWAY_CACHE_SECONDS, most)
         )
-        now = time.monotonic()
+        now = clock()
         entries = self.memory.entries
         entry = entries.get((kind, name))
         if ttl and entry is not None:
@@ -150,16 +159,34 @@ class Cache:
             entries.move_to_end((kind, name))  # used: the last to go
             if age < ttl:
                 return entry[1]  # type: ignore[return-value]
-            if refresh_behind and age < 5 * ttl:
-                if (kind, name) not in self.refreshing:
-                    task = asyncio.get_running_loop().create_task(self._load(kind, name, load, ttl))
-                    self.refreshing[kind, name] = task
-                    task.add_done_callback(lambda _: self.refreshing.pop((kind, name), None))
+            if age < stale_for * ttl:
+                self._lookup(kind, name, load, ttl)
                 return entry[1]  # type: ignore[return-value]
-        return await self._load(kind, name, load, ttl)
+        if not ttl:
+            return await self._load(kind, name, load, ttl)
+        # Missing, or too old to serve: one lookup, shared by every request that finds it so
+        # (shielded: a client that leaves does not cancel the others' lookup).
+        found: object = await asyncio.shield(self._lookup(kind, name, load, ttl))
+        return found  # type: ignore[return-value]
+
+    def _lookup(
+        self, kind: str, name: str, load: Callable[[], Awaitable[T]], ttl: float
+    ) -> asyncio.Task[object]:
+        """The lookup of this entry under way, started if none is."""
+        task = self.refreshing.get((kind, name))
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(kind, name, load, ttl))
+            self.refreshing[kind, name] = task
+            task.add_done_callback(partial(self._looked_up, kind, name))
+        return task
+
+    def _looked_up(self, kind: str, name: str, task: asyncio.Task[object]) -> None:
+        self.refreshing.pop((kind, name), None)
+        if not task.cancelled():
+            task.exception()  # seen: a failed refresh behind requests is the next lookup's
 
     async def _load(self, kind: str, name: str, load: Callable[[], Awaitable[T]], ttl: float) -> T:
-        started = time.monotonic()
+        started = clock()
         try:
             value = await load()
         except DatabaseError:
@@ -212,9 +239,7 @@ class Cache:
         async def load() -> list[Placement]:
             return [placement async for placement in Placement.objects.ready_for(model)]
 
-        return await self._remember(
-            "placements", model.model_id, load, most=1.0, refresh_behind=True
-        )
+        return await self._remember("placements", model.model_id, load, most=1.0, stale_for=5)
 
     def forget_placements(self, model: Model) -> None:
         """A load just finished here: the next request must not see the empty list from

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import async_to_sync
 from django.db import OperationalError
@@ -191,3 +193,51 @@ def test_a_key_committed_below_the_highest_id_seen_is_still_found(settings):
     from django.db import connection
 
     connection.close()
+
+
+def test_requests_that_find_an_entry_missing_share_one_lookup(settings):
+    settings.GATEWAY_CACHE_SECONDS = 60
+    lookups = cache.Cache(cache.Memory())
+    asked = []
+
+    async def slow() -> str:
+        asked.append(1)
+        await asyncio.sleep(0.05)
+        return "v"
+
+    async def many() -> list[str]:
+        return await asyncio.gather(*(lookups._remember("model", "org/m", slow) for _ in range(8)))
+
+    assert async_to_sync(many)() == ["v"] * 8
+    assert len(asked) == 1
+
+
+def test_an_entry_past_its_ttl_is_served_while_one_lookup_replaces_it(settings, monkeypatch):
+    """The request that finds a key or model stale does not wait for the database (it may be
+    queued behind a write); past twice the TTL it does."""
+    settings.GATEWAY_CACHE_SECONDS = 10
+    clock = [1000.0]
+    monkeypatch.setattr(cache, "clock", lambda: clock[0])
+    lookups = cache.Cache(cache.Memory())
+    values = iter(["old", "new", "newest"])
+    release = asyncio.Event()
+
+    async def load() -> str:
+        value = next(values)
+        if value == "new":
+            await release.wait()  # the refresh is slow: the database is busy
+        return value
+
+    async def scenario() -> list[str]:
+        seen = [await lookups._remember("key", "k", load)]
+        clock[0] += 15  # past the TTL, within twice it
+        seen.append(await lookups._remember("key", "k", load))  # at once: the value in memory
+        seen.append(await lookups._remember("key", "k", load))  # one refresh under way, not two
+        release.set()
+        await asyncio.sleep(0.01)
+        seen.append(await lookups._remember("key", "k", load))  # the refreshed value
+        clock[0] += 25  # past twice the TTL: waited for
+        seen.append(await lookups._remember("key", "k", load))
+        return seen
+
+    assert async_to_sync(scenario)() == ["old", "old", "old", "new", "newest"]
