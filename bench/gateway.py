@@ -106,11 +106,14 @@ def answers(url: str) -> bool:
         return False
 
 
-async def measure(
-    url: str, headers: dict[str, str], count: int, concurrency: int, body: dict[str, object] = BODY
-) -> tuple[list[float], float]:
-    """Latencies (ms) of `count` requests at `concurrency`, and the wall seconds."""
-    latencies: list[float] = []
+async def closed_loop(
+    headers: dict[str, str],
+    count: int,
+    concurrency: int,
+    one: Callable[[aiohttp.ClientSession], Awaitable[None]],
+) -> float:
+    """`count` calls of `one` by `concurrency` workers, each starting the next as its last
+    ends; the wall seconds."""
     queue = list(range(count))
     async with aiohttp.ClientSession(
         headers=headers, connector=aiohttp.TCPConnector(limit=0)
@@ -119,15 +122,28 @@ async def measure(
         async def worker() -> None:
             while queue:
                 queue.pop()
-                started = time.perf_counter()
-                async with session.post(url, json=body) as response:
-                    await response.read()
-                    assert response.status == 200, await response.text()
-                latencies.append((time.perf_counter() - started) * 1000)
+                await one(session)
 
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - began
+        return time.perf_counter() - began
+
+
+async def measure(
+    url: str, headers: dict[str, str], count: int, concurrency: int, body: dict[str, object] = BODY
+) -> tuple[list[float], float]:
+    """Latencies (ms) of `count` requests at `concurrency`, and the wall seconds."""
+    latencies: list[float] = []
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        started = time.perf_counter()
+        async with session.post(url, json=body) as response:
+            await response.read()
+            assert response.status == 200, await response.text()
+        latencies.append((time.perf_counter() - started) * 1000)
+
+    seconds = await closed_loop(headers, count, concurrency, one)
+    return latencies, seconds
 
 
 async def first_chunk(
@@ -150,24 +166,16 @@ async def stream_load(
 ) -> float:
     """Stream `count` answers of STREAM_TOKENS tokens at `concurrency`; the wall seconds. Each
     answer is read as it comes, and must end with `data: [DONE]`."""
-    queue = list(range(count))
-    async with aiohttp.ClientSession(
-        headers=headers, connector=aiohttp.TCPConnector(limit=0)
-    ) as session:
 
-        async def worker() -> None:
-            while queue:
-                queue.pop()
-                async with session.post(url, json=body) as response:
-                    assert response.status == 200, await response.text()
-                    tail = b""
-                    async for chunk in response.content.iter_any():
-                        tail = (tail + chunk)[-32:]
-                    assert tail.rstrip().endswith(b"data: [DONE]"), tail
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, json=body) as response:
+            assert response.status == 200, await response.text()
+            tail = b""
+            async for chunk in response.content.iter_any():
+                tail = (tail + chunk)[-32:]
+            assert tail.rstrip().endswith(b"data: [DONE]"), tail
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - began
+    return await closed_loop(headers, count, concurrency, one)
 
 
 def p(values: list[float], q: float) -> float:
@@ -248,15 +256,6 @@ def manage(code: str, env: dict[str, str]) -> str:
     return out.strip().splitlines()[-1]
 
 
-def python(what: str) -> list[str]:
-    """The interpreter for a process of the stack; under cProfile (its pstats file in that
-    folder, named after the process) when BENCH_PROFILE names a folder."""
-    folder = os.environ.get("BENCH_PROFILE")
-    if not folder:
-        return [sys.executable]
-    return [sys.executable, "-m", "cProfile", "-o", f"{folder}/{what}.prof"]
-
-
 class AgentProc:
     """A node agent with the sim engine, run from one code tree, catalogued by hand in the
     benchmark's database: its token is the credential the gateway derives for its row
@@ -276,7 +275,7 @@ class AgentProc:
             "credential_fingerprint=credentials.fingerprint(c)); print(c)",
             self.env,
         )
-        self.process = start([*python(f"{self.name}-agent"), "-m", "nodeagent", "--port",
+        self.process = start([sys.executable, "-m", "nodeagent", "--port",
                               str(self.port), "--token", self.token, "--engine", "sim",
                               "--cache-dir", str(self.work / f"cache-{self.name}"),
                               "--log-level", "WARNING",
@@ -334,7 +333,7 @@ class Stack:
             else ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.web_port),
                   "--lifespan", "off", "--no-access-log", "--log-level", "warning"]
         )  # fmt: skip
-        self.web = start([*python(f"{self.name}-web"), *argv, "controlplane.asgi:application"],
+        self.web = start([sys.executable, *argv, "controlplane.asgi:application"],
                          self.env, self.work / f"web-{self.name}.log", self.tree)  # fmt: skip
         wait_for(lambda: answers(f"http://127.0.0.1:{self.web_port}/healthz"), 30, "the web server")
         return self.web
