@@ -246,7 +246,7 @@ class UsageScanner:
         *events, self.pending = (self.pending + chunk).split(b"\n\n")
         kept = []
         for event in events:
-            taken = self.meter.usage is None and b'"usage"' in event and self._take_usage(event)
+            taken = self.meter.usage is None and _USAGE in event and self._take_usage(event)
             if taken and self.strip:
                 continue
             if not taken and self.api.is_output(event):
