@@ -3,7 +3,7 @@
     .venv/bin/python bench/gateway.py [--requests 2000] [--baseline REF] [--quick]
 
 Starts a zero-delay sim engine alone, a node agent serving the same sim, and
-the control plane (daphne on embedded defaults in a temporary VAR_DIR, with
+the control plane (its web process on embedded defaults in a temporary VAR_DIR, with
 one READY placement on that agent), then measures in the same run:
 non-streaming chat completions at concurrency 1 and 32, and the time to the
 first streamed chunk at concurrency 1, with p50/p99, requests/s and the
@@ -31,8 +31,10 @@ engine's own (RESULT `cpu_us_per_chunk_sim_engine`). `--baseline REF` (the
 code before the warm-path work by default) runs a second gateway and streaming
 agent from that commit (a git worktree, the same virtual environment and
 database, a model of their own) and measures them the same way, round by round
-alternated with this code's. `--server uvicorn` serves this code's gateway
-under uvicorn (httptools, uvloop) instead of daphne; `--profile SECONDS`
+alternated with this code's, its gateway under daphne as it was then. This
+code's gateway is the web process `make run` serves (`python -m
+controlplane.web`: uvicorn, httptools, uvloop); `--server daphne` serves the
+same application under daphne instead. `--profile SECONDS`
 samples the gateway and the agent with py-spy while the gateway streams and
 prints where their CPU goes.
 
@@ -313,7 +315,7 @@ class AgentProc:
 
 
 class Stack:
-    """Node agents and a gateway (daphne) run from one code tree: this checkout, or the
+    """Node agents and a gateway run from one code tree: this checkout, or the
     baseline's worktree. All share the benchmark's database; each agent has its own row and
     serves models of its own. `plain` serves the non-streaming cases (engines that answer at
     once); `stream` the streaming case (engines with a time per token)."""
@@ -326,15 +328,15 @@ class Stack:
         self.plain = AgentProc(name, tree, env, work, 0.0)
         self.stream = AgentProc(f"{name}-stream", tree, env, work, tpot_ms)
 
-    def start_web(self, server: str = "daphne") -> subprocess.Popen[bytes]:
+    def start_web(self, server: str) -> subprocess.Popen[bytes]:
         argv = (
-            ["-m", "daphne", "-b", "127.0.0.1", "-p", str(self.web_port)]
+            ["-m", "daphne", "-b", "127.0.0.1", "-p", str(self.web_port),
+             "controlplane.asgi:application"]
             if server == "daphne"
-            else ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.web_port),
-                  "--lifespan", "off", "--no-access-log", "--log-level", "warning"]
+            else ["-m", "controlplane.web", "--host", "127.0.0.1", "--port", str(self.web_port)]
         )  # fmt: skip
-        self.web = start([sys.executable, *argv, "controlplane.asgi:application"],
-                         self.env, self.work / f"web-{self.name}.log", self.tree)  # fmt: skip
+        self.web = start([sys.executable, *argv], self.env, self.work / f"web-{self.name}.log",
+                         self.tree)  # fmt: skip
         wait_for(lambda: answers(f"http://127.0.0.1:{self.web_port}/healthz"), 30, "the web server")
         return self.web
 
@@ -356,7 +358,11 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE_REF, help="commit to compare against")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no peers (CI)")
-    parser.add_argument("--server", default="daphne", choices=["daphne", "uvicorn"])
+    parser.add_argument(
+        "--server", default="uvicorn", choices=["uvicorn", "daphne"],
+        help="what serves this code's gateway: `python -m controlplane.web` (uvicorn, what "
+        "`make run` serves) or daphne (the baseline's always runs under daphne, as it did)",
+    )  # fmt: skip
     parser.add_argument(
         "--tpot-ms", type=float, default=2.0,
         help="the sim engines' time per output token: each token its own SSE event and write, "

@@ -1,4 +1,5 @@
-"""The ASGI application that daphne serves: HTTP, and the dashboard's WebSocket."""
+"""The ASGI application the web process serves (uvicorn, `controlplane.web`; or daphne): HTTP,
+the dashboard's WebSocket, and the lifespan whose shutdown writes what the process still holds."""
 
 from __future__ import annotations
 
@@ -21,25 +22,29 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from django.urls import path  # noqa: E402
 
 from agents.consumers import FleetConsumer  # noqa: E402
+from controlplane import bodylimit  # noqa: E402
 from controlplane.gateway.handler import ApiHandler  # noqa: E402
 
 site_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
 api_app = ApiHandler()
 
 
-# The HTTP requests being answered (daphne's application instances), which a stopping web
-# process lets end before its last writes.
+# The HTTP requests being answered, which a stopping web process lets end before its last
+# writes.
 _answering: set[asyncio.Task[Any]] = set()
 
 
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """/v1 (the OpenAI API) through the lean handler; the rest with every middleware."""
+    body = await bodylimit.guard(scope, receive, send, settings.GATEWAY_MAX_BODY_BYTES)
+    if body is None:
+        return
     app = api_app if scope["path"].startswith("/v1/") else site_app
     task = asyncio.current_task()
     if task is not None:
         _answering.add(task)
     try:
-        await app(scope, receive, send)
+        await app(scope, body, send)
     finally:
         _answering.discard(task)
 
@@ -50,11 +55,27 @@ websocket_app = AllowedHostsOriginValidator(
     AuthMiddlewareStack(URLRouter([path("ws/fleet/", FleetConsumer.as_asgi())]))
 )
 
-application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app})
+
+async def lifespan_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """uvicorn's lifespan: its shutdown comes once the requests still open have ended (or were
+    cancelled past WEB_DRAIN_SECONDS), and makes the last writes. daphne sends none."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await _last_writes()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+application = ProtocolTypeRouter(
+    {"http": http_app, "websocket": websocket_app, "lifespan": lifespan_app}
+)
 
 
 async def _last_writes() -> None:
-    """Once the requests daphne cancels as it stops have ended (their usage settled), the
+    """Once the requests the server cancels as it stops have ended (their usage settled), the
     gateway's buffered usage and request figures are written and its connections closed."""
     from controlplane.gateway.state import close_current
 
@@ -83,8 +104,6 @@ def _limit_bodies_under_daphne() -> None:
     """Under daphne, which buffers a whole body before the application sees it, bodies over
     GATEWAY_MAX_BODY_BYTES are refused as they arrive (controlplane.bodylimit)."""
     if "daphne.server" in sys.modules:
-        from controlplane import bodylimit
-
         bodylimit.install(settings.GATEWAY_MAX_BODY_BYTES)
 
 

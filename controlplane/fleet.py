@@ -1,8 +1,8 @@
 """`python -m controlplane.fleet` (what `make run` starts): the whole fleet on one machine.
 
 Migrates the database, publishes and registers the tiny demo model (`manage.py
-setup_demo`), then runs web (daphne), worker and beat (Celery) and one node agent
-(vLLM, or the sim engine with FLEET_AGENT=sim, or none with FLEET_AGENT=none) as
+setup_demo`), then runs web (`python -m controlplane.web`), worker and beat (Celery) and one
+node agent (vLLM, or the sim engine with FLEET_AGENT=sim, or none with FLEET_AGENT=none) as
 child processes with their output prefixed by name. Once the agent has registered
 it prints ready-to-paste curl and openai commands; the first cold-starts the model.
 Ctrl-C or SIGTERM stops them all. A child that dies is started again, saying so; one
@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-# Long enough for Celery's warm shutdown and daphne before SIGKILL.
+# Long enough for Celery's warm shutdown and the web process's drain (WEB_DRAIN_SECONDS, 20)
+# before SIGKILL.
 GRACE_SECONDS = 30.0
 # The agent drains first (AGENT_DRAIN_SECONDS, 30), then stops its engines (AGENT_STOP_GRACE,
 # 15): a SIGKILL before then would leave engines running in their own sessions.
@@ -52,7 +53,7 @@ class ProcessSpec:
 def process_specs(host: str, port: int, concurrency: int) -> list[ProcessSpec]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "controlplane"]
-    web = [python, "-m", "daphne", "-b", host, "-p", str(port), "controlplane.asgi:application"]
+    web = [python, "-m", "controlplane.web", "--host", host, "--port", str(port)]
     # Two workers, one per queue (settings.CELERY_TASK_ROUTES): heartbeat polls and sweeps
     # run on time however many loads hold their threads while engines start.
     worker = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads", "--queues", "control",

@@ -1,4 +1,4 @@
-# The control plane: web (daphne), worker and beat (Celery) are this one image with different
+# The control plane: web (uvicorn), worker and beat (Celery) are this one image with different
 # commands (see docker/compose.yaml and docker/k8s/). Build from the repository root:
 #   docker build -f docker/controlplane.Dockerfile -t llmfleet/controlplane .
 FROM python:3.11.7-slim-bookworm AS build
@@ -34,4 +34,4 @@ EXPOSE 8000
 # The web process's health; docker/compose.yaml gives worker and beat checks of their own.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "controlplane.asgi:application"]
+CMD ["python", "-m", "controlplane.web", "--host", "0.0.0.0", "--port", "8000"]

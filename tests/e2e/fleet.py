@@ -1,4 +1,5 @@
-"""The control plane for real, on the tests' database: daphne, a Celery worker and beat."""
+"""The control plane for real, on the tests' database: the web process (uvicorn,
+`python -m controlplane.web`), a Celery worker and beat."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class ControlPlane:
             )  # fmt: skip
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
-        """Signal a process's whole group (a worker's pool threads, daphne) and reap it."""
+        """Signal a process's whole group (a worker's pool threads, the web process) and reap it."""
         child = self.children[name]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
@@ -136,8 +137,8 @@ def database_url() -> str:
 def running_control_plane(
     settings: Any, tmp_path: Path, web_replicas: int = 1, **overrides: str
 ) -> Iterator[ControlPlane]:
-    """Start web (`web_replicas` daphne processes), both workers and beat against the test
-    database; stop them all at the end."""
+    """Start web (`web_replicas` processes, as `make run` serves it), both workers and beat
+    against the test database; stop them all at the end."""
     redis_url = overrides.get("REDIS_URL", settings.REDIS_URL)
     if redis_url:  # the tests' own Redis database: no queued tasks of earlier runs
         redis.Redis.from_url(redis_url).flushdb()
@@ -154,10 +155,9 @@ def running_control_plane(
     ports = [free_port() for _ in range(web_replicas)]
     url = f"http://127.0.0.1:{ports[0]}"
     celery = [sys.executable, "-m", "celery", "-A", "controlplane"]
-    daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1"]
-    asgi = "controlplane.asgi:application"
+    web = [sys.executable, "-m", "controlplane.web", "--host", "127.0.0.1"]
     webs = {
-        ("web" if n == 0 else f"web{n + 1}"): [*daphne, "-p", str(port), asgi]
+        ("web" if n == 0 else f"web{n + 1}"): [*web, "--port", str(port)]
         for n, port in enumerate(ports)
     }
     commands = {
@@ -178,7 +178,7 @@ def running_control_plane(
         for name in commands:
             plane.start(name)
         for web_url in plane.web_urls:
-            wait_for(partial(http_ok, f"{web_url}/healthz"), 30, "daphne")
+            wait_for(partial(http_ok, f"{web_url}/healthz"), 30, "the web process")
         wait_for(lambda: "ready." in plane.log("worker"), 60, "the Celery worker")
         wait_for(lambda: "ready." in plane.log("loader"), 60, "the Celery loads worker")
         yield plane

@@ -1,4 +1,5 @@
-"""The gateway for real: daphne, a node agent and the official openai client."""
+"""The gateway for real: the web process (uvicorn, and daphne where both are supported), a node
+agent and the official openai client."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
 @contextmanager
-def daphne(settings, tmp_path, **extra_env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """daphne on the test database: what `make run` serves, with the rows the tests create."""
+def web_process(
+    settings, tmp_path, server: str = "uvicorn", **extra_env: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The web process on the test database, with the rows the tests create: what `make run`
+    serves (`python -m controlplane.web`), or the same application under daphne."""
     if settings.REDIS_URL:  # the tests' own Redis database: no rate counters of earlier runs
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
     env = dict(os.environ)
@@ -43,16 +47,19 @@ def daphne(settings, tmp_path, **extra_env: str) -> Iterator[tuple[str, subproce
         GATEWAY_CACHE_SECONDS="0", **extra_env,
     )  # fmt: skip
     port = free_port()
-    log = (tmp_path / "daphne.log").open("wb")
+    log = (tmp_path / "web.log").open("wb")
+    argv = (
+        ["-m", "controlplane.web", "--host", "127.0.0.1", "--port", str(port)]
+        if server == "uvicorn"
+        else ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "controlplane.asgi:application"]
+    )
     web = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-         "controlplane.asgi:application"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
 
     try:
-        wait_for(lambda: http_ok(f"{url}/healthz"), 30, "daphne")
+        wait_for(lambda: http_ok(f"{url}/healthz"), 30, server)
         yield url, web
     finally:
         web.terminate()
@@ -61,7 +68,7 @@ def daphne(settings, tmp_path, **extra_env: str) -> Iterator[tuple[str, subproce
 
 @pytest.fixture
 def gateway(settings, tmp_path):
-    with daphne(settings, tmp_path) as (url, _):
+    with web_process(settings, tmp_path) as (url, _):
         yield url
 
 
@@ -307,11 +314,41 @@ def test_embeddings_of_one_and_several_inputs_in_both_encodings(client, warm_mod
         client.embeddings.create(model="org/tiny", input="hello")
 
 
+def test_a_stream_open_when_the_web_process_stops_finishes(settings, tmp_path, warm_model):
+    """SIGTERM drains (WEB_DRAIN_SECONDS): no new connections, and a stream under way runs to
+    its end, charged in full by the stop's last writes."""
+    with web_process(settings, tmp_path, GATEWAY_USAGE_FLUSH_SECONDS="600") as (url, web):
+        _, raw_key = make_api_key("draining")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0)
+        stream = client.chat.completions.create(
+            model="org/tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1000,
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [next(stream)]  # under way: 1,000 tokens at 1 ms each
+        web.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                requests.get(f"{url}/healthz", timeout=2)
+            except requests.ConnectionError:
+                return True
+            return False
+
+        wait_for(refused, 10, "the web process to stop listening")
+        chunks += list(stream)
+        assert web.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert chunks[-1].usage.completion_tokens == 1000
+    assert chunks[-2].choices[0].finish_reason == "length"
+    usage = Usage.objects.get()
+    assert (usage.requests, usage.completion_tokens) == (1, 1000)
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
 def test_a_stopped_web_process_writes_its_usage_and_closes_its_connections(
-    settings, tmp_path, warm_model
+    settings, tmp_path, warm_model, server
 ):
     # Usage is written every 10 minutes here: only the stop itself can write it.
-    with daphne(settings, tmp_path, GATEWAY_USAGE_FLUSH_SECONDS="600") as (url, web):
+    with web_process(settings, tmp_path, server, GATEWAY_USAGE_FLUSH_SECONDS="600") as (url, web):
         _, raw_key = make_api_key("stopping")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0)
         client.responses.create(model="org/tiny", input="hello there", max_output_tokens=3)
@@ -319,10 +356,11 @@ def test_a_stopped_web_process_writes_its_usage_and_closes_its_connections(
              "content": "hi"}], max_tokens=2, stream=True))  # fmt: skip
         assert not Usage.objects.exists()
         web.send_signal(signal.SIGINT)  # what Ctrl-C on `make run` sends
-        assert web.wait(timeout=30) == 0
+        # A clean stop: daphne exits 0, uvicorn by the signal it stopped on, once it is done.
+        assert web.wait(timeout=30) in (0, -signal.SIGINT)
     usage = Usage.objects.get()
     assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (2, 2 + 1, 3 + 2)
-    log = (tmp_path / "daphne.log").read_text()
+    log = (tmp_path / "web.log").read_text()
     assert "Unclosed" not in log
     assert " ERROR " not in log
 
@@ -465,7 +503,7 @@ def test_through_the_gateway_to_real_vllm(gateway, settings, tmp_path):
 
 
 def raw_request(url: str, head: bytes, body: bytes = b"") -> bytes:
-    """Send `head` (and `body`) on a socket of its own; what daphne answered before closing."""
+    """Send `head` (and `body`) on a socket of its own; what the server answered before closing."""
     import socket
     from urllib.parse import urlsplit
 
@@ -482,9 +520,17 @@ def raw_request(url: str, head: bytes, body: bytes = b"") -> bytes:
     return answer
 
 
-def test_a_body_over_the_limit_is_refused_before_daphne_stores_it(gateway, settings):
-    """daphne (Twisted) buffers a whole body before the application sees it: an oversized one
-    is answered 413 as its headers arrive, without a byte of it being sent or stored."""
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_a_body_over_the_limit_is_refused_before_it_is_stored(settings, tmp_path, server):
+    """An oversized body is answered 413 as its headers arrive, without a byte of it being sent
+    or stored; a chunked one once its chunks pass the limit. daphne (Twisted) would buffer a
+    whole body before the application sees it; uvicorn passes it on, and Django would spool it
+    to disk."""
+    with web_process(settings, tmp_path, server) as (url, _):
+        refuses_bodies_over_the_limit(url, settings)
+
+
+def refuses_bodies_over_the_limit(gateway: str, settings) -> None:
     _, raw_key = make_api_key("big")
     size = 10 * 1024**3  # 10 GiB declared, none sent
     head = (

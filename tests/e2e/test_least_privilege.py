@@ -1,4 +1,4 @@
-"""The verified holes of least privilege, against the real web process (daphne) and
+"""The verified holes of least privilege, against the real web process (uvicorn) and
 PostgreSQL: a staff user with no permissions, an operator, and a model with an adapter."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from agents.models import Model
-from tests.e2e.test_gateway import daphne
+from tests.e2e.test_gateway import web_process
 from tests.factories import ModelFactory, make_role_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -20,7 +20,7 @@ def test_the_fleet_api_holds_people_to_their_permissions_and_deletes_cleanly(set
     ModelFactory(model_id="llmfleet/tiny-sql", base=base, adapter_rank=8)
     make_role_user("nobody")  # staff, and no permission at all
     make_role_user("op", "Fleet operator")
-    with daphne(settings, tmp_path) as (url, _):
+    with web_process(settings, tmp_path) as (url, _):
         model_url = f"{url}/api/models/llmfleet/tiny/"
 
         def call(user: str, method: str, body: object = None) -> requests.Response:
