@@ -16,6 +16,7 @@ import pwd
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,10 @@ class EngineUser:
 
     def process_options(self) -> dict[str, Any]:
         """What `create_subprocess_exec` takes to start a process as this user, with no
-        supplementary group of the agent's."""
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+        supplementary group of the agent's. A preexec_fn, not `user`/`group`/`extra_groups`:
+        uvloop (the agent's loop) refuses those. It runs in the forked child before exec and
+        only makes three system calls, which take no lock a thread of the agent could hold."""
+        return {"preexec_fn": partial(_become, self.uid, self.gid)}
 
     def own(self, *paths: Path) -> None:
         """Give this user what it must write: its temporary directory, its compile cache, its
@@ -100,3 +103,11 @@ def process_options(user: EngineUser | None) -> dict[str, Any]:
 def own(user: EngineUser | None, *paths: Path) -> None:
     if user is not None:
         user.own(*paths)
+
+
+def _become(uid: int, gid: int) -> None:
+    """In the child, before exec: drop the supplementary groups, then the group, then the user
+    (the user last: once it is dropped, the rest is no longer allowed)."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
