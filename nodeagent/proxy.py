@@ -1,8 +1,9 @@
 """`/models/<model_id>/v1/...`: the authenticated way into a model's engine.
 
 Request and response bytes pass through unchanged as they arrive (SSE
-included). The server cancels the handler when the client goes away, which
-closes the upstream connection, and the engine aborts the request.
+included), the answer's written on from the engine's connection as it is read
+(`nodeagent.relay`). The server cancels the handler when the client goes away,
+which closes the upstream connection, and the engine aborts the request.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from nodeagent.adapters import LoadedAdapter
@@ -25,6 +27,7 @@ from nodeagent.protocol import (
     AdapterRef,
 )
 from nodeagent.registry import AgentError, ModelRegistry
+from nodeagent.relay import EngineConnections, EngineUnreachable, StreamBroken
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's
 # token is for the agent, not the engine.
@@ -52,7 +55,6 @@ _RESPONSE_DROP = {
     "server",
     "date",
 }
-_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5)
 
 
 def engine_path(tail: str) -> str:
@@ -101,6 +103,7 @@ class InferenceProxy:
         # Set when the agent stops: new requests go elsewhere, open ones finish.
         self.draining = False
         self.request_ended = asyncio.Event()  # set as each request ends: what a drain waits on
+        self.engines = EngineConnections()  # closed by the server at shutdown
 
     async def handle(
         self, request: web.Request, session: aiohttp.ClientSession
@@ -126,7 +129,7 @@ class InferenceProxy:
         try:
             if ref is not None:  # a LoRA adapter of this model: loaded first if need be
                 adapter = await self.registry.acquire_adapter(model_id, ref, session)
-            return await self._forward(request, session, engine, f"{engine.url}{path}", body)
+            return await self._forward(request, session, engine, path, body)
         finally:
             if adapter is not None:
                 self.registry.release_adapter(adapter)
@@ -140,48 +143,53 @@ class InferenceProxy:
         request: web.Request,
         session: aiohttp.ClientSession,
         engine: Engine,
-        url: str,
+        path: str,
         body: bytes,
     ) -> web.StreamResponse:
-        response: web.StreamResponse | None = None
+        where = urlsplit(engine.url)
+        assert where.hostname is not None
+        assert where.port is not None
         try:
-            async with session.request(
-                request.method,
-                url,
-                params=request.query,
-                data=body or None,
-                headers=_filtered(request.headers, _REQUEST_DROP),
-                timeout=_UPSTREAM_TIMEOUT,
-                auto_decompress=False,
-                allow_redirects=False,  # relayed as they are, never followed
-            ) as upstream:
-                if upstream.status >= 500 and await is_dead(session, engine.url):
-                    # vLLM's API server outlives its EngineCore (a worker killed by the OOM
-                    # killer, a GPU fault) and answers 500 to everything: that is no verdict
-                    # on this request, which another replica can answer.
-                    self.registry.engine_died(engine, f"it answered {upstream.status}, and "
-                                              "its /health no longer does")  # fmt: skip
-                    self.metrics.proxy_errors.labels("engine_unreachable").inc()
-                    raise AgentError(
-                        "engine_unreachable", "the engine died: the request was not served", 502
-                    )
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=_filtered(upstream.headers, _RESPONSE_DROP),
-                )
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            if response is None:
+            connection, head = await self.engines.exchange(
+                where.hostname, where.port, request.method, path, request.rel_url.raw_query_string,
+                _filtered(request.headers, _REQUEST_DROP), body,
+            )  # fmt: skip
+        except EngineUnreachable as exc:
+            self.metrics.proxy_errors.labels("engine_unreachable").inc()
+            raise AgentError(
+                "engine_unreachable", f"the engine did not answer: {exc}", 502
+            ) from None
+        try:
+            if head.status >= 500 and await is_dead(session, engine.url):
+                # vLLM's API server outlives its EngineCore (a worker killed by the OOM
+                # killer, a GPU fault) and answers 500 to everything: that is no verdict
+                # on this request, which another replica can answer.
+                self.registry.engine_died(engine, f"it answered {head.status}, and "
+                                          "its /health no longer does")  # fmt: skip
                 self.metrics.proxy_errors.labels("engine_unreachable").inc()
                 raise AgentError(
-                    "engine_unreachable", f"the engine did not answer: {exc}", 502
-                ) from None
-            # The status line is sent: all that is left is to cut the stream where it broke.
-            self.metrics.proxy_errors.labels("engine_stream_broken").inc()
-            raise ConnectionResetError(f"the engine's stream broke: {exc}") from None
-        self.metrics.proxy_requests.labels(f"{upstream.status // 100}xx").inc()
+                    "engine_unreachable", "the engine died: the request was not served", 502
+                )
+            response = web.StreamResponse(
+                status=head.status, reason=head.reason,
+                headers=_filtered(head.headers, _RESPONSE_DROP),
+            )  # fmt: skip
+            if head.length is not None:
+                response.content_length = head.length
+            await response.prepare(request)
+            if head.body and head.length != 0:
+                # aiohttp chunks an answer of unknown length to an HTTP/1.1 client.
+                chunked_out = head.length is None and request.version >= HttpVersion11
+                await response.write(b"")  # the status line and headers, before the body
+                try:
+                    await connection.relay(request, chunked_out)
+                except StreamBroken as exc:
+                    # The status line is sent: all that is left is to cut the stream where it
+                    # broke.
+                    self.metrics.proxy_errors.labels("engine_stream_broken").inc()
+                    raise ConnectionResetError(f"the engine's stream broke: {exc}") from None
+            await response.write_eof()
+        finally:
+            self.engines.give_back(connection)
+        self.metrics.proxy_requests.labels(f"{head.status // 100}xx").inc()
         return response

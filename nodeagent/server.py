@@ -159,6 +159,7 @@ class AgentServer:
             await self.progress.close()
         # aiohttp runs this before it waits for open handlers: `drain` has let them finish.
         await self.registry.stop_all()
+        self.proxy.engines.close()
         if self._session is not None:
             await self._session.close()
         self.gpu.close()

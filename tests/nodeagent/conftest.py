@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
@@ -14,6 +17,14 @@ from nodeagent.server import AgentServer
 from tests.support import free_port
 
 TOKEN = "agent-test-token"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The agent's tests run on uvloop, the agent's loop (AGENT_EVENT_LOOP), whose transports
+    are no subclasses of asyncio's; the relay's on asyncio's loop too."""
+    if item.path.name == "test_relay.py":
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

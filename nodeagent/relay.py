@@ -1,0 +1,465 @@
+"""The inference proxy's hop to its engine: one HTTP/1.1 exchange on a loopback connection kept
+for the next, and the answer's body written to the client's connection as its bytes arrive.
+
+aiohttp's client would parse each chunk of a stream out of its chunked framing, queue it, wake
+the proxy's task for it, and aiohttp's server would frame it again: per streamed token, a task
+switch and three copies. Here the engine's bytes are written on from the protocol callback that
+receives them, framing and all: the chunked framing is followed, to know where the answer ends,
+but not rebuilt. The proxy's task wakes only when the client's connection pushes back or the
+answer ends (bench/README.md, the warm path).
+
+Faults keep their meaning for the proxy: an engine that does not answer, or closes before its
+status line, is `EngineUnreachable` (nothing was relayed: the gateway may try another replica);
+one whose answer breaks off or turns to garbage after the status line is `StreamBroken` (the
+client's connection is then cut where it broke, as HTTP says a short answer must be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import quote
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+# How long a kept connection may sit idle before it is used again: under the keep-alive of
+# vLLM's server (uvicorn's, 5 s), so that a kept connection is not one the engine is closing.
+KEEP_IDLE_SECONDS = 2.0
+KEEP_PER_ENGINE = 256
+CONNECT_SECONDS = 5.0
+_MAX_HEAD = 64 * 1024  # an engine's status line and headers
+_MAX_SIZE_LINE = 1024  # a chunk's size line (extensions included)
+_NO_BODY = {204, 304}
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+CRLF = b"\r\n"
+# How the body's bytes go to the client: as they are; a chunked body's data without its
+# framing; a body framed by the close, given chunked framing.
+_PASS, _DECHUNK, _FRAME = "pass", "dechunk", "frame"
+
+
+class EngineUnreachable(Exception):
+    """No answer from the engine: it refused, closed, or said nothing HTTP."""
+
+
+class StreamBroken(Exception):
+    """The engine's answer broke off after its status line."""
+
+
+@dataclass
+class Head:
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    length: int | None = None  # the body's declared length; None: chunked or to the close
+    chunked: bool = False
+    keep_alive: bool = True
+    body: bool = True  # False for HEAD, 1xx, 204 and 304
+
+
+@dataclass
+class _Chunks:
+    """Where the reader is in a chunked body."""
+
+    remaining: int = 0  # bytes left of the current chunk, its closing CRLF included
+    held: bytes = b""  # a size line cut by a read, held back until it is whole
+    trailer: bytes | None = None  # set once the last chunk is seen: the trailer so far
+
+
+class EngineConnection(asyncio.Protocol):
+    """One connection to an engine: an exchange at a time, then kept for the next."""
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.exchanges = 0  # begun on this connection
+        self.idle_since = time.monotonic()
+        # The exchange under way.
+        self._method = "GET"
+        self._head_buffer = bytearray()
+        self._head: asyncio.Future[Head] | None = None
+        self._framing: Head | None = None
+        self._received = 0  # bytes of this exchange's answer
+        self._remaining = 0  # of a declared length
+        self._chunks = _Chunks()
+        self._early: list[bytes] = []  # body bytes that came before the relay started
+        self._sink: asyncio.Transport | None = None
+        self._sink_protocol: object = None
+        self._mode = _PASS
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BaseException | None = None
+        self._paused = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are no subclasses of asyncio's, only alike)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._head is not None and not self._head.done():
+            self._read_head(data)
+        elif self._framing is not None and not self._complete:
+            if self._sink is None:
+                self._early.append(data)
+            else:
+                self._body(data)
+        else:  # nothing was asked: an engine that talks out of turn is not kept
+            self._close()
+
+    def eof_received(self) -> bool:
+        return False  # close: an engine half-closing is done with this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(
+                EngineUnreachable(f"the engine closed the connection{_because(exc)}")
+            )
+        elif self._framing is not None and not self._complete:
+            if self._framing.length is None and not self._framing.chunked:
+                self._finish()  # an answer framed by the close ends with it
+            else:
+                self._fail(StreamBroken(f"the engine's answer broke off{_because(exc)}"))
+
+    # -- the exchange --------------------------------------------------------------------
+
+    def send(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> None:
+        assert self.transport is not None
+        self.exchanges += 1
+        self._method = method
+        self._head = asyncio.get_running_loop().create_future()
+        self._head_buffer.clear()
+        self._framing, self._sink, self._waiter, self._error = None, None, None, None
+        self._complete, self._paused, self._early, self._received = False, False, [], 0
+        self._chunks = _Chunks()
+        host, port = self.key
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        self.transport.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body)
+
+    async def head(self) -> Head:
+        assert self._head is not None
+        return await self._head
+
+    async def relay(self, request: web.Request, chunked_out: bool) -> None:
+        """Write the answer's body to `request`'s connection as it arrives, until it ends.
+        `chunked_out`: the answer to the client is chunked (its headers are sent), and its last
+        chunk's marker is left to the caller's `write_eof`. Raises StreamBroken, or
+        ConnectionResetError when the client went away."""
+        sink = request.transport
+        if sink is None or sink.is_closing():
+            self._close()
+            raise ConnectionResetError("the client went away")
+        framing = self._framing
+        assert framing is not None
+        if framing.chunked:
+            # As it is to a chunked answer; its data alone to an HTTP/1.0 client.
+            self._mode = _PASS if chunked_out else _DECHUNK
+        else:
+            # A declared length goes as it is; a body framed by the close, framed to a chunked
+            # answer.
+            self._mode = _FRAME if chunked_out and framing.length is None else _PASS
+        self._sink, self._sink_protocol = sink, request.protocol
+        early, self._early = self._early, []
+        for data in early:
+            if self._complete or self._error is not None:
+                break
+            self._body(data)
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._complete:
+                if self._error is not None:
+                    raise self._error
+                if self._paused:
+                    await request.writer.drain()  # the client's connection takes more again
+                    self._paused = False
+                    if self.transport is not None:
+                        self.transport.resume_reading()
+                    continue
+                self._waiter = loop.create_future()
+                await self._waiter
+        finally:
+            self._waiter = None
+            self._sink = None
+            if not self._complete:
+                self._close()  # the engine aborts a request whose connection closes
+
+    @property
+    def reusable(self) -> bool:
+        framing = self._framing
+        return self._complete and not self.closed and framing is not None and framing.keep_alive
+
+    def abandon(self) -> None:
+        """The exchange is not relayed (a dead engine's answer): the connection is not kept."""
+        self._close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _read_head(self, data: bytes) -> None:
+        buffer = self._head_buffer
+        buffer += data
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > _MAX_HEAD:
+                    self._bad_head("a status line and headers over 64 KiB")
+                return
+            try:
+                head = _parse_head(bytes(buffer[:end]), self._method)
+            except ValueError as exc:
+                self._bad_head(str(exc))
+                return
+            rest = bytes(buffer[end + 4 :])
+            buffer.clear()
+            if 100 <= head.status < 200:  # an interim answer: the real one follows
+                buffer += rest
+                continue
+            break
+        self._framing = head
+        self._remaining = head.length or 0
+        assert self._head is not None
+        self._head.set_result(head)
+        if not head.body or head.length == 0:
+            self._finish()
+            if rest:
+                self._close()  # bytes past the answer: not a connection to keep
+        elif rest:
+            self._early.append(rest)
+
+    def _bad_head(self, why: str) -> None:
+        assert self._head is not None
+        self._head.set_exception(EngineUnreachable(f"the engine did not answer HTTP: {why}"))
+        self._close()
+
+    def _body(self, data: bytes) -> None:
+        framing = self._framing
+        assert framing is not None
+        assert self._sink is not None
+        if self._sink.is_closing():  # the client is gone: so is the engine's request
+            self._fail(ConnectionResetError("the client went away"))
+            return
+        if framing.chunked:
+            self._chunked(data)
+        elif framing.length is not None:
+            if len(data) > self._remaining:
+                self._fail(StreamBroken("the engine sent more than the length it declared"))
+                return
+            self._remaining -= len(data)
+            self._write(data)
+            if not self._remaining:
+                self._finish()
+        else:
+            self._write(data)
+        if not self._complete and getattr(self._sink_protocol, "writing_paused", False):
+            # The client reads slower than the engine writes: stop reading the engine until
+            # the client's connection drains (the relay's task waits for it).
+            self._paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._wake()
+
+    def _chunked(self, data: bytes) -> None:
+        """Pass a chunked body's bytes on as they are (or their data alone), up to its last
+        chunk, reading the framing only where a chunk ends."""
+        chunks = self._chunks
+        if chunks.trailer is not None:
+            self._trailer(data)
+            return
+        if chunks.held:
+            data, chunks.held = chunks.held + data, b""
+        position, size_of = 0, len(data)
+        out: list[bytes] | None = [] if self._mode == _DECHUNK else None
+        while position < size_of:
+            if chunks.remaining:  # inside a chunk: its data, then its CRLF
+                step = min(chunks.remaining, size_of - position)
+                if out is not None:
+                    out.append(data[position : position + max(min(step, chunks.remaining - 2), 0)])
+                position += step
+                chunks.remaining -= step
+                # The CRLF closing the chunk, checked where this read holds it whole.
+                if not chunks.remaining and step >= 2 and data[position - 2 : position] != CRLF:
+                    self._fail(StreamBroken("the engine's chunked framing is broken"))
+                    return
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:  # a size line cut by the read: held back until it is whole
+                if size_of - position > _MAX_SIZE_LINE:
+                    self._fail(StreamBroken("the engine's chunked framing is broken"))
+                    return
+                chunks.held = data[position:]
+                self._pass(data[:position], out)
+                return
+            try:
+                size = int(data[position:newline].split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                self._fail(StreamBroken("the engine's chunked framing is broken"))
+                return
+            if size == 0:  # the last chunk: its marker is the caller's write_eof
+                self._pass(data[:position], out)
+                chunks.trailer = b""
+                self._trailer(data[newline + 1 :])
+                return
+            chunks.remaining = size + 2
+            position = newline + 1
+        self._pass(data, out)
+
+    def _pass(self, data: bytes, out: list[bytes] | None) -> None:
+        if out is None:
+            if data:
+                self._write(data)
+        elif out:
+            self._write(b"".join(out))
+
+    def _trailer(self, data: bytes) -> None:
+        chunks = self._chunks
+        assert chunks.trailer is not None
+        trailer = chunks.trailer + data
+        # The trailer section ends with an empty line: at once (no trailers), or after them.
+        if trailer.startswith(b"\r\n") or b"\r\n\r\n" in trailer:
+            end = 2 if trailer.startswith(b"\r\n") else trailer.index(b"\r\n\r\n") + 4
+            self._finish()
+            if trailer[end:]:
+                self._close()
+            return
+        if len(trailer) > _MAX_HEAD:
+            self._fail(StreamBroken("the engine's trailer is over 64 KiB"))
+            return
+        chunks.trailer = trailer
+
+    def _write(self, data: bytes) -> None:
+        assert self._sink is not None
+        if self._mode == _FRAME:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._sink.write(data)
+
+    def _finish(self) -> None:
+        self._complete = True
+        self.idle_since = time.monotonic()
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _because(exc: Exception | None) -> str:
+    return f": {exc}" if exc else ""
+
+
+def _parse_head(raw: bytes, method: str) -> Head:
+    lines = raw.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ValueError(f"a status line of {lines[0][:80]!r}")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise ValueError(f"a header line of {line[:80]!r}")
+        headers.add(name, value.strip())
+    status = int(code)
+    connection = headers.get("connection", "").lower()
+    head = Head(status, reason, headers)
+    head.keep_alive = version == "HTTP/1.1" and "close" not in connection
+    head.body = method != "HEAD" and status not in _NO_BODY and status >= 200
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        head.chunked = True
+    elif "content-length" in headers:
+        declared = headers["content-length"].strip()
+        if not declared.isdigit():
+            raise ValueError(f"a Content-Length of {declared[:40]!r}")
+        head.length = int(declared)
+    elif head.body:
+        head.keep_alive = False  # framed by the close
+    if not head.body:
+        head.length = 0
+    return head
+
+
+class EngineConnections:
+    """The agent's connections to its engines, kept between exchanges (one pool per engine
+    address). Owned by the agent's server: closed at shutdown."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, int], list[EngineConnection]] = {}
+
+    async def exchange(
+        self, host: str, port: int, method: str, path: str, query: str,
+        headers: Mapping[str, str], body: bytes,
+    ) -> tuple[EngineConnection, Head]:  # fmt: skip
+        """Send the request and read the answer's status line and headers. A kept connection
+        that the engine closed meanwhile (nothing of an answer received) is retried once on a
+        new one: the engine never saw the request."""
+        target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
+        connection = await self._take(host, port)
+        while True:
+            connection.send(method, target, headers, body)
+            try:
+                return connection, await connection.head()
+            except EngineUnreachable:
+                if connection.exchanges == 1 or connection._received:
+                    raise
+                connection = await self._take(host, port, fresh=True)
+            except BaseException:
+                connection.abandon()
+                raise
+
+    def give_back(self, connection: EngineConnection) -> None:
+        """Keep a connection whose exchange ended cleanly; close any other."""
+        if not connection.reusable:
+            connection.abandon()
+            return
+        kept = self._kept.setdefault(connection.key, [])
+        if len(kept) >= KEEP_PER_ENGINE:
+            connection.abandon()
+            return
+        connection.idle_since = time.monotonic()
+        kept.append(connection)
+
+    async def _take(self, host: str, port: int, fresh: bool = False) -> EngineConnection:
+        key = (host, port)
+        kept = self._kept.get(key)
+        now = time.monotonic()
+        while kept and not fresh:
+            connection = kept.pop()
+            if not connection.closed and now - connection.idle_since < KEEP_IDLE_SECONDS:
+                return connection
+            connection.abandon()
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: EngineConnection(key), host, port),
+                CONNECT_SECONDS,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise EngineUnreachable(f"cannot connect to the engine: {exc}") from None
+        return protocol
+
+    def close(self) -> None:
+        for kept in self._kept.values():
+            for connection in kept:
+                connection.abandon()
+        self._kept.clear()
