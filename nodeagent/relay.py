@@ -144,7 +144,10 @@ class EngineConnection(asyncio.Protocol):
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         lines.append(f"Content-Length: {len(body)}")
-        self.transport.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body)
+        # (aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: the same
+        # bytes go on)
+        head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        self.transport.write(head + b"\r\n\r\n" + body)
 
     async def head(self) -> Head:
         assert self._head is not None
@@ -445,7 +448,9 @@ class EngineConnections:
         now = time.monotonic()
         while kept and not fresh:
             connection = kept.pop()
-            if not connection.closed and now - connection.idle_since < KEEP_IDLE_SECONDS:
+            transport = connection.transport
+            fresh_enough = now - connection.idle_since < KEEP_IDLE_SECONDS
+            if transport is not None and not transport.is_closing() and fresh_enough:
                 return connection
             connection.abandon()
         loop = asyncio.get_running_loop()

@@ -340,3 +340,29 @@ async def test_a_slow_client_pauses_the_engine_and_loses_nothing(agent, scripted
     # Without the pause the agent would have taken all 32 MiB at once, the client a few KiB.
     assert read_when_written[0] >= total * len(block) - 16 * 2**20
     assert agent.server.registry.slots["org/tiny"].in_flight == 0
+
+
+async def test_the_request_reaches_the_engine_as_the_client_sent_it(agent, scripted):
+    """Header bytes as they came (UTF-8 included), the query string as it was; the agent's
+    token and hop-by-hop headers dropped."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    engine = await scripted(answer)
+    host, port = agent.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /models/org/tiny/v1/chat/completions?a=1&b=%20 HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: {agent.headers['Authorization']}\r\n".encode()
+        + b"X-Note: caf\xc3\xa9\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    assert (await reader.read()).startswith(b"HTTP/1.1 204")
+    writer.close()
+    (sent,) = engine.requests
+    assert sent.startswith(b"POST /v1/chat/completions?a=1&b=%20 HTTP/1.1\r\n")
+    assert b"\r\nX-Note: caf\xc3\xa9\r\n" in sent
+    assert b"Authorization" not in sent
+    assert b"Connection" not in sent
+    assert sent.endswith(b"\r\n\r\n{}")
