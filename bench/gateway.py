@@ -26,8 +26,12 @@ engine's are), through a second agent serving such an engine, and through the
 gateway to that agent: tokens per second, and the CPU microseconds per relayed
 chunk (one SSE event, one token) of the gateway and of the agent, read from
 /proc while that path streams. The agent runs its sim engine in its own process,
-so its figure holds the engine's work too: the direct path's row gives the sim
-engine's own (RESULT `cpu_us_per_chunk_sim_engine`). `--baseline REF` (the
+so its figure holds the engine's work too: the direct paths' rows give the sim
+engine's own, on asyncio's loop (RESULT `cpu_us_per_chunk_sim_engine`, the
+baseline agent's loop) and on uvloop (`..._uvloop`, this code's agent's loop).
+`cpu_per_chunk_vs_baseline` compares gateway + agent, sim engines included;
+`relay_cpu_per_chunk_vs_baseline` the relay alone, each agent less its sim
+engine's own. `--baseline REF` (the
 code before the warm-path work by default) runs a second gateway and streaming
 agent from that commit (a git worktree, the same virtual environment and
 database, a model of their own) and measures them the same way, round by round
@@ -372,6 +376,10 @@ def main() -> None:
         "--profile", metavar="SECONDS", type=float, default=0,
         help="sample the gateway and the agent with py-spy while the gateway streams (c=32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile-load", choices=["stream", "requests"], default="stream",
+        help="what --profile samples: streams at c=32, or non-streaming requests at c=1",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.requests, args.rounds = 40, 1
@@ -390,24 +398,29 @@ def main() -> None:
         LOG_LEVEL="WARNING",
         PYTHONPATH="",
     )
-    engine_port, embed_port, stream_port, litellm_port, router_port = (
-        free_port() for _ in range(5)
+    engine_port, embed_port, stream_port, stream_uv_port, litellm_port, router_port = (
+        free_port() for _ in range(6)
     )
     processes: list[subprocess.Popen[bytes]] = []
     peers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     tree: Path | None = None
     stacks = {"ours": Stack("bench", ROOT, env, work, args.tpot_ms)}
     try:
-        for model, port, runner, tpot in (
-            ("bench/sim", engine_port, "generate", 0.0),
-            ("bench/embed", embed_port, "pooling", 0.0),
-            ("bench/stream", stream_port, "generate", args.tpot_ms),
+        # The stream engine twice: on asyncio's loop and on uvloop, the loops this code's agent
+        # and the baseline's run their in-process sim engines on: each one's own CPU is what
+        # its agent's figure holds besides the relay.
+        for model, port, runner, tpot, loop in (
+            ("bench/sim", engine_port, "generate", 0.0, "asyncio"),
+            ("bench/embed", embed_port, "pooling", 0.0, "asyncio"),
+            ("bench/stream", stream_uv_port, "generate", args.tpot_ms, "uvloop"),
+            ("bench/stream", stream_port, "generate", args.tpot_ms, "asyncio"),
         ):
             processes.append(start([sys.executable, "-m", "nodeagent.engines.sim", "--model-id", model,
                                     "--port", str(port), "--ttft-ms", "0", "--tpot-ms", str(tpot),
-                                    "--max-num-seqs", "256", "--runner", runner], env,
-                                   work / f"engine-{model.rsplit('/', 1)[1]}.log"))  # fmt: skip
-        stream_engine = processes[-1]
+                                    "--max-num-seqs", "256", "--runner", runner,
+                                    "--event-loop", loop], env,
+                                   work / f"engine-{model.rsplit('/', 1)[1]}-{loop}.log"))  # fmt: skip
+        stream_engine_uv, stream_engine = processes[-2:]
         subprocess.run(
             [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True
         )
@@ -428,7 +441,7 @@ def main() -> None:
                      "print(create_api_key('bench')[1])", env)  # fmt: skip
         for name, stack in stacks.items():
             processes.append(stack.start_web(args.server if name == "ours" else "daphne"))
-        for port in (engine_port, embed_port, stream_port):
+        for port in (engine_port, embed_port, stream_port, stream_uv_port):
             wait_for(partial(answers, f"http://127.0.0.1:{port}/health"), 30, "the engines")
         if not args.no_litellm:
             litellm = start_litellm(engine_port, litellm_port, work)
@@ -492,6 +505,13 @@ def main() -> None:
                 None,
                 "bench/stream",
             ),
+            "direct (uvloop)": (
+                f"http://127.0.0.1:{stream_uv_port}{chat}",
+                {},
+                stream_engine_uv,
+                None,
+                "bench/stream",
+            ),
         }
         for name, stack in stacks.items():
             label = "" if name == "ours" else "baseline "
@@ -506,13 +526,19 @@ def main() -> None:
             )  # fmt: skip
         streams: dict[tuple[str, int], list[dict[str, float]]] = {}
         profiles: dict[str, list[str]] = {}
-        if args.profile:
+        if args.profile and args.profile_load == "stream":
             url, headers, _, _, model = stream_paths["gateway"]
             profiles = asyncio.run(profiled(
                 {f"gateway ({args.server})": ours.web,
                  "agent (and its in-process sim engine)": ours.stream.process},
                 args.profile,
                 partial(stream_load, url, headers, 64, 32, STREAM_BODY | {"model": model}),
+            ))  # fmt: skip
+        elif args.profile:  # one request at a time: what a request's added latency is made of
+            url, headers, _, _ = paths["chat", "gateway"]
+            profiles = asyncio.run(profiled(
+                {f"gateway ({args.server})": ours.web, "agent": ours.plain.process},
+                args.profile, partial(measure, url, headers, 200, 1),
             ))  # fmt: skip
         for _ in range(args.rounds):
             for name, (url, headers, proxy, agent, model) in stream_paths.items():
@@ -674,6 +700,7 @@ def report(
     gateway_us = median_of(streams["gateway", 32], "proxy_us")
     agent_us = median_of(streams["gateway", 32], "agent_us")
     engine_us = median_of(streams["direct", 32], "proxy_us")
+    engine_uv_us = median_of(streams["direct (uvloop)", 32], "proxy_us")
     fields += [
         f"stream_tok_s_ratio={ratio:.2f}",
         f"stream_tok_s_ratio_c1="
@@ -681,6 +708,7 @@ def report(
         f"cpu_us_per_chunk_gateway={gateway_us:.1f}",
         f"cpu_us_per_chunk_agent={agent_us:.1f}",
         f"cpu_us_per_chunk_sim_engine={engine_us:.1f}",
+        f"cpu_us_per_chunk_sim_engine_uvloop={engine_uv_us:.1f}",
     ]
     if ("baseline gateway", 32) in streams:
         base_gateway = median_of(streams["baseline gateway", 32], "proxy_us")
@@ -689,6 +717,10 @@ def report(
             f"baseline_cpu_us_per_chunk_gateway={base_gateway:.1f}",
             f"baseline_cpu_us_per_chunk_agent={base_agent:.1f}",
             f"cpu_per_chunk_vs_baseline={(gateway_us + agent_us) / (base_gateway + base_agent):.2f}",
+            # The relay alone: each agent less its in-process sim engine's own CPU (this code's
+            # agent runs on uvloop, the baseline's on asyncio's loop).
+            "relay_cpu_per_chunk_vs_baseline="
+            f"{(gateway_us + agent_us - engine_uv_us) / (base_gateway + base_agent - engine_us):.2f}",
         ]
     print("RESULT " + " ".join(fields))
 

@@ -9,9 +9,16 @@ start `llmfleet/tiny` with one request, finds the engine's own port, then runs v
 load generator (`vllm.benchmarks.serve` from `.venv-engine`: random prompts of 32 tokens,
 64 out with `--ignore-eos`, text completions) against the gateway (with the fleet's demo
 API key) and straight at the engine, alternated `--pairs` times, each path first in turn.
-Prints each run's requests/s, TTFT and ITL (p50, p99), then the medians per path and:
+Prints each run's requests/s, TTFT and ITL (p50, p99), the CPU each of the fleet's
+processes and the load generator spent per request (read from /proc around each run), then
+the medians per path and:
 
-    RESULT gateway_rps=… direct_rps=… rps_ratio=… itl_p99_added_ms=… ttft_p50_added_ms=…
+    RESULT gateway_rps=… direct_rps=… cpu_per_request_ratio=… rps_ratio=… itl_p99_added_ms=…
+        ttft_p50_added_ms=…
+
+`cpu_per_request_ratio`: the whole machine's CPU per request through the gateway over
+straight to the engine. The engine saturates this machine, so it bounds `rps_ratio` without
+the runs' noise (direct runs alone vary by a quarter here).
 
 Targets (issue 28): rps_ratio >= 0.95, itl_p99_added_ms <= 5. `--quick` runs one small pair
 (what the test suite runs: the fleet's start with real vLLM is most of its minute).
@@ -24,6 +31,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -99,6 +107,41 @@ def generate_load(
     return {name: float(result[name]) for name in FIGURES}
 
 
+# What each of the fleet's processes is: by its name (vLLM names its engine core process),
+# else by the module its command line runs (the first that matches).
+ROLES = (("VLLM::EngineCor", "engine core"), ("VLLM::Worker", "engine worker"),
+         ("-m nodeagent", "agent"),
+         ("-m controlplane.web", "web"), ("-m celery", "celery"), ("vllm", "engine api"),
+         ("-m controlplane.fleet", "fleet"))  # fmt: skip
+
+
+def fleet_cpu(root: int) -> dict[str, float]:
+    """CPU seconds so far of the fleet's processes (`root` and everything below it), by role;
+    a process that ended is not counted, so compare figures of one run."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    seconds: dict[str, float] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        role = next((name for mark, name in ROLES if comm == mark or mark in command), "other")
+        ticks = int(fields[11]) + int(fields[12])
+        seconds[role] = seconds.get(role, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
@@ -110,6 +153,7 @@ def main() -> None:
         args.pairs, args.prompts, args.concurrency = 1, 16, 4
     work, base, _, fleet = own_fleet("llmfleet-bench-real-", standby=True)
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "direct": []}
+    cpus: dict[str, list[dict[str, float]]] = {"gateway": [], "direct": []}
     try:
         key = (work / "var" / "demo-api-key").read_text().strip()
         print(f"the fleet's first request starts {MODEL} ...", flush=True)
@@ -124,8 +168,16 @@ def main() -> None:
             order = ["gateway", "direct"] if pair % 2 == 0 else ["direct", "gateway"]
             for name in order:
                 url, path_key = paths[name]
+                cpu_before = fleet_cpu(fleet.pid)
+                client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 figures = generate_load(url, path_key, tokenizer, args,
                                         results / f"{pair}-{name}.json")  # fmt: skip
+                client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = {role: spent - cpu_before.get(role, 0.0)
+                       for role, spent in fleet_cpu(fleet.pid).items()}  # fmt: skip
+                cpu["load generator"] = (client_after.ru_utime + client_after.ru_stime
+                                         - client_before.ru_utime - client_before.ru_stime)  # fmt: skip
+                cpus[name].append(cpu)
                 runs[name].append(figures)
                 print(f"{pair + 1:<5}{name:<9}{figures['request_throughput']:8.1f}"
                       f"{figures['p50_ttft_ms']:10.1f}{figures['p99_ttft_ms']:10.1f}"
@@ -137,12 +189,30 @@ def main() -> None:
     def median(path: str, figure: str) -> float:
         return statistics.median(run[figure] for run in runs[path])
 
+    # Where the machine's CPU went, per request: what the gateway's path costs besides the
+    # gateway and the agent shows as more of the engine's or the load generator's.
+    roles = sorted({role for path in cpus.values() for run in path for role in run})
+    print(
+        f"\nCPU ms per request (medians of the runs): {'':<4}" + "".join(f"{r:>15}" for r in roles)
+    )
+    for path, path_runs in cpus.items():
+        per_request = [
+            {role: run.get(role, 0.0) * 1000 / args.prompts for role in roles} for run in path_runs
+        ]
+        print(f"{path:<45}" + "".join(
+            f"{statistics.median(run[role] for run in per_request):15.2f}" for role in roles))  # fmt: skip
+
     gateway_rps, direct_rps = (
         median("gateway", "request_throughput"),
         median("direct", "request_throughput"),
     )
+    # The machine's CPU per request, everything counted: on a machine the engine saturates,
+    # requests/s goes as its inverse, without the runs' noise.
+    totals = {path: statistics.median(sum(run.values()) for run in path_runs)
+              for path, path_runs in cpus.items()}  # fmt: skip
     print(
         f"\nRESULT gateway_rps={gateway_rps:.2f} direct_rps={direct_rps:.2f} "
+        f"cpu_per_request_ratio={totals['gateway'] / totals['direct']:.3f} "
         f"rps_ratio={gateway_rps / direct_rps:.3f} "
         f"itl_p99_added_ms={median('gateway', 'p99_itl_ms') - median('direct', 'p99_itl_ms'):.2f} "
         f"ttft_p50_added_ms={median('gateway', 'p50_ttft_ms') - median('direct', 'p50_ttft_ms'):.2f}"

@@ -598,13 +598,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--runner", choices=["generate", "pooling"], default="generate",
         help="pooling: serve /v1/embeddings (an embedding model), as vLLM's pooling runner",
     )  # fmt: skip
+    parser.add_argument(
+        "--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
+        help="uvloop: the loop an agent runs its in-process sim engines on (bench/gateway.py "
+        "measures the sim's own CPU on both)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     settings = SimSettings(0.0, args.ttft_ms, args.tpot_ms, args.wake_seconds, args.max_num_seqs)
+    loop = None
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     web.run_app(
         SimServer(args.model_id, settings, args.runner == "pooling").app(),
         host=args.host,
         port=args.port,
         access_log=None,
+        loop=loop,
     )
 
 

@@ -289,7 +289,7 @@ def _restart(name: str) -> Callable[[World], None]:
         if name in ("loader", "worker"):
             wait_for(lambda: world.plane.log(name).count("ready.") >= 2, 60, f"{name} ready")
         if name.startswith("web"):
-            port = world.plane.commands[name][world.plane.commands[name].index("-p") + 1]
+            port = world.plane.commands[name][world.plane.commands[name].index("--port") + 1]
             wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 30, f"{name} ready")
 
     return heal

@@ -38,6 +38,8 @@ FAST = {
     "EVICTION_INTERVAL_SECONDS": "1",
     "COLD_START_TIMEOUT_SECONDS": "180",
     "GATEWAY_CACHE_SECONDS": "0",
+    # A stopping web process lets its streams finish for this long: within stop()'s wait.
+    "WEB_DRAIN_SECONDS": "5",
 }
 
 
