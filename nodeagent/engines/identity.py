@@ -78,6 +78,8 @@ class EngineUser:
         supplementary group of the agent's. A preexec_fn, not `user`/`group`/`extra_groups`:
         uvloop (the agent's loop) refuses those. It runs in the forked child before exec and
         only makes three system calls, which take no lock a thread of the agent could hold."""
+        if self.uid == os.geteuid() != 0:  # the agent's own user: nothing to become
+            return {}
         return {"preexec_fn": partial(_become, self.uid, self.gid)}
 
     def own(self, *paths: Path) -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -258,8 +259,8 @@ class StandbyPool:
     async def _bring_up(self) -> None:
         try:
             standby = await self._launch()
-        except (OSError, ValueError, TimeoutError) as exc:
-            self._failed(str(exc))
+        except (OSError, subprocess.SubprocessError, ValueError, TimeoutError) as exc:
+            self._failed(str(exc))  # (SubprocessError: the engine user's preexec_fn failed)
             return
         finally:
             self.starting -= 1

@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -170,7 +171,7 @@ class VllmEngine:
                     start_new_session=True,
                     **identity.process_options(self.user),
                 )
-            except OSError as exc:
+            except (OSError, subprocess.SubprocessError) as exc:  # (the latter: preexec_fn's)
                 raise EngineError(
                     "engine_start_failed", f"cannot run {self.argv[0]}: {exc}"
                 ) from None
