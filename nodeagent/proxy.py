@@ -174,7 +174,7 @@ class InferenceProxy:
                 status=head.status, reason=head.reason,
                 headers=_filtered(head.headers, _RESPONSE_DROP),
             )  # fmt: skip
-            if head.length is not None:
+            if head.body and head.length is not None:  # (a HEAD's length is the engine's)
                 response.content_length = head.length
             await response.prepare(request)
             if head.body and head.length != 0:

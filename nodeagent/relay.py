@@ -31,6 +31,9 @@ from multidict import CIMultiDict
 KEEP_IDLE_SECONDS = 2.0
 KEEP_PER_ENGINE = 256
 CONNECT_SECONDS = 5.0
+# A kept connection that fails this soon after a request went out on it, before any answer,
+# was closed by its engine before the request arrived (its keep-alive ran out).
+_STALE_SECONDS = 0.1
 _MAX_HEAD = 64 * 1024  # an engine's status line and headers
 _MAX_SIZE_LINE = 1024  # a chunk's size line (extensions included)
 _NO_BODY = {204, 304}
@@ -66,6 +69,7 @@ class _Chunks:
 
     remaining: int = 0  # bytes left of the current chunk, its closing CRLF included
     held: bytes = b""  # a size line cut by a read, held back until it is whole
+    crlf: bytes = b""  # the current chunk's closing CRLF so far
     trailer: bytes | None = None  # set once the last chunk is seen: the trailer so far
 
 
@@ -94,6 +98,8 @@ class EngineConnection(asyncio.Protocol):
         self._complete = False
         self._error: BaseException | None = None
         self._paused = False
+        self._lost: tuple[Exception | None] | None = None  # a close before the relay began
+        self._sent_at = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -124,10 +130,19 @@ class EngineConnection(asyncio.Protocol):
                 EngineUnreachable(f"the engine closed the connection{_because(exc)}")
             )
         elif self._framing is not None and not self._complete:
-            if self._framing.length is None and not self._framing.chunked:
-                self._finish()  # an answer framed by the close ends with it
+            if self._sink is None:  # the bytes before it are not relayed yet: they come first
+                self._lost = (exc,)
             else:
-                self._fail(StreamBroken(f"the engine's answer broke off{_because(exc)}"))
+                self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        """The engine closed the connection with the answer not yet complete."""
+        framing = self._framing
+        assert framing is not None
+        if framing.length is None and not framing.chunked and exc is None:
+            self._finish()  # an answer framed by the close ends with it
+        else:
+            self._fail(StreamBroken(f"the engine's answer broke off{_because(exc)}"))
 
     # -- the exchange --------------------------------------------------------------------
 
@@ -139,7 +154,7 @@ class EngineConnection(asyncio.Protocol):
         self._head_buffer.clear()
         self._framing, self._sink, self._waiter, self._error = None, None, None, None
         self._complete, self._paused, self._early, self._received = False, False, [], 0
-        self._chunks = _Chunks()
+        self._chunks, self._lost, self._sent_at = _Chunks(), None, time.monotonic()
         host, port = self.key
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -177,6 +192,8 @@ class EngineConnection(asyncio.Protocol):
             if self._complete or self._error is not None:
                 break
             self._body(data)
+        if self._lost is not None and not self._complete and self._error is None:
+            self._ended(self._lost[0])  # the engine closed before the relay began
         loop = asyncio.get_running_loop()
         try:
             while not self._complete:
@@ -195,6 +212,17 @@ class EngineConnection(asyncio.Protocol):
             self._sink = None
             if not self._complete:
                 self._close()  # the engine aborts a request whose connection closes
+
+    @property
+    def stale(self) -> bool:
+        """Whether this exchange failed as one on a kept connection that its engine had closed
+        does: at once, and before a byte of an answer. Only then is it sure the engine did not
+        work on the request, and it may be sent again."""
+        return (
+            self.exchanges > 1
+            and not self._received
+            and time.monotonic() - self._sent_at < _STALE_SECONDS
+        )
 
     @property
     def reusable(self) -> bool:
@@ -272,7 +300,8 @@ class EngineConnection(asyncio.Protocol):
 
     def _chunked(self, data: bytes) -> None:
         """Pass a chunked body's bytes on as they are (or their data alone), up to its last
-        chunk, reading the framing only where a chunk ends."""
+        chunk, reading the framing where a chunk ends. The framing is checked as strictly as
+        HTTP has it (hex sizes, CRLFs), since the client's parser reads the same bytes."""
         chunks = self._chunks
         if chunks.trailer is not None:
             self._trailer(data)
@@ -284,14 +313,18 @@ class EngineConnection(asyncio.Protocol):
         while position < size_of:
             if chunks.remaining:  # inside a chunk: its data, then its CRLF
                 step = min(chunks.remaining, size_of - position)
+                data_left = max(chunks.remaining - 2, 0)
                 if out is not None:
-                    out.append(data[position : position + max(min(step, chunks.remaining - 2), 0)])
+                    out.append(data[position : position + min(step, data_left)])
+                if step > data_left:  # (some of) the closing CRLF, perhaps cut by a read
+                    chunks.crlf += data[position + data_left : position + step]
                 position += step
                 chunks.remaining -= step
-                # The CRLF closing the chunk, checked where this read holds it whole.
-                if not chunks.remaining and step >= 2 and data[position - 2 : position] != CRLF:
-                    self._fail(StreamBroken("the engine's chunked framing is broken"))
-                    return
+                if not chunks.remaining:
+                    if chunks.crlf != CRLF:
+                        self._fail(StreamBroken("the engine's chunked framing is broken"))
+                        return
+                    chunks.crlf = b""
                 continue
             newline = data.find(b"\n", position)
             if newline < 0:  # a size line cut by the read: held back until it is whole
@@ -301,11 +334,8 @@ class EngineConnection(asyncio.Protocol):
                 chunks.held = data[position:]
                 self._pass(data[:position], out)
                 return
-            try:
-                size = int(data[position:newline].split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                size = -1
-            if size < 0:
+            size = _chunk_size(data[position : newline + 1])
+            if size is None:
                 self._fail(StreamBroken("the engine's chunked framing is broken"))
                 return
             if size == 0:  # the last chunk: its marker is the caller's write_eof
@@ -367,6 +397,19 @@ class EngineConnection(asyncio.Protocol):
             self.transport.close()
 
 
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """A chunk's size from its line (`1a;ext=v\\r\\n`), or None when it is not one."""
+    if not line.endswith(CRLF) or len(line) > _MAX_SIZE_LINE:
+        return None
+    digits = line[:-2].split(b";", 1)[0]
+    if not digits or not _HEX.issuperset(digits):
+        return None
+    return int(digits, 16)
+
+
 def _because(exc: Exception | None) -> str:
     return f": {exc}" if exc else ""
 
@@ -423,7 +466,7 @@ class EngineConnections:
             try:
                 return connection, await connection.head()
             except EngineUnreachable:
-                if connection.exchanges == 1 or connection._received:
+                if not connection.stale:
                     raise
                 connection = await self._take(host, port, fresh=True)
             except BaseException:

@@ -144,14 +144,40 @@ async def test_declared_lengths_and_the_close_frame_an_answer_as_the_engine_did(
 @pytest.mark.parametrize(
     ("tail", "why"),
     [
-        (b"5\r\nabc", "broke off"),  # the engine closes mid-chunk
-        (b"zz\r\nabc\r\n", "framing"),  # a size line that is not hex
-        (b"3\r\nabcXY0\r\n\r\n", "framing"),  # a chunk not closed by CRLF
+        ([b"5\r\nabc"], "broke off"),  # the engine closes mid-chunk
+        ([b"zz\r\nabc\r\n"], "framing"),  # a size line that is not hex
+        ([b"0x3\r\nabc\r\n"], "framing"),  # nor is this, for all Python's int() takes it
+        ([b"3\nabc\r\n"], "framing"),  # a size line without its CR
+        ([b"3\r\nabcXY0\r\n\r\n"], "framing"),  # a chunk not closed by CRLF
+        ([b"3\r\nabc\r", b"X0\r\n\r\n"], "framing"),  # nor here, the CRLF cut by a read
     ],
 )
 async def test_an_answer_that_breaks_off_or_turns_to_garbage_is_stream_broken(tail, why):
     with pytest.raises(StreamBroken, match=why):
-        await relayed([HEAD, tail], close=True)
+        await relayed([HEAD, *tail], close=True)
+
+
+async def test_an_answer_whose_engine_closed_before_the_relay_began_is_relayed_whole():
+    """The engine answers and closes (uvicorn's own 500: `Connection: close`) while the proxy
+    is still busy between the status line and the relay: the bytes already read go first."""
+    body = b"Internal Server Error"
+    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: %d\r\n" % len(body)
+    for answer, chunked_out in (
+        (head + b"Connection: close\r\n\r\n" + body, False),
+        (b"HTTP/1.1 500 Oops\r\nConnection: close\r\n\r\n" + body, True),  # framed by the close
+        (HEAD + CHUNKED + b"0\r\n\r\n", True),
+    ):
+        connection = EngineConnection(("127.0.0.1", 1))
+        connection.connection_made(Transport())
+        connection.send("POST", "/v1/completions", {}, b"{}")
+        connection.data_received(answer)
+        await connection.head()
+        connection.connection_lost(None)  # before the relay: the proxy was checking /health
+        client = Client()
+        await asyncio.wait_for(connection.relay(client, chunked_out), 1)
+        relayed_bytes = bytes(client.transport.data)
+        assert relayed_bytes in (body, b"15\r\n" + body + b"\r\n", CHUNKED), relayed_bytes
+        assert not connection.reusable
 
 
 async def test_an_engine_that_closes_or_answers_garbage_before_its_status_is_unreachable():
@@ -182,6 +208,8 @@ class ScriptedEngine:
         self.connections = 0
         self.requests: list[bytes] = []
         self.drop_next = False  # close the connection on the next request, unanswered
+        self.hold_next = 0.0  # take the next request, then close after this long, unanswered
+        self.healthy = False  # answer GET /health 200 whatever the script says
         self.close_after = False  # close the connection after the next answer
         self.server: asyncio.Server | None = None
 
@@ -191,12 +219,21 @@ class ScriptedEngine:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"content-length:")), 0,
                 )  # fmt: skip
                 body = await reader.readexactly(length)
+                if self.healthy and head.startswith(b"GET /health "):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
                 if self.drop_next:
                     self.drop_next = False
+                    return
+                if self.hold_next:
+                    self.requests.append(head + body)
+                    await asyncio.sleep(self.hold_next)
+                    self.hold_next = 0.0
                     return
                 self.requests.append(head + body)
                 await self.answer(reader, writer)
@@ -262,6 +299,13 @@ async def test_a_kept_connection_is_reused_and_one_the_engine_closed_is_retried(
     await asyncio.sleep(0.05)  # the close reaches the agent
     await post()
     assert (engine.connections, len(engine.requests)) == (3, 6)
+    # One the engine closes after working on the request a while (it crashed, say) is not
+    # sent again: the engine may have done the work. The gateway hears engine_unreachable.
+    engine.hold_next = 0.3
+    async with agent.http.post(url_of(agent), json={}, headers=agent.headers) as response:
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "engine_unreachable"
+    assert (engine.connections, len(engine.requests)) == (3, 7)
 
 
 async def test_a_stream_the_engine_cuts_is_cut_for_the_client_and_counted(agent, scripted):
@@ -366,3 +410,23 @@ async def test_the_request_reaches_the_engine_as_the_client_sent_it(agent, scrip
     assert b"Authorization" not in sent
     assert b"Connection" not in sent
     assert sent.endswith(b"\r\n\r\n{}")
+
+
+async def test_a_server_error_that_closes_its_connection_reaches_the_client_whole(agent, scripted):
+    """uvicorn answers an exception of its application with a 500 and `Connection: close`,
+    and closes at once; the agent, checking the engine's /health meanwhile (a live one),
+    relays that answer whole."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"connection: close\r\ncontent-length: 21\r\n\r\nInternal Server Error"
+        )
+        await writer.drain()
+        writer.close()
+
+    engine = await scripted(answer)
+    engine.healthy = True
+    async with agent.http.post(url_of(agent), json={}, headers=agent.headers) as response:
+        assert (response.status, await response.read()) == (500, b"Internal Server Error")
+    assert agent.server.registry.slots["org/tiny"].serving
