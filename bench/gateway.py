@@ -380,6 +380,10 @@ def main() -> None:
         "--profile-load", choices=["stream", "requests"], default="stream",
         help="what --profile samples: streams at c=32, or non-streaming requests at c=1",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile-out", metavar="DIR", type=Path,
+        help="keep --profile's stacks there (py-spy's collapsed format: gateway.folded, ...)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.requests, args.rounds = 40, 1
@@ -533,12 +537,13 @@ def main() -> None:
                  "agent (and its in-process sim engine)": ours.stream.process},
                 args.profile,
                 partial(stream_load, url, headers, 64, 32, STREAM_BODY | {"model": model}),
+                args.profile_out,
             ))  # fmt: skip
         elif args.profile:  # one request at a time: what a request's added latency is made of
             url, headers, _, _ = paths["chat", "gateway"]
             profiles = asyncio.run(profiled(
                 {f"gateway ({args.server})": ours.web, "agent": ours.plain.process},
-                args.profile, partial(measure, url, headers, 200, 1),
+                args.profile, partial(measure, url, headers, 200, 1), args.profile_out,
             ))  # fmt: skip
         for _ in range(args.rounds):
             for name, (url, headers, proxy, agent, model) in stream_paths.items():
@@ -579,6 +584,7 @@ async def profiled(
     processes: dict[str, subprocess.Popen[bytes]],
     seconds: float,
     load: Callable[[], Awaitable[object]],
+    keep: Path | None = None,
 ) -> dict[str, list[str]]:
     """Sample `processes` with py-spy for `seconds` while `load` runs (repeated until then);
     each one's busiest functions, by samples with that function on top (self) and anywhere on
@@ -611,6 +617,10 @@ async def profiled(
     for process in spies:
         await process.wait()
     found = {name: summarize(out / name) for name in processes}
+    if keep is not None:  # py-spy's collapsed stacks, for a flame graph (e.g. inferno, speedscope)
+        os.makedirs(keep, exist_ok=True)
+        for name in processes:
+            shutil.copy(out / name, keep / f"{name.split(' ')[0]}.folded")
     shutil.rmtree(out, ignore_errors=True)
     return found
 
