@@ -9,6 +9,7 @@ which closes the upstream connection, and the engine aborts the request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import posixpath
 import time
 from urllib.parse import urlsplit
@@ -86,6 +87,15 @@ def split_model_path(rest: str) -> tuple[str, str]:
     return model_id, tail
 
 
+@functools.lru_cache(maxsize=256)
+def _address(url: str) -> tuple[str, int]:
+    """An engine's host and port from its URL (parsed once per engine, not per request)."""
+    where = urlsplit(url)
+    assert where.hostname is not None
+    assert where.port is not None
+    return where.hostname, where.port
+
+
 def _filtered(
     headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders, drop: set[str]
 ) -> CIMultiDict[str]:
@@ -146,12 +156,10 @@ class InferenceProxy:
         path: str,
         body: bytes,
     ) -> web.StreamResponse:
-        where = urlsplit(engine.url)
-        assert where.hostname is not None
-        assert where.port is not None
+        host, port = _address(engine.url)
         try:
             connection, head = await self.engines.exchange(
-                where.hostname, where.port, request.method, path, request.rel_url.raw_query_string,
+                host, port, request.method, path, request.rel_url.raw_query_string,
                 _filtered(request.headers, _REQUEST_DROP), body,
             )  # fmt: skip
         except EngineUnreachable as exc:

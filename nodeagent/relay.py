@@ -79,9 +79,8 @@ class EngineConnection(asyncio.Protocol):
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.closed = False
         self.exchanges = 0  # begun on this connection
-        self.idle_since = time.monotonic()
+        self.idle_since = 0.0  # when it was last kept (give_back)
         # The exchange under way.
         self._method = "GET"
         self._head_buffer = bytearray()
@@ -123,7 +122,6 @@ class EngineConnection(asyncio.Protocol):
         return False  # close: an engine half-closing is done with this connection
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         self.transport = None
         if self._head is not None and not self._head.done():
             self._head.set_exception(
@@ -223,6 +221,11 @@ class EngineConnection(asyncio.Protocol):
             and not self._received
             and time.monotonic() - self._sent_at < _STALE_SECONDS
         )
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or closing: by the engine (`connection_lost`) or by this side (`_close`)."""
+        return self.transport is None or self.transport.is_closing()
 
     @property
     def reusable(self) -> bool:
@@ -378,7 +381,6 @@ class EngineConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         self._complete = True
-        self.idle_since = time.monotonic()
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
@@ -392,7 +394,6 @@ class EngineConnection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _close(self) -> None:
-        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -491,9 +492,7 @@ class EngineConnections:
         now = time.monotonic()
         while kept and not fresh:
             connection = kept.pop()
-            transport = connection.transport
-            fresh_enough = now - connection.idle_since < KEEP_IDLE_SECONDS
-            if transport is not None and not transport.is_closing() and fresh_enough:
+            if not connection.closed and now - connection.idle_since < KEEP_IDLE_SECONDS:
                 return connection
             connection.abandon()
         loop = asyncio.get_running_loop()
