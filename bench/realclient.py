@@ -119,26 +119,27 @@ def fleet_cpu(root: int) -> dict[str, float]:
     """CPU seconds so far of the fleet's processes (`root` and everything below it), by role;
     a process that ended is not counted, so compare figures of one run."""
     children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}  # user + system, of each process read
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = int(fields[11]) + int(fields[12])
     seconds: dict[str, float] = {}
     todo = [root]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
         role = next((name for mark, name in ROLES if comm == mark or mark in command), "other")
-        ticks = int(fields[11]) + int(fields[12])
-        seconds[role] = seconds.get(role, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+        seconds[role] = seconds.get(role, 0.0) + ticks.get(pid, 0) / os.sysconf("SC_CLK_TCK")
     return seconds
 
 
