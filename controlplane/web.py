@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from controlplane.env import env_int, env_str
+from controlplane.webprotocol import HttpProtocol
 
 APPLICATION = "controlplane.asgi:application"
 
@@ -33,7 +34,7 @@ def config(host: str, port: int, drain_seconds: int) -> uvicorn.Config:
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,  # httptools, a response's head sent with its body (webprotocol)
         ws="websockets-sansio",  # the dashboard's socket
         lifespan="on",  # the shutdown's last writes; a failing start-up stops the process
         timeout_graceful_shutdown=drain_seconds,
