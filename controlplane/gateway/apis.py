@@ -115,3 +115,8 @@ def usage_tokens(usage: dict[str, Any]) -> tuple[int, int]:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+# The four POST endpoints by their full paths: the /v1 handler serves these itself, without
+# Django's request object (handler.ApiHandler.serve_api; views.py serves the same through it).
+API_BY_PATH = {f"/v1/{api.value}": api for api in Api}

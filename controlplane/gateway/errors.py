@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from django.conf import settings
@@ -73,16 +73,22 @@ def openai_errors(
 
     @functools.wraps(view)
     async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R | JsonResponse:
-        try:
-            return await view(*args, **kwargs)
-        except DatabaseError as exc:
-            return await database_away(exc)
-        except Exception:
-            from controlplane.gateway.handler import REQUEST_ID
+        from controlplane.gateway.handler import REQUEST_ID
 
-            request = args[0] if args else None
-            request_id = getattr(request, "scope", {}).get(REQUEST_ID, "-")
-            log.exception("request %s: a /v1 request failed", request_id)
-            return openai_error(500, "The server had an error processing your request.")
+        request = args[0] if args else None
+        return await answered(
+            view(*args, **kwargs), getattr(request, "scope", {}).get(REQUEST_ID, "-")
+        )
 
     return wrapped
+
+
+async def answered(answer: Awaitable[R], request_id: str) -> R | JsonResponse:
+    """`answer`'s response; when it fails unexpectedly, the OpenAI-shaped one (`openai_errors`)."""
+    try:
+        return await answer
+    except DatabaseError as exc:
+        return await database_away(exc)
+    except Exception:
+        log.exception("request %s: a /v1 request failed", request_id)
+        return openai_error(500, "The server had an error processing your request.")

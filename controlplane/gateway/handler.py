@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -34,7 +36,13 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import connections
+from django.http.response import HttpResponseBase
 from django.urls import set_script_prefix
+
+from controlplane.gateway.apis import API_BY_PATH, Api
+from controlplane.gateway.errors import answered
+
+log = logging.getLogger(__name__)
 
 # Where the handler keeps the request's id in its scope: what the client sees (X-Request-Id)
 # and the operators' log names a request's failure by.
@@ -78,6 +86,10 @@ class ApiHandler(ASGIHandler):
             refusal["X-Request-Id"] = request_id
             await self.send_response(refusal, send)
             return
+        api = API_BY_PATH.get(scope["path"]) if scope["method"] == "POST" else None
+        if api is not None:
+            await self.serve_api(scope, receive, send, api, request_id)
+            return
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -91,54 +103,122 @@ class ApiHandler(ASGIHandler):
             error_response.close()
             return
 
-        async def process_request() -> Any:
-            response = await self.run_get_response(request)
+        async def answer() -> HttpResponseBase:
+            response: HttpResponseBase = await self.run_get_response(request)
+            return response
+
+        try:
+            await self.answer_unless_gone(answer(), receive, send, request_id)
+        finally:
+            body_file.close()
+
+    async def serve_api(
+        self, scope: dict[str, Any], receive: Any, send: Any, api: Api, request_id: str
+    ) -> None:
+        """A POST to one of the four endpoints, without Django's request object, URL resolving
+        or view wrappers (per request, a third of the gateway's own CPU: bench/README.md):
+        `views.serve` takes the method, the key `refuse_before_body` found, and the body."""
+        from controlplane.gateway.auth import SCOPE_KEY
+        from controlplane.gateway.views import serve
+
+        body = await read_whole(receive)
+        if body is None:  # the client left, or the body limit answered it (bodylimit.guard)
+            return
+        key = scope[SCOPE_KEY]
+
+        async def found(state: object) -> Any:
+            return key
+
+        served = serve(api, "POST", found, lambda: body, request_id)
+        await self.answer_unless_gone(answered(served, request_id), receive, send, request_id)
+
+    async def answer_unless_gone(
+        self, answer: Awaitable[HttpResponseBase], receive: Any, send: Any, request_id: str
+    ) -> None:
+        """Send `answer`'s response, closed once sent; as Django does, a client that
+        disconnects cancels it (and so the request to the engine, which the agent cancels in
+        turn). Django runs the answer in a task of its own beside the listener and waits for
+        either; here it runs in the request's task, which the listener cancels: a task and a
+        wait fewer per request."""
+        task = asyncio.current_task()
+        assert task is not None
+        gone = finished = False
+
+        def on_heard(listener: asyncio.Task[None]) -> None:
+            nonlocal gone
+            if finished or listener.cancelled():
+                return
+            error = listener.exception()
+            if isinstance(error, RequestAborted):
+                gone = True
+                task.cancel()
+            elif error is not None:  # a message after the body that is not a disconnect
+                log.error("request %s: %s", request_id, error)
+
+        listener = asyncio.create_task(self.listen_for_disconnect(receive))
+        listener.add_done_callback(on_heard)
+        try:
+            response = await answer
             response["X-Request-Id"] = request_id  # every answer, errors and 404s included
             # CancelledError: the client went away while the response was sent.
             with contextlib.suppress(asyncio.CancelledError):
                 await self.send_response(response, send)
-            return response
-
-        # As Django does: a client that disconnects cancels the view (and so the
-        # request to the engine, which the agent cancels in turn).
-        listener = asyncio.create_task(self.listen_for_disconnect(receive))
-        processor = asyncio.create_task(process_request())
-        await asyncio.wait([listener, processor], return_when=asyncio.FIRST_COMPLETED)
-        for task in (listener, processor):
-            if task.done():
-                try:
-                    task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
-                    body_file.close()
-                    raise
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if not processor.cancelled() and processor.exception() is None:
-            processor.result().close()
-        body_file.close()
+        except asyncio.CancelledError:
+            if not gone:  # the server's own cancel (a shutdown past WEB_DRAIN_SECONDS)
+                raise
+            return
+        finally:
+            finished = True
+            listener.cancel()
+            if gone:
+                task.uncancel()
+        response.close()
 
     async def send_response(self, response: Any, send: Any) -> None:
         """Django's, but a streamed answer's chunks go out as the gateway yields them. Django's
         own path passes each chunk through two more generators (`streaming_content`'s
         `make_bytes` and `__aiter__`) and slices it to 64 KiB: per chunk, for nothing, since
         the gateway's streams are async generators of bytes (bench/README.md: the warm path)."""
-        if not (response.streaming and response.is_async):
+        if not response.streaming:  # one body, its length declared (uvicorn would chunk it)
+            content = response.content
+            headers = _headers_of(response)
+            if not response.has_header("Content-Length"):
+                headers.append((b"content-length", str(len(content)).encode("ascii")))
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": headers})  # fmt: skip
+            await send({"type": "http.response.body", "body": content})
+            return
+        if not response.is_async:
             await super().send_response(response, send)
             return
-        headers = [
-            (str(name).encode("ascii"), str(value).encode("latin1"))
-            for name, value in response.items()
-        ]
         await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": headers})  # fmt: skip
+                    "headers": _headers_of(response)})  # fmt: skip
         async with contextlib.aclosing(response._iterator) as chunks:
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body"})
+
+
+def _headers_of(response: HttpResponseBase) -> list[tuple[bytes, bytes]]:
+    """A response's headers for ASGI. (No /v1 answer sets a cookie: Django's own path would
+    add them as headers.)"""
+    return [
+        (str(name).encode("ascii"), str(value).encode("latin1")) for name, value in response.items()
+    ]
+
+
+async def read_whole(receive: Any) -> bytes | None:
+    """A request's whole body, or None when the client left first. Its size is bounded where
+    it arrives (bodylimit.guard: a declared length over the limit never gets here, a chunked
+    one is cut there)."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 def _drop_broken_connections() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from django.conf import settings
@@ -90,10 +90,16 @@ ApiView = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
 
 
 def _api_view(api: Api, doc: str) -> ApiView:
-    """The view of one POST endpoint: every one is served the same way (`_complete`)."""
+    """The view of one POST endpoint: every one is served the same way (`serve`)."""
 
     async def view(request: HttpRequest) -> HttpResponseBase:
-        return await _complete(request, api)
+        return await serve(
+            api,
+            request.method or "",
+            lambda state: authenticate(request, state.cache),
+            lambda: _body_of(request),
+            request_id_of(request),
+        )
 
     view.__name__ = view.__qualname__ = api.name.lower()
     view.__doc__ = doc
@@ -126,13 +132,21 @@ async def stored_response(request: HttpRequest, response_id: str) -> JsonRespons
     )
 
 
-async def _read_request(request: HttpRequest, api: Api) -> ApiRequest | JsonResponse:
-    limit = settings.GATEWAY_MAX_BODY_BYTES
+BodyReader = Callable[[], bytes]  # the request's body; RequestDataTooBig past the limit
+KeyFinder = Callable[[GatewayState], Awaitable[ApiKey | AuthFailure]]
+
+
+def _body_of(request: HttpRequest) -> bytes:
     declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    if declared > settings.GATEWAY_MAX_BODY_BYTES:
+        raise RequestDataTooBig
+    return request.body
+
+
+def _read_request(read_body: BodyReader, api: Api) -> ApiRequest | JsonResponse:
+    limit = settings.GATEWAY_MAX_BODY_BYTES
     try:
-        if declared > limit:
-            raise RequestDataTooBig
-        raw = request.body
+        raw = read_body()
     except RequestDataTooBig:
         return openai_error(
             413, f"The request body exceeds {limit} bytes.", code="request_too_large"
@@ -196,11 +210,14 @@ def _usage_recorder(state: GatewayState, key: ApiKey, model: Model) -> upstream.
     return on_usage
 
 
-async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingHttpResponse:
+async def serve(
+    api: Api, method: str, find_key: KeyFinder, read_body: BodyReader, request_id: str
+) -> HttpResponse | StreamingHttpResponse:
+    """One request to a POST endpoint, from what Django's request object and the handler's
+    scope both give: its method, its key (found from its headers), its body and its id."""
     state = current()  # the running loop's: everything this request uses between requests
     record = stats.RequestRecord(state.stats)
-    request_id = request_id_of(request)
-    response = await _answer(state, request, api, record, request_id)
+    response = await _answer(state, api, method, find_key, read_body, record, request_id)
     response["X-Request-Id"] = request_id
     if not isinstance(response, StreamingHttpResponse):  # a stream counts itself as it ends
         record.finish(response.status_code)
@@ -209,15 +226,17 @@ async def _complete(request: HttpRequest, api: Api) -> HttpResponse | StreamingH
 
 async def _answer(
     state: GatewayState,
-    request: HttpRequest,
     api: Api,
+    method: str,
+    find_key: KeyFinder,
+    read_body: BodyReader,
     record: stats.RequestRecord,
     request_id: str,
 ) -> HttpResponse | StreamingHttpResponse:
     """Authenticate, admit, parse, resolve the model, serve."""
-    if request.method != "POST":
-        return openai_error(405, f"Method {request.method} is not allowed here; use POST.")
-    key = await authenticate(request, state.cache)
+    if method != "POST":
+        return openai_error(405, f"Method {method} is not allowed here; use POST.")
+    key = await find_key(state)
     if isinstance(key, AuthFailure):
         return key.response
     refusal = await state.limiter.admit(key)
@@ -225,7 +244,7 @@ async def _answer(
         response = openai_error(429, refusal.message, code="rate_limit_exceeded")
         response["Retry-After"] = str(refusal.retry_after)
         return response
-    parsed = await _read_request(request, api)
+    parsed = _read_request(read_body, api)
     if isinstance(parsed, JsonResponse):
         return parsed
     model = await _model_for(state, key, parsed.model_id, api)

@@ -126,3 +126,151 @@ async def test_a_request_without_an_active_key_is_refused_before_its_body_is_rea
     )
     assert (status, answer["error"]["code"], receive.asked) == (413, "request_too_large", 0)
     await sync_to_async(lambda: connection.close())()
+
+
+def api_scope(raw_key: str, path: str = "/v1/chat/completions") -> dict:
+    return {
+        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+        "query_string": b"", "root_path": "", "scheme": "http",
+        "headers": [(b"authorization", f"Bearer {raw_key}".encode())],
+        "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+
+
+async def test_a_post_to_an_api_is_served_from_its_scope_its_body_in_parts_and_its_length_said():
+    from asgiref.sync import sync_to_async
+
+    from controlplane.asgi import api_app
+
+    _, raw_key = await sync_to_async(make_api_key)()
+    parts = [b'{"model": "org/none", ', b'"messages": [{"role": "user", "content": "hi"}]}']
+    messages = [{"type": "http.request", "body": part, "more_body": True} for part in parts]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await api_app(api_scope(raw_key), receive, send)
+    start, body = sent
+    headers = {name.lower(): value for name, value in start["headers"]}
+    assert start["status"] == 404
+    assert json.loads(body["body"])["error"]["code"] == "model_not_found"  # the whole body read
+    assert headers[b"content-length"] == str(len(body["body"])).encode()  # not chunked
+    assert headers[b"x-request-id"].startswith(b"req_")
+    assert not body.get("more_body")
+    await sync_to_async(lambda: connection.close())()
+
+
+async def test_a_client_that_leaves_cancels_the_answer_and_leaves_its_task_uncancelled(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from controlplane.asgi import api_app
+    from controlplane.gateway import views
+
+    _, raw_key = await sync_to_async(make_api_key)()
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def waits_forever(*args: object) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(views, "serve", waits_forever)
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def request() -> int:
+        await api_app(api_scope(raw_key), receive, send)
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    assert await asyncio.wait_for(request(), 5) == 0  # returned, its task not left cancelling
+    assert cancelled.is_set()
+    assert sent == []
+    await sync_to_async(lambda: connection.close())()
+
+
+async def test_the_servers_own_cancel_still_cancels_a_request(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from controlplane.asgi import api_app
+    from controlplane.gateway import views
+
+    _, raw_key = await sync_to_async(make_api_key)()
+    started = asyncio.Event()
+
+    async def waits_forever(*args: object) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(views, "serve", waits_forever)
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        raise AssertionError("nothing is sent")
+
+    before = asyncio.all_tasks()
+    task = asyncio.create_task(api_app(api_scope(raw_key), receive, send))
+    await started.wait()
+    task.cancel()  # uvicorn's, past WEB_DRAIN_SECONDS
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()  # the disconnect listener went with it
+    await sync_to_async(lambda: connection.close())()
+
+
+async def test_a_client_that_leaves_while_its_body_arrives_is_not_served(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from controlplane.asgi import api_app
+    from controlplane.gateway import views
+
+    _, raw_key = await sync_to_async(make_api_key)()
+
+    async def never(*args: object) -> None:
+        raise AssertionError("a request whose body never came is not served")
+
+    monkeypatch.setattr(views, "serve", never)
+    messages = [
+        {"type": "http.request", "body": b'{"model": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await api_app(api_scope(raw_key), receive, send)
+    assert sent == []
+    assert messages == []
+    await sync_to_async(lambda: connection.close())()
