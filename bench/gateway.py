@@ -402,8 +402,8 @@ def main() -> None:
         LOG_LEVEL="WARNING",
         PYTHONPATH="",
     )
-    engine_port, embed_port, stream_port, stream_uv_port, litellm_port, router_port = (
-        free_port() for _ in range(6)
+    engine_port, embed_port, stream_port, stream_uv_port, litellm_port, router_port, floor_port = (
+        free_port() for _ in range(7)
     )
     processes: list[subprocess.Popen[bytes]] = []
     peers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
@@ -455,6 +455,12 @@ def main() -> None:
             router = start_vllm_router(engine_port, router_port, work)
             processes.append(router)
             peers["vllm-router"] = (f"http://127.0.0.1:{router_port}", router)
+        # The least a Python hop adds (bench/floor_proxy.py); --quick runs it too, so it cannot rot.
+        floor = start([sys.executable, str(ROOT / "bench" / "floor_proxy.py"), "--port",
+                       str(floor_port), "--upstream", f"http://127.0.0.1:{engine_port}"],
+                      env, work / "floor-proxy.log")  # fmt: skip
+        processes.append(floor)
+        peers["python floor"] = (f"http://127.0.0.1:{floor_port}", floor)
         for name, (base, _) in peers.items():
             health = "/health/liveliness" if name == "litellm" else "/health"
             wait_for(partial(answers, f"{base}{health}"), 180, name)
@@ -683,9 +689,9 @@ def report(
         f"stream_ttfc_added_ms={gateway['ttfc'] - direct['ttfc']:.2f}",
         f"gateway_rps_c32={gateway['rps']:.0f}",
     ]
-    for peer in ("litellm", "vllm-router"):
+    for peer in ("litellm", "vllm-router", "python floor"):
         peer_row = results.get(("chat", peer))
-        label = peer.replace("-", "_")
+        label = peer.replace("-", "_").replace(" ", "_")
         if peer_row is None:
             fields += [f"{label}_added_p50_ms=na", f"{label}_rps_c32=na"]
             continue
@@ -697,6 +703,8 @@ def report(
             f"{label}_added_p50_ms={peer_added:.2f}",
             f"{label}_rps_c32={peer_row['rps']:.0f}",
         ]
+        if peer == "vllm-router":  # the target: within 3x of its added latency
+            fields.append(f"vs_vllm_router_added_p50={added / peer_added:.2f}")
     for api in APIS:
         if api == "chat":
             continue
