@@ -10,8 +10,11 @@ CSRF), sends no HTML (no clickjacking or messages), counts itself in Prometheus
 (controlplane.metrics), routes on exact paths (no APPEND_SLASH), and reads the
 database only when its short-lived caches miss (controlplane.gateway.cache).
 
-So this handler keeps Django's request and response objects, URL resolving, views
-and client-disconnect handling, and drops the rest: no middleware, no
+The four POST endpoints (chat, completions, responses, embeddings: nearly every
+request) go further: `serve_api` answers them from the ASGI scope and the body, with no
+request object, URL resolving or view wrappers (`views.serve`, which the views call too).
+For the rest of /v1, this handler keeps Django's request and response objects, URL
+resolving, views and client-disconnect handling, and drops the rest: no middleware, no
 `request_started`, and the response closed in the event loop (`request_finished`'s
 receivers find no database connection there). Without a per-request context, the
 views' ORM calls share asgiref's one thread for thread-sensitive code, and so one
