@@ -24,6 +24,12 @@ class SimSettings:
     wake_seconds: float = 0.5
     max_num_seqs: int = 8
     stop_seconds: float = 0.0
+    # Its prefix cache (vLLM's automatic prefix caching, modelled): KV blocks of this many
+    # prompt tokens, at most this many kept (least recently used out), and the prefill time
+    # per prompt token not found in it (added to the time to first token).
+    block_tokens: int = 16
+    cache_blocks: int = 4096
+    prefill_ms_per_token: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -414,6 +420,27 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="sim engine: wake time",
     )
     flag(
+        "--sim-cache-blocks",
+        "AGENT_SIM_CACHE_BLOCKS",
+        type=int,
+        default=4096,
+        help="sim engine: prefix-cache capacity, in KV blocks of --sim-block-tokens tokens",
+    )
+    flag(
+        "--sim-block-tokens",
+        "AGENT_SIM_BLOCK_TOKENS",
+        type=int,
+        default=16,
+        help="sim engine: prompt tokens per KV block (vLLM's --block-size)",
+    )
+    flag(
+        "--sim-prefill-ms-per-token",
+        "AGENT_SIM_PREFILL_MS_PER_TOKEN",
+        type=float,
+        default=0.0,
+        help="sim engine: prefill time per prompt token not in its prefix cache",
+    )
+    flag(
         "--sim-stop-seconds",
         "AGENT_SIM_STOP_SECONDS",
         type=float,
@@ -505,6 +532,9 @@ def parse_config(
             wake_seconds=float(args.sim_wake_seconds),
             max_num_seqs=int(args.sim_max_num_seqs),
             stop_seconds=float(args.sim_stop_seconds),
+            block_tokens=max(int(args.sim_block_tokens), 1),
+            cache_blocks=max(int(args.sim_cache_blocks), 0),
+            prefill_ms_per_token=float(args.sim_prefill_ms_per_token),
         ),
         log_level=str(args.log_level),
         event_loop=str(args.event_loop),

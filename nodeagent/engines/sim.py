@@ -26,6 +26,7 @@ import random
 import struct
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,36 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
+class PrefixCache:
+    """vLLM's automatic prefix caching, modelled: a prompt's full blocks of `block_tokens`
+    tokens, each keyed by its tokens and every block before it (and the model, so that an
+    adapter's KV is its own), kept least recently used first out past `capacity` blocks. A
+    prompt's hits are its leading blocks found, as vLLM's are."""
+
+    def __init__(self, block_tokens: int, capacity: int) -> None:
+        self.block_tokens = block_tokens
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def serve(self, tokens: Sequence[str], model: str) -> int:
+        """The prompt's tokens found cached; its blocks are cached now (the most recent)."""
+        if not self.capacity:
+            return 0
+        size, blocks = self.block_tokens, self.blocks
+        link, hits, missed = hash(model), 0, False
+        for start in range(0, len(tokens) - size + 1, size):
+            link = hash((link, tuple(tokens[start : start + size])))
+            if not missed and link in blocks:
+                hits += size
+                blocks.move_to_end(link)
+            else:
+                missed = True
+                blocks[link] = None
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+        return hits
+
+
 @dataclass
 class _Counters:
     running: int = 0
@@ -196,7 +227,7 @@ class SimServer:
         self.core_dead = False
         self.counters = _Counters()
         self.seats = asyncio.Semaphore(settings.max_num_seqs)
-        self.seen_prompts: set[str] = set()
+        self.prefix_cache = PrefixCache(settings.block_tokens, settings.cache_blocks)
         self.created = int(time.time())
 
     def app(self) -> web.Application:
@@ -399,8 +430,9 @@ class SimServer:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be a positive integer")
         prompt = _prompt_of(body, chat)
-        self._count_prefix(prompt)
+        prefill = self._count_prefix(prompt, str(body.get("model", "")))
         async with self._seat():
+            await asyncio.sleep(prefill)
             tokens = words_for(self._seed(body, prompt), max_tokens)
             usage = {
                 "prompt_tokens": len(prompt.split()),
@@ -413,12 +445,14 @@ class SimServer:
             self.counters.generation_tokens += len(tokens)
             return web.json_response(self._full(chat, " ".join(tokens), usage, body["model"]))
 
-    def _count_prefix(self, prompt: str) -> None:
-        tokens = len(prompt.split())
-        self.counters.prefix_queries += tokens
-        if prompt in self.seen_prompts:
-            self.counters.prefix_hits += tokens
-        self.seen_prompts.add(prompt)
+    def _count_prefix(self, prompt: str, model: str) -> float:
+        """The prompt through the prefix cache, counted as vLLM counts it (in tokens); the
+        prefill time of the tokens it did not hold."""
+        tokens = prompt.split()
+        hits = self.prefix_cache.serve(tokens, model)
+        self.counters.prefix_queries += len(tokens)
+        self.counters.prefix_hits += hits
+        return (len(tokens) - hits) * self.settings.prefill_ms_per_token / 1000
 
     def _seconds_for(self, tokens: int) -> float:
         return (self.settings.ttft_ms + self.settings.tpot_ms * max(tokens - 1, 0)) / 1000
@@ -594,6 +628,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tpot-ms", type=float, default=5.0)
     parser.add_argument("--wake-seconds", type=float, default=0.5)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--block-tokens", type=int, default=16, help="prompt tokens per KV block")
+    parser.add_argument("--cache-blocks", type=int, default=4096,
+                        help="prefix-cache capacity in blocks (0: none)")  # fmt: skip
+    parser.add_argument("--prefill-ms-per-token", type=float, default=0.0,
+                        help="prefill time per prompt token not in the prefix cache")  # fmt: skip
     parser.add_argument(
         "--runner", choices=["generate", "pooling"], default="generate",
         help="pooling: serve /v1/embeddings (an embedding model), as vLLM's pooling runner",
@@ -604,7 +643,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "measures the sim's own CPU on both)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    settings = SimSettings(0.0, args.ttft_ms, args.tpot_ms, args.wake_seconds, args.max_num_seqs)
+    settings = SimSettings(
+        0.0, args.ttft_ms, args.tpot_ms, args.wake_seconds, args.max_num_seqs,
+        block_tokens=args.block_tokens, cache_blocks=args.cache_blocks,
+        prefill_ms_per_token=args.prefill_ms_per_token,
+    )  # fmt: skip
     loop = None
     if args.event_loop == "uvloop":
         import uvloop

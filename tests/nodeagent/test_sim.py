@@ -6,7 +6,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from nodeagent.config import SimSettings
-from nodeagent.engines.sim import SimServer, words_for
+from nodeagent.engines.sim import PrefixCache, SimServer, words_for
 from nodeagent.metrics import parse_engine_metrics
 
 
@@ -94,12 +94,47 @@ async def test_bad_requests(sim, body, status):
 
 async def test_metrics_use_vllm_names_and_count_prefix_hits(sim):
     _, client = sim
-    await client.post("/v1/chat/completions", json=chat())
-    await client.post("/v1/chat/completions", json=chat())
+    long = [{"role": "user", "content": " ".join(f"w{n}" for n in range(32))}]  # two blocks
+    await client.post("/v1/chat/completions", json=chat(messages=long))
+    await client.post("/v1/chat/completions", json=chat(messages=long))
     stats = parse_engine_metrics(await (await client.get("/metrics")).text())
     assert stats.requests_running == 0
     assert stats.kv_cache_usage == 0
     assert stats.kv_cache_hit_rate == 0.5  # the second identical prompt hit
+
+
+def words(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{n}" for n in range(count)]
+
+
+def test_the_prefix_cache_hits_leading_blocks_only_keyed_by_model():
+    cache = PrefixCache(block_tokens=4, capacity=100)
+    system = words("s", 8)  # two blocks
+    assert cache.serve(system + words("a", 5), "m") == 0
+    assert cache.serve(system + words("b", 5), "m") == 8  # the shared two blocks; b's own not
+    assert cache.serve(words("x", 4) + system, "m") == 0  # the same blocks later: no hit
+    assert cache.serve(system + words("a", 5), "m:adapter") == 0  # an adapter's KV is its own
+    assert cache.serve(words("s", 3), "m") == 0  # under a block: nothing cached or hit
+
+
+def test_the_prefix_cache_keeps_its_capacity_least_recently_used_out():
+    cache = PrefixCache(block_tokens=4, capacity=4)
+    first, second = words("f", 8), words("g", 8)
+    cache.serve(first, "m")
+    cache.serve(second, "m")  # four blocks: full
+    assert cache.serve(first, "m") == 8  # and first is the most recent now
+    cache.serve(words("h", 8), "m")  # evicts second's two blocks, not first's
+    assert len(cache.blocks) == 4
+    assert cache.serve(first, "m") == 8
+    assert cache.serve(second, "m") == 0
+    assert PrefixCache(block_tokens=4, capacity=0).serve(first, "m") == 0
+
+
+def test_prefill_takes_time_per_token_not_cached():
+    server = SimServer("org/sim", SimSettings(block_tokens=4, prefill_ms_per_token=2.0))
+    prompt = " ".join(words("p", 10))
+    assert server._count_prefix(prompt, "m") == pytest.approx(0.020)  # ten tokens, none cached
+    assert server._count_prefix(prompt, "m") == pytest.approx(0.004)  # eight cached, two not
 
 
 async def test_sleep_and_wake(sim):
