@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
+from enum import StrEnum
 
 from agents.choices import AgentState, CacheLevel, LoadTrigger
 from nodeagent.protocol import GpuInfo
@@ -98,6 +99,59 @@ def choose_replica(
             return preferred
     salt = session or ""
     return min(replicas, key=lambda r: (replica_score(r), -rendezvous_weight(salt, r.key)))
+
+
+class RouteReason(StrEnum):
+    """Why a warm request went where it went (llmfleet_routing_decisions_total's `reason`)."""
+
+    PREFIX = "prefix"  # a replica that holds (or is the home of) the request's prefix
+    LOAD = "load"  # no replica holds it: the least loaded
+    SESSION = "session"  # the `user`'s own replica
+    FALLBACK = "fallback"  # one holds it, but is too much busier than the least loaded
+
+
+def choose_cached_replica(
+    replicas: Sequence[ReplicaLoad],
+    matched: Mapping[str, int],
+    home: str | None,
+    session: str | None = None,
+    *,
+    balance: float,
+    overload: float = 8.0,
+) -> tuple[ReplicaLoad, RouteReason] | None:
+    """Cache-aware routing: where the request's prompt prefix most likely is in an engine's KV
+    cache, unless that costs the balance of the load.
+
+    `matched` is how many leading chunks of the prefix each replica was last sent (the
+    gateway's index); the longest match wins, ties to the less loaded, then to `home`'s
+    rendezvous order. With no match, `home` (the prefix's first chunk, as a key) picks a
+    replica by rendezvous hashing: every web process sends a new prefix to the same replica
+    without sharing any state. Either is taken while its load score is within `balance` of
+    the least loaded; otherwise the session rule (`choose_replica`) decides.
+    """
+    if not replicas:
+        return None
+    least = min(replica_score(replica) for replica in replicas)
+    salt = home or session or ""
+    best = max(
+        (replica for replica in replicas if matched.get(replica.key, 0) > 0),
+        key=lambda r: (matched[r.key], -replica_score(r), rendezvous_weight(salt, r.key)),
+        default=None,
+    )
+    held = best is not None
+    if best is None and home is not None:
+        best = _rendezvous(replicas, home)
+    if best is not None and replica_score(best) - least <= balance:
+        return best, RouteReason.PREFIX
+    chosen = choose_replica(replicas, session, overload=overload)
+    assert chosen is not None
+    if session and chosen.key == _rendezvous(replicas, session).key:
+        return chosen, RouteReason.SESSION
+    return chosen, RouteReason.FALLBACK if held else RouteReason.LOAD
+
+
+def _rendezvous(replicas: Sequence[ReplicaLoad], key: str) -> ReplicaLoad:
+    return max(replicas, key=lambda replica: rendezvous_weight(key, replica.key))
 
 
 # --- cold starts: where a model can be serving soonest -------------------------------------

@@ -63,6 +63,13 @@ FAILOVERS = Counter(
     "why (unreachable, draining, not_serving).",
     ["model", "fault"],
 )
+ROUTING_DECISIONS = Counter(
+    "llmfleet_routing_decisions",
+    "Warm requests routed, by model and why that replica: prefix (it holds, or is the home "
+    "of, the request's prompt prefix), load (the least loaded), session (the user's own), "
+    "fallback (one holds the prefix but is too much busier than the least loaded).",
+    ["model", "reason"],
+)
 USAGE_DROPPED = Counter(
     "llmfleet_usage_dropped",
     "Batched rows (usage, request figures) dropped because the database was away too long.",

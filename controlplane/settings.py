@@ -17,7 +17,15 @@ import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from controlplane import broker
-from controlplane.env import env_bool, env_int, env_list, env_secret, env_str, local_secret
+from controlplane.env import (
+    env_bool,
+    env_choice,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+    local_secret,
+)
 
 # Lets the code write `ModelAdmin[Agent]` for mypy at run time. DRF's classes are patched in
 # AgentsConfig.ready(): importing DRF's views here would freeze its defaults (permission
@@ -121,6 +129,19 @@ GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int(
 # partition, a host gone dark) and the client gets OpenAI's error event, charged for what was
 # relayed. Long enough for any prefill: the engine's first token comes before it.
 GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS", 120, minimum=1)
+# Where a warm request goes among a model's READY replicas (README: routing policies):
+# cache_aware, where its prompt's prefix was last sent, unless that replica is busier than the
+# least loaded by more than GATEWAY_PREFIX_BALANCE; least_loaded; session, the `user`'s own.
+GATEWAY_ROUTING_POLICY = env_choice(
+    "GATEWAY_ROUTING_POLICY", "cache_aware", ("cache_aware", "least_loaded", "session")
+)
+# How much busier (in load score: a request in flight 1, one queued in the engine 2) a replica
+# holding a request's prefix may be than the least loaded one and still be chosen for it.
+GATEWAY_PREFIX_BALANCE = env_int("GATEWAY_PREFIX_BALANCE", 4, minimum=0)
+# How much of a prompt is hashed for routing (KiB): a cap on each request's cost.
+GATEWAY_PREFIX_HASH_KIB = env_int("GATEWAY_PREFIX_HASH_KIB", 64, minimum=1)
+# The memory each web process gives its prefix index (MiB), least recently used first out.
+GATEWAY_PREFIX_INDEX_MIB = env_int("GATEWAY_PREFIX_INDEX_MIB", 8, minimum=1)
 # Django refuses larger bodies before a view sees them; the gateway answers 413 itself.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 

@@ -36,9 +36,12 @@ from agents import actions
 from agents.models import Model, Placement
 from agents.scheduling import (
     ReplicaLoad,
+    RouteReason,
     choose_adapter_replica,
+    choose_cached_replica,
     choose_replica,
     needs_scale_out,
+    rendezvous_weight,
     replica_score,
 )
 from controlplane import metrics
@@ -46,6 +49,7 @@ from controlplane.gateway import actions as gateway_actions
 from controlplane.gateway import coldstart, stats, upstream
 from controlplane.gateway.apis import Api
 from controlplane.gateway.errors import openai_error
+from controlplane.gateway.prefix import Prefix, PrefixIndex
 from controlplane.gateway.upstream import Fault, Meter, ReplicaFailed
 from nodeagent.protocol import AdapterRef
 
@@ -89,6 +93,8 @@ class Job:
     keep_alive: float | None = None  # seconds the request asked its replica to stay warm
     # For a LoRA adapter (`model` is one): what the agent loads into its base's engine.
     adapter: AdapterRef | None = None
+    # The prompt's prefix, for cache-aware routing (None under another policy).
+    prefix: Prefix | None = None
     # What the client and the operators' log both name the request by (X-Request-Id).
     request_id: str = ""
 
@@ -96,6 +102,14 @@ class Job:
     def target(self) -> Model:
         """The model whose replicas serve the request: an adapter's base, else the model."""
         return self.model.base if self.model.base is not None else self.model
+
+
+def _session_or_load(
+    chosen: ReplicaLoad, loads: list[ReplicaLoad], session: str | None
+) -> RouteReason:
+    if session and chosen.key == max(loads, key=lambda r: rendezvous_weight(session, r.key)).key:
+        return RouteReason.SESSION
+    return RouteReason.LOAD
 
 
 class Claim:
@@ -168,6 +182,8 @@ class Router:
         # adapter: routing's freshest word until the next heartbeat rewrites the row (and its
         # `adapters`), which is a new generation.
         self.adapter_seen: dict[tuple[Generation, str], float] = {}
+        # Which replicas each request prefix was last sent to (cache-aware routing).
+        self.prefixes = PrefixIndex.of_mib(settings.GATEWAY_PREFIX_INDEX_MIB)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -186,22 +202,56 @@ class Router:
         return [replica_score(self._load(p)) for p in placements]
 
     def pick(
-        self, placements: list[Placement], user: str | None, adapter_id: str | None = None
-    ) -> Placement | None:
-        """The replica to try: least loaded, or the user's own while it is not overloaded; for
-        an adapter, one that holds it unless those are overloaded (agents.scheduling)."""
+        self,
+        placements: list[Placement],
+        user: str | None,
+        adapter_id: str | None = None,
+        prefix: Prefix | None = None,
+    ) -> tuple[Placement, RouteReason] | None:
+        """The replica to try, and why, by GATEWAY_ROUTING_POLICY (agents.scheduling):
+        cache_aware, where the request's prefix was last sent unless that replica is too much
+        busier than the least loaded; least_loaded; session, the user's own while it is not
+        overloaded (the rule cache_aware falls back to). An adapter's request goes to a
+        replica that holds the adapter unless those are overloaded; among those, cache_aware
+        prefers its prefix's."""
+        if not placements:
+            return None
         by_key = {str(p.pk): p for p in placements}
+        policy = settings.GATEWAY_ROUTING_POLICY
+        cached = policy == "cache_aware" and prefix is not None and bool(prefix.chunks)
         if adapter_id is None:
-            chosen = choose_replica([self._load(p) for p in placements], user)
-        else:
-            holds = [self.holds(p, adapter_id) for p in placements]
-            chosen = choose_adapter_replica(
-                [self._load(p) for p, held in zip(placements, holds, strict=True) if held],
-                [self._load(p) for p, held in zip(placements, holds, strict=True) if not held],
-                user,
-                overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
-            )
-        return None if chosen is None else by_key[chosen.key]
+            loads = [self._load(p) for p in placements]
+            if cached:
+                assert prefix is not None
+                found = choose_cached_replica(
+                    loads, self.prefixes.match(prefix, by_key), prefix.home, user,
+                    balance=settings.GATEWAY_PREFIX_BALANCE,
+                    overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
+                )  # fmt: skip
+                assert found is not None
+                return by_key[found[0].key], found[1]
+            session = user if policy != "least_loaded" else None
+            chosen = choose_replica(loads, session, overload=settings.SCALE_OUT_QUEUE_THRESHOLD)
+            assert chosen is not None
+            return by_key[chosen.key], _session_or_load(chosen, loads, session)
+        holds = [self.holds(p, adapter_id) for p in placements]
+        holding = [self._load(p) for p, held in zip(placements, holds, strict=True) if held]
+        if cached and holding:
+            assert prefix is not None
+            found = choose_cached_replica(
+                holding, self.prefixes.match(prefix, by_key), prefix.home, None,
+                balance=settings.GATEWAY_PREFIX_BALANCE,
+            )  # fmt: skip
+            if found is not None and found[1] is RouteReason.PREFIX:
+                return by_key[found[0].key], found[1]
+        chosen = choose_adapter_replica(
+            holding,
+            [self._load(p) for p, held in zip(placements, holds, strict=True) if not held],
+            user,
+            overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
+        )
+        assert chosen is not None
+        return by_key[chosen.key], RouteReason.LOAD
 
     def holds(self, placement: Placement, adapter_id: str) -> bool:
         """Whether the replica's engine holds the adapter, as far as this process knows."""
@@ -272,9 +322,12 @@ class Router:
             self.maybe_scale_out(job.target, placements)
         no_room = False
         adapter_id = job.adapter.adapter_id if job.adapter is not None else None
-        while placement := self.pick(
-            [p for p in placements if generation(p) not in tried], job.user, adapter_id
-        ):
+        while picked := self.pick(
+            [p for p in placements if generation(p) not in tried], job.user, adapter_id,
+            job.prefix,
+        ):  # fmt: skip
+            placement, reason = picked
+            metrics.ROUTING_DECISIONS.labels(job.model.model_id, reason.value).inc()
             opened = await self._try(placement, job, tried, deadline)
             if isinstance(opened, HttpResponse):
                 return opened
@@ -346,6 +399,8 @@ class Router:
             )
         if job.adapter is not None:
             self.saw_adapter(placement, job.adapter.adapter_id)
+        if job.prefix is not None and job.prefix.chunks:  # its engine now caches the prefix
+            self.prefixes.record(job.prefix, str(placement.pk))
         return Opened(placement, answer, claim, job.meter)
 
     async def _open_cold(

@@ -21,6 +21,7 @@ from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.handler import request_id_of
 from controlplane.gateway.models import ApiKey
+from controlplane.gateway.prefix import Prefix, prefix_of
 from controlplane.gateway.router import Job
 from controlplane.gateway.state import GatewayState, current
 from controlplane.gateway.validation import (
@@ -200,6 +201,15 @@ def _adapter_of(model: Model) -> AdapterRef | None:
     return AdapterRef(model.model_id, model.source, model.revision)
 
 
+def _prefix_of(api: Api, body: dict[str, Any], model: Model) -> Prefix | None:
+    """The prompt's prefix for cache-aware routing, keyed by the model whose replicas serve it
+    and, for an adapter, by the adapter too (its KV is its own)."""
+    if settings.GATEWAY_ROUTING_POLICY != "cache_aware":
+        return None
+    key = str(model.pk) if model.base_id is None else f"{model.base_id}:{model.model_id}"
+    return prefix_of(api, body, key, settings.GATEWAY_PREFIX_HASH_KIB * 1024)
+
+
 def _usage_recorder(state: GatewayState, key: ApiKey, model: Model) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt, completion = usage_tokens(usage)
@@ -260,5 +270,6 @@ async def _answer(
     job = Job(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
         parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
+        prefix=_prefix_of(api, parsed.body, model),
     )  # fmt: skip
     return await state.router.serve(job)
