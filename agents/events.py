@@ -52,6 +52,7 @@ def placement_payload(placement: Placement) -> dict[str, Any]:
         "bytes_done": placement.bytes_done, "bytes_total": placement.bytes_total,
         "phase": placement.phase, "requests_in_flight": placement.requests_in_flight,
         "requests_waiting": placement.requests_waiting, "error": placement.error[:300],
+        "kv_cache_hit_rate": placement.kv_cache_hit_rate,
         "last_used_at": _iso(placement.last_used_at),
         # The LoRA adapters its engine holds, with the requests each has served.
         "adapters": {

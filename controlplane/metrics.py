@@ -99,7 +99,8 @@ class FleetCollector(Collector):
         # What registration checks names against: without it, registering would collect,
         # i.e. query the database while apps load.
         gauges = ["llmfleet_agents", "llmfleet_placements", "llmfleet_agent_engine_queue_length",
-                  "llmfleet_agent_gpu_memory_free_bytes", "llmfleet_adapter_replicas"]  # fmt: skip
+                  "llmfleet_agent_gpu_memory_free_bytes", "llmfleet_adapter_replicas",
+                  "llmfleet_replica_prefix_cache_hit_ratio"]  # fmt: skip
         for name in gauges:
             yield GaugeMetricFamily(name, "")
         counters = ("llmfleet_cold_starts", "llmfleet_loads", "llmfleet_evictions",
@@ -160,6 +161,20 @@ class FleetCollector(Collector):
         for adapter_id, n in sorted(replicas.items()):
             held.add_metric([adapter_id], n)
         yield held
+
+        # What cache-aware routing earns, replica by replica (GATEWAY_ROUTING_POLICY).
+        hit_ratio = GaugeMetricFamily(
+            "llmfleet_replica_prefix_cache_hit_ratio",
+            "Prompt tokens found in a READY replica's prefix cache over those it was asked for "
+            "(vLLM's own counters, as its agent's last heartbeat read them).",
+            labels=["model", "agent"],
+        )
+        for model_id, agent_id, ratio in Placement.objects.filter(
+            state="READY", kv_cache_hit_rate__isnull=False
+        ).values_list("model__model_id", "agent__agent_id", "kv_cache_hit_rate"):
+            if ratio is not None:  # (the filter says so; the column's type does not)
+                hit_ratio.add_metric([model_id, agent_id], ratio)
+        yield hit_ratio
 
         free = GaugeMetricFamily(
             "llmfleet_agent_gpu_memory_free_bytes", "Free GPU memory an agent last reported.",

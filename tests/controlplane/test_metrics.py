@@ -28,7 +28,7 @@ def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_fleet_metrics_count_agents_placements_loads_and_phases():
     busy = AgentFactory(agent_id="a1", state=AgentState.INFERRING, engine_queue_length=3)
     AgentFactory(agent_id="a2", state=AgentState.OFFLINE, gpu_memory_free=7)
-    PlacementFactory(agent=busy, model__model_id="org/m")
+    PlacementFactory(agent=busy, model__model_id="org/m", kv_cache_hit_rate=0.75)
     finished = [
         LoadEventFactory(outcome=LoadOutcome.SUCCEEDED, queue_seconds=0.5, download_seconds=2.0,
                          engine_start_seconds=30.0),
@@ -46,6 +46,8 @@ def test_fleet_metrics_count_agents_placements_loads_and_phases():
     assert found["llmfleet_placements", (("cache_level", "GPU_RESIDENT"), ("model", "org/m"))] == 1
     assert found["llmfleet_agent_gpu_memory_free_bytes", (("agent", "a2"),)] == 7
     assert found["llmfleet_agent_engine_queue_length", (("agent", "a1"),)] == 3
+    replica = (("agent", "a1"), ("model", "org/m"))
+    assert found["llmfleet_replica_prefix_cache_hit_ratio", replica] == 0.75
     assert found["llmfleet_cold_starts_total", (("outcome", "succeeded"),)] == 1
     assert found["llmfleet_cold_starts_total", (("outcome", "failed"),)] == 1
     assert found["llmfleet_loads_total", (("from_level", "NONE"),)] == 1
