@@ -128,6 +128,20 @@ class AgentMetrics:
             "Inference requests being proxied now.",
             registry=self.registry,
         )
+        # vLLM's own counters, model by model, as the engines said at the last heartbeat or
+        # scrape: what cache-aware routing earns on this host.
+        self.prefix_cache_queries = Gauge(
+            "llmfleet_agent_engine_prefix_cache_queries",
+            "Prompt tokens an engine looked up in its prefix cache since it started, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.prefix_cache_hits = Gauge(
+            "llmfleet_agent_engine_prefix_cache_hits",
+            "Prompt tokens an engine found in its prefix cache since it started, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.standby_engines = Gauge(
             "llmfleet_agent_standby_engines",
             "Standby engines by state: ready (imports done, waiting for a model) or starting.",

@@ -495,6 +495,18 @@ class AgentServer:
         standbys = self.registry.standbys
         for state, count in (standbys.counts if standbys else {"ready": 0, "starting": 0}).items():
             self.metrics.standby_engines.labels(state).set(count)
+        await self.registry.refresh_stats(self.session)
+        self.metrics.prefix_cache_queries.clear()
+        self.metrics.prefix_cache_hits.clear()
+        for slot in self.registry.slots.values():
+            stats = slot.stats
+            if slot.serving and stats.prefix_cache_queries is not None:
+                self.metrics.prefix_cache_queries.labels(slot.model_id).set(
+                    stats.prefix_cache_queries
+                )
+                self.metrics.prefix_cache_hits.labels(slot.model_id).set(
+                    stats.prefix_cache_hits or 0.0
+                )
         downloading = [s for s in self.registry.slots.values() if s.state == ModelState.DOWNLOADING]
         self.metrics.download_throughput.set(sum(s.progress.bytes_per_second for s in downloading))
         body = generate_latest(self.metrics.registry)

@@ -367,6 +367,17 @@ async def test_metrics_endpoint_exposes_agent_series(agent, tiny_model):
     assert 'llmfleet_agent_models{cache_level="GPU_RESIDENT"} 1.0' in text
     assert "llmfleet_agent_download_bytes_total 1.8" in text
     assert 'llmfleet_agent_downloads_total{outcome="complete"} 1.0' in text
+    # The engine's own prefix-cache counters, read at the scrape: a 32-token prompt twice.
+    prompt = " ".join(f"w{n}" for n in range(32))
+    body = {"model": "org/tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2}
+    for _ in range(2):
+        async with agent.http.post(f"{agent.url}/models/org/tiny/v1/chat/completions", json=body,
+                                   headers=agent.headers) as response:  # fmt: skip
+            assert response.status == 200
+    async with agent.http.get(f"{agent.url}/metrics", headers=agent.headers) as response:
+        text = await response.text()
+    assert 'llmfleet_agent_engine_prefix_cache_queries{model="org/tiny"} 64.0' in text
+    assert 'llmfleet_agent_engine_prefix_cache_hits{model="org/tiny"} 32.0' in text
 
 
 async def test_registration_retries_with_backoff_until_the_control_plane_answers(tmp_path) -> None:
