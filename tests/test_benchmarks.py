@@ -24,6 +24,7 @@ QUICK_SECONDS = {
     "gateway": 300,
     "history": 300,
     "realclient": 900,
+    "routing": 300,
 }
 
 
