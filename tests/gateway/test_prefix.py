@@ -4,6 +4,7 @@ the choice between a replica holding the prefix and the least loaded one."""
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 from agents.scheduling import ReplicaLoad, RouteReason, choose_cached_replica
 from controlplane.gateway.apis import Api
@@ -152,3 +153,20 @@ def test_without_a_prefix_the_session_rule_decides():
     assert chosen[1] is RouteReason.SESSION
     assert chosen == choose_cached_replica(pool, {}, None, "user-42", balance=4)
     assert choose_cached_replica([], {}, "h", balance=4) is None
+
+
+def test_an_index_of_one_mib_stays_within_it_however_much_it_is_fed():
+    index = PrefixIndex.of_mib(1)
+    prompts = [
+        prefix_of(Api.COMPLETIONS, {"prompt": f"{n} {SYSTEM}"}, "7", CAP) for n in range(3000)
+    ]
+    tracemalloc.start()
+    try:
+        for n, prefix in enumerate(prompts):
+            index.record(prefix, f"replica-{n % 4}")
+            index.record(prefix, f"replica-{(n + 1) % 4}")
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index.entries) == index.max_entries  # full, and evicting
+    assert used <= 1024 * 1024
