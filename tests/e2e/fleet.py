@@ -56,13 +56,25 @@ class ControlPlane:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    def start(self, name: str) -> None:
-        """Start (or start again) one of the control plane's processes; its log goes on."""
+    def start(self, name: str, **env: str) -> None:
+        """Start (or start again) one of the control plane's processes, with `env` over the
+        plane's own; its log goes on."""
         with (self.logs / f"{name}.log").open("ab") as log:
             self.children[name] = subprocess.Popen(
-                self.commands[name], cwd=ROOT, env=self.env, stdout=log,
+                self.commands[name], cwd=ROOT, env={**self.env, **env}, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
+
+    def another_web(self, name: str, **env: str) -> str:
+        """One more web process on this plane, with `env` over the plane's own (another
+        routing policy, say); its URL."""
+        port = free_port()
+        self.commands[name] = [sys.executable, "-m", "controlplane.web", "--host", "127.0.0.1",
+                               "--port", str(port)]  # fmt: skip
+        self.start(name, **env)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(partial(http_ok, f"{url}/healthz"), 30, f"the web process {name}")
+        return url
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
         """Signal a process's whole group (a worker's pool threads, the web process) and reap it."""
