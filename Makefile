@@ -93,4 +93,4 @@ bench-faults: services engine azurite haproxy
 	$(PY) bench/faults.py
 
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) .venv-litellm .venv-vllm-router node_modules var test-artifacts .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ENGINE_VENV) .venv-litellm .venv-vllm-router .venv-sglang-router node_modules var test-artifacts .mypy_cache .ruff_cache .pytest_cache
