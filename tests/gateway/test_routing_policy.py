@@ -1,0 +1,76 @@
+"""The router's choice under each GATEWAY_ROUTING_POLICY, adapters included."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from agents.models import Placement
+from agents.scheduling import RouteReason
+from controlplane.gateway.apis import Api
+from controlplane.gateway.prefix import prefix_of
+from controlplane.gateway.router import Router
+
+SYSTEM = "Answer as the fleet's runbook says. " * 60
+
+
+def replicas(*adapters: dict) -> list[Placement]:
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    return [
+        Placement(pk=n + 1, adapters=held, requests_waiting=0, kv_cache_usage=None, updated_at=now)
+        for n, held in enumerate(adapters)
+    ]
+
+
+def prefix(key: str = "7", user: str = "q"):
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
+    return prefix_of(Api.CHAT, body, key, 65536)
+
+
+def router() -> Router:
+    return Router(state=None)  # type: ignore[arg-type]  # pick and the index use no state
+
+
+def test_cache_aware_sends_a_prefix_where_it_went_and_away_when_that_one_is_busy(settings):
+    settings.GATEWAY_ROUTING_POLICY, settings.GATEWAY_PREFIX_BALANCE = "cache_aware", 2
+    route, pool = router(), replicas({}, {}, {}, {})
+    first = route.pick(pool, None, prefix=prefix())
+    assert first is not None
+    assert first[1] is RouteReason.PREFIX  # its home
+    route.prefixes.record(prefix(), str(first[0].pk))
+    again = route.pick(pool, None, prefix=prefix(user="another question"))
+    assert again == first  # the shared system prompt: the same replica
+    route.in_flight[first[0].pk] = 3  # 3 busier than the others: past the balance of 2
+    moved = route.pick(pool, None, prefix=prefix())
+    assert moved is not None
+    assert moved[0] != first[0]
+    assert moved[1] is RouteReason.FALLBACK
+
+
+@pytest.mark.parametrize(
+    ("policy", "reason"), [("least_loaded", RouteReason.LOAD), ("session", RouteReason.SESSION)]
+)
+def test_the_other_policies_ignore_the_prefix(settings, policy, reason):
+    settings.GATEWAY_ROUTING_POLICY = policy
+    route, pool = router(), replicas({}, {}, {})
+    route.prefixes.record(prefix(), "3")
+    picked = route.pick(pool, "user-1", prefix=prefix())
+    assert picked is not None
+    assert picked[1] is reason
+
+
+def test_an_adapters_prefix_is_followed_among_the_replicas_that_hold_it(settings):
+    settings.GATEWAY_ROUTING_POLICY, settings.GATEWAY_PREFIX_BALANCE = "cache_aware", 2
+    route = router()
+    pool = replicas({}, {"org/a": {}}, {"org/a": {}}, {})
+    adapter_prefix = prefix(key="7:org/a")
+    route.prefixes.record(adapter_prefix, "3")
+    picked = route.pick(pool, None, "org/a", adapter_prefix)
+    assert picked is not None
+    assert (picked[0].pk, picked[1]) == (3, RouteReason.PREFIX)
+    # The base's own prefix on replica 1, which lacks the adapter: not followed for it.
+    route.prefixes.record(prefix(), "1")
+    other = route.pick(pool, None, "org/a", prefix(key="7:org/a", user="x"))
+    assert other is not None
+    assert other[0].pk in (2, 3)
