@@ -17,7 +17,8 @@ turn 2, and so on. Each answer is streamed and its first token timed.
 Paths, each on fresh engines (empty caches):
 
 - llmfleet: a web process and four node agents, each running the sim in-process, under
-  GATEWAY_ROUTING_POLICY `least_loaded` (load alone) and `cache_aware`;
+  GATEWAY_ROUTING_POLICY `least_loaded` (load alone) and `cache_aware`, and `cache_aware`
+  with two web processes taking the requests in turn (as behind a load balancer);
 - vllm-router `--policy cache_aware`, from `.venv-vllm-router` (requirements/vllm-router-bench.txt);
 - sglang-router `--policy cache_aware`, from `.venv-sglang-router`
   (requirements/sglang-router-bench.txt, built here the first time).
@@ -132,16 +133,19 @@ class Run:
     cpu_ms_per_request: float = float("nan")
 
 
-async def send_all(url: str, headers: dict[str, str], model: str,
+async def send_all(url: str | list[str], headers: dict[str, str], model: str,
                    order: list[list[dict[str, str]]], concurrency: int) -> tuple[list[float], float]:  # fmt: skip
-    """Stream every request in order at `concurrency`: each one's time to first token (ms),
-    and the wall seconds."""
+    """Stream every request in order at `concurrency` (to several URLs: each request to the
+    next, as a load balancer would): each one's time to first token (ms), and the wall
+    seconds."""
     ttfts: list[float] = []
-    pending = list(reversed(order))
+    urls = [url] if isinstance(url, str) else url
+    pending = list(reversed(list(enumerate(order))))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while pending:
-            messages = pending.pop()
+            number, messages = pending.pop()
+            url = urls[number % len(urls)]
             body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "stream": True}
             started = time.perf_counter()
             first = None
@@ -183,8 +187,9 @@ def summarize(before: list[tuple[float, float]], after: list[tuple[float, float]
 class Llmfleet:
     """A web process and four node agents on fresh sim engines, under one routing policy."""
 
-    def __init__(self, policy: str, env: dict[str, str], work: Path, sizes: Sizes, tag: str):
-        self.policy, self.work, self.tag = policy, work, tag
+    def __init__(self, policy: str, env: dict[str, str], work: Path, sizes: Sizes, tag: str,
+                 webs: int = 1):  # fmt: skip
+        self.policy, self.work, self.tag, self.webs = policy, work, tag, webs
         self.model = f"bench/route-{tag}"
         self.env = env | {
             "GATEWAY_ROUTING_POLICY": policy,
@@ -219,11 +224,13 @@ class Llmfleet:
             "print('ok')",
             self.env,
         )
-        self.port = free_port()
-        self.web = start([sys.executable, "-m", "controlplane.web", "--port", str(self.port)],
-                         self.env, self.work / f"web-{self.tag}.log")  # fmt: skip
-        self.processes.append(self.web)
-        wait_for(lambda: answers(f"http://127.0.0.1:{self.port}/healthz"), 30, "the web process")
+        self.ports = [free_port() for _ in range(self.webs)]
+        for n, port in enumerate(self.ports):
+            web = start([sys.executable, "-m", "controlplane.web", "--port", str(port)],
+                        self.env, self.work / f"web-{self.tag}-{n}.log")  # fmt: skip
+            self.processes.append(web)
+            wait_for(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 30, "a web process")  # noqa: B023
+        self.web = self.processes[-self.webs]  # the first web process: its CPU is read
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -231,7 +238,11 @@ class Llmfleet:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}/v1/chat/completions" for port in self.ports]
 
     def engine_counters(self) -> list[tuple[float, float]]:
         return [
@@ -368,6 +379,15 @@ def main() -> None:
                 runs[f"llmfleet {policy}"] = run
                 count = 40 if args.quick else 400
                 c1[policy] = p(asyncio.run(latencies_c1(fleet.url, auth, fleet.model, count)), 50)
+        # Two web processes, each request to the next: each has its own index, and a prefix
+        # new to one goes to its home, the same replica from both (no shared state).
+        with Llmfleet("cache_aware", env, work, sizes, "twoweb", webs=2) as fleet:
+            before = fleet.engine_counters()
+            ttfts, seconds = asyncio.run(send_all(fleet.urls, auth, fleet.model, order,
+                                                  args.concurrency))  # fmt: skip
+            runs["llmfleet cache_aware, 2 web"] = summarize(
+                before, fleet.engine_counters(), ttfts, seconds
+            )
         with Llmfleet("cache_aware", env, work, sizes, "uniform") as fleet:
             before = fleet.engine_counters()
             ttfts, seconds = asyncio.run(send_all(fleet.url, auth, fleet.model, uniform,
@@ -423,6 +443,7 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float]) -> None:
         f"ttft_p90_ratio={of(least, 'ttft')}",
         f"ttft_p90_vs_vllm_router={of(vllm, 'ttft')}",
         f"ttft_p90_vs_sglang_router={of(sglang, 'ttft')}",
+        f"hit_cache_aware_2web={runs['llmfleet cache_aware, 2 web'].hit_ratio:.3f}",
         f"imbalance={runs['llmfleet cache_aware, uniform'].imbalance:.2f}",
         f"imbalance_zipf={aware.imbalance:.2f}",
         f"added_p50_ms={c1['cache_aware'] - c1['least_loaded']:.2f}",
