@@ -189,39 +189,32 @@ def p(values: list[float], q: float) -> float:
 
 
 LITELLM_VENV = ROOT / ".venv-litellm"
+VLLM_ROUTER_VENV = ROOT / ".venv-vllm-router"
+
+
+def peer_program(venv: Path, requirements: str, program: str) -> Path:
+    """A peer's program in its own virtual environment, built from requirements/<requirements>
+    the first time (a few seconds to a few minutes), so that its pins never meet ours."""
+    path = venv / "bin" / program
+    if not path.exists():
+        print(f"building {venv.name} from requirements/{requirements} (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+             "-r", str(ROOT / "requirements" / requirements)],
+            check=True,
+        )  # fmt: skip
+    return path
 
 
 def litellm_command() -> Path:
     """LiteLLM's CLI, building its virtual environment first if need be."""
-    cli = LITELLM_VENV / "bin" / "litellm"
-    if not cli.exists():
-        print("building .venv-litellm from requirements/litellm-bench.txt (once) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-        subprocess.run(
-            [str(LITELLM_VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-             "-r", str(ROOT / "requirements" / "litellm-bench.txt")],
-            check=True,
-        )  # fmt: skip
-    return cli
-
-
-VLLM_ROUTER_VENV = ROOT / ".venv-vllm-router"
+    return peer_program(LITELLM_VENV, "litellm-bench.txt", "litellm")
 
 
 def vllm_router_command() -> Path:
     """vllm-router's CLI, building its virtual environment first if need be."""
-    cli = VLLM_ROUTER_VENV / "bin" / "vllm-router"
-    if not cli.exists():
-        print("building .venv-vllm-router from requirements/vllm-router-bench.txt (once) ...",
-              flush=True)  # fmt: skip
-        subprocess.run([sys.executable, "-m", "venv", str(VLLM_ROUTER_VENV)], check=True)
-        subprocess.run(
-            [str(VLLM_ROUTER_VENV / "bin" / "pip"), "install", "--quiet",
-             "--disable-pip-version-check", "-r",
-             str(ROOT / "requirements" / "vllm-router-bench.txt")],
-            check=True,
-        )  # fmt: skip
-    return cli
+    return peer_program(VLLM_ROUTER_VENV, "vllm-router-bench.txt", "vllm-router")
 
 
 def start_vllm_router(engine_port: int, port: int, work: Path) -> subprocess.Popen[bytes]:

@@ -66,7 +66,17 @@ from pathlib import Path
 
 import aiohttp
 import requests
-from gateway import ROOT, AgentProc, answers, cpu_seconds, manage, p, start, vllm_router_command
+from gateway import (
+    ROOT,
+    AgentProc,
+    answers,
+    cpu_seconds,
+    manage,
+    p,
+    peer_program,
+    start,
+    vllm_router_command,
+)
 
 from nodeagent.engines.sim import PrefixCache
 from tests.support import free_port, wait_for
@@ -285,18 +295,10 @@ class Engines:
 
 
 def sglang_router_python() -> Path:
-    python = SGLANG_ROUTER_VENV / "bin" / "python"
-    if not python.exists():
-        print("building .venv-sglang-router from requirements/sglang-router-bench.txt (once) ...",
-              flush=True)  # fmt: skip
-        subprocess.run([sys.executable, "-m", "venv", str(SGLANG_ROUTER_VENV)], check=True)
-        subprocess.run(
-            [str(SGLANG_ROUTER_VENV / "bin" / "pip"), "install", "--quiet",
-             "--disable-pip-version-check", "-r",
-             str(ROOT / "requirements" / "sglang-router-bench.txt")],
-            check=True,
-        )  # fmt: skip
-    return python
+    """The Python of sglang-router's own virtual environment (its router is a module; its
+    console script says that the environment was built whole)."""
+    installed = peer_program(SGLANG_ROUTER_VENV, "sglang-router-bench.txt", "sglang-router")
+    return installed.parent / "python"
 
 
 def router_argv(name: str, port: int, workers: list[str]) -> list[str]:
