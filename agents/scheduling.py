@@ -120,34 +120,40 @@ def choose_cached_replica(
     overload: float = 8.0,
 ) -> tuple[ReplicaLoad, RouteReason] | None:
     """Cache-aware routing: where the request's prompt prefix most likely is in an engine's KV
-    cache, unless that costs the balance of the load.
+    cache, among the replicas whose load score is within `balance` of the least loaded.
 
     `matched` is how many leading chunks of the prefix each replica was last sent (the
-    gateway's index); the longest match wins, ties to the less loaded, then to `home`'s
-    rendezvous order. With no match, `home` (the prefix's first chunk, as a key) picks a
-    replica by rendezvous hashing: every web process sends a new prefix to the same replica
-    without sharing any state. Either is taken while its load score is within `balance` of
-    the least loaded; otherwise the session rule (`choose_replica`) decides.
+    gateway's index): among those within the balance, the longest match wins, ties to the
+    less loaded, then to `home`'s rendezvous order. With no match anywhere, `home` (the
+    prefix's first chunk, as a key) picks a replica by rendezvous hashing: every web process
+    sends a new prefix to the same replica without sharing any state. When the replicas
+    holding the prefix (or its home) are all too busy, the request goes to the next replica
+    in the home's rendezvous order within the balance (the same from every web process), or,
+    with a session key, to the session rule's choice within the balance (`choose_replica`).
     """
     if not replicas:
         return None
     least = min(replica_score(replica) for replica in replicas)
+    eligible = [replica for replica in replicas if replica_score(replica) - least <= balance]
     salt = home or session or ""
-    best = max(
-        (replica for replica in replicas if matched.get(replica.key, 0) > 0),
-        key=lambda r: (matched[r.key], -replica_score(r), rendezvous_weight(salt, r.key)),
-        default=None,
-    )
-    held = best is not None
-    if best is None and home is not None:
-        best = _rendezvous(replicas, home)
-    if best is not None and replica_score(best) - least <= balance:
+    holders = [replica for replica in eligible if matched.get(replica.key, 0) > 0]
+    if holders:
+        best = max(holders, key=lambda r: (matched[r.key], -replica_score(r),
+                                            rendezvous_weight(salt, r.key)))  # fmt: skip
         return best, RouteReason.PREFIX
-    chosen = choose_replica(replicas, session, overload=overload)
+    held = any(matched.get(replica.key, 0) > 0 for replica in replicas)
+    if home is not None:
+        first = _rendezvous(replicas, home)
+        if not held and any(replica.key == first.key for replica in eligible):
+            return first, RouteReason.PREFIX
+    declined = RouteReason.FALLBACK if held or home is not None else RouteReason.LOAD
+    if home is not None and not session:
+        return _rendezvous(eligible, home), declined
+    chosen = choose_replica(eligible, session, overload=overload)
     assert chosen is not None
     if session and chosen.key == _rendezvous(replicas, session).key:
         return chosen, RouteReason.SESSION
-    return chosen, RouteReason.FALLBACK if held else RouteReason.LOAD
+    return chosen, declined
 
 
 def _rendezvous(replicas: Sequence[ReplicaLoad], key: str) -> ReplicaLoad:

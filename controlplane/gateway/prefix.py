@@ -58,10 +58,15 @@ class Prefix:
 
 def _text(value: Any) -> str:
     """Content as the engine's template renders it, near enough: text as it is; anything else
-    (images, audio, tool calls) by its JSON, which is as stable as the request."""
+    (tools, tool calls, audio) by its JSON, which is as stable as the request (and as large:
+    bounded by GATEWAY_MAX_BODY_BYTES). JSON too deep for Python's stack is named by its type:
+    such a request still routes, by its other pieces."""
     if isinstance(value, str):
         return value
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (RecursionError, ValueError, TypeError):
+        return f"<{type(value).__name__}>"
 
 
 def _content_parts(content: Any) -> Iterator[str]:
@@ -69,6 +74,10 @@ def _content_parts(content: Any) -> Iterator[str]:
         for part in content:
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 yield part["text"]
+            elif isinstance(part, dict) and isinstance(part.get("image_url"), dict):
+                # An image by its URL (a data: URL is the image): a string the cap can cut
+                # before it is copied, where its JSON would copy it whole.
+                yield str(part["image_url"].get("url", ""))
             else:
                 yield _text(part)
     elif content is not None:
@@ -127,8 +136,11 @@ def prefix_of(api: Api, body: dict[str, Any], key: str, cap: int) -> Prefix:
     whole = len(raw) // CHUNK_BYTES
     if not whole:
         return Prefix(key, (), None)
+    # The model's key hashed first: blake2b takes a key of 64 bytes at most, and two long
+    # adapter names must not share a home by their first 64 bytes.
+    salt = hashlib.blake2b(key.encode(), digest_size=32).digest()
     first = hashlib.blake2b(raw[:CHUNK_BYTES], digest_size=8, person=b"llmfleet",
-                            key=key.encode()[:64]).digest()  # fmt: skip
+                            key=salt).digest()  # fmt: skip
     link = int.from_bytes(first, "big")
     chunks = [link]
     for start in range(CHUNK_BYTES, whole * CHUNK_BYTES, CHUNK_BYTES):
@@ -170,7 +182,9 @@ class PrefixIndex:
         replica = sys.intern(replica)
         prefix = Prefix(sys.intern(prefix.key), prefix.chunks, prefix.home)
         entries = self.entries
-        for chunk in prefix.chunks:
+        # Last to first: the first chunk ends most recent, and is evicted last (every longer
+        # prefix needs it).
+        for chunk in reversed(prefix.chunks):
             entry = (prefix.key, chunk)
             holders = entries.get(entry)
             if holders is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 
-from agents.scheduling import ReplicaLoad, RouteReason, choose_cached_replica
+from agents.scheduling import ReplicaLoad, RouteReason, choose_cached_replica, rendezvous_weight
 from controlplane.gateway.apis import Api
 from controlplane.gateway.prefix import CHUNK_BYTES, HOLDERS, PrefixIndex, prefix_of
 
@@ -120,9 +120,25 @@ def test_the_longest_match_wins_while_within_the_balance():
     pool = [load("a", 3), load("b", 1), load("c", 0)]
     assert choose_cached_replica(pool, {"a": 4, "b": 2}, "h", balance=4) == (
         pool[0], RouteReason.PREFIX)  # fmt: skip
-    # a is 6 busier than the least loaded: past the balance, so the least loaded takes it.
+    # a is 6 busier than the least loaded: past the balance, so another takes it, the same
+    # from every web process (the home's rendezvous order among those within the balance).
     busy = [load("a", 6), load("b", 1), load("c", 0)]
-    assert choose_cached_replica(busy, {"a": 4}, "h", balance=4) == (busy[2], RouteReason.FALLBACK)
+    spilled = choose_cached_replica(busy, {"a": 4}, "h", balance=4)
+    assert spilled is not None
+    assert spilled[0].key in {"b", "c"}
+    assert spilled[1] is RouteReason.FALLBACK
+    assert choose_cached_replica(list(reversed(busy)), {"a": 4}, "h", balance=4) == spilled
+    # A replica holding a little less of it, within the balance, beats one holding none.
+    near = [load("a", 6), load("b", 1), load("c", 0)]
+    assert choose_cached_replica(near, {"a": 10, "b": 9}, "h", balance=4) == (
+        near[1], RouteReason.PREFIX)  # fmt: skip
+    # The user's replica is no way out for a busy holder: it must be within the balance too.
+    users = [load("a", 0), load("b", 5), load("c", 7)]
+    session_home = max(users, key=lambda r: rendezvous_weight("u", r.key)).key
+    found = choose_cached_replica(users, {"b": 10}, "h", "u", balance=4)
+    assert found is not None
+    assert found[0].key == "a"  # the only one within the balance
+    assert found[1] is (RouteReason.SESSION if session_home == "a" else RouteReason.FALLBACK)
     # Equal matches: the less loaded of them.
     assert chosen_key(pool, {"a": 4, "b": 4}, "h") == "b"
 
@@ -137,13 +153,14 @@ def test_a_new_prefix_goes_to_its_home_from_every_process_alike():
         assert first == again
         assert first is not None
         assert first[1] is RouteReason.PREFIX
-    # A home far busier than the least loaded is not taken: load, not fallback (nothing held).
+    # A home far busier than the least loaded is not taken: the next in its order is.
     home = chosen_key(pool, {}, "home-0")
     crowded = [load(r.key, 10 if r.key == home else 0) for r in pool]
     chosen = choose_cached_replica(crowded, {}, "home-0", balance=4)
     assert chosen is not None
     assert chosen[0].key != home
-    assert chosen[1] is RouteReason.LOAD
+    assert chosen[1] is RouteReason.FALLBACK
+    assert choose_cached_replica(list(reversed(crowded)), {}, "home-0", balance=4) == chosen
 
 
 def test_without_a_prefix_the_session_rule_decides():
@@ -170,3 +187,24 @@ def test_an_index_of_one_mib_stays_within_it_however_much_it_is_fed():
         tracemalloc.stop()
     assert len(index.entries) == index.max_entries  # full, and evicting
     assert used <= 1024 * 1024
+
+
+def test_deep_json_and_long_adapter_names_route_apart_without_failing():
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    body = chat(("system", SYSTEM), tools=deep)
+    assert prefix_of(Api.CHAT, body, "7", CAP).chunks  # routed by its other pieces
+    long = "org/" + "a" * 80
+    one = prefix_of(Api.CHAT, chat(("system", SYSTEM)), f"7:{long}-one", CAP)
+    two = prefix_of(Api.CHAT, chat(("system", SYSTEM)), f"7:{long}-two", CAP)
+    assert one.home != two.home
+
+
+def test_the_index_evicts_a_prefixs_end_before_its_start():
+    prefix = prefix_of(Api.COMPLETIONS, {"prompt": SYSTEM}, "7", CAP)
+    index = PrefixIndex(len(prefix.chunks))
+    index.record(prefix, "a")
+    index.record(prefix_of(Api.COMPLETIONS, {"prompt": "other " * 200}, "7", CAP), "b")
+    kept = index.match(prefix, {"a"})
+    assert kept.get("a", 0) >= 1  # its first chunk survived: a shorter match, not none
