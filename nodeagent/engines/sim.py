@@ -139,19 +139,24 @@ class PrefixCache:
         self.blocks: OrderedDict[int, None] = OrderedDict()
 
     def serve(self, tokens: Sequence[str], model: str) -> int:
-        """The prompt's tokens found cached; its blocks are cached now (the most recent)."""
+        """The prompt's tokens found cached; its blocks are cached now, the most recent, its
+        first block most recent of all: as vLLM frees a request's blocks tail first, a
+        prompt's end is evicted before its start (which every later turn needs)."""
         if not self.capacity:
             return 0
         size, blocks = self.block_tokens, self.blocks
-        link, hits, missed = hash(model), 0, False
+        link, chain = hash(model), []
         for start in range(0, len(tokens) - size + 1, size):
             link = hash((link, tuple(tokens[start : start + size])))
-            if not missed and link in blocks:
-                hits += size
-                blocks.move_to_end(link)
-            else:
-                missed = True
-                blocks[link] = None
+            chain.append(link)
+        hits = 0
+        for link in chain:
+            if link not in blocks:
+                break
+            hits += size
+        for link in reversed(chain):
+            blocks[link] = None
+            blocks.move_to_end(link)
         while len(blocks) > self.capacity:
             blocks.popitem(last=False)
         return hits

@@ -146,3 +146,11 @@ async def test_sleep_and_wake(sim):
     assert (await client.post("/wake_up")).status == 200
     assert not server.sleeping
     assert (await client.post("/v1/chat/completions", json=chat())).status == 200
+
+
+def test_a_prompts_start_outlives_its_end_in_the_prefix_cache():
+    # As vLLM frees a request's blocks tail first: a prompt partly evicted keeps its start.
+    cache = PrefixCache(block_tokens=1, capacity=4)
+    cache.serve(list("abc"), "m")
+    cache.serve(list("de"), "m")  # five blocks for four: c, the end of abc, goes
+    assert cache.serve(list("abc"), "m") == 2
