@@ -160,22 +160,24 @@ class ApiHandler(ASGIHandler):
 
         listener = asyncio.create_task(self.listen_for_disconnect(receive))
         listener.add_done_callback(on_heard)
+        response: HttpResponseBase | None = None
         try:
             response = await answer
             response["X-Request-Id"] = request_id  # every answer, errors and 404s included
-            # CancelledError: the client went away while the response was sent.
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.send_response(response, send)
+            await self.send_response(response, send)
         except asyncio.CancelledError:
-            if not gone:  # the server's own cancel (a shutdown past WEB_DRAIN_SECONDS)
+            # The client went away (before the answer, or while it was sent); otherwise the
+            # server's own cancel (a shutdown past WEB_DRAIN_SECONDS), which goes on up.
+            if not gone:
                 raise
-            return
         finally:
             finished = True
             listener.cancel()
             if gone:
                 task.uncancel()
-        response.close()
+            # However it ended: a stream's closers give its claim back and count how it ended.
+            if response is not None:
+                response.close()
 
     async def send_response(self, response: Any, send: Any) -> None:
         """Django's, but a streamed answer's chunks go out as the gateway yields them. Django's

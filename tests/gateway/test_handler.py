@@ -274,3 +274,45 @@ async def test_a_client_that_leaves_while_its_body_arrives_is_not_served(monkeyp
     assert sent == []
     assert messages == []
     await sync_to_async(lambda: connection.close())()
+
+
+async def test_the_servers_cancel_mid_stream_goes_on_up_and_the_stream_is_closed(monkeypatch):
+    from asgiref.sync import sync_to_async
+    from django.http import StreamingHttpResponse
+
+    from controlplane.asgi import api_app
+    from controlplane.gateway import views
+
+    _, raw_key = await sync_to_async(make_api_key)()
+    closed, first_sent = [], asyncio.Event()
+
+    async def chunks():
+        yield b"data: 1\n\n"
+        await asyncio.Event().wait()  # the engine says nothing more
+        yield b"unreachable"
+
+    async def streams(*args: object) -> StreamingHttpResponse:
+        response = StreamingHttpResponse(chunks(), content_type="text/event-stream")
+        response._resource_closers.append(lambda: closed.append(True))  # type: ignore[attr-defined]
+        return response
+
+    monkeypatch.setattr(views, "serve", streams)
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        if message.get("body"):
+            first_sent.set()
+
+    task = asyncio.create_task(api_app(api_scope(raw_key), receive, send))
+    await asyncio.wait_for(first_sent.wait(), 5)
+    task.cancel()  # uvicorn's, past WEB_DRAIN_SECONDS
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert closed == [True]  # the stream's closers ran: its claim given back, its end counted
+    await sync_to_async(lambda: connection.close())()
