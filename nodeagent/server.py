@@ -495,7 +495,9 @@ class AgentServer:
         standbys = self.registry.standbys
         for state, count in (standbys.counts if standbys else {"ready": 0, "starting": 0}).items():
             self.metrics.standby_engines.labels(state).set(count)
-        await self.registry.refresh_stats(self.session)
+        # RuntimeError: the session closed as the agent stops; the last figures stand.
+        with contextlib.suppress(RuntimeError):
+            await self.registry.refresh_stats(self.session)
         self.metrics.prefix_cache_queries.clear()
         self.metrics.prefix_cache_hits.clear()
         for slot in self.registry.slots.values():

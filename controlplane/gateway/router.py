@@ -244,14 +244,12 @@ class Router:
             )  # fmt: skip
             if found is not None and found[1] is RouteReason.PREFIX:
                 return by_key[found[0].key], found[1]
+        others = [self._load(p) for p, held in zip(placements, holds, strict=True) if not held]
         chosen = choose_adapter_replica(
-            holding,
-            [self._load(p) for p, held in zip(placements, holds, strict=True) if not held],
-            user,
-            overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
+            holding, others, user, overload=settings.SCALE_OUT_QUEUE_THRESHOLD
         )
         assert chosen is not None
-        return by_key[chosen.key], RouteReason.LOAD
+        return by_key[chosen.key], _session_or_load(chosen, holding + others, user)
 
     def holds(self, placement: Placement, adapter_id: str) -> bool:
         """Whether the replica's engine holds the adapter, as far as this process knows."""
