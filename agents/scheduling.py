@@ -82,6 +82,11 @@ def rendezvous_weight(session: str, replica_key: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def rendezvous_replica(replicas: Sequence[ReplicaLoad], key: str) -> ReplicaLoad:
+    """`key`'s replica by highest-random-weight hashing (a session's, a prefix's home)."""
+    return max(replicas, key=lambda replica: rendezvous_weight(key, replica.key))
+
+
 def choose_replica(
     replicas: Sequence[ReplicaLoad], session: str | None = None, *, overload: float = 8.0
 ) -> ReplicaLoad | None:
@@ -94,7 +99,7 @@ def choose_replica(
     if not replicas:
         return None
     if session:
-        preferred = max(replicas, key=lambda replica: rendezvous_weight(session, replica.key))
+        preferred = rendezvous_replica(replicas, session)
         if replica_score(preferred) < overload:
             return preferred
     salt = session or ""
@@ -143,21 +148,24 @@ def choose_cached_replica(
         return best, RouteReason.PREFIX
     held = any(matched.get(replica.key, 0) > 0 for replica in replicas)
     if home is not None:
-        first = _rendezvous(replicas, home)
+        first = rendezvous_replica(replicas, home)
         if not held and any(replica.key == first.key for replica in eligible):
             return first, RouteReason.PREFIX
     declined = RouteReason.FALLBACK if held or home is not None else RouteReason.LOAD
     if home is not None and not session:
-        return _rendezvous(eligible, home), declined
+        return rendezvous_replica(eligible, home), declined
     chosen = choose_replica(eligible, session, overload=overload)
     assert chosen is not None
-    if session and chosen.key == _rendezvous(replicas, session).key:
-        return chosen, RouteReason.SESSION
-    return chosen, declined
+    return chosen, session_or(declined, chosen, replicas, session)
 
 
-def _rendezvous(replicas: Sequence[ReplicaLoad], key: str) -> ReplicaLoad:
-    return max(replicas, key=lambda replica: rendezvous_weight(key, replica.key))
+def session_or(
+    reason: RouteReason, chosen: ReplicaLoad, replicas: Sequence[ReplicaLoad], session: str | None
+) -> RouteReason:
+    """SESSION when `chosen` is the session's own replica among `replicas`, else `reason`."""
+    if session and chosen.key == rendezvous_replica(replicas, session).key:
+        return RouteReason.SESSION
+    return reason
 
 
 # --- cold starts: where a model can be serving soonest -------------------------------------

@@ -41,8 +41,8 @@ from agents.scheduling import (
     choose_cached_replica,
     choose_replica,
     needs_scale_out,
-    rendezvous_weight,
     replica_score,
+    session_or,
 )
 from controlplane import metrics
 from controlplane.gateway import actions as gateway_actions
@@ -102,14 +102,6 @@ class Job:
     def target(self) -> Model:
         """The model whose replicas serve the request: an adapter's base, else the model."""
         return self.model.base if self.model.base is not None else self.model
-
-
-def _session_or_load(
-    chosen: ReplicaLoad, loads: list[ReplicaLoad], session: str | None
-) -> RouteReason:
-    if session and chosen.key == max(loads, key=lambda r: rendezvous_weight(session, r.key)).key:
-        return RouteReason.SESSION
-    return RouteReason.LOAD
 
 
 class Claim:
@@ -233,7 +225,7 @@ class Router:
             session = user if policy != "least_loaded" else None
             chosen = choose_replica(loads, session, overload=settings.SCALE_OUT_QUEUE_THRESHOLD)
             assert chosen is not None
-            return by_key[chosen.key], _session_or_load(chosen, loads, session)
+            return by_key[chosen.key], session_or(RouteReason.LOAD, chosen, loads, session)
         holds = [self.holds(p, adapter_id) for p in placements]
         holding = [self._load(p) for p, held in zip(placements, holds, strict=True) if held]
         if cached and holding:
@@ -249,7 +241,7 @@ class Router:
             holding, others, user, overload=settings.SCALE_OUT_QUEUE_THRESHOLD
         )
         assert chosen is not None
-        return by_key[chosen.key], _session_or_load(chosen, holding + others, user)
+        return by_key[chosen.key], session_or(RouteReason.LOAD, chosen, holding + others, user)
 
     def holds(self, placement: Placement, adapter_id: str) -> bool:
         """Whether the replica's engine holds the adapter, as far as this process knows."""
