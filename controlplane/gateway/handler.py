@@ -106,12 +106,8 @@ class ApiHandler(ASGIHandler):
             error_response.close()
             return
 
-        async def answer() -> HttpResponseBase:
-            response: HttpResponseBase = await self.run_get_response(request)
-            return response
-
         try:
-            await self.answer_unless_gone(answer(), receive, send, request_id)
+            await self.answer_unless_gone(self.run_get_response(request), receive, send, request_id)
         finally:
             body_file.close()
 
