@@ -130,6 +130,7 @@ def prompt_bytes(api: Api, body: dict[str, Any], cap: int) -> bytes:
 
 def prefix_of(api: Api, body: dict[str, Any], key: str, cap: int) -> Prefix:
     """The request's prefix for the model `key` (embeddings have none: no KV cache)."""
+    key = sys.intern(key)  # one copy in the index, however many requests name it
     if api is Api.EMBEDDINGS:
         return Prefix(key, (), None)
     raw = prompt_bytes(api, body, cap)
@@ -177,10 +178,10 @@ class PrefixIndex:
 
     def record(self, prefix: Prefix, replica: str) -> None:
         """The prefix was sent to `replica`: it leads every chunk's holders now."""
-        # One copy of each key and replica name, however many entries and requests name them
-        # (each request brings its own strings): an entry's cost stays ENTRY_BYTES.
+        # One copy of each replica name, however many entries and requests name them (each
+        # request brings its own strings; `prefix_of` interns the key): an entry's cost stays
+        # ENTRY_BYTES.
         replica = sys.intern(replica)
-        prefix = Prefix(sys.intern(prefix.key), prefix.chunks, prefix.home)
         entries = self.entries
         # Last to first: the first chunk ends most recent, and is evicted last (every longer
         # prefix needs it).
