@@ -248,6 +248,18 @@ def start(
     return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
+def stop(processes: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """Terminate them all, then wait for each (killed past `timeout`)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def manage(code: str, env: dict[str, str]) -> str:
     """The last line `code` prints, run in `manage.py shell` against the benchmark's database."""
     out = subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=env,
@@ -559,13 +571,7 @@ def main() -> None:
                         "agent_us": (after[1] - before[1]) * 1e6 / chunks if agent else nan,
                     })  # fmt: skip
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(processes)
         if tree is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
                            check=False)  # fmt: skip

@@ -75,6 +75,7 @@ from gateway import (
     p,
     peer_program,
     start,
+    stop,
     vllm_router_command,
 )
 
@@ -308,17 +309,6 @@ def router_argv(name: str, port: int, workers: list[str]) -> list[str]:
         return [str(vllm_router_command()), *common, "--log-level", "warning"]
     return [str(sglang_router_python()), "-m", "sglang_router.launch_router", *common,
             "--log-level", "warn"]  # fmt: skip
-
-
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def latencies_c1(url: str, headers: dict[str, str], model: str, count: int) -> list[float]:
