@@ -69,8 +69,7 @@ class ControlPlane:
         """One more web process on this plane, with `env` over the plane's own (another
         routing policy, say); its URL."""
         port = free_port()
-        self.commands[name] = [sys.executable, "-m", "controlplane.web", "--host", "127.0.0.1",
-                               "--port", str(port)]  # fmt: skip
+        self.commands[name] = web_command(port)
         self.start(name, **env)
         url = f"http://127.0.0.1:{port}"
         wait_for(partial(http_ok, f"{url}/healthz"), 30, f"the web process {name}")
@@ -142,6 +141,11 @@ def serving_on(model: Model, *agent_ids: str, seconds: float = 30) -> None:
     )
 
 
+def web_command(port: int) -> list[str]:
+    """A web process as `make run` serves it, on loopback at `port`."""
+    return [sys.executable, "-m", "controlplane.web", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def database_url() -> str:
     db = connection.settings_dict
     return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
@@ -169,11 +173,7 @@ def running_control_plane(
     ports = [free_port() for _ in range(web_replicas)]
     url = f"http://127.0.0.1:{ports[0]}"
     celery = [sys.executable, "-m", "celery", "-A", "controlplane"]
-    web = [sys.executable, "-m", "controlplane.web", "--host", "127.0.0.1"]
-    webs = {
-        ("web" if n == 0 else f"web{n + 1}"): [*web, "--port", str(port)]
-        for n, port in enumerate(ports)
-    }
+    webs = {("web" if n == 0 else f"web{n + 1}"): web_command(port) for n, port in enumerate(ports)}
     commands = {
         **webs,
         # The production layout: heartbeats and sweeps never queue behind a load.
