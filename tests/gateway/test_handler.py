@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 from channels.testing import HttpCommunicator
@@ -91,13 +92,7 @@ async def test_even_a_public_answer_carries_its_request_id():
     async def send(message: dict) -> None:
         sent.append(message)
 
-    bodies = [{"type": "http.request", "body": b"", "more_body": False}]
-
-    async def receive() -> dict:
-        if bodies:
-            return bodies.pop()
-        await asyncio.Event().wait()  # the client stays: no disconnect
-        raise AssertionError("unreachable")
+    receive = staying_client([{"type": "http.request", "body": b"", "more_body": False}])
 
     scope = {
         "type": "http", "method": "GET", "path": "/v1/openapi.json", "raw_path": b"",
@@ -128,6 +123,18 @@ async def test_a_request_without_an_active_key_is_refused_before_its_body_is_rea
     await sync_to_async(lambda: connection.close())()
 
 
+def staying_client(messages: list[dict]) -> Callable[[], Awaitable[dict]]:
+    """An ASGI `receive`: `messages` in order, then nothing (the client stays connected)."""
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive
+
+
 def api_scope(raw_key: str, path: str = "/v1/chat/completions") -> dict:
     return {
         "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
@@ -148,11 +155,7 @@ async def test_a_post_to_an_api_is_served_from_its_scope_its_body_in_parts_and_i
     messages.append({"type": "http.request", "body": b"", "more_body": False})
     sent: list[dict] = []
 
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError("unreachable")
+    receive = staying_client(messages)
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -226,11 +229,7 @@ async def test_the_servers_own_cancel_still_cancels_a_request(monkeypatch):
     monkeypatch.setattr(views, "serve", waits_forever)
     messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
 
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError("unreachable")
+    receive = staying_client(messages)
 
     async def send(message: dict) -> None:
         raise AssertionError("nothing is sent")
@@ -299,11 +298,7 @@ async def test_the_servers_cancel_mid_stream_goes_on_up_and_the_stream_is_closed
     monkeypatch.setattr(views, "serve", streams)
     messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
 
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError("unreachable")
+    receive = staying_client(messages)
 
     async def send(message: dict) -> None:
         if message.get("body"):
