@@ -63,6 +63,12 @@ FAILOVERS = Counter(
     "why (unreachable, draining, not_serving).",
     ["model", "fault"],
 )
+KV_BLOCKS = Gauge(
+    "llmfleet_gateway_kv_blocks",
+    "KV blocks a replica's engine holds, as its KV events say (GATEWAY_ROUTING_POLICY=precise), "
+    "by model and agent: a series exists while this web process follows that replica.",
+    ["model", "agent"],
+)
 ROUTING_DECISIONS = Counter(
     "llmfleet_routing_decisions",
     "Warm requests routed, by model and why that replica: prefix (it holds, or is the home "

@@ -131,10 +131,13 @@ GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int(
 GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS", 120, minimum=1)
 # Where a warm request goes among a model's READY replicas (README: routing policies):
 # cache_aware, where its prompt's prefix was last sent, unless that replica is busier than the
-# least loaded by more than GATEWAY_PREFIX_BALANCE; least_loaded; session, the `user`'s own.
+# least loaded by more than GATEWAY_PREFIX_BALANCE; precise, the same rule by the blocks each
+# engine says it holds (its KV events, through its agent), cache_aware where none says;
+# least_loaded; session, the `user`'s own.
 GATEWAY_ROUTING_POLICY = env_choice(
-    "GATEWAY_ROUTING_POLICY", "cache_aware", ("cache_aware", "least_loaded", "session")
-)
+    "GATEWAY_ROUTING_POLICY", "cache_aware",
+    ("cache_aware", "precise", "least_loaded", "session"),
+)  # fmt: skip
 # How much busier (in load score: a request in flight 1, one queued in the engine 2) a replica
 # holding a request's prefix may be than the least loaded one and still be chosen for it.
 GATEWAY_PREFIX_BALANCE = env_int("GATEWAY_PREFIX_BALANCE", 4, minimum=0)

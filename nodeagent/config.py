@@ -68,6 +68,8 @@ class AgentConfig:
     # Whether a model whose catalog entry sets trust_remote_code may run its checkpoint's own
     # Python here (the host's operator decides, beside the control plane's permission).
     allow_remote_code: bool = False
+    # Engines publish their KV-cache events; the agent follows them (nodeagent.kvevents).
+    kv_events: bool = True
     # Engines run as this user (name or uid; "": the agent's own), with the variables of the
     # agent's environment named here on top of the minimal one (nodeagent.engines.identity).
     engine_user: str = ""
@@ -392,6 +394,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "catalog entry sets trust_remote_code; false: such loads are refused on this host",
     )
     flag(
+        "--kv-events",
+        "AGENT_KV_EVENTS",
+        default="true",
+        help="have each engine publish its KV-cache events (vLLM's --kv-events-config) and "
+        "serve the blocks it holds at GET /models/{model}/kv, for the gateway's precise routing",
+    )
+    flag(
         "--sim-load-seconds",
         "AGENT_SIM_LOAD_SECONDS",
         type=float,
@@ -494,10 +503,11 @@ def parse_config(
         share_compile_cache = _boolean(str(args.share_compile_cache))
         download_direct_io = _boolean(str(args.download_direct_io))
         allow_remote_code = _boolean(str(args.allow_remote_code))
+        kv_events = _boolean(str(args.kv_events))
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(
             "--standby-engines, --standby-fork-children, --share-compile-cache, "
-            f"--download-direct-io, --allow-remote-code: {exc}"
+            f"--download-direct-io, --allow-remote-code, --kv-events: {exc}"
         )
     try:
         EngineUser.lookup(str(args.engine_user))
@@ -543,6 +553,7 @@ def parse_config(
         standby_fork_children=standby_fork_children,
         share_compile_cache=share_compile_cache,
         allow_remote_code=allow_remote_code,
+        kv_events=kv_events,
         engine_user=str(args.engine_user),
         engine_env=engine_env,
     )

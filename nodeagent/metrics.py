@@ -142,6 +142,12 @@ class AgentMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.kv_events_dropped = Counter(
+            "llmfleet_agent_kv_events_dropped_total",
+            "Engines' KV-cache events the agent could not use, by reason (nodeagent.kvevents).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.standby_engines = Gauge(
             "llmfleet_agent_standby_engines",
             "Standby engines by state: ready (imports done, waiting for a model) or starting.",

@@ -42,6 +42,7 @@ from nodeagent.engines.sim import SimEngine
 from nodeagent.engines.standby import StandbyPool, is_pooling, lora_limits, standby_refusal
 from nodeagent.engines.vllm import VllmEngine, vllm_argv
 from nodeagent.fetch import fetch_model
+from nodeagent.kvevents import KvFeed
 from nodeagent.metrics import AgentMetrics, EngineStats
 from nodeagent.protocol import (
     AdapterRef,
@@ -323,6 +324,8 @@ class ModelRegistry:
         if slot.failed_before:
             self.metrics.engine_restarts.labels(engine.name).inc()
         slot.engine, slot.failed_before = engine, False
+        if engine.kv_feed is not None:
+            engine.kv_feed.start()
         slot.adapters = EngineAdapters(engine, *lora_limits(request.engine.args))
         self._watch(slot, engine)
         timings = LoadTimings(
@@ -520,9 +523,10 @@ class ModelRegistry:
         if name == "sim":
             return SimEngine(
                 request.model_id, self.config.sim, is_pooling(request.engine.args),
-                max_lora_rank=lora_limits(request.engine.args)[1],
+                max_lora_rank=lora_limits(request.engine.args)[1], kv_feed=self._kv_feed(request),
             )  # fmt: skip
         safe = quote(request.model_id, safe="")
+        kv_feed = self._kv_feed(request)  # before a standby is taken: nothing fails past that
         refusal = standby_refusal(request.engine.args)
         standby = None
         if self.standbys is None:
@@ -545,6 +549,7 @@ class ModelRegistry:
             gpu=self.gpu,
             gpu_memory_share=self.config.gpu_memory_share,
             trust_remote_code=request.engine.trust_remote_code,
+            kv_events_config=kv_feed.vllm_config() if kv_feed is not None else None,
         )
         environ = dict(self.engine_environ)
         if compile_cache is not None:
@@ -566,7 +571,16 @@ class ModelRegistry:
             user=self.engine_user,
             fork_children=self.config.standby_fork_children,
             start_note=note,
+            kv_feed=kv_feed,
         )
+
+    def _kv_feed(self, request: LoadModelRequest) -> KvFeed | None:
+        """Where the engine is to publish its KV-cache events (an embedding model's engine
+        keeps no prefix cache): the agent's feed of them, read once the engine serves."""
+        if not self.config.kv_events or is_pooling(request.engine.args):
+            return None
+        dropped = self.metrics.kv_events_dropped
+        return KvFeed(request.model_id, lambda reason: dropped.labels(reason).inc())
 
     def engine_died(self, engine: Engine, detail: str) -> None:
         """An engine found unable to serve while its process still runs (the proxy saw its
@@ -598,6 +612,8 @@ class ModelRegistry:
         """The slot's engine is gone (it crashed, or cannot serve): the model is FAILED."""
         self._lost.add(engine)
         slot.engine, slot.adapters = None, None
+        if engine.kv_feed is not None:  # its followers learn at once that its blocks are gone
+            self._background(engine.kv_feed.close())
         self.metrics.engine_exits.labels(engine.name, "crashed").inc()
         self._fail(slot, f"engine died: {detail}")
 
@@ -646,6 +662,8 @@ class ModelRegistry:
                     await sleep_engine(session, slot.engine.url)
                 except (EngineError, aiohttp.ClientError) as exc:
                     raise AgentError("sleep_failed", str(exc), 502, slot.model_id) from None
+                if slot.engine.kv_feed is not None:  # asleep, it holds no KV
+                    slot.engine.kv_feed.clear()
             lifecycle.move(slot, ModelState.UNLOADED)
             slot.cache_level = CacheLevel.DRAM_CACHED
             return ""

@@ -30,6 +30,7 @@ from nodeagent import __version__
 from nodeagent.config import AgentConfig
 from nodeagent.credential import Credentials, well_formed
 from nodeagent.gpu import GpuMonitor
+from nodeagent.kvevents import KV_KEEPALIVE_SECONDS, kv_head, kv_lines
 from nodeagent.metrics import AgentMetrics
 from nodeagent.progress import ProgressReporter
 from nodeagent.protocol import (
@@ -127,6 +128,8 @@ class AgentServer:
                 web.delete("/credential", self.forget_credential),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.prometheus),
+                # before the engine's paths: `/models/<model_id>/v1/...`
+                web.get("/models/{model_id:.+}/kv", self.kv_blocks),
                 web.route("*", "/models/{rest:.+}", self.inference),
             ]
         )
@@ -480,6 +483,46 @@ class AgentServer:
             models=tuple(models),
             contract=CONTRACT_VERSION,
         )
+
+    async def kv_blocks(self, request: web.Request) -> web.StreamResponse:
+        """The KV blocks the model's engine holds (nodeagent.kvevents), one JSON line each:
+        first all of them, then each change as it comes, with an empty line when nothing
+        changed for KV_KEEPALIVE_SECONDS (a follower that hears nothing longer knows the
+        agent is gone). Ends when the engine does: the next engine's blocks are another
+        feed."""
+        model_id = request.match_info["model_id"]
+        slot = self.registry.slots.get(model_id)
+        engine = slot.engine if slot is not None and slot.serving else None
+        if engine is None:
+            return _error(404, "model_not_ready", f"{model_id} has no engine serving", model_id)
+        if engine.kv_feed is None:
+            return _error(404, "kv_events_off", f"{model_id}'s engine publishes no KV events",
+                          model_id)  # fmt: skip
+        feed = engine.kv_feed
+        block_size, names, follower = feed.follow()
+        try:
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            await response.write(b"".join(kv_head(model_id, engine.name, block_size, names)))
+            while True:
+                try:
+                    change = await asyncio.wait_for(follower.changes.get(), KV_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await response.write(b"\n")
+                    continue
+                lines = []
+                while change is not None:  # everything queued, in one write
+                    lines += kv_lines(change, feed.blocks.block_size)
+                    if follower.changes.empty():
+                        break
+                    change = follower.changes.get_nowait()
+                if lines:
+                    await response.write(b"".join(lines))
+                if change is None:
+                    break
+        finally:
+            feed.unfollow(follower)
+        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -49,6 +49,7 @@ from controlplane.gateway import actions as gateway_actions
 from controlplane.gateway import coldstart, stats, upstream
 from controlplane.gateway.apis import Api
 from controlplane.gateway.errors import openai_error
+from controlplane.gateway.kvfollow import PromptBlocks
 from controlplane.gateway.prefix import Prefix, PrefixIndex
 from controlplane.gateway.upstream import Fault, Meter, ReplicaFailed
 from nodeagent.protocol import AdapterRef
@@ -95,6 +96,8 @@ class Job:
     adapter: AdapterRef | None = None
     # The prompt's prefix, for cache-aware routing (None under another policy).
     prefix: Prefix | None = None
+    # The prompt as the engines' blocks, for precise routing (None under another policy).
+    prompt: PromptBlocks | None = None
     # What the client and the operators' log both name the request by (X-Request-Id).
     request_id: str = ""
 
@@ -199,24 +202,33 @@ class Router:
         user: str | None,
         adapter_id: str | None = None,
         prefix: Prefix | None = None,
+        prompt: PromptBlocks | None = None,
     ) -> tuple[Placement, RouteReason] | None:
         """The replica to try, and why, by GATEWAY_ROUTING_POLICY (agents.scheduling):
         cache_aware, where the request's prefix was last sent unless that replica is too much
         busier than the least loaded; least_loaded; session, the user's own while it is not
         overloaded (the rule cache_aware falls back to). An adapter's request goes to a
         replica that holds the adapter unless those are overloaded; among those, cache_aware
-        prefers its prefix's."""
+        prefers its prefix's. precise: as cache_aware, by the blocks the engines say they hold
+        where any replica's can be read (controlplane.gateway.kvfollow)."""
         if not placements:
             return None
         by_key = {str(p.pk): p for p in placements}
         policy = settings.GATEWAY_ROUTING_POLICY
-        cached = policy == "cache_aware" and prefix is not None and bool(prefix.chunks)
+        exact = self.state.kv.match(prompt, placements) if prompt is not None else None
+        if exact is None and prefix is not None and prefix.chunks:
+            exact = self.prefixes.match(prefix, by_key), prefix.home
+        cached = (
+            policy in ("cache_aware", "precise")
+            and exact is not None
+            and (bool(exact[0]) or exact[1] is not None)
+        )
         if adapter_id is None:
             loads = [self._load(p) for p in placements]
             if cached:
-                assert prefix is not None
+                assert exact is not None
                 found = choose_cached_replica(
-                    loads, self.prefixes.match(prefix, by_key), prefix.home, user,
+                    loads, exact[0], exact[1], user,
                     balance=settings.GATEWAY_PREFIX_BALANCE,
                     overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
                 )  # fmt: skip
@@ -229,9 +241,9 @@ class Router:
         holds = [self.holds(p, adapter_id) for p in placements]
         holding = [self._load(p) for p, held in zip(placements, holds, strict=True) if held]
         if cached and holding:
-            assert prefix is not None
+            assert exact is not None
             found = choose_cached_replica(
-                holding, self.prefixes.match(prefix, by_key), prefix.home, None,
+                holding, exact[0], exact[1], None,
                 balance=settings.GATEWAY_PREFIX_BALANCE,
             )  # fmt: skip
             if found is not None and found[1] is RouteReason.PREFIX:
@@ -314,7 +326,7 @@ class Router:
         adapter_id = job.adapter.adapter_id if job.adapter is not None else None
         while picked := self.pick(
             [p for p in placements if generation(p) not in tried], job.user, adapter_id,
-            job.prefix,
+            job.prefix, job.prompt,
         ):  # fmt: skip
             placement, reason = picked
             metrics.ROUTING_DECISIONS.labels(job.model.model_id, reason.value).inc()

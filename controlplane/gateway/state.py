@@ -24,6 +24,7 @@ import aiohttp
 from controlplane.gateway import upstream
 from controlplane.gateway.cache import Cache
 from controlplane.gateway.coldstart import Watches
+from controlplane.gateway.kvfollow import KvFollowers
 from controlplane.gateway.limits import Limiter
 from controlplane.gateway.router import Router
 from controlplane.gateway.stats import StatsBuffer
@@ -46,6 +47,7 @@ class GatewayState:
         # tasks, so this set holds each until it ends.
         self.background: set[asyncio.Future[object]] = set()
         self.router = Router(self)
+        self.kv = KvFollowers(self)  # precise routing's: each replica's engine's KV blocks
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -66,6 +68,7 @@ class GatewayState:
         for what, step in (
             ("usage", self.usage.flush),
             ("request figures", self.stats.flush),
+            ("KV feeds", self.kv.close),
             ("agent session", self._close_session),
             ("rate-limit clients", self.limiter.close),
         ):

@@ -20,6 +20,7 @@ from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.handler import request_id_of
+from controlplane.gateway.kvfollow import PromptBlocks
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.prefix import Prefix, prefix_of
 from controlplane.gateway.router import Job
@@ -204,10 +205,18 @@ def _adapter_of(model: Model) -> AdapterRef | None:
 def _prefix_of(api: Api, body: dict[str, Any], model: Model) -> Prefix | None:
     """The prompt's prefix for cache-aware routing, keyed by the model whose replicas serve it
     and, for an adapter, by the adapter too (its KV is its own)."""
-    if settings.GATEWAY_ROUTING_POLICY != "cache_aware":
+    if settings.GATEWAY_ROUTING_POLICY not in ("cache_aware", "precise"):
         return None
     key = str(model.pk) if model.base_id is None else f"{model.base_id}:{model.model_id}"
     return prefix_of(api, body, key, settings.GATEWAY_PREFIX_HASH_KIB * 1024)
+
+
+def _prompt_of(api: Api, body: dict[str, Any], model: Model) -> PromptBlocks | None:
+    """The prompt as the engines' KV blocks, for precise routing."""
+    if settings.GATEWAY_ROUTING_POLICY != "precise":
+        return None
+    target = model.base.model_id if model.base is not None else model.model_id
+    return PromptBlocks(api, body, model.model_id, target, settings.GATEWAY_PREFIX_HASH_KIB * 1024)
 
 
 def _usage_recorder(state: GatewayState, key: ApiKey, model: Model) -> upstream.UsageSink:
@@ -271,5 +280,6 @@ async def _answer(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
         parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
         prefix=_prefix_of(api, parsed.body, model),
+        prompt=_prompt_of(api, parsed.body, model),
     )  # fmt: skip
     return await state.router.serve(job)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
 from nodeagent.metrics import EngineStats, parse_engine_metrics
+
+if TYPE_CHECKING:
+    from nodeagent.kvevents import KvFeed
 
 _QUICK = aiohttp.ClientTimeout(total=2)
 
@@ -41,6 +44,9 @@ class Engine(Protocol):
     model_id: str
     url: str
     supports_sleep: bool
+    # What it publishes of its KV cache, as the agent reads it (None: it publishes nothing);
+    # it closes with the engine.
+    kv_feed: KvFeed | None
 
     async def start(self, session: aiohttp.ClientSession, deadline: float) -> None:
         """Start and return once it serves; raise EngineError (and leave nothing running) if not."""

@@ -37,6 +37,8 @@ from aiohttp import web
 
 from nodeagent.config import SimSettings
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
+from nodeagent.kvblocks import sim_prompt, sim_responses_text, word_ids
+from nodeagent.kvevents import KvEventPublisher, KvFeed
 
 WORDS = (
     "the",
@@ -101,27 +103,6 @@ def _input_texts(value: Any) -> list[str] | None:
     return None
 
 
-def _responses_text(body: dict[str, Any]) -> str:
-    """A Responses `input` (a string or items with content) and `instructions`, as text."""
-    value = body.get("input", "")
-    parts = [str(body["instructions"])] if body.get("instructions") else []
-    if isinstance(value, str):
-        return "\n".join([*parts, value])
-    for item in value if isinstance(value, list) else []:
-        content = item.get("content", "") if isinstance(item, dict) else ""
-        if isinstance(content, list):
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        parts.append(str(content))
-    return "\n".join(parts)
-
-
-def _prompt_of(body: dict[str, Any], chat: bool) -> str:
-    if chat:
-        return "\n".join(str(message.get("content", "")) for message in body.get("messages", []))
-    prompt = body.get("prompt", "")
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)
-
-
 def _error(status: int, message: str) -> web.Response:
     body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
     return web.json_response(body, status=status)
@@ -129,23 +110,29 @@ def _error(status: int, message: str) -> web.Response:
 
 class PrefixCache:
     """vLLM's automatic prefix caching, modelled: a prompt's full blocks of `block_tokens`
-    tokens, each keyed by its tokens and every block before it (and the model, so that an
-    adapter's KV is its own), kept least recently used first out past `capacity` blocks. A
-    prompt's hits are its leading blocks found, as vLLM's are."""
+    tokens, each keyed by its tokens and every block before it (and the served model, so that
+    an adapter's KV is its own), kept least recently used first out past `capacity` blocks. A
+    prompt's hits are its leading blocks found, as vLLM's are. With a `publisher`, it tells
+    what it stores and evicts as vLLM's KV events do (`nodeagent.kvevents`), under keys of
+    its own, as vLLM's are."""
 
-    def __init__(self, block_tokens: int, capacity: int) -> None:
+    def __init__(
+        self, block_tokens: int, capacity: int, publisher: KvEventPublisher | None = None
+    ) -> None:
         self.block_tokens = block_tokens
         self.capacity = capacity
         self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.publisher = publisher
 
-    def serve(self, tokens: Sequence[str], model: str) -> int:
+    def serve(self, tokens: Sequence[int], served: str, adapter: str | None = None) -> int:
         """The prompt's tokens found cached; its blocks are cached now, the most recent, its
         first block most recent of all: as vLLM frees a request's blocks tail first, a
-        prompt's end is evicted before its start (which every later turn needs)."""
+        prompt's end is evicted before its start (which every later turn needs). `served`:
+        the model or adapter named by the request; `adapter` the same for an adapter."""
         if not self.capacity:
             return 0
         size, blocks = self.block_tokens, self.blocks
-        link, chain = hash(model), []
+        link, chain = hash(served), []
         for start in range(0, len(tokens) - size + 1, size):
             link = hash((link, tuple(tokens[start : start + size])))
             chain.append(link)
@@ -154,11 +141,26 @@ class PrefixCache:
             if link not in blocks:
                 break
             hits += size
+        stored: list[tuple[int | None, list[int], int]] = []  # (parent, keys, first block)
+        for index, link in enumerate(chain):
+            if link in blocks:
+                continue
+            if stored and stored[-1][2] + len(stored[-1][1]) == index:
+                stored[-1][1].append(link)
+            else:
+                stored.append((chain[index - 1] if index else None, [link], index))
         for link in reversed(chain):
             blocks[link] = None
             blocks.move_to_end(link)
+        evicted = []
         while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
+            evicted.append(blocks.popitem(last=False)[0])
+        if self.publisher is not None:
+            for parent, keys, first in stored:
+                ids = tokens[first * size : (first + len(keys)) * size]
+                self.publisher.stored(keys, parent, ids, size, adapter)
+            if evicted:
+                self.publisher.removed(evicted)
         return hits
 
 
@@ -218,8 +220,9 @@ class SimServer:
     """The simulated engine's HTTP API for one served model."""
 
     def __init__(
-        self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0
-    ) -> None:
+        self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0,
+        kv_events: str | None = None,
+    ) -> None:  # fmt: skip
         self.model_id = model_id
         self.settings = settings
         self.pooling = pooling  # an embedding model's engine: embeddings only, as vLLM's
@@ -232,7 +235,10 @@ class SimServer:
         self.core_dead = False
         self.counters = _Counters()
         self.seats = asyncio.Semaphore(settings.max_num_seqs)
-        self.prefix_cache = PrefixCache(settings.block_tokens, settings.cache_blocks)
+        # Its KV events, as vLLM's --kv-events-config publishes them, to `kv_events`.
+        self.kv_events = KvEventPublisher(kv_events) if kv_events else None
+        self.prefix_cache = PrefixCache(settings.block_tokens, settings.cache_blocks,
+                                        self.kv_events)  # fmt: skip
         self.created = int(time.time())
 
     def app(self) -> web.Application:
@@ -362,7 +368,7 @@ class SimServer:
         max_tokens = body.get("max_output_tokens") or 16
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_output_tokens must be a positive integer")
-        prompt = _responses_text(body)
+        prompt = sim_responses_text(body)
         tokens = words_for(self._seed(body, prompt), max_tokens)
         usage = {
             "input_tokens": len(prompt.split()),
@@ -434,7 +440,7 @@ class SimServer:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be a positive integer")
-        prompt = _prompt_of(body, chat)
+        prompt = sim_prompt(body, chat)
         prefill = self._count_prefix(prompt, str(body.get("model", "")))
         async with self._seat():
             await asyncio.sleep(prefill)
@@ -453,8 +459,8 @@ class SimServer:
     def _count_prefix(self, prompt: str, model: str) -> float:
         """The prompt through the prefix cache, counted as vLLM counts it (in tokens); the
         prefill time of the tokens it did not hold."""
-        tokens = prompt.split()
-        hits = self.prefix_cache.serve(tokens, model)
+        tokens = word_ids(prompt)
+        hits = self.prefix_cache.serve(tokens, model, model if model in self.loras else None)
         self.counters.prefix_queries += len(tokens)
         self.counters.prefix_hits += hits
         return (len(tokens) - hits) * self.settings.prefill_ms_per_token / 1000
@@ -547,6 +553,9 @@ class SimServer:
         if request.query.get("level", "1") not in {"1", "2"}:
             return _error(400, "level must be 1 or 2")
         self.sleeping = True
+        self.prefix_cache.blocks.clear()  # as vLLM's: its KV cache is dropped
+        if self.kv_events is not None:
+            self.kv_events.cleared()
         return web.Response(status=200)
 
     async def wake_up(self, request: web.Request) -> web.Response:
@@ -566,11 +575,14 @@ class SimEngine:
     supports_sleep = True
 
     def __init__(
-        self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0
-    ) -> None:
+        self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0,
+        kv_feed: KvFeed | None = None,
+    ) -> None:  # fmt: skip
         self.model_id = model_id
         self.settings = settings
-        self.server = SimServer(model_id, settings, pooling, max_lora_rank)
+        self.kv_feed = kv_feed
+        endpoint = kv_feed.endpoint if kv_feed is not None else None
+        self.server = SimServer(model_id, settings, pooling, max_lora_rank, endpoint)
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._exited: asyncio.Future[EngineExit] = asyncio.get_running_loop().create_future()
@@ -599,6 +611,10 @@ class SimEngine:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.server.kv_events is not None:
+            self.server.kv_events.close()
+        if self.kv_feed is not None:
+            await self.kv_feed.close()
         if not self._exited.done():
             self._exited.set_result(EngineExit(expected=True, returncode=0, detail="stopped"))
 
@@ -612,6 +628,10 @@ class SimEngine:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.server.kv_events is not None:
+            self.server.kv_events.close()
+        if self.kv_feed is not None:
+            await self.kv_feed.close()
         if not self._exited.done():
             self._exited.set_result(
                 EngineExit(expected=False, returncode=-9, detail="simulated crash")
@@ -638,6 +658,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="prefix-cache capacity in blocks (0: none)")  # fmt: skip
     parser.add_argument("--prefill-ms-per-token", type=float, default=0.0,
                         help="prefill time per prompt token not in the prefix cache")  # fmt: skip
+    parser.add_argument("--kv-events-endpoint", default="",
+                        help="publish KV-cache events here as vLLM's --kv-events-config does "
+                        "(tcp://*:PORT binds; '': none)")  # fmt: skip
     parser.add_argument(
         "--runner", choices=["generate", "pooling"], default="generate",
         help="pooling: serve /v1/embeddings (an embedding model), as vLLM's pooling runner",
@@ -659,7 +682,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         loop = uvloop.new_event_loop()
     web.run_app(
-        SimServer(args.model_id, settings, args.runner == "pooling").app(),
+        SimServer(
+            args.model_id,
+            settings,
+            args.runner == "pooling",
+            kv_events=args.kv_events_endpoint or None,
+        ).app(),
         host=args.host,
         port=args.port,
         access_log=None,

@@ -26,6 +26,7 @@ from nodeagent.engines import identity
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
 from nodeagent.engines.identity import EngineUser
 from nodeagent.engines.standby import Standby, end_standby
+from nodeagent.kvevents import KvFeed
 from nodeagent.protocol import EngineStart
 
 LOG_TAIL_LINES = 25
@@ -42,6 +43,7 @@ def vllm_argv(
     gpu: bool,
     gpu_memory_share: float,
     trust_remote_code: bool = False,
+    kv_events_config: str | None = None,
 ) -> list[str]:
     """The engine's command line: the model's own arguments (nodeagent.engineargs checked
     them), then the agent's, which win over anything before them (argparse keeps the last
@@ -63,6 +65,8 @@ def vllm_argv(
     ]
     if trust_remote_code:
         argv.append("--trust-remote-code")
+    if kv_events_config is not None:
+        argv += ["--kv-events-config", kv_events_config]
     if gpu:
         argv.append("--enable-sleep-mode")
         given = {engineargs.canonical(arg.partition("=")[0]) for arg in args}
@@ -89,8 +93,10 @@ class VllmEngine:
         user: EngineUser | None = None,
         fork_children: bool = True,
         start_note: str = "",
+        kv_feed: KvFeed | None = None,
     ) -> None:
         self.model_id = model_id
+        self.kv_feed = kv_feed
         self.argv = list(argv)
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -205,6 +211,8 @@ class VllmEngine:
             await process.wait()
             await self._wait_group_gone(process.pid)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.kv_feed is not None:
+            await self.kv_feed.close()
 
     def _kill_group(self, signum: signal.Signals) -> None:
         if self.process is not None:

@@ -99,3 +99,69 @@ def test_a_conversations_turns_land_on_one_replica_from_every_web_replica(settin
             lambda: Placement.objects.get(agent__agent_id=gone).state == PlacementState.FAILED,
             10, "the replica marked",
         )  # fmt: skip
+
+
+def kv_followed(web_url: str) -> dict[str, float]:
+    """The blocks each agent's engine holds as the web process follows them (precise)."""
+    text = requests.get(f"{web_url}/metrics", headers=SCRAPER, timeout=5).text
+    found = re.findall(r'^llmfleet_gateway_kv_blocks\{agent="([^"]+)",model="org/tiny"\} (\S+)$',
+                       text, re.M)  # fmt: skip
+    return {agent: float(count) for agent, count in found}
+
+
+def test_precise_routing_follows_what_each_engine_holds(settings, tmp_path):
+    """GATEWAY_ROUTING_POLICY=precise: both web replicas follow the four engines' KV events.
+    A prompt goes where an engine holds it; when that engine evicts it (traffic that never
+    passed the gateway) and another engine holds it, it goes there, from either web."""
+    small = [*SIM, "--sim-cache-blocks", "40", "--sim-block-tokens", "16"]
+    with ExitStack() as stack:
+        plane = stack.enter_context(
+            running_control_plane(settings, tmp_path, web_replicas=2,
+                                  GATEWAY_ROUTING_POLICY="precise", **QUIET)
+        )  # fmt: skip
+        agents = {name: plane.agent(stack, tmp_path, name, *small) for name in NAMES}
+        registered(*NAMES)
+        tiny = tinymodel.build(tmp_path / "tiny").as_uri()
+        model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1, max_replicas=4)
+        serving_on(model, *NAMES)
+        _, raw_key = make_api_key("routing")
+        clients = [
+            openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0, timeout=60)
+            for url in plane.web_urls
+        ]
+        for client in clients:  # the first request starts following: the engines' feeds
+            turn(client, [{"role": "user", "content": "hello"}])
+        for url in plane.web_urls:
+            wait_for(lambda url=url: len(kv_followed(url)) == 4, 20, "the four engines followed")
+
+        def where(client: openai.OpenAI, messages: list) -> str:
+            before = served(agents)
+            turn(client, messages)
+            after = served(agents)
+            (name,) = [name for name in NAMES if after[name] > before[name]]
+            return name
+
+        # ~19 blocks of 16 words: the engines hold two such prompts, not three.
+        messages = [{"role": "system", "content": system_prompt(0)},
+                    {"role": "user", "content": "question"}]  # fmt: skip
+        home = where(clients[0], messages)
+        wait_for(lambda: kv_followed(plane.web_urls[1]).get(home, 0) >= 18, 10, "blocks seen")
+        assert where(clients[1], messages) == home  # the other web replica agrees
+
+        # Another engine takes the prompt, straight through its agent; the home's engine evicts
+        # it, filled with other prompts: neither passed the gateway.
+        other = next(name for name in NAMES if name != home)
+        body = {"model": "org/tiny", "messages": messages, "max_tokens": 2}
+        path = "/models/org/tiny/v1/chat/completions"
+        assert agents[other].post(path, body).status_code == 200
+        for topic in (1, 2, 3):
+            flood = {**body, "messages": [{"role": "user", "content": system_prompt(topic)}]}
+            assert agents[home].post(path, flood).status_code == 200
+        for url in plane.web_urls:
+            wait_for(lambda url=url: kv_followed(url).get(other, 0) >= 18, 10, "blocks seen")
+        for client in clients:
+            assert where(client, messages) == other
+        decisions = requests.get(f"{plane.web_urls[0]}/metrics", headers=SCRAPER, timeout=5).text
+        assert re.search(
+            r'llmfleet_routing_decisions_total\{model="org/tiny",reason="prefix"\}', decisions
+        )

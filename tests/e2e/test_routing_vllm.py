@@ -6,6 +6,7 @@ engines' own prefix-cache counters (vLLM's `vllm:prefix_cache_hits` and
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from contextlib import ExitStack
@@ -20,11 +21,13 @@ from agents.scheduling import ReplicaLoad, choose_cached_replica
 from controlplane.gateway.apis import Api
 from controlplane.gateway.prefix import prefix_of
 from nodeagent import tinymodel
+from nodeagent.kvblocks import block_chain, chain_root
 from nodeagent.tinymodel import CORPUS
 from tests.e2e.agent_process import AgentProcess, engine_python
 from tests.e2e.fleet import registered, running_control_plane, serving_on
 from tests.e2e.test_vllm_agent import CPU_ARGS
 from tests.factories import make_api_key
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -125,3 +128,29 @@ def test_cache_aware_routing_finds_more_of_vllms_prefix_cache_than_load_alone(se
         # blocks are gone by the time it comes back (about none).
         assert aware > 0.4
         assert aware > least + 0.3
+
+        # Precise routing's half that runs on vLLM: each engine's KV events (the agent adds
+        # --kv-events-config) as its agent names them are the blocks of what the engine was
+        # asked, named from the tokens vLLM itself saw: what the gateway names a request by.
+        system = split_by_home(3, model.pk, placements)[0]
+        body = {"model": "org/tiny", "messages": messages(system, 1), "max_tokens": 1,
+                "return_token_ids": True}  # fmt: skip
+        answer = agents[0].post("/models/org/tiny/v1/chat/completions", body)
+        assert answer.status_code == 200, answer.text
+        tokens = answer.json()["prompt_token_ids"]
+        head = engine_blocks(agents[0])
+        expected = block_chain(tokens, head["block_size"], chain_root("org/tiny"))
+        assert head["tokens"] == "model"
+        assert len(expected) == len(tokens) // 128 >= 3
+        wait_for(lambda: set(expected) <= set(engine_blocks(agents[0])["add"]), 10,
+                 "the engine's blocks, named")  # fmt: skip
+        dropped = requests.get(f"{agents[0].url}/metrics", headers=agents[0].headers, timeout=5)
+        assert "llmfleet_agent_kv_events_dropped_total{" not in dropped.text
+
+
+def engine_blocks(agent: AgentProcess) -> dict:
+    """The first line of the agent's feed of its engine's KV blocks (fewer than 2,048 here)."""
+    with requests.get(f"{agent.url}/models/org/tiny/kv", headers=agent.headers, stream=True,
+                      timeout=10) as answer:  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        return json.loads(next(answer.iter_lines()))
