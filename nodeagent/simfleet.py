@@ -9,7 +9,8 @@ are --id-prefix plus a number. Other flags go to every agent (see
 `python -m nodeagent --help`), e.g. --token, --control-plane-url, --sim-*.
 With --token-dir, each agent reads its own token from the file there named
 after its id (the credential its Agent row was enrolled with), instead of one
---token for all.
+--token for all. The engines' KV events are off here unless --kv-events true is given:
+each engine's feed is two ZMQ sockets, and one process's ZMQ context holds at most 1,023.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def fleet_configs(argv: Sequence[str] | None = None) -> list[AgentConfig]:
         placement = ["--agent-id", agent_id, "--port", str(own.base_port + number)]
         cache = ["--cache-dir", str(own.cache_root / agent_id)]
         token = [] if own.token_dir is None else ["--token-file", str(own.token_dir / agent_id)]
-        configs.append(parse_config(["--engine", "sim", *shared, *placement, *cache, *token]))
+        configs.append(parse_config(
+            ["--engine", "sim", "--kv-events", "false", *shared, *placement, *cache, *token]
+        ))  # fmt: skip
     return configs
 
 

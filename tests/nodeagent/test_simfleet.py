@@ -36,6 +36,10 @@ def test_each_agent_gets_its_own_id_port_and_cache(tmp_path):
     ]  # fmt: skip
     assert len({c.cache_dir for c in configs}) == 3
     assert {c.sim.ttft_ms for c in configs} == {7.0}
+    assert not any(c.kv_events for c in configs)  # a ZMQ context's 1,023 sockets: off here
+    (shown,) = fleet_configs(["--count", "1", "--cache-root", str(tmp_path), "--token", "t",
+                              "--kv-events", "true"])  # fmt: skip
+    assert shown.kv_events
 
 
 def rss_mib(pid: int) -> float:
