@@ -17,8 +17,9 @@ turn 2, and so on. Each answer is streamed and its first token timed.
 Paths, each on fresh engines (empty caches):
 
 - llmfleet: a web process and four node agents, each running the sim in-process, under
-  GATEWAY_ROUTING_POLICY `least_loaded` (load alone) and `cache_aware`, and `cache_aware`
-  with two web processes taking the requests in turn (as behind a load balancer);
+  GATEWAY_ROUTING_POLICY `least_loaded` (load alone), `cache_aware` and `precise` (the
+  engines' KV events, through the agents), and `cache_aware` with two web processes taking
+  the requests in turn (as behind a load balancer);
 - vllm-router `--policy cache_aware`, from `.venv-vllm-router` (requirements/vllm-router-bench.txt);
 - sglang-router `--policy cache_aware`, from `.venv-sglang-router`
   (requirements/sglang-router-bench.txt, built here the first time).
@@ -43,8 +44,8 @@ Also reported:
   popular);
 - `added_p50_ms`: what cache_aware adds to least_loaded's latency at concurrency 1.
 
-Precise mode (the engines' KV events) and vllm-router's `kv_aware` are not built yet:
-`na`. `--quick` runs tiny sizes without the routers, so that the test suite runs it.
+vllm-router's `kv_aware` (fed by the engines' KV events) is not run yet. `--quick` runs
+tiny sizes without the routers, so that the test suite runs it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ from gateway import (
 )
 
 from nodeagent.engines.sim import PrefixCache
+from nodeagent.kvblocks import word_ids
 from tests.support import free_port, wait_for
 
 SGLANG_ROUTER_VENV = ROOT / ".venv-sglang-router"
@@ -128,7 +130,7 @@ def oracle_hit_ratio(order: list[list[dict[str, str]]], sizes: Sizes) -> float:
     cache = PrefixCache(BLOCK_TOKENS, sizes.cache_blocks * ENGINES)
     hits = queries = 0
     for messages in order:
-        tokens = "\n".join(message["content"] for message in messages).split()
+        tokens = word_ids("\n".join(message["content"] for message in messages))
         hits += cache.serve(tokens, "oracle")
         queries += len(tokens)
     return hits / queries
@@ -247,6 +249,18 @@ class Llmfleet:
     def __exit__(self, *exc: object) -> None:
         stop(self.processes)
 
+    def follow_feeds(self, auth: dict[str, str]) -> None:
+        """Under `precise`: once every web process follows the four engines' KV events (a
+        first request starts following; until the feeds are live, routing is cache_aware's)."""
+        scraper = {"Authorization": f"Bearer {self.env['AGENT_TOKEN']}"}
+        hello = {"model": self.model, "messages": [{"role": "user", "content": "hello"}],
+                 "max_tokens": 1}  # fmt: skip
+        for url in self.urls:
+            requests.post(url, json=hello, headers=auth, timeout=30).raise_for_status()
+            metrics = url.replace("/v1/chat/completions", "/metrics")
+            wait_for(lambda: requests.get(metrics, headers=scraper, timeout=5).text.count(  # noqa: B023
+                "llmfleet_gateway_kv_blocks{") == ENGINES, 30, "the engines' KV feeds")  # fmt: skip
+
     @property
     def url(self) -> str:
         return self.urls[0]
@@ -361,8 +375,10 @@ def main() -> None:
     runs: dict[str, Run] = {}
     c1: dict[str, float] = {}
     try:
-        for policy in ("least_loaded", "cache_aware"):
+        for policy in ("least_loaded", "cache_aware", "precise"):
             with Llmfleet(policy, env, work, sizes, policy.replace("_", "")) as fleet:
+                if policy == "precise":
+                    fleet.follow_feeds(auth)
                 before, cpu = fleet.engine_counters(), cpu_seconds(fleet.web.pid)
                 ttfts, seconds = asyncio.run(send_all(fleet.url, auth, fleet.model, order,
                                                       args.concurrency))  # fmt: skip
@@ -429,7 +445,7 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float]) -> None:
         f"hit_oracle={oracle:.3f}",
         f"hit_least_loaded={least.hit_ratio:.3f}",
         f"hit_cache_aware={aware.hit_ratio:.3f}",
-        "hit_precise=na",
+        f"hit_precise={runs['llmfleet precise'].hit_ratio:.3f}",
         f"hit_vllm_router={of(vllm, 'hit')}",
         f"hit_sglang_router={of(sglang, 'hit')}",
         f"ttft_p90_ratio={of(least, 'ttft')}",
@@ -439,6 +455,7 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float]) -> None:
         f"imbalance={runs['llmfleet cache_aware, uniform'].imbalance:.2f}",
         f"imbalance_zipf={aware.imbalance:.2f}",
         f"added_p50_ms={c1['cache_aware'] - c1['least_loaded']:.2f}",
+        f"precise_added_p50_ms={c1['precise'] - c1['least_loaded']:.2f}",
         f"hit_vs_oracle={aware.hit_ratio / oracle:.2f}",
     ]
     print("RESULT " + " ".join(fields))
