@@ -282,6 +282,7 @@ class KvFeed:
         self._last_seq: int | None = None
         self._logged: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self.closed = False
         # The agent binds, the engine connects (vLLM connects to a tcp:// endpoint without a
         # wildcard): the port is the agent's before the engine starts, on loopback only.
         self._socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
@@ -302,6 +303,9 @@ class KvFeed:
     def follow(self) -> tuple[int, list[int], Follower]:
         """The block size, the names held now, and what changes from here."""
         follower = Follower()
+        if self.closed:  # its engine is gone: the follower hears the end at once
+            follower.put(None)
+            return self.blocks.block_size, [], follower
         self.followers.add(follower)
         return self.blocks.block_size, list(self.blocks.held), follower
 
@@ -313,11 +317,24 @@ class KvFeed:
         self._tell(self.blocks.apply(Cleared()))
 
     async def close(self) -> None:
-        """The engine is gone: followers are told so, the subscription ends."""
+        """The engine is gone: followers are told so, the subscription ends. Twice is
+        harmless."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # its end is logged; the followers are told all the same
+                log.exception("%s: the KV event subscription failed", self.blocks.served)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close without waiting: the socket, and every follower told the feed ended."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self.closed = True
         self._socket.close()
         for follower in self.followers:
             follower.put(None)
@@ -360,8 +377,13 @@ class KvFeed:
                 self._drop(bad)
 
     async def _receive(self) -> None:
-        while True:
-            self.take(await self._socket.recv_multipart())
+        try:
+            while True:
+                self.take(await self._socket.recv_multipart())
+        except zmq.ZMQError:
+            log.exception("%s: the KV event subscription failed", self.blocks.served)
+            self._task = None
+            self.discard()  # its followers end, and follow again (to an empty feed)
 
 
 class KvEventPublisher:

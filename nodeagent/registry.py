@@ -371,6 +371,15 @@ class ModelRegistry:
             await engine.start(session, deadline)
         except EngineError:
             self.metrics.engine_starts.labels(engine.name, "failed", _start_mode(engine)).inc()
+            if engine.kv_feed is not None:
+                engine.kv_feed.discard()
+            raise
+        except BaseException:
+            # Not every way out of a start passes through its stop (one cancelled, one that
+            # failed before its process ran): its KV feed's socket is closed here (twice is
+            # harmless).
+            if engine.kv_feed is not None:
+                engine.kv_feed.discard()
             raise
         finally:
             if took_standby and self.standbys is not None:
@@ -525,8 +534,19 @@ class ModelRegistry:
                 request.model_id, self.config.sim, is_pooling(request.engine.args),
                 max_lora_rank=lora_limits(request.engine.args)[1], kv_feed=self._kv_feed(request),
             )  # fmt: skip
+        kv_feed = self._kv_feed(request)
+        try:
+            return await self._vllm_engine(request, cached, deadline, compile_cache, kv_feed)
+        except BaseException:
+            if kv_feed is not None:  # no engine owns it: its socket is closed here
+                kv_feed.discard()
+            raise
+
+    async def _vllm_engine(
+        self, request: LoadModelRequest, cached: CachedModel, deadline: float,
+        compile_cache: CompileCache | None, kv_feed: KvFeed | None,
+    ) -> VllmEngine:  # fmt: skip
         safe = quote(request.model_id, safe="")
-        kv_feed = self._kv_feed(request)  # before a standby is taken: nothing fails past that
         refusal = standby_refusal(request.engine.args)
         standby = None
         if self.standbys is None:

@@ -99,6 +99,9 @@ class HeldBlocks:
     live: bool = False  # the feed's first line has come and the connection stands
     asked: float = field(default_factory=time.monotonic)
     task: asyncio.Future[None] | None = None
+    # The replica's row as last asked about: each connection uses its address and credential
+    # (either may have changed since following began).
+    placement: Placement | None = None
 
     def apply(self, line: dict[str, Any]) -> None:
         """One line of the feed; ValueError for one that is not the agent's."""
@@ -125,9 +128,9 @@ class KvFollowers:
         """The replica's blocks, if its feed is live; following starts on first ask."""
         held = self.replicas.get(placement.pk)
         if held is None:
-            held = self.replicas[placement.pk] = HeldBlocks()
-            held.task = asyncio.ensure_future(self._follow(placement, model_id, held))
-        held.asked = time.monotonic()
+            held = self.replicas[placement.pk] = HeldBlocks(placement=placement)
+            held.task = asyncio.ensure_future(self._follow(placement.pk, model_id, held))
+        held.asked, held.placement = time.monotonic(), placement
         return held if held.live else None
 
     def match(
@@ -137,6 +140,8 @@ class KvFollowers:
         pk as text, those with none left out), and the prompt's home (its first block, for
         the rendezvous that sends a new prefix to the same replica from every web process);
         None when no replica's blocks can be read (routing falls back to the index)."""
+        if prompt.api is Api.EMBEDDINGS:  # no KV cache: nothing to follow
+            return None
         matched: dict[str, int] = {}
         home: str | None = None
         followed = False
@@ -165,17 +170,20 @@ class KvFollowers:
                 held.task.cancel()
         self.replicas.clear()
 
-    async def _follow(self, placement: Placement, model_id: str, held: HeldBlocks) -> None:
+    async def _follow(self, pk: int, model_id: str, held: HeldBlocks) -> None:
         """Read the replica's feed while anyone asks about it; again after a failure, later
         each time."""
-        url = f"{placement.inference_endpoint_url}/kv"
-        headers = {"Authorization": f"Bearer {placement.agent.credential}"}
-        labels = (model_id, placement.agent.agent_id)
-        gauge = metrics.KV_BLOCKS.labels(*labels)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=_SILENT_SECONDS)
         pause = _RETRY_FIRST_SECONDS
+        labels = ("", "")
         try:
             while time.monotonic() - held.asked < FOLLOW_IDLE_SECONDS:
+                placement = held.placement
+                assert placement is not None
+                url = f"{placement.inference_endpoint_url}/kv"
+                headers = {"Authorization": f"Bearer {placement.agent.credential}"}
+                labels = (model_id, placement.agent.agent_id)
+                gauge = metrics.KV_BLOCKS.labels(*labels)
                 try:
                     async with self.state.session.get(
                         url, headers=headers, timeout=timeout, allow_redirects=False
@@ -183,6 +191,8 @@ class KvFollowers:
                         if answer.status != 200:
                             raise ValueError(f"HTTP {answer.status}")
                         async for raw in answer.content:
+                            if time.monotonic() - held.asked >= FOLLOW_IDLE_SECONDS:
+                                return  # nobody asks about it: a keep-alive ends it too
                             if not raw.strip():
                                 continue  # the agent's keep-alive
                             line = json.loads(raw)
@@ -194,10 +204,8 @@ class KvFollowers:
                                 held.live, pause = True, _RETRY_FIRST_SECONDS
                             held.apply(line)
                             gauge.set(len(held.names))
-                            if time.monotonic() - held.asked >= FOLLOW_IDLE_SECONDS:
-                                return
                 except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
-                    log.info("replica %s: KV feed %s: %s", placement.pk, url, exc)
+                    log.info("replica %s: KV feed %s: %s", pk, url, exc)
                 held.live = False
                 held.names.clear()
                 _forget(labels)
@@ -206,8 +214,8 @@ class KvFollowers:
         finally:
             held.live = False
             _forget(labels)
-            if self.replicas.get(placement.pk) is held:
-                del self.replicas[placement.pk]
+            if self.replicas.get(pk) is held:
+                del self.replicas[pk]
 
 
 def _forget(labels: tuple[str, str]) -> None:

@@ -226,3 +226,16 @@ def test_bad_event_reasons_are_labels():
         EngineBlocks("m").apply(Stored([1], 2, [1], 1, None))
     assert caught.value.reason == "unknown_parent"
     assert EngineBlocks("m").apply(Cleared()) is None  # nothing held: nothing to tell
+
+
+def test_a_closed_feed_ends_its_followers_and_any_that_come_late():
+    async def scenario() -> tuple[Change | None, Change | None]:
+        feed = KvFeed("m", lambda reason: None)
+        _, _, early = feed.follow()
+        await feed.close()
+        await feed.close()  # twice is harmless
+        _, names, late = feed.follow()
+        assert names == []
+        return await early.changes.get(), await late.changes.get()
+
+    assert asyncio.run(scenario()) == (None, None)
