@@ -44,6 +44,10 @@ _MEDIUM_GPU = "GPU"
 # A follower that falls this many changes behind is cut off (it follows afresh, from the
 # whole set): the feed never holds more for a slow reader.
 FOLLOWER_BACKLOG = 10_000
+# A checkpoint's files the gateway reads a prompt into its engine's tokens with (the agent
+# serves them at GET /models/{model}/tokenizer/{file}; the first is required).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # fmt: skip
 # A follower hears at least an empty line this often (nodeagent.server's GET /models/{model}/kv).
 KV_KEEPALIVE_SECONDS = 15.0
 # One log line per reason per this many seconds: a broken publisher must not flood the log.

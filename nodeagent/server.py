@@ -30,7 +30,7 @@ from nodeagent import __version__
 from nodeagent.config import AgentConfig
 from nodeagent.credential import Credentials, well_formed
 from nodeagent.gpu import GpuMonitor
-from nodeagent.kvevents import KV_KEEPALIVE_SECONDS, kv_head, kv_lines
+from nodeagent.kvevents import KV_KEEPALIVE_SECONDS, TOKENIZER_FILES, kv_head, kv_lines
 from nodeagent.metrics import AgentMetrics
 from nodeagent.progress import ProgressReporter
 from nodeagent.protocol import (
@@ -130,6 +130,7 @@ class AgentServer:
                 web.get("/metrics", self.prometheus),
                 # before the engine's paths: `/models/<model_id>/v1/...`
                 web.get("/models/{model_id:.+}/kv", self.kv_blocks),
+                web.get("/models/{model_id:.+}/tokenizer/{name}", self.tokenizer_file),
                 web.route("*", "/models/{rest:.+}", self.inference),
             ]
         )
@@ -523,6 +524,19 @@ class AgentServer:
         finally:
             feed.unfollow(follower)
         return response
+
+    async def tokenizer_file(self, request: web.Request) -> web.StreamResponse:
+        """One of the served model's tokenizer files (TOKENIZER_FILES), as its checkpoint
+        has it: the gateway reads prompts into the engine's tokens with them (precise
+        routing)."""
+        model_id, name = request.match_info["model_id"], request.match_info["name"]
+        slot = self.registry.slots.get(model_id)
+        if name not in TOKENIZER_FILES:
+            return _error(404, "not_found", f"{name} is not a tokenizer file", model_id)
+        directory = slot.directory if slot is not None else None
+        if directory is None or not (directory / name).is_file():
+            return _error(404, "not_found", f"{model_id} has no {name} here", model_id)
+        return web.FileResponse(directory / name)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -9,16 +9,19 @@ the request's leading blocks it holds. So an engine's own evictions, restarts an
 are seen, and every web process, following the same agents, routes alike.
 
 Which tokens: the agent says (`tokens` in the feed's first line). `words` is the
-simulated engine's reading; `model` (vLLM: the checkpoint's tokenizer and chat template)
-is not read in the gateway yet, so a vLLM replica counts as unfollowed and the request is
-routed by the approximate index (`controlplane.gateway.prefix`), as it is whenever no
-replica of the model has a live feed (the agent is unreachable, KV events are off on it,
-the feed has just started).
+simulated engine's reading; `model` is vLLM's, the checkpoint's tokenizer and chat
+template (controlplane.gateway.tokens), whose files this process fetches from an agent
+serving the model the first time it needs them. Until they are read, or where a prompt
+is not one the gateway reads as the engine does (images, a template that fails), and
+whenever no replica of the model has a live feed (the agent is unreachable, KV events are
+off on it, the feed has just started), the request is routed by the approximate index
+(`controlplane.gateway.prefix`).
 
-Cost: per request, the prompt read once more (bounded by GATEWAY_PREFIX_HASH_KIB) and one
-blake2b per block of it; per replica followed, one connection and a set of its blocks'
-names (8 bytes each, about 70 in a Python set) in each web process. A replica nobody asks
-about for FOLLOW_IDLE_SECONDS is no longer followed.
+Cost: per request, the prompt read once more (bounded by GATEWAY_PREFIX_HASH_KIB: for
+vLLM, its template rendered and the text tokenized) and one blake2b per block; per replica
+followed, one connection and a set of its blocks' names (8 bytes each, about 70 in a
+Python set) in each web process; per model, its tokenizer in memory. A replica nobody
+asks about for FOLLOW_IDLE_SECONDS is no longer followed.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ import aiohttp
 from agents.models import Placement
 from controlplane import metrics
 from controlplane.gateway.apis import Api
+from controlplane.gateway.tokens import ModelTokenizer
 from nodeagent.kvblocks import block_chain, chain_root, sim_prompt, sim_responses_text, word_ids
-from nodeagent.kvevents import KV_KEEPALIVE_SECONDS
+from nodeagent.kvevents import KV_KEEPALIVE_SECONDS, TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from controlplane.gateway.state import GatewayState
@@ -51,6 +55,10 @@ FOLLOW_IDLE_SECONDS = 300.0
 _SILENT_SECONDS = 3 * KV_KEEPALIVE_SECONDS
 _RETRY_FIRST_SECONDS = 0.5
 _RETRY_MAX_SECONDS = 30.0
+# A model whose tokenizer could not be fetched or read is tried again after this long.
+_TOKENIZER_RETRY_SECONDS = 60.0
+# A tokenizer file larger than this is refused (a real one is tens of MB at most).
+_TOKENIZER_FILE_LIMIT = 256 * 1024 * 1024
 # Blocks a request is matched by, at most: the hash cap bounds it too (a block is at least
 # one token of at least one byte).
 _MAX_BLOCKS = 4096
@@ -68,15 +76,29 @@ class PromptBlocks:
         self.cap = cap
         self._names: dict[tuple[str, int], list[int] | None] = {}
 
-    def names(self, tokens: str, block_size: int) -> list[int] | None:
-        """The names of the prompt's full blocks; None for a reading the gateway lacks."""
+    def names(
+        self, tokens: str, block_size: int, reader: ModelTokenizer | None = None
+    ) -> list[int] | None:
+        """The names of the prompt's full blocks; None for a reading the gateway lacks
+        (`model` without its `reader`)."""
         key = (tokens, block_size)
         if key not in self._names:
-            self._names[key] = self._read(tokens, block_size)
+            if tokens == "model" and reader is None:
+                return None  # not memoized: the reader may come
+            self._names[key] = self._read(tokens, block_size, reader)
         return self._names[key]
 
-    def _read(self, tokens: str, block_size: int) -> list[int] | None:
-        if tokens != "words" or block_size <= 0 or self.api is Api.EMBEDDINGS:
+    def _read(
+        self, tokens: str, block_size: int, reader: ModelTokenizer | None
+    ) -> list[int] | None:
+        if block_size <= 0 or self.api is Api.EMBEDDINGS:
+            return None
+        if tokens == "model" and reader is not None:
+            ids = reader.ids(self.api, self.body, self.cap)
+            if ids is None:
+                return None
+            return block_chain(ids, block_size, chain_root(self.served), _MAX_BLOCKS)
+        if tokens != "words":
             return None
         if self.api is Api.RESPONSES:
             text = sim_responses_text(self.body)
@@ -123,6 +145,10 @@ class KvFollowers:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.replicas: dict[int, HeldBlocks] = {}
+        # model id → its tokenizer (vLLM's reading), once fetched and read
+        self.readers: dict[str, ModelTokenizer] = {}
+        self._reading: dict[str, asyncio.Future[None]] = {}
+        self._unreadable: dict[str, float] = {}  # model id → when reading it last failed
 
     def held(self, placement: Placement, model_id: str) -> HeldBlocks | None:
         """The replica's blocks, if its feed is live; following starts on first ask."""
@@ -149,7 +175,10 @@ class KvFollowers:
             held = self.held(placement, prompt.target)
             if held is None:
                 continue
-            names = prompt.names(held.tokens, held.block_size)
+            reader = None
+            if held.tokens == "model" and held.placement is not None:
+                reader = self.reader(prompt.target, held.placement)
+            names = prompt.names(held.tokens, held.block_size, reader)
             if names is None:
                 continue
             followed = True
@@ -164,10 +193,51 @@ class KvFollowers:
                 matched[str(placement.pk)] = depth
         return (matched, home) if followed else None
 
+    def reader(self, model_id: str, placement: Placement) -> ModelTokenizer | None:
+        """The model's tokenizer, if read; else its reading starts (from `placement`'s agent),
+        unless it failed less than _TOKENIZER_RETRY_SECONDS ago."""
+        found = self.readers.get(model_id)
+        if found is not None or model_id in self._reading:
+            return found
+        if time.monotonic() - self._unreadable.get(model_id, -1e9) < _TOKENIZER_RETRY_SECONDS:
+            return None
+        task = asyncio.ensure_future(self._read_tokenizer(model_id, placement))
+        self._reading[model_id] = task
+        task.add_done_callback(lambda _: self._reading.pop(model_id, None))
+        return None
+
+    async def _read_tokenizer(self, model_id: str, placement: Placement) -> None:
+        headers = {"Authorization": f"Bearer {placement.agent.credential}"}
+        timeout = aiohttp.ClientTimeout(total=120, sock_connect=5)
+        files: dict[str, bytes] = {}
+        try:
+            for name in TOKENIZER_FILES:
+                url = f"{placement.inference_endpoint_url}/tokenizer/{name}"
+                async with self.state.session.get(
+                    url, headers=headers, timeout=timeout, allow_redirects=False
+                ) as answer:
+                    if answer.status == 404:
+                        continue
+                    if answer.status != 200:
+                        raise ValueError(f"{name}: HTTP {answer.status}")
+                    if (answer.content_length or 0) > _TOKENIZER_FILE_LIMIT:
+                        raise ValueError(f"{name}: {answer.content_length} bytes")
+                    files[name] = await answer.content.read(_TOKENIZER_FILE_LIMIT + 1)
+                    if len(files[name]) > _TOKENIZER_FILE_LIMIT:
+                        raise ValueError(f"{name}: over {_TOKENIZER_FILE_LIMIT} bytes")
+            self.readers[model_id] = await asyncio.to_thread(ModelTokenizer.load, files)
+            log.info("%s: its tokenizer read (precise routing)", model_id)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self._unreadable[model_id] = time.monotonic()
+            log.warning("%s: its tokenizer could not be read from %s: %s", model_id,
+                        placement.agent.agent_id, exc)  # fmt: skip
+
     async def close(self) -> None:
-        for held in self.replicas.values():
-            if held.task is not None:
-                held.task.cancel()
+        for task in [
+            *(held.task for held in self.replicas.values() if held.task is not None),
+            *self._reading.values(),
+        ]:
+            task.cancel()
         self.replicas.clear()
 
     async def _follow(self, pk: int, model_id: str, held: HeldBlocks) -> None:

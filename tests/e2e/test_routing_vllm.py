@@ -19,12 +19,15 @@ from agents import actions
 from agents.models import Placement
 from agents.scheduling import ReplicaLoad, choose_cached_replica
 from controlplane.gateway.apis import Api
+from controlplane.gateway.kvfollow import PromptBlocks
 from controlplane.gateway.prefix import prefix_of
+from controlplane.gateway.tokens import ModelTokenizer
 from nodeagent import tinymodel
 from nodeagent.kvblocks import block_chain, chain_root
+from nodeagent.kvevents import TOKENIZER_FILES
 from nodeagent.tinymodel import CORPUS
 from tests.e2e.agent_process import AgentProcess, engine_python
-from tests.e2e.fleet import registered, running_control_plane, serving_on
+from tests.e2e.fleet import SCRAPER, registered, running_control_plane, serving_on
 from tests.e2e.test_vllm_agent import CPU_ARGS
 from tests.factories import make_api_key
 from tests.support import wait_for
@@ -54,17 +57,26 @@ def messages(system: str, number: int) -> list:
     return [{"role": "system", "content": system}, {"role": "user", "content": f"q {number}?"}]
 
 
-def split_by_home(seed: int, model_pk: int, placements: list[Placement]) -> list[str]:
+def split_by_home(
+    seed: int, model_pk: int, placements: list[Placement], reader: ModelTokenizer | None = None
+) -> list[str]:
     """PROMPTS system prompts whose homes (the replica cache-aware routing sends a new prefix
-    to) are half on each replica: a fleet's many prefixes spread so on average, and the
-    test's eight are made to, so that each engine is asked for four."""
+    to; under precise routing, with the model's `reader`, by its first KV block) are half on
+    each replica: a fleet's many prefixes spread so on average, and the test's eight are
+    made to, so that each engine is asked for four."""
     rng = random.Random(seed)
     loads = [ReplicaLoad(str(p.pk)) for p in placements]
     by_home: dict[str, list[str]] = {load.key: [] for load in loads}
     while any(len(found) < PROMPTS // 2 for found in by_home.values()):
         system = system_prompt(rng)
-        prefix = prefix_of(Api.CHAT, {"messages": messages(system, 0)}, str(model_pk), 65536)
-        chosen = choose_cached_replica(loads, {}, prefix.home, balance=4)
+        body = {"messages": messages(system, 0)}
+        home = prefix_of(Api.CHAT, body, str(model_pk), 65536).home
+        if reader is not None:
+            names = PromptBlocks(Api.CHAT, body, "org/tiny", "org/tiny", 65536).names(
+                "model", 128, reader)  # fmt: skip
+            assert names
+            home = f"{names[0]:016x}"
+        chosen = choose_cached_replica(loads, {}, home, balance=4)
         assert chosen is not None
         by_home[chosen[0].key].append(system)
     return [system for found in by_home.values() for system in found[: PROMPTS // 2]]
@@ -106,6 +118,7 @@ def test_cache_aware_routing_finds_more_of_vllms_prefix_cache_than_load_alone(se
             running_control_plane(settings, tmp_path, GATEWAY_ROUTING_POLICY="cache_aware", **QUIET)
         )
         least_url = plane.another_web("web-least", GATEWAY_ROUTING_POLICY="least_loaded")
+        precise_url = plane.another_web("web-precise", GATEWAY_ROUTING_POLICY="precise")
         python = engine_python()
         agents = [
             plane.agent(stack, tmp_path, name, "--engine", "vllm", "--engine-python", python)
@@ -129,15 +142,18 @@ def test_cache_aware_routing_finds_more_of_vllms_prefix_cache_than_load_alone(se
         assert aware > 0.4
         assert aware > least + 0.3
 
-        # Precise routing's half that runs on vLLM: each engine's KV events (the agent adds
-        # --kv-events-config) as its agent names them are the blocks of what the engine was
-        # asked, named from the tokens vLLM itself saw: what the gateway names a request by.
+        # Precise routing on vLLM: each engine's KV events (the agent adds --kv-events-config)
+        # as its agent names them are the blocks of what the engine was asked, named from the
+        # tokens vLLM itself saw, and the gateway reads a request into those same tokens.
         system = split_by_home(3, model.pk, placements)[0]
         body = {"model": "org/tiny", "messages": messages(system, 1), "max_tokens": 1,
                 "return_token_ids": True}  # fmt: skip
         answer = agents[0].post("/models/org/tiny/v1/chat/completions", body)
         assert answer.status_code == 200, answer.text
         tokens = answer.json()["prompt_token_ids"]
+        files = {name: (tiny / name).read_bytes() for name in TOKENIZER_FILES
+                 if (tiny / name).exists()}  # fmt: skip
+        assert ModelTokenizer.load(files).ids(Api.CHAT, body, 65536) == tokens
         head = engine_blocks(agents[0])
         expected = block_chain(tokens, head["block_size"], chain_root("org/tiny"))
         assert head["tokens"] == "model"
@@ -146,6 +162,21 @@ def test_cache_aware_routing_finds_more_of_vllms_prefix_cache_than_load_alone(se
                  "the engine's blocks, named")  # fmt: skip
         dropped = requests.get(f"{agents[0].url}/metrics", headers=agents[0].headers, timeout=5)
         assert "llmfleet_agent_kv_events_dropped_total{" not in dropped.text
+
+        # Through a web process under `precise`: it follows both engines' feeds, reads the
+        # model's tokenizer from an agent, and finds what cache_aware finds (prompts of its
+        # own: none is cached yet).
+        client = openai.OpenAI(base_url=f"{precise_url}/v1", api_key=key, max_retries=0)
+        client.chat.completions.create(model="org/tiny", max_tokens=1, messages=messages("", 0))
+        wait_for(lambda: len(re.findall(r"^llmfleet_gateway_kv_blocks\{", requests.get(
+            f"{precise_url}/metrics", headers=SCRAPER, timeout=5).text, re.M)) == 2, 20,
+            "both engines followed")  # fmt: skip
+        log = plane.logs / "web-precise.log"
+        wait_for(lambda: "org/tiny: its tokenizer read" in log.read_text(), 20, "the tokenizer")
+        reader = ModelTokenizer.load(files)
+        precise = traffic(precise_url, key, split_by_home(4, model.pk, placements, reader), agents)
+        print(f"prefix-cache hit ratio: precise {precise:.3f}")
+        assert precise > least + 0.3
 
 
 def engine_blocks(agent: AgentProcess) -> dict:

@@ -5,6 +5,7 @@ and one that answers garbage or goes away never trusted."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -120,6 +121,7 @@ def test_a_replica_matches_by_the_leading_blocks_it_holds():
 def test_with_no_live_feed_routing_falls_back():
     prompt = PromptBlocks(Api.CHAT, CHAT, "org/tiny", "org/tiny", 65536)
     followers, placements = followers_holding(None, HeldBlocks("model", 16, set(), live=True))
+    followers._unreadable["org/tiny"] = time.monotonic()  # its tokenizer could not be read
     assert followers.match(prompt, placements) is None
 
 
