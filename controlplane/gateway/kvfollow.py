@@ -272,6 +272,8 @@ class KvFollowers:
                                 held.names.clear()
                                 held.tokens = str(line["tokens"])
                                 held.live, pause = True, _RETRY_FIRST_SECONDS
+                                if held.tokens == "model":  # read before a request needs it
+                                    self.reader(model_id, placement)
                             held.apply(line)
                             gauge.set(len(held.names))
                 except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
