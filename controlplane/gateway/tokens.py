@@ -19,7 +19,11 @@ tokens near a cut are dropped (a word cut short tokenizes otherwise).
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,11 +98,108 @@ def _template_of(config: Mapping[str, Any], jinja_file: str | None) -> str | Non
     return template if isinstance(template, str) else None
 
 
+class TokenPrefixes:
+    """The token ids of texts' leading pieces, so that a prompt that starts as an earlier
+    one did (a shared system prompt, a conversation's earlier turns) is tokenized only from
+    about where they part: tokenizing is most of what reading a prompt costs (hundreds of
+    µs for a few KB; bench/README.md).
+
+    A text's pieces end every PIECE_CHARS characters, each keyed by a digest chained over
+    all before it. A piece keeps the ids from where its parent's kept ones end to a
+    boundary the tokenizer never merges across: a single space before a word, after a
+    non-space (each word's pre-token starts with its space, in byte-level BPE and
+    SentencePiece alike). A tokenizer for which that does not hold (`works`, checked once
+    per model) gets no cache. Bounded: at most MAX_TOKENS ids kept, least recently used
+    out first (a piece whose parent is gone is of no use, and ages out)."""
+
+    PIECE_CHARS = 256
+    MAX_TOKENS = 4_000_000  # 16 MB of 32-bit ids
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        # digest → (where its ids end in the text, its parent's digest, its own ids)
+        self.entries: OrderedDict[bytes, tuple[int, bytes | None, array[int]]] = OrderedDict()
+        self.tokens = 0
+
+    def encode(self, text: str) -> list[int]:
+        """`text`'s ids, without special tokens: as the tokenizer gives them."""
+        digests, link = [], b""
+        for end in range(self.PIECE_CHARS, len(text) + 1, self.PIECE_CHARS):
+            piece = text[end - self.PIECE_CHARS : end].encode("utf-8", "surrogatepass")
+            link = hashlib.blake2b(link + piece, digest_size=16).digest()
+            digests.append((end, link))
+        start, parent, head = self._resume(digests)
+        encoding = self.tokenizer.encode(text[start:], add_special_tokens=False)
+        ids = encoding.ids
+        ends = [start + offset[1] for offset in encoding.offsets]
+        done = 0  # of `ids`, how many the pieces kept so far hold
+        for end, digest in digests:
+            if end <= start:
+                continue
+            kept = self._boundary(text, ends, bisect.bisect_right(ends, end))
+            if kept is None or kept <= done:
+                continue
+            if digest not in self.entries:
+                self._keep(digest, (ends[kept - 1], parent, array("I", ids[done:kept])))
+            elif self.entries[digest][0] != ends[kept - 1]:
+                break  # kept otherwise once: what follows would not chain
+            parent, done = digest, kept
+        return [*head, *ids]
+
+    def _resume(self, digests: list[tuple[int, bytes]]) -> tuple[int, bytes | None, list[int]]:
+        """Where the longest kept prefix of the text ends, its digest, and its ids."""
+        for _end, digest in reversed(digests):
+            chain: list[tuple[bytes, array[int]]] = []
+            link: bytes | None = digest
+            while link is not None and (found := self.entries.get(link)) is not None:
+                chain.append((link, found[2]))
+                link = found[1]
+            if link is not None or not chain:
+                continue  # a piece of it is gone
+            ids: list[int] = []
+            for key, piece in reversed(chain):
+                self.entries.move_to_end(key)
+                ids.extend(piece)
+            return self.entries[digest][0], digest, ids
+        return 0, None, []
+
+    @staticmethod
+    def _boundary(text: str, ends: list[int], count: int) -> int | None:
+        """How many of the tokens to keep so that they end at a safe boundary (at most the
+        first `count`); None when none of the last 32 does."""
+        for kept in range(count, max(count - 32, 0), -1):
+            at = ends[kept - 1]
+            if (
+                0 < at < len(text) - 1 and text[at] == " "
+                and not text[at - 1].isspace() and not text[at + 1].isspace()
+            ):  # fmt: skip
+                return kept
+        return None
+
+    def _keep(self, digest: bytes, entry: tuple[int, bytes | None, array[int]]) -> None:
+        self.entries[digest] = entry
+        self.tokens += len(entry[2])
+        while self.tokens > self.MAX_TOKENS and self.entries:
+            _, (_, _, dropped) = self.entries.popitem(last=False)
+            self.tokens -= len(dropped)
+
+    def works(self) -> bool:
+        """Whether a text tokenized from a kept piece reads as it does whole."""
+        sample = " ".join(f"The quick brown fox {n} jumps, over the lazy dog." for n in range(80))
+        whole = self.tokenizer.encode(sample, add_special_tokens=False).ids
+        self.encode(sample[: 3 * self.PIECE_CHARS + 17])
+        resumed = self.encode(sample)
+        self.entries.clear()
+        self.tokens = 0
+        return resumed == whole
+
+
 @dataclass(frozen=True)
 class ModelTokenizer:
     tokenizer: Tokenizer
     template: jinja2.Template | None
     specials: Mapping[str, str]
+    prefixes: TokenPrefixes | None = None  # None: this tokenizer is read whole every time
 
     @classmethod
     def load(cls, files: Mapping[str, bytes]) -> ModelTokenizer:
@@ -123,7 +224,8 @@ class ModelTokenizer:
                     value = _special(source_map.get(name))
                     if value is not None:
                         specials.setdefault(name, value)
-        return cls(tokenizer, template, specials)
+        prefixes = TokenPrefixes(tokenizer)
+        return cls(tokenizer, template, specials, prefixes if prefixes.works() else None)
 
     def ids(self, api: Api, body: Mapping[str, Any], cap: int) -> list[int] | None:
         """The prompt's token ids as the engine will see them (at most about `cap` bytes of
@@ -153,7 +255,10 @@ class ModelTokenizer:
 
     def _encode(self, text: str, cap: int, special: bool) -> list[int]:
         cut = len(text) > cap
-        ids = self.tokenizer.encode(text[:cap], add_special_tokens=special).ids
+        if not special and self.prefixes is not None:
+            ids = self.prefixes.encode(text[:cap])
+        else:
+            ids = self.tokenizer.encode(text[:cap], add_special_tokens=special).ids
         return ids[:-_NEAR_CUT] if cut else ids
 
 

@@ -6,12 +6,14 @@ not read (None), never an exception."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, normalizers
 
 from controlplane.gateway.apis import Api
-from controlplane.gateway.tokens import ModelTokenizer
+from controlplane.gateway.tokens import ModelTokenizer, TokenPrefixes
 from nodeagent import tinymodel
 from nodeagent.kvevents import TOKENIZER_FILES
 
@@ -116,3 +118,39 @@ def test_a_huge_prompt_is_read_up_to_the_cap(tiny):
 def test_files_it_cannot_read_are_a_value_error(files):
     with pytest.raises(ValueError, match="tokenizer"):
         ModelTokenizer.load(files)
+
+
+def test_a_prompt_that_starts_as_an_earlier_one_reads_as_it_does_whole(tiny):
+    """Tokenized from where a kept piece ends, a text reads exactly as it does whole: shared
+    prefixes, cuts anywhere, odd whitespace and unicode."""
+    prefixes = TokenPrefixes(tiny.tokenizer)
+    rng = random.Random(3)
+    alphabet = [*"abcdefghij ABC  .,!?\n\t0123456789éü😀-'\"", " the", "  ", "\n\n", " 's"]
+    bases = ["".join(rng.choice(alphabet) for _ in range(rng.randint(200, 3000)))
+             for _ in range(6)]  # fmt: skip
+    for _ in range(120):
+        base = rng.choice(bases)
+        text = base[: rng.randint(0, len(base))] + "".join(
+            rng.choice(alphabet) for _ in range(rng.randint(0, 600))
+        )
+        assert prefixes.encode(text) == tiny.tokenizer.encode(text, add_special_tokens=False).ids
+    assert prefixes.entries  # it did keep pieces
+
+
+def test_kept_pieces_are_bounded_and_a_broken_chain_is_not_used(tiny, monkeypatch):
+    monkeypatch.setattr(TokenPrefixes, "MAX_TOKENS", 500)
+    prefixes = TokenPrefixes(tiny.tokenizer)
+    text = " ".join(f"the quick brown fox {n}" for n in range(400))
+    whole = tiny.tokenizer.encode(text, add_special_tokens=False).ids
+    assert prefixes.encode(text) == whole
+    assert prefixes.tokens <= 500
+    assert sum(len(entry[2]) for entry in prefixes.entries.values()) == prefixes.tokens
+    assert prefixes.encode(text) == whole  # its first pieces are gone: read whole again
+
+
+def test_a_tokenizer_that_merges_across_words_gets_no_kept_pieces(checkpoint):
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tokenizer.normalizer = normalizers.Prepend("#")  # each encode's text starts differently
+    assert not TokenPrefixes(tokenizer).works()
+    files = files_of(checkpoint, **{"tokenizer.json": tokenizer.to_str().encode()})
+    assert ModelTokenizer.load(files).prefixes is None
