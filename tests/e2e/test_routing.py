@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -17,7 +19,13 @@ from agents.models import Placement
 from nodeagent import tinymodel
 from tests.e2e.agent_process import AgentProcess
 from tests.e2e.faults import haproxy
-from tests.e2e.fleet import SCRAPER, registered, running_control_plane, serving_on
+from tests.e2e.fleet import (
+    SCRAPER,
+    ControlPlane,
+    registered,
+    running_control_plane,
+    serving_on,
+)
 from tests.factories import make_api_key
 from tests.support import wait_for
 
@@ -41,6 +49,29 @@ def served(agents: dict[str, AgentProcess]) -> dict[str, float]:
     return counts
 
 
+def four_replicas(
+    stack: ExitStack, settings: Any, tmp_path: Path, agent_args: list[str], **env: str
+) -> tuple[ControlPlane, dict[str, AgentProcess]]:
+    """Two web processes and four sim agents, each serving org/tiny."""
+    plane = stack.enter_context(
+        running_control_plane(settings, tmp_path, web_replicas=2, **QUIET, **env)
+    )
+    agents = {name: plane.agent(stack, tmp_path, name, *agent_args) for name in NAMES}
+    registered(*NAMES)
+    tiny = tinymodel.build(tmp_path / "tiny").as_uri()
+    model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1, max_replicas=4)
+    serving_on(model, *NAMES)
+    return plane, agents
+
+
+def clients_of(*urls: str) -> list[openai.OpenAI]:
+    _, raw_key = make_api_key("routing")
+    return [
+        openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0, timeout=60)
+        for url in urls
+    ]
+
+
 def turn(client: openai.OpenAI, messages: list) -> str:
     answer = client.chat.completions.create(model="org/tiny", messages=messages, max_tokens=4)
     return answer.choices[0].message.content or ""
@@ -52,20 +83,9 @@ def system_prompt(topic: int) -> str:
 
 def test_a_conversations_turns_land_on_one_replica_from_every_web_replica(settings, tmp_path):
     with ExitStack() as stack:
-        plane = stack.enter_context(
-            running_control_plane(settings, tmp_path, web_replicas=2, **QUIET)
-        )
+        plane, agents = four_replicas(stack, settings, tmp_path, SIM)
         balancer = stack.enter_context(haproxy(tmp_path, plane.web_urls))
-        agents = {name: plane.agent(stack, tmp_path, name, *SIM) for name in NAMES}
-        registered(*NAMES)
-        tiny = tinymodel.build(tmp_path / "tiny").as_uri()
-        model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1, max_replicas=4)
-        serving_on(model, *NAMES)
-        _, raw_key = make_api_key("routing")
-        clients = [
-            openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0, timeout=60)
-            for url in (*plane.web_urls, balancer)
-        ]
+        clients = clients_of(*plane.web_urls, balancer)
         homes: dict[int, str] = {}
         for topic in range(8):
             messages: list = [{"role": "system", "content": system_prompt(topic)}]
@@ -115,20 +135,9 @@ def test_precise_routing_follows_what_each_engine_holds(settings, tmp_path):
     passed the gateway) and another engine holds it, it goes there, from either web."""
     small = [*SIM, "--sim-cache-blocks", "40", "--sim-block-tokens", "16"]
     with ExitStack() as stack:
-        plane = stack.enter_context(
-            running_control_plane(settings, tmp_path, web_replicas=2,
-                                  GATEWAY_ROUTING_POLICY="precise", **QUIET)
-        )  # fmt: skip
-        agents = {name: plane.agent(stack, tmp_path, name, *small) for name in NAMES}
-        registered(*NAMES)
-        tiny = tinymodel.build(tmp_path / "tiny").as_uri()
-        model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1, max_replicas=4)
-        serving_on(model, *NAMES)
-        _, raw_key = make_api_key("routing")
-        clients = [
-            openai.OpenAI(base_url=f"{url}/v1", api_key=raw_key, max_retries=0, timeout=60)
-            for url in plane.web_urls
-        ]
+        plane, agents = four_replicas(stack, settings, tmp_path, small,
+                                      GATEWAY_ROUTING_POLICY="precise")  # fmt: skip
+        clients = clients_of(*plane.web_urls)
         for client in clients:  # the first request starts following: the engines' feeds
             turn(client, [{"role": "user", "content": "hello"}])
         for url in plane.web_urls:
