@@ -21,6 +21,9 @@ Paths, each on fresh engines (empty caches):
   engines' KV events, through the agents), and `cache_aware` with two web processes taking
   the requests in turn (as behind a load balancer);
 - vllm-router `--policy cache_aware`, from `.venv-vllm-router` (requirements/vllm-router-bench.txt);
+- vllm-router `--policy kv_aware`, fed by the same sim engines' KV events (each engine
+  publishes them over ZMQ as vLLM does, and says a prompt's tokens at vLLM's render
+  endpoints, which kv_aware asks);
 - sglang-router `--policy cache_aware`, from `.venv-sglang-router`
   (requirements/sglang-router-bench.txt, built here the first time).
 
@@ -44,8 +47,7 @@ Also reported:
   popular);
 - `added_p50_ms`: what cache_aware adds to least_loaded's latency at concurrency 1.
 
-vllm-router's `kv_aware` (fed by the engines' KV events) is not run yet. `--quick` runs
-tiny sizes without the routers, so that the test suite runs it.
+`--quick` runs tiny sizes without the routers, so that the test suite runs it.
 """
 
 from __future__ import annotations
@@ -284,8 +286,10 @@ class Engines:
 
     MODEL = "bench/route"
 
-    def __init__(self, work: Path, sizes: Sizes, tag: str) -> None:
+    def __init__(self, work: Path, sizes: Sizes, tag: str, kv_events: bool = False) -> None:
         self.ports = [free_port() for _ in range(ENGINES)]
+        # With `kv_events`, each publishes its KV events (bound, as vLLM binds tcp://*:P).
+        self.event_ports = [free_port() for _ in range(ENGINES)] if kv_events else []
         argv = [sys.executable, "-m", "nodeagent.engines.sim", "--model-id", self.MODEL,
                 "--ttft-ms", "0", "--tpot-ms", str(TPOT_MS), "--max-num-seqs", "256",
                 "--block-tokens", str(BLOCK_TOKENS), "--cache-blocks", str(sizes.cache_blocks),
@@ -293,7 +297,11 @@ class Engines:
         self.processes = []
         for n, port in enumerate(self.ports):
             log = work / f"engine-{tag}-{n}.log"
-            self.processes.append(start([*argv, "--port", str(port)], os.environ.copy(), log))
+            events = (["--kv-events-endpoint", f"tcp://*:{self.event_ports[n]}"]
+                      if kv_events else [])  # fmt: skip
+            self.processes.append(
+                start([*argv, "--port", str(port), *events], os.environ.copy(), log)
+            )
         for port in self.ports:
             wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), 30, "a sim engine")  # noqa: B023
 
@@ -316,10 +324,19 @@ def sglang_router_python() -> Path:
     return installed.parent / "python"
 
 
-def router_argv(name: str, port: int, workers: list[str]) -> list[str]:
+def router_argv(name: str, port: int, engines: Engines) -> list[str]:
+    """A router in front of `engines`: `vllm-router kv_aware` matches the engines' KV
+    events (each engine's ZMQ endpoint; the prompts' tokens from the engines' render
+    endpoints); the others run `cache_aware`."""
+    workers = engines.urls
+    policy = "kv_aware" if name == "vllm-router kv_aware" else "cache_aware"
     common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers,
-              "--policy", "cache_aware"]  # fmt: skip
-    if name == "vllm-router":
+              "--policy", policy]  # fmt: skip
+    if policy == "kv_aware":
+        for url, events in zip(workers, engines.event_ports, strict=True):
+            common += ["--kv-event-source", f"{url}=tcp://127.0.0.1:{events}"]
+        common += ["--kv-event-block-size", str(BLOCK_TOKENS), "--kv-event-model", Engines.MODEL]
+    if name.startswith("vllm-router"):
         return [str(vllm_router_command()), *common, "--log-level", "warning"]
     return [str(sglang_router_python()), "-m", "sglang_router.launch_router", *common,
             "--log-level", "warn"]  # fmt: skip
@@ -403,18 +420,19 @@ def main() -> None:
             runs["llmfleet cache_aware, uniform"] = summarize(
                 before, fleet.engine_counters(), ttfts, seconds
             )
-        for name in () if args.no_routers else ("vllm-router", "sglang-router"):
-            engines = Engines(work, sizes, name)
+        routers = ("vllm-router", "vllm-router kv_aware", "sglang-router")
+        for name in () if args.no_routers else routers:
+            engines = Engines(work, sizes, name.replace(" ", "-"), kv_events="kv_aware" in name)
             port = free_port()
-            router = start(router_argv(name, port, engines.urls), os.environ.copy(),
-                           work / f"{name}.log")  # fmt: skip
+            router = start(router_argv(name, port, engines), os.environ.copy(),
+                           work / f"{name.replace(' ', '-')}.log")  # fmt: skip
             try:
                 wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), 120, name)  # noqa: B023
                 before = engines.engine_counters()
                 ttfts, seconds = asyncio.run(send_all(
                     f"http://127.0.0.1:{port}/v1/chat/completions", {}, Engines.MODEL, order,
                     args.concurrency))  # fmt: skip
-                runs[f"{name} cache_aware"] = summarize(
+                runs[name if "kv_aware" in name else f"{name} cache_aware"] = summarize(
                     before, engines.engine_counters(), ttfts, seconds
                 )
             finally:
@@ -467,6 +485,7 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float], read_us: f
     print(f"{'oracle (one cache, 4x as large)':<32} {oracle:9.3f}")
     least, aware = runs["llmfleet least_loaded"], runs["llmfleet cache_aware"]
     vllm, sglang = runs.get("vllm-router cache_aware"), runs.get("sglang-router cache_aware")
+    vllm_kv, precise = runs.get("vllm-router kv_aware"), runs["llmfleet precise"]
 
     def of(run: Run | None, figure: str) -> str:
         if run is None:
@@ -479,12 +498,15 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float], read_us: f
         f"hit_oracle={oracle:.3f}",
         f"hit_least_loaded={least.hit_ratio:.3f}",
         f"hit_cache_aware={aware.hit_ratio:.3f}",
-        f"hit_precise={runs['llmfleet precise'].hit_ratio:.3f}",
+        f"hit_precise={precise.hit_ratio:.3f}",
         f"hit_vllm_router={of(vllm, 'hit')}",
+        f"hit_vllm_router_kv_aware={of(vllm_kv, 'hit')}",
         f"hit_sglang_router={of(sglang, 'hit')}",
         f"ttft_p90_ratio={of(least, 'ttft')}",
         f"ttft_p90_vs_vllm_router={of(vllm, 'ttft')}",
         f"ttft_p90_vs_sglang_router={of(sglang, 'ttft')}",
+        "ttft_p90_precise_vs_vllm_router_kv_aware="
+        + ("na" if vllm_kv is None else f"{precise.ttft_p90 / vllm_kv.ttft_p90:.2f}"),
         f"hit_cache_aware_2web={runs['llmfleet cache_aware, 2 web'].hit_ratio:.3f}",
         f"imbalance={runs['llmfleet cache_aware, uniform'].imbalance:.2f}",
         f"imbalance_zipf={aware.imbalance:.2f}",

@@ -251,6 +251,8 @@ class SimServer:
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/responses", self.responses),
                 web.post("/v1/embeddings", self.embeddings),
+                web.post("/v1/chat/completions/render", self.render_chat),
+                web.post("/v1/completions/render", self.render_completion),
                 web.get("/metrics", self.metrics),
                 web.post("/sleep", self.sleep),
                 web.post("/wake_up", self.wake_up),
@@ -336,6 +338,20 @@ class SimServer:
         if body.get("model") != self.model_id and body.get("model") not in self.loras:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         return body
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=True)
+
+    async def render_completion(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=False)
+
+    async def _render(self, request: web.Request, chat: bool) -> web.Response:
+        """vLLM's render endpoints: the prompt's token ids, as the engine will read them (a
+        router that matches KV events by tokens asks, as vllm-router's kv_aware does)."""
+        body = await self._body(request, pooling=False)
+        if isinstance(body, web.Response):
+            return body
+        return web.json_response({"token_ids": word_ids(sim_prompt(body, chat))})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request, pooling=True)

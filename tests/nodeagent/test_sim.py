@@ -7,6 +7,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from nodeagent.config import SimSettings
 from nodeagent.engines.sim import PrefixCache, SimServer, words_for
+from nodeagent.kvblocks import word_ids
 from nodeagent.metrics import parse_engine_metrics
 
 
@@ -154,3 +155,16 @@ def test_a_prompts_start_outlives_its_end_in_the_prefix_cache():
     cache.serve(list("abc"), "m")
     cache.serve(list("de"), "m")  # five blocks for four: c, the end of abc, goes
     assert cache.serve(list("abc"), "m") == 2
+
+
+async def test_render_says_the_tokens_its_prefix_cache_and_kv_events_use(sim):
+    """vLLM's render endpoints, which vllm-router's kv_aware asks a prompt's tokens of: the
+    same tokens the sim's prefix cache keys its blocks by (nodeagent.kvblocks.word_ids)."""
+    _, client = sim
+    answer = await client.post("/v1/chat/completions/render", json=chat())
+    assert await answer.json() == {"token_ids": word_ids("hello there")}
+    body = {"model": "org/sim", "prompt": "one two three"}
+    answer = await client.post("/v1/completions/render", json=body)
+    assert await answer.json() == {"token_ids": word_ids("one two three")}
+    answer = await client.post("/v1/completions/render", json={"model": "other", "prompt": "x"})
+    assert answer.status == 404
