@@ -108,6 +108,9 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
+_KEY_MASK = 2**64 - 1
+
+
 class PrefixCache:
     """vLLM's automatic prefix caching, modelled: a prompt's full blocks of `block_tokens`
     tokens, each keyed by its tokens and every block before it (and the served model, so that
@@ -132,9 +135,10 @@ class PrefixCache:
         if not self.capacity:
             return 0
         size, blocks = self.block_tokens, self.blocks
-        link, chain = hash(served), []
+        # Its keys are its own, as vLLM's are, and unsigned, as vLLM's are on the wire.
+        link, chain = hash(served) & _KEY_MASK, []
         for start in range(0, len(tokens) - size + 1, size):
-            link = hash((link, tuple(tokens[start : start + size])))
+            link = hash((link, tuple(tokens[start : start + size]))) & _KEY_MASK
             chain.append(link)
         hits = 0
         for link in chain:
@@ -351,7 +355,8 @@ class SimServer:
         body = await self._body(request, pooling=False)
         if isinstance(body, web.Response):
             return body
-        return web.json_response({"token_ids": word_ids(sim_prompt(body, chat))})
+        rendered = {"token_ids": word_ids(sim_prompt(body, chat))}
+        return web.json_response(rendered if chat else [rendered])  # completions: one a prompt
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request, pooling=True)

@@ -165,6 +165,23 @@ async def test_render_says_the_tokens_its_prefix_cache_and_kv_events_use(sim):
     assert await answer.json() == {"token_ids": word_ids("hello there")}
     body = {"model": "org/sim", "prompt": "one two three"}
     answer = await client.post("/v1/completions/render", json=body)
-    assert await answer.json() == {"token_ids": word_ids("one two three")}
+    assert await answer.json() == [{"token_ids": word_ids("one two three")}]  # as vLLM: a list
     answer = await client.post("/v1/completions/render", json={"model": "other", "prompt": "x"})
     assert answer.status == 404
+
+
+def test_the_caches_keys_are_unsigned_as_vllms_are_on_the_wire():
+    published = []
+
+    class Publisher:
+        def stored(self, keys, parent, tokens, size, lora):
+            published.append((keys, parent))
+
+        def removed(self, keys):
+            published.append((keys, None))
+
+    cache = PrefixCache(block_tokens=1, capacity=100, publisher=Publisher())  # type: ignore[arg-type]
+    for n in range(50):
+        cache.serve([n, n + 1, n + 2], f"m{n}")
+    keys = [key for stored, parent in published for key in [*stored, parent] if key is not None]
+    assert all(0 <= key < 2**64 for key in keys)
