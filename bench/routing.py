@@ -293,7 +293,8 @@ class Engines:
         argv = [sys.executable, "-m", "nodeagent.engines.sim", "--model-id", self.MODEL,
                 "--ttft-ms", "0", "--tpot-ms", str(TPOT_MS), "--max-num-seqs", "256",
                 "--block-tokens", str(BLOCK_TOKENS), "--cache-blocks", str(sizes.cache_blocks),
-                "--prefill-ms-per-token", str(sizes.prefill_ms), "--event-loop", "uvloop"]  # fmt: skip
+                "--prefill-ms-per-token", str(sizes.prefill_ms), "--event-loop", "uvloop",
+                "--enable-scale-out"]  # fmt: skip
         self.processes = []
         for n, port in enumerate(self.ports):
             log = work / f"engine-{tag}-{n}.log"

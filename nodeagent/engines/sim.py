@@ -225,10 +225,12 @@ class SimServer:
 
     def __init__(
         self, model_id: str, settings: SimSettings, pooling: bool = False, max_lora_rank: int = 0,
-        kv_events: str | None = None,
+        kv_events: str | None = None, enable_scale_out: bool = False,
     ) -> None:  # fmt: skip
         self.model_id = model_id
         self.settings = settings
+        # vLLM's --enable-scale-out: its render endpoints answer (else 403, as vLLM's do)
+        self.enable_scale_out = enable_scale_out
         self.pooling = pooling  # an embedding model's engine: embeddings only, as vLLM's
         self.max_lora_rank = max_lora_rank  # 0: started without LoRA
         self.loras: dict[str, str] = {}  # adapter name → its directory
@@ -351,7 +353,14 @@ class SimServer:
 
     async def _render(self, request: web.Request, chat: bool) -> web.Response:
         """vLLM's render endpoints: the prompt's token ids, as the engine will read them (a
-        router that matches KV events by tokens asks, as vllm-router's kv_aware does)."""
+        router that matches KV events by tokens asks, as vllm-router's kv_aware does). Off
+        unless started with --enable-scale-out, as vLLM's."""
+        if not self.enable_scale_out:
+            message = ("Scale-out endpoints are disabled. Restart vllm serve with "
+                       "--enable-scale-out to enable them.")  # fmt: skip
+            refusal = {"error": {"message": message, "type": "PermissionDeniedError",
+                                 "param": None, "code": 403}}  # fmt: skip
+            return web.json_response(refusal, status=403)
         body = await self._body(request, pooling=False)
         if isinstance(body, web.Response):
             return body
@@ -679,6 +688,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="prefix-cache capacity in blocks (0: none)")  # fmt: skip
     parser.add_argument("--prefill-ms-per-token", type=float, default=0.0,
                         help="prefill time per prompt token not in the prefix cache")  # fmt: skip
+    parser.add_argument("--enable-scale-out", action="store_true",
+                        help="serve vLLM's render endpoints (a prompt's token ids), as "
+                        "vLLM's --enable-scale-out does")  # fmt: skip
     parser.add_argument("--kv-events-endpoint", default="",
                         help="publish KV-cache events here as vLLM's --kv-events-config does "
                         "(tcp://*:PORT binds; '': none)")  # fmt: skip
@@ -708,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             settings,
             args.runner == "pooling",
             kv_events=args.kv_events_endpoint or None,
+            enable_scale_out=args.enable_scale_out,
         ).app(),
         host=args.host,
         port=args.port,

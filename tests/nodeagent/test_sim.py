@@ -160,7 +160,10 @@ def test_a_prompts_start_outlives_its_end_in_the_prefix_cache():
 async def test_render_says_the_tokens_its_prefix_cache_and_kv_events_use(sim):
     """vLLM's render endpoints, which vllm-router's kv_aware asks a prompt's tokens of: the
     same tokens the sim's prefix cache keys its blocks by (nodeagent.kvblocks.word_ids)."""
-    _, client = sim
+    server, client = sim
+    answer = await client.post("/v1/chat/completions/render", json=chat())
+    assert answer.status == 403  # as vLLM's, without --enable-scale-out
+    server.enable_scale_out = True
     answer = await client.post("/v1/chat/completions/render", json=chat())
     assert await answer.json() == {"token_ids": word_ids("hello there")}
     body = {"model": "org/sim", "prompt": "one two three"}
