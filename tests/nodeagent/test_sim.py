@@ -183,7 +183,7 @@ def test_the_caches_keys_are_unsigned_as_vllms_are_on_the_wire():
         def removed(self, keys):
             published.append((keys, None))
 
-    cache = PrefixCache(block_tokens=1, capacity=100, publisher=Publisher())  # type: ignore[arg-type]
+    cache = PrefixCache(block_tokens=1, capacity=100, publisher=Publisher())
     for n in range(50):
         cache.serve([n, n + 1, n + 2], f"m{n}")
     keys = [key for stored, parent in published for key in [*stored, parent] if key is not None]
