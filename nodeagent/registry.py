@@ -369,12 +369,9 @@ class ModelRegistry:
         self.on_phase()
         try:
             await engine.start(session, deadline)
-        except EngineError:
-            self.metrics.engine_starts.labels(engine.name, "failed", _start_mode(engine)).inc()
-            if engine.kv_feed is not None:
-                engine.kv_feed.discard()
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, EngineError):
+                self.metrics.engine_starts.labels(engine.name, "failed", _start_mode(engine)).inc()
             # Not every way out of a start passes through its stop (one cancelled, one that
             # failed before its process ran): its KV feed's socket is closed here (twice is
             # harmless).

@@ -215,20 +215,22 @@ class Router:
             return None
         by_key = {str(p.pk): p for p in placements}
         policy = settings.GATEWAY_ROUTING_POLICY
-        exact = self.state.kv.match(prompt, placements) if prompt is not None else None
-        if exact is None and prefix is not None and prefix.chunks:
-            exact = self.prefixes.match(prefix, by_key), prefix.home
+        # Each replica's run of the request's leading blocks (or chunks), and its home: from
+        # the engines' own word (precise), else from where this process sent what.
+        matched = self.state.kv.match(prompt, placements) if prompt is not None else None
+        if matched is None and prefix is not None and prefix.chunks:
+            matched = self.prefixes.match(prefix, by_key), prefix.home
         cached = (
             policy in ("cache_aware", "precise")
-            and exact is not None
-            and (bool(exact[0]) or exact[1] is not None)
+            and matched is not None
+            and (bool(matched[0]) or matched[1] is not None)
         )
         if adapter_id is None:
             loads = [self._load(p) for p in placements]
             if cached:
-                assert exact is not None
+                assert matched is not None
                 found = choose_cached_replica(
-                    loads, exact[0], exact[1], user,
+                    loads, matched[0], matched[1], user,
                     balance=settings.GATEWAY_PREFIX_BALANCE,
                     overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
                 )  # fmt: skip
@@ -241,9 +243,9 @@ class Router:
         holds = [self.holds(p, adapter_id) for p in placements]
         holding = [self._load(p) for p, held in zip(placements, holds, strict=True) if held]
         if cached and holding:
-            assert exact is not None
+            assert matched is not None
             found = choose_cached_replica(
-                holding, exact[0], exact[1], None,
+                holding, matched[0], matched[1], None,
                 balance=settings.GATEWAY_PREFIX_BALANCE,
             )  # fmt: skip
             if found is not None and found[1] is RouteReason.PREFIX:

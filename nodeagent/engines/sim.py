@@ -638,13 +638,7 @@ class SimEngine:
 
     async def stop(self) -> None:
         await asyncio.sleep(self.settings.stop_seconds)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self.server.kv_events is not None:
-            self.server.kv_events.close()
-        if self.kv_feed is not None:
-            await self.kv_feed.close()
+        await self._release()
         if not self._exited.done():
             self._exited.set_result(EngineExit(expected=True, returncode=0, detail="stopped"))
 
@@ -655,6 +649,15 @@ class SimEngine:
 
     async def crash(self) -> None:
         """End as if the process had died: for tests of failure handling."""
+        await self._release()
+        if not self._exited.done():
+            self._exited.set_result(
+                EngineExit(expected=False, returncode=-9, detail="simulated crash")
+            )
+
+    async def _release(self) -> None:
+        """What it holds, let go however it ends: its port, its KV events' socket, the
+        agent's feed of them."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -662,10 +665,6 @@ class SimEngine:
             self.server.kv_events.close()
         if self.kv_feed is not None:
             await self.kv_feed.close()
-        if not self._exited.done():
-            self._exited.set_result(
-                EngineExit(expected=False, returncode=-9, detail="simulated crash")
-            )
 
     async def wait(self) -> EngineExit:
         return await asyncio.shield(self._exited)
