@@ -143,6 +143,21 @@ def test_precise_routing_follows_what_each_engine_holds(settings, tmp_path):
         for url in plane.web_urls:
             wait_for(lambda url=url: len(kv_followed(url)) == 4, 20, "the four engines followed")
 
+        # The agent's two new paths take its credential, and serve tokenizer files only.
+        r1 = agents["r1"]
+        base = f"{r1.url}/models/org/tiny"
+        assert requests.get(f"{base}/tokenizer/tokenizer.json", headers=r1.headers,
+                            timeout=5).status_code == 200  # fmt: skip
+        for name in ("config.json", "..%2Fagent-credential", "model.safetensors"):
+            refused = requests.get(f"{base}/tokenizer/{name}", headers=r1.headers, timeout=5)
+            assert refused.status_code == 404, name
+        for path in ("/tokenizer/tokenizer.json", "/kv"):
+            assert requests.get(f"{base}{path}", timeout=5).status_code == 401
+            wrong = {"Authorization": "Bearer not-the-credential"}
+            assert requests.get(f"{base}{path}", headers=wrong, timeout=5).status_code == 401
+        missing = requests.get(f"{r1.url}/models/org/none/kv", headers=r1.headers, timeout=5)
+        assert missing.status_code == 404
+
         def where(client: openai.OpenAI, messages: list) -> str:
             before = served(agents)
             turn(client, messages)
