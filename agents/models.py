@@ -413,6 +413,9 @@ class Placement(models.Model):
     adapters = models.JSONField(default=dict, db_default={}, blank=True)
     max_loras = models.PositiveSmallIntegerField(default=0, db_default=0)
     max_lora_rank = models.PositiveSmallIntegerField(default=0, db_default=0)
+    # How many requests its engine runs at once, as its agent said (0: unknown): the seats the
+    # gateway gives it (controlplane.gateway.admission).
+    max_num_seqs = models.PositiveIntegerField(default=0, db_default=0)
     # What a pending load does now, in words (the agent's report): "downloading",
     # "verifying", "starting the engine (standby)"; "" once it ended.
     phase = models.CharField(max_length=200, blank=True)

@@ -31,7 +31,8 @@ import msgspec
 # 1.5: `engine.trust_remote_code` on load requests (the only way the checkpoint's own code
 #      runs: engine arguments are held to nodeagent.engineargs by both sides); unloads'
 #      `drain_seconds` (wait for the requests in flight instead of refusing).
-CONTRACT_VERSION = "1.5"
+# 1.6: `max_num_seqs` on model statuses and load responses (the gateway's seats per replica).
+CONTRACT_VERSION = "1.6"
 
 
 class AgentReportedState(StrEnum):
@@ -394,6 +395,8 @@ class LoadModelResponse:
     # LoRA: how many adapters the engine holds at most (0: no LoRA) and the rank it takes.
     max_loras: Count = 0
     max_lora_rank: Count = 0
+    # How many requests the engine runs at once (0: unknown): the gateway's seats.
+    max_num_seqs: Count = 0
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = encode(self)
@@ -554,6 +557,8 @@ class ModelStatus:
     # highest rank it takes, and the adapters it holds now.
     max_loras: Count = 0
     max_lora_rank: Count = 0
+    # How many requests its engine runs at once (0: unknown): the gateway's seats.
+    max_num_seqs: Count = 0
     adapters: Annotated[tuple[AdapterStatus, ...], msgspec.Meta(max_length=1024)] = ()
 
 

@@ -472,6 +472,7 @@ class ModelRegistry:
             slot.model_id, self.endpoint_for(slot.model_id), timings,
             max_loras=adapters.max_loras if adapters else 0,
             max_lora_rank=adapters.max_rank if adapters else 0,
+            max_num_seqs=slot.engine.max_num_seqs if slot.engine is not None else 0,
         )  # fmt: skip
 
     def _fail(self, slot: ModelSlot, error: str) -> None:
@@ -796,6 +797,7 @@ class ModelRegistry:
             phase=slot.phase,
             max_loras=slot.adapters.max_loras if serving and slot.adapters else 0,
             max_lora_rank=slot.adapters.max_rank if serving and slot.adapters else 0,
+            max_num_seqs=slot.engine.max_num_seqs if serving and slot.engine else 0,
             adapters=slot.adapters.statuses() if serving and slot.adapters else (),
         )
 

@@ -142,7 +142,8 @@ _HEARTBEAT_AGENT_FIELDS = [
 _HEARTBEAT_PLACEMENT_FIELDS = [
     "state", "cache_level", "inference_endpoint_url", "bytes_done", "bytes_total", "phase",
     "kv_cache_hit_rate", "kv_cache_usage", "requests_in_flight", "requests_waiting",
-    "last_used_at", "error", "adapters", "max_loras", "max_lora_rank", "updated_at",
+    "last_used_at", "error", "adapters", "max_loras", "max_lora_rank", "max_num_seqs",
+    "updated_at",
 ]  # fmt: skip
 
 
@@ -249,6 +250,7 @@ def _reconcile(placement: Placement, status: ModelStatus, *, new: bool = False) 
     # the engine that load started (finish_load writes its LoRA limits).
     if not pending:
         placement.max_loras, placement.max_lora_rank = status.max_loras, status.max_lora_rank
+        placement.max_num_seqs = status.max_num_seqs
         placement.adapters = adapter_facts(status.adapters)
     placement.updated_at = timezone.now()
 

@@ -431,6 +431,7 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         placement.cache_level = CacheLevel.GPU_RESIDENT
         placement.inference_endpoint_url = response.inference_endpoint_url
         placement.max_loras, placement.max_lora_rank = response.max_loras, response.max_lora_rank
+        placement.max_num_seqs = response.max_num_seqs
         if timings.engine_start:  # a new engine: it holds no adapter yet
             placement.adapters = {}
         placement.bytes_done = placement.bytes_total

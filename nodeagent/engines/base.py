@@ -47,6 +47,8 @@ class Engine(Protocol):
     # What it publishes of its KV cache, as the agent reads it (None: it publishes nothing);
     # it closes with the engine.
     kv_feed: KvFeed | None
+    # How many requests it runs at once (0: unknown): the gateway holds the rest.
+    max_num_seqs: int
 
     async def start(self, session: aiohttp.ClientSession, deadline: float) -> None:
         """Start and return once it serves; raise EngineError (and leave nothing running) if not."""

@@ -610,6 +610,7 @@ class SimEngine:
     ) -> None:  # fmt: skip
         self.model_id = model_id
         self.settings = settings
+        self.max_num_seqs = settings.max_num_seqs
         self.kv_feed = kv_feed
         endpoint = kv_feed.endpoint if kv_feed is not None else None
         self.server = SimServer(model_id, settings, pooling, max_lora_rank, endpoint)

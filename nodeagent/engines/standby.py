@@ -100,6 +100,20 @@ def lora_limits(args: Sequence[str]) -> tuple[int, int]:
     )
 
 
+# vLLM's max_num_seqs for its OpenAI API server on the CPU (EngineArgs, 0.32). On a GPU it
+# depends on the card (256 or 1024): unknown (0) unless the arguments say.
+_CPU_MAX_NUM_SEQS = 128
+
+
+def max_num_seqs(args: Sequence[str], gpu: bool) -> int:
+    """How many sequences an engine started with these arguments runs at once; 0: unknown."""
+    value = _flag_values(args).get("--max-num-seqs")
+    try:
+        return max(int(value), 0) if value else (0 if gpu else _CPU_MAX_NUM_SEQS)
+    except ValueError:
+        return 0
+
+
 def _flag_values(args: Sequence[str]) -> dict[str, str]:
     """`--flag value` and `--flag=value` pairs (a bare flag maps to "")."""
     values: dict[str, str] = {}

@@ -25,7 +25,7 @@ from nodeagent import engineargs
 from nodeagent.engines import identity
 from nodeagent.engines.base import EngineError, EngineExit, wait_until_ready
 from nodeagent.engines.identity import EngineUser
-from nodeagent.engines.standby import Standby, end_standby
+from nodeagent.engines.standby import Standby, end_standby, max_num_seqs
 from nodeagent.kvevents import KvFeed
 from nodeagent.protocol import EngineStart
 
@@ -104,6 +104,7 @@ class VllmEngine:
         self.grace = grace
         # vLLM's sleep mode needs a CUDA GPU: on the CPU --enable-sleep-mode refuses to start.
         self.supports_sleep = gpu
+        self.max_num_seqs = max_num_seqs(self.argv, gpu)
         self.environ = dict(environ)
         self.process: asyncio.subprocess.Process | None = None
         self._log_offset = 0

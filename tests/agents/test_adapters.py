@@ -111,7 +111,7 @@ def test_heartbeats_say_which_adapters_each_engine_holds_and_the_sweep_finds_idl
     status = ModelStatus(
         model_id="org/base", cache_state="READY", cache_level="GPU_RESIDENT",
         inference_endpoint_url=placement.inference_endpoint_url, max_loras=4, max_lora_rank=8,
-        adapters=(
+        max_num_seqs=64, adapters=(
             AdapterStatus("org/base-a", 3, 0, long_ago, long_ago),
             AdapterStatus("org/base-b", 1, 0, long_ago, long_ago),
         ),
@@ -119,6 +119,7 @@ def test_heartbeats_say_which_adapters_each_engine_holds_and_the_sweep_finds_idl
     actions.apply_heartbeats([beat(placement.agent, status)])
     placement.refresh_from_db()
     assert (placement.max_loras, placement.max_lora_rank) == (4, 8)
+    assert placement.max_num_seqs == 64  # the gateway's seats on this replica
     assert set(placement.adapters) == {"org/base-a", "org/base-b"}
     assert placement.adapters["org/base-a"]["requests_total"] == 3
     assert idle_adapters([placement]) == [(placement.pk, "org/base-a")]

@@ -42,6 +42,7 @@ async def load_base(agent: RunningAgent, tiny_model: Path, args: list[str] = LOR
     )
     assert status == 200, body
     assert (body["max_loras"], body["max_lora_rank"]) == ((2, 8) if args else (0, 0))
+    assert body["max_num_seqs"] == 8  # the sim's --sim-max-num-seqs: the gateway's seats
 
 
 async def ask(
@@ -86,7 +87,7 @@ async def test_an_adapter_loads_on_its_first_request_and_answers_as_itself(
     heartbeat = await agent.heartbeat()
     HeartbeatResponse.from_json(heartbeat)
     model = agent.model(heartbeat, "org/tiny")
-    assert (model["max_loras"], model["max_lora_rank"]) == (2, 8)
+    assert (model["max_loras"], model["max_lora_rank"], model["max_num_seqs"]) == (2, 8, 8)
     assert held(heartbeat)["org/tiny-a"]["requests_total"] == 2
     assert held(heartbeat)["org/tiny-a"]["requests_in_flight"] == 0
     # An adapter's files are cached beside the models, but it is no model of the agent's.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.engines.standby import StandbyPool, standby_refusal
+from nodeagent.engines.standby import StandbyPool, max_num_seqs, standby_refusal
 from tests.e2e.agent_process import group_members
 from tests.support import until
 
@@ -116,3 +116,12 @@ def test_which_engine_arguments_a_standby_cannot_take(args, refusal):
     else:
         assert found is not None
         assert found.startswith(refusal)
+
+
+def test_an_engines_max_num_seqs_is_read_from_its_arguments():
+    """What the agent reports as the replica's seats (controlplane.gateway.admission)."""
+    assert max_num_seqs(["--max-num-seqs", "48"], gpu=True) == 48
+    assert max_num_seqs(["--max-num-seqs=12"], gpu=False) == 12
+    assert max_num_seqs([], gpu=False) == 128  # vLLM's default for its API server on the CPU
+    assert max_num_seqs([], gpu=True) == 0  # on a GPU it depends on the card: unknown
+    assert max_num_seqs(["--max-num-seqs", "many"], gpu=True) == 0
