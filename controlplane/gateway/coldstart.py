@@ -100,7 +100,12 @@ class _Watch:
 
 class Watches(dict[int, _Watch]):
     """One event loop's pollers, by placement (controlplane.gateway.state): a poller's task
-    and condition belong to that loop."""
+    and condition belong to that loop. Also its last `ensure_placement` per model, which
+    the model's waiters share."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ensured: dict[int, tuple[float, asyncio.Future[Placement]]] = {}
 
 
 # A waiter asks ensure_placement again this often even while its placement still looks
@@ -147,6 +152,27 @@ async def _follow(
 _CAPACITY_RECHECK_SECONDS = 0.5
 
 
+def _retrieved(future: asyncio.Future[Placement]) -> None:
+    if not future.cancelled():
+        future.exception()  # its waiters may all have left: no "never retrieved" warning
+
+
+async def _ensure(watches: Watches, model: Model, fresh: bool) -> Placement:
+    """`actions.ensure_placement(model)`, asked once at a time per web process: the waiters
+    of one cold start share the call under way, and one answered in the last
+    _RECHECK_SECONDS unless `fresh` (each would otherwise take the model's row lock every few
+    seconds: a thousand held requests, two hundred locks a second)."""
+    found = watches.ensured.get(model.pk)
+    if found is not None and found[1].done():
+        stale = fresh or time.monotonic() - found[0] >= _RECHECK_SECONDS
+        found = None if stale else found
+    if found is None:
+        future = asyncio.ensure_future(sync_to_async(actions.ensure_placement)(model))
+        future.add_done_callback(_retrieved)
+        found = watches.ensured[model.pk] = (time.monotonic(), future)
+    return await asyncio.shield(found[1])
+
+
 async def _degraded_agents_exist() -> bool:
     return await Agent.objects.filter(state=AgentState.DEGRADED).aexists()
 
@@ -170,10 +196,12 @@ async def wait_until_ready(
         settings.HEARTBEAT_OFFLINE_AFTER + 1
     )
     waited_on_degraded = False
+    fresh = False  # a new waiter may take the answer its model's other waiters just had
     while time.monotonic() < deadline:
         try:
-            placement = await sync_to_async(actions.ensure_placement)(model)
+            placement = await _ensure(watches, model, fresh)
         except actions.NoCapacity as exc:
+            fresh = True
             waiting = min(verdict_by, deadline) - time.monotonic()
             if waiting > 0 and await _degraded_agents_exist():
                 waited_on_degraded = True
@@ -188,12 +216,16 @@ async def wait_until_ready(
                 else f"No GPU host can take the model `{model.model_id}` now."
             )
             raise ColdStartFailed(told, detail=str(exc)) from None
+        fresh = True
         if placement.state != PlacementState.READY:
             snapshot = await _follow(watches, placement.pk, deadline, on_progress)
             if snapshot is None:
                 break
             if not snapshot.serving:
-                continue  # failed, gone, or slow: ensure_placement says what is next
+                # Failed or gone: ensure_placement says what is next. Slow (still loading):
+                # an answer of the last few seconds says as much.
+                fresh = not snapshot.loading
+                continue
         ready = await Placement.objects.ready_for(model).filter(pk=placement.pk).afirst()
         if ready is not None:
             return ready
