@@ -13,10 +13,12 @@ ENGINE_INSTALLED := $(ENGINE_VENV)/.installed
 AZURITE := node_modules/.bin/azurite-blob
 
 # The tests run against the real PostgreSQL and Redis of this machine (scripts/ensure-services.sh).
+# A request without max_tokens gets 16, as the simulated engine answers one itself.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmfleet
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) AWS_EC2_METADATA_DISABLED=true \
 	SECRET_KEY=tests-only-secret-key AGENT_TOKEN=tests-only-agent-token VAR_DIR=$(CURDIR)/var/test \
+	GATEWAY_DEFAULT_MAX_TOKENS=16 \
 	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
 .PHONY: run agent test lint services venv engine azurite browser haproxy bench-faults clean

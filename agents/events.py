@@ -82,7 +82,7 @@ def request_minute_payload(row: Any) -> dict[str, Any]:
         "model": row.model.model_id, "minute": _iso(row.minute), "requests": row.requests,
         "errors": row.errors, "warm_ttft_seconds": row.warm_ttft_seconds,
         "warm_requests": row.warm_requests, "cold_ttft_seconds": row.cold_ttft_seconds,
-        "cold_requests": row.cold_requests,
+        "cold_requests": row.cold_requests, "queued": row.queued, "shed": row.shed,
     }  # fmt: skip
 
 

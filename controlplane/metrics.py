@@ -81,6 +81,25 @@ USAGE_DROPPED = Counter(
     "Batched rows (usage, request figures) dropped because the database was away too long.",
     ["what"],
 )
+QUEUED = Gauge(
+    "llmfleet_gateway_queued_requests",
+    "Requests this web process holds because the model's replicas have every seat taken, by "
+    "model, API key and admission class.",
+    ["model", "key", "priority_class"],
+)
+QUEUE_WAIT = Histogram(
+    "llmfleet_gateway_queue_wait_seconds",
+    "How long held requests waited for a seat (those that got one), by model, API key and "
+    "admission class.",
+    ["model", "key", "priority_class"],
+    buckets=_LATENCY_BUCKETS,
+)
+SHED = Counter(
+    "llmfleet_gateway_shed",
+    "Requests refused or given up by admission, by model and why (queue_full, key_queue_full, "
+    "cold_queue_full, queue_timeout).",
+    ["model", "reason"],
+)
 RATE_LIMIT_UNAVAILABLE = Counter(
     "llmfleet_rate_limit_unavailable",
     "Rate-limit checks or charges skipped because Redis did not answer (requests are let in).",

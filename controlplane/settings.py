@@ -113,6 +113,29 @@ SCALE_OUT_QUEUE_THRESHOLD = env_int("SCALE_OUT_QUEUE_THRESHOLD", 8, minimum=1)
 # The OpenAI-compatible gateway.
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, minimum=1)
+# What a request that sets no cap on its answer gets (at most GATEWAY_MAX_TOKENS): without one,
+# vLLM generates to the end of the model's context.
+GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096, minimum=1)
+# Admission (README: admission): each READY replica takes its engine's max_num_seqs times
+# GATEWAY_SEATS_PERCENT / 100 requests at once from a web process; the rest wait in the
+# gateway, shared fairly across keys by weight, interactive before batch.
+GATEWAY_ADMISSION = env_bool("GATEWAY_ADMISSION", True)
+GATEWAY_SEATS_PERCENT = env_int("GATEWAY_SEATS_PERCENT", 100, minimum=1)
+# A replica whose agent does not say its engine's max_num_seqs (an older agent) is taken to
+# have vLLM's default for a GPU API server.
+GATEWAY_UNKNOWN_MAX_NUM_SEQS = env_int("GATEWAY_UNKNOWN_MAX_NUM_SEQS", 256, minimum=1)
+# The last seats of a model are kept for keys holding fewer requests than this: a key that
+# asks now and then starts at once while another floods (one key alone uses all but these).
+GATEWAY_RESERVED_SEATS = env_int("GATEWAY_RESERVED_SEATS", 1, minimum=0)
+# Held requests, past which a request is refused at once (429 queue_full, Retry-After).
+GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX", 1000, minimum=0)
+GATEWAY_QUEUE_MAX_PER_KEY = env_int("GATEWAY_QUEUE_MAX_PER_KEY", 200, minimum=0)
+GATEWAY_COLD_QUEUE_MAX = env_int("GATEWAY_COLD_QUEUE_MAX", 1000, minimum=0)
+# How many web processes share the fleet's seats (each admits its share; README: admission).
+GATEWAY_WEB_PROCESSES = env_int("GATEWAY_WEB_PROCESSES", 1, minimum=1)
+# The longest a request waits for a seat (a client's X-Queue-Timeout may shorten it): past
+# it, 503 queue_timeout, and the engine never sees it.
+GATEWAY_QUEUE_TIMEOUT_SECONDS = env_int("GATEWAY_QUEUE_TIMEOUT_SECONDS", 60, minimum=1)
 GATEWAY_RETRY_AFTER_SECONDS = env_int("GATEWAY_RETRY_AFTER_SECONDS", 5, minimum=1)
 # How long a web process remembers API keys and catalog models (0: ask the database every time).
 GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_SECONDS", 5, minimum=0)

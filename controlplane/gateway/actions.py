@@ -14,7 +14,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from agents.models import Model, Placement
-from controlplane.gateway.models import ApiKey, RequestMinute, Usage
+from controlplane.gateway.models import ApiKey, PriorityClasses, RequestMinute, Usage
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def create_api_key(
     tokens_per_minute: int | None = None,
     expires_at: datetime | None = None,
     all_models: bool | None = None,
+    weight: int = 1,
+    priority_classes: str = PriorityClasses.ANY,
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its secret, which is stored only as a hash.
 
@@ -54,6 +56,8 @@ def create_api_key(
         tokens_per_minute=tokens_per_minute,
         expires_at=expires_at,
         all_models=not wanted if all_models is None else all_models,
+        weight=weight,
+        priority_classes=priority_classes,
     )
     raw_key = key.set_new_secret()
     with transaction.atomic():

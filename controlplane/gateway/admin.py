@@ -14,10 +14,10 @@ from controlplane.gateway.models import ApiKey, Usage
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
     list_display = [
-        "name", "prefix", "allowed", "requests_per_minute", "tokens_per_minute",
-        "expires_at", "revoked_at", "last_used_at", "created_at",
+        "name", "prefix", "allowed", "requests_per_minute", "tokens_per_minute", "weight",
+        "priority_classes", "expires_at", "revoked_at", "last_used_at", "created_at",
     ]  # fmt: skip
-    list_filter = [("revoked_at", admin.EmptyFieldListFilter), "expires_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter), "expires_at", "priority_classes"]
     search_fields = ["name", "prefix"]
     filter_horizontal = ["allowed_models"]
     readonly_fields = ["prefix", "revoked_at", "created_at", "last_used_at"]

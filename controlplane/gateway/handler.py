@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -61,6 +61,20 @@ def request_id_of(request: Any) -> str:
     client)."""
     found = getattr(request, "scope", {}).get(REQUEST_ID)
     return str(found) if found else new_request_id()
+
+
+def header_reader(scope: dict[str, Any]) -> Callable[[str], str | None]:
+    """A request header's value by name (any case), None if absent: from the ASGI scope,
+    whose names are lower case."""
+
+    def header(name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for found, value in scope["headers"]:
+            if found == wanted:
+                return bytes(value).decode("latin-1")
+        return None
+
+    return header
 
 
 class ApiHandler(ASGIHandler):
@@ -128,7 +142,7 @@ class ApiHandler(ASGIHandler):
         async def found(state: object) -> Any:
             return key
 
-        served = serve(api, "POST", found, lambda: body, request_id)
+        served = serve(api, "POST", found, lambda: body, request_id, header_reader(scope))
         await self.answer_unless_gone(answered(served, request_id), receive, send, request_id)
 
     async def answer_unless_gone(

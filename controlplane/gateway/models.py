@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from datetime import datetime
 
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
@@ -32,6 +33,15 @@ class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
         return self.filter(key_hash=hash_key(raw_key))
 
 
+class PriorityClasses(models.TextChoices):
+    """The admission classes a key's requests may ask for (`priority_class`, or the
+    `X-Priority-Class` header); the first is what a request gets without asking."""
+
+    ANY = "interactive,batch", "interactive, or batch when asked"
+    INTERACTIVE = "interactive", "interactive only"
+    BATCH = "batch", "batch only"
+
+
 class ApiKey(models.Model):
     """A client's credential for `/v1/*`. Only a hash of the key is stored."""
 
@@ -54,6 +64,20 @@ class ApiKey(models.Model):
     )
     tokens_per_minute = models.PositiveIntegerField(
         null=True, blank=True, help_text="Empty: no limit."
+    )
+    weight = models.PositiveSmallIntegerField(
+        default=1,
+        db_default=1,
+        validators=[MinValueValidator(1)],
+        help_text="Its share of a model's seats while requests wait for one: a key of weight "
+        "2 is served twice the tokens of a key of weight 1.",
+    )
+    priority_classes = models.CharField(
+        max_length=20,
+        choices=PriorityClasses.choices,
+        default=PriorityClasses.ANY,
+        db_default=PriorityClasses.ANY,
+        help_text="Batch requests wait while any interactive request does.",
     )
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -89,6 +113,14 @@ class ApiKey(models.Model):
     def may_use(self, model: Model) -> bool:
         """Whether the key may use the model; needs `allowed_ids` (the gateway's cache fills it)."""
         return self.all_models or model.pk in self.allowed_ids
+
+    def admission_class(self, asked: str | None) -> str | None:
+        """The class a request of this key is admitted in, given what it asked for; None when
+        the key may not use that class."""
+        allowed = self.priority_classes.split(",")
+        if asked is None:
+            return allowed[0]
+        return asked if asked in allowed else None
 
     def inactive_reason(self, now: datetime | None = None) -> str | None:
         """Why the key may not be used now ("revoked", "expired"), or None if it may."""
@@ -138,6 +170,13 @@ class RequestMinute(models.Model):
     warm_requests = models.PositiveIntegerField(default=0)
     cold_ttft_seconds = models.FloatField(default=0, help_text="Sum over cold requests.")
     cold_requests = models.PositiveIntegerField(default=0)
+    queued = models.PositiveIntegerField(
+        default=0, db_default=0, help_text="Requests that waited for a seat (admission)."
+    )
+    shed = models.PositiveIntegerField(
+        default=0, db_default=0, help_text="Requests admission refused or gave up (queue full, "
+        "past their deadline).",
+    )  # fmt: skip
 
     class Meta:
         ordering = ["-minute", "model"]

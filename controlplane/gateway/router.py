@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from asgiref.sync import sync_to_async
@@ -47,7 +47,8 @@ from agents.scheduling import (
 from controlplane import metrics
 from controlplane.gateway import actions as gateway_actions
 from controlplane.gateway import coldstart, stats, upstream
-from controlplane.gateway.apis import Api
+from controlplane.gateway.admission import Asker, ModelQueue, Shed, Ticket, Waiter
+from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.kvfollow import PromptBlocks
 from controlplane.gateway.prefix import Prefix, PrefixIndex
@@ -100,6 +101,22 @@ class Job:
     prompt: PromptBlocks | None = None
     # What the client and the operators' log both name the request by (X-Request-Id).
     request_id: str = ""
+    # Who asks for a seat on the model's replicas, and how long it may wait for one
+    # (controlplane.gateway.admission); None: admitted without a seat (tests of routing alone).
+    asker: Asker | None = None
+    queue_timeout: float = 60.0
+    ticket: Ticket | None = None  # its seat while it holds one
+    # Gives back its place among a cold start's waiters (Admission.enter_cold), once.
+    cold_place: Callable[[], None] | None = None
+
+    def release_seat(self) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
+
+    def leave_cold(self) -> None:
+        leave, self.cold_place = self.cold_place, None
+        if leave is not None:
+            leave()
 
     @property
     def target(self) -> Model:
@@ -282,8 +299,11 @@ class Router:
     def maybe_scale_out(self, model: Model, placements: list[Placement]) -> None:
         """Ask for another replica when every one is over the queue threshold (no request waits),
         at most once per _SCALE_OUT_EVERY_SECONDS per model."""
+        # Requests held for a seat count too: the replicas are full and more keep coming.
+        queue = self.state.admission.queues.get(model.pk)
+        held = queue.queued / len(placements) if queue is not None and placements else 0.0
         if not needs_scale_out(
-            self.scores(placements),
+            [score + held for score in self.scores(placements)],
             threshold=settings.SCALE_OUT_QUEUE_THRESHOLD,
             replicas=len(placements),
             max_replicas=model.max_replicas,
@@ -315,15 +335,74 @@ class Router:
     # --- serving --------------------------------------------------------------------------------
 
     async def serve(self, job: Job) -> HttpResponse | StreamingHttpResponse:
-        deadline = time.monotonic() + settings.COLD_START_TIMEOUT_SECONDS
-        tried: set[Generation] = set()
-        placements = await self.replicas(job.target)
-        if job.adapter is not None and placements:
-            placements = self._takes_adapter(job, placements)
-            if not placements:
-                return not_ready(_without_lora(job))
+        """The request's answer: warm on a seat of a READY replica (held for one while every
+        seat is taken), else cold."""
+        placements = await self._warm_replicas(job)
+        if job.adapter is not None and placements == []:
+            return not_ready(_without_lora(job))
         if placements:
             self.maybe_scale_out(job.target, placements)
+        placements = placements or []
+        if placements and job.asker is not None and settings.GATEWAY_ADMISSION:
+            admission = self.state.admission
+            queue = admission.queue(job.target.pk, job.target.model_id)
+            capacity = admission.seats(placements, settings.GATEWAY_WEB_PROCESSES)
+            entered = admission.enter(queue, job.asker, capacity)
+            if isinstance(entered, Shed):
+                job.record.shed = True
+                return shed(entered)
+            if isinstance(entered, Waiter):
+                job.record.queued = True
+                if job.stream:
+                    cleanup = Cleanup()
+                    cleanup.add(job.release_seat)
+                    return upstream.sse_response(
+                        self._held_stream(job, queue, entered, cleanup), job.record, job.api,
+                        cleanup=cleanup,
+                    )  # fmt: skip
+                seated = await admission.wait(queue, entered, job.queue_timeout)
+                if isinstance(seated, Shed):
+                    job.record.shed = True
+                    return shed(seated)
+                entered = seated
+                placements = await self._warm_replicas(job) or []  # as they are now
+            self._seat(job, entered)
+        try:
+            response = await self._serve_seated(job, placements)
+        except BaseException:
+            job.release_seat()
+            raise
+        if isinstance(response, StreamingHttpResponse):
+            upstream.on_close(response, job.release_seat)
+        else:
+            job.release_seat()
+        return response
+
+    async def _warm_replicas(self, job: Job) -> list[Placement] | None:
+        """The READY replicas that may serve the request; for an adapter, those whose engines
+        can load it ([] when replicas serve but none can; None when none serves)."""
+        placements = await self.replicas(job.target)
+        if job.adapter is not None and placements:
+            return self._takes_adapter(job, placements)
+        return placements or None
+
+    def _seat(self, job: Job, ticket: Ticket) -> None:
+        """The request holds `ticket`; what it is served goes on its key's counter."""
+        job.ticket = ticket
+        sink = job.meter.on_usage
+
+        def on_usage(usage: dict[str, Any]) -> None:
+            sink(usage)
+            ticket.served(usage_tokens(usage)[1])
+
+        job.meter.on_usage = on_usage
+
+    async def _open_warm(
+        self, job: Job, placements: list[Placement], tried: set[Generation], deadline: float
+    ) -> Opened | HttpResponse | None:
+        """The first of the replicas to answer, by routing's order; the agent's refusal of the
+        request itself; None when none could (the request goes cold), or not_ready when each
+        serves but has every adapter slot busy."""
         no_room = False
         adapter_id = job.adapter.adapter_id if job.adapter is not None else None
         while picked := self.pick(
@@ -333,19 +412,41 @@ class Router:
             placement, reason = picked
             metrics.ROUTING_DECISIONS.labels(job.model.model_id, reason.value).inc()
             opened = await self._try(placement, job, tried, deadline)
-            if isinstance(opened, HttpResponse):
+            if isinstance(opened, HttpResponse | Opened):
                 return opened
-            if isinstance(opened, Opened):
-                return await self._relay(opened, job, cold=False)
             no_room = no_room or opened == Fault.NO_ROOM
         if no_room:  # replicas serve, their adapter slots are busy: soon free, not a cold start
             return not_ready(
                 f"Every replica of `{job.target.model_id}` that could serve the adapter "
                 f"`{job.model.model_id}` has all its adapter slots serving requests."
             )
+        return None
+
+    async def _serve_seated(
+        self, job: Job, placements: list[Placement]
+    ) -> HttpResponse | StreamingHttpResponse:
+        deadline = time.monotonic() + settings.COLD_START_TIMEOUT_SECONDS
+        tried: set[Generation] = set()
+        opened = await self._open_warm(job, placements, tried, deadline)
+        if isinstance(opened, HttpResponse):
+            return opened
+        if isinstance(opened, Opened):
+            return await self._relay(opened, job, cold=False)
+        return await self._serve_cold(job, tried, deadline)
+
+    async def _serve_cold(
+        self, job: Job, tried: set[Generation], deadline: float
+    ) -> HttpResponse | StreamingHttpResponse:
+        """Held until a replica serves (loading the model when none does), within the cold
+        queue's bound; the request's seat, if it had one, is no use to it meanwhile."""
+        job.release_seat()
         job.record.start = "cold"
+        refused = self._join_cold(job)
+        if refused is not None:
+            return shed(refused)
         if job.stream:
             cleanup = Cleanup()
+            cleanup.add(job.leave_cold)  # a stream closed before its wait began
             return upstream.sse_response(
                 self._cold_stream(job, tried, deadline, cleanup), job.record, job.api,
                 cleanup=cleanup,
@@ -357,6 +458,65 @@ class Router:
         if isinstance(opened, HttpResponse):
             return opened
         return await self._relay(opened, job, cold=True)
+
+    def _join_cold(self, job: Job) -> Shed | None:
+        """Count the request among its model's cold-start waiters, or the refusal past their
+        bound."""
+        admission, pk = self.state.admission, job.target.pk
+        refused = admission.enter_cold(pk, job.target.model_id)
+        if refused is not None:
+            job.record.shed = True
+            return refused
+        job.cold_place = lambda: admission.leave_cold(pk)
+        return None
+
+    async def _held_stream(
+        self, job: Job, queue: ModelQueue, waiter: Waiter, cleanup: Cleanup
+    ) -> AsyncIterator[bytes]:
+        """A stream held for a seat: comments while it waits, as a cold stream's, then the
+        answer (warm, or cold should every replica fail), or the queue's error event."""
+        model_id = job.target.model_id
+        yield f": queued for {model_id}\n\n".encode()
+        seat = asyncio.ensure_future(self.state.admission.wait(queue, waiter, job.queue_timeout))
+        # A client that leaves while the stream waits at a yield: its place in line, or the
+        # seat it was given meanwhile, goes back.
+        cleanup.add(lambda: _give_back(seat))
+        try:
+            while True:
+                done, _ = await asyncio.wait({seat}, timeout=_KEEPALIVE_SECONDS)
+                if done:
+                    break
+                yield f": queued for {model_id}\n\n".encode()
+        finally:
+            if not seat.done():
+                seat.cancel()  # the client left: its place in line (or seat) goes back
+        seated = seat.result()
+        if isinstance(seated, Shed):
+            job.record.shed = True
+            yield job.api.error_event(seated.message, code=seated.code)
+            return
+        self._seat(job, seated)
+        deadline = time.monotonic() + settings.COLD_START_TIMEOUT_SECONDS
+        tried: set[Generation] = set()
+        placements = await self._warm_replicas(job) or []
+        opened = await self._open_warm(job, placements, tried, deadline)
+        if isinstance(opened, HttpResponse):  # the agent refused the request itself
+            yield job.api.error_event(_error_message(opened.status_code, opened.content))
+            return
+        if opened is None:
+            job.release_seat()
+            job.record.start = "cold"
+            refused = self._join_cold(job)
+            if refused is not None:
+                yield job.api.error_event(refused.message, code=refused.code)
+                return
+            cleanup.add(job.leave_cold)
+            async for chunk in self._cold_stream(job, tried, deadline, cleanup):
+                yield chunk
+            return
+        cleanup.add(opened.abandon)
+        async for chunk in self._answer_chunks(opened, job, cold=False):
+            yield chunk
 
     def _first_token(self, placement: Placement) -> None:
         """Record the cold start's last phase, time to first token, off the request's path."""
@@ -417,7 +577,20 @@ class Router:
         """Wait for a READY replica (loading the model if none is), then try it; a replica that
         fails sends the request back to waiting, after a pause that doubles with each failure
         (a replica whose engine hangs would otherwise be reloaded and fail again at once).
-        Raises ColdStartFailed at the deadline."""
+        Raises ColdStartFailed at the deadline. The request leaves the cold start's waiters
+        (`Job.leave_cold`) however the wait ends."""
+        try:
+            return await self._wait_and_try(job, tried, deadline, on_progress)
+        finally:
+            job.leave_cold()
+
+    async def _wait_and_try(
+        self,
+        job: Job,
+        tried: set[Generation],
+        deadline: float,
+        on_progress: Callable[[str], None] | None,
+    ) -> Opened | HttpResponse:
         failures = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -569,6 +742,17 @@ def _without_lora(job: Job) -> str:
     )
 
 
+def _give_back(seat: asyncio.Future[Ticket | Shed]) -> None:
+    """A held stream's wait for a seat, ended: cancelled if it goes on, its seat released if
+    it got one (a seat the request took is released again harmlessly: once only)."""
+    if not seat.done():
+        seat.cancel()
+    elif not seat.cancelled() and seat.exception() is None:
+        seated = seat.result()
+        if isinstance(seated, Ticket):
+            seated.release()
+
+
 def _stop_waiting(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
     """A client that left stops waiting (the load itself goes on); should the wait have
     opened a replica already (or as it is cancelled), that answer and its claim go back."""
@@ -594,6 +778,13 @@ def _error_message(status: int, body: bytes) -> str:
     except (ValueError, AttributeError):
         message = None
     return f"The model's server answered {status}: {message or body[:200].decode(errors='replace')}"
+
+
+def shed(refused: Shed) -> JsonResponse:
+    """Admission's refusal in OpenAI's shape: 429 queue_full, 503 queue_timeout."""
+    response = openai_error(refused.status, refused.message, code=refused.code)
+    response["Retry-After"] = str(refused.retry_after)
+    return response
 
 
 def not_ready(message: str) -> JsonResponse:

@@ -5,7 +5,8 @@ loop that made it. daphne runs one loop; tests and management commands make
 others. So everything the gateway keeps between requests lives in one object per
 loop, made in one place (`current`) and closed in one place (`close`, as the web
 process stops): the upstream session, the usage and request-figure buffers, the
-cache, the cold-start watches, the limiter's Redis clients and the router. The
+cache, the cold-start watches, the limiter's Redis clients, admission's queues and the
+router. The
 modules that use any of it take it from their caller; none keeps its own.
 
 Two things are deliberately the process's, not a loop's: what the cache remembers of
@@ -22,6 +23,7 @@ from collections.abc import Awaitable
 import aiohttp
 
 from controlplane.gateway import upstream
+from controlplane.gateway.admission import Admission
 from controlplane.gateway.cache import Cache
 from controlplane.gateway.coldstart import Watches
 from controlplane.gateway.kvfollow import KvFollowers
@@ -43,6 +45,7 @@ class GatewayState:
         self.cache = Cache()
         self.watches = Watches()
         self.limiter = Limiter()
+        self.admission = Admission()  # seats on each model's replicas, and who waits for one
         # Tasks started off a request's path. The event loop keeps only weak references to
         # tasks, so this set holds each until it ends.
         self.background: set[asyncio.Future[object]] = set()

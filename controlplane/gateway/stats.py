@@ -29,6 +29,8 @@ class RequestRecord:
     model: str = "-"  # a catalog model_id once known; never what a client made up
     model_pk: int | None = None
     start: str = "warm"  # or "cold": the request waited for a load
+    queued: bool = False  # it waited for a seat (controlplane.gateway.admission)
+    shed: bool = False  # admission refused it or gave it up
     first_token_at: float | None = None
     finished: bool = False
 
@@ -51,20 +53,27 @@ class RequestRecord:
         if status < 400:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.model, self.start).observe(ttft)
         if self.buffer is not None:
-            self.buffer.add(self.model_pk, status, self.start, ttft if status < 400 else None)
+            self.buffer.add(self.model_pk, status, self.start, ttft if status < 400 else None,
+                            self.queued, self.shed)  # fmt: skip
 
 
 class StatsBuffer(Batches[tuple[int, datetime]]):
-    """Per (model, minute): requests, errors, warm TTFT sum and count, cold TTFT sum and count."""
+    """Per (model, minute): requests, errors, warm TTFT sum and count, cold TTFT sum and count,
+    requests that waited for a seat, requests admission shed."""
 
-    width = 6
+    width = 8
     what = "request figures of (model, minute)"
 
-    def add(self, model_pk: int, status: int, start: str, ttft: float | None) -> None:
+    def add(
+        self, model_pk: int, status: int, start: str, ttft: float | None,
+        queued: bool = False, shed: bool = False,
+    ) -> None:  # fmt: skip
         minute = datetime.now(UTC).replace(second=0, microsecond=0)
         counts = self.counts((model_pk, minute))
         counts[0] += 1
         counts[1] += status >= 500
+        counts[6] += queued
+        counts[7] += shed
         if ttft is not None:
             at = 2 if start == "warm" else 4
             counts[at] += ttft
@@ -85,6 +94,8 @@ async def record_minute(model_pk: int, minute: datetime, counts: list[float]) ->
         "warm_requests": F("warm_requests") + int(counts[3]),
         "cold_ttft_seconds": F("cold_ttft_seconds") + counts[4],
         "cold_requests": F("cold_requests") + int(counts[5]),
+        "queued": F("queued") + int(counts[6]),
+        "shed": F("shed") + int(counts[7]),
     }
     rows = RequestMinute.objects.filter(model_id=model_pk, minute=minute)
     if not await rows.aupdate(**added):
@@ -93,6 +104,7 @@ async def record_minute(model_pk: int, minute: datetime, counts: list[float]) ->
                 model_id=model_pk, minute=minute, requests=int(counts[0]), errors=int(counts[1]),
                 warm_ttft_seconds=counts[2], warm_requests=int(counts[3]),
                 cold_ttft_seconds=counts[4], cold_requests=int(counts[5]),
+                queued=int(counts[6]), shed=int(counts[7]),
             )  # fmt: skip
         except IntegrityError:  # another web process created the minute first
             await rows.aupdate(**added)

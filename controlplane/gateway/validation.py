@@ -38,6 +38,11 @@ class ApiRequest:
     # Seconds the serving replica should stay on the GPU once idle (`keep_alive`); math.inf
     # for "as long as allowed"; None when the request did not say.
     keep_alive: float | None = None
+    # The most tokens the answer may have: the request's own cap, else the default the gateway
+    # set in `raw` (what a tokens-per-minute limit reserves). 0 for embeddings.
+    max_tokens: int = 0
+    # The admission class the request asked for (`priority_class`, llmfleet's own), if any.
+    priority_class: str | None = None
 
 
 def _number(
@@ -271,8 +276,44 @@ def _body(api: Api, body: dict[str, Any], max_tokens: int) -> None:
     _number(body, "top_p", 0, 1)
 
 
-def parse_request(raw: bytes, api: Api, *, max_tokens: int) -> ApiRequest:
-    """The request's routing facts, after checking the parameters the gateway understands."""
+# Where each API names its answer's cap.
+_CAP_FIELDS = {
+    Api.CHAT: ("max_completion_tokens", "max_tokens"),
+    Api.COMPLETIONS: ("max_tokens",),
+    Api.RESPONSES: ("max_output_tokens",),
+}
+
+
+def _answer_cap(api: Api, body: dict[str, Any], default: int) -> tuple[int, bool]:
+    """The answer's cap, and whether the gateway must write `default` into the body: a request
+    that does not say would otherwise run to the end of the model's context."""
+    fields = _CAP_FIELDS.get(api)
+    if fields is None:
+        return 0, False
+    for name in fields:
+        if body.get(name) is not None:
+            return int(body[name]), False
+    body[fields[-1]] = default
+    return default, True
+
+
+def _priority_class(body: dict[str, Any]) -> str | None:
+    value = body.pop("priority_class")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(
+            "'priority_class' must be a string: interactive or batch.", "priority_class",
+            "invalid_type",
+        )  # fmt: skip
+    return value
+
+
+def parse_request(
+    raw: bytes, api: Api, *, max_tokens: int, default_max_tokens: int | None = None
+) -> ApiRequest:
+    """The request's routing facts, after checking the parameters the gateway understands.
+    A request without a cap on its answer gets `default_max_tokens` (at most `max_tokens`)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -294,12 +335,22 @@ def parse_request(raw: bytes, api: Api, *, max_tokens: int) -> ApiRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string.", "user", "invalid_type")
-    keep_alive = None
+    keep_alive, changed = None, False
     if "keep_alive" in body:  # llmfleet's own: checked here, never sent to the engine
         value = body.pop("keep_alive")
         keep_alive = None if value is None else parse_keep_alive(value)
+        changed = True
+    priority_class = None
+    if "priority_class" in body:  # llmfleet's own too
+        priority_class = _priority_class(body)
+        changed = True
+    default = min(max_tokens, default_max_tokens or max_tokens)
+    cap, capped = _answer_cap(api, body, default)
+    if changed or capped:
         raw = json.dumps(body).encode()
-    return ApiRequest(model, bool(body.get("stream")), user or None, raw, body, keep_alive)
+    return ApiRequest(
+        model, bool(body.get("stream")), user or None, raw, body, keep_alive, cap, priority_class
+    )
 
 
 _NOT_TEXT = {"role", "type"}  # a message's or a content part's own fields, not its text

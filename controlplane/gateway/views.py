@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -15,12 +16,15 @@ from django.views.decorators.csrf import csrf_exempt
 
 from agents.choices import ModelKind
 from agents.models import Model, Placement
+from agents.scheduling import ADMISSION_CLASSES
 from controlplane.gateway import stats, upstream
+from controlplane.gateway.admission import Asker
 from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.handler import request_id_of
 from controlplane.gateway.kvfollow import PromptBlocks
+from controlplane.gateway.limits import Refusal, Reservation
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.prefix import Prefix, prefix_of
 from controlplane.gateway.router import Job
@@ -101,6 +105,7 @@ def _api_view(api: Api, doc: str) -> ApiView:
             lambda state: authenticate(request, state.cache),
             lambda: _body_of(request),
             request_id_of(request),
+            request.headers.get,
         )
 
     view.__name__ = view.__qualname__ = api.name.lower()
@@ -136,6 +141,7 @@ async def stored_response(request: HttpRequest, response_id: str) -> JsonRespons
 
 BodyReader = Callable[[], bytes]  # the request's body; RequestDataTooBig past the limit
 KeyFinder = Callable[[GatewayState], Awaitable[ApiKey | AuthFailure]]
+HeaderReader = Callable[[str], str | None]  # a request header's value by name, None if absent
 
 
 def _body_of(request: HttpRequest) -> bytes:
@@ -154,7 +160,10 @@ def _read_request(read_body: BodyReader, api: Api) -> ApiRequest | JsonResponse:
             413, f"The request body exceeds {limit} bytes.", code="request_too_large"
         )
     try:
-        return parse_request(raw, api, max_tokens=settings.GATEWAY_MAX_TOKENS)
+        return parse_request(
+            raw, api, max_tokens=settings.GATEWAY_MAX_TOKENS,
+            default_max_tokens=settings.GATEWAY_DEFAULT_MAX_TOKENS,
+        )  # fmt: skip
     except InvalidRequest as exc:
         return openai_error(exc.status, str(exc), code=exc.code, param=exc.param)
 
@@ -219,24 +228,66 @@ def _prompt_of(api: Api, body: dict[str, Any], model: Model) -> PromptBlocks | N
     return PromptBlocks(api, body, model.model_id, target, settings.GATEWAY_PREFIX_HASH_KIB * 1024)
 
 
-def _usage_recorder(state: GatewayState, key: ApiKey, model: Model) -> upstream.UsageSink:
+def _usage_recorder(
+    state: GatewayState, key: ApiKey, model: Model, reserved: Reservation | None
+) -> upstream.UsageSink:
     def on_usage(usage: dict[str, Any]) -> None:
         prompt, completion = usage_tokens(usage)
         state.usage.add(key.pk, model.model_id, prompt, completion)
-        if key.tokens_per_minute is not None:  # charged after the answer, off its path
-            state.in_background(state.limiter.add_tokens(key, prompt + completion))
+        if reserved is not None:  # settled after the answer, off its path
+            state.in_background(reserved.settle(prompt + completion))
 
     return on_usage
 
 
+def _admission_of(
+    key: ApiKey, parsed: ApiRequest, header: HeaderReader
+) -> tuple[str, float] | JsonResponse:
+    """The request's admission class (X-Priority-Class, or the body's `priority_class`) and
+    how long it may wait for a seat (GATEWAY_QUEUE_TIMEOUT_SECONDS, or less: X-Queue-Timeout)."""
+    asked = header("X-Priority-Class") or parsed.priority_class
+    if asked is not None and asked not in ADMISSION_CLASSES:
+        return openai_error(
+            400, f"Unknown priority class `{asked}`: use {' or '.join(ADMISSION_CLASSES)}.",
+            code="invalid_priority_class", param="priority_class",
+        )  # fmt: skip
+    admitted = key.admission_class(asked)
+    if admitted is None:
+        return openai_error(
+            400, f"This API key may not send requests in the `{asked}` class (it may use: "
+            f"{key.priority_classes.replace(',', ', ')}).",
+            code="priority_class_not_allowed", param="priority_class",
+        )  # fmt: skip
+    timeout = float(settings.GATEWAY_QUEUE_TIMEOUT_SECONDS)
+    told = header("X-Queue-Timeout")
+    if told is not None:
+        try:
+            seconds = float(told)
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds < math.inf:
+            return openai_error(
+                400, "X-Queue-Timeout must be a positive number of seconds.",
+                code="invalid_queue_timeout",
+            )  # fmt: skip
+        timeout = min(timeout, seconds)
+    return admitted, timeout
+
+
 async def serve(
-    api: Api, method: str, find_key: KeyFinder, read_body: BodyReader, request_id: str
+    api: Api,
+    method: str,
+    find_key: KeyFinder,
+    read_body: BodyReader,
+    request_id: str,
+    header: HeaderReader,
 ) -> HttpResponse | StreamingHttpResponse:
     """One request to a POST endpoint, from what Django's request object and the handler's
-    scope both give: its method, its key (found from its headers), its body and its id."""
+    scope both give: its method, its key (found from its headers), its body, its id and its
+    other headers."""
     state = current()  # the running loop's: everything this request uses between requests
     record = stats.RequestRecord(state.stats)
-    response = await _answer(state, api, method, find_key, read_body, record, request_id)
+    response = await _answer(state, api, method, find_key, read_body, record, request_id, header)
     response["X-Request-Id"] = request_id
     if not isinstance(response, StreamingHttpResponse):  # a stream counts itself as it ends
         record.finish(response.status_code)
@@ -251,35 +302,60 @@ async def _answer(
     read_body: BodyReader,
     record: stats.RequestRecord,
     request_id: str,
+    header: HeaderReader,
 ) -> HttpResponse | StreamingHttpResponse:
-    """Authenticate, admit, parse, resolve the model, serve."""
+    """Authenticate, parse, resolve the model, admit, serve."""
     if method != "POST":
         return openai_error(405, f"Method {method} is not allowed here; use POST.")
     key = await find_key(state)
     if isinstance(key, AuthFailure):
         return key.response
-    refusal = await state.limiter.admit(key)
-    if refusal is not None:
-        response = openai_error(429, refusal.message, code="rate_limit_exceeded")
-        response["Retry-After"] = str(refusal.retry_after)
-        return response
     parsed = _read_request(read_body, api)
     if isinstance(parsed, JsonResponse):
         return parsed
     model = await _model_for(state, key, parsed.model_id, api)
     if isinstance(model, JsonResponse):
         return model
+    admission = _admission_of(key, parsed, header)
+    if isinstance(admission, JsonResponse):
+        return admission
     record.model, record.model_pk = model.model_id, model.pk
+    prompt_tokens = estimate_prompt_tokens(parsed.body)
+    admitted = await state.limiter.admit(key, prompt_tokens + parsed.max_tokens)
+    if isinstance(admitted, Refusal):
+        refused = openai_error(429, admitted.message, code="rate_limit_exceeded")
+        refused["Retry-After"] = str(admitted.retry_after)
+        return refused
     raw, strip_usage = (
         upstream.ask_for_usage(parsed.raw, parsed.body)
         if parsed.stream and api.asks_for_usage
         else (parsed.raw, False)
     )
-    meter = upstream.Meter(_usage_recorder(state, key, model), estimate_prompt_tokens(parsed.body))
+    meter = upstream.Meter(_usage_recorder(state, key, model, admitted), prompt_tokens)
+    asker = Asker(key.pk, key.name, key.weight, admission[0], prompt_tokens)
     job = Job(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,
         parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
         prefix=_prefix_of(api, parsed.body, model),
-        prompt=_prompt_of(api, parsed.body, model),
+        prompt=_prompt_of(api, parsed.body, model), asker=asker, queue_timeout=admission[1],
     )  # fmt: skip
-    return await state.router.serve(job)
+    response = await state.router.serve(job)
+    if admitted is not None:  # a request that reached no engine gives its reservation back
+        _unreserve_unless_used(state, meter, admitted, response)
+    return response
+
+
+def _unreserve_unless_used(
+    state: GatewayState,
+    meter: upstream.Meter,
+    reserved: Reservation,
+    response: HttpResponse | StreamingHttpResponse,
+) -> None:
+    def unless_used() -> None:
+        if not meter.settled:
+            state.in_background(reserved.settle(0))
+
+    if isinstance(response, StreamingHttpResponse):
+        upstream.on_close(response, unless_used)  # after the stream's own cleanup settled it
+    else:
+        unless_used()

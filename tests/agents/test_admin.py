@@ -147,7 +147,9 @@ def test_lora_adapters_can_be_added_in_the_admin_within_their_base_rank(staff_cl
 
 def test_adding_an_api_key_in_the_admin_shows_its_secret_once(staff_client):
     response = staff_client.post(
-        reverse("admin:gateway_apikey_add"), {"name": "billing-app"}, follow=True
+        reverse("admin:gateway_apikey_add"),
+        {"name": "billing-app", "weight": 1, "priority_classes": "interactive,batch"},
+        follow=True,
     )
     assert response.status_code == 200
     message = next(str(m) for m in response.context["messages"])

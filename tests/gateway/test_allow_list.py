@@ -8,7 +8,6 @@ import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from controlplane.gateway.models import ApiKey
 from tests.factories import ModelFactory, make_api_key
 
 pytestmark = pytest.mark.django_db
@@ -65,5 +64,6 @@ def test_the_migration_keeps_keys_that_had_no_list_on_every_model():
     executor = MigrationExecutor(connection)
     executor.loader.build_graph()
     executor.migrate(after)
-    assert ApiKey.objects.get(name="wide").all_models is True
-    assert ApiKey.objects.get(name="narrow").all_models is False
+    NewKey = executor.loader.project_state(after).apps.get_model("gateway", "ApiKey")
+    assert NewKey.objects.get(name="wide").all_models is True
+    assert NewKey.objects.get(name="narrow").all_models is False

@@ -199,3 +199,29 @@ def test_an_unexpected_failure_gives_500_in_openai_shape(client, key, monkeypatc
 
     monkeypatch.setattr(cache.Cache, "ready_placements", broken)
     assert error_of(post(client, key, chat()), 500)["type"] == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "param", "code"),
+    [
+        ({}, chat(priority_class="urgent"), "priority_class", "invalid_priority_class"),
+        ({}, chat(priority_class=3), "priority_class", "invalid_type"),
+        ({"HTTP_X_PRIORITY_CLASS": "vip"}, chat(), "priority_class", "invalid_priority_class"),
+        ({"HTTP_X_QUEUE_TIMEOUT": "soon"}, chat(), None, "invalid_queue_timeout"),
+        ({"HTTP_X_QUEUE_TIMEOUT": "0"}, chat(), None, "invalid_queue_timeout"),
+        ({"HTTP_X_QUEUE_TIMEOUT": "inf"}, chat(), None, "invalid_queue_timeout"),
+    ],
+)
+def test_bad_admission_asks_are_400(client, key, headers, body, param, code):
+    response = client.post(CHAT, data=json.dumps(body), content_type="application/json",
+                           HTTP_AUTHORIZATION=f"Bearer {key}", **headers)  # fmt: skip
+    error = error_of(response, 400)
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_a_class_the_key_was_not_given_is_400(client):
+    ModelFactory(model_id="org/m")
+    _, raw = make_api_key("batch-only", priority_classes="batch")
+    error = error_of(post(client, raw, chat(priority_class="interactive")), 400)
+    assert error["code"] == "priority_class_not_allowed"
+    assert "may use: batch" in error["message"]

@@ -127,7 +127,7 @@ def test_a_stored_response_is_never_found_and_the_404_says_why(client, key, meth
 
 
 def test_valid_bodies_pass_with_their_bytes_and_keep_alive_is_taken_out():
-    raw = b'{"model": "m", "input": [{"role": "user", "content": "hi"}], "store": true}'
+    raw = b'{"model": "m", "input": [{"role": "user", "content": "hi"}], "max_output_tokens": 9}'
     parsed = parse_request(raw, Api.RESPONSES, max_tokens=100)
     assert (parsed.raw, parsed.stream, parsed.keep_alive) == (raw, False, None)
     for value in ("a", ["a", "b"], [1, 2, 3], [[1, 2], [3]]):

@@ -167,7 +167,7 @@ def test_requests_per_minute_refuse_then_recover_in_the_next_window(limiter):
     start = 1_800_000_000.0 + key.pk * 600  # a window of this key alone
 
     def admit(key, now):  # each call on a loop of its own, with that loop's limiter
-        return async_to_sync(limits.Limiter().admit)(key, now)
+        return async_to_sync(limits.Limiter().admit)(key, 10, now=now)
 
     assert admit(key, start) is None
     assert admit(key, start + 1) is None
@@ -182,10 +182,49 @@ def test_requests_per_minute_refuse_then_recover_in_the_next_window(limiter):
 def test_tokens_per_minute_count_what_the_engines_reported(limiter):
     key, _ = make_api_key("tpm", tokens_per_minute=100)
     start = 1_900_000_000.0 + key.pk * 600
-    assert async_to_sync(limits.Limiter().admit)(key, start) is None
-    async_to_sync(limits.Limiter().add_tokens)(key, 100, start)
-    assert "100 tokens per minute" in async_to_sync(limits.Limiter().admit)(key, start + 1).message
-    assert async_to_sync(limits.Limiter().admit)(key, start + 60) is None
+
+    async def scenario() -> None:  # one loop, one limiter: its Redis client is the loop's
+        limiter = limits.Limiter()
+        reservation = await limiter.admit(key, 30, now=start)
+        assert isinstance(reservation, limits.Reservation)
+        await reservation.settle(100)  # it used more than it reserved: the engine said so
+        refused = await limiter.admit(key, 1, now=start + 1)
+        assert isinstance(refused, limits.Refusal)
+        assert "100 tokens per minute" in refused.message
+        assert isinstance(await limiter.admit(key, 1, now=start + 60), limits.Reservation)
+        await limiter.close()
+
+    async_to_sync(scenario)()
+
+
+@pytest.mark.django_db
+def test_tokens_per_minute_hold_while_requests_run_at_once(limiter):
+    """Each admitted request reserves its prompt and max_tokens: a window no longer admits
+    any number of requests that are all still running (none has reported usage yet)."""
+    key, _ = make_api_key("tpm-concurrent", tokens_per_minute=100)
+    start = 1_950_000_000.0 + key.pk * 600
+
+    async def scenario() -> None:
+        limiter = limits.Limiter()
+
+        async def admit(reserve, now=start):
+            return await limiter.admit(key, reserve, now=now)
+
+        first, second = await admit(40), await admit(40)
+        refused = await admit(40)  # 120 reserved would pass the limit
+        assert isinstance(refused, limits.Refusal)
+        assert "reserves 40" in refused.message
+        await first.settle(5)  # it finished short: the rest of its reservation comes back
+        assert isinstance(await admit(40), limits.Reservation)
+        await second.settle(0)  # it reached no engine
+        await second.settle(50)  # settled once only
+        assert isinstance(await admit(40), limits.Reservation)
+        # A request larger than the whole limit runs, once a window (the window held nothing).
+        assert isinstance(await admit(500, start + 60), limits.Reservation)
+        assert isinstance(await admit(1, start + 61), limits.Refusal)
+        await limiter.close()
+
+    async_to_sync(scenario)()
 
 
 @pytest.mark.django_db
@@ -201,7 +240,7 @@ def test_limits_let_requests_in_when_redis_does_not_answer(settings, caplog):
     key, _ = make_api_key("limited", requests_per_minute=1, tokens_per_minute=10)
     before = metrics.RATE_LIMIT_UNAVAILABLE._value.get()
     for _ in range(3):  # over the limit, were it counted
-        assert async_to_sync(limits.Limiter().admit)(key) is None
+        assert async_to_sync(limits.Limiter().admit)(key, 20) is None
     async_to_sync(limits.Limiter().add_tokens)(key, 50)
     assert metrics.RATE_LIMIT_UNAVAILABLE._value.get() - before == 4
     assert "rate limits not enforced: Redis did not answer" in caplog.text

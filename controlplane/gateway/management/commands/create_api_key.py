@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from controlplane.gateway.actions import UnknownModels, create_api_key
+from controlplane.gateway.models import PriorityClasses
 
 
 def _positive(value: str) -> int:
@@ -38,6 +39,15 @@ class Command(BaseCommand):
         parser.add_argument("--rpm", type=_positive, help="requests per minute (default: no limit)")
         parser.add_argument("--tpm", type=_positive, help="tokens per minute (default: no limit)")
         parser.add_argument("--expires-in-days", type=_positive, help="expire after this many days")
+        parser.add_argument(
+            "--weight", type=_positive, default=1,
+            help="its share of a model's seats while requests wait (default 1)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--priority-classes", choices=PriorityClasses.values, default=PriorityClasses.ANY,
+            help="admission classes its requests may ask for; the first is the default "
+            f"(default {PriorityClasses.ANY.value})",
+        )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
         model_ids = [item.strip() for item in options["models"].split(",") if item.strip()]
@@ -49,6 +59,8 @@ class Command(BaseCommand):
                 requests_per_minute=options["rpm"],
                 tokens_per_minute=options["tpm"],
                 expires_at=timezone.now() + timedelta(days=days) if days else None,
+                weight=options["weight"],
+                priority_classes=options["priority_classes"],
             )
         except UnknownModels as exc:
             raise CommandError(f"Unknown models, {exc}") from None
