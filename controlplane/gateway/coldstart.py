@@ -164,7 +164,9 @@ async def _ensure(watches: Watches, model: Model, fresh: bool) -> Placement:
     seconds: a thousand held requests, two hundred locks a second)."""
     found = watches.ensured.get(model.pk)
     if found is not None and found[1].done():
-        stale = fresh or time.monotonic() - found[0] >= _RECHECK_SECONDS
+        # A refusal (no capacity, the database away) is never reused: the next may differ.
+        failed = found[1].cancelled() or found[1].exception() is not None
+        stale = fresh or failed or time.monotonic() - found[0] >= _RECHECK_SECONDS
         found = None if stale else found
     if found is None:
         future = asyncio.ensure_future(sync_to_async(actions.ensure_placement)(model))

@@ -343,33 +343,14 @@ class Router:
         if placements:
             self.maybe_scale_out(job.target, placements)
         placements = placements or []
-        if placements and job.asker is not None and settings.GATEWAY_ADMISSION:
-            admission = self.state.admission
-            queue = admission.queue(job.target.pk, job.target.model_id)
-            capacity = admission.seats(placements, settings.GATEWAY_WEB_PROCESSES)
-            entered = admission.enter(queue, job.asker, capacity)
-            if isinstance(entered, Shed):
-                job.record.shed = True
-                return shed(entered)
-            if isinstance(entered, Waiter):
-                job.record.queued = True
-                if job.stream:
-                    cleanup = Cleanup()
-                    cleanup.add(job.release_seat)
-                    return upstream.sse_response(
-                        self._held_stream(job, queue, entered, cleanup), job.record, job.api,
-                        cleanup=cleanup,
-                    )  # fmt: skip
-                seated = await admission.wait(queue, entered, job.queue_timeout)
-                if isinstance(seated, Shed):
-                    job.record.shed = True
-                    return shed(seated)
-                entered = seated
-                placements = await self._warm_replicas(job) or []  # as they are now
-            self._seat(job, entered)
         try:
+            if placements and job.asker is not None and settings.GATEWAY_ADMISSION:
+                seated = await self._admit(job, placements)
+                if not isinstance(seated, list):
+                    return seated  # refused, or a held stream
+                placements = seated
             response = await self._serve_seated(job, placements)
-        except BaseException:
+        except BaseException:  # the client left (cancelled), or the database is away
             job.release_seat()
             raise
         if isinstance(response, StreamingHttpResponse):
@@ -377,6 +358,43 @@ class Router:
         else:
             job.release_seat()
         return response
+
+    async def _admit(
+        self, job: Job, placements: list[Placement]
+    ) -> list[Placement] | HttpResponse | StreamingHttpResponse:
+        """A seat for the request (its ticket on `job`) and the replicas to try now; or its
+        refusal; or, for a stream that must wait, the held stream."""
+        admission = self.state.admission
+        queue = admission.queue(job.target.pk, job.target.model_id)
+        capacity = admission.seats(placements, settings.GATEWAY_WEB_PROCESSES)
+        assert job.asker is not None
+        entered = admission.enter(queue, job.asker, capacity)
+        if isinstance(entered, Shed):
+            job.record.shed = True
+            return shed(entered)
+        if isinstance(entered, Ticket):
+            self._seat(job, entered)
+            return placements
+        job.record.queued = True
+        if job.stream:
+            cleanup = Cleanup()
+            cleanup.add(job.release_seat)
+            # Closed before its generator ran (or at its first yield): its place goes back.
+            cleanup.add(lambda: _abandon(queue, entered))
+            return upstream.sse_response(
+                self._held_stream(job, queue, entered, cleanup), job.record, job.api,
+                cleanup=cleanup,
+            )  # fmt: skip
+        seated = await admission.wait(queue, entered, job.queue_timeout)
+        if isinstance(seated, Shed):
+            job.record.shed = True
+            return shed(seated)
+        self._seat(job, seated)
+        now = await self._warm_replicas(job)  # as they are after the wait
+        if job.adapter is not None and now == []:
+            job.release_seat()
+            return not_ready(_without_lora(job))
+        return now or []
 
     async def _warm_replicas(self, job: Job) -> list[Placement] | None:
         """The READY replicas that may serve the request; for an adapter, those whose engines
@@ -498,8 +516,11 @@ class Router:
         self._seat(job, seated)
         deadline = time.monotonic() + settings.COLD_START_TIMEOUT_SECONDS
         tried: set[Generation] = set()
-        placements = await self._warm_replicas(job) or []
-        opened = await self._open_warm(job, placements, tried, deadline)
+        placements = await self._warm_replicas(job)
+        if job.adapter is not None and placements == []:
+            yield job.api.error_event(_without_lora(job), code="model_not_ready")
+            return
+        opened = await self._open_warm(job, placements or [], tried, deadline)
         if isinstance(opened, HttpResponse):  # the agent refused the request itself
             yield job.api.error_event(_error_message(opened.status_code, opened.content))
             return
@@ -740,6 +761,14 @@ def _without_lora(job: Job) -> str:
         f"adapter `{job.model.model_id}`: its engines start with LoRA when they next load (an "
         "operator may unload one now)."
     )
+
+
+def _abandon(queue: ModelQueue, waiter: Waiter) -> None:
+    """A held request whose client left: out of the line, or its seat back if it got one."""
+    if not waiter.seat.done():
+        queue.remove(waiter)
+    else:
+        waiter.seat.result().release()
 
 
 def _give_back(seat: asyncio.Future[Ticket | Shed]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -287,7 +288,13 @@ async def serve(
     other headers."""
     state = current()  # the running loop's: everything this request uses between requests
     record = stats.RequestRecord(state.stats)
-    response = await _answer(state, api, method, find_key, read_body, record, request_id, header)
+    try:
+        response = await _answer(
+            state, api, method, find_key, read_body, record, request_id, header
+        )
+    except asyncio.CancelledError:  # the client left before its answer: counted, as a stream's
+        record.finish(499)
+        raise
     response["X-Request-Id"] = request_id
     if not isinstance(response, StreamingHttpResponse):  # a stream counts itself as it ends
         record.finish(response.status_code)
@@ -339,7 +346,12 @@ async def _answer(
         prefix=_prefix_of(api, parsed.body, model),
         prompt=_prompt_of(api, parsed.body, model), asker=asker, queue_timeout=admission[1],
     )  # fmt: skip
-    response = await state.router.serve(job)
+    try:
+        response = await state.router.serve(job)
+    except BaseException:  # the client left while held, the database is away
+        if admitted is not None and not meter.settled:
+            state.in_background(admitted.settle(0))
+        raise
     if admitted is not None:  # a request that reached no engine gives its reservation back
         _unreserve_unless_used(state, meter, admitted, response)
     return response

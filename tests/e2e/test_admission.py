@@ -93,6 +93,20 @@ def test_a_flood_from_one_key_waits_in_the_gateway_and_starves_no_other(settings
             assert answer.choices[0].message.content
         assert finished == [], "B waited behind A's flood"
 
+        # Clients that leave while held: a plain request that times out, a stream closed after
+        # its first comment. Their places go back (nothing leaks: see the counts at the end).
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{plane.url}/v1/chat/completions", timeout=0.5,
+                          json={"model": "org/tiny", "max_tokens": 1,
+                                "messages": [{"role": "user", "content": "gone"}]},
+                          headers={"Authorization": f"Bearer {key_a}"})  # fmt: skip
+        wait_for(lambda: queued(plane.url, "flood") == FLOOD - 2, 10, "the first one gone")
+        with requests.post(f"{plane.url}/v1/chat/completions", stream=True, timeout=10,
+                           json={"model": "org/tiny", "max_tokens": 1, "stream": True,
+                                 "messages": [{"role": "user", "content": "gone too"}]},
+                           headers={"Authorization": f"Bearer {key_a}"}) as left:  # fmt: skip
+            assert next(left.iter_lines()) == b": queued for org/tiny"
+        wait_for(lambda: queued(plane.url, "flood") == FLOOD - 2, 10, "the second one gone")
         # Past its deadline: 503 queue_timeout, and the engine never sees it.
         hurried = client(key_a, plane.url, **{"X-Queue-Timeout": "0.3"})
         with pytest.raises(openai.InternalServerError) as late:
@@ -122,16 +136,18 @@ def test_a_flood_from_one_key_waits_in_the_gateway_and_starves_no_other(settings
         assert lines[-1] == "data: [DONE]"
         assert queued(plane.url, "flood") == 0
         # Every admitted request reached the engine once (A's flood, its held stream and the
-        # one more that waited, B's three); the late one and the refused ones never did.
+        # one more that waited, B's three); the late, the refused and the gone never did.
         assert relayed(agent) == FLOOD + 1 + 1 + 3
+        assert in_flight(plane.url) == 0  # every seat given back
         text = requests.get(f"{plane.url}/metrics", headers=SCRAPER, timeout=5).text
         assert re.search(r'llmfleet_gateway_shed_total\{model="org/tiny",reason="key_queue_full"'
                          r"\} 1\.0", text)  # fmt: skip
         assert re.search(r'llmfleet_gateway_shed_total\{model="org/tiny",reason="queue_timeout"'
                          r"\} 1\.0", text)  # fmt: skip
         # The dashboard's per-model minutes count the held requests (the flood's 9, the held
-        # stream, the one more, the late one) and the shed (the late one, the refused one).
-        wait_for(lambda: minutes(model) == (FLOOD - 3 + 3, 2), 10, "the request minutes")
+        # stream, the two that left, the one more, the late one) and the shed (the late one,
+        # the refused one).
+        wait_for(lambda: minutes(model) == (FLOOD - 3 + 5, 2), 10, "the request minutes")
         waited = r'_queue_wait_seconds_count\{key="flood",model="org/tiny",priority_class='
         assert re.search(waited + r'"interactive"\} [1-9]', text)
 
@@ -146,6 +162,12 @@ def ask(api: openai.OpenAI) -> None:
     api.chat.completions.create(
         model="org/tiny", messages=[{"role": "user", "content": "more"}], max_tokens=1
     )
+
+
+def in_flight(url: str) -> float:
+    text = requests.get(f"{url}/metrics", headers=SCRAPER, timeout=5).text
+    found = re.findall(r"^llmfleet_gateway_requests_in_flight\{[^}]*\} (\S+)$", text, re.M)
+    return sum(float(value) for value in found)
 
 
 def queued(url: str, key_name: str) -> float:
