@@ -19,6 +19,7 @@ QUICK_SECONDS = {
     "coldstart": 1200,
     "compilecache": 900,
     "download": 600,
+    "fairness": 300,
     "faults": 900,
     "fleet": 300,
     "gateway": 300,
