@@ -162,6 +162,14 @@ class Opened:
         self.meter.settle()
 
 
+class Refused(Exception):
+    """Admission refused a cold request its seat (its bounds, its deadline)."""
+
+    def __init__(self, shed: Shed) -> None:
+        super().__init__(shed.message)
+        self.shed = shed
+
+
 class Cleanup:
     """What a streamed response must undo however it ends, even if its generator never runs
     to its `finally` (a client that leaves while the generator waits at a `yield`): Django
@@ -405,15 +413,42 @@ class Router:
         return placements or None
 
     def _seat(self, job: Job, ticket: Ticket) -> None:
-        """The request holds `ticket`; what it is served goes on its key's counter."""
+        """The request holds `ticket`; what it is served goes on its key's counter (the
+        seat it holds when its usage is known: a cold request holds a second one)."""
+        first = job.ticket is None
         job.ticket = ticket
+        if not first:
+            return
         sink = job.meter.on_usage
 
         def on_usage(usage: dict[str, Any]) -> None:
             sink(usage)
-            ticket.served(usage_tokens(usage)[1])
+            if job.ticket is not None:
+                job.ticket.served(usage_tokens(usage)[1])
 
         job.meter.on_usage = on_usage
+
+    async def _cold_seat(self, job: Job, placement: Placement, deadline: float) -> None:
+        """A seat for a cold request once its model serves: the cold start's waiters join the
+        warm requests' queue, so that a new replica takes its seats' worth of them at once and
+        the rest in the fair order. Raises Refused past the queue's bounds or deadline."""
+        if job.asker is None or not settings.GATEWAY_ADMISSION:
+            return
+        if job.ticket is not None and not job.ticket.released:
+            return  # held already (its first replica failed; it tries another)
+        admission = self.state.admission
+        queue = admission.queue(job.target.pk, job.target.model_id)
+        placements = await self.replicas(job.target) or [placement]
+        capacity = admission.seats(placements, settings.GATEWAY_WEB_PROCESSES)
+        entered = admission.enter(queue, job.asker, capacity)
+        if isinstance(entered, Waiter):
+            job.record.queued = True
+            seconds = max(0.0, min(job.queue_timeout, deadline - time.monotonic()))
+            entered = await admission.wait(queue, entered, seconds)
+        if isinstance(entered, Shed):
+            job.record.shed = True
+            raise Refused(entered)
+        self._seat(job, entered)
 
     async def _open_warm(
         self, job: Job, placements: list[Placement], tried: set[Generation], deadline: float
@@ -473,6 +508,8 @@ class Router:
             opened = await self._open_cold(job, tried, deadline, None)
         except coldstart.ColdStartFailed as exc:
             return not_ready(_told(job, exc))
+        except Refused as no_seat:
+            return shed(no_seat.shed)
         if isinstance(opened, HttpResponse):
             return opened
         return await self._relay(opened, job, cold=True)
@@ -623,7 +660,9 @@ class Router:
             placement = await coldstart.wait_until_ready(
                 self.state.watches, job.target, remaining, on_progress
             )
+            job.leave_cold()  # its model serves: from here it waits for a seat, if at all
             self.state.cache.forget_placements(job.target)
+            await self._cold_seat(job, placement, deadline)
             # A replica tried already still reads READY when its failure could not be written
             # (the database is away): it pauses too, rather than spin.
             if generation(placement) not in tried:
@@ -670,6 +709,9 @@ class Router:
             opened = waiter.result()
         except coldstart.ColdStartFailed as exc:
             yield job.api.error_event(_told(job, exc), code="model_not_ready")
+            return
+        except Refused as no_seat:
+            yield job.api.error_event(no_seat.shed.message, code=no_seat.shed.code)
             return
         finally:
             if heard is not None:

@@ -226,3 +226,25 @@ def test_redis_restarted_mid_flood_loses_nothing_and_answers_no_5xx(settings, tm
         assert queued(plane.url, "flood") == 0
         text = requests.get(f"{plane.url}/metrics", headers=SCRAPER, timeout=5).text
         assert not re.search(r'llmfleet_requests_total\{[^}]*status="5\d\d"\}', text)
+
+
+def test_requests_held_for_a_cold_start_take_seats_as_warm_ones_do(settings, tmp_path):
+    """Six streams wait for a model to load on an engine of 2 sequences: when it serves, one
+    starts (the other seat is kept for a light key) and the rest wait their turn in the
+    gateway, then every one is answered in full."""
+    with ExitStack() as stack:
+        plane = stack.enter_context(running_control_plane(settings, tmp_path))
+        plane.agent(stack, tmp_path, "a1", *SIM[:-1], "2")  # --sim-max-num-seqs 2
+        registered("a1")
+        tiny = tinymodel.build(tmp_path / "tiny").as_uri()
+        model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
+        _, key_a = make_api_key("cold", all_models=True)
+        cold = client(key_a, plane.url)
+        pool = stack.enter_context(ThreadPoolExecutor(6))
+        finished: list[float] = []
+        streams = [pool.submit(long_stream, cold, finished) for _ in range(6)]
+        for done in streams:
+            done.result(timeout=120)
+        assert len(finished) == 6
+        wait_for(lambda: minutes(model)[0] == 5, 10, "five held for a seat once it served")
+        assert in_flight(plane.url) == 0
