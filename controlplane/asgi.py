@@ -36,7 +36,7 @@ _answering: set[asyncio.Task[Any]] = set()
 
 async def http_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """/v1 (the OpenAI API) through the lean handler; the rest with every middleware."""
-    body = await bodylimit.guard(scope, receive, send, settings.GATEWAY_MAX_BODY_BYTES)
+    body = await bodylimit.guard(scope, receive, send, bodylimit.limit_for(scope["path"]))
     if body is None:
         return
     app = api_app if scope["path"].startswith("/v1/") else site_app

@@ -21,6 +21,21 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+# What a multipart upload adds around its file: the boundaries, its fields, their headers.
+_ENVELOPE_BYTES = 1024 * 1024
+
+
+def limit_for(path: bytes | str) -> int:
+    """The body limit of a request to `path`: GATEWAY_MAX_BODY_BYTES, and for an upload to
+    /v1/files its own (GATEWAY_FILES_MAX_BYTES and the multipart envelope)."""
+    from django.conf import settings
+
+    if path in (b"/v1/files", "/v1/files"):
+        return max(settings.GATEWAY_FILES_MAX_BYTES + _ENVELOPE_BYTES,
+                   settings.GATEWAY_MAX_BODY_BYTES)  # fmt: skip
+    return int(settings.GATEWAY_MAX_BODY_BYTES)
+
+
 def refusal_body(path: bytes, limit: int) -> bytes:
     """The 413's JSON body for a request to `path`, in the shape of the API it was sent to."""
     from controlplane.gateway.errors import openai_error
@@ -102,8 +117,12 @@ def install(limit: int) -> None:
             self.body_received = 0
             self.body_refused = False
 
+        def _limit(self) -> int:
+            path = getattr(self.channel, "_path", b"").split(b"?")[0]
+            return limit_for(path) if path == b"/v1/files" else self.body_limit
+
         def gotLength(self, length: int | None) -> None:
-            if length is not None and length > self.body_limit:
+            if length is not None and length > self._limit():
                 self._refuse()
                 return
             super().gotLength(length)
@@ -112,7 +131,7 @@ def install(limit: int) -> None:
             if self.body_refused:
                 return
             self.body_received += len(data)
-            if self.body_received > self.body_limit:
+            if self.body_received > self._limit():
                 self._refuse()
                 return
             super().handleContentChunk(data)
@@ -127,7 +146,7 @@ def install(limit: int) -> None:
             # Twisted would answer "100 Continue" next: the client must not send the body.
             self.requestHeaders.removeHeader(b"expect")
             channel = self.channel
-            channel.transport.write(refusal(getattr(channel, "_path", b""), self.body_limit))
+            channel.transport.write(refusal(getattr(channel, "_path", b""), self._limit()))
             channel.loseConnection()
 
     http_protocol.WebRequest = LimitedRequest

@@ -54,15 +54,19 @@ def process_specs(host: str, port: int, concurrency: int) -> list[ProcessSpec]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "controlplane"]
     web = [python, "-m", "controlplane.web", "--host", host, "--port", str(port)]
-    # Two workers, one per queue (settings.CELERY_TASK_ROUTES): heartbeat polls and sweeps
-    # run on time however many loads hold their threads while engines start.
+    # A worker per queue (settings.CELERY_TASK_ROUTES): heartbeat polls and sweeps run on time
+    # however many loads hold their threads while engines start, and batches (each holding a
+    # thread for its run) take none of either's.
     worker = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads", "--queues", "control",
               "--concurrency", "4", "--hostname", "control@%h"]  # fmt: skip
     loader = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads", "--queues", "loads",
               "--concurrency", str(concurrency), "--hostname", "loads@%h"]  # fmt: skip
+    batcher = [*celery, "worker", "--loglevel", "INFO", "--pool", "threads", "--queues",
+               "batches", "--concurrency", "8", "--hostname", "batches@%h"]  # fmt: skip
     beat = [*celery, "beat", "--loglevel", "INFO"]
     return [ProcessSpec("web", web), ProcessSpec("worker", worker),
-            ProcessSpec("loader", loader), ProcessSpec("beat", beat)]  # fmt: skip
+            ProcessSpec("loader", loader), ProcessSpec("batcher", batcher),
+            ProcessSpec("beat", beat)]  # fmt: skip
 
 
 def agent_spec(

@@ -113,6 +113,17 @@ SCALE_OUT_QUEUE_THRESHOLD = env_int("SCALE_OUT_QUEUE_THRESHOLD", 8, minimum=1)
 # The OpenAI-compatible gateway.
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, minimum=1)
+# /v1/files: where files are kept (an azure://, s3:// or gs:// prefix; empty: VAR_DIR/files,
+# one host only) and the largest one taken (its upload's body may be this plus 1 MiB).
+FILES_STORE = env_str("FILES_STORE")
+GATEWAY_FILES_MAX_BYTES = env_int("GATEWAY_FILES_MAX_BYTES", 100 * 1024 * 1024, minimum=1024)
+# /v1/batches: lines of one batch in flight at once, and how long a batch has to finish
+# (clients ask for OpenAI's "24h"; a shorter window is for tests).
+BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", 16, minimum=1)
+BATCH_COMPLETION_WINDOW_SECONDS = env_int("BATCH_COMPLETION_WINDOW_SECONDS", 86400, minimum=1)
+# How long a batch's runner holds it unless renewed (it renews a third of the way): a runner
+# that dies is replaced within this and half as much again (beat looks every half).
+BATCH_LEASE_SECONDS = env_int("BATCH_LEASE_SECONDS", 30, minimum=3)
 # What a request that sets no cap on its answer gets (at most GATEWAY_MAX_TOKENS): without one,
 # vLLM generates to the end of the model's context.
 GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096, minimum=1)
@@ -336,6 +347,8 @@ CELERY_TASK_ROUTES = {
     "agents.tasks.scale_out": {"queue": "loads"},
     "agents.tasks.unload_adapter": {"queue": "loads"},
     "agents.tasks.unload_orphan": {"queue": "loads"},
+    # A batch holds its thread for its whole run: a queue and worker of its own.
+    "gateway.tasks.run_batch": {"queue": "batches"},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TIMEZONE = TIME_ZONE
@@ -357,6 +370,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "agents.tasks.tell_revoked_agents",
         "schedule": 30.0,
         "options": {"expires": 30.0},
+    },
+    # Batches whose runner died: resumed from their journal.
+    "resume-batches": {
+        "task": "gateway.tasks.resume_batches",
+        "schedule": BATCH_LEASE_SECONDS / 2,
+        "options": {"expires": BATCH_LEASE_SECONDS / 2},
     },
     "prune-history": {
         "task": "agents.tasks.prune_history",

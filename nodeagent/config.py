@@ -30,6 +30,9 @@ class SimSettings:
     block_tokens: int = 16
     cache_blocks: int = 4096
     prefill_ms_per_token: float = 0.0
+    # A file to append each request the engine takes to, one JSON line (model and prompt):
+    # what tests check "sent once" against. Empty: none.
+    request_log: str = ""
 
 
 @dataclass(frozen=True)
@@ -457,6 +460,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="sim engine: time to stop (a real engine takes seconds)",
     )
     flag(
+        "--sim-request-log",
+        "AGENT_SIM_REQUEST_LOG",
+        default="",
+        help="sim engine: append each request it takes (model, prompt) to this file",
+    )
+    flag(
         "--sim-max-num-seqs",
         "AGENT_SIM_MAX_NUM_SEQS",
         type=int,
@@ -545,6 +554,7 @@ def parse_config(
             block_tokens=max(int(args.sim_block_tokens), 1),
             cache_blocks=max(int(args.sim_cache_blocks), 0),
             prefill_ms_per_token=float(args.sim_prefill_ms_per_token),
+            request_log=str(args.sim_request_log),
         ),
         log_level=str(args.log_level),
         event_loop=str(args.event_loop),

@@ -82,12 +82,12 @@ def interpolated(value: Any) -> set[str]:
 def test_compose_services_and_volumes():
     services = COMPOSE["services"]
     assert set(services) == {"postgres", "redis", "azurite", "setup", "web", "worker", "loader",
-                             "beat", "agent", "agent-gpu"}  # fmt: skip
+                             "batcher", "beat", "agent", "agent-gpu"}  # fmt: skip
     assert set(COMPOSE["volumes"]) >= {"pgdata", "model-cache"}
     assert services["agent-gpu"]["profiles"] == ["gpu"]
     assert services["agent-gpu"]["runtime"] == "nvidia"
     assert "profiles" not in services["agent"]  # the CPU agent runs by default
-    for name in ("web", "worker", "loader", "beat"):
+    for name in ("web", "worker", "loader", "batcher", "beat"):
         assert services[name]["depends_on"]["setup"]["condition"] == (
             "service_completed_successfully"
         )

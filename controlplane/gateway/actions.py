@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -14,7 +15,15 @@ from django.db.models import F
 from django.utils import timezone
 
 from agents.models import Model, Placement
-from controlplane.gateway.models import ApiKey, PriorityClasses, RequestMinute, Usage
+from controlplane.gateway import filestore
+from controlplane.gateway.models import (
+    ApiKey,
+    PriorityClasses,
+    RequestMinute,
+    StoredFile,
+    Usage,
+)
+from nodeagent.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +149,45 @@ def prune_history(now: datetime | None = None) -> dict[str, int]:
         "request_minutes": delete_in_batches(RequestMinute.objects.filter(minute__lt=minutes)),
         "usage": delete_in_batches(Usage.objects.filter(day__lt=day)),
     }
+
+
+def create_file(key: ApiKey, filename: str, purpose: str, data: bytes, lines: int) -> StoredFile:
+    """Store a file's bytes, then its row: a row always has its bytes. Bytes whose row could
+    not be written are removed again. Raises StoreError when the store does not take them."""
+    store = filestore.current()
+    stored = StoredFile(api_key=key, filename=filename[:255], purpose=purpose,
+                        bytes=len(data), lines=lines, location=store.location)  # fmt: skip
+    store.put(stored.file_id, data)
+    return _saved(stored)
+
+
+def create_file_from(
+    key: ApiKey, filename: str, purpose: str, path: Path, lines: int
+) -> StoredFile:
+    """create_file, for bytes in a local file (streamed to the store)."""
+    store = filestore.current()
+    size = path.stat().st_size
+    stored = StoredFile(api_key=key, filename=filename[:255], purpose=purpose, bytes=size,
+                        lines=lines, location=store.location)  # fmt: skip
+    store.put_path(stored.file_id, path)
+    return _saved(stored)
+
+
+def _saved(stored: StoredFile) -> StoredFile:
+    store = filestore.current()
+    try:
+        stored.save()
+    except BaseException:
+        store.remove(stored.file_id)
+        raise
+    return stored
+
+
+def delete_file(stored: StoredFile) -> None:
+    """The row first, then the bytes: a file is never listed without them. Bytes whose
+    removal fails are left behind (logged), never a row."""
+    stored.delete()
+    try:
+        filestore.current().remove(stored.file_id)
+    except StoreError:
+        log.exception("could not remove the bytes of deleted file %s", stored.file_id)

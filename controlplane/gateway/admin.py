@@ -8,7 +8,7 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 
 from controlplane.gateway import actions
-from controlplane.gateway.models import ApiKey, Usage
+from controlplane.gateway.models import ApiKey, Batch, StoredFile, Usage
 
 
 @admin.register(ApiKey)
@@ -65,4 +65,43 @@ class UsageAdmin(admin.ModelAdmin[Usage]):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         # Written by the gateway from the engines' own counts.
+        return False
+
+
+@admin.register(Batch)
+class BatchAdmin(admin.ModelAdmin[Batch]):
+    """Batches and their progress, read-only: clients create and cancel them (/v1/batches)."""
+
+    list_display = ["batch_id", "api_key", "status", "endpoint", "total", "completed", "failed",
+                    "created_at", "expires_at"]  # fmt: skip
+    list_filter = ["status", "endpoint"]
+    list_select_related = ["api_key"]
+    search_fields = ["batch_id", "api_key__name", "input_name"]
+    readonly_fields = [field.name for field in Batch._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(StoredFile)
+class StoredFileAdmin(admin.ModelAdmin[StoredFile]):
+    """Files of /v1/files, read-only: what each key stored, and where."""
+
+    list_display = ["file_id", "api_key", "purpose", "filename", "bytes", "lines", "created_at"]
+    list_filter = ["purpose"]
+    list_select_related = ["api_key"]
+    search_fields = ["file_id", "filename", "api_key__name"]
+    readonly_fields = [field.name for field in StoredFile._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        # A file goes with its bytes, through the key's own DELETE /v1/files/{id}.
         return False

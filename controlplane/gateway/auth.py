@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
+from controlplane import bodylimit
 from controlplane.gateway.cache import Cache
 from controlplane.gateway.errors import database_away, openai_error
 from controlplane.gateway.models import ApiKey
@@ -72,7 +72,7 @@ async def refuse_before_body(scope: dict[str, Any], cache: Cache) -> JsonRespons
         return key.response
     scope[SCOPE_KEY] = key
     declared = headers.get(b"content-length", b"").strip()
-    limit = settings.GATEWAY_MAX_BODY_BYTES
+    limit = bodylimit.limit_for(scope["path"])
     if declared.isdigit() and int(declared) > limit:
         return openai_error(
             413, f"The request body exceeds {limit} bytes.", code="request_too_large"

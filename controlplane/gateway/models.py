@@ -187,3 +187,174 @@ class RequestMinute(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model.model_id} at {self.minute:%H:%M}"
+
+
+class FilePurpose(models.TextChoices):
+    """What a file of /v1/files is for (OpenAI's names). Clients upload `batch` input; the
+    gateway writes `batch_output` (a batch's output and error files)."""
+
+    BATCH = "batch", "batch input"
+    BATCH_OUTPUT = "batch_output", "batch output"
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"
+
+
+class StoredFile(models.Model):
+    """A file of `/v1/files`, owned by the API key that uploaded it. Its bytes are in the
+    files store (controlplane.gateway.filestore) under its id; the row is written after them
+    and removed before them, so a row always has its bytes."""
+
+    file_id = models.CharField(max_length=40, unique=True, default=new_file_id, editable=False)
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="files")
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=20, choices=FilePurpose.choices)
+    bytes = models.PositiveBigIntegerField()
+    lines = models.PositiveIntegerField(default=0, help_text="Requests in a batch input file.")
+    location = models.CharField(max_length=1000, help_text="The store it was written to.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "file"
+        indexes = [models.Index(fields=["api_key", "-created_at"], name="file_key_newest")]
+
+    def __str__(self) -> str:
+        return f"{self.file_id} ({self.filename})"
+
+    def as_openai(self) -> dict[str, object]:
+        """The file object of OpenAI's API."""
+        return {
+            "id": self.file_id, "object": "file", "bytes": self.bytes,
+            "created_at": int(self.created_at.timestamp()), "expires_at": None,
+            "filename": self.filename, "purpose": self.purpose, "status": "processed",
+            "status_details": None,
+        }  # fmt: skip
+
+
+class BatchStatus(models.TextChoices):
+    """A batch's states, as OpenAI's Batch API names them."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+# The states a batch's runner still has work in (what resuming a batch picks up).
+BATCH_RUNNING_STATES = (
+    BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING,
+    BatchStatus.CANCELLING,
+)  # fmt: skip
+
+
+def new_batch_id() -> str:
+    return f"batch_{secrets.token_hex(12)}"
+
+
+class Batch(models.Model):
+    """A batch of `/v1/batches`: its input file's lines, run by the `batches` worker through
+    the gateway's own path (routing, admission in the batch class, usage), each line's
+    outcome journalled (`BatchOutcome`) before the output and error files are written."""
+
+    batch_id = models.CharField(max_length=40, unique=True, default=new_batch_id, editable=False)
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="batches")
+    input_file = models.ForeignKey(
+        StoredFile, on_delete=models.SET_NULL, null=True, related_name="batches"
+    )
+    # The input file's id, kept when the file is deleted (OpenAI's batch still names it).
+    input_name = models.CharField(max_length=40, verbose_name="input file")
+    endpoint = models.CharField(max_length=40)
+    completion_window = models.CharField(max_length=8, default="24h")
+    metadata = models.JSONField(null=True, blank=True)
+    status = models.CharField(
+        max_length=12, choices=BatchStatus.choices, default=BatchStatus.VALIDATING
+    )
+    errors = models.JSONField(null=True, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    output_file = models.ForeignKey(
+        StoredFile, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    error_file = models.ForeignKey(
+        StoredFile, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    in_progress_at = models.DateTimeField(null=True, blank=True)
+    finalizing_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    expired_at = models.DateTimeField(null=True, blank=True)
+    cancelling_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+    # Which runner holds the batch, until when: a runner that dies (a worker killed) stops
+    # renewing it, and the batch is resumed by another once it lapses.
+    runner = models.CharField(max_length=64, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "batches"
+        indexes = [
+            models.Index(fields=["api_key", "-created_at"], name="batch_key_newest"),
+            models.Index(fields=["status", "lease_until"], name="batch_status_lease"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id} ({self.status})"
+
+    def as_openai(self) -> dict[str, object]:
+        """The batch object of OpenAI's API."""
+
+        def at(moment: datetime | None) -> int | None:
+            return int(moment.timestamp()) if moment is not None else None
+
+        return {
+            "id": self.batch_id, "object": "batch", "endpoint": self.endpoint,
+            "errors": self.errors, "input_file_id": self.input_name,
+            "completion_window": self.completion_window, "status": self.status,
+            "output_file_id": self.output_file.file_id if self.output_file else None,
+            "error_file_id": self.error_file.file_id if self.error_file else None,
+            "created_at": at(self.created_at), "in_progress_at": at(self.in_progress_at),
+            "expires_at": at(self.expires_at), "finalizing_at": at(self.finalizing_at),
+            "completed_at": at(self.completed_at), "failed_at": at(self.failed_at),
+            "expired_at": at(self.expired_at), "cancelling_at": at(self.cancelling_at),
+            "cancelled_at": at(self.cancelled_at),
+            "request_counts": {"total": self.total, "completed": self.completed,
+                               "failed": self.failed},
+            "metadata": self.metadata,
+        }  # fmt: skip
+
+
+class BatchOutcome(models.Model):
+    """One line's outcome, journalled by `custom_id` as its answer comes: a line journalled is
+    never sent again, and the output and error files are written from the journal."""
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="outcomes")
+    custom_id = models.CharField(max_length=512)
+    line = models.PositiveIntegerField()
+    status_code = models.PositiveSmallIntegerField(help_text="0: it never ran (expired).")
+    body = models.JSONField(null=True)
+    error = models.JSONField(null=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["batch", "line"]
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "custom_id"], name="batch_outcome_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.batch.batch_id} / {self.custom_id}"
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status_code < 300

@@ -242,10 +242,13 @@ def _usage_recorder(
 
 
 def _admission_of(
-    key: ApiKey, parsed: ApiRequest, header: HeaderReader
+    key: ApiKey, parsed: ApiRequest, header: HeaderReader, batch_line: bool = False
 ) -> tuple[str, float] | JsonResponse:
     """The request's admission class (X-Priority-Class, or the body's `priority_class`) and
-    how long it may wait for a seat (GATEWAY_QUEUE_TIMEOUT_SECONDS, or less: X-Queue-Timeout)."""
+    how long it may wait for a seat (GATEWAY_QUEUE_TIMEOUT_SECONDS, or less: X-Queue-Timeout).
+    A batch's line is always `batch`, whatever classes its key may ask for."""
+    if batch_line:
+        return "batch", float(settings.GATEWAY_QUEUE_TIMEOUT_SECONDS)
     asked = header("X-Priority-Class") or parsed.priority_class
     if asked is not None and asked not in ADMISSION_CLASSES:
         return openai_error(
@@ -282,15 +285,18 @@ async def serve(
     read_body: BodyReader,
     request_id: str,
     header: HeaderReader,
+    *,
+    batch_line: bool = False,
 ) -> HttpResponse | StreamingHttpResponse:
     """One request to a POST endpoint, from what Django's request object and the handler's
     scope both give: its method, its key (found from its headers), its body, its id and its
-    other headers."""
+    other headers. A batch's line comes the same way (`batch_line`: controlplane.gateway.
+    batchrun), admitted in the batch class."""
     state = current()  # the running loop's: everything this request uses between requests
     record = stats.RequestRecord(state.stats)
     try:
         response = await _answer(
-            state, api, method, find_key, read_body, record, request_id, header
+            state, api, method, find_key, read_body, record, request_id, header, batch_line
         )
     except asyncio.CancelledError:  # the client left before its answer: counted, as a stream's
         record.finish(499)
@@ -310,6 +316,7 @@ async def _answer(
     record: stats.RequestRecord,
     request_id: str,
     header: HeaderReader,
+    batch_line: bool = False,
 ) -> HttpResponse | StreamingHttpResponse:
     """Authenticate, parse, resolve the model, admit, serve."""
     if method != "POST":
@@ -323,7 +330,7 @@ async def _answer(
     model = await _model_for(state, key, parsed.model_id, api)
     if isinstance(model, JsonResponse):
         return model
-    admission = _admission_of(key, parsed, header)
+    admission = _admission_of(key, parsed, header, batch_line)
     if isinstance(admission, JsonResponse):
         return admission
     record.model, record.model_pk = model.model_id, model.pk

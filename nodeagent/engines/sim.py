@@ -473,6 +473,7 @@ class SimServer:
         prompt = sim_prompt(body, chat)
         prefill = self._count_prefix(prompt, str(body.get("model", "")))
         async with self._seat():
+            self._log_request(body, prompt)
             await asyncio.sleep(prefill)
             tokens = words_for(self._seed(body, prompt), max_tokens)
             usage = {
@@ -485,6 +486,13 @@ class SimServer:
             await asyncio.sleep(self._seconds_for(len(tokens)))
             self.counters.generation_tokens += len(tokens)
             return web.json_response(self._full(chat, " ".join(tokens), usage, body["model"]))
+
+    def _log_request(self, body: dict[str, Any], prompt: str) -> None:
+        """The request the engine took, to --sim-request-log (what "sent once" is checked
+        against)."""
+        if self.settings.request_log:
+            with open(self.settings.request_log, "a") as log:
+                log.write(json.dumps({"model": body.get("model"), "prompt": prompt}) + "\n")
 
     def _count_prefix(self, prompt: str, model: str) -> float:
         """The prompt through the prefix cache, counted as vLLM counts it (in tokens); the

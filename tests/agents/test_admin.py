@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 from django.contrib import admin
 from django.urls import reverse
+from django.utils import timezone
 
 from agents.choices import AgentState
 from agents.models import Agent
-from controlplane.gateway.models import ApiKey, Usage, hash_key
+from controlplane.gateway.models import ApiKey, Batch, StoredFile, Usage, hash_key
 from tests.factories import (
     AgentFactory,
     LoadEventFactory,
@@ -31,6 +32,11 @@ def fleet():
         prompt_tokens=30,
     )
     AgentFactory(state=AgentState.OFFLINE, gpu_count=0, gpu_name="", gpu_memory_total=0)
+    stored = StoredFile.objects.create(api_key=key, filename="in.jsonl", purpose="batch",
+                                       bytes=10, lines=1, location="file:///files")  # fmt: skip
+    Batch.objects.create(api_key=key, input_file=stored, input_name=stored.file_id,
+                         endpoint="/v1/chat/completions", total=1,
+                         expires_at=timezone.now())  # fmt: skip
     return placement
 
 
@@ -42,7 +48,8 @@ def registered_models():
 
 def test_every_fleet_model_is_in_the_admin():
     names = {model.__name__ for model in registered_models()}
-    assert names == {"Agent", "Model", "Placement", "LoadEvent", "ApiKey", "Usage"}
+    assert names == {"Agent", "Model", "Placement", "LoadEvent", "ApiKey", "Usage", "Batch",
+                     "StoredFile"}  # fmt: skip
 
 
 @pytest.mark.parametrize("model", registered_models(), ids=lambda model: model.__name__)

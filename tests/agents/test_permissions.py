@@ -65,6 +65,8 @@ def test_the_roles_exist_after_migrating():
     viewer = set(Group.objects.get(name=VIEWER).permissions.values_list("codename", flat=True))
     assert viewer
     assert all(codename.startswith("view_") for codename in viewer)
+    # Both see what later migrations added: files and batches.
+    assert {"view_batch", "view_storedfile", "view_batchoutcome"} <= viewer & operator
 
 
 def test_a_viewer_reads_everything_and_writes_nothing(fleet):

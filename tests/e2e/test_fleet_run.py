@@ -1,4 +1,4 @@
-"""`make run`'s process: web, both workers and beat on embedded defaults, for real."""
+"""`make run`'s process: web, the three workers and beat on embedded defaults, for real."""
 
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp
         wait_for(lambda: http_ok(f"{base}/healthz"), 90, "/healthz")
         assert requests.get(f"{base}/healthz", timeout=5).json()["checks"] == {"database": "ok"}
         wait_for(
-            lambda: log_path.read_bytes().count(b" ready.") >= 2,
+            lambda: log_path.read_bytes().count(b" ready.") >= 3,
             60,
-            "both workers",
+            "the three workers",
         )
         wait_for(lambda: b"beat: Starting" in log_path.read_bytes(), 60, "beat")
         # The worker is reachable through the embedded file-system broker from another process.
@@ -70,10 +70,12 @@ def test_make_run_serves_health_and_stops_everything_on_ctrl_c(embedded_env, tmp
             text=True,
             timeout=60,
         )
-        # Both workers, one per queue, answer: heartbeats never wait behind loads.
+        # The three workers, one per queue, answer: heartbeats never wait behind loads, and
+        # neither waits behind a batch.
         assert "control@" in ping.stdout, ping.stdout + ping.stderr
         assert "loads@" in ping.stdout, ping.stdout
-        assert ping.stdout.count("pong") == 2, ping.stdout
+        assert "batches@" in ping.stdout, ping.stdout
+        assert ping.stdout.count("pong") == 3, ping.stdout
         # The admin's static files are served by the ASGI app itself.
         assert requests.get(f"{base}/static/admin/css/base.css", timeout=5).status_code == 200
         assert (Path(embedded_env["VAR_DIR"]) / "db.sqlite3").exists()
@@ -128,7 +130,7 @@ def test_a_process_that_dies_is_started_again_and_one_that_keeps_dying_stops_the
     try:
         wait_for(lambda: http_ok(health), 90, "/healthz")
         first_children = children_of(fleet.pid)
-        assert len(first_children) == 4, first_children
+        assert len(first_children) == 5, first_children  # web, three workers, beat
         for restart in (1, 2):
             worker = the_worker()
             os.kill(worker, signal.SIGKILL)
