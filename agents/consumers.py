@@ -7,6 +7,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.db.models import Q
 from django.utils import timezone
 
 from agents import events
@@ -17,6 +18,7 @@ from agents.views import DASHBOARD_PERMISSION
 # How far back the per-model request panel and the cold-start timeline reach.
 RECENT_MINUTES = 15
 RECENT_LOADS = 30
+RECENT_BATCHES = 50
 
 
 class FleetConsumer(AsyncJsonWebsocketConsumer):
@@ -50,10 +52,13 @@ class FleetConsumer(AsyncJsonWebsocketConsumer):
     async def requests_update(self, event: dict[str, Any]) -> None:
         await self.send_json({"type": "requests", "items": event["items"]})
 
+    async def batches_update(self, event: dict[str, Any]) -> None:
+        await self.send_json({"type": "batches", "items": event["items"]})
+
 
 def snapshot() -> dict[str, Any]:
     """Everything the dashboard draws, as of now."""
-    from controlplane.gateway.models import RequestMinute
+    from controlplane.gateway.models import BATCH_RUNNING_STATES, Batch, RequestMinute
 
     since = timezone.now() - timedelta(minutes=RECENT_MINUTES)
     placements = Placement.objects.exclude(
@@ -67,10 +72,15 @@ def snapshot() -> dict[str, Any]:
         .select_related("agent", "model")[:RECENT_LOADS]
     )
     minutes = RequestMinute.objects.filter(minute__gte=since).select_related("model")
+    # Batches with work left, and those that ended in the panel's window.
+    batches = Batch.objects.filter(
+        Q(status__in=BATCH_RUNNING_STATES) | Q(created_at__gte=since)
+    ).select_related("api_key")[:RECENT_BATCHES]
     return {
         "agents": [events.agent_payload(agent) for agent in Agent.objects.all()],
         "placements": [events.placement_payload(p) for p in placements],
         "loads": [events.load_payload(event) for event in loads],
         "requests": [events.request_minute_payload(row) for row in minutes],
+        "batches": [events.batch_payload(row) for row in batches],
         "recent_minutes": RECENT_MINUTES,
     }

@@ -22,11 +22,12 @@ from agents.models import Agent, LoadEvent, Placement
 log = logging.getLogger(__name__)
 
 GROUP = "fleet"
-AGENTS, PLACEMENTS, LOADS, REQUESTS = (
+AGENTS, PLACEMENTS, LOADS, REQUESTS, BATCHES = (
     "agents.update",
     "placements.update",
     "loads.update",
     "requests.update",
+    "batches.update",
 )
 
 
@@ -83,6 +84,17 @@ def request_minute_payload(row: Any) -> dict[str, Any]:
         "errors": row.errors, "warm_ttft_seconds": row.warm_ttft_seconds,
         "warm_requests": row.warm_requests, "cold_ttft_seconds": row.cold_ttft_seconds,
         "cold_requests": row.cold_requests, "queued": row.queued, "shed": row.shed,
+    }  # fmt: skip
+
+
+def batch_payload(row: Any) -> dict[str, Any]:
+    """A batch of /v1/batches (controlplane.gateway.models.Batch, its key joined) as the
+    dashboard draws it: its progress, live."""
+    return {
+        "id": row.batch_id, "key": row.api_key.name, "status": row.status,
+        "endpoint": row.endpoint, "total": row.total, "completed": row.completed,
+        "failed": row.failed, "created_at": _iso(row.created_at),
+        "expires_at": _iso(row.expires_at),
     }  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from agents import events
 from controlplane.gateway import actions
 from controlplane.gateway.models import (
     BATCH_RUNNING_STATES,
@@ -33,6 +34,18 @@ from controlplane.gateway.models import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def announce(batch_pk: int) -> None:
+    """The batch's progress to the dashboard, once the transaction commits (a dashboard that
+    is away is never worth a failed write: agents.events logs it)."""
+
+    def send() -> None:
+        batch = Batch.objects.select_related("api_key").filter(pk=batch_pk).first()
+        if batch is not None:
+            events.send(events.BATCHES, [events.batch_payload(batch)])
+
+    transaction.on_commit(send)
 
 
 class NotHeld(Exception):
@@ -52,6 +65,7 @@ def create_batch(
         expires_at=timezone.now() + timedelta(seconds=settings.BATCH_COMPLETION_WINDOW_SECONDS),
     )  # fmt: skip
     transaction.on_commit(lambda: tasks.run_batch.delay(batch.pk))
+    announce(batch.pk)
     return batch
 
 
@@ -81,6 +95,7 @@ def renew(batch_pk: int, runner: str) -> Batch:
         batch = _held(batch_pk, runner)
         batch.lease_until = timezone.now() + timedelta(seconds=settings.BATCH_LEASE_SECONDS)
         batch.save(update_fields=["lease_until"])
+        announce(batch_pk)  # its counts since the last renewal
     return Batch.objects.select_related("api_key").get(pk=batch_pk)
 
 
@@ -91,6 +106,7 @@ def start(batch_pk: int, runner: str) -> None:
         if batch.status == BatchStatus.VALIDATING:
             batch.status, batch.in_progress_at = BatchStatus.IN_PROGRESS, timezone.now()
             batch.save(update_fields=["status", "in_progress_at"])
+            announce(batch_pk)
 
 
 def fail(batch_pk: int, runner: str, errors: list[dict[str, Any]]) -> None:
@@ -104,6 +120,7 @@ def fail(batch_pk: int, runner: str, errors: list[dict[str, Any]]) -> None:
         batch.status, batch.failed_at, batch.lease_until = BatchStatus.FAILED, timezone.now(), None
         batch.errors = {"object": "list", "data": errors}
         batch.save(update_fields=["status", "failed_at", "lease_until", "errors"])
+        announce(batch_pk)
 
 
 def journal(
@@ -143,6 +160,7 @@ def cancel(batch: Batch) -> Batch:
         if batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
             batch.status, batch.cancelling_at = BatchStatus.CANCELLING, timezone.now()
             batch.save(update_fields=["status", "cancelling_at"])
+            announce(batch.pk)
             # A batch no runner holds yet (queued behind others) is ended by the next one.
             transaction.on_commit(lambda: tasks.run_batch.delay(batch.pk))
     return Batch.objects.select_related("output_file", "error_file").get(pk=batch.pk)
@@ -194,6 +212,7 @@ def finalize(batch_pk: int, runner: str) -> None:
         batch.lease_until = None
         batch.save(update_fields=["status", "cancelled_at", "expired_at", "completed_at",
                                   "lease_until"])  # fmt: skip
+        announce(batch_pk)
 
 
 def _write_file(

@@ -109,3 +109,49 @@ async def test_staff_get_a_snapshot_then_the_events_a_load_and_a_heartbeat_publi
     [moving] = received["placements"]
     assert (moving["id"], moving["bytes_done"], moving["bytes_total"]) == (placement.pk, 5, 10)
     await communicator.disconnect()
+
+
+async def test_a_batch_is_in_the_snapshot_and_its_progress_is_published():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from controlplane.gateway import batchactions
+    from controlplane.gateway.models import Batch, StoredFile
+    from tests.factories import make_api_key
+
+    def a_batch() -> Batch:
+        key, _ = make_api_key("nightly")
+        stored = StoredFile.objects.create(api_key=key, filename="in.jsonl", purpose="batch",
+                                           bytes=10, lines=2, location="file:///f")  # fmt: skip
+        return Batch.objects.create(
+            api_key=key, input_file=stored, input_name=stored.file_id, total=2,
+            endpoint="/v1/chat/completions", expires_at=timezone.now() + timedelta(hours=1),
+        )  # fmt: skip
+
+    batch = await sync_to_async(a_batch)()
+    communicator = socket(await sync_to_async(staff_cookie)())
+    connected, _ = await communicator.connect()
+    assert connected
+    snapshot = await communicator.receive_json_from()
+    (shown,) = snapshot["batches"]
+    assert (shown["id"], shown["key"], shown["status"], shown["total"]) == (
+        batch.batch_id,
+        "nightly",
+        "validating",
+        2,
+    )
+
+    def progress() -> None:
+        assert batchactions.claim(batch.pk, "runner")
+        batchactions.start(batch.pk, "runner")
+        batchactions.journal(batch.pk, "runner", "a", 1, 200, {}, "")
+        batchactions.renew(batch.pk, "runner")
+
+    await sync_to_async(progress)()
+    first = await communicator.receive_json_from()
+    assert first["type"] == "batches"
+    assert first["items"][0]["status"] == "in_progress"
+    renewed = await communicator.receive_json_from()
+    assert (renewed["items"][0]["completed"], renewed["items"][0]["failed"]) == (1, 0)
+    await communicator.disconnect()

@@ -7,6 +7,7 @@ test-artifacts/dashboard.png.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -98,6 +99,21 @@ def test_the_dashboard_shows_a_cold_start_live(settings, tmp_path, checkpoint):
         assert moving[0] < moving[-1]
         page.wait_for_selector("[data-coldstart]")  # the finished load's timeline
         page.wait_for_selector("tr[data-model='org/tiny']", timeout=15_000)  # request figures
+        # A batch's progress, live: its row appears, and says when it has completed.
+        lines = "".join(
+            json.dumps({"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "org/tiny", "messages": HELLO, "max_tokens": 2}}) + "\n"
+            for n in range(3)
+        ).encode()  # fmt: skip
+        uploaded = client.files.create(file=("in.jsonl", lines), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, completion_window="24h",
+                                      endpoint="/v1/chat/completions")  # fmt: skip
+        row = f"tr[data-batch='{batch.id}']"
+        page.wait_for_selector(row, timeout=15_000)
+        page.wait_for_function(
+            f'document.querySelector("{row}").textContent.includes("completed")', timeout=60_000
+        )
+        assert "3 of 3" in (page.text_content(row) or "")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         if (tmp_path / "loading.png").exists():
