@@ -19,6 +19,7 @@ from controlplane.gateway.batchinput import BATCH_ENDPOINTS, BadBatchInput, pars
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.files import check_models, store_failed
 from controlplane.gateway.models import ApiKey, Batch, FilePurpose, StoredFile
+from controlplane.gateway.paging import page_of
 from controlplane.gateway.state import current
 from nodeagent.store.base import StoreError
 
@@ -79,26 +80,10 @@ async def _owned(request: HttpRequest, batch_id: str) -> Batch | JsonResponse:
 
 async def _listed(request: HttpRequest, key: ApiKey) -> JsonResponse:
     """The key's batches, newest first, `limit` (1 to 100, default 20) after the id `after`."""
-    try:
-        limit = int(request.GET.get("limit", 20))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= _LIST_MOST:
-        return openai_error(400, f"limit must be between 1 and {_LIST_MOST}.", param="limit",
-                            code="invalid_value")  # fmt: skip
-    rows = Batch.objects.filter(api_key=key).select_related("output_file", "error_file")
-    if after := request.GET.get("after"):
-        cursor = await Batch.objects.filter(api_key=key, batch_id=after).afirst()
-        if cursor is None:
-            return openai_error(400, f"No such Batch object: {after}", param="after",
-                                code="batch_not_found")  # fmt: skip
-        rows = rows.filter(id__lt=cursor.pk)
-    page = [row async for row in rows.order_by("-created_at", "-id")[: limit + 1]]
-    data = [row.as_openai() for row in page[:limit]]
-    return JsonResponse({
-        "object": "list", "data": data, "has_more": len(page) > limit,
-        "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
-    })  # fmt: skip
+    owned = Batch.objects.filter(api_key=key)
+    rows = owned.select_related("output_file", "error_file")
+    return await page_of(request, owned, rows, id_field="batch_id", name="Batch",
+                         default_limit=20, most=_LIST_MOST)  # fmt: skip
 
 
 def _refused(message: str, param: str | None = None, code: str = "invalid_value") -> JsonResponse:

@@ -20,6 +20,7 @@ from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.batchinput import BadBatchInput, BatchInput, parse_batch_input
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.models import ApiKey, FilePurpose, StoredFile
+from controlplane.gateway.paging import page_of
 from controlplane.gateway.state import current
 from nodeagent.store.base import StoreError
 
@@ -99,34 +100,11 @@ async def _owned(request: HttpRequest, file_id: str) -> StoredFile | JsonRespons
 
 
 async def _listed(request: HttpRequest, key: ApiKey) -> JsonResponse:
-    """The key's files, newest first (`order=asc` for oldest), `limit` at a time after the
-    id `after`, with `purpose` to filter, as OpenAI pages them."""
-    rows = StoredFile.objects.filter(api_key=key)
-    if purpose := request.GET.get("purpose"):
-        rows = rows.filter(purpose=purpose)
-    try:
-        limit = int(request.GET.get("limit", _LIST_MOST))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= _LIST_MOST:
-        return openai_error(400, f"limit must be between 1 and {_LIST_MOST}.", param="limit",
-                            code="invalid_value")  # fmt: skip
-    oldest_first = request.GET.get("order") == "asc"
-    rows = (
-        rows.order_by("created_at", "id") if oldest_first else rows.order_by("-created_at", "-id")
-    )
-    if after := request.GET.get("after"):
-        cursor = await StoredFile.objects.filter(api_key=key, file_id=after).afirst()
-        if cursor is None:
-            return openai_error(400, f"No such File object: {after}", param="after",
-                                code="file_not_found")  # fmt: skip
-        rows = rows.filter(id__gt=cursor.pk) if oldest_first else rows.filter(id__lt=cursor.pk)
-    page = [row async for row in rows[: limit + 1]]
-    data = [row.as_openai() for row in page[:limit]]
-    return JsonResponse({
-        "object": "list", "data": data, "has_more": len(page) > limit,
-        "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
-    })  # fmt: skip
+    """The key's files, with `purpose` to filter, as OpenAI pages them (`order` too)."""
+    owned = StoredFile.objects.filter(api_key=key)
+    rows = owned.filter(purpose=purpose) if (purpose := request.GET.get("purpose")) else owned
+    return await page_of(request, owned, rows, id_field="file_id", name="File",
+                         default_limit=_LIST_MOST, most=_LIST_MOST, orderable=True)  # fmt: skip
 
 
 async def _uploaded(request: HttpRequest, key: ApiKey) -> JsonResponse:
