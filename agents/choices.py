@@ -80,6 +80,7 @@ class LoadTrigger(models.TextChoices):
     """Why a load or unload happened: the dashboard and the scheduler tell them apart."""
 
     REQUEST = "REQUEST", "Cold request"
+    BATCH = "BATCH", "Batch"
     SCALE_OUT = "SCALE_OUT", "Scale-out"
     OPERATOR = "OPERATOR", "Operator"
     KEEP_ALIVE = "KEEP_ALIVE", "Idle past keep-alive"

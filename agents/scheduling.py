@@ -568,3 +568,13 @@ def next_in_line(
         keys = waiting.get(name, ())
         order.extend((name, key) for key in sorted(keys, key=lambda key: counters.get(key, 0.0)))
     return order
+
+
+# --- batches: when a batch may take capacity that is not idle ----------------------------------
+
+
+def batch_waits_for_idle(now: float, created: float, expires: float, wait_percent: int) -> bool:
+    """Whether a batch still loads its models only on idle capacity (free GPU memory, models
+    idle for a while): for the first `wait_percent` of its completion window. After that its
+    deadline needs the capacity, and its loads step models down as a request's do."""
+    return now < created + (expires - created) * wait_percent / 100

@@ -117,10 +117,16 @@ GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, minimum=1)
 # one host only) and the largest one taken (its upload's body may be this plus 1 MiB).
 FILES_STORE = env_str("FILES_STORE")
 GATEWAY_FILES_MAX_BYTES = env_int("GATEWAY_FILES_MAX_BYTES", 100 * 1024 * 1024, minimum=1024)
-# /v1/batches: lines of one batch in flight at once, and how long a batch has to finish
+# /v1/batches: lines of one batch in flight at once (each engine lets in only what its
+# reserve leaves: the agent's --batch-reserve-percent), and how long a batch has to finish
 # (clients ask for OpenAI's "24h"; a shorter window is for tests).
-BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", 16, minimum=1)
+BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", 64, minimum=1)
 BATCH_COMPLETION_WINDOW_SECONDS = env_int("BATCH_COMPLETION_WINDOW_SECONDS", 86400, minimum=1)
+# For the first BATCH_IDLE_WAIT_PERCENT of its window, a batch loads a model only on idle
+# capacity: free GPU memory, or models idle for BATCH_IDLE_EVICT_SECONDS; after that, as any
+# request does (its deadline needs it).
+BATCH_IDLE_WAIT_PERCENT = min(env_int("BATCH_IDLE_WAIT_PERCENT", 50, minimum=0), 100)
+BATCH_IDLE_EVICT_SECONDS = env_int("BATCH_IDLE_EVICT_SECONDS", 300, minimum=0)
 # How long a batch's runner holds it unless renewed (it renews a third of the way): a runner
 # that dies is replaced within this and half as much again (beat looks every half).
 BATCH_LEASE_SECONDS = env_int("BATCH_LEASE_SECONDS", 30, minimum=3)

@@ -77,6 +77,10 @@ class AgentConfig:
     # agent's environment named here on top of the minimal one (nodeagent.engines.identity).
     engine_user: str = ""
     engine_env: tuple[str, ...] = ()
+    # Batch-class requests enter an engine only while this share of its max_num_seqs stays
+    # free for others, and wait at most this long for that (nodeagent.batchgate).
+    batch_reserve_percent: float = 10.0
+    batch_wait_seconds: float = 20.0
 
     def standby_count(self, gpu_count: int) -> int:
         if self.standby_engines is not None:
@@ -404,6 +408,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "serve the blocks it holds at GET /models/{model}/kv, for the gateway's precise routing",
     )
     flag(
+        "--batch-reserve-percent",
+        "AGENT_BATCH_RESERVE_PERCENT",
+        type=_float_between(0, 90),
+        default=10.0,
+        help="requests of the gateway's batch class (Batch API lines) enter an engine only "
+        "while this percent of its max_num_seqs (at least one seat) stays free for others",
+    )
+    flag(
+        "--batch-wait-seconds",
+        "AGENT_BATCH_WAIT_SECONDS",
+        type=float,
+        default=20.0,
+        help="how long a batch-class request waits here for room on its engine before the "
+        "agent answers 503 engine_busy (keep it under the gateway's "
+        "GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS)",
+    )
+    flag(
         "--sim-load-seconds",
         "AGENT_SIM_LOAD_SECONDS",
         type=float,
@@ -566,4 +587,6 @@ def parse_config(
         kv_events=kv_events,
         engine_user=str(args.engine_user),
         engine_env=engine_env,
+        batch_reserve_percent=float(args.batch_reserve_percent),
+        batch_wait_seconds=max(float(args.batch_wait_seconds), 0.1),
     )

@@ -128,6 +128,11 @@ class AgentMetrics:
             "Inference requests being proxied now.",
             registry=self.registry,
         )
+        self.batch_requests_waiting = Gauge(
+            "llmfleet_agent_batch_requests_waiting",
+            "Batch-class requests waiting for room on their engine (its reserve kept free).",
+            registry=self.registry,
+        )
         # vLLM's own counters, model by model, as the engines said at the last heartbeat or
         # scrape: what cache-aware routing earns on this host.
         self.prefix_cache_queries = Gauge(

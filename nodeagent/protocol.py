@@ -32,7 +32,9 @@ import msgspec
 #      runs: engine arguments are held to nodeagent.engineargs by both sides); unloads'
 #      `drain_seconds` (wait for the requests in flight instead of refusing).
 # 1.6: `max_num_seqs` on model statuses and load responses (the gateway's seats per replica).
-CONTRACT_VERSION = "1.6"
+# 1.7: PRIORITY_CLASS_HEADER on proxied requests admitted in the `batch` class, and the
+#      agent's 503 `engine_busy` for one that found no room on its engine in time.
+CONTRACT_VERSION = "1.7"
 
 
 class AgentReportedState(StrEnum):
@@ -76,6 +78,10 @@ AGENT_ERROR_HEADER = "X-Llmfleet-Agent-Error"
 ADAPTER_HEADER = "X-Llmfleet-Adapter"
 ADAPTER_SOURCE_HEADER = "X-Llmfleet-Adapter-Source"
 ADAPTER_REVISION_HEADER = "X-Llmfleet-Adapter-Revision"
+# On a proxied request admitted in the gateway's `batch` class (set by the gateway): the agent
+# lets it into its engine only while seats stay free for others (nodeagent.batchgate).
+PRIORITY_CLASS_HEADER = "X-Llmfleet-Priority-Class"
+BATCH_CLASS = "batch"
 SOURCE_SCHEMES = ("file://", "azure://", "s3://", "gs://")
 MODEL_STATES = tuple(state.value for state in ModelState)
 CACHE_LEVELS = tuple(level.value for level in CacheLevel)

@@ -19,12 +19,15 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from nodeagent.adapters import LoadedAdapter
+from nodeagent.batchgate import BatchGate, EngineBusy, batch_seats
 from nodeagent.engines.base import Engine, is_dead
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
     ADAPTER_HEADER,
     ADAPTER_REVISION_HEADER,
     ADAPTER_SOURCE_HEADER,
+    BATCH_CLASS,
+    PRIORITY_CLASS_HEADER,
     AdapterRef,
 )
 from nodeagent.registry import AgentError, ModelRegistry
@@ -45,6 +48,7 @@ _REQUEST_DROP = {
     ADAPTER_HEADER.lower(),
     ADAPTER_SOURCE_HEADER.lower(),
     ADAPTER_REVISION_HEADER.lower(),
+    PRIORITY_CLASS_HEADER.lower(),
 }
 # The engine's own adapter management: the agent's alone (nodeagent.adapters), never a caller's.
 _ENGINE_ONLY = {"load_lora_adapter", "unload_lora_adapter"}
@@ -107,9 +111,19 @@ def _filtered(
 
 
 class InferenceProxy:
-    def __init__(self, registry: ModelRegistry, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: AgentMetrics,
+        batch_reserve_percent: float = 10.0,
+        batch_wait_seconds: float = 20.0,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
+        # Batch-class requests yield to all others, engine by engine (nodeagent.batchgate).
+        self.gates: dict[str, BatchGate] = {}
+        self.batch_reserve_percent = batch_reserve_percent
+        self.batch_wait_seconds = batch_wait_seconds
         # Set when the agent stops: new requests go elsewhere, open ones finish.
         self.draining = False
         self.request_ended = asyncio.Event()  # set as each request ends: what a drain waits on
@@ -132,6 +146,16 @@ class InferenceProxy:
             )
         body = await request.read()
         ref = AdapterRef.from_headers(request.headers)
+        gate = self.gates.get(model_id) or self.gates.setdefault(model_id, BatchGate())
+        seats = batch_seats(engine.max_num_seqs, self.batch_reserve_percent)
+        if request.headers.get(PRIORITY_CLASS_HEADER) == BATCH_CLASS:
+            await self._enter_batch(gate, seats, model_id)
+            if not slot.serving or slot.engine is not engine:  # it changed while this waited
+                gate.leave(seats)
+                raise AgentError("model_not_ready", f"{model_id} is {slot.state} "
+                                 f"({slot.cache_level})", 503, model_id)  # fmt: skip
+        else:
+            gate.enter_now()
         slot.in_flight += 1
         slot.last_used = time.time()
         self.metrics.requests_in_flight.inc()
@@ -143,10 +167,24 @@ class InferenceProxy:
         finally:
             if adapter is not None:
                 self.registry.release_adapter(adapter)
+            gate.leave(seats)
             slot.in_flight -= 1
             slot.last_used = time.time()
             self.metrics.requests_in_flight.dec()
             self.request_ended.set()
+
+    async def _enter_batch(self, gate: BatchGate, seats: int, model_id: str) -> None:
+        self.metrics.batch_requests_waiting.inc()
+        try:
+            await gate.enter_batch(seats, self.batch_wait_seconds)
+        except EngineBusy:
+            self.metrics.proxy_errors.labels("engine_busy").inc()
+            raise AgentError(
+                "engine_busy", f"{model_id}'s engine had no room for a batch request within "
+                f"{self.batch_wait_seconds:g} s: its seats serve other requests", 503, model_id,
+            ) from None  # fmt: skip
+        finally:
+            self.metrics.batch_requests_waiting.dec()
 
     async def _forward(
         self,

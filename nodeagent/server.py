@@ -94,7 +94,9 @@ class AgentServer:
         self.registry = ModelRegistry(
             config, self.metrics, self.gpu.available, environ or dict(os.environ)
         )
-        self.proxy = InferenceProxy(self.registry, self.metrics)
+        self.proxy = InferenceProxy(
+            self.registry, self.metrics, config.batch_reserve_percent, config.batch_wait_seconds
+        )
         self.credentials = Credentials(
             config.credential_path, config.token, standalone=not config.control_plane_url
         )

@@ -42,9 +42,12 @@ class NoCapacity(Exception):
     has failed to load it within the cold-start timeout (`loads_failed`). The message is for
     operators: it names agents and the last load error."""
 
-    def __init__(self, message: str, *, loads_failed: bool = False) -> None:
+    def __init__(
+        self, message: str, *, loads_failed: bool = False, idle_only: bool = False
+    ) -> None:
         super().__init__(message)
         self.loads_failed = loads_failed
+        self.idle_only = idle_only  # no idle capacity, for a load that may take only that
 
 
 def _served_by(model: Model) -> Model:
@@ -52,9 +55,15 @@ def _served_by(model: Model) -> Model:
     return model.base if model.base is not None else model
 
 
-def ensure_placement(model: Model) -> Placement:
+def ensure_placement(
+    model: Model, trigger: str = LoadTrigger.REQUEST, min_idle_seconds: float = 0.0
+) -> Placement:
     """A placement that serves `model` or soon will: a READY one, the load under way, or a new
     load on the agent where it can serve soonest. Raises NoCapacity.
+
+    A new load may step down only models idle for `min_idle_seconds` at least: a batch that
+    waits for idle capacity (gateway.batchrun) takes free GPU memory and models nobody has
+    used for a while, never one that interactive traffic would have to cold-start again.
 
     Single flight: the model's row lock orders concurrent callers, so however many cold
     requests arrive at once, the first starts one load and the rest find it.
@@ -68,7 +77,7 @@ def ensure_placement(model: Model) -> Placement:
             found = next((p for p in usable if p.state == state), None)
             if found is not None:
                 return found
-        return _start_load(locked, placements, LoadTrigger.REQUEST)
+        return _start_load(locked, placements, trigger, min_idle_seconds=min_idle_seconds)
 
 
 def scale_out(model: Model, trigger: str = LoadTrigger.SCALE_OUT) -> Placement | None:
@@ -133,13 +142,14 @@ def _start_load(
     exclude: Iterable[int] = (),
     *,
     recent_failures: bool = True,
+    min_idle_seconds: float = 0.0,
 ) -> Placement:
     """Pick the agent (scheduling.plan_load), mark the placement loading, record the LoadEvent,
     queue the demotions that make room and the load itself. Runs under the model's lock."""
     excluded = set(exclude)
     failed = failed_recently(model) if recent_failures else []
     excluded |= {event.agent_id for event in failed}
-    candidates = _load_candidates(model, placements, excluded)
+    candidates = _load_candidates(model, placements, excluded, min_idle_seconds)
     plan = scheduling.plan_load(
         candidates, size_bytes=model.size_bytes, gpu_memory_bytes=model.gpu_memory_bytes
     )
@@ -149,6 +159,12 @@ def _start_load(
                 f"loading {model.model_id} failed on {len(failed)} agent(s); last error: "
                 f"{failed[0].error or 'unknown'}",
                 loads_failed=True,
+            )
+        if min_idle_seconds > 0:
+            raise NoCapacity(
+                f"no agent has room for {model.model_id} without stepping down a model used "
+                f"in the last {min_idle_seconds:g} s{_unroutable_agents()}",
+                idle_only=True,
             )
         raise NoCapacity(
             f"no agent that takes new work has room for {model.model_id}{_unroutable_agents()}"
@@ -256,7 +272,10 @@ def _history(estimate: LoadEstimate | None, model: Model, agent: Agent) -> sched
 
 
 def _load_candidates(
-    model: Model, placements: Sequence[Placement], excluded: set[int]
+    model: Model,
+    placements: Sequence[Placement],
+    excluded: set[int],
+    min_idle_seconds: float = 0.0,
 ) -> list[scheduling.LoadCandidate]:
     """Every agent that takes new work, as plan_load sees it: a handful of grouped queries,
     whatever the fleet's size."""
@@ -288,7 +307,7 @@ def _load_candidates(
     tight = [
         a.pk for a in agents if a.gpu_memory_total and a.gpu_memory_free < model.gpu_memory_bytes
     ]
-    residents = _residents(tight)
+    residents = _residents(tight, min_idle_seconds)
     return [
         scheduling.LoadCandidate(
             agent_id=agent.agent_id,
@@ -303,8 +322,11 @@ def _load_candidates(
     ]
 
 
-def _residents(agent_pks: list[int]) -> dict[int, list[scheduling.Resident]]:
-    """The GPU-resident models of these agents, and which could step down to make room."""
+def _residents(
+    agent_pks: list[int], min_idle_seconds: float = 0.0
+) -> dict[int, list[scheduling.Resident]]:
+    """The GPU-resident models of these agents, and which could step down to make room (only
+    those idle for `min_idle_seconds` at least)."""
     if not agent_pks:
         return {}
     now = timezone.now()
@@ -326,16 +348,16 @@ def _residents(agent_pks: list[int]) -> dict[int, list[scheduling.Resident]]:
     }
     found: dict[int, list[scheduling.Resident]] = {}
     for p in resident:
+        idle = steps.idle_seconds(p, now)
         evictable = (
             not p.model.pinned
             and not p.requests_in_flight
             and not p.requests_waiting
             and on_gpu.get(p.model_id, 0) > p.model.min_replicas
+            and idle >= min_idle_seconds
         )
         found.setdefault(p.agent_id, []).append(
-            scheduling.Resident(
-                p.pk, p.model.gpu_memory_bytes, steps.idle_seconds(p, now), evictable
-            )
+            scheduling.Resident(p.pk, p.model.gpu_memory_bytes, idle, evictable)
         )
     return found
 

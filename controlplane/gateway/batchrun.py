@@ -12,10 +12,15 @@ admission (interactive requests first), cold starts and usage are those of any r
   (one in flight when its runner died is sent again: its answer had not been kept).
 - Lines go model by model, in the file's order within each, so each model of a batch
   cold-starts once; at most BATCH_CONCURRENCY of them are in flight.
-- A line refused for want of room (429, 503 queue_timeout) did not run: it is sent again
-  later, until the batch's window ends (a model that cannot be started at all, 503
-  model_not_ready, a few times only). A line the gateway itself failed on is tried a few
-  times, then journalled as failed.
+- Lines yield to interactive traffic: in the gateway's queues (the `batch` class) and on
+  each engine, which lets them in only while its reserve of seats stays free
+  (nodeagent.batchgate). For the first BATCH_IDLE_WAIT_PERCENT of its window a batch loads a
+  model only on idle capacity (free GPU memory, or models idle for BATCH_IDLE_EVICT_SECONDS);
+  while there is none, that model's lines wait and the batch's other models go on.
+- A line refused for want of room (429, 503 queue_timeout, engine_busy, no_idle_capacity)
+  did not run: it is sent again later, until the batch's window ends (a model that cannot be
+  started at all, 503 model_not_ready, a few times only). A line the gateway itself failed
+  on is tried a few times, then journalled as failed.
 - Cancelled: no new line is sent, those in flight finish, and the files are written for what
   ran. Expired: lines not run go to the error file as `batch_expired`. A key revoked or
   expired meanwhile: its lines fail with 401, as its requests would.
@@ -34,9 +39,12 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.http import HttpResponseBase
 
+from agents.choices import LoadTrigger
+from agents.scheduling import batch_waits_for_idle
 from controlplane.gateway import batchactions, filestore
 from controlplane.gateway.batchactions import NotHeld
 from controlplane.gateway.batchinput import BadBatchInput, BatchLine, parse_batch_input
+from controlplane.gateway.coldstart import Asked
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.handler import new_request_id
 from controlplane.gateway.models import ApiKey, Batch, BatchStatus
@@ -52,6 +60,8 @@ _NOT_RUN = {429, 503}
 # gateway failed on (an exception, not an answer).
 _MOST_TRIES = 3
 _RETRY_PAUSE_SECONDS = 2.0
+# A model without idle capacity for its load: its lines are not sent again before this.
+_IDLE_RECHECK_SECONDS = 10.0
 
 
 def run(batch_pk: int) -> None:
@@ -79,6 +89,8 @@ class Runner:
         self.lost = False  # the hold lost: this runner writes nothing more
         self.tries: dict[str, int] = {}  # custom_id → tries that did not count (see _again)
         self.renewed_at = time.monotonic()
+        # model → monotonic time before which its lines are not sent (no idle capacity)
+        self.deferred: dict[str, float] = {}
 
     async def run(self) -> None:
         batch = await Batch.objects.select_related("api_key").aget(pk=self.batch_pk)
@@ -86,7 +98,10 @@ class Runner:
         self.key.allowed_ids = {
             pk async for pk in self.key.allowed_models.values_list("pk", flat=True)
         }
-        self.expires_at = batch.expires_at.timestamp()
+        self.created_at, self.expires_at = (
+            batch.created_at.timestamp(),
+            batch.expires_at.timestamp(),
+        )
         renewing = asyncio.ensure_future(self._renew())
         try:
             if batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
@@ -170,6 +185,9 @@ class Runner:
         while waiting and not self._should_stop():
             retry: list[BatchLine] = []
             for line in waiting:
+                if self.deferred.get(line.model_id, 0.0) > time.monotonic():
+                    retry.append(line)  # its model waits for idle capacity: the others go on
+                    continue
                 await slots.acquire()
                 if self._should_stop():
                     slots.release()
@@ -180,14 +198,32 @@ class Runner:
             await asyncio.gather(*running)
             waiting = sorted(retry, key=lambda line: line.number)
             if waiting:
-                await asyncio.sleep(_RETRY_PAUSE_SECONDS)
+                await asyncio.sleep(self._pause(waiting))
         await asyncio.gather(*running)  # lines in flight finish, whatever stopped the rest
+
+    def _pause(self, waiting: list[BatchLine]) -> float:
+        """Until lines may be sent again: a short pause, or, when every one waiting is of a
+        model deferred for want of idle capacity, until the first deferral ends."""
+        now = time.monotonic()
+        ends = [self.deferred.get(line.model_id, 0.0) for line in waiting]
+        if min(ends) <= now:
+            return _RETRY_PAUSE_SECONDS
+        return min(min(ends) - now, max(self.expires_at - time.time(), 0.0))
+
+    def _asked(self) -> Asked:
+        """How a cold start for the batch's line may take capacity (actions.ensure_placement)."""
+        if batch_waits_for_idle(time.time(), self.created_at, self.expires_at,
+                                settings.BATCH_IDLE_WAIT_PERCENT):  # fmt: skip
+            return Asked(LoadTrigger.BATCH, float(settings.BATCH_IDLE_EVICT_SECONDS))
+        return Asked(LoadTrigger.BATCH)
 
     async def _one(self, line: BatchLine, slots: asyncio.Semaphore, retry: list[BatchLine]) -> None:
         request_id = new_request_id()
         try:
-            response = await _serve(self.key, line, request_id)
+            response = await _serve(self.key, line, request_id, self._asked())
             body = _body_of(response)
+            if _code_of(body) == "no_idle_capacity":
+                self.deferred[line.model_id] = time.monotonic() + _IDLE_RECHECK_SECONDS
             if response.status_code in _NOT_RUN and self._again(line, body):
                 retry.append(line)
                 return
@@ -218,10 +254,7 @@ class Runner:
         """Whether a line that did not run is sent again: one refused for want of room,
         always; one whose model could not be started (model_not_ready), or on which the
         gateway failed (`body` None), until its _MOST_TRIES-th time."""
-        error = body.get("error") if isinstance(body, dict) else None
-        counted = body is None or (
-            isinstance(error, dict) and error.get("code") == "model_not_ready"
-        )
+        counted = body is None or _code_of(body) == "model_not_ready"
         if not counted:
             return True
         tries = self.tries[line.custom_id] = self.tries.get(line.custom_id, 0) + 1
@@ -237,7 +270,13 @@ def by_model(lines: Sequence[BatchLine]) -> list[BatchLine]:
     return sorted(lines, key=lambda line: (first[line.model_id], line.number))
 
 
-async def _serve(key: ApiKey, line: BatchLine, request_id: str) -> HttpResponseBase:
+def _code_of(body: object) -> object:
+    """The OpenAI error code of an answer's body, if it is an error."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
+
+
+async def _serve(key: ApiKey, line: BatchLine, request_id: str, asked: Asked) -> HttpResponseBase:
     from controlplane.gateway.auth import AuthFailure
     from controlplane.gateway.views import serve
 
@@ -250,7 +289,7 @@ async def _serve(key: ApiKey, line: BatchLine, request_id: str) -> HttpResponseB
 
     raw = json.dumps(line.body).encode()
     return await serve(line.api, "POST", found, lambda: raw, request_id, lambda name: None,
-                       batch_line=True)  # fmt: skip
+                       batch_line=asked)  # fmt: skip
 
 
 def _body_of(response: HttpResponseBase) -> object:

@@ -19,7 +19,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from agents import actions
-from agents.choices import UNROUTABLE_AGENT_STATES, AgentState, PlacementState
+from agents.choices import UNROUTABLE_AGENT_STATES, AgentState, LoadTrigger, PlacementState
 from agents.models import Agent, Model, Placement
 
 _POLL_SECONDS = 0.1
@@ -64,9 +64,23 @@ class ColdStartFailed(Exception):
     nothing of the fleet's insides (agents, store URIs, engine logs); `detail` is the
     operators', for the log."""
 
-    def __init__(self, message: str, detail: str = "") -> None:
+    def __init__(self, message: str, detail: str = "", code: str = "model_not_ready") -> None:
         super().__init__(message)
         self.detail = detail or message
+        self.code = code  # no_idle_capacity: a batch's load that may take only idle capacity
+
+
+@dataclass(frozen=True)
+class Asked:
+    """Why a load would be started, and what it may step down: a request's takes any idle
+    model (actions.ensure_placement); a batch's waiting for idle capacity only models idle
+    for BATCH_IDLE_EVICT_SECONDS (gateway.batchrun)."""
+
+    trigger: str = LoadTrigger.REQUEST
+    min_idle_seconds: float = 0.0
+
+
+FOR_REQUEST = Asked()
 
 
 class _Watch:
@@ -105,7 +119,7 @@ class Watches(dict[int, _Watch]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ensured: dict[int, tuple[float, asyncio.Future[Placement]]] = {}
+        self.ensured: dict[tuple[int, Asked], tuple[float, asyncio.Future[Placement]]] = {}
 
 
 # A waiter asks ensure_placement again this often even while its placement still looks
@@ -157,21 +171,23 @@ def _retrieved(future: asyncio.Future[Placement]) -> None:
         future.exception()  # its waiters may all have left: no "never retrieved" warning
 
 
-async def _ensure(watches: Watches, model: Model, fresh: bool) -> Placement:
+async def _ensure(watches: Watches, model: Model, fresh: bool, asked: Asked) -> Placement:
     """`actions.ensure_placement(model)`, asked once at a time per web process: the waiters
     of one cold start share the call under way, and one answered in the last
     _RECHECK_SECONDS unless `fresh` (each would otherwise take the model's row lock every few
     seconds: a thousand held requests, two hundred locks a second)."""
-    found = watches.ensured.get(model.pk)
+    found = watches.ensured.get((model.pk, asked))
     if found is not None and found[1].done():
         # A refusal (no capacity, the database away) is never reused: the next may differ.
         failed = found[1].cancelled() or found[1].exception() is not None
         stale = fresh or failed or time.monotonic() - found[0] >= _RECHECK_SECONDS
         found = None if stale else found
     if found is None:
-        future = asyncio.ensure_future(sync_to_async(actions.ensure_placement)(model))
+        future = asyncio.ensure_future(
+            sync_to_async(actions.ensure_placement)(model, asked.trigger, asked.min_idle_seconds)
+        )
         future.add_done_callback(_retrieved)
-        found = watches.ensured[model.pk] = (time.monotonic(), future)
+        found = watches.ensured[(model.pk, asked)] = (time.monotonic(), future)
     return await asyncio.shield(found[1])
 
 
@@ -184,6 +200,7 @@ async def wait_until_ready(
     model: Model,
     seconds: float,
     on_progress: Callable[[str], None] | None = None,
+    asked: Asked = FOR_REQUEST,
 ) -> Placement:
     """A READY placement of `model`, loading it first if need be; raises ColdStartFailed.
 
@@ -201,9 +218,14 @@ async def wait_until_ready(
     fresh = False  # a new waiter may take the answer its model's other waiters just had
     while time.monotonic() < deadline:
         try:
-            placement = await _ensure(watches, model, fresh)
+            placement = await _ensure(watches, model, fresh, asked)
         except actions.NoCapacity as exc:
             fresh = True
+            if exc.idle_only:  # the batch waits for idle capacity, or for its deadline
+                raise ColdStartFailed(
+                    f"No GPU host has idle capacity for the model `{model.model_id}` now.",
+                    detail=str(exc), code="no_idle_capacity",
+                ) from None  # fmt: skip
             waiting = min(verdict_by, deadline) - time.monotonic()
             if waiting > 0 and await _degraded_agents_exist():
                 waited_on_degraded = True

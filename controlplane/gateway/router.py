@@ -108,6 +108,8 @@ class Job:
     ticket: Ticket | None = None  # its seat while it holds one
     # Gives back its place among a cold start's waiters (Admission.enter_cold), once.
     cold_place: Callable[[], None] | None = None
+    # Why a load it waits on would be started, and what that load may step down.
+    asked: coldstart.Asked = coldstart.FOR_REQUEST
 
     def release_seat(self) -> None:
         if self.ticket is not None:
@@ -456,7 +458,7 @@ class Router:
         """The first of the replicas to answer, by routing's order; the agent's refusal of the
         request itself; None when none could (the request goes cold), or not_ready when each
         serves but has every adapter slot busy."""
-        no_room = False
+        no_room = busy = False
         adapter_id = job.adapter.adapter_id if job.adapter is not None else None
         while picked := self.pick(
             [p for p in placements if generation(p) not in tried], job.user, adapter_id,
@@ -468,6 +470,14 @@ class Router:
             if isinstance(opened, HttpResponse | Opened):
                 return opened
             no_room = no_room or opened == Fault.NO_ROOM
+            busy = busy or opened == Fault.BUSY
+        if busy and not no_room:  # a batch request: every replica's seats serve others now
+            refused = openai_error(
+                503, f"Every replica of `{job.target.model_id}` is busy with other requests: "
+                "batch-class requests wait for free seats; try again later.", code="engine_busy",
+            )  # fmt: skip
+            refused["Retry-After"] = "5"
+            return refused
         if no_room:  # replicas serve, their adapter slots are busy: soon free, not a cold start
             return not_ready(
                 f"Every replica of `{job.target.model_id}` that could serve the adapter "
@@ -507,7 +517,7 @@ class Router:
         try:
             opened = await self._open_cold(job, tried, deadline, None)
         except coldstart.ColdStartFailed as exc:
-            return not_ready(_told(job, exc))
+            return not_ready(_told(job, exc), exc.code)
         except Refused as no_seat:
             return shed(no_seat.shed)
         if isinstance(opened, HttpResponse):
@@ -596,12 +606,13 @@ class Router:
             answer = await upstream.post(
                 self.state.session, placement, job.api.value, job.raw, job.stream,
                 deadline - time.monotonic(), job.adapter,
+                job.asker.priority_class if job.asker is not None else None,
             )  # fmt: skip
             refused = await upstream.refusal(answer)
         except ReplicaFailed as failure:
             claim.release()
             tried.add(generation(placement))
-            if failure.fault in (Fault.NO_ROOM, Fault.NO_LORA):  # it serves: not marked
+            if failure.fault in (Fault.NO_ROOM, Fault.NO_LORA, Fault.BUSY):  # serves: not marked
                 metrics.FAILOVERS.labels(job.model.model_id, failure.fault.value).inc()
                 return failure.fault
             await self._failed(placement, job.target, failure)
@@ -658,7 +669,7 @@ class Router:
                     f"{settings.COLD_START_TIMEOUT_SECONDS} s."
                 )
             placement = await coldstart.wait_until_ready(
-                self.state.watches, job.target, remaining, on_progress
+                self.state.watches, job.target, remaining, on_progress, job.asked
             )
             job.leave_cold()  # its model serves: from here it waits for a seat, if at all
             self.state.cache.forget_placements(job.target)
@@ -671,7 +682,7 @@ class Router:
                     return opened
                 if opened == Fault.NO_LORA:
                     raise coldstart.ColdStartFailed(_without_lora(job))
-                if opened == Fault.NO_ROOM:
+                if opened in (Fault.NO_ROOM, Fault.BUSY):
                     tried.discard(generation(placement))  # busy, not failed: ask it again
             failures += 1
             pause = min(_COLD_RETRY_PAUSE_SECONDS * 2 ** (failures - 1), 5.0)
@@ -708,7 +719,7 @@ class Router:
             taken = True
             opened = waiter.result()
         except coldstart.ColdStartFailed as exc:
-            yield job.api.error_event(_told(job, exc), code="model_not_ready")
+            yield job.api.error_event(_told(job, exc), code=exc.code)
             return
         except Refused as no_seat:
             yield job.api.error_event(no_seat.shed.message, code=no_seat.shed.code)
@@ -858,7 +869,7 @@ def shed(refused: Shed) -> JsonResponse:
     return response
 
 
-def not_ready(message: str) -> JsonResponse:
-    response = openai_error(503, message, code="model_not_ready")
+def not_ready(message: str, code: str = "model_not_ready") -> JsonResponse:
+    response = openai_error(503, message, code=code)
     response["Retry-After"] = str(settings.GATEWAY_RETRY_AFTER_SECONDS)
     return response

@@ -20,7 +20,7 @@ from django.http.response import HttpResponseBase
 from agents.models import Placement
 from controlplane.gateway.apis import Api
 from controlplane.gateway.stats import RequestRecord
-from nodeagent.protocol import AGENT_ERROR_HEADER, AdapterRef
+from nodeagent.protocol import AGENT_ERROR_HEADER, BATCH_CLASS, PRIORITY_CLASS_HEADER, AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class Fault(StrEnum):
     # engine busy, or an engine without LoRA): another replica may; this one is not marked.
     NO_ROOM = "no_room"
     NO_LORA = "no_lora"  # its engine runs without LoRA: it never takes an adapter's request
+    # A batch-class request that found no room on the engine in time: the engine's seats
+    # serve others (nodeagent.batchgate). Not marked; another replica may have room.
+    BUSY = "busy"
 
 
 # The agent's own error codes that say "not here, not now": another replica may answer.
@@ -58,6 +61,7 @@ _FAULT_BY_AGENT_CODE = {
     "adapter_unavailable": Fault.NO_ROOM,
     "cache_full": Fault.NO_ROOM,
     "lora_disabled": Fault.NO_LORA,
+    "engine_busy": Fault.BUSY,
 }
 # The agent's codes for an adapter that cannot load anywhere (its files fail verification, its
 # rank is too high, the store refuses): the client's answer, whatever the status, and never
@@ -90,6 +94,7 @@ async def post(
     stream: bool,
     seconds_left: float,
     adapter: AdapterRef | None = None,
+    priority_class: str | None = None,
 ) -> aiohttp.ClientResponse:
     """The replica's answer, headers read and body not; ReplicaFailed when it has none.
 
@@ -106,6 +111,8 @@ async def post(
     }
     if adapter is not None:
         headers.update(adapter.headers())
+    if priority_class == BATCH_CLASS:  # it yields to others on the engine too
+        headers[PRIORITY_CLASS_HEADER] = BATCH_CLASS
     # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...` would
     # have the web process fetch that address and hand the body to the client.
     # A stream that goes silent past GATEWAY_STREAM_IDLE_SECONDS is given up (relay_chunks

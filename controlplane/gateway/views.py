@@ -22,6 +22,7 @@ from controlplane.gateway import stats, upstream
 from controlplane.gateway.admission import Asker
 from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.auth import AuthFailure, authenticate
+from controlplane.gateway.coldstart import FOR_REQUEST, Asked
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.handler import request_id_of
 from controlplane.gateway.kvfollow import PromptBlocks
@@ -286,12 +287,12 @@ async def serve(
     request_id: str,
     header: HeaderReader,
     *,
-    batch_line: bool = False,
+    batch_line: Asked | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """One request to a POST endpoint, from what Django's request object and the handler's
     scope both give: its method, its key (found from its headers), its body, its id and its
     other headers. A batch's line comes the same way (`batch_line`: controlplane.gateway.
-    batchrun), admitted in the batch class."""
+    batchrun), admitted in the batch class, its model loaded as `batch_line` says."""
     state = current()  # the running loop's: everything this request uses between requests
     record = stats.RequestRecord(state.stats)
     try:
@@ -316,7 +317,7 @@ async def _answer(
     record: stats.RequestRecord,
     request_id: str,
     header: HeaderReader,
-    batch_line: bool = False,
+    batch_line: Asked | None = None,
 ) -> HttpResponse | StreamingHttpResponse:
     """Authenticate, parse, resolve the model, admit, serve."""
     if method != "POST":
@@ -330,7 +331,7 @@ async def _answer(
     model = await _model_for(state, key, parsed.model_id, api)
     if isinstance(model, JsonResponse):
         return model
-    admission = _admission_of(key, parsed, header, batch_line)
+    admission = _admission_of(key, parsed, header, batch_line is not None)
     if isinstance(admission, JsonResponse):
         return admission
     record.model, record.model_pk = model.model_id, model.pk
@@ -352,6 +353,7 @@ async def _answer(
         parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
         prefix=_prefix_of(api, parsed.body, model),
         prompt=_prompt_of(api, parsed.body, model), asker=asker, queue_timeout=admission[1],
+        asked=batch_line or FOR_REQUEST,
     )  # fmt: skip
     try:
         response = await state.router.serve(job)

@@ -122,6 +122,28 @@ def test_a_full_agent_steps_its_least_recently_used_idle_model_down_first(queued
 
 
 @pytest.mark.django_db
+def test_a_batch_waiting_for_idle_capacity_steps_down_only_models_idle_long_enough(queued):
+    agent = AgentFactory(gpu_memory_total=80 * GIB, gpu_memory_free=2 * GIB)
+    recent = PlacementFactory(agent=agent, model=ModelFactory(gpu_memory_bytes=70 * GIB))
+    Placement.objects.filter(pk=recent.pk).update(
+        last_used_at=timezone.now() - timedelta(seconds=60)
+    )
+    wanted = ModelFactory(gpu_memory_bytes=20 * GIB)
+    # Used a minute ago: interactive traffic may come back to it, so a batch does not take it.
+    with pytest.raises(actions.NoCapacity, match="used in the last 300 s") as refused:
+        actions.ensure_placement(wanted, LoadTrigger.BATCH, 300)
+    assert refused.value.idle_only
+    assert not LoadEvent.objects.exists()
+    assert queued == []
+    # Five minutes idle, it is idle capacity; and a batch whose deadline needs it takes it anyway.
+    actions.ensure_placement(wanted, LoadTrigger.BATCH, 30)
+    load = LoadEvent.objects.get(kind=LoadEventKind.LOAD)
+    assert (load.model_id, load.trigger) == (wanted.pk, LoadTrigger.BATCH)
+    unload = LoadEvent.objects.get(kind=LoadEventKind.UNLOAD)
+    assert unload.placement_id == recent.pk
+
+
+@pytest.mark.django_db
 def test_a_finished_load_is_ready_with_its_phases_recorded(queued):
     model = ModelFactory(size_bytes=GIB)
     placement = actions.ensure_placement(model) if AgentFactory() else None

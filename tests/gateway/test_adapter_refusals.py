@@ -66,6 +66,7 @@ async def outcome(agent, code: str, status: int) -> AgentRefusal | Fault:
         ("lora_disabled", 409, Fault.NO_LORA),
         ("engine_unreachable", 502, Fault.NOT_SERVING),  # the replica's fault: marked
         ("model_not_ready", 503, Fault.NOT_SERVING),
+        ("engine_busy", 503, Fault.BUSY),  # a batch request without room: not marked
     ],
 )
 async def test_replica_answers_are_faults(agent, code, status, expected):
@@ -107,3 +108,19 @@ def test_a_client_is_told_an_agent_s_refusal_without_its_insides(caplog):
     )
     assert inside in caplog.text
     assert "azure://" not in _refusal_told(job, AgentRefusal(413, "body_too_large", inside))
+
+
+async def test_a_batch_class_request_says_so_to_the_agent(agent):
+    server, seen = agent
+    url = str(server.make_url("/models/org/tiny/engine_busy/503"))
+    for priority_class in ("batch", "interactive", None):
+        answer = await upstream.post(
+            current().session, placement(url), "chat/completions", b"{}", False, 10, None,
+            priority_class,
+        )  # fmt: skip
+        answer.release()
+    assert [headers.get("X-Llmfleet-Priority-Class") for headers in seen[-3:]] == [
+        "batch",
+        None,
+        None,
+    ]

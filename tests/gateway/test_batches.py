@@ -14,8 +14,10 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.http import JsonResponse
 from django.utils import timezone
 
+from agents.choices import LoadTrigger
 from controlplane.gateway import batchactions, batchrun, filestore
 from controlplane.gateway.batchinput import BatchLine
+from controlplane.gateway.coldstart import Asked
 from controlplane.gateway.models import Batch, BatchStatus, StoredFile
 from tests.factories import ModelFactory, make_api_key
 from tests.gateway.calls import error_of
@@ -135,9 +137,17 @@ class Engine:
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.busy_once: set[str] = set()
+        self.asked: list[Asked] = []
+        self.on_no_idle_capacity = lambda: None
 
-    async def serve(self, key: Any, line: BatchLine, request_id: str) -> JsonResponse:
+    async def serve(self, key: Any, line: BatchLine, request_id: str, asked: Asked) -> JsonResponse:
         self.sent.append(line.custom_id)
+        self.asked.append(asked)
+        if line.custom_id.startswith("idle") and asked.min_idle_seconds > 0:
+            self.on_no_idle_capacity()
+            return JsonResponse(
+                {"error": {"message": "No idle capacity", "code": "no_idle_capacity"}}, status=503
+            )
         if line.custom_id.startswith("nohost"):
             return JsonResponse(
                 {"error": {"message": "No GPU host can take it", "code": "model_not_ready"}},
@@ -319,3 +329,31 @@ def test_an_input_file_a_running_batch_reads_may_not_be_deleted(client):
     refused = client.delete(f"/v1/files/{file_id}", HTTP_AUTHORIZATION=f"Bearer {raw}")
     assert error_of(refused, 400)["code"] == "file_in_use"
     assert StoredFile.objects.filter(file_id=file_id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_model_without_idle_capacity_waits_while_the_others_go_on(client, monkeypatch, settings):
+    engine = Engine()
+    monkeypatch.setattr(batchrun, "_serve", engine.serve)
+    monkeypatch.setattr(batchrun, "_RETRY_PAUSE_SECONDS", 0.01)
+    monkeypatch.setattr(batchrun, "_IDLE_RECHECK_SECONDS", 0.3)
+    settings.BATCH_IDLE_EVICT_SECONDS = 300
+
+    def deadline_near() -> None:  # the window's idle-only part ends after the first refusal
+        settings.BATCH_IDLE_WAIT_PERCENT = 0
+
+    engine.on_no_idle_capacity = deadline_near
+    batch = batch_of(client, [line("idle1", model="org/n"), line("idle2", model="org/n"),
+                              line("a"), line("b")])  # fmt: skip
+    batchrun.run(batch.pk)
+    batch.refresh_from_db()
+    assert batch.status == BatchStatus.COMPLETED
+    assert (batch.completed, batch.failed) == (4, 0)  # waiting for capacity never fails a line
+    # Its first lines found no idle capacity: the other model's went first, theirs later,
+    # once the batch's deadline needed the capacity (a load that may step models down).
+    assert engine.sent[0] == "idle1"
+    assert engine.sent[-1] == "idle1"
+    assert engine.sent.count("idle1") == 2
+    assert engine.sent.index("b") < len(engine.sent) - 1
+    assert engine.asked[0] == Asked(LoadTrigger.BATCH, 300.0)
+    assert engine.asked[-1] == Asked(LoadTrigger.BATCH, 0.0)

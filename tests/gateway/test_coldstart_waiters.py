@@ -22,7 +22,7 @@ def test_a_cold_starts_waiters_share_one_ensure_placement(monkeypatch):
     model = loading.model
     asked = []
 
-    def counting(wanted):
+    def counting(wanted, *how):
         asked.append(wanted.pk)
         return loading
 
@@ -52,7 +52,7 @@ def test_a_failed_placement_sends_its_waiters_to_a_fresh_answer(monkeypatch):
     failed = PlacementFactory(state=PlacementState.FAILED)
     ready = PlacementFactory(model=failed.model, state=PlacementState.READY)
     answers = iter([failed, ready])
-    monkeypatch.setattr(actions, "ensure_placement", lambda model: next(answers))
+    monkeypatch.setattr(actions, "ensure_placement", lambda model, *how: next(answers))
 
     async def scenario() -> int:
         placement = await wait_until_ready(Watches(), failed.model, seconds=5)

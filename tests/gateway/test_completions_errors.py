@@ -146,9 +146,9 @@ def test_a_cold_model_waits_out_a_degraded_agent_before_saying_no_room(
     asked = []
     real = actions.ensure_placement
 
-    def counting(model):
+    def counting(model, *how):
         asked.append(model.model_id)
-        return real(model)
+        return real(model, *how)
 
     monkeypatch.setattr(actions, "ensure_placement", counting)
     response = post(client, key, chat())
