@@ -9,6 +9,7 @@ separate web, worker and beat processes still talk to each other.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR") or BASE_DIR / "var").resolve()
+# Beat's schedule and the embedded files store live here whatever the database: without the
+# directory, beat dies at start (a PostgreSQL deployment whose VAR_DIR was never made).
+with contextlib.suppress(OSError):  # read-only: whoever needs it says so when it writes
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 DEBUG = env_bool("DEBUG", False)
 DATABASE_URL = env_str("DATABASE_URL")
