@@ -11,7 +11,9 @@ accepted runs every line, and one that is not leaves nothing behind. What needs 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,26 +67,54 @@ class BatchInput:
         return first
 
 
-def parse_batch_input(data: bytes, max_tokens: int) -> BatchInput:
+async def read_batch_input(data: bytes, max_tokens: int) -> BatchInput:
     """The file's lines, every one checked as its endpoint would check it; raises
-    BadBatchInput naming the first that is not a request llmfleet can run."""
-    try:
-        text = data.decode()
-    except UnicodeDecodeError as exc:
-        raise BadBatchInput(f"The file is not UTF-8 text: {exc}.") from None
-    lines: list[BatchLine] = []
-    seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        line = _line(raw, number, max_tokens)
-        if line.custom_id in seen:
-            raise BadBatchInput(f"the custom_id `{line.custom_id}` is used twice.", number)
-        seen.add(line.custom_id)
-        lines.append(line)
-    if not lines:
-        raise BadBatchInput("The file holds no request: a batch input file is JSON lines.")
-    return BatchInput(tuple(lines))
+    BadBatchInput naming the first that is not a request llmfleet can run.
+
+    Read a slice of a few milliseconds at a time: the file is read in the event loop that
+    serves requests (a web process's), and would otherwise hold their answers for as long as
+    it takes (about half a second for 10,000 lines). A thread would not do: it holds the GIL
+    in slices of its own."""
+    parser = _Parser(data, max_tokens)
+    while True:
+        if parser.step(_SLICE_SECONDS):
+            return parser.result()
+        await asyncio.sleep(0)  # the loop's other work, between two slices
+
+
+# How long read_batch_input reads before it lets the event loop run.
+_SLICE_SECONDS = 0.002
+
+
+class _Parser:
+    def __init__(self, data: bytes, max_tokens: int) -> None:
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as exc:
+            raise BadBatchInput(f"The file is not UTF-8 text: {exc}.") from None
+        self.rows = enumerate(text.splitlines(), start=1)
+        self.max_tokens = max_tokens
+        self.lines: list[BatchLine] = []
+        self.seen: set[str] = set()
+
+    def step(self, seconds: float) -> bool:
+        """Read lines for about `seconds`; True once every line is read."""
+        until = time.perf_counter() + seconds
+        for number, raw in self.rows:
+            if raw.strip():
+                line = _line(raw, number, self.max_tokens)
+                if line.custom_id in self.seen:
+                    raise BadBatchInput(f"the custom_id `{line.custom_id}` is used twice.", number)
+                self.seen.add(line.custom_id)
+                self.lines.append(line)
+            if number % 32 == 0 and time.perf_counter() >= until:
+                return False
+        return True
+
+    def result(self) -> BatchInput:
+        if not self.lines:
+            raise BadBatchInput("The file holds no request: a batch input file is JSON lines.")
+        return BatchInput(tuple(self.lines))
 
 
 def _line(raw: str, number: int, max_tokens: int) -> BatchLine:

@@ -11,7 +11,10 @@ admission (interactive requests first), cold starts and usage are those of any r
   skips every journalled line, so a line whose answer was journalled is never sent again
   (one in flight when its runner died is sent again: its answer had not been kept).
 - Lines go model by model, in the file's order within each, so each model of a batch
-  cold-starts once; at most BATCH_CONCURRENCY of them are in flight.
+  cold-starts once; at most BATCH_CONCURRENCY of them are in flight, reached by a slow
+  start (_FIRST_WINDOW lines, one more as each line ends) rather than all at once: a
+  burst of a batch's first lines would take the agents' and engines' time from the
+  interactive requests of that moment.
 - Lines yield to interactive traffic: in the gateway's queues (the `batch` class) and on
   each engine, which lets them in only while its reserve of seats stays free
   (nodeagent.batchgate). For the first BATCH_IDLE_WAIT_PERCENT of its window a batch loads a
@@ -43,7 +46,7 @@ from agents.choices import LoadTrigger
 from agents.scheduling import batch_waits_for_idle
 from controlplane.gateway import batchactions, filestore
 from controlplane.gateway.batchactions import NotHeld
-from controlplane.gateway.batchinput import BadBatchInput, BatchLine, parse_batch_input
+from controlplane.gateway.batchinput import BadBatchInput, BatchLine, read_batch_input
 from controlplane.gateway.coldstart import Asked
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.handler import new_request_id
@@ -62,6 +65,8 @@ _MOST_TRIES = 3
 _RETRY_PAUSE_SECONDS = 2.0
 # A model without idle capacity for its load: its lines are not sent again before this.
 _IDLE_RECHECK_SECONDS = 10.0
+# Lines in flight at a batch's start (its slow start grows this by one as each line ends).
+_FIRST_WINDOW = 4
 
 
 def run(batch_pk: int) -> None:
@@ -91,6 +96,7 @@ class Runner:
         self.renewed_at = time.monotonic()
         # model → monotonic time before which its lines are not sent (no idle capacity)
         self.deferred: dict[str, float] = {}
+        self.window = 0  # lines that may be in flight now (_send's slow start)
 
     async def run(self) -> None:
         batch = await Batch.objects.select_related("api_key").aget(pk=self.batch_pk)
@@ -136,7 +142,7 @@ class Runner:
                 if exc.status != 404:
                     raise
                 raise BadBatchInput(f"The input file {batch.input_name} is gone.") from None
-            parsed = parse_batch_input(data, settings.GATEWAY_MAX_TOKENS)
+            parsed = await read_batch_input(data, settings.GATEWAY_MAX_TOKENS)
             wrong = next((line for line in parsed.lines if line.url != batch.endpoint), None)
             if wrong is not None:
                 raise BadBatchInput(
@@ -180,7 +186,8 @@ class Runner:
     async def _send(self, lines: list[BatchLine]) -> None:
         done = await sync_to_async(batchactions.journalled)(self.batch_pk)
         waiting = [line for line in by_model(lines) if line.custom_id not in done]
-        slots = asyncio.Semaphore(settings.BATCH_CONCURRENCY)
+        self.window = min(_FIRST_WINDOW, settings.BATCH_CONCURRENCY)
+        slots = asyncio.Semaphore(self.window)
         running: set[asyncio.Task[None]] = set()
         while waiting and not self._should_stop():
             retry: list[BatchLine] = []
@@ -239,6 +246,9 @@ class Runner:
             await self._journal(line, 500, None, request_id, error)
         finally:
             slots.release()
+            if self.window < settings.BATCH_CONCURRENCY:  # the slow start: one more
+                self.window += 1
+                slots.release()
 
     async def _journal(
         self, line: BatchLine, status: int, body: object, request_id: str,

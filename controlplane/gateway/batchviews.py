@@ -15,7 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from controlplane.gateway import batchactions, filestore
 from controlplane.gateway.auth import AuthFailure, authenticate
-from controlplane.gateway.batchinput import BATCH_ENDPOINTS, BadBatchInput, parse_batch_input
+from controlplane.gateway.batchinput import BATCH_ENDPOINTS, BadBatchInput, read_batch_input
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.files import check_models, store_failed
 from controlplane.gateway.models import ApiKey, Batch, FilePurpose, StoredFile
@@ -114,7 +114,7 @@ async def _created(request: HttpRequest, key: ApiKey) -> JsonResponse:
     except StoreError as exc:
         return store_failed(exc, stored.file_id)
     try:
-        lines = parse_batch_input(data, settings.GATEWAY_MAX_TOKENS)
+        lines = await read_batch_input(data, settings.GATEWAY_MAX_TOKENS)
         wrong = next((line for line in lines.lines if line.url != endpoint), None)
         if wrong is not None:
             raise BadBatchInput(f"url {wrong.url} is not the batch's endpoint {endpoint}.",

@@ -17,7 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from agents.models import Model
 from controlplane.gateway import actions, batchactions, filestore
 from controlplane.gateway.auth import AuthFailure, authenticate
-from controlplane.gateway.batchinput import BadBatchInput, BatchInput, parse_batch_input
+from controlplane.gateway.batchinput import BadBatchInput, BatchInput, read_batch_input
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.models import ApiKey, FilePurpose, StoredFile
 from controlplane.gateway.paging import page_of
@@ -108,8 +108,10 @@ async def _listed(request: HttpRequest, key: ApiKey) -> JsonResponse:
 
 
 async def _uploaded(request: HttpRequest, key: ApiKey) -> JsonResponse:
-    upload = request.FILES.get("file")
-    purpose = request.POST.get("purpose")
+    # Django parses the multipart body on first access: off the event loop, as large as it is.
+    uploads, fields = await asyncio.to_thread(lambda: (request.FILES, request.POST))
+    upload = uploads.get("file")
+    purpose = fields.get("purpose")
     if upload is None:
         return openai_error(400, "Send the file as the multipart field `file`.", param="file",
                             code="missing_required_parameter")  # fmt: skip
@@ -123,7 +125,7 @@ async def _uploaded(request: HttpRequest, key: ApiKey) -> JsonResponse:
         return openai_error(413, f"The file exceeds {limit} bytes.", code="file_too_large")
     data = await asyncio.to_thread(_read, upload)
     try:
-        batch = parse_batch_input(data, settings.GATEWAY_MAX_TOKENS)
+        batch = await read_batch_input(data, settings.GATEWAY_MAX_TOKENS)
         await check_models(key, batch)
     except BadBatchInput as exc:
         return openai_error(400, str(exc), param="file", code="invalid_batch_input")

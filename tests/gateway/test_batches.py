@@ -4,6 +4,7 @@ cancelled, expired, its files in OpenAI's shape."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from django.utils import timezone
 
 from agents.choices import LoadTrigger
 from controlplane.gateway import batchactions, batchrun, filestore
-from controlplane.gateway.batchinput import BatchLine
+from controlplane.gateway.batchinput import BadBatchInput, BatchLine, read_batch_input
 from controlplane.gateway.coldstart import Asked
 from controlplane.gateway.models import Batch, BatchStatus, StoredFile
 from tests.factories import ModelFactory, make_api_key
@@ -119,6 +120,29 @@ def test_another_keys_file_makes_no_batch(client):
                     completion_window="24h")  # fmt: skip
     assert error_of(answer, 404)["code"] == "file_not_found"
     assert not Batch.objects.exists()
+
+
+async def test_a_large_input_file_is_read_without_holding_the_event_loop():
+    """A web process reads a batch's file in the loop that serves its requests: in slices,
+    the loop running others between them."""
+    data = "".join(line(f"c{n}") + "\n" for n in range(5000)).encode()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.ensure_future(ticker())
+    read = await read_batch_input(data, 4096)
+    running.cancel()
+    assert len(read.lines) == 5000
+    assert read.lines[-1].custom_id == "c4999"
+    assert ticks > 5  # 5,000 lines take tens of milliseconds: many slices
+    twice = "".join(line(f"c{n}") + "\n" for n in range(4000)) + line("c3")
+    with pytest.raises(BadBatchInput, match="Line 4001: the custom_id `c3` is used twice"):
+        await read_batch_input(twice.encode(), 4096)
 
 
 def test_lines_go_model_by_model_in_the_files_order():
