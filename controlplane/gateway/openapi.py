@@ -110,6 +110,315 @@ def _stored_response_operation(summary: str) -> dict[str, Any]:
     }
 
 
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def _path_id(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_AFTER = _query("after", {"type": "string"}, "The id of the last object of the previous page.")
+_NO_FILE = _error("No file of this key has this id (`file_not_found`).")
+_NO_BATCH = _error("No batch of this key has this id (`batch_not_found`).")
+_BATCH_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+
+# OpenAI's Files API, for batch input (controlplane.gateway.files).
+_FILE_PATHS: dict[str, Any] = {
+    "/v1/files": {
+        "get": {
+            "summary": "The key's files, newest first (`order=asc`: oldest first).",
+            "security": [{"apiKey": []}],
+            "parameters": [
+                _query("purpose", {"type": "string"}, "Only files of this purpose."),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 10000},
+                    "At most this many (10,000 by default).",
+                ),
+                _query("order", {"type": "string", "enum": ["asc", "desc"]}, "By creation."),
+                _AFTER,
+            ],
+            "responses": {
+                "200": _ok("OpenAI's list of file objects.", "FileList"),
+                **_refusals(400, 401),
+            },
+        },
+        "post": {
+            "summary": "Upload a batch input file (JSON lines), checked line by line: a bad "
+            "line is a 400 naming it, and nothing is stored.",
+            "security": [{"apiKey": []}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file", "purpose"],
+                            "properties": {
+                                "file": {"type": "string", "format": "binary"},
+                                "purpose": {"type": "string", "enum": ["batch"]},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _ok("The file object.", "File"),
+                **_refusals(400, 401, 413),
+                "503": _error("The files store did not answer; retry later."),
+            },
+        },
+    },
+    "/v1/files/{file_id}": {
+        "get": {
+            "summary": "One of the key's files.",
+            "security": [{"apiKey": []}],
+            "parameters": [_path_id("file_id")],
+            "responses": {
+                "200": _ok("The file object.", "File"),
+                **_refusals(401),
+                "404": _NO_FILE,
+            },
+        },
+        "delete": {
+            "summary": "Delete one of the key's files (not the input of an unfinished batch: "
+            "400 `file_in_use`).",
+            "security": [{"apiKey": []}],
+            "parameters": [_path_id("file_id")],
+            "responses": {
+                "200": _ok("`{id, object: file, deleted: true}`.", "Deleted"),
+                **_refusals(400, 401),
+                "404": _NO_FILE,
+                "503": _error("The files store did not answer; retry later."),
+            },
+        },
+    },
+    "/v1/files/{file_id}/content": {
+        "get": {
+            "summary": "A file's bytes: a batch's input, output or error lines.",
+            "security": [{"apiKey": []}],
+            "parameters": [_path_id("file_id")],
+            "responses": {
+                "200": {
+                    "description": "The file's bytes (JSON lines).",
+                    "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+                },
+                **_refusals(401),
+                "404": _NO_FILE,
+                "503": _error("The files store did not answer; retry later."),
+            },
+        }
+    },
+}
+
+# OpenAI's Batch API (controlplane.gateway.batchviews; run by gateway.batchrun).
+_BATCH_PATHS: dict[str, Any] = {
+    "/v1/batches": {
+        "get": {
+            "summary": "The key's batches, newest first.",
+            "security": [{"apiKey": []}],
+            "parameters": [
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 100},
+                    "At most this many (20 by default).",
+                ),
+                _AFTER,
+            ],
+            "responses": {
+                "200": _ok("OpenAI's list of batch objects.", "BatchList"),
+                **_refusals(400, 401),
+            },
+        },
+        "post": {
+            "summary": "Create a batch from an uploaded input file; every line is checked "
+            "again (its `url` must be the batch's `endpoint`, its model the key's).",
+            "security": [{"apiKey": []}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["input_file_id", "endpoint", "completion_window"],
+                            "properties": {
+                                "input_file_id": {"type": "string", "minLength": 1},
+                                "endpoint": {"type": "string", "enum": _BATCH_ENDPOINTS},
+                                "completion_window": {"type": "string", "enum": ["24h"]},
+                                "metadata": {
+                                    "type": "object",
+                                    "nullable": True,
+                                    "maxProperties": 16,
+                                    "additionalProperties": {"type": "string", "maxLength": 512},
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _ok("The batch object, `validating`.", "Batch"),
+                **_refusals(400, 401, 413),
+                "404": _NO_FILE,
+                "503": _error("The files store did not answer; retry later."),
+            },
+        },
+    },
+    "/v1/batches/{batch_id}": {
+        "get": {
+            "summary": "One of the key's batches, its `request_counts` live.",
+            "security": [{"apiKey": []}],
+            "parameters": [_path_id("batch_id")],
+            "responses": {
+                "200": _ok("The batch object.", "Batch"),
+                **_refusals(401),
+                "404": _NO_BATCH,
+            },
+        }
+    },
+    "/v1/batches/{batch_id}/cancel": {
+        "post": {
+            "summary": "Cancel a batch: no new line is sent, those in flight finish, and the "
+            "files are written for what ran.",
+            "security": [{"apiKey": []}],
+            "parameters": [_path_id("batch_id")],
+            "responses": {
+                "200": _ok("The batch object, `cancelling`.", "Batch"),
+                **_refusals(401),
+                "404": _NO_BATCH,
+            },
+        }
+    },
+}
+
+_TIMESTAMP = {"type": "integer", "nullable": True}
+_FILE_SCHEMAS: dict[str, Any] = {
+    "File": {
+        "type": "object",
+        "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["file"]},
+            "bytes": {"type": "integer"},
+            "created_at": {"type": "integer"},
+            "expires_at": _TIMESTAMP,
+            "filename": {"type": "string"},
+            "purpose": {"type": "string", "enum": ["batch", "batch_output"]},
+            "status": {"type": "string"},
+        },
+    },
+    "FileList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/File"}},
+            "has_more": {"type": "boolean"},
+            "first_id": {"type": "string", "nullable": True},
+            "last_id": {"type": "string", "nullable": True},
+        },
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "deleted": {"type": "boolean"},
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "required": [
+            "id",
+            "object",
+            "endpoint",
+            "input_file_id",
+            "completion_window",
+            "status",
+            "created_at",
+            "request_counts",
+        ],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["batch"]},
+            "endpoint": {"type": "string", "enum": _BATCH_ENDPOINTS},
+            "errors": {"type": "object", "nullable": True},
+            "input_file_id": {"type": "string"},
+            "completion_window": {"type": "string"},
+            "status": {
+                "type": "string",
+                "enum": [
+                    "validating",
+                    "in_progress",
+                    "finalizing",
+                    "completed",
+                    "failed",
+                    "expired",
+                    "cancelling",
+                    "cancelled",
+                ],
+            },
+            "output_file_id": {"type": "string", "nullable": True},
+            "error_file_id": {"type": "string", "nullable": True},
+            **{
+                name: _TIMESTAMP
+                for name in (
+                    "created_at",
+                    "in_progress_at",
+                    "expires_at",
+                    "finalizing_at",
+                    "completed_at",
+                    "failed_at",
+                    "expired_at",
+                    "cancelling_at",
+                    "cancelled_at",
+                )
+            },
+            "request_counts": {
+                "type": "object",
+                "required": ["total", "completed", "failed"],
+                "properties": {
+                    "total": {"type": "integer"},
+                    "completed": {"type": "integer"},
+                    "failed": {"type": "integer"},
+                },
+            },
+            "metadata": {"type": "object", "nullable": True},
+        },
+    },
+    "BatchList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}},
+            "has_more": {"type": "boolean"},
+            "first_id": {"type": "string", "nullable": True},
+            "last_id": {"type": "string", "nullable": True},
+        },
+    },
+}
+
+
 DESCRIPTION: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -254,6 +563,8 @@ DESCRIPTION: dict[str, Any] = {
                 },
             )
         },
+        **_FILE_PATHS,
+        **_BATCH_PATHS,
     },
     "components": {
         "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
@@ -300,6 +611,7 @@ DESCRIPTION: dict[str, Any] = {
                     "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
                 },
             },
+            **_FILE_SCHEMAS,
         },
     },
 }
