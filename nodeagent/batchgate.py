@@ -19,7 +19,6 @@ later): what the client of a held batch line would rather have than a stuck conn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections import deque
 
@@ -42,55 +41,67 @@ class EngineBusy(Exception):
 
 
 class BatchGate:
-    """One engine's door for batch requests. `held` is what the engine holds now (the
-    agent's in-flight count for it); a batch request let in is counted in it at once, by
-    `enter` or, for one that waited, by the `leave` that let it in, so that two requests
-    ending together never let in more than there is room for."""
+    """One engine's door for batch requests. `held` is the sequences the engine holds now
+    (what the agent has in flight for it, each request its `n`); a batch request let in is
+    counted in it at once, by `enter_batch` or, for one that waited, by the `leave` that let
+    it in, so that two requests ending together never let in more than there is room for."""
 
     def __init__(self) -> None:
         self.held = 0
-        self.waiting: deque[asyncio.Future[None]] = deque()
+        # In arrival order: each waiter's turn and its sequences.
+        self.waiting: deque[tuple[asyncio.Future[None], int]] = deque()
 
-    def enter_now(self) -> None:
+    def enter_now(self, sequences: int = 1) -> None:
         """A request of any other class: it enters whatever the engine holds."""
-        self.held += 1
+        self.held += sequences
 
-    async def enter_batch(self, seats: int, seconds: float) -> None:
-        """Enter as a batch request: at once while the engine holds fewer than `seats` and
-        nobody waits before it; else in turn. Raises EngineBusy after `seconds`."""
-        if not self.waiting and self.held < seats:
-            self.held += 1
+    async def enter_batch(self, seats: int, seconds: float, sequences: int = 1) -> None:
+        """Enter as a batch request of `sequences`: at once while the engine holds room for
+        them (any request alone on it does) and nobody waits before it; else in turn. Raises
+        EngineBusy after `seconds`."""
+        if not self.waiting and self._fits(sequences, seats):
+            self.held += sequences
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append(turn)
+        self.waiting.append((turn, sequences))
         try:
-            await asyncio.wait_for(turn, seconds)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that
+            # comes as the turn does, and the request would go on without its client.
+            async with asyncio.timeout(seconds):
+                await turn
         except TimeoutError:
-            self._give_up(turn, seats)
+            self._give_up(turn, seats, sequences)
             raise EngineBusy from None
         except asyncio.CancelledError:  # the client left while it waited
-            self._give_up(turn, seats)
+            self._give_up(turn, seats, sequences)
             raise
 
-    def leave(self, seats: int) -> None:
+    def leave(self, seats: int, sequences: int = 1) -> None:
         """A request ended: the next batch requests in line enter, as many as there is room."""
-        self.held -= 1
+        self.held -= sequences
         self._let_in(seats)
 
+    def _fits(self, sequences: int, seats: int) -> bool:
+        return self.held + sequences <= seats or self.held == 0
+
     def _let_in(self, seats: int) -> None:
-        while self.waiting and self.held < seats:
-            turn = self.waiting.popleft()
+        while self.waiting:
+            turn, sequences = self.waiting[0]
             if turn.done():  # given up already
+                self.waiting.popleft()
                 continue
-            self.held += 1
+            if not self._fits(sequences, seats):
+                return  # in order: none overtakes the first in line
+            self.waiting.popleft()
+            self.held += sequences
             turn.set_result(None)
 
-    def _give_up(self, turn: asyncio.Future[None], seats: int) -> None:
+    def _give_up(self, turn: asyncio.Future[None], seats: int, sequences: int) -> None:
         """A waiter that leaves: out of the line, or, if it was let in meanwhile (its turn
         came as its time ran out), its place given on."""
         if turn.done() and not turn.cancelled():
-            self.leave(seats)
+            self.leave(seats, sequences)
             return
         turn.cancel()
-        with contextlib.suppress(ValueError):
-            self.waiting.remove(turn)
+        self.waiting = deque(entry for entry in self.waiting if entry[0] is not turn)
+        self._let_in(seats)  # it may have been first in line, holding back those behind

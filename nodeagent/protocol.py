@@ -32,8 +32,9 @@ import msgspec
 #      runs: engine arguments are held to nodeagent.engineargs by both sides); unloads'
 #      `drain_seconds` (wait for the requests in flight instead of refusing).
 # 1.6: `max_num_seqs` on model statuses and load responses (the gateway's seats per replica).
-# 1.7: PRIORITY_CLASS_HEADER on proxied requests admitted in the `batch` class, and the
-#      agent's 503 `engine_busy` for one that found no room on its engine in time.
+# 1.7: PRIORITY_CLASS_HEADER on proxied requests admitted in the `batch` class (and
+#      SEQUENCES_HEADER on those of n > 1), and the agent's 503 `engine_busy` for one that
+#      found no room on its engine in time.
 CONTRACT_VERSION = "1.7"
 
 
@@ -82,6 +83,9 @@ ADAPTER_REVISION_HEADER = "X-Llmfleet-Adapter-Revision"
 # lets it into its engine only while seats stay free for others (nodeagent.batchgate).
 PRIORITY_CLASS_HEADER = "X-Llmfleet-Priority-Class"
 BATCH_CLASS = "batch"
+# On a proxied request that asks for more than one sequence (`n`): how many, each of which
+# takes one of the engine's max_num_seqs (absent: one).
+SEQUENCES_HEADER = "X-Llmfleet-Sequences"
 SOURCE_SCHEMES = ("file://", "azure://", "s3://", "gs://")
 MODEL_STATES = tuple(state.value for state in ModelState)
 CACHE_LEVELS = tuple(level.value for level in CacheLevel)

@@ -28,6 +28,7 @@ from nodeagent.protocol import (
     ADAPTER_SOURCE_HEADER,
     BATCH_CLASS,
     PRIORITY_CLASS_HEADER,
+    SEQUENCES_HEADER,
     AdapterRef,
 )
 from nodeagent.registry import AgentError, ModelRegistry
@@ -49,6 +50,7 @@ _REQUEST_DROP = {
     ADAPTER_SOURCE_HEADER.lower(),
     ADAPTER_REVISION_HEADER.lower(),
     PRIORITY_CLASS_HEADER.lower(),
+    SEQUENCES_HEADER.lower(),
 }
 # The engine's own adapter management: the agent's alone (nodeagent.adapters), never a caller's.
 _ENGINE_ONLY = {"load_lora_adapter", "unload_lora_adapter"}
@@ -110,6 +112,14 @@ def _filtered(
     return kept
 
 
+def _sequences(told: str | None) -> int:
+    """The sequences a request asks for (SEQUENCES_HEADER), 1 when it says none or nonsense."""
+    try:
+        return min(max(int(told), 1), 1024) if told else 1
+    except ValueError:
+        return 1
+
+
 class InferenceProxy:
     def __init__(
         self,
@@ -148,14 +158,18 @@ class InferenceProxy:
         ref = AdapterRef.from_headers(request.headers)
         gate = self.gates.get(model_id) or self.gates.setdefault(model_id, BatchGate())
         seats = batch_seats(engine.max_num_seqs, self.batch_reserve_percent)
+        sequences = _sequences(request.headers.get(SEQUENCES_HEADER))
         if request.headers.get(PRIORITY_CLASS_HEADER) == BATCH_CLASS:
-            await self._enter_batch(gate, seats, model_id)
-            if not slot.serving or slot.engine is not engine:  # it changed while this waited
-                gate.leave(seats)
+            await self._enter_batch(gate, seats, model_id, sequences)
+            # What changed while it waited: the agent began to stop, the model stepped down.
+            if self.draining or not slot.serving or slot.engine is not engine:
+                gate.leave(seats, sequences)
+                if self.draining:
+                    raise AgentError("agent_draining", "this agent is stopping", 503, model_id)
                 raise AgentError("model_not_ready", f"{model_id} is {slot.state} "
                                  f"({slot.cache_level})", 503, model_id)  # fmt: skip
         else:
-            gate.enter_now()
+            gate.enter_now(sequences)
         slot.in_flight += 1
         slot.last_used = time.time()
         self.metrics.requests_in_flight.inc()
@@ -167,16 +181,18 @@ class InferenceProxy:
         finally:
             if adapter is not None:
                 self.registry.release_adapter(adapter)
-            gate.leave(seats)
+            gate.leave(seats, sequences)
             slot.in_flight -= 1
             slot.last_used = time.time()
             self.metrics.requests_in_flight.dec()
             self.request_ended.set()
 
-    async def _enter_batch(self, gate: BatchGate, seats: int, model_id: str) -> None:
+    async def _enter_batch(
+        self, gate: BatchGate, seats: int, model_id: str, sequences: int
+    ) -> None:
         self.metrics.batch_requests_waiting.inc()
         try:
-            await gate.enter_batch(seats, self.batch_wait_seconds)
+            await gate.enter_batch(seats, self.batch_wait_seconds, sequences)
         except EngineBusy:
             self.metrics.proxy_errors.labels("engine_busy").inc()
             raise AgentError(

@@ -110,6 +110,7 @@ class Job:
     cold_place: Callable[[], None] | None = None
     # Why a load it waits on would be started, and what that load may step down.
     asked: coldstart.Asked = coldstart.FOR_REQUEST
+    sequences: int = 1  # its `n`: each takes one of an engine's seats
 
     def release_seat(self) -> None:
         if self.ticket is not None:
@@ -456,8 +457,9 @@ class Router:
         self, job: Job, placements: list[Placement], tried: set[Generation], deadline: float
     ) -> Opened | HttpResponse | None:
         """The first of the replicas to answer, by routing's order; the agent's refusal of the
-        request itself; None when none could (the request goes cold), or not_ready when each
-        serves but has every adapter slot busy."""
+        request itself; None when none could (the request goes cold), not_ready when each
+        serves but has every adapter slot busy, engine_busy when each had no room for a
+        batch-class request."""
         no_room = busy = False
         adapter_id = job.adapter.adapter_id if job.adapter is not None else None
         while picked := self.pick(
@@ -472,12 +474,7 @@ class Router:
             no_room = no_room or opened == Fault.NO_ROOM
             busy = busy or opened == Fault.BUSY
         if busy and not no_room:  # a batch request: every replica's seats serve others now
-            refused = openai_error(
-                503, f"Every replica of `{job.target.model_id}` is busy with other requests: "
-                "batch-class requests wait for free seats; try again later.", code="engine_busy",
-            )  # fmt: skip
-            refused["Retry-After"] = "5"
-            return refused
+            return engine_busy(job)
         if no_room:  # replicas serve, their adapter slots are busy: soon free, not a cold start
             return not_ready(
                 f"Every replica of `{job.target.model_id}` that could serve the adapter "
@@ -599,14 +596,15 @@ class Router:
         self, placement: Placement, job: Job, tried: set[Generation], deadline: float
     ) -> Opened | HttpResponse | Fault | None:
         """The replica's answer; None when it failed (marked, and added to `tried`); NO_ROOM
-        when it serves but cannot take this adapter now (added to `tried`, not marked); the
-        agent's refusal of the request itself as an OpenAI error."""
+        when it serves but cannot take this adapter now, BUSY when it had no room for a
+        batch-class request in time (either added to `tried`, not marked); the agent's
+        refusal of the request itself as an OpenAI error."""
         claim = self.claim(placement, job.model)
         try:
             answer = await upstream.post(
                 self.state.session, placement, job.api.value, job.raw, job.stream,
                 deadline - time.monotonic(), job.adapter,
-                job.asker.priority_class if job.asker is not None else None,
+                job.asker.priority_class if job.asker is not None else None, job.sequences,
             )  # fmt: skip
             refused = await upstream.refusal(answer)
         except ReplicaFailed as failure:
@@ -682,7 +680,9 @@ class Router:
                     return opened
                 if opened == Fault.NO_LORA:
                     raise coldstart.ColdStartFailed(_without_lora(job))
-                if opened in (Fault.NO_ROOM, Fault.BUSY):
+                if opened == Fault.BUSY:  # a batch request: later, not held here meanwhile
+                    return engine_busy(job)
+                if opened == Fault.NO_ROOM:
                     tried.discard(generation(placement))  # busy, not failed: ask it again
             failures += 1
             pause = min(_COLD_RETRY_PAUSE_SECONDS * 2 ** (failures - 1), 5.0)
@@ -867,6 +867,17 @@ def shed(refused: Shed) -> JsonResponse:
     response = openai_error(refused.status, refused.message, code=refused.code)
     response["Retry-After"] = str(refused.retry_after)
     return response
+
+
+def engine_busy(job: Job) -> JsonResponse:
+    """A batch-class request that found no room on its replicas' engines: their seats serve
+    other requests now (nodeagent.batchgate). It did not run; the batch sends it later."""
+    refused = openai_error(
+        503, f"Every replica of `{job.target.model_id}` is busy with other requests: "
+        "batch-class requests wait for free seats; try again later.", code="engine_busy",
+    )  # fmt: skip
+    refused["Retry-After"] = "5"
+    return refused
 
 
 def not_ready(message: str, code: str = "model_not_ready") -> JsonResponse:

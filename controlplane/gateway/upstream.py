@@ -20,7 +20,13 @@ from django.http.response import HttpResponseBase
 from agents.models import Placement
 from controlplane.gateway.apis import Api
 from controlplane.gateway.stats import RequestRecord
-from nodeagent.protocol import AGENT_ERROR_HEADER, BATCH_CLASS, PRIORITY_CLASS_HEADER, AdapterRef
+from nodeagent.protocol import (
+    AGENT_ERROR_HEADER,
+    BATCH_CLASS,
+    PRIORITY_CLASS_HEADER,
+    SEQUENCES_HEADER,
+    AdapterRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ async def post(
     seconds_left: float,
     adapter: AdapterRef | None = None,
     priority_class: str | None = None,
+    sequences: int = 1,
 ) -> aiohttp.ClientResponse:
     """The replica's answer, headers read and body not; ReplicaFailed when it has none.
 
@@ -113,6 +120,8 @@ async def post(
         headers.update(adapter.headers())
     if priority_class == BATCH_CLASS:  # it yields to others on the engine too
         headers[PRIORITY_CLASS_HEADER] = BATCH_CLASS
+    if sequences > 1:  # each of its `n` takes an engine seat
+        headers[SEQUENCES_HEADER] = str(sequences)
     # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...` would
     # have the web process fetch that address and hand the body to the client.
     # A stream that goes silent past GATEWAY_STREAM_IDLE_SECONDS is given up (relay_chunks
@@ -132,8 +141,11 @@ async def post(
         text = str(exc) or type(exc).__name__
         raise ReplicaFailed(Fault.UNREACHABLE, f"{placement.agent.agent_id}: {text}") from None
     except TimeoutError:
+        # A batch-class request may wait at its agent for room on a busy engine: no verdict on
+        # the replica, which other requests show alive or not.
+        fault = Fault.BUSY if priority_class == BATCH_CLASS else Fault.NOT_SERVING
         raise ReplicaFailed(
-            Fault.NOT_SERVING, f"no stream headers from {placement.agent.agent_id} in {limit:.0f} s"
+            fault, f"no stream headers from {placement.agent.agent_id} in {limit:.0f} s"
         ) from None
     if 300 <= answer.status < 400:
         answer.close()

@@ -353,7 +353,7 @@ async def _answer(
         parsed.keep_alive, adapter=_adapter_of(model), request_id=request_id,
         prefix=_prefix_of(api, parsed.body, model),
         prompt=_prompt_of(api, parsed.body, model), asker=asker, queue_timeout=admission[1],
-        asked=batch_line or FOR_REQUEST,
+        asked=batch_line or FOR_REQUEST, sequences=_sequences_of(parsed.body),
     )  # fmt: skip
     try:
         response = await state.router.serve(job)
@@ -364,6 +364,12 @@ async def _answer(
     if admitted is not None:  # a request that reached no engine gives its reservation back
         _unreserve_unless_used(state, meter, admitted, response)
     return response
+
+
+def _sequences_of(body: dict[str, Any]) -> int:
+    """How many sequences the request asks an engine for: its `n` (validated), else one."""
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def _unreserve_unless_used(

@@ -3,6 +3,8 @@ replica may serve" (not marked), which are the replica's fault, which the client
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -29,8 +31,14 @@ async def agent():
             headers={AGENT_ERROR_HEADER: code},
         )  # fmt: skip
 
+    async def silent(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        await asyncio.sleep(5)  # no headers for a while: a batch request waiting for room
+        return web.json_response({})
+
     app = web.Application()
     app.router.add_post("/models/org/tiny/{code}/{status}/v1/chat/completions", answer)
+    app.router.add_post("/models/org/tiny/silent/v1/chat/completions", silent)
     server = TestServer(app)
     await server.start_server()
     yield server, seen
@@ -110,13 +118,28 @@ def test_a_client_is_told_an_agent_s_refusal_without_its_insides(caplog):
     assert "azure://" not in _refusal_told(job, AgentRefusal(413, "body_too_large", inside))
 
 
+@pytest.mark.parametrize(("priority_class", "fault"),
+                         [("batch", Fault.BUSY), ("interactive", Fault.NOT_SERVING)])  # fmt: skip
+async def test_a_batch_stream_held_for_room_is_no_verdict_on_its_replica(
+    agent, priority_class, fault
+):
+    server, _ = agent
+    url = str(server.make_url("/models/org/tiny/silent"))
+    with pytest.raises(ReplicaFailed) as failed:
+        await upstream.post(
+            current().session, placement(url), "chat/completions", b"{}", True, 0.3, None,
+            priority_class,
+        )  # fmt: skip
+    assert failed.value.fault == fault
+
+
 async def test_a_batch_class_request_says_so_to_the_agent(agent):
     server, seen = agent
     url = str(server.make_url("/models/org/tiny/engine_busy/503"))
     for priority_class in ("batch", "interactive", None):
         answer = await upstream.post(
             current().session, placement(url), "chat/completions", b"{}", False, 10, None,
-            priority_class,
+            priority_class, 3,
         )  # fmt: skip
         answer.release()
     assert [headers.get("X-Llmfleet-Priority-Class") for headers in seen[-3:]] == [
@@ -124,3 +147,4 @@ async def test_a_batch_class_request_says_so_to_the_agent(agent):
         None,
         None,
     ]
+    assert {headers.get("X-Llmfleet-Sequences") for headers in seen[-3:]} == {"3"}

@@ -89,6 +89,36 @@ async def test_a_turn_that_came_as_its_waiter_left_is_given_on() -> None:
     assert gate.held == 1
 
 
+async def test_a_request_counts_its_sequences_and_the_line_keeps_its_order() -> None:
+    gate = BatchGate()
+    gate.enter_now(3)  # n=3: three of the engine's seats
+    wide = asyncio.ensure_future(gate.enter_batch(4, 5, 2))
+    narrow = asyncio.ensure_future(gate.enter_batch(4, 5, 1))
+    await asyncio.sleep(0.01)
+    assert not wide.done()
+    assert not narrow.done()  # room for it, but it does not overtake the first in line
+    gate.leave(4, 3)
+    await asyncio.gather(wide, narrow)
+    assert gate.held == 3
+    gate.leave(4, 2)
+    gate.leave(4, 1)
+    await gate.enter_batch(4, 1, 9)  # wider than the engine: it enters alone
+    assert gate.held == 9
+
+
+async def test_a_waiter_that_leaves_the_head_of_the_line_lets_the_next_in() -> None:
+    gate = BatchGate()
+    gate.enter_now(3)
+    wide = asyncio.ensure_future(gate.enter_batch(4, 5, 2))
+    narrow = asyncio.ensure_future(gate.enter_batch(4, 5, 1))
+    await asyncio.sleep(0.01)
+    wide.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wide
+    await asyncio.wait_for(narrow, 1)  # it fits once the wide one is out of its way
+    assert gate.held == 4
+
+
 async def _agent(tmp_path, *extra: str) -> tuple[RunningAgent, TestServer]:
     from aiohttp import ClientSession
 
