@@ -12,6 +12,7 @@ accepted runs every line, and one that is not leaves nothing behind. What needs 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -88,11 +89,9 @@ _SLICE_SECONDS = 0.002
 
 class _Parser:
     def __init__(self, data: bytes, max_tokens: int) -> None:
-        try:
-            text = data.decode()
-        except UnicodeDecodeError as exc:
-            raise BadBatchInput(f"The file is not UTF-8 text: {exc}.") from None
-        self.rows = enumerate(text.splitlines(), start=1)
+        # Line by line as they are read (JSON lines end at "\n" alone; a string may hold
+        # other line separators), not the whole file split at once.
+        self.rows = enumerate(io.BytesIO(data), start=1)
         self.max_tokens = max_tokens
         self.lines: list[BatchLine] = []
         self.seen: set[str] = set()
@@ -100,7 +99,11 @@ class _Parser:
     def step(self, seconds: float) -> bool:
         """Read lines for about `seconds`; True once every line is read."""
         until = time.perf_counter() + seconds
-        for number, raw in self.rows:
+        for number, read in self.rows:
+            try:
+                raw = read.decode()
+            except UnicodeDecodeError as exc:
+                raise BadBatchInput(f"not UTF-8 text ({exc}).", number) from None
             if raw.strip():
                 line = _line(raw, number, self.max_tokens)
                 if line.custom_id in self.seen:

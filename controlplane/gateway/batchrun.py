@@ -192,13 +192,17 @@ class Runner:
         while waiting and not self._should_stop():
             retry: list[BatchLine] = []
             for line in waiting:
-                if self.deferred.get(line.model_id, 0.0) > time.monotonic():
+                if self._deferred(line):
                     retry.append(line)  # its model waits for idle capacity: the others go on
                     continue
                 await slots.acquire()
                 if self._should_stop():
                     slots.release()
                     break
+                if self._deferred(line):  # deferred while this waited for a slot
+                    slots.release()
+                    retry.append(line)
+                    continue
                 task = asyncio.ensure_future(self._one(line, slots, retry))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -207,6 +211,9 @@ class Runner:
             if waiting:
                 await asyncio.sleep(self._pause(waiting))
         await asyncio.gather(*running)  # lines in flight finish, whatever stopped the rest
+
+    def _deferred(self, line: BatchLine) -> bool:
+        return self.deferred.get(line.model_id, 0.0) > time.monotonic()
 
     def _pause(self, waiting: list[BatchLine]) -> float:
         """Until lines may be sent again: a short pause, or, when every one waiting is of a
@@ -226,6 +233,7 @@ class Runner:
 
     async def _one(self, line: BatchLine, slots: asyncio.Semaphore, retry: list[BatchLine]) -> None:
         request_id = new_request_id()
+        ran = False  # whether its answer is kept: only that grows the slow start's window
         try:
             response = await _serve(self.key, line, request_id, self._asked())
             body = _body_of(response)
@@ -234,6 +242,7 @@ class Runner:
             if response.status_code in _NOT_RUN and self._again(line, body):
                 retry.append(line)
                 return
+            ran = True
             await self._journal(line, response.status_code, body, request_id)
         except NotHeld:
             self.stopping = self.lost = True
@@ -246,7 +255,7 @@ class Runner:
             await self._journal(line, 500, None, request_id, error)
         finally:
             slots.release()
-            if self.window < settings.BATCH_CONCURRENCY:  # the slow start: one more
+            if ran and self.window < settings.BATCH_CONCURRENCY:  # the slow start: one more
                 self.window += 1
                 slots.release()
 

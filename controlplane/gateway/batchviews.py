@@ -19,7 +19,7 @@ from controlplane.gateway.batchinput import BATCH_ENDPOINTS, BadBatchInput, read
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.files import check_models, store_failed
 from controlplane.gateway.models import ApiKey, Batch, FilePurpose, StoredFile
-from controlplane.gateway.paging import page_of
+from controlplane.gateway.paging import could_be_id, page_of
 from controlplane.gateway.state import current
 from nodeagent.store.base import StoreError
 
@@ -71,7 +71,11 @@ async def _owned(request: HttpRequest, batch_id: str) -> Batch | JsonResponse:
     if isinstance(key, AuthFailure):
         return key.response
     rows = Batch.objects.select_related("output_file", "error_file")
-    found = await rows.filter(api_key=key, batch_id=batch_id).afirst()
+    found = (
+        await rows.filter(api_key=key, batch_id=batch_id).afirst()
+        if could_be_id(batch_id)
+        else None
+    )
     if found is None:
         return openai_error(404, f"No such Batch object: {batch_id}", code="batch_not_found",
                             param="batch_id")  # fmt: skip
@@ -102,7 +106,11 @@ async def _created(request: HttpRequest, key: ApiKey) -> JsonResponse:
     if isinstance(asked, JsonResponse):
         return asked
     file_id, endpoint, metadata = asked
-    stored = await StoredFile.objects.filter(api_key=key, file_id=file_id).afirst()
+    stored = (
+        await StoredFile.objects.filter(api_key=key, file_id=file_id).afirst()
+        if could_be_id(file_id)
+        else None
+    )
     if stored is None:
         return openai_error(404, f"No such File object: {file_id}", param="input_file_id",
                             code="file_not_found")  # fmt: skip
@@ -140,7 +148,8 @@ def _checked_fields(body: dict[str, Any]) -> tuple[str, str, dict[str, str] | No
     if metadata is not None and not _metadata_ok(metadata):
         return _refused(
             f"metadata is at most {_METADATA_PAIRS} pairs of strings, keys of at most "
-            f"{_METADATA_KEY} characters and values of at most {_METADATA_VALUE}.", "metadata",
+            f"{_METADATA_KEY} characters and values of at most {_METADATA_VALUE}, without "
+            "NUL characters.", "metadata",
         )  # fmt: skip
     return file_id, endpoint, metadata
 
@@ -152,6 +161,7 @@ def _metadata_ok(metadata: Any) -> bool:
         and all(
             isinstance(name, str) and isinstance(value, str)
             and len(name) <= _METADATA_KEY and len(value) <= _METADATA_VALUE
+            and "\x00" not in name + value  # PostgreSQL's JSON keeps no NUL
             for name, value in metadata.items()
         )
     )  # fmt: skip

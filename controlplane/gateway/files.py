@@ -20,7 +20,7 @@ from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.batchinput import BadBatchInput, BatchInput, read_batch_input
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.models import ApiKey, FilePurpose, StoredFile
-from controlplane.gateway.paging import page_of
+from controlplane.gateway.paging import could_be_id, page_of
 from controlplane.gateway.state import current
 from nodeagent.store.base import StoreError
 
@@ -92,7 +92,11 @@ async def _owned(request: HttpRequest, file_id: str) -> StoredFile | JsonRespons
     key = await authenticate(request, current().cache)
     if isinstance(key, AuthFailure):
         return key.response
-    found = await StoredFile.objects.filter(api_key=key, file_id=file_id).afirst()
+    found = (
+        await StoredFile.objects.filter(api_key=key, file_id=file_id).afirst()
+        if could_be_id(file_id)
+        else None
+    )
     if found is None:
         return openai_error(404, f"No such File object: {file_id}", code="file_not_found",
                             param="file_id")  # fmt: skip
@@ -102,7 +106,9 @@ async def _owned(request: HttpRequest, file_id: str) -> StoredFile | JsonRespons
 async def _listed(request: HttpRequest, key: ApiKey) -> JsonResponse:
     """The key's files, with `purpose` to filter, as OpenAI pages them (`order` too)."""
     owned = StoredFile.objects.filter(api_key=key)
-    rows = owned.filter(purpose=purpose) if (purpose := request.GET.get("purpose")) else owned
+    rows = owned
+    if purpose := request.GET.get("purpose"):
+        rows = owned.filter(purpose=purpose) if could_be_id(purpose) else owned.none()
     return await page_of(request, owned, rows, id_field="file_id", name="File",
                          default_limit=_LIST_MOST, most=_LIST_MOST, orderable=True)  # fmt: skip
 

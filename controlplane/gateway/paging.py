@@ -11,6 +11,12 @@ from django.http import HttpRequest, JsonResponse
 from controlplane.gateway.errors import openai_error
 
 
+def could_be_id(value: str) -> bool:
+    """Whether `value` could name a stored object (a file, a batch): PostgreSQL refuses a NUL
+    in a query's text with an error rather than finding no row, and no id is that long."""
+    return 0 < len(value) <= 128 and "\x00" not in value
+
+
 async def page_of(
     request: HttpRequest,
     owned: QuerySet[Any],
@@ -35,7 +41,11 @@ async def page_of(
     oldest_first = orderable and request.GET.get("order") == "asc"
     rows = rows.order_by("pk" if oldest_first else "-pk")
     if after := request.GET.get("after"):
-        cursor = await owned.filter(**{id_field: after}).values_list("pk", flat=True).afirst()
+        cursor = (
+            await owned.filter(**{id_field: after}).values_list("pk", flat=True).afirst()
+            if could_be_id(after)
+            else None
+        )
         if cursor is None:
             return openai_error(400, f"No such {name} object: {after}", param="after",
                                 code=f"{name.lower()}_not_found")  # fmt: skip

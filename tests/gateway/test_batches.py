@@ -88,6 +88,8 @@ def test_a_batch_is_created_listed_retrieved_and_cancelled_by_its_key(client):
         ({"endpoint": "/v1/images"}, 400, "endpoint", "endpoint must be one of"),
         ({"completion_window": "1h"}, 400, "completion_window", "completion_window must be 24h"),
         ({"metadata": {"k": 1}}, 400, "metadata", "metadata is at most 16 pairs"),
+        ({"metadata": {"k": "\x00"}}, 400, "metadata", "metadata is at most 16 pairs"),
+        ({"input_file_id": "file-\x00"}, 404, "input_file_id", "No such File object"),
         (
             {"endpoint": "/v1/completions"},
             400,

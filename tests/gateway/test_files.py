@@ -106,7 +106,7 @@ def test_another_keys_file_is_as_unknown_as_none(client):
         (line(model="org/private"), "Line 1: The model `org/private` does not exist"),
         (line(model="org/embed"), "Line 1: The model `org/embed` is of kind `embedding`"),
         ("\n\n", "The file holds no request"),
-        (b"\xff\xfe", "The file is not UTF-8 text"),
+        (b"\xff\xfe", "Line 1: not UTF-8 text"),
     ],
 )
 def test_bad_batch_input_is_400_naming_its_first_bad_line_with_nothing_stored(
@@ -144,6 +144,12 @@ def test_files_are_listed_a_page_at_a_time(client):
     oldest = get(client, raw, "/v1/files?order=asc&limit=1").json()
     assert oldest["data"][0]["id"] == ids[0]
     assert error_of(get(client, raw, "/v1/files?limit=0"), 400)["param"] == "limit"
+    # Ids no object has, a NUL among them (PostgreSQL refuses it in a query): 4xx, never 5xx.
+    assert error_of(get(client, raw, "/v1/files?after=%00"), 400)["param"] == "after"
+    assert error_of(get(client, raw, "/v1/batches?after=%00"), 400)["param"] == "after"
+    assert error_of(get(client, raw, "/v1/files/file-%00"), 404)["code"] == "file_not_found"
+    assert error_of(get(client, raw, "/v1/batches/b%00"), 404)["code"] == "batch_not_found"
+    assert get(client, raw, "/v1/files?purpose=%00").json()["data"] == []
 
 
 def test_a_store_that_fails_leaves_neither_row_nor_bytes(client, monkeypatch, files_here):
