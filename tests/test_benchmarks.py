@@ -16,6 +16,7 @@ BENCH = ROOT / "bench"
 # Each benchmark and how long its quick mode may take (those with real vLLM start a fleet).
 QUICK_SECONDS = {
     "adapters": 900,
+    "batch": 300,
     "coldstart": 1200,
     "compilecache": 900,
     "download": 600,

@@ -19,6 +19,8 @@ import openai
 import pytest
 
 from agents import actions
+from agents.choices import LoadEventKind, LoadTrigger
+from agents.models import LoadEvent
 from controlplane.gateway.models import BatchOutcome
 from nodeagent import tinymodel
 from tests.e2e.fleet import registered, running_control_plane, serving_on
@@ -44,18 +46,22 @@ def batch_input(count: int, max_tokens: int = 4) -> bytes:
     ).encode()  # fmt: skip
 
 
-def fleet(stack: ExitStack, settings: Any, tmp_path: Path, tpot_ms: int = 1, **env: str) -> Any:
+def fleet(
+    stack: ExitStack, settings: Any, tmp_path: Path, tpot_ms: int = 1,
+    agent_args: tuple[str, ...] = (), serve: bool = True, **env: str,
+) -> Any:  # fmt: skip
     plane = stack.enter_context(running_control_plane(settings, tmp_path, 1, **env))
     log = tmp_path / "engine-requests.jsonl"
-    plane.agent(stack, tmp_path, "a1", *sim(log, tpot_ms))
+    agent = plane.agent(stack, tmp_path, "a1", *sim(log, tpot_ms), *agent_args)
     registered("a1")
     tiny = tinymodel.build(tmp_path / "tiny").as_uri()
     model, _ = actions.register_catalog_model("org/tiny", tiny, size_bytes=1)
-    serving_on(model, "a1")
+    if serve:
+        serving_on(model, "a1")
     wait_for(lambda: "ready." in plane.log("batcher"), 60, "the batches worker")
     _, raw_key = make_api_key("batches")
     client = openai.OpenAI(base_url=f"{plane.url}/v1", api_key=raw_key, max_retries=0)
-    return plane, client, log
+    return plane, client, log, agent
 
 
 def until_ended(client: openai.OpenAI, batch_id: str, seconds: float = 120) -> Any:
@@ -85,7 +91,7 @@ def engine_took(log: Path) -> Counter[str]:
 
 def test_a_batch_runs_to_its_output_file_each_line_once(settings, tmp_path):
     with ExitStack() as stack:
-        _, client, log = fleet(stack, settings, tmp_path)
+        _, client, log, _ = fleet(stack, settings, tmp_path)
         made = client.files.create(file=("in.jsonl", batch_input(40)), purpose="batch")
         batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
                                       completion_window="24h")  # fmt: skip
@@ -108,7 +114,7 @@ def test_the_batches_worker_killed_mid_batch_loses_no_line_and_writes_none_twice
 ):
     lines = 120
     with ExitStack() as stack:
-        plane, client, log = fleet(stack, settings, tmp_path, tpot_ms=20, BATCH_CONCURRENCY="8")
+        plane, client, log, _ = fleet(stack, settings, tmp_path, tpot_ms=20, BATCH_CONCURRENCY="8")
         made = client.files.create(file=("in.jsonl", batch_input(lines, 8)), purpose="batch")
         batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
                                       completion_window="24h")  # fmt: skip
@@ -131,7 +137,7 @@ def test_the_batches_worker_killed_mid_batch_loses_no_line_and_writes_none_twice
 
 def test_a_cancelled_batch_ends_with_the_files_of_what_ran(settings, tmp_path):
     with ExitStack() as stack:
-        _, client, log = fleet(stack, settings, tmp_path, tpot_ms=50, BATCH_CONCURRENCY="2")
+        _, client, log, _ = fleet(stack, settings, tmp_path, tpot_ms=50, BATCH_CONCURRENCY="2")
         made = client.files.create(file=("in.jsonl", batch_input(60, 10)), purpose="batch")
         batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
                                       completion_window="24h")  # fmt: skip
@@ -148,7 +154,7 @@ def test_a_cancelled_batch_ends_with_the_files_of_what_ran(settings, tmp_path):
 
 def test_a_batch_past_its_window_expires_its_unrun_lines(settings, tmp_path):
     with ExitStack() as stack:
-        _, client, _ = fleet(stack, settings, tmp_path, tpot_ms=50, BATCH_CONCURRENCY="1",
+        _, client, _, _ = fleet(stack, settings, tmp_path, tpot_ms=50, BATCH_CONCURRENCY="1",
                              BATCH_COMPLETION_WINDOW_SECONDS="3")  # fmt: skip
         made = client.files.create(file=("in.jsonl", batch_input(40, 10)), purpose="batch")
         batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
@@ -159,3 +165,83 @@ def test_a_batch_past_its_window_expires_its_unrun_lines(settings, tmp_path):
         assert len(ran) + len(expired) == 40  # every line in exactly one file
         assert expired
         assert {row["error"]["code"] for row in expired} == {"batch_expired"}
+
+
+def test_batch_lines_leave_each_engine_its_reserve_for_interactive_requests(settings, tmp_path):
+    """The agent lets a batch line into its engine only while its reserve stays free (here 2
+    of the engine's 4 seats): the lines wait at the agent, and an interactive request sent
+    meanwhile enters at once, ahead of them."""
+    with ExitStack() as stack:
+        _, client, log, agent = fleet(
+            stack, settings, tmp_path, tpot_ms=20, BATCH_CONCURRENCY="8",
+            agent_args=("--sim-max-num-seqs", "4", "--batch-reserve-percent", "50"),
+        )  # fmt: skip
+        made = client.files.create(file=("in.jsonl", batch_input(60, 10)), purpose="batch")
+        batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # fmt: skip
+        wait_for(lambda: agent.metric("llmfleet_agent_batch_requests_waiting") > 0, 60,
+                 "batch lines waiting at the agent")  # fmt: skip
+        held = [agent.metric("llmfleet_agent_requests_in_flight") for _ in range(20)]
+        assert max(held) <= 2, held  # the batch's lines never take the reserve
+        # An interactive request enters at once, ahead of the batch's lines waiting there.
+        answer = client.chat.completions.create(
+            model="org/tiny", max_tokens=30, messages=[{"role": "user", "content": "now"}]
+        )
+        assert answer.choices[0].message.content
+        assert agent.metric("llmfleet_agent_batch_requests_waiting") > 0
+        done = until_ended(client, batch.id)
+        assert done.status == "completed", done
+        assert done.request_counts.completed == 60
+        took = engine_took(log)
+        assert took.pop("now") == 1
+        assert took == Counter({str(n): 1 for n in range(60)})
+
+
+def test_a_batch_whose_cold_start_lost_its_loads_worker_still_runs_each_line_once(
+    settings, tmp_path
+):
+    """The loads worker SIGKILLed while it loads the batch's model: the load is recovered, the
+    batch waits for it, and every line runs once."""
+    with ExitStack() as stack:
+        plane, client, log, _ = fleet(stack, settings, tmp_path, serve=False,
+                                   agent_args=("--sim-load-seconds", "4"))  # fmt: skip
+        made = client.files.create(file=("in.jsonl", batch_input(30)), purpose="batch")
+        batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # fmt: skip
+        started = LoadEvent.objects.filter(kind=LoadEventKind.LOAD, started_at__isnull=False)
+        wait_for(started.exists, 60, "the batch's cold start")
+        assert started.get().trigger == LoadTrigger.BATCH
+        plane.kill("loader")
+        plane.start("loader")
+        done = until_ended(client, batch.id, seconds=180)
+        assert done.status == "completed", done
+        assert done.request_counts.completed == 30
+        assert engine_took(log) == Counter({str(n): 1 for n in range(30)})
+
+
+def test_an_engine_that_dies_mid_batch_loses_no_line(settings, tmp_path):
+    """The agent serving the batch's model SIGKILLed, its engine with it, while lines run, then
+    started again: the lines in flight fail over to the model's next cold start, and every
+    line is answered once; sent to an engine again, at most those that were in flight."""
+    lines = 60
+    with ExitStack() as stack:
+        plane, client, log, agent = fleet(
+            stack, settings, tmp_path, tpot_ms=20, BATCH_CONCURRENCY="8"
+        )
+        made = client.files.create(file=("in.jsonl", batch_input(lines, 8)), purpose="batch")
+        batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # fmt: skip
+        wait_for(lambda: BatchOutcome.objects.count() >= 10, 60, "a part of the batch run")
+        agent.process.kill()
+        agent.process.wait()
+        assert BatchOutcome.objects.count() < lines
+        plane.agent(stack, tmp_path, "a1", *sim(log, 20))
+        done = until_ended(client, batch.id, seconds=180)
+        assert done.status == "completed", done
+        assert (done.request_counts.completed, done.request_counts.failed) == (lines, 0)
+        output = rows(client, done.output_file_id)
+        assert sorted(row["custom_id"] for row in output) == sorted(f"q-{n}" for n in range(lines))
+        took = engine_took(log)
+        assert set(took) == {str(n) for n in range(lines)}
+        again = [question for question, times in took.items() if times > 1]
+        assert len(again) <= 8, again  # only lines the dead engine held
