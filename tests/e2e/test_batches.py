@@ -12,6 +12,7 @@ import signal
 import time
 from collections import Counter
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from agents.choices import LoadEventKind, LoadTrigger
 from agents.models import LoadEvent
 from controlplane.gateway.models import BatchOutcome
 from nodeagent import tinymodel
+from tests.e2e.faults import private_redis
 from tests.e2e.fleet import registered, running_control_plane, serving_on
 from tests.factories import make_api_key
-from tests.support import wait_for
+from tests.support import http_ok, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -245,3 +247,37 @@ def test_an_engine_that_dies_mid_batch_loses_no_line(settings, tmp_path):
         assert set(took) == {str(n) for n in range(lines)}
         again = [question for question, times in took.items() if times > 1]
         assert len(again) <= 8, again  # only lines the dead engine held
+
+
+def test_a_batch_goes_on_through_a_redis_and_a_web_restart(settings, tmp_path):
+    """Redis (a private one: the machine's is shared) and the web process killed mid-batch:
+    the batch's state is PostgreSQL's and its lines go from the batches worker to the
+    agents, so lines go on being answered while both are down, and the batch ends with every
+    line answered once."""
+    lines = 60
+    (tmp_path / "redis").mkdir()
+    with ExitStack() as stack:
+        redis = stack.enter_context(private_redis(tmp_path / "redis"))
+        # The batch cold-starts its model: the control plane's processes use the private
+        # Redis, this process's Celery client the machine's.
+        plane, client, log, _ = fleet(stack, settings, tmp_path, tpot_ms=20, serve=False,
+                                      BATCH_CONCURRENCY="4", REDIS_URL=redis["url"])  # fmt: skip
+        made = client.files.create(file=("in.jsonl", batch_input(lines, 8)), purpose="batch")
+        batch = client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # fmt: skip
+        wait_for(lambda: BatchOutcome.objects.count() >= 5, 60, "a part of the batch run")
+        redis["process"].kill()
+        redis["process"].wait()
+        plane.kill("web")
+        down = BatchOutcome.objects.count()
+        wait_for(lambda: BatchOutcome.objects.count() >= down + 5, 60,
+                 "lines answered while Redis and the web process are down")  # fmt: skip
+        redis["start"]()
+        plane.start("web")
+        wait_for(partial(http_ok, f"{plane.url}/healthz"), 30, "the web process again")
+        done = until_ended(client, batch.id, seconds=180)
+        assert done.status == "completed", done
+        assert (done.request_counts.completed, done.request_counts.failed) == (lines, 0)
+        output = rows(client, done.output_file_id)
+        assert sorted(row["custom_id"] for row in output) == sorted(f"q-{n}" for n in range(lines))
+        assert engine_took(log) == Counter({str(n): 1 for n in range(lines)})
