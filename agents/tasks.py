@@ -196,9 +196,7 @@ def tell_revoked_agents() -> None:
 
 @shared_task(name="agents.tasks.prune_history")
 def prune_history() -> None:
-    """Beat's hourly pruning of history past its retention (README: Bounded history)."""
-    from controlplane.gateway.actions import prune_history as prune_gateway
-
-    pruned = {"load_events": actions.prune_load_events(), **prune_gateway()}
-    if any(pruned.values()):
-        log.info("pruned %s", ", ".join(f"{n} {what}" for what, n in pruned.items()))
+    """Beat's hourly pruning of load events past their retention (docs: Bounded history); the
+    gateway prunes its own figures (gateway.tasks.prune_history)."""
+    if pruned := actions.prune_load_events():
+        log.info("pruned %s load_events", pruned)

@@ -1,4 +1,4 @@
-"""The live dashboard page; its data comes over the WebSocket (agents.consumers)."""
+"""The live dashboard page; its data comes over the WebSocket (controlplane.dashboard)."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from agents.consumers import FleetConsumer  # noqa: E402
 from controlplane import bodylimit  # noqa: E402
+from controlplane.dashboard import FleetConsumer  # noqa: E402
 from controlplane.gateway.handler import ApiHandler  # noqa: E402
 
 site_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app

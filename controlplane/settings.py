@@ -393,6 +393,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(PRUNE_INTERVAL_SECONDS),
         "options": {"expires": float(PRUNE_INTERVAL_SECONDS)},
     },
+    "prune-gateway-history": {
+        "task": "gateway.tasks.prune_history",
+        "schedule": float(PRUNE_INTERVAL_SECONDS),
+        "options": {"expires": float(PRUNE_INTERVAL_SECONDS)},
+    },
 }
 
 if REDIS_URL:

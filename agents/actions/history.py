@@ -1,6 +1,6 @@
 """The fleet's history kept bounded: step counters rolled up as steps finish, each agent's
 running estimates of its load phases, and the pruning of old load events (beat's
-`agents.tasks.prune_history`, with the gateway's own figures)."""
+`agents.tasks.prune_history`; the gateway's `gateway.tasks.prune_history` prunes its own)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from agents.choices import (
     AgentState,
     PlacementState,
 )
+from agents.faults import Fault
 from agents.models import Agent, Placement
 from agents.scheduling import effective_agent_state, health_verdict, summarize_gpus
 from agents.transitions import Event
@@ -317,8 +318,6 @@ def replica_failed(placement_pk: int, ready_at: datetime | None, fault: str, mes
 
     Locks one row: the agent, or the placement (never both, so no lock order to keep).
     """
-    from controlplane.gateway.upstream import Fault
-
     with transaction.atomic():
         if fault == Fault.NOT_SERVING:
             # Only the READY row the gateway tried: a load that finished since (a new ready_at)

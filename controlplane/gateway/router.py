@@ -33,6 +33,7 @@ from django.db import DatabaseError
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
 from agents import actions
+from agents.faults import Fault
 from agents.models import Model, Placement
 from agents.scheduling import (
     ReplicaLoad,
@@ -52,7 +53,7 @@ from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.kvfollow import PromptBlocks
 from controlplane.gateway.prefix import Prefix, PrefixIndex
-from controlplane.gateway.upstream import Fault, Meter, ReplicaFailed
+from controlplane.gateway.upstream import Meter, ReplicaFailed
 from nodeagent.protocol import AdapterRef
 
 if TYPE_CHECKING:

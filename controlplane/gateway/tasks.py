@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 from django.conf import settings
 
-from controlplane.gateway import batchactions, batchrun
+from controlplane.gateway import actions, batchactions, batchrun
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name="gateway.tasks.run_batch")
@@ -22,3 +26,11 @@ def resume_batches() -> None:
     # batch waiting its turn is not queued again every few seconds.
     for batch_pk in batchactions.stalled():
         run_batch.apply_async((batch_pk,), expires=settings.BATCH_LEASE_SECONDS)
+
+
+@shared_task(name="gateway.tasks.prune_history")
+def prune_history() -> None:
+    """Beat's hourly pruning of per-minute request figures and daily usage past their retention."""
+    pruned = actions.prune_history()
+    if any(pruned.values()):
+        log.info("pruned %s", ", ".join(f"{n} {what}" for what, n in pruned.items()))

@@ -9,7 +9,6 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,7 @@ from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
+from agents.faults import Fault
 from agents.models import Placement
 from controlplane.gateway.apis import Api
 from controlplane.gateway.stats import RequestRecord
@@ -39,21 +39,6 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers={"Accept-Encoding"}
     )
-
-
-class Fault(StrEnum):
-    """Why a replica could not take a request before its first byte."""
-
-    UNREACHABLE = "unreachable"  # the agent did not answer: connection refused, reset, timeout
-    DRAINING = "draining"  # the agent is stopping and takes no new requests
-    NOT_SERVING = "not_serving"  # the agent answers: the model is not there, or its engine is gone
-    # The replica serves, but cannot take this adapter's request now (every adapter slot of its
-    # engine busy, or an engine without LoRA): another replica may; this one is not marked.
-    NO_ROOM = "no_room"
-    NO_LORA = "no_lora"  # its engine runs without LoRA: it never takes an adapter's request
-    # A batch-class request that found no room on the engine in time: the engine's seats
-    # serve others (nodeagent.batchgate). Not marked; another replica may have room.
-    BUSY = "busy"
 
 
 # The agent's own error codes that say "not here, not now": another replica may answer.

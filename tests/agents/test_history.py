@@ -14,6 +14,7 @@ from agents import actions, tasks
 from agents.actions import history, steps
 from agents.choices import CacheLevel, LoadOutcome
 from agents.models import LoadEstimate, LoadEvent
+from controlplane.gateway import tasks as gateway_tasks
 from controlplane.gateway.models import RequestMinute, Usage
 from controlplane.metrics import FleetCollector
 from nodeagent.protocol import LoadModelResponse, LoadTimings
@@ -58,7 +59,7 @@ def test_pruning_keeps_two_days_of_minutes_and_usage_by_day(settings):
         Usage.objects.create(
             api_key=key, model_id=model.model_id, day=(now - timedelta(days=days_ago)).date()
         )
-    tasks.prune_history()
+    gateway_tasks.prune_history()
     assert RequestMinute.objects.count() == 2
     assert sorted((now.date() - u.day).days for u in Usage.objects.all()) == [1, 399]
 

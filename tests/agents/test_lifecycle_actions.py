@@ -494,7 +494,7 @@ def test_an_old_load_failing_does_not_undo_a_newer_load_of_the_same_placement(qu
 
 @pytest.mark.django_db
 def test_what_the_gateway_saw_of_a_replica_is_written_at_once(settings):
-    from controlplane.gateway.upstream import Fault
+    from agents.faults import Fault
 
     settings.HEARTBEAT_DEGRADED_AFTER = 2
     placement = PlacementFactory(ready_at=timezone.now())

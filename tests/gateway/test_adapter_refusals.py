@@ -9,10 +9,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from agents.faults import Fault
 from agents.models import Agent, Model, Placement
 from controlplane.gateway import upstream
 from controlplane.gateway.state import current
-from controlplane.gateway.upstream import AgentRefusal, Fault, ReplicaFailed
+from controlplane.gateway.upstream import AgentRefusal, ReplicaFailed
 from nodeagent.protocol import AGENT_ERROR_HEADER, AdapterRef, error_body
 
 ADAPTER = AdapterRef("org/tiny-sql", "azure://models/org/tiny-sql", "2")

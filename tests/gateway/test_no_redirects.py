@@ -9,10 +9,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from agents import agent_client
+from agents.faults import Fault
 from agents.models import Agent, Model, Placement
 from controlplane.gateway import upstream
 from controlplane.gateway.state import current
-from controlplane.gateway.upstream import Fault, ReplicaFailed
+from controlplane.gateway.upstream import ReplicaFailed
 from nodeagent.protocol import LoadModelRequest
 
 

@@ -1,4 +1,7 @@
-"""The dashboard's WebSocket: the fleet's state once, then every change as it commits."""
+"""The dashboard's WebSocket: the fleet's state once, then every change as it commits.
+
+It lives in the project package, above both apps, because it draws both: the agents' fleet and
+the gateway's request figures and batches (`agents` never imports the gateway)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from agents import events
 from agents.choices import CacheLevel, LoadEventKind, LoadOutcome, PlacementState
 from agents.models import Agent, LoadEvent, Placement
 from agents.views import DASHBOARD_PERMISSION
+from controlplane.gateway.models import BATCH_RUNNING_STATES, Batch, RequestMinute
 
 # How far back the per-model request panel and the cold-start timeline reach.
 RECENT_MINUTES = 15
@@ -58,8 +62,6 @@ class FleetConsumer(AsyncJsonWebsocketConsumer):
 
 def snapshot() -> dict[str, Any]:
     """Everything the dashboard draws, as of now."""
-    from controlplane.gateway.models import BATCH_RUNNING_STATES, Batch, RequestMinute
-
     since = timezone.now() - timedelta(minutes=RECENT_MINUTES)
     placements = Placement.objects.exclude(
         state=PlacementState.UNLOADED, cache_level=CacheLevel.NONE
