@@ -7,12 +7,12 @@ import aiohttp
 import pytest
 
 from nodeagent.cache import CacheEntry, plan_eviction
-from nodeagent.config import _bytes
 from nodeagent.store import Manifest, ManifestFile, StoreError, open_store, read_manifest
 from nodeagent.store.azure import AZURITE_ACCOUNT, AzureCredentials, parse_azure_uri
 from nodeagent.store.base import http_status_error
 from nodeagent.store.gcs import GcsStore, parse_gcs_uri
 from nodeagent.store.s3 import bucket_base, parse_s3_uri, s3_error_code
+from nodeagent.values import parse_bytes as _bytes
 
 GIB = 1024**3
 

@@ -15,9 +15,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from agents.actions import register_catalog_model
 from agents.choices import ModelKind
-from nodeagent.config import parse_labels
 from nodeagent.protocol import SourceSpec
 from nodeagent.store import Manifest, StoreError, read_file, read_manifest
+from nodeagent.values import parse_labels
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
