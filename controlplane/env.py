@@ -2,7 +2,8 @@
 
 Every setting of llmfleet comes through one of these, so that a bad value
 stops the process at start with an error that names the variable, instead of
-surfacing later as a confusing failure somewhere else.
+surfacing later as a confusing failure somewhere else. Defaults and bounds come
+from each variable's one declaration, in `controlplane.envspec`.
 """
 
 from __future__ import annotations
@@ -10,23 +11,46 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 
+from controlplane.envspec import VARS, Var
+
+_T = TypeVar("_T")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def env_str(name: str, default: str = "") -> str:
-    """The variable's value with surrounding whitespace removed, or `default` when unset."""
+def declared(name: str) -> Var:
+    """The variable's declaration (controlplane.envspec): its default and bounds."""
+    try:
+        return VARS[name]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"{name} is read but not declared in controlplane.envspec"
+        ) from None
+
+
+def _default(name: str, kind: type[_T]) -> _T:
+    default = declared(name).default
+    if not isinstance(default, kind):
+        raise ImproperlyConfigured(
+            f"{name} is declared as {type(default).__name__}, read as {kind.__name__}"
+        )
+    return default
+
+
+def env_str(name: str) -> str:
+    """The variable's value with surrounding whitespace removed, or its default when unset."""
     value = os.environ.get(name)
-    return default if value is None else value.strip()
+    return _default(name, str) if value is None else value.strip()
 
 
-def env_bool(name: str, default: bool = False) -> bool:
+def env_bool(name: str) -> bool:
     value = os.environ.get(name)
     if value is None:
-        return default
+        return _default(name, bool)
     lowered = value.strip().lower()
     if lowered in _TRUE:
         return True
@@ -35,35 +59,38 @@ def env_bool(name: str, default: bool = False) -> bool:
     raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no)")
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+def env_int(name: str) -> int:
+    """An integer, at least the declared minimum."""
     value = os.environ.get(name)
     if value is None or not value.strip():
-        return default
+        return _default(name, int)
     try:
         number = int(value.strip())
     except ValueError:
         raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+    minimum = declared(name).minimum
     if minimum is not None and number < minimum:
         raise ImproperlyConfigured(f"{name}={number} is below its minimum of {minimum}")
     return number
 
 
-def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    """One of `choices` (the value lowercased), or `default` when unset."""
+def env_choice(name: str) -> str:
+    """One of the declared choices (the value lowercased), or the default when unset."""
     value = os.environ.get(name)
     if value is None or not value.strip():
-        return default
+        return _default(name, str)
     lowered = value.strip().lower()
+    choices = declared(name).choices
     if lowered not in choices:
         raise ImproperlyConfigured(f"{name}={value!r} is not one of: {', '.join(choices)}")
     return lowered
 
 
-def env_list(name: str, default: list[str]) -> list[str]:
+def env_list(name: str) -> list[str]:
     """A comma-separated list; empty items are dropped."""
     value = os.environ.get(name)
     if value is None:
-        return list(default)
+        return list(_default(name, tuple))
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
@@ -72,6 +99,8 @@ def env_secret(name: str) -> str:
 
     Setting both is refused: one of them would be silently ignored.
     """
+    if not declared(name).secret:
+        raise ImproperlyConfigured(f"{name} is read as a secret but not declared as one")
     direct = os.environ.get(name)
     path = os.environ.get(f"{name}_FILE")
     if direct is not None and path is not None:

@@ -26,6 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from django.core.exceptions import ImproperlyConfigured
+
+from controlplane.env import env_choice, env_int, env_str
+
 ROOT = Path(__file__).resolve().parent.parent
 # Long enough for Celery's warm shutdown and the web process's drain (WEB_DRAIN_SECONDS, 20)
 # before SIGKILL.
@@ -33,7 +37,6 @@ GRACE_SECONDS = 30.0
 # The agent drains first (AGENT_DRAIN_SECONDS, 30), then stops its engines (AGENT_STOP_GRACE,
 # 15): a SIGKILL before then would leave engines running in their own sessions.
 AGENT_GRACE_SECONDS = 60.0
-AGENT_KINDS = ("vllm", "sim", "none")
 # A child that exits is started again, unless it did so this often within the window.
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 60.0
@@ -209,15 +212,6 @@ def _signal_group(child: subprocess.Popen[bytes], signum: signal.Signals) -> Non
         os.killpg(child.pid, signum)
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise SystemExit(f"fleet: {name}={value!r} is not a positive integer")
-    return int(value)
-
-
 def _fleet_settings() -> tuple[Path, str]:
     """VAR_DIR and the agent token, as the control plane's settings resolve them (an
     embedded run generates the token into VAR_DIR on first use)."""
@@ -284,13 +278,13 @@ def _here(path: str) -> str:
 
 
 def main() -> int:
-    host = os.environ.get("WEB_HOST", "127.0.0.1")
-    port = _env_int("WEB_PORT", 8000)
-    concurrency = _env_int("CELERY_LOAD_CONCURRENCY", 32)
-    agent_port = _env_int("FLEET_AGENT_PORT", 8100)
-    kind = os.environ.get("FLEET_AGENT", "vllm").strip() or "vllm"
-    if kind not in AGENT_KINDS:
-        raise SystemExit(f"fleet: FLEET_AGENT={kind!r} is not one of {', '.join(AGENT_KINDS)}")
+    try:
+        host, port = env_str("WEB_HOST"), env_int("WEB_PORT")
+        concurrency = env_int("CELERY_LOAD_CONCURRENCY")
+        kind, agent_port = env_choice("FLEET_AGENT"), env_int("FLEET_AGENT_PORT")
+        max_restarts = env_int("FLEET_MAX_RESTARTS")
+    except ImproperlyConfigured as exc:
+        raise SystemExit(f"fleet: {exc}") from None
     var_dir, token = _fleet_settings()
     manage = [sys.executable, "manage.py"]
     print("fleet: migrating the database", flush=True)
@@ -303,7 +297,7 @@ def main() -> int:
     specs = process_specs(host, port, concurrency)
     if kind != "none":
         specs.append(agent_spec(kind, base, agent_port, var_dir, token))
-    supervisor = Supervisor(specs, max_restarts=_env_int("FLEET_MAX_RESTARTS", MAX_RESTARTS))
+    supervisor = Supervisor(specs, max_restarts=max_restarts)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     since = datetime.now(UTC)

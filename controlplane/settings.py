@@ -40,13 +40,13 @@ VAR_DIR = Path(env_str("VAR_DIR") or BASE_DIR / "var").resolve()
 with contextlib.suppress(OSError):  # read-only: whoever needs it says so when it writes
     VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = env_bool("DEBUG", False)
+DEBUG = env_bool("DEBUG")
 DATABASE_URL = env_str("DATABASE_URL")
 REDIS_URL = env_str("REDIS_URL")
 # A deployment with its own database but no Redis would fall back, silently, to the embedded
 # file broker, SQLite channel layer and per-process rate limits: one machine's parts, which
 # several web or worker processes on several hosts cannot share. Refused unless asked for.
-ALLOW_WITHOUT_REDIS = env_bool("ALLOW_WITHOUT_REDIS", False)
+ALLOW_WITHOUT_REDIS = env_bool("ALLOW_WITHOUT_REDIS")
 if DATABASE_URL and not REDIS_URL and not ALLOW_WITHOUT_REDIS:
     raise ImproperlyConfigured(
         "DATABASE_URL is set but REDIS_URL is not: the broker, the channel layer and rate limits "
@@ -81,127 +81,122 @@ AGENT_CREDENTIAL_KEY = env_secret("AGENT_CREDENTIAL_KEY") or SECRET_KEY
 # Where agents may live. Link-local and cloud metadata addresses are always refused (an agent
 # URL the gateway posts prompts to must never reach 169.254.169.254); loopback and private
 # ranges are allowed unless turned off here.
-AGENT_ALLOW_LOOPBACK = env_bool("AGENT_ALLOW_LOOPBACK", True)
-AGENT_ALLOW_PRIVATE_NETWORKS = env_bool("AGENT_ALLOW_PRIVATE_NETWORKS", True)
-HEARTBEAT_INTERVAL_SECONDS = env_int("HEARTBEAT_INTERVAL_SECONDS", 5, minimum=1)
+AGENT_ALLOW_LOOPBACK = env_bool("AGENT_ALLOW_LOOPBACK")
+AGENT_ALLOW_PRIVATE_NETWORKS = env_bool("AGENT_ALLOW_PRIVATE_NETWORKS")
+HEARTBEAT_INTERVAL_SECONDS = env_int("HEARTBEAT_INTERVAL_SECONDS")
 # How long one agent's heartbeat may take before it counts as missed.
-HEARTBEAT_TIMEOUT_SECONDS = env_int("HEARTBEAT_TIMEOUT_SECONDS", 3, minimum=1)
+HEARTBEAT_TIMEOUT_SECONDS = env_int("HEARTBEAT_TIMEOUT_SECONDS")
 # Missed heartbeats in a row before an agent is DEGRADED, then OFFLINE (no traffic either way).
-HEARTBEAT_DEGRADED_AFTER = env_int("HEARTBEAT_DEGRADED_AFTER", 2, minimum=1)
-HEARTBEAT_OFFLINE_AFTER = env_int("HEARTBEAT_OFFLINE_AFTER", 4, minimum=1)
+HEARTBEAT_DEGRADED_AFTER = env_int("HEARTBEAT_DEGRADED_AFTER")
+HEARTBEAT_OFFLINE_AFTER = env_int("HEARTBEAT_OFFLINE_AFTER")
 
 # The serverless lifecycle: cold starts, the eviction ladder and scale-out.
 # How long a request waits for a cold start before it gets 503 with Retry-After.
-COLD_START_TIMEOUT_SECONDS = env_int("COLD_START_TIMEOUT_SECONDS", 600, minimum=1)
+COLD_START_TIMEOUT_SECONDS = env_int("COLD_START_TIMEOUT_SECONDS")
 # Agents one cold start tries before it gives up (a failed load moves to the next best).
-LOAD_ATTEMPTS = env_int("LOAD_ATTEMPTS", 3, minimum=1)
+LOAD_ATTEMPTS = env_int("LOAD_ATTEMPTS")
 # An agent where a model failed to load is not tried for that model again for this long.
-LOAD_RETRY_BACKOFF_SECONDS = env_int("LOAD_RETRY_BACKOFF_SECONDS", 60, minimum=0)
+LOAD_RETRY_BACKOFF_SECONDS = env_int("LOAD_RETRY_BACKOFF_SECONDS")
 # How often beat runs the eviction sweep.
-EVICTION_INTERVAL_SECONDS = env_int("EVICTION_INTERVAL_SECONDS", 15, minimum=1)
+EVICTION_INTERVAL_SECONDS = env_int("EVICTION_INTERVAL_SECONDS")
 
 # History kept (beat prunes it hourly). Load events feed the dashboard's timeline and the
 # admin; the counters /metrics reports and each agent's load estimates outlive them.
-RETENTION_LOAD_EVENTS_DAYS = env_int("RETENTION_LOAD_EVENTS_DAYS", 30, minimum=1)
+RETENTION_LOAD_EVENTS_DAYS = env_int("RETENTION_LOAD_EVENTS_DAYS")
 # Per-minute request figures feed the dashboard's charts (the last hour).
-RETENTION_REQUEST_MINUTES_DAYS = env_int("RETENTION_REQUEST_MINUTES_DAYS", 2, minimum=1)
+RETENTION_REQUEST_MINUTES_DAYS = env_int("RETENTION_REQUEST_MINUTES_DAYS")
 # Usage is kept per key, model and day: what billing and quotas read.
-RETENTION_USAGE_DAYS = env_int("RETENTION_USAGE_DAYS", 400, minimum=1)
-PRUNE_INTERVAL_SECONDS = env_int("PRUNE_INTERVAL_SECONDS", 3600, minimum=60)
+RETENTION_USAGE_DAYS = env_int("RETENTION_USAGE_DAYS")
+PRUNE_INTERVAL_SECONDS = env_int("PRUNE_INTERVAL_SECONDS")
 # An agent whose free GPU memory is under this percentage of its total is under pressure:
 # the sweep steps its least recently used idle model down.
-GPU_MEMORY_PRESSURE_PERCENT = env_int("GPU_MEMORY_PRESSURE_PERCENT", 5, minimum=0)
+GPU_MEMORY_PRESSURE_PERCENT = env_int("GPU_MEMORY_PRESSURE_PERCENT")
 # A replica whose load score (in-flight + 2 x engine queue) reaches this is overloaded:
 # when all of a model's replicas are, another is loaded (up to the model's max_replicas).
-SCALE_OUT_QUEUE_THRESHOLD = env_int("SCALE_OUT_QUEUE_THRESHOLD", 8, minimum=1)
+SCALE_OUT_QUEUE_THRESHOLD = env_int("SCALE_OUT_QUEUE_THRESHOLD")
 
 # The OpenAI-compatible gateway.
-GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
-GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS", 32768, minimum=1)
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES")
+GATEWAY_MAX_TOKENS = env_int("GATEWAY_MAX_TOKENS")
 # /v1/files: where files are kept (an azure://, s3:// or gs:// prefix; empty: VAR_DIR/files,
 # one host only) and the largest one taken (its upload's body may be this plus 1 MiB).
 FILES_STORE = env_str("FILES_STORE")
-GATEWAY_FILES_MAX_BYTES = env_int("GATEWAY_FILES_MAX_BYTES", 100 * 1024 * 1024, minimum=1024)
+GATEWAY_FILES_MAX_BYTES = env_int("GATEWAY_FILES_MAX_BYTES")
 # /v1/batches: lines of one batch in flight at once (each engine lets in only what its
 # reserve leaves: the agent's --batch-reserve-percent), and how long a batch has to finish
 # (clients ask for OpenAI's "24h"; a shorter window is for tests).
-BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", 64, minimum=1)
-BATCH_COMPLETION_WINDOW_SECONDS = env_int("BATCH_COMPLETION_WINDOW_SECONDS", 86400, minimum=1)
+BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY")
+BATCH_COMPLETION_WINDOW_SECONDS = env_int("BATCH_COMPLETION_WINDOW_SECONDS")
 # For the first BATCH_IDLE_WAIT_PERCENT of its window, a batch loads a model only on idle
 # capacity: free GPU memory, or models idle for BATCH_IDLE_EVICT_SECONDS; after that, as any
 # request does (its deadline needs it).
-BATCH_IDLE_WAIT_PERCENT = min(env_int("BATCH_IDLE_WAIT_PERCENT", 50, minimum=0), 100)
-BATCH_IDLE_EVICT_SECONDS = env_int("BATCH_IDLE_EVICT_SECONDS", 300, minimum=0)
+BATCH_IDLE_WAIT_PERCENT = min(env_int("BATCH_IDLE_WAIT_PERCENT"), 100)
+BATCH_IDLE_EVICT_SECONDS = env_int("BATCH_IDLE_EVICT_SECONDS")
 # How long a batch's runner holds it unless renewed (it renews a third of the way): a runner
 # that dies is replaced within this and half as much again (beat looks every half).
-BATCH_LEASE_SECONDS = env_int("BATCH_LEASE_SECONDS", 30, minimum=3)
+BATCH_LEASE_SECONDS = env_int("BATCH_LEASE_SECONDS")
 # What a request that sets no cap on its answer gets (at most GATEWAY_MAX_TOKENS): without one,
 # vLLM generates to the end of the model's context.
-GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096, minimum=1)
+GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS")
 # Admission (README: admission): each READY replica takes its engine's max_num_seqs times
 # GATEWAY_SEATS_PERCENT / 100 requests at once from a web process; the rest wait in the
 # gateway, shared fairly across keys by weight, interactive before batch.
-GATEWAY_ADMISSION = env_bool("GATEWAY_ADMISSION", True)
-GATEWAY_SEATS_PERCENT = env_int("GATEWAY_SEATS_PERCENT", 100, minimum=1)
+GATEWAY_ADMISSION = env_bool("GATEWAY_ADMISSION")
+GATEWAY_SEATS_PERCENT = env_int("GATEWAY_SEATS_PERCENT")
 # A replica whose agent does not say its engine's max_num_seqs (an older agent) is taken to
 # have vLLM's default for a GPU API server.
-GATEWAY_UNKNOWN_MAX_NUM_SEQS = env_int("GATEWAY_UNKNOWN_MAX_NUM_SEQS", 256, minimum=1)
+GATEWAY_UNKNOWN_MAX_NUM_SEQS = env_int("GATEWAY_UNKNOWN_MAX_NUM_SEQS")
 # The last seats of a model are kept for keys holding fewer requests than this: a key that
 # asks now and then starts at once while another floods (one key alone uses all but these).
-GATEWAY_RESERVED_SEATS = env_int("GATEWAY_RESERVED_SEATS", 1, minimum=0)
+GATEWAY_RESERVED_SEATS = env_int("GATEWAY_RESERVED_SEATS")
 # Held requests, past which a request is refused at once (429 queue_full, Retry-After).
-GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX", 1000, minimum=0)
-GATEWAY_QUEUE_MAX_PER_KEY = env_int("GATEWAY_QUEUE_MAX_PER_KEY", 200, minimum=0)
-GATEWAY_COLD_QUEUE_MAX = env_int("GATEWAY_COLD_QUEUE_MAX", 1000, minimum=0)
+GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX")
+GATEWAY_QUEUE_MAX_PER_KEY = env_int("GATEWAY_QUEUE_MAX_PER_KEY")
+GATEWAY_COLD_QUEUE_MAX = env_int("GATEWAY_COLD_QUEUE_MAX")
 # How many web processes share the fleet's seats (each admits its share; README: admission).
-GATEWAY_WEB_PROCESSES = env_int("GATEWAY_WEB_PROCESSES", 1, minimum=1)
+GATEWAY_WEB_PROCESSES = env_int("GATEWAY_WEB_PROCESSES")
 # The longest a request waits for a seat (a client's X-Queue-Timeout may shorten it): past
 # it, 503 queue_timeout, and the engine never sees it.
-GATEWAY_QUEUE_TIMEOUT_SECONDS = env_int("GATEWAY_QUEUE_TIMEOUT_SECONDS", 60, minimum=1)
-GATEWAY_RETRY_AFTER_SECONDS = env_int("GATEWAY_RETRY_AFTER_SECONDS", 5, minimum=1)
+GATEWAY_QUEUE_TIMEOUT_SECONDS = env_int("GATEWAY_QUEUE_TIMEOUT_SECONDS")
+GATEWAY_RETRY_AFTER_SECONDS = env_int("GATEWAY_RETRY_AFTER_SECONDS")
 # How long a web process remembers API keys and catalog models (0: ask the database every time).
-GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_SECONDS", 5, minimum=0)
+GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_SECONDS")
 # How often a web process writes the usage it gathered (seconds).
-GATEWAY_USAGE_FLUSH_SECONDS = env_int("GATEWAY_USAGE_FLUSH_SECONDS", 1, minimum=0)
+GATEWAY_USAGE_FLUSH_SECONDS = env_int("GATEWAY_USAGE_FLUSH_SECONDS")
 # Usage rows a web process keeps while the database is away, before it drops the oldest.
-GATEWAY_USAGE_BACKLOG = env_int("GATEWAY_USAGE_BACKLOG", 100_000, minimum=1)
+GATEWAY_USAGE_BACKLOG = env_int("GATEWAY_USAGE_BACKLOG")
 # A stream's headers come as soon as the engine takes the request: a replica that sends none
 # within this many seconds is stuck, and the request moves to the next one.
-GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int(
-    "GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS", 30, minimum=1
-)
+GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int("GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS")
 # A stream that sends nothing for this long is given up: its agent is cut off (a network
 # partition, a host gone dark) and the client gets OpenAI's error event, charged for what was
 # relayed. Long enough for any prefill: the engine's first token comes before it.
-GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS", 120, minimum=1)
+GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS")
 # Where a warm request goes among a model's READY replicas (README: routing policies):
 # cache_aware, where its prompt's prefix was last sent, unless that replica is busier than the
 # least loaded by more than GATEWAY_PREFIX_BALANCE; precise, the same rule by the blocks each
 # engine says it holds (its KV events, through its agent), cache_aware where none says;
 # least_loaded; session, the `user`'s own.
-GATEWAY_ROUTING_POLICY = env_choice(
-    "GATEWAY_ROUTING_POLICY", "cache_aware",
-    ("cache_aware", "precise", "least_loaded", "session"),
-)  # fmt: skip
+GATEWAY_ROUTING_POLICY = env_choice("GATEWAY_ROUTING_POLICY")
 # How much busier (in load score: a request in flight 1, one queued in the engine 2) a replica
 # holding a request's prefix may be than the least loaded one and still be chosen for it.
-GATEWAY_PREFIX_BALANCE = env_int("GATEWAY_PREFIX_BALANCE", 4, minimum=0)
+GATEWAY_PREFIX_BALANCE = env_int("GATEWAY_PREFIX_BALANCE")
 # How much of a prompt is hashed for routing (KiB): a cap on each request's cost.
-GATEWAY_PREFIX_HASH_KIB = env_int("GATEWAY_PREFIX_HASH_KIB", 64, minimum=1)
+GATEWAY_PREFIX_HASH_KIB = env_int("GATEWAY_PREFIX_HASH_KIB")
 # The memory each web process gives its prefix index (MiB), least recently used first out.
-GATEWAY_PREFIX_INDEX_MIB = env_int("GATEWAY_PREFIX_INDEX_MIB", 8, minimum=1)
+GATEWAY_PREFIX_INDEX_MIB = env_int("GATEWAY_PREFIX_INDEX_MIB")
 # Django refuses larger bodies before a view sees them; the gateway answers 413 itself.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
 # Clients reach the control plane over HTTPS, terminated by the load balancer or ingress in
 # front, which says so in X-Forwarded-Proto (README: Deploying behind TLS). Then the admin and
 # the dashboard redirect plain HTTP to HTTPS, send HSTS and keep their cookies to HTTPS. What
 # calls from inside the cluster keeps plain HTTP: probes and scrapers (/healthz, /metrics) and
 # the node agents (registration, progress, credential confirmation), which follow no redirect.
-HTTPS = env_bool("HTTPS", False)
+HTTPS = env_bool("HTTPS")
 if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
@@ -212,9 +207,9 @@ if HTTPS:
         r"^api/agents/[^/]+/(progress|credential/confirm)$",
     ]
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
-    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
-    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS")
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS")
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD")
 
 INSTALLED_APPS = [
     "daphne",
@@ -269,7 +264,7 @@ def _database() -> dict[str, Any]:
             # 0 under ASGI: Django gives each request's ORM calls their own thread, and
             # persistent connections would pile up one per thread until PostgreSQL refuses.
             config = dj_database_url.parse(
-                DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0)
+                DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE")
             )
         except ValueError as exc:
             raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
@@ -306,7 +301,7 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATIC_ROOT = Path(env_str("STATIC_ROOT") or VAR_DIR / "static")
 # daphne serves no files itself; the ASGI app serves /static/ unless a proxy in front does.
-SERVE_STATIC = env_bool("SERVE_STATIC", True)
+SERVE_STATIC = env_bool("SERVE_STATIC")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -415,7 +410,7 @@ else:
         }
     }
 
-LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOG_LEVEL = env_str("LOG_LEVEL").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(f"LOG_LEVEL={LOG_LEVEL!r} is not a log level")
 LOGGING = {

@@ -51,11 +51,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m controlplane.web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)  # fmt: skip
-    parser.add_argument("--host", default=env_str("WEB_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=env_int("WEB_PORT", 8000, minimum=1))
+    parser.add_argument("--host", default=env_str("WEB_HOST"))
+    parser.add_argument("--port", type=int, default=env_int("WEB_PORT"))
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
-    drain = env_int("WEB_DRAIN_SECONDS", 20, minimum=0)
+    drain = env_int("WEB_DRAIN_SECONDS")
     uvicorn.Server(config(args.host, args.port, drain)).run()
 
 

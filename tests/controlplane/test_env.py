@@ -6,12 +6,23 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from controlplane.env import env_bool, env_int, env_list, env_secret, env_str, local_secret
+from controlplane.envspec import VARS, Var
+
+
+@pytest.fixture(autouse=True)
+def declared(monkeypatch):
+    """Test variables, declared as the product's are in controlplane.envspec."""
+    for var in (
+        Var("X_STR"), Var("X_UNSET", "fallback"), Var("X_BOOL", False),
+        Var("X_INT", 7, minimum=1), Var("X_LIST", ("a",)), Var("X_SECRET", secret=True),
+    ):  # fmt: skip
+        monkeypatch.setitem(VARS, var.name, var)
 
 
 def test_str_strips_and_defaults(monkeypatch):
     monkeypatch.setenv("X_STR", "  value ")
     assert env_str("X_STR") == "value"
-    assert env_str("X_UNSET", "fallback") == "fallback"
+    assert env_str("X_UNSET") == "fallback"
 
 
 @pytest.mark.parametrize(
@@ -29,21 +40,32 @@ def test_bad_bool_names_the_variable(monkeypatch):
 
 
 def test_int(monkeypatch):
-    assert env_int("X_INT", 7) == 7
+    assert env_int("X_INT") == 7
     monkeypatch.setenv("X_INT", "12")
-    assert env_int("X_INT", 7, minimum=1) == 12
+    assert env_int("X_INT") == 12
     monkeypatch.setenv("X_INT", "twelve")
     with pytest.raises(ImproperlyConfigured, match="X_INT='twelve' is not an integer"):
-        env_int("X_INT", 7)
+        env_int("X_INT")
     monkeypatch.setenv("X_INT", "0")
     with pytest.raises(ImproperlyConfigured, match="X_INT=0 is below its minimum of 1"):
-        env_int("X_INT", 7, minimum=1)
+        env_int("X_INT")
 
 
 def test_list(monkeypatch):
-    assert env_list("X_LIST", ["a"]) == ["a"]
+    assert env_list("X_LIST") == ["a"]
     monkeypatch.setenv("X_LIST", " a.example, ,b.example ")
-    assert env_list("X_LIST", []) == ["a.example", "b.example"]
+    assert env_list("X_LIST") == ["a.example", "b.example"]
+
+
+def test_a_variable_read_without_its_declaration_is_refused(monkeypatch):
+    # Its default and bounds would then live at the read: the docs could not show them.
+    monkeypatch.setenv("X_UNDECLARED", "1")
+    with pytest.raises(ImproperlyConfigured, match="X_UNDECLARED is read but not declared"):
+        env_int("X_UNDECLARED")
+    with pytest.raises(ImproperlyConfigured, match="X_STR is read as a secret"):
+        env_secret("X_STR")
+    with pytest.raises(ImproperlyConfigured, match="X_STR is declared as str, read as int"):
+        env_int("X_STR")
 
 
 def test_secret_from_variable_or_file(monkeypatch, tmp_path):
