@@ -9,6 +9,8 @@ ENGINE_VENV ?= .venv-engine
 ENGINE_REQUIREMENTS ?= requirements/engine-cpu.txt
 ENGINE_PY := $(ENGINE_VENV)/bin/python
 ENGINE_INSTALLED := $(ENGINE_VENV)/.installed
+# The documentation site (docs/, mkdocs.yml), without Material's banner about its successor.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs
 # Azurite, the Azure Blob emulator the model-store tests and benchmark run (npm, package-lock.json).
 AZURITE := node_modules/.bin/azurite-blob
 
@@ -21,11 +23,11 @@ TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) AWS_EC
 	GATEWAY_DEFAULT_MAX_TOKENS=16 \
 	AGENT_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_PY)
 
-.PHONY: run agent test lint services venv engine azurite browser haproxy bench-faults clean
+.PHONY: run agent test lint docs services venv engine azurite browser haproxy bench-faults clean
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements/controlplane.txt requirements/nodeagent.txt requirements/stores.txt requirements/dev.txt
+$(INSTALLED): requirements/controlplane.txt requirements/nodeagent.txt requirements/stores.txt requirements/dev.txt requirements/docs.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: llmfleet needs Python 3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
@@ -62,7 +64,7 @@ agent: $(INSTALLED) $(ENGINE_INSTALLED)
 	CONTROL_PLANE_URL=$${CONTROL_PLANE_URL:-http://127.0.0.1:8000} \
 	$(PY) -m nodeagent
 
-## lint: ruff, mypy, Django's checks and a migration check
+## lint: ruff, mypy, Django's checks, a migration check and the documentation's strict build
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -73,6 +75,13 @@ lint: $(INSTALLED)
 	$(VENV)/bin/hadolint docker/*.Dockerfile
 	$(PY) -m yamllint --strict .
 	$(VENV)/bin/kubernetes-validate --strict --quiet docker/k8s/*.yaml
+	@# docs/: the site builds with no warning (broken links, pages missing from the nav)
+	$(MKDOCS) build --strict --quiet
+
+## docs: the documentation site (docs/, mkdocs.yml) at http://127.0.0.1:8300/, rebuilt on each edit
+## (8000 is web, 8100 the agent, 8001 a sim engine's default)
+docs: $(INSTALLED)
+	$(MKDOCS) serve -a 127.0.0.1:8300
 
 ## services: make sure PostgreSQL and Redis answer (installs and starts them if needed)
 services:

@@ -1,4 +1,4 @@
-"""docker/ against the code, the README and .env.example (no container engine runs here).
+"""docker/ against the code, docs/deploying.md and .env.example (no container engine runs here).
 
 The images, the compose file and the Kubernetes manifests name modules, management
 commands, settings and ports; each is checked to exist and to be documented.
@@ -21,8 +21,7 @@ from django.core.management import get_commands
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-README = (ROOT / "README.md").read_text()
-DEPLOYING = README.split("## Deploying", 1)[1].split("\n## ", 1)[0]
+DEPLOYING = (ROOT / "docs" / "deploying.md").read_text()
 ENV_EXAMPLE = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
 # Variables of third-party images, not llmfleet settings: set in compose.yaml itself.
 IMAGE_OWN = {"POSTGRES_DB", "POSTGRES_USER"}
@@ -97,7 +96,7 @@ def test_compose_services_and_volumes():
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSE["services"]))
-def test_each_compose_service_is_in_the_readme_with_its_command_and_port(name):
+def test_each_compose_service_is_in_the_docs_with_its_command_and_port(name):
     service = COMPOSE["services"][name]
     [row] = [line for line in DEPLOYING.splitlines() if line.startswith(f"| {name} |")]
     command = service.get("command")

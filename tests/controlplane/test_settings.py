@@ -128,7 +128,7 @@ def deploy_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]
 
 
 def test_the_documented_production_settings_pass_the_deploy_check(tmp_path):
-    """README, "Deploying behind TLS": HTTPS=true behind a TLS-terminating proxy."""
+    """docs/deploying.md, "Deploying behind TLS": HTTPS=true behind a TLS-terminating proxy."""
     result = deploy_check(tmp_path, HTTPS="true")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
