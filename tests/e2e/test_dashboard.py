@@ -1,8 +1,9 @@
 """The dashboard and /metrics for real: daphne, worker, beat, a sim agent, headless Chromium.
 
 The browser test logs in, opens the dashboard, triggers a cold start, and watches the load's
-progress bar move and the placement turn READY without a reload. Its screenshot is kept in
-test-artifacts/dashboard.png.
+progress bar move and the placement turn READY without a reload. Its screenshots (the
+dashboard, during the cold start and after, and the admin's agents page) are kept in
+test-artifacts/, where the docs' pictures come from.
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def test_the_dashboard_shows_a_cold_start_live(settings, tmp_path, checkpoint):
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         if (tmp_path / "loading.png").exists():
             shutil.copy(tmp_path / "loading.png", ARTIFACTS / "dashboard-loading.png")
+        # The admin's fleet page, with the agent and what it serves (docs/operating.md).
+        page.goto(f"{plane.url}/admin/agents/agent/")
+        page.wait_for_selector("#result_list")
+        assert "gpu-a" in (page.text_content("#result_list") or "")
+        page.screenshot(path=str(ARTIFACTS / "admin-agents.png"), full_page=True)
 
 
 def scrape(url: str) -> dict[str, set[tuple[str, ...]]]:
