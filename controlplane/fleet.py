@@ -40,7 +40,8 @@ AGENT_GRACE_SECONDS = 60.0
 # A child that exits is started again, unless it did so this often within the window.
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 60.0
-# Who stops first on Ctrl-C (README, "What each process does on SIGTERM"); the rest after.
+# Who stops first on Ctrl-C (docs/operating.md, "What each process does on SIGTERM"); the
+# rest after.
 STOP_ORDER = (("agent",), ("web",))
 LOCAL_AGENT = "local-1"
 
@@ -265,7 +266,7 @@ for chunk in c.chat.completions.create(model="llmfleet/tiny", stream=True, max_t
 print()'
 
   Embeddings from llmfleet/tiny-embed, the Responses API, and llmfleet/tiny-lora (a LoRA
-  adapter served by llmfleet/tiny's engine): README, "The OpenAI API" and "LoRA adapters".
+  adapter served by llmfleet/tiny's engine): docs/api.md, LoRA adapters included.
 
   Dashboard {base}/dashboard/ and admin {base}/admin/ take a staff user; make one with
     {_here(sys.executable)} manage.py createsuperuser

@@ -1,7 +1,7 @@
 """Django settings for llmfleet's control plane.
 
 Every value comes from the environment through the typed readers in
-`controlplane.env`; the README lists each variable. With nothing configured,
+`controlplane.env`, declared in `controlplane.envspec`. With nothing configured,
 the embedded defaults run the whole control plane on one machine: SQLite in
 `VAR_DIR`, a file-system Celery broker and a SQLite channel layer, so the
 separate web, worker and beat processes still talk to each other.
@@ -70,7 +70,7 @@ def _secret(name: str) -> str:
 
 SECRET_KEY = _secret("SECRET_KEY")
 # The fleet's enrolment token: an agent presents it once, to enrol an agent_id nobody holds,
-# and gets its own credential back (README: Agent enrolment). Nothing else accepts it.
+# and gets its own credential back (docs/agents.md: Agent enrolment). Nothing else accepts it.
 AGENT_TOKEN = _secret("AGENT_TOKEN")
 # What Prometheus presents to scrape the control plane's /metrics (Bearer); unset: the
 # enrolment token, which the agents' /metrics take too. Staff who may view agents need none.
@@ -138,7 +138,7 @@ BATCH_LEASE_SECONDS = env_int("BATCH_LEASE_SECONDS")
 # What a request that sets no cap on its answer gets (at most GATEWAY_MAX_TOKENS): without one,
 # vLLM generates to the end of the model's context.
 GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS")
-# Admission (README: admission): each READY replica takes its engine's max_num_seqs times
+# Admission (docs/routing.md: admission): each READY replica takes its engine's max_num_seqs times
 # GATEWAY_SEATS_PERCENT / 100 requests at once from a web process; the rest wait in the
 # gateway, shared fairly across keys by weight, interactive before batch.
 GATEWAY_ADMISSION = env_bool("GATEWAY_ADMISSION")
@@ -153,7 +153,8 @@ GATEWAY_RESERVED_SEATS = env_int("GATEWAY_RESERVED_SEATS")
 GATEWAY_QUEUE_MAX = env_int("GATEWAY_QUEUE_MAX")
 GATEWAY_QUEUE_MAX_PER_KEY = env_int("GATEWAY_QUEUE_MAX_PER_KEY")
 GATEWAY_COLD_QUEUE_MAX = env_int("GATEWAY_COLD_QUEUE_MAX")
-# How many web processes share the fleet's seats (each admits its share; README: admission).
+# How many web processes share the fleet's seats (each admits its share; docs/routing.md:
+# admission).
 GATEWAY_WEB_PROCESSES = env_int("GATEWAY_WEB_PROCESSES")
 # The longest a request waits for a seat (a client's X-Queue-Timeout may shorten it): past
 # it, 503 queue_timeout, and the engine never sees it.
@@ -172,7 +173,7 @@ GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS = env_int("GATEWAY_STREAM_HEADERS_TIMEOUT
 # partition, a host gone dark) and the client gets OpenAI's error event, charged for what was
 # relayed. Long enough for any prefill: the engine's first token comes before it.
 GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS")
-# Where a warm request goes among a model's READY replicas (README: routing policies):
+# Where a warm request goes among a model's READY replicas (docs/routing.md: routing policies):
 # cache_aware, where its prompt's prefix was last sent, unless that replica is busier than the
 # least loaded by more than GATEWAY_PREFIX_BALANCE; precise, the same rule by the blocks each
 # engine says it holds (its KV events, through its agent), cache_aware where none says;
@@ -192,10 +193,11 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
 # Clients reach the control plane over HTTPS, terminated by the load balancer or ingress in
-# front, which says so in X-Forwarded-Proto (README: Deploying behind TLS). Then the admin and
-# the dashboard redirect plain HTTP to HTTPS, send HSTS and keep their cookies to HTTPS. What
-# calls from inside the cluster keeps plain HTTP: probes and scrapers (/healthz, /metrics) and
-# the node agents (registration, progress, credential confirmation), which follow no redirect.
+# front, which says so in X-Forwarded-Proto (docs/deploying.md: Deploying behind TLS). Then
+# the admin and the dashboard redirect plain HTTP to HTTPS, send HSTS and keep their cookies to
+# HTTPS. What calls from inside the cluster keeps plain HTTP: probes and scrapers (/healthz,
+# /metrics) and the node agents (registration, progress, credential confirmation), which follow
+# no redirect.
 HTTPS = env_bool("HTTPS")
 if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -182,7 +182,9 @@ def _refusal(name: str) -> str:
         return f"{name} is not allowed: {REASONS[reason]}"
     if "." in name:
         return f"{name} is not allowed: give the whole flag as JSON, on the allow-list only"
-    return f"{name} is not on the allow-list of engine arguments (README: Engine arguments)"
+    return (
+        f"{name} is not on the allow-list of engine arguments (docs/engines.md: Engine arguments)"
+    )
 
 
 def _is_value(item: str) -> bool:

@@ -1,5 +1,5 @@
 """How node agents authenticate to the control plane: each with its own credential, or the
-fleet's enrolment token to enrol an agent_id nobody holds (README: Agent enrolment)."""
+fleet's enrolment token to enrol an agent_id nobody holds (docs/agents.md: Agent enrolment)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Who may do what through the fleet API: Django's model permissions, for reads too.
 
 Staff status lets a person in; each call then needs the permission of what it does, so an
-operator's role (a group: README, "Operator roles") says exactly what they can change. A
+operator's role (a group: docs/operating.md, "Operator roles") says exactly what they can change. A
 view's `action_permissions` names what its own actions need (draining an agent changes the
 agent; loading a model adds a placement).
 """

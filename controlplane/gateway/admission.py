@@ -21,7 +21,7 @@ client's X-Queue-Timeout) and is then answered 503 queue_timeout; the engine nev
 The queues and counters are this event loop's (its GatewayState's). Each web process admits
 up to the model's seats divided by GATEWAY_WEB_PROCESSES: with the load balancer sharing
 requests out evenly, each process sees about the same mix of keys, and fairness holds across
-them without a round trip per request (README: admission, on what that trades away).
+them without a round trip per request (docs/routing.md: admission, on what that trades away).
 """
 
 from __future__ import annotations

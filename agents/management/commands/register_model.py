@@ -88,7 +88,7 @@ class Command(BaseCommand):
     help = (
         "Add a model published with `python -m nodeagent publish` to the catalog (or update it), "
         "reading its size and files from the store's manifest. Credentials come from the "
-        "environment as the README's 'Model stores' says: Azure's AZURE_STORAGE_*, AWS's "
+        "environment as docs/stores.md says: Azure's AZURE_STORAGE_*, AWS's "
         "standard variables and profiles, GOOGLE_APPLICATION_CREDENTIALS or ADC."
     )
 

@@ -29,7 +29,7 @@ from nodeagent.store.publish import publish
 
 DEMO_MODEL = "llmfleet/tiny"
 # The same checkpoint served as an embedding model (vLLM's pooling runner over it), so the
-# README can show /v1/embeddings against `make run`.
+# docs can show /v1/embeddings against `make run`.
 DEMO_EMBEDDING_MODEL = "llmfleet/tiny-embed"
 # A LoRA adapter of the tiny checkpoint: its first request loads it into the base's engine.
 DEMO_ADAPTER = "llmfleet/tiny-lora"
