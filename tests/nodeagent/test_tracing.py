@@ -1,0 +1,74 @@
+"""nodeagent.tracing against a real OTLP/HTTP receiver: parents, links, sampling, and nothing
+imported while tracing is off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from nodeagent import tracing
+from tests.otlp import otlp_receiver
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+def test_the_endpoint_follows_opentelemetrys_variables():
+    assert tracing.traces_endpoint({}) == ""
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}
+    assert tracing.traces_endpoint(base) == "http://collector:4318/v1/traces"
+    both = {**base, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/x"}
+    assert tracing.traces_endpoint(both) == "http://t:4318/x"
+    assert tracing.from_environment("gateway", environ={}) is None
+
+
+def test_a_span_continues_the_callers_trace_and_the_next_hop_continues_it():
+    with otlp_receiver() as receiver:
+        tracer = tracing.from_environment(
+            "gateway", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+        )
+        assert tracer is not None
+        span = tracer.start("POST /v1/chat/completions", parent={"traceparent": PARENT},
+                            attributes={"llmfleet.model": "org/tiny"},
+                            links=[("1" * 32, "2" * 16)])  # fmt: skip
+        headers: dict[str, str] = {}
+        tracer.inject(span, headers)
+        child = tracer.child("route", span)
+        child.end()
+        tracing.failed(span, "replica gone")
+        span.end()
+        tracer.shutdown()
+        [received] = receiver.wait_for(1, name="POST /v1/chat/completions")
+        [route] = receiver.wait_for(1, name="route")
+    trace_id, span_id = tracing.ids(span)
+    assert (received.trace_id, received.span_id) == (trace_id, span_id)
+    assert received.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert received.parent_id == "b7ad6b7169203331"
+    assert received.service == "gateway"
+    assert received.attributes == {"llmfleet.model": "org/tiny"}
+    assert received.links == (("1" * 32, "2" * 16),)
+    assert received.status == 2  # ERROR
+    assert route.parent_id == span_id
+    assert headers["traceparent"] == f"00-{trace_id}-{span_id}-01"
+
+
+def test_sampling_is_the_parents_and_the_ratio_for_new_traces():
+    with otlp_receiver() as receiver:
+        environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+        tracer = tracing.from_environment("agent", sample_ratio=0.0, environ=environ)
+        assert tracer is not None
+        tracer.start("sampled parent", parent={"traceparent": PARENT}).end()
+        tracer.start("unsampled parent", parent={"traceparent": UNSAMPLED}).end()
+        tracer.start("new trace at ratio 0").end()
+        tracer.shutdown()
+        assert [span.name for span in receiver.wait_for(1)] == ["sampled parent"]
+
+
+def test_off_imports_nothing_of_opentelemetry():
+    code = (
+        "import sys; from nodeagent import tracing; "
+        "assert tracing.from_environment('gateway', environ={}) is None; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
