@@ -1,0 +1,1 @@
+"""Project scripts: the services check and the docs build's hook."""
