@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from nodeagent.adapters import LoadedAdapter
 from nodeagent.batchgate import BatchGate, EngineBusy, batch_seats
 from nodeagent.engines.base import Engine, is_dead
+from nodeagent.errors import AgentError
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
     ADAPTER_HEADER,
@@ -31,7 +32,7 @@ from nodeagent.protocol import (
     SEQUENCES_HEADER,
     AdapterRef,
 )
-from nodeagent.registry import AgentError, ModelRegistry
+from nodeagent.registry import ModelRegistry
 from nodeagent.relay import EngineConnections, EngineUnreachable, StreamBroken
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's

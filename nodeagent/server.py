@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from nodeagent import __version__
 from nodeagent.config import AgentConfig
 from nodeagent.credential import Credentials, well_formed
+from nodeagent.errors import AgentError
 from nodeagent.gpu import GpuMonitor
 from nodeagent.kvevents import KV_KEEPALIVE_SECONDS, TOKENIZER_FILES, kv_head, kv_lines
 from nodeagent.metrics import AgentMetrics
@@ -52,7 +53,7 @@ from nodeagent.protocol import (
     error_body,
 )
 from nodeagent.proxy import InferenceProxy
-from nodeagent.registry import AgentError, ModelRegistry
+from nodeagent.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,7 @@ class AgentServer:
             connector=connector, skip_auto_headers={"Accept-Encoding"}
         )
         self.registry.restore()
-        self.registry.prepare_engines()
-        self.registry.start_standbys([gpu.name for gpu in self.gpu.snapshot()])
+        self.registry.loads.start([gpu.name for gpu in self.gpu.snapshot()])
         self.credentials.load()
         if self.config.control_plane_url:
             self._register_task = asyncio.create_task(self.register_until_accepted())
@@ -551,7 +551,7 @@ class AgentServer:
             levels[slot.cache_level] = levels.get(slot.cache_level, 0) + 1
         for level in CacheLevel:
             self.metrics.models.labels(level).set(levels.get(level, 0))
-        standbys = self.registry.standbys
+        standbys = self.registry.loads.engines.standbys
         for state, count in (standbys.counts if standbys else {"ready": 0, "starting": 0}).items():
             self.metrics.standby_engines.labels(state).set(count)
         # RuntimeError: the session closed as the agent stops; the last figures stand.
