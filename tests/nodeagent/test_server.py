@@ -10,7 +10,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from nodeagent.cache import ModelCache
-from nodeagent.engines.sim import SimEngine, words_for
+from nodeagent.engines.sim import SimEngine
+from nodeagent.engines.simanswers import words_for
 from nodeagent.protocol import AGENT_ERROR_HEADER, HeartbeatResponse
 from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
 from tests.support import until
