@@ -429,7 +429,7 @@ async def test_an_unexpected_failure_is_a_500_that_names_it_and_leaves_the_model
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nodeagent.download._preallocate", disk_full)
+    monkeypatch.setattr("nodeagent.download_write._preallocate", disk_full)
     status, body = await agent.post("/load_model", load_body(tiny_model))
     assert (status, body["error"]["code"]) == (500, "load_failed")
     assert "No space left on device" in body["error"]["message"]
