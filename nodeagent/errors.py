@@ -1,7 +1,7 @@
 """The error a control or inference request is answered with when the agent cannot carry it out.
 
 Raised by the registry (nodeagent.registry) and the inference proxy (nodeagent.proxy);
-the server's error middleware (nodeagent.server) turns it into the error body and header
+the API's error middleware (nodeagent.routes) turns it into the error body and header
 of nodeagent.protocol.
 """
 
