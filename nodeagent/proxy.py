@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from nodeagent.adapters import LoadedAdapter
 from nodeagent.batchgate import BatchGate, EngineBusy, batch_seats
+from nodeagent.enginepool import EngineConnections
 from nodeagent.engines.base import Engine, is_dead
 from nodeagent.errors import AgentError
 from nodeagent.metrics import AgentMetrics
@@ -33,7 +34,7 @@ from nodeagent.protocol import (
     AdapterRef,
 )
 from nodeagent.registry import ModelRegistry
-from nodeagent.relay import EngineConnections, EngineUnreachable, StreamBroken
+from nodeagent.relay import EngineUnreachable, StreamBroken
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's
 # token is for the agent, not the engine.
