@@ -82,7 +82,7 @@ from gateway import (
     vllm_router_command,
 )
 
-from nodeagent.engines.sim import PrefixCache
+from nodeagent.engines.simcache import PrefixCache
 from nodeagent.kvblocks import word_ids
 from tests.support import free_port, wait_for
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from nodeagent.download import DownloadProgress, DownloadSettings, _write_all, download
+from nodeagent.download import DownloadProgress, DownloadSettings, download
+from nodeagent.download_write import write_all
 from nodeagent.store import RemoteFile, open_store
 from nodeagent.store.azure import AZURITE_ACCOUNT, AZURITE_KEY, parse_azure_uri
 from nodeagent.store.base import new_blake3
@@ -149,7 +150,7 @@ async def with_obstore(
                 store, f"{prefix}/{file.path}", start=start, end=end
             )
         view = memoryview(data)
-        await asyncio.to_thread(_write_all, descriptors[file.path], view, start)
+        await asyncio.to_thread(write_all, descriptors[file.path], view, start)
         await hashes[file.path].add(start, view)
 
     try:

@@ -13,44 +13,35 @@ deadline. Each file is verified with BLAKE3 where its manifest has it, sha256
 otherwise, hashed from the same buffer before it is reused (in file order)
 rather than read back once written. Publishing the finished directory (an
 atomic rename) is the cache's job.
+
+This module is the orchestration (workers, retries, bandwidth, verification); the
+ranges to fetch and the resume journal are nodeagent.download_plan's, the buffers,
+files and digests nodeagent.download_write's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import functools
-import hashlib
 import logging
-import mmap
-import os
 import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from nodeagent.store.base import (
-    RemoteFile,
-    Store,
-    StoreError,
-    identity,
-    new_blake3,
-    thread_to_end,
-)
+from nodeagent.download_plan import Journal, Range, fingerprint, missing_ranges
+from nodeagent.download_write import MIB, Buffers, FileOutput, StreamingHash
+from nodeagent.store.base import RemoteFile, Store, StoreError, thread_to_end
 
 log = logging.getLogger(__name__)
 
 JOURNAL = ".llmfleet-journal"
 LOCK = ".llmfleet-lock"
-MIB = 1024 * 1024
-# What O_DIRECT asks of offsets, lengths and buffers (512 on some disks; 4096 suits both).
-ALIGN = 4096
 # Codes after which the partial download is worthless: the store holds other bytes now.
 DISCARD_PARTIAL = {"blob_changed", "checksum_mismatch", "size_mismatch", "bad_manifest"}
 
@@ -109,64 +100,6 @@ class DownloadResult:
     direct_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class _Range:
-    file: RemoteFile
-    start: int
-    end: int
-
-
-def fingerprint(files: Sequence[RemoteFile]) -> str:
-    """Names this exact version of the model: a journal for another version is void.
-
-    By the manifest's digests where there are some (store.base.identity), not the store's
-    versions: the same model published in two stores has the same bytes under other ETags,
-    and a download one source left half done resumes from the other (verification checks
-    the result). A listing without digests is named by its files' versions.
-    """
-    named = identity(files)
-    if named is not None:
-        return named
-    text = "\n".join(f"{f.path}\t{f.size}\t{f.etag}" for f in sorted(files, key=lambda f: f.path))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-class _Journal:
-    """Finished byte intervals, one `start end path` line each, after the fingerprint.
-
-    Intervals, not range numbers: a resume with another range size still knows exactly
-    which bytes are here.
-    """
-
-    def __init__(self, path: Path, version: str) -> None:
-        self.path = path
-        self.version = version
-
-    def finished(self) -> dict[str, list[tuple[int, int]]] | None:
-        """Intervals done by an earlier try at this version; None if the journal is of another."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return {}
-        if not lines or lines[0] != self.version:
-            return None
-        done: dict[str, list[tuple[int, int]]] = {}
-        for line in lines[1:]:
-            start, end, path = [*line.split(" ", 2), "", ""][:3]
-            if path and start.isdigit() and end.isdigit():  # a torn last line is simply not done
-                done.setdefault(path, []).append((int(start), int(end)))
-        return done
-
-    def start(self) -> None:
-        self.path.write_text(self.version + "\n")
-
-    def record(self, piece: _Range) -> None:
-        # Appended after the bytes are written. The data is not fsynced: an agent crash
-        # keeps the page cache, and the sha256 check catches what a power loss would tear.
-        with self.path.open("a") as journal:
-            journal.write(f"{piece.start} {piece.end} {piece.file.path}\n")
-
-
 class _Bandwidth:
     """A pacing gate for an operator's bandwidth limit."""
 
@@ -182,197 +115,6 @@ class _Bandwidth:
         self.next_free = start + count / self.rate
         if start > now:
             await asyncio.sleep(start - now)
-
-
-def missing_ranges(
-    files: Sequence[RemoteFile], done: dict[str, list[tuple[int, int]]], size: int
-) -> Iterator[_Range]:
-    """The bytes not yet here, as ranges of at most `size` bytes."""
-    for file in files:
-        position = 0
-        for start, end in [*sorted(done.get(file.path, [])), (file.size, file.size)]:
-            gap_end = min(start, file.size)
-            for piece_start in range(position, gap_end, size):
-                yield _Range(file, piece_start, min(piece_start + size, gap_end))
-            position = max(position, min(end, file.size))
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite until every byte is written: a short write would leave a hole that hashing
-    the received bytes (not the file) would not see."""
-    view = memoryview(data)
-    while view:
-        count = os.pwrite(fd, view, offset)
-        view, offset = view[count:], offset + count
-
-
-def _preallocate(path: Path, size: int) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if os.fstat(fd).st_size != size:
-        os.ftruncate(fd, size)
-        if size:
-            # Claims the blocks now: a full disk fails here, not in the middle.
-            os.posix_fallocate(fd, 0, size)
-    return fd
-
-
-class _Output:
-    """One file being written: its O_DIRECT-aligned part without the page cache where the
-    filesystem allows, the rest (a file's tail, or everything elsewhere) through it."""
-
-    def __init__(self, path: Path, size: int, direct: bool) -> None:
-        self.fd = _preallocate(path, size)
-        self.direct_fd = -1
-        self.direct_bytes = 0
-        if direct and size >= ALIGN and hasattr(os, "O_DIRECT"):
-            with contextlib.suppress(OSError):  # EINVAL: this filesystem has no direct I/O
-                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-
-    def write(self, data: memoryview, offset: int) -> None:
-        """All of `data` at `offset` (in a worker thread). `data` starts page-aligned."""
-        direct = 0
-        if self.direct_fd >= 0 and offset % ALIGN == 0:
-            direct = len(data) - len(data) % ALIGN
-            try:
-                _write_all(self.direct_fd, data[:direct], offset)
-                self.direct_bytes += direct
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                # Accepted when opened, refused when written (some network filesystems).
-                log.info("O_DIRECT refused writing a download; writing through the page cache")
-                self.direct_fd, direct = -1, 0
-        if direct < len(data):
-            _write_all(self.fd, data[direct:], offset + direct)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.direct_fd)
-
-
-class _Buffers:
-    """The download's reusable read buffers: page-aligned (O_DIRECT needs it), and the same
-    pages again and again: a fresh page costs CPU to fault in and clear, about as much per
-    byte as the network's copy. Made as needed, at most `count`: a fast hash rarely lets
-    ranges pile up, so most downloads touch little more than the ranges in flight."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self.size = max(ALIGN, -(-size // ALIGN) * ALIGN)
-        self.count, self.made = count, 0
-        self.free: asyncio.Queue[mmap.mmap] = asyncio.Queue()
-
-    async def take(self) -> mmap.mmap:
-        if self.free.empty() and self.made < self.count:
-            self.made += 1
-            # Private, not mmap's default shared mapping: no shmem file behind it. Populated
-            # at once, in a thread: one call instead of a page fault per 4 KiB (measured:
-            # 33,000 fewer faults and 0.1 CPU-s less per GiB), and the loop never waits on
-            # it. Not MADV_HUGEPAGE: when memory had to be compacted for it, a download's
-            # CPU doubled.
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-            return await asyncio.to_thread(mmap.mmap, -1, self.size, flags=flags)
-        return await self.free.get()  # first come, first served: ranges start in order
-
-    def give(self, buffer: mmap.mmap) -> None:
-        self.free.put_nowait(buffer)
-
-
-class _StreamingHash:
-    """The digest of one file (BLAKE3 or sha256), computed while it downloads.
-
-    Both digests are sequential, and ranges finish nearly but not exactly in order: a
-    finished range keeps its buffer (`remember`) until the hash reaches its start, then is
-    hashed from it and the buffer goes back to the pool. What is only on disk (a resumed
-    download's ranges) is read back. Hashing runs in a worker thread, one at a time: the
-    event loop keeps the other core.
-
-    No deadlock: ranges are started in file order, each by a worker that already holds a
-    buffer, so the range the hash waits for is always in flight, never waiting for a buffer.
-    """
-
-    BLOCK = 8 * MIB
-
-    def __init__(self, path: Path, size: int, kind: str, hashing: asyncio.Semaphore) -> None:
-        self.path, self.size, self.hashing = path, size, hashing
-        self.digest: Any = new_blake3() if kind == "blake3" else hashlib.sha256()
-        self.cursor = 0
-        # start -> (end, the bytes, what gives their buffer back)
-        self.in_memory: dict[int, tuple[int, memoryview, Callable[[], None]]] = {}
-        self.on_disk: list[tuple[int, int]] = []
-        self.advanced = asyncio.Event()
-        self.read_back = 0
-
-    def remember(self, start: int, data: memoryview, release: Callable[[], None]) -> None:
-        """A finished range's bytes; `release` is called once they are hashed."""
-        if start < self.cursor:
-            release()  # hashed already (read back from a resumed download)
-            return
-        self.in_memory[start] = (start + len(data), data, release)
-        self.advanced.set()
-
-    def add(self, start: int, end: int) -> None:
-        """Bytes that are on disk only (a resumed download's)."""
-        self.on_disk.append((start, end))
-        self.advanced.set()
-
-    def _next_stretch(self) -> tuple[int, memoryview | None, Callable[[], None]] | None:
-        """(end, bytes, release) of the stretch at the cursor; bytes None: read it from disk."""
-        found = self.in_memory.pop(self.cursor, None)
-        if found is not None:
-            return found
-        self.on_disk.sort()
-        while self.on_disk and self.on_disk[0][1] <= self.cursor:
-            self.on_disk.pop(0)
-        if self.on_disk and self.on_disk[0][0] <= self.cursor:
-            end = self.on_disk.pop(0)[1]
-            # Up to the next stretch in memory, so no byte is hashed twice.
-            starts = [start for start in self.in_memory if self.cursor < start < end]
-            return min([end, *starts]), None, lambda: None
-        return None
-
-    def _hash(self, stretches: list[tuple[int, int, memoryview | None]]) -> None:
-        # The thread opens its own descriptor: a cancelled download may close everything
-        # it holds while this thread still reads.
-        fd = -1
-        try:
-            for start, end, data in stretches:
-                if data is not None:
-                    self.digest.update(data)
-                    continue
-                if fd < 0:
-                    fd = os.open(self.path, os.O_RDONLY)
-                for offset in range(start, end, self.BLOCK):
-                    self.digest.update(os.pread(fd, min(self.BLOCK, end - offset), offset))
-                self.read_back += end - start
-        finally:
-            if fd >= 0:
-                os.close(fd)
-
-    async def run(self) -> str:
-        while self.cursor < self.size:
-            await self.advanced.wait()
-            self.advanced.clear()
-            stretches: list[tuple[int, int, memoryview | None]] = []
-            releases: list[Callable[[], None]] = []
-            position = self.cursor
-            while (found := self._next_stretch()) is not None:
-                end, data, release = found
-                stretches.append((self.cursor, end, data))
-                releases.append(release)
-                self.cursor = end
-            if not stretches:
-                continue
-            try:
-                async with self.hashing:
-                    await thread_to_end(self._hash, stretches)
-            finally:
-                for release in releases:
-                    release()
-            assert self.cursor > position
-        return str(self.digest.hexdigest())
 
 
 @contextlib.contextmanager
@@ -405,8 +147,8 @@ class Downloader:
         self.settings = settings
         self.progress = progress
         self.bandwidth = _Bandwidth(settings.bandwidth_limit)
-        self.outputs: dict[str, _Output] = {}
-        self.hashes: dict[str, _StreamingHash] = {}
+        self.outputs: dict[str, FileOutput] = {}
+        self.hashes: dict[str, StreamingHash] = {}
         self.retries = 0
         self.fetched = 0
         self.ranges_fetched = 0
@@ -417,7 +159,7 @@ class Downloader:
         self.staging.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         with _exclusive(self.staging):
-            journal = _Journal(self.staging / JOURNAL, fingerprint(self.files))
+            journal = Journal(self.staging / JOURNAL, fingerprint(self.files))
             done = journal.finished()
             if done is None:  # a partial download of another version: start over
                 self._clear_staging()
@@ -433,12 +175,12 @@ class Downloader:
                 log.info("resuming %s: %d of %d bytes already here", self.store.uri, resumed, total)
             try:
                 for file in self.files:
-                    self.outputs[file.path] = _Output(
+                    self.outputs[file.path] = FileOutput(
                         self.staging / file.path, file.size, self.settings.direct_io
                     )
                 hashing = asyncio.Semaphore(1)
                 self.hashes = {
-                    f.path: _StreamingHash(self.staging / f.path, f.size, f.digest[0], hashing)
+                    f.path: StreamingHash(self.staging / f.path, f.size, f.digest[0], hashing)
                     for f in self.files
                     if f.digest is not None
                 }
@@ -475,14 +217,14 @@ class Downloader:
             if path.name != LOCK:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    async def _fetch_all(self, todo: list[_Range], journal: _Journal, deadline: float) -> None:
-        queue: asyncio.Queue[_Range] = asyncio.Queue()
+    async def _fetch_all(self, todo: list[Range], journal: Journal, deadline: float) -> None:
+        queue: asyncio.Queue[Range] = asyncio.Queue()
         for piece in todo:
             queue.put_nowait(piece)
         workers = min(self.settings.concurrency, len(todo)) or 1
         size = max((piece.end - piece.start for piece in todo), default=0)
         spare = self.settings.hash_memory_bytes // max(size, 1)
-        buffers = _Buffers(min(len(todo), workers + spare) or 1, size)
+        buffers = Buffers(min(len(todo), workers + spare) or 1, size)
 
         async def worker() -> None:
             while True:
@@ -522,7 +264,7 @@ class Downloader:
             "store_unreachable", f"{why} ({done}, {self.retries} retries){detail}", 504, True
         )
 
-    async def _fetch(self, piece: _Range, data: memoryview, deadline: float) -> None:
+    async def _fetch(self, piece: Range, data: memoryview, deadline: float) -> None:
         """The range's bytes into `data`, retried with backoff while the store allows."""
         loop = asyncio.get_running_loop()
         delay, failing_since = 0.1, None

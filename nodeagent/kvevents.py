@@ -48,7 +48,7 @@ FOLLOWER_BACKLOG = 10_000
 # serves them at GET /models/{model}/tokenizer/{file}; the first is required).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")  # fmt: skip
-# A follower hears at least an empty line this often (nodeagent.server's GET /models/{model}/kv).
+# A follower hears at least an empty line this often (nodeagent.routes' GET /models/{model}/kv).
 KV_KEEPALIVE_SECONDS = 15.0
 # One log line per reason per this many seconds: a broken publisher must not flood the log.
 _LOG_EVERY_SECONDS = 10.0

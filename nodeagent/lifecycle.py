@@ -2,8 +2,9 @@
 
 The control plane has its own table (agents/transitions.py), with the events that move a
 placement; both use the same states (`nodeagent.protocol.ModelState`). Every write of
-`ModelSlot.state` in the registry goes through `move`, so a slip (say, READY straight from
-DOWNLOADING, skipping the engine) raises instead of being reported in a heartbeat.
+`ModelSlot.state` in the registry and the load pipeline goes through `move`, so a slip
+(say, READY straight from DOWNLOADING, skipping the engine) raises instead of being
+reported in a heartbeat.
 """
 
 from __future__ import annotations

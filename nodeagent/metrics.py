@@ -60,6 +60,19 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # In this order: /metrics lists the series in the order they were registered.
+        self._engine_series()
+        self._proxy_series()
+        self._download_series()
+        self._request_series()
+        self._kv_cache_series()
+        self._standby_series()
+        self._compile_cache_series()
+        self._adapter_series()
+        self._model_series()
+
+    def _engine_series(self) -> None:
+        """Engines started, ended and restarted, and how long loads take."""
         self.engine_starts = Counter(
             "llmfleet_agent_engine_starts",
             "Engine starts by engine, outcome, and start: plain, or a standby that became it.",
@@ -85,6 +98,9 @@ class AgentMetrics:
             registry=self.registry,
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
         )
+
+    def _proxy_series(self) -> None:
+        """Requests through the inference proxy, and its own failures."""
         self.proxy_requests = Counter(
             "llmfleet_agent_proxy_requests",
             "Inference requests proxied, by status class.",
@@ -97,6 +113,9 @@ class AgentMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def _download_series(self) -> None:
+        """Model downloads into the cache, and what was evicted to make room."""
         self.download_bytes = Counter(
             "llmfleet_agent_download_bytes",
             "Bytes of model files downloaded into the cache.",
@@ -123,6 +142,9 @@ class AgentMetrics:
             "Models deleted from the cache to make room.",
             registry=self.registry,
         )
+
+    def _request_series(self) -> None:
+        """Requests the agent holds now: proxied, or waiting for a batch seat."""
         self.requests_in_flight = Gauge(
             "llmfleet_agent_requests_in_flight",
             "Inference requests being proxied now.",
@@ -133,6 +155,9 @@ class AgentMetrics:
             "Batch-class requests waiting for room on their engine (its reserve kept free).",
             registry=self.registry,
         )
+
+    def _kv_cache_series(self) -> None:
+        """What engines' prefix caches hold and report (cache-aware routing's part)."""
         # vLLM's own counters, model by model, as the engines said at the last heartbeat or
         # scrape: what cache-aware routing earns on this host.
         self.prefix_cache_queries = Gauge(
@@ -153,6 +178,9 @@ class AgentMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def _standby_series(self) -> None:
+        """Standby engines (nodeagent.engines.standby)."""
         self.standby_engines = Gauge(
             "llmfleet_agent_standby_engines",
             "Standby engines by state: ready (imports done, waiting for a model) or starting.",
@@ -164,6 +192,9 @@ class AgentMetrics:
             "Standby engines that ended or failed to start before a load took them.",
             registry=self.registry,
         )
+
+    def _compile_cache_series(self) -> None:
+        """vLLM compile caches (nodeagent.compilecache)."""
         self.compile_caches = Counter(
             "llmfleet_agent_compile_caches",
             "vLLM engine starts by where their compile cache came from: new (none yet), local "
@@ -177,6 +208,9 @@ class AgentMetrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    def _adapter_series(self) -> None:
+        """LoRA adapters in engines (nodeagent.adapters)."""
         self.adapter_loads = Counter(
             "llmfleet_agent_adapter_loads",
             "LoRA adapters loaded into engines, by outcome (loaded, failed).",
@@ -196,6 +230,9 @@ class AgentMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
         )
+
+    def _model_series(self) -> None:
+        """Models by cache level."""
         self.models = Gauge(
             "llmfleet_agent_models",
             "Models on this agent by cache level.",

@@ -20,7 +20,9 @@ from multidict import CIMultiDict
 
 from nodeagent.adapters import LoadedAdapter
 from nodeagent.batchgate import BatchGate, EngineBusy, batch_seats
+from nodeagent.enginepool import EngineConnections
 from nodeagent.engines.base import Engine, is_dead
+from nodeagent.errors import AgentError
 from nodeagent.metrics import AgentMetrics
 from nodeagent.protocol import (
     ADAPTER_HEADER,
@@ -31,8 +33,8 @@ from nodeagent.protocol import (
     SEQUENCES_HEADER,
     AdapterRef,
 )
-from nodeagent.registry import AgentError, ModelRegistry
-from nodeagent.relay import EngineConnections, EngineUnreachable, StreamBroken
+from nodeagent.registry import ModelRegistry
+from nodeagent.relay import EngineUnreachable, StreamBroken
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's
 # token is for the agent, not the engine.

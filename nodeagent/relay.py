@@ -12,6 +12,10 @@ Faults keep their meaning for the proxy: an engine that does not answer, or clos
 status line, is `EngineUnreachable` (nothing was relayed: the gateway may try another replica);
 one whose answer breaks off or turns to garbage after the status line is `StreamBroken` (the
 client's connection is then cut where it broke, as HTTP says a short answer must be).
+
+This module is one connection's exchange (`EngineConnection`); the pool that keeps
+connections between exchanges is nodeagent.enginepool, and the reading of a status
+line, headers and chunk sizes nodeagent.http1.
 """
 
 from __future__ import annotations
@@ -21,24 +25,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import quote
 
 from aiohttp import web
-from multidict import CIMultiDict
 
-# How long a kept connection may sit idle before it is used again: under the keep-alive of
-# vLLM's server (uvicorn's, 5 s), so that a kept connection is not one the engine is closing.
-KEEP_IDLE_SECONDS = 2.0
-KEEP_PER_ENGINE = 256
-CONNECT_SECONDS = 5.0
+from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, parse_head
+
 # A kept connection that fails this soon after a request went out on it, before any answer,
 # was closed by its engine before the request arrived (its keep-alive ran out).
 _STALE_SECONDS = 0.1
-_MAX_HEAD = 64 * 1024  # an engine's status line and headers
-_MAX_SIZE_LINE = 1024  # a chunk's size line (extensions included)
-_NO_BODY = {204, 304}
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
-CRLF = b"\r\n"
 # How the body's bytes go to the client: as they are; a chunked body's data without its
 # framing; a body framed by the close, given chunked framing.
 _PASS, _DECHUNK, _FRAME = "pass", "dechunk", "frame"
@@ -50,17 +44,6 @@ class EngineUnreachable(Exception):
 
 class StreamBroken(Exception):
     """The engine's answer broke off after its status line."""
-
-
-@dataclass
-class Head:
-    status: int
-    reason: str
-    headers: CIMultiDict[str]
-    length: int | None = None  # the body's declared length; None: chunked or to the close
-    chunked: bool = False
-    keep_alive: bool = True
-    body: bool = True  # False for HEAD, 1xx, 204 and 304
 
 
 @dataclass
@@ -244,11 +227,11 @@ class EngineConnection(asyncio.Protocol):
         while True:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(buffer) > _MAX_HEAD:
+                if len(buffer) > MAX_HEAD:
                     self._bad_head("a status line and headers over 64 KiB")
                 return
             try:
-                head = _parse_head(bytes(buffer[:end]), self._method)
+                head = parse_head(bytes(buffer[:end]), self._method)
             except ValueError as exc:
                 self._bad_head(str(exc))
                 return
@@ -331,13 +314,13 @@ class EngineConnection(asyncio.Protocol):
                 continue
             newline = data.find(b"\n", position)
             if newline < 0:  # a size line cut by the read: held back until it is whole
-                if size_of - position > _MAX_SIZE_LINE:
+                if size_of - position > MAX_SIZE_LINE:
                     self._fail(StreamBroken("the engine's chunked framing is broken"))
                     return
                 chunks.held = data[position:]
                 self._pass(data[:position], out)
                 return
-            size = _chunk_size(data[position : newline + 1])
+            size = chunk_size(data[position : newline + 1])
             if size is None:
                 self._fail(StreamBroken("the engine's chunked framing is broken"))
                 return
@@ -368,7 +351,7 @@ class EngineConnection(asyncio.Protocol):
             if trailer[end:]:
                 self._close()
             return
-        if len(trailer) > _MAX_HEAD:
+        if len(trailer) > MAX_HEAD:
             self._fail(StreamBroken("the engine's trailer is over 64 KiB"))
             return
         chunks.trailer = trailer
@@ -398,115 +381,5 @@ class EngineConnection(asyncio.Protocol):
             self.transport.close()
 
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-def _chunk_size(line: bytes) -> int | None:
-    """A chunk's size from its line (`1a;ext=v\\r\\n`), or None when it is not one."""
-    if not line.endswith(CRLF) or len(line) > _MAX_SIZE_LINE:
-        return None
-    digits = line[:-2].split(b";", 1)[0]
-    if not digits or not _HEX.issuperset(digits):
-        return None
-    return int(digits, 16)
-
-
 def _because(exc: Exception | None) -> str:
     return f": {exc}" if exc else ""
-
-
-def _parse_head(raw: bytes, method: str) -> Head:
-    lines = raw.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise ValueError(f"a status line of {lines[0][:80]!r}")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise ValueError(f"a header line of {line[:80]!r}")
-        headers.add(name, value.strip())
-    status = int(code)
-    connection = headers.get("connection", "").lower()
-    head = Head(status, reason, headers)
-    head.keep_alive = version == "HTTP/1.1" and "close" not in connection
-    head.body = method != "HEAD" and status not in _NO_BODY and status >= 200
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        head.chunked = True
-    elif "content-length" in headers:
-        declared = headers["content-length"].strip()
-        if not declared.isdigit():
-            raise ValueError(f"a Content-Length of {declared[:40]!r}")
-        head.length = int(declared)
-    elif head.body:
-        head.keep_alive = False  # framed by the close
-    if not head.body:
-        head.length = 0
-    return head
-
-
-class EngineConnections:
-    """The agent's connections to its engines, kept between exchanges (one pool per engine
-    address). Owned by the agent's server: closed at shutdown."""
-
-    def __init__(self) -> None:
-        self._kept: dict[tuple[str, int], list[EngineConnection]] = {}
-
-    async def exchange(
-        self, host: str, port: int, method: str, path: str, query: str,
-        headers: Mapping[str, str], body: bytes,
-    ) -> tuple[EngineConnection, Head]:  # fmt: skip
-        """Send the request and read the answer's status line and headers. A kept connection
-        that the engine closed meanwhile (nothing of an answer received) is retried once on a
-        new one: the engine never saw the request."""
-        target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
-        connection = await self._take(host, port)
-        while True:
-            connection.send(method, target, headers, body)
-            try:
-                return connection, await connection.head()
-            except EngineUnreachable:
-                if not connection.stale:
-                    raise
-                connection = await self._take(host, port, fresh=True)
-            except BaseException:
-                connection.abandon()
-                raise
-
-    def give_back(self, connection: EngineConnection) -> None:
-        """Keep a connection whose exchange ended cleanly; close any other."""
-        if not connection.reusable:
-            connection.abandon()
-            return
-        kept = self._kept.setdefault(connection.key, [])
-        if len(kept) >= KEEP_PER_ENGINE:
-            connection.abandon()
-            return
-        connection.idle_since = time.monotonic()
-        kept.append(connection)
-
-    async def _take(self, host: str, port: int, fresh: bool = False) -> EngineConnection:
-        key = (host, port)
-        kept = self._kept.get(key)
-        now = time.monotonic()
-        while kept and not fresh:
-            connection = kept.pop()
-            if not connection.closed and now - connection.idle_since < KEEP_IDLE_SECONDS:
-                return connection
-            connection.abandon()
-        loop = asyncio.get_running_loop()
-        try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: EngineConnection(key), host, port),
-                CONNECT_SECONDS,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise EngineUnreachable(f"cannot connect to the engine: {exc}") from None
-        return protocol
-
-    def close(self) -> None:
-        for kept in self._kept.values():
-            for connection in kept:
-                connection.abandon()
-        self._kept.clear()

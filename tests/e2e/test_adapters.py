@@ -17,7 +17,7 @@ from agents.choices import CacheLevel, LoadEventKind, PlacementState
 from agents.models import LoadEvent, Model, Placement
 from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
-from nodeagent.engines.sim import words_for
+from nodeagent.engines.simanswers import words_for
 from nodeagent.store.publish import publish
 from tests.e2e.agent_process import AgentProcess
 from tests.e2e.fleet import registered, running_control_plane

@@ -21,7 +21,7 @@ from agents.choices import AgentState, LoadEventKind, PlacementState
 from agents.models import Agent, LoadEvent, Placement
 from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
-from nodeagent.engines.sim import words_for
+from nodeagent.engines.simanswers import words_for
 from tests.e2e.agent_process import AgentProcess
 from tests.e2e.fleet import SCRAPER, ControlPlane, registered, running_control_plane, serving_on
 from tests.factories import make_api_key

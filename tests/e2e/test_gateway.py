@@ -21,7 +21,7 @@ from agents.choices import AgentState, CacheLevel, ModelKind, PlacementState
 from agents.models import Agent, Model, Placement
 from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
-from nodeagent.engines.sim import words_for
+from nodeagent.engines.simanswers import words_for
 from tests.e2e.agent_process import ROOT, enrolment_for, running_agent
 from tests.e2e.fleet import database_url
 from tests.factories import make_api_key
@@ -289,7 +289,7 @@ def test_responses_stream_and_not_with_their_usage(client, warm_model):
 
 
 def test_embeddings_of_one_and_several_inputs_in_both_encodings(client, warm_model, tmp_path):
-    from nodeagent.engines.sim import EMBEDDING_DIMENSIONS, embedding_for
+    from nodeagent.engines.simanswers import EMBEDDING_DIMENSIONS, embedding_for
 
     _serve_embeddings(warm_model, (tmp_path / "tiny").as_uri())
     one = client.embeddings.create(model="org/tiny-embed", input="hello", encoding_format="float")

@@ -26,7 +26,7 @@ from agents.choices import (
 from agents.models import Agent, LoadEvent, Model, Placement
 from controlplane.gateway.models import Usage
 from nodeagent import tinymodel
-from nodeagent.engines.sim import words_for
+from nodeagent.engines.simanswers import words_for
 from tests.e2e.fleet import registered, running_control_plane, serving_on
 from tests.factories import make_api_key
 from tests.support import wait_for

@@ -12,7 +12,7 @@ import pytest
 from agents import actions
 from agents.models import LoadEvent
 from nodeagent import tinymodel
-from nodeagent.engines.sim import words_for
+from nodeagent.engines.simanswers import words_for
 from nodeagent.protocol import SourceSpec
 from nodeagent.store.publish import publish
 from tests.clouds import Moto

@@ -16,7 +16,7 @@ from aiohttp import web
 from agents.models import Agent, Placement
 from controlplane.gateway.apis import Api
 from controlplane.gateway.kvfollow import HeldBlocks, KvFollowers, PromptBlocks
-from nodeagent.engines.sim import PrefixCache
+from nodeagent.engines.simcache import PrefixCache
 from nodeagent.kvblocks import sim_prompt, word_ids
 from nodeagent.kvevents import EngineBlocks, Stored
 from tests.support import until

@@ -13,7 +13,7 @@ from agents.choices import ModelKind
 from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.upstream import Meter, UsageScanner
 from controlplane.gateway.validation import InvalidRequest, estimate_prompt_tokens, parse_request
-from nodeagent.engines.sim import embedding_for
+from nodeagent.engines.simanswers import embedding_for
 from tests.factories import ModelFactory, make_api_key
 from tests.gateway.calls import error_of, post
 

@@ -10,7 +10,9 @@ import pytest
 from yarl import URL
 
 from nodeagent import tinymodel
-from nodeagent.engines.sim import SimEngine, SimServer, words_for
+from nodeagent.engines.sim import SimEngine
+from nodeagent.engines.simanswers import words_for
+from nodeagent.engines.simserver import SimServer
 from nodeagent.protocol import AdapterRef, HeartbeatResponse
 from nodeagent.store.publish import publish
 from tests.nodeagent.conftest import RunningAgent

@@ -12,7 +12,7 @@ from collections import Counter
 import msgspec
 import pytest
 
-from nodeagent.engines.sim import PrefixCache
+from nodeagent.engines.simcache import PrefixCache
 from nodeagent.kvblocks import block_chain, chain_root, word_ids
 from nodeagent.kvevents import (
     NAMES_PER_LINE,

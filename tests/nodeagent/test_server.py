@@ -10,7 +10,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from nodeagent.cache import ModelCache
-from nodeagent.engines.sim import SimEngine, words_for
+from nodeagent.engines.sim import SimEngine
+from nodeagent.engines.simanswers import words_for
 from nodeagent.protocol import AGENT_ERROR_HEADER, HeartbeatResponse
 from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
 from tests.support import until
@@ -428,7 +429,7 @@ async def test_an_unexpected_failure_is_a_500_that_names_it_and_leaves_the_model
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nodeagent.download._preallocate", disk_full)
+    monkeypatch.setattr("nodeagent.download_write._preallocate", disk_full)
     status, body = await agent.post("/load_model", load_body(tiny_model))
     assert (status, body["error"]["code"]) == (500, "load_failed")
     assert "No space left on device" in body["error"]["message"]

@@ -6,7 +6,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from nodeagent.config import SimSettings
-from nodeagent.engines.sim import PrefixCache, SimServer, words_for
+from nodeagent.engines.simanswers import words_for
+from nodeagent.engines.simcache import PrefixCache
+from nodeagent.engines.simserver import SimServer
 from nodeagent.kvblocks import word_ids
 from nodeagent.metrics import parse_engine_metrics
 

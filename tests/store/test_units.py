@@ -175,7 +175,7 @@ def test_a_manifest_cannot_name_the_agent_s_own_files(path):
 
 
 def test_missing_ranges_are_the_gaps_whatever_range_size_wrote_the_journal():
-    from nodeagent.download import missing_ranges
+    from nodeagent.download_plan import missing_ranges
     from nodeagent.store import RemoteFile
 
     file = RemoteFile("w.safetensors", 100, "etag", None)

@@ -1,0 +1,78 @@
+"""Reading HTTP/1.1 as an engine writes it: a status line with its headers, and the
+framing of its body (a declared length, chunks, or the connection's close).
+
+Strict where the client's parser will read the same bytes (hex chunk sizes, CRLFs,
+header lines), and bounded (MAX_HEAD, MAX_SIZE_LINE) so that an engine that says
+nothing HTTP cannot make the agent buffer without end. nodeagent.relay reads the
+engine's connection with these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+
+MAX_HEAD = 64 * 1024  # an engine's status line and headers
+MAX_SIZE_LINE = 1024  # a chunk's size line (extensions included)
+_NO_BODY = {204, 304}
+CRLF = b"\r\n"
+
+
+@dataclass
+class Head:
+    """An answer's status line and headers, and how its body is framed."""
+
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    length: int | None = None  # the body's declared length; None: chunked or to the close
+    chunked: bool = False
+    keep_alive: bool = True
+    body: bool = True  # False for HEAD, 1xx, 204 and 304
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def chunk_size(line: bytes) -> int | None:
+    """A chunk's size from its line (`1a;ext=v\\r\\n`), or None when it is not one."""
+    if not line.endswith(CRLF) or len(line) > MAX_SIZE_LINE:
+        return None
+    digits = line[:-2].split(b";", 1)[0]
+    if not digits or not _HEX.issuperset(digits):
+        return None
+    return int(digits, 16)
+
+
+def parse_head(raw: bytes, method: str) -> Head:
+    """The answer to `method` from its status line and headers (`raw`, without the empty
+    line that ends them); ValueError when they are not HTTP/1.x."""
+    lines = raw.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ValueError(f"a status line of {lines[0][:80]!r}")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise ValueError(f"a header line of {line[:80]!r}")
+        headers.add(name, value.strip())
+    status = int(code)
+    connection = headers.get("connection", "").lower()
+    head = Head(status, reason, headers)
+    head.keep_alive = version == "HTTP/1.1" and "close" not in connection
+    head.body = method != "HEAD" and status not in _NO_BODY and status >= 200
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        head.chunked = True
+    elif "content-length" in headers:
+        declared = headers["content-length"].strip()
+        if not declared.isdigit():
+            raise ValueError(f"a Content-Length of {declared[:40]!r}")
+        head.length = int(declared)
+    elif head.body:
+        head.keep_alive = False  # framed by the close
+    if not head.body:
+        head.length = 0
+    return head
