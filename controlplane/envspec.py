@@ -329,6 +329,27 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        "traces (OpenTelemetry; docs/operating.md: Traces)",
+        groups=(
+            _group("where every process sends its spans, over OTLP/HTTP (the collector's base URL: "
+                   "`/v1/traces` is added; unset: tracing is off, at no cost); the exporter's "
+                   "other `OTEL_EXPORTER_OTLP_*` variables (headers, timeout) apply as usual",
+                Var("OTEL_EXPORTER_OTLP_ENDPOINT", example="http://127.0.0.1:4318"),
+            ),
+            _group("the traces endpoint itself, where it is not the base URL's `/v1/traces`",
+                Var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            ),
+            _group("percent of new traces kept (parent-based: a request whose `traceparent` "
+                   "says sampled is always traced, one that says not sampled never is)",
+                Var("TRACING_SAMPLE_PERCENT", default=100, minimum=0),
+            ),
+            _group("a trace in your trace UI, `{trace_id}` replaced: the dashboard's cold starts "
+                   "link to theirs (e.g. `http://jaeger:16686/trace/{trace_id}`)",
+                Var("TRACING_UI_URL"),
+            ),
+        ),
+    ),
+    Section(
         "`make run` (python -m controlplane.fleet)",
         groups=(
             _group("where the web process (`python -m controlplane.web`, `--host`/`--port` "

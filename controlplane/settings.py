@@ -27,6 +27,7 @@ from controlplane.env import (
     env_str,
     local_secret,
 )
+from nodeagent.tracing import traces_endpoint
 
 # Lets the code write `ModelAdmin[Agent]` for mypy at run time. DRF's classes are patched in
 # AgentsConfig.ready(): importing DRF's views here would freeze its defaults (permission
@@ -413,6 +414,13 @@ else:
     }
 
 LOG_LEVEL = env_str("LOG_LEVEL").upper()
+# Traces (nodeagent.tracing): on where an OTLP endpoint is set, by OpenTelemetry's own rule.
+TRACING_ENDPOINT = traces_endpoint({
+    "OTEL_EXPORTER_OTLP_ENDPOINT": env_str("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": env_str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+})  # fmt: skip
+TRACING_SAMPLE_RATIO = min(env_int("TRACING_SAMPLE_PERCENT"), 100) / 100
+TRACING_UI_URL = env_str("TRACING_UI_URL")
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(f"LOG_LEVEL={LOG_LEVEL!r} is not a log level")
 LOGGING = {

@@ -15,6 +15,7 @@ from typing import Any
 
 from nodeagent import __version__
 from nodeagent.protocol import ENGINES
+from nodeagent.tracing import traces_endpoint
 from nodeagent.values import (
     at_least,
     boolean,
@@ -99,6 +100,10 @@ class AgentConfig:
     batch_reserve_percent: float
     batch_wait_seconds: float
     sim: SimSettings
+    # Traces (nodeagent.tracing): OpenTelemetry's variables; both empty is tracing off.
+    otlp_endpoint: str
+    otlp_traces_endpoint: str
+    trace_sample_percent: float
     event_loop: str
     log_level: str
 
@@ -113,6 +118,14 @@ class AgentConfig:
     def credential_path(self) -> Path:
         """Where the credential the control plane issued at enrolment is kept (mode 0600)."""
         return self.credential_file or self.cache_dir / "agent-credential"
+
+    @property
+    def traces_endpoint(self) -> str:
+        """Where this agent's spans and its engines' go ('': tracing is off)."""
+        return traces_endpoint({
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.otlp_traces_endpoint,
+        })  # fmt: skip
 
     @property
     def models_dir(self) -> Path:
@@ -294,6 +307,18 @@ SETTINGS: tuple[Setting, ...] = (
         ),
         Setting("--sim-request-log", "AGENT_SIM_REQUEST_LOG", _SIM.request_log, str,
                 "append each request it takes (model, prompt) to this file"),
+    ),
+    *_section(
+        "Traces (OpenTelemetry)",
+        Setting("--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "", str,
+                "collector for this agent's spans and its engines', over OTLP/HTTP "
+                "(`/v1/traces` is added; empty: tracing is off, at no cost)"),
+        Setting("--otlp-traces-endpoint", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", str,
+                "the traces endpoint itself, where it is not --otlp-endpoint's /v1/traces"),
+        Setting("--trace-sample-percent", "AGENT_TRACE_SAMPLE_PERCENT", "100",
+                float_between(0, 100),
+                "percent of new traces kept: requests that come with a traceparent (the "
+                "gateway's) follow their caller's decision"),
     ),
     *_section(
         "Process",

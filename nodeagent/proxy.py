@@ -12,6 +12,7 @@ import asyncio
 import functools
 import posixpath
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,9 +36,13 @@ from nodeagent.protocol import (
 )
 from nodeagent.registry import ModelRegistry
 from nodeagent.relay import EngineUnreachable, StreamBroken
+from nodeagent.tracing import TRACE_HEADERS, Tracer, failed, trace_headers
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's
 # token is for the agent, not the engine.
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 _REQUEST_DROP = {
     "host",
     "connection",
@@ -129,9 +134,11 @@ class InferenceProxy:
         metrics: AgentMetrics,
         batch_reserve_percent: float = 10.0,
         batch_wait_seconds: float = 20.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.tracer = tracer  # None: tracing is off (nodeagent.tracing)
         # Batch-class requests yield to all others, engine by engine (nodeagent.batchgate).
         self.gates: dict[str, BatchGate] = {}
         self.batch_reserve_percent = batch_reserve_percent
@@ -143,6 +150,34 @@ class InferenceProxy:
 
     async def handle(
         self, request: web.Request, session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
+        if self.tracer is None:
+            return await self._handle(request, session, None)
+        # The agent's span: the child of the gateway's (its traceparent), the parent of the
+        # engine's. It covers the wait at the batch gate, an adapter's load and the relay.
+        span = self.tracer.start(
+            "agent proxy", parent=trace_headers(request.headers.get),
+            attributes={"llmfleet.agent_id": self.registry.config.agent_id,
+                        "llmfleet.path": request.match_info["rest"],
+                        "llmfleet.priority_class":
+                            request.headers.get(PRIORITY_CLASS_HEADER) or "interactive"},
+        )  # fmt: skip
+        try:
+            response = await self._handle(request, session, span)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+        except AgentError as exc:
+            span.set_attribute("http.response.status_code", exc.status)
+            failed(span, exc.code)
+            raise
+        except BaseException as exc:
+            failed(span, type(exc).__name__)
+            raise
+        finally:
+            span.end()
+
+    async def _handle(
+        self, request: web.Request, session: aiohttp.ClientSession, span: Span | None
     ) -> web.StreamResponse:
         model_id, tail = split_model_path(request.match_info["rest"])
         path = engine_path(tail)
@@ -179,7 +214,7 @@ class InferenceProxy:
         try:
             if ref is not None:  # a LoRA adapter of this model: loaded first if need be
                 adapter = await self.registry.acquire_adapter(model_id, ref, session)
-            return await self._forward(request, session, engine, path, body)
+            return await self._forward(request, session, engine, path, body, span)
         finally:
             if adapter is not None:
                 self.registry.release_adapter(adapter)
@@ -211,12 +246,31 @@ class InferenceProxy:
         engine: Engine,
         path: str,
         body: bytes,
+        span: Span | None = None,
     ) -> web.StreamResponse:
         host, port = _address(engine.url)
+        headers = _filtered(request.headers, _REQUEST_DROP)
+        engine_span = None
+        if span is not None and self.tracer is not None:
+            # The engine's spans (vLLM's, with --otlp-traces-endpoint) continue this one.
+            engine_span = self.tracer.child(f"engine {request.method} {path}", span, kind="client")
+            for name in TRACE_HEADERS:
+                headers.popall(name, None)
+            self.tracer.inject(engine_span, headers)
+        try:
+            return await self._exchange(request, session, engine, path, body, host, port, headers)
+        finally:
+            if engine_span is not None:
+                engine_span.end()
+
+    async def _exchange(
+        self, request: web.Request, session: aiohttp.ClientSession, engine: Engine, path: str,
+        body: bytes, host: str, port: int, headers: CIMultiDict[str],
+    ) -> web.StreamResponse:  # fmt: skip
         try:
             connection, head = await self.engines.exchange(
                 host, port, request.method, path, request.rel_url.raw_query_string,
-                _filtered(request.headers, _REQUEST_DROP), body,
+                headers, body,
             )  # fmt: skip
         except EngineUnreachable as exc:
             self.metrics.proxy_errors.labels("engine_unreachable").inc()

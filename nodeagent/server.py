@@ -41,6 +41,7 @@ from nodeagent.protocol import (
 from nodeagent.proxy import InferenceProxy
 from nodeagent.registry import ModelRegistry
 from nodeagent.routes import AgentRoutes
+from nodeagent.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,14 @@ class AgentServer:
         self.registry = ModelRegistry(
             config, self.metrics, self.gpu.available, environ or dict(os.environ)
         )
+        # None unless an OTLP endpoint is set: then spans for every proxied request.
+        self.tracer = Tracer("llmfleet-agent", endpoint, config.trace_sample_percent / 100) if (
+            endpoint := config.traces_endpoint
+        ) else None  # fmt: skip
         self.proxy = InferenceProxy(
-            self.registry, self.metrics, config.batch_reserve_percent, config.batch_wait_seconds
-        )
+            self.registry, self.metrics, config.batch_reserve_percent, config.batch_wait_seconds,
+            self.tracer,
+        )  # fmt: skip
         self.credentials = Credentials(
             config.credential_path, config.token, standalone=not config.control_plane_url
         )
@@ -119,6 +125,8 @@ class AgentServer:
         if self._session is not None:
             await self._session.close()
         self.gpu.close()
+        if self.tracer is not None:  # the spans still buffered, exported before the agent exits
+            await asyncio.to_thread(self.tracer.shutdown)
 
     async def start(self) -> web.AppRunner:
         """Listen; the returned runner's cleanup() stops the agent and its engines."""

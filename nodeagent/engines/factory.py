@@ -121,6 +121,7 @@ class EngineFactory:
             gpu_memory_share=self.config.gpu_memory_share,
             trust_remote_code=request.engine.trust_remote_code,
             kv_events_config=kv_feed.vllm_config() if kv_feed is not None else None,
+            otlp_traces_endpoint=self.config.traces_endpoint,
         )
         environ = self._vllm_environ(request, compile_cache)
         return VllmEngine(
@@ -150,6 +151,12 @@ class EngineFactory:
             identity.own(self.engine_user, compile_cache.root)
         if lora_limits(request.engine.args)[0]:  # adapters are loaded as they are asked for
             environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+        if self.config.traces_endpoint:
+            # vLLM's exporter speaks gRPC unless told; the agent's endpoint is OTLP/HTTP. The
+            # exporter's headers are not passed on (an engine gets no secrets): name them in
+            # AGENT_ENGINE_ENV where the collector wants them.
+            environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+            environ.setdefault("OTEL_SERVICE_NAME", "vllm")
         return environ
 
     def _kv_feed(self, request: LoadModelRequest) -> KvFeed | None:

@@ -325,7 +325,7 @@ class SimServer:
         prompt = sim_prompt(body, chat)
         prefill = self._count_prefix(prompt, str(body.get("model", "")))
         async with self._seat():
-            self._log_request(body, prompt)
+            self._log_request(body, prompt, request.headers.get("traceparent"))
             await asyncio.sleep(prefill)
             tokens = words_for(self._seed(body, prompt), max_tokens)
             usage = {
@@ -339,12 +339,13 @@ class SimServer:
             self.counters.generation_tokens += len(tokens)
             return web.json_response(completion_body(chat, " ".join(tokens), usage, body["model"]))
 
-    def _log_request(self, body: dict[str, Any], prompt: str) -> None:
+    def _log_request(self, body: dict[str, Any], prompt: str, traceparent: str | None) -> None:
         """The request the engine took, to --sim-request-log (what "sent once" is checked
-        against)."""
+        against), with the trace it continues, as vLLM's would (traces' tests)."""
         if self.settings.request_log:
+            entry = {"model": body.get("model"), "prompt": prompt, "traceparent": traceparent}
             with open(self.settings.request_log, "a") as log:
-                log.write(json.dumps({"model": body.get("model"), "prompt": prompt}) + "\n")
+                log.write(json.dumps(entry) + "\n")
 
     def _count_prefix(self, prompt: str, model: str) -> float:
         """The prompt through the prefix cache, counted as vLLM counts it (in tokens); the

@@ -44,6 +44,7 @@ def vllm_argv(
     gpu_memory_share: float,
     trust_remote_code: bool = False,
     kv_events_config: str | None = None,
+    otlp_traces_endpoint: str = "",
 ) -> list[str]:
     """The engine's command line: the model's own arguments (nodeagent.engineargs checked
     them), then the agent's, which win over anything before them (argparse keeps the last
@@ -67,6 +68,8 @@ def vllm_argv(
         argv.append("--trust-remote-code")
     if kv_events_config is not None:
         argv += ["--kv-events-config", kv_events_config]
+    if otlp_traces_endpoint:  # its spans continue the agent's (the traceparent it forwards)
+        argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
     if gpu:
         argv.append("--enable-sleep-mode")
         given = {engineargs.canonical(arg.partition("=")[0]) for arg in args}

@@ -3,6 +3,7 @@ imported while tracing is off."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -72,3 +73,51 @@ def test_off_imports_nothing_of_opentelemetry():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_the_agents_span_continues_the_gateways_and_the_engine_continues_the_agents(
+    tmp_path, tiny_model
+):
+    from aiohttp import ClientSession
+
+    from tests.nodeagent.conftest import TOKEN, sim_args, start_agent
+
+    log = tmp_path / "engine.jsonl"
+    with otlp_receiver() as receiver:
+        _, test_server, url = await start_agent(sim_args(
+            tmp_path / "cache", "--sim-request-log", str(log), "--otlp-endpoint", receiver.url
+        ))  # fmt: skip
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with ClientSession() as http:
+            load = {"model_id": "org/tiny", "source": tiny_model.as_uri()}
+            async with http.post(f"{url}/load_model", json=load, headers=headers) as answer:
+                assert answer.status == 200, await answer.text()
+            body = {"model": "org/tiny", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 3, "stream": True}  # fmt: skip
+            async with http.post(
+                f"{url}/models/org/tiny/v1/chat/completions", json=body,
+                headers={**headers, "traceparent": PARENT},
+            ) as answer:  # fmt: skip
+                assert answer.status == 200
+                await answer.read()
+            missing = {"model": "org/none", "messages": [], "max_tokens": 1}
+            async with http.post(
+                f"{url}/models/org/none/v1/chat/completions", json=missing,
+                headers={**headers, "traceparent": PARENT},
+            ) as answer:  # fmt: skip
+                assert answer.status == 404
+        await test_server.close()  # the agent's shutdown exports what is buffered
+        proxies = receiver.wait_for(2, name="agent proxy")
+        [engine] = receiver.wait_for(1, name="engine POST /v1/chat/completions")
+    ok, refused = sorted(proxies, key=lambda span: span.attributes["http.response.status_code"])
+    assert {ok.trace_id, refused.trace_id, engine.trace_id} == {"0af7651916cd43dd8448eb211c80319c"}
+    assert ok.parent_id == refused.parent_id == "b7ad6b7169203331"
+    assert ok.service == "llmfleet-agent"
+    assert ok.attributes["llmfleet.agent_id"] == "test-agent"
+    assert ok.attributes["http.response.status_code"] == 200
+    assert (refused.attributes["http.response.status_code"], refused.status) == (404, 2)
+    assert engine.parent_id == ok.span_id
+    assert engine.kind == 3  # CLIENT
+    took = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [entry["traceparent"] for entry in took] == [f"00-{engine.trace_id}-{engine.span_id}-01"]
+    assert "hi" not in str([span.attributes for span in receiver.spans])  # no prompt in a span
