@@ -194,7 +194,7 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection
 
-    from agents.actions import loads
+    from agents.actions import coldstarts
     from agents.models import LoadEvent, Model
     from controlplane.metrics import FleetCollector
 
@@ -212,8 +212,8 @@ def main() -> None:
     placements = list(model.placements.select_related("agent"))
 
     def decision() -> None:
-        failed = loads.failed_recently(model)
-        loads._load_candidates(model, placements, {event.agent_id for event in failed})
+        failed = coldstarts.failed_recently(model)
+        coldstarts._load_candidates(model, placements, {event.agent_id for event in failed})
 
     def decision_before() -> None:
         baseline_history()

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -148,86 +149,152 @@ class FleetCollector(Collector):
         yield from families
 
     def _collect(self) -> Iterator[Metric]:
-        from django.db.models import Count
+        """Each family in turn, in the page's order: a grouped query or two each from the
+        database, and the broker's count of dropped messages."""
+        yield _agents_by_state()
+        yield _placements_by_level()
+        yield _adapter_replicas()
+        yield _prefix_cache_hit_ratios()
+        yield from _agent_figures()
+        steps = _StepTotals.read()
+        yield from steps.counters()
+        if (dropped := _broker_dropped()) is not None:
+            yield dropped
+        yield steps.phase_summary()
 
-        from agents.choices import AgentState, LoadEventKind, LoadOutcome
-        from agents.models import Agent, Placement, StepCounter
 
-        agents = GaugeMetricFamily("llmfleet_agents", "Agents by state.", labels=["state"])
-        counts = dict(Agent.objects.values_list("state").annotate(n=Count("pk")).values_list(
-            "state", "n"))  # fmt: skip
-        for state in AgentState.values:
-            agents.add_metric([state], counts.get(state, 0))
-        yield agents
+def _agents_by_state() -> Metric:
+    from django.db.models import Count
 
-        placements = GaugeMetricFamily(
-            "llmfleet_placements", "Placements by model and cache level.",
-            labels=["model", "cache_level"],
-        )  # fmt: skip
-        for model_id, level, n in (
-            Placement.objects.values_list("model__model_id", "cache_level")
-            .annotate(n=Count("pk"))
-            .values_list("model__model_id", "cache_level", "n")
-        ):
-            placements.add_metric([model_id, level], n)
-        yield placements
+    from agents.choices import AgentState
+    from agents.models import Agent
 
-        held = GaugeMetricFamily(
-            "llmfleet_adapter_replicas",
-            "Engines (READY base replicas) holding each LoRA adapter, as their agents last said.",
-            labels=["model"],
-        )
-        replicas: dict[str, int] = {}
-        for adapters in Placement.objects.filter(state="READY", max_loras__gt=0).values_list(
-            "adapters", flat=True
-        ):
-            for adapter_id in adapters or {}:
-                replicas[adapter_id] = replicas.get(adapter_id, 0) + 1
-        for adapter_id, n in sorted(replicas.items()):
-            held.add_metric([adapter_id], n)
-        yield held
+    agents = GaugeMetricFamily("llmfleet_agents", "Agents by state.", labels=["state"])
+    counts = dict(Agent.objects.values_list("state").annotate(n=Count("pk")).values_list(
+        "state", "n"))  # fmt: skip
+    for state in AgentState.values:
+        agents.add_metric([state], counts.get(state, 0))
+    return agents
 
-        # What cache-aware routing earns, replica by replica (GATEWAY_ROUTING_POLICY).
-        hit_ratio = GaugeMetricFamily(
-            "llmfleet_replica_prefix_cache_hit_ratio",
-            "Prompt tokens found in a READY replica's prefix cache over those it was asked for "
-            "(vLLM's own counters, as its agent's last heartbeat read them).",
-            labels=["model", "agent"],
-        )
-        for model_id, agent_id, ratio in Placement.objects.filter(
-            state="READY", kv_cache_hit_rate__isnull=False
-        ).values_list("model__model_id", "agent__agent_id", "kv_cache_hit_rate"):
-            if ratio is not None:  # (the filter says so; the column's type does not)
-                hit_ratio.add_metric([model_id, agent_id], ratio)
-        yield hit_ratio
 
-        free = GaugeMetricFamily(
-            "llmfleet_agent_gpu_memory_free_bytes", "Free GPU memory an agent last reported.",
-            labels=["agent"],
-        )  # fmt: skip
-        queue = GaugeMetricFamily(
-            "llmfleet_agent_engine_queue_length",
-            "Requests waiting in an agent's engines at its last heartbeat.",
-            labels=["agent"],
-        )
-        rejections = CounterMetricFamily(
-            "llmfleet_agent_contract_rejections",
-            "Agent answers refused as outside the contract (the reason is on the agent).",
-            labels=["agent"],
-        )
-        for agent_id, memory, waiting, refused in Agent.objects.values_list(
-            "agent_id", "gpu_memory_free", "engine_queue_length", "contract_rejections"
-        ):
-            free.add_metric([agent_id], memory)
-            queue.add_metric([agent_id], waiting)
-            rejections.add_metric([agent_id], refused)
-        yield free
-        yield queue
-        yield rejections
+def _placements_by_level() -> Metric:
+    from django.db.models import Count
 
-        # Counted as steps finish (agents.actions.history): a few dozen rows however long the
-        # history, and pruning it never makes a counter go down.
-        counters = list(StepCounter.objects.all())
+    from agents.models import Placement
+
+    placements = GaugeMetricFamily(
+        "llmfleet_placements", "Placements by model and cache level.",
+        labels=["model", "cache_level"],
+    )  # fmt: skip
+    for model_id, level, n in (
+        Placement.objects.values_list("model__model_id", "cache_level")
+        .annotate(n=Count("pk"))
+        .values_list("model__model_id", "cache_level", "n")
+    ):
+        placements.add_metric([model_id, level], n)
+    return placements
+
+
+def _adapter_replicas() -> Metric:
+    from agents.models import Placement
+
+    held = GaugeMetricFamily(
+        "llmfleet_adapter_replicas",
+        "Engines (READY base replicas) holding each LoRA adapter, as their agents last said.",
+        labels=["model"],
+    )
+    replicas: dict[str, int] = {}
+    for adapters in Placement.objects.filter(state="READY", max_loras__gt=0).values_list(
+        "adapters", flat=True
+    ):
+        for adapter_id in adapters or {}:
+            replicas[adapter_id] = replicas.get(adapter_id, 0) + 1
+    for adapter_id, n in sorted(replicas.items()):
+        held.add_metric([adapter_id], n)
+    return held
+
+
+def _prefix_cache_hit_ratios() -> Metric:
+    """What cache-aware routing earns, replica by replica (GATEWAY_ROUTING_POLICY)."""
+    from agents.models import Placement
+
+    hit_ratio = GaugeMetricFamily(
+        "llmfleet_replica_prefix_cache_hit_ratio",
+        "Prompt tokens found in a READY replica's prefix cache over those it was asked for "
+        "(vLLM's own counters, as its agent's last heartbeat read them).",
+        labels=["model", "agent"],
+    )
+    for model_id, agent_id, ratio in Placement.objects.filter(
+        state="READY", kv_cache_hit_rate__isnull=False
+    ).values_list("model__model_id", "agent__agent_id", "kv_cache_hit_rate"):
+        if ratio is not None:  # (the filter says so; the column's type does not)
+            hit_ratio.add_metric([model_id, agent_id], ratio)
+    return hit_ratio
+
+
+def _agent_figures() -> list[Metric]:
+    """What each agent last reported: free GPU memory, its engines' queue, and how many of its
+    answers were refused as outside the contract (one query for the three)."""
+    from agents.models import Agent
+
+    free = GaugeMetricFamily(
+        "llmfleet_agent_gpu_memory_free_bytes", "Free GPU memory an agent last reported.",
+        labels=["agent"],
+    )  # fmt: skip
+    queue = GaugeMetricFamily(
+        "llmfleet_agent_engine_queue_length",
+        "Requests waiting in an agent's engines at its last heartbeat.",
+        labels=["agent"],
+    )
+    rejections = CounterMetricFamily(
+        "llmfleet_agent_contract_rejections",
+        "Agent answers refused as outside the contract (the reason is on the agent).",
+        labels=["agent"],
+    )
+    for agent_id, memory, waiting, refused in Agent.objects.values_list(
+        "agent_id", "gpu_memory_free", "engine_queue_length", "contract_rejections"
+    ):
+        free.add_metric([agent_id], memory)
+        queue.add_metric([agent_id], waiting)
+        rejections.add_metric([agent_id], refused)
+    return [free, queue, rejections]
+
+
+@dataclass
+class _StepTotals:
+    """The finished loads and steps down, summed from their counters (agents.actions.history
+    counts them as steps finish): a few dozen rows however long the history, and pruning it
+    never makes a counter go down."""
+
+    by_outcome: Tally[str] = field(default_factory=Tally)
+    by_level: Tally[str] = field(default_factory=Tally)
+    by_step: Tally[tuple[str, str]] = field(default_factory=Tally)
+    phase_sum: Tally[str] = field(default_factory=Tally)
+    phase_n: Tally[str] = field(default_factory=Tally)
+
+    @classmethod
+    def read(cls) -> _StepTotals:
+        from agents.choices import LoadEventKind, LoadOutcome
+        from agents.models import StepCounter
+
+        totals = cls()
+        for row in StepCounter.objects.all():
+            if row.kind == LoadEventKind.LOAD:
+                totals.by_outcome[row.outcome] += row.count
+                if row.outcome == LoadOutcome.SUCCEEDED:
+                    totals.by_level[row.from_level] += row.count
+                    for phase in PHASES:
+                        totals.phase_sum[phase] += getattr(row, f"{phase}_seconds")
+                        totals.phase_n[phase] += getattr(row, f"{phase}_n")
+            elif row.outcome == LoadOutcome.SUCCEEDED:
+                totals.by_step[row.to_level, row.trigger] += row.count
+        return totals
+
+    def counters(self) -> list[Metric]:
+        """Cold starts by outcome, loads by the level they started from, steps down by the
+        level reached and why."""
+        from agents.choices import LoadOutcome
+
         cold = CounterMetricFamily(
             "llmfleet_cold_starts", "Loads onto a GPU by outcome.", labels=["outcome"]
         )
@@ -239,48 +306,37 @@ class FleetCollector(Collector):
             "llmfleet_evictions", "Finished steps down the ladder by level reached and why.",
             labels=["to_level", "trigger"],
         )  # fmt: skip
-        by_outcome: Tally[str] = Tally()
-        by_level: Tally[str] = Tally()
-        by_step: Tally[tuple[str, str]] = Tally()
-        phase_sum: Tally[str] = Tally()
-        phase_n: Tally[str] = Tally()
-        for row in counters:
-            if row.kind == LoadEventKind.LOAD:
-                by_outcome[row.outcome] += row.count
-                if row.outcome == LoadOutcome.SUCCEEDED:
-                    by_level[row.from_level] += row.count
-                    for phase in PHASES:
-                        phase_sum[phase] += getattr(row, f"{phase}_seconds")
-                        phase_n[phase] += getattr(row, f"{phase}_n")
-            elif row.outcome == LoadOutcome.SUCCEEDED:
-                by_step[row.to_level, row.trigger] += row.count
         for outcome in (LoadOutcome.SUCCEEDED, LoadOutcome.FAILED):
-            cold.add_metric([outcome.lower()], by_outcome[outcome])
-        for level, n in sorted(by_level.items()):
+            cold.add_metric([outcome.lower()], self.by_outcome[outcome])
+        for level, n in sorted(self.by_level.items()):
             loads.add_metric([level], n)
-        for (level, trigger), n in sorted(by_step.items()):
+        for (level, trigger), n in sorted(self.by_step.items()):
             evictions.add_metric([level, trigger], n)
-        yield cold
-        yield loads
-        yield evictions
+        return [cold, loads, evictions]
 
-        if (count := broker.dropped_count()) is not None:
-            dropped = CounterMetricFamily(
-                "llmfleet_broker_messages_dropped",
-                "Broker messages the workers could not decode and dropped (controlplane.broker).",
-            )
-            dropped.add_metric([], count)
-            yield dropped
-
-        # A summary without quantiles: rate(_sum) / rate(_count) is the mean of a phase
-        # over any window.
+    def phase_summary(self) -> Metric:
+        """A summary without quantiles: rate(_sum) / rate(_count) is the mean of a phase over
+        any window."""
         phases = SummaryMetricFamily(
             "llmfleet_cold_start_phase_seconds", "Seconds spent in each phase of loads.",
             labels=["phase"],
         )  # fmt: skip
         for phase in PHASES:
-            phases.add_metric([phase], phase_n[phase], phase_sum[phase])
-        yield phases
+            phases.add_metric([phase], self.phase_n[phase], self.phase_sum[phase])
+        return phases
+
+
+def _broker_dropped() -> Metric | None:
+    """Broker messages the workers dropped; None when Redis does not answer (the other
+    series are still reported)."""
+    if (count := broker.dropped_count()) is None:
+        return None
+    dropped = CounterMetricFamily(
+        "llmfleet_broker_messages_dropped",
+        "Broker messages the workers could not decode and dropped (controlplane.broker).",
+    )
+    dropped.add_metric([], count)
+    return dropped
 
 
 _registered = False

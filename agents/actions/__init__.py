@@ -5,7 +5,8 @@ One module per concern:
 - `registration`: agents joining and leaving, drain orders, what the gateway saw of a replica;
 - `catalog`: the models clients may ask for (LoRA adapters among them);
 - `adapters`: what the control plane keeps of adapters in engines, and idle ones' unloads;
-- `loads`: cold starts, the load task's start and outcome, retries on the next agent;
+- `coldstarts`: where a model loads (single flight per model), retries on the next agent;
+- `loads`: the load task's start and outcome, and the first token that ends a cold start;
 - `unloads`: steps down the eviction ladder and their outcome;
 - `sweeps`: beat's sweep (orphaned steps, idle models, min_replicas);
 - `heartbeats`: a heartbeat round, reconciled with what each agent reports;
@@ -24,19 +25,10 @@ from agents.actions.catalog import (
     orphan_unload_target,
     register_catalog_model,
 )
+from agents.actions.coldstarts import NoCapacity, ensure_placement, load_on_agent, scale_out
 from agents.actions.heartbeats import apply_heartbeats
 from agents.actions.history import prune_load_events
-from agents.actions.loads import (
-    LoadJob,
-    NoCapacity,
-    begin_load,
-    ensure_placement,
-    fail_load,
-    finish_load,
-    load_on_agent,
-    record_first_token,
-    scale_out,
-)
+from agents.actions.loads import LoadJob, begin_load, fail_load, finish_load, record_first_token
 from agents.actions.progress import record_progress
 from agents.actions.registration import (
     CredentialError,

@@ -13,7 +13,7 @@ from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from agents import events, scheduling, transitions
-from agents.actions import history, loads, steps, unloads
+from agents.actions import coldstarts, history, loads, steps, unloads
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
     CacheLevel,
@@ -241,7 +241,7 @@ def sweep() -> list[LoadEvent]:
     )
     demoted = _step_down(plan, {p.pk: p for p in placements})
     for model in Model.objects.filter(enabled=True, min_replicas__gt=0):
-        loads.scale_out(model, LoadTrigger.SCALE_OUT)
+        coldstarts.scale_out(model, LoadTrigger.SCALE_OUT)
     for placement_pk, adapter_id in idle_adapters(placements):
         steps.send("agents.tasks.unload_adapter", placement_pk, adapter_id)
     return demoted

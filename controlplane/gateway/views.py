@@ -25,11 +25,11 @@ from controlplane.gateway.auth import AuthFailure, authenticate
 from controlplane.gateway.coldstart import FOR_REQUEST, Asked
 from controlplane.gateway.errors import openai_error, openai_errors
 from controlplane.gateway.handler import request_id_of
+from controlplane.gateway.job import Job
 from controlplane.gateway.kvfollow import PromptBlocks
 from controlplane.gateway.limits import Refusal, Reservation
 from controlplane.gateway.models import ApiKey
 from controlplane.gateway.prefix import Prefix, prefix_of
-from controlplane.gateway.router import Job
 from controlplane.gateway.state import GatewayState, current
 from controlplane.gateway.validation import (
     ApiRequest,

@@ -141,7 +141,7 @@ def test_a_heartbeat_inserting_the_row_a_cold_start_wants_is_no_integrity_error(
     Placement.objects.create(
         agent=agent, model=model, state=S.UNLOADED, cache_level=CacheLevel.NVME_CACHED
     )
-    placement = actions.loads._start_load(model, [], LoadTrigger.REQUEST)
+    placement = actions.coldstarts._start_load(model, [], LoadTrigger.REQUEST)
     assert (placement.state, placement.agent_id) == (S.LOADING_TO_GPU, agent.pk)
     assert Placement.objects.filter(model=model).count() == 1
     assert LoadEventFactory._meta.model.objects.filter(placement=placement).count() == 1

@@ -106,17 +106,17 @@ def test_a_client_is_told_an_agent_s_refusal_without_its_insides(caplog):
     request id, the operators' log the message."""
     from types import SimpleNamespace
 
-    from controlplane.gateway.router import _refusal_told
+    from controlplane.gateway.job import refusal_told
 
     job = SimpleNamespace(model=Model(model_id="org/tiny-sql"), request_id="req_abc")
     inside = "checksum of /nvme/cache/org/tiny-sql from azure://models/org/tiny-sql differs"
-    told = _refusal_told(job, AgentRefusal(502, "adapter_checksum_mismatch", inside))
+    told = refusal_told(job, AgentRefusal(502, "adapter_checksum_mismatch", inside))
     assert told == (
         "The LoRA adapter `org/tiny-sql` could not be loaded (adapter_checksum_mismatch). "
         "Request id req_abc."
     )
     assert inside in caplog.text
-    assert "azure://" not in _refusal_told(job, AgentRefusal(413, "body_too_large", inside))
+    assert "azure://" not in refusal_told(job, AgentRefusal(413, "body_too_large", inside))
 
 
 @pytest.mark.parametrize(("priority_class", "fault"),
