@@ -18,6 +18,7 @@ from channels.layers import get_channel_layer
 from django.db import transaction
 
 from agents.models import Agent, LoadEvent, Placement
+from controlplane import traces
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def load_payload(event: LoadEvent) -> dict[str, Any]:
         "engine_start": event.engine_start, "engine_start_note": event.engine_start_note[:300],
         "compile_cache": event.compile_cache,
         "first_token_seconds": event.first_token_seconds, "total_seconds": event.total_seconds,
-        "error": event.error[:300],
+        "error": event.error[:300], "trace_url": traces.trace_url(event.trace_id),
     }  # fmt: skip
 
 

@@ -16,11 +16,14 @@ replica and why, how long each step took, how it ended).
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping, MutableMapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
     from opentelemetry.trace import Span
 
 TRACEPARENT = "traceparent"
@@ -58,6 +61,7 @@ class Tracer:
         self._provider = TracerProvider(
             resource=Resource.create({"service.name": service}),
             sampler=ParentBased(TraceIdRatioBased(min(max(sample_ratio, 0.0), 1.0))),
+            id_generator=_preset_ids(),
         )
         self._provider.add_span_processor(
             BatchSpanProcessor(exporter or OTLPSpanExporter(endpoint=endpoint))
@@ -68,17 +72,23 @@ class Tracer:
     def start(
         self, name: str, *, parent: Mapping[str, str] | None = None, kind: str = "server",
         attributes: Attributes | None = None, links: Sequence[tuple[str, str]] = (),
-        start_ns: int | None = None,
+        start_ns: int | None = None, ids: tuple[str, str] | None = None,
     ) -> Span:  # fmt: skip
         """A span, the child of the `traceparent` in `parent` (headers) where there is one, and
-        linked to the spans `links` names (trace id, span id: hex, as `ids()` gives them)."""
+        linked to the spans `links` names (trace id, span id: hex, as `ids()` gives them).
+        `ids` gives a new trace's root the ids chosen for it beforehand: a cold start's, which
+        requests link to while it runs and its phases are recorded under once it ends."""
         from opentelemetry import trace
 
         context = self._propagator.extract(parent) if parent else None
-        return self._tracer.start_span(
-            name, context=context, kind=trace.SpanKind[kind.upper()],
-            attributes=attributes, links=[_link(*ids) for ids in links], start_time=start_ns,
-        )  # fmt: skip
+        token = _PRESET.set(ids)
+        try:
+            return self._tracer.start_span(
+                name, context=context, kind=trace.SpanKind[kind.upper()],
+                attributes=attributes, links=[_link(*ids) for ids in links], start_time=start_ns,
+            )  # fmt: skip
+        finally:
+            _PRESET.reset(token)
 
     def child(self, name: str, parent: Span, *, kind: str = "internal", **options: Any) -> Span:
         from opentelemetry import trace
@@ -97,6 +107,43 @@ class Tracer:
     def shutdown(self) -> None:
         """Export what is buffered, then stop (a process's last step)."""
         self._provider.shutdown()
+
+
+# The ids of the span being started, where they were chosen beforehand (Tracer.start's `ids`).
+_PRESET: ContextVar[tuple[str, str] | None] = ContextVar("preset_ids", default=None)
+
+
+def _preset_ids() -> IdGenerator:
+    """OpenTelemetry's random ids, or the preset ones for the span started now."""
+    from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+
+    class PresetIds(IdGenerator):
+        random = RandomIdGenerator()
+
+        def generate_span_id(self) -> int:
+            preset = _PRESET.get()
+            return int(preset[1], 16) if preset else self.random.generate_span_id()
+
+        def generate_trace_id(self) -> int:
+            preset = _PRESET.get()
+            return int(preset[0], 16) if preset else self.random.generate_trace_id()
+
+    return PresetIds()
+
+
+def new_ids() -> tuple[str, str]:
+    """Ids for a root span started later (Tracer.start's `ids`), hex."""
+    return secrets.token_hex(16), secrets.token_hex(8)
+
+
+def traceparent(trace_id: str, span_id: str) -> dict[str, str]:
+    """Headers naming a sampled span as the parent (a span recorded under another process's)."""
+    return {TRACEPARENT: f"00-{trace_id}-{span_id}-01"}
+
+
+def link(span: Span, trace_id: str, span_id: str) -> None:
+    """Link `span` to another trace's span (a request to the cold start it waited on)."""
+    span.add_link(_link(trace_id, span_id).context)
 
 
 def _link(trace_id: str, span_id: str) -> Any:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from django.db import transaction
 from django.utils import timezone
 
-from agents import events, transitions
+from agents import events, traces, transitions
 from agents.actions import coldstarts, history, steps, unloads
 from agents.choices import CacheLevel, LoadEventKind, LoadOutcome, LoadTrigger, PlacementState
 from agents.models import Agent, LoadEvent, Placement
@@ -100,6 +100,8 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.save()
         history.observe_load(event)
         history.count_finished(event, newly=newly)
+        if newly:
+            traces.record_cold_start(event)
         if placement is None:
             return None
         if placement.state in steps.LOADING_STATES:
@@ -162,6 +164,7 @@ def fail_load(event_id: int, error: str) -> Placement | None:
             updated_at=timezone.now(),
         )  # fmt: skip
         events.announce(placements=steps.placement_of(event), loads=[event.pk])
+    traces.record_cold_start(event)
     log.warning("load of model %s on agent %s failed: %s", found["model"], event.agent_id, error)
     return coldstarts.retry_load(int(found["model"]))
 
@@ -187,4 +190,6 @@ def record_first_token(placement_id: int) -> None:
             ).update(first_token_seconds=seconds)
             if recorded:
                 history.count_first_token(event, seconds)
+        if recorded:
+            traces.record_first_token(event, seconds)
         events.announce(loads=[event.pk])

@@ -56,6 +56,10 @@ class LoadEvent(models.Model):
     # Which of the model's sources the files came from (blank: an agent of contract < 1.4).
     source = models.CharField(max_length=1000, blank=True, db_default="")
     error = models.TextField(blank=True)
+    # A load's trace (OpenTelemetry; blank while tracing is off): chosen as it is queued, so
+    # the requests that wait on it link to it and its phases are recorded under it as it ends.
+    trace_id = models.CharField(max_length=32, blank=True, db_default="")
+    span_id = models.CharField(max_length=16, blank=True, db_default="")
 
     class Meta:
         ordering = ["-queued_at", "-id"]

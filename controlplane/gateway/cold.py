@@ -14,11 +14,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
+from agents.choices import LoadEventKind
 from agents.faults import Fault
-from agents.models import Placement
+from agents.models import LoadEvent, Placement
 from controlplane.gateway import coldstart, upstream
 from controlplane.gateway.admission import Shed, Waiter
 from controlplane.gateway.job import (
@@ -35,6 +37,7 @@ from controlplane.gateway.job import (
     without_lora,
 )
 from controlplane.gateway.warm import answer_chunks, relay, try_replica
+from nodeagent.tracing import link
 
 if TYPE_CHECKING:
     from controlplane.gateway.router import Router
@@ -129,6 +132,8 @@ async def _wait_and_try(
         placement = await coldstart.wait_until_ready(
             router.state.watches, job.target, remaining, on_progress, job.asked
         )
+        if job.record.span is not None:  # the cold start's own trace, linked from this one
+            await _link_cold_start(job, placement)
         job.leave_cold()  # its model serves: from here it waits for a seat, if at all
         router.state.cache.forget_placements(job.target)
         await _cold_seat(router, job, placement, deadline)
@@ -237,3 +242,16 @@ def _abandon_if_opened(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
     opened = waiter.result()
     if isinstance(opened, Opened):
         opened.abandon()
+
+
+async def _link_cold_start(job: Job, placement: Placement) -> None:
+    """Link the request's span to the trace of the load that made `placement` serve (agents.
+    traces), and note how long it waited."""
+    found = await sync_to_async(
+        LoadEvent.objects.filter(placement=placement, kind=LoadEventKind.LOAD)
+        .exclude(trace_id="").order_by("-queued_at").values_list("trace_id", "span_id").first
+    )()  # fmt: skip
+    assert job.record.span is not None
+    if found is not None:
+        link(job.record.span, *found)
+    job.record.event("replica ready", agent=placement.agent.agent_id)

@@ -11,12 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from django.db import IntegrityError
 from django.db.models import F
 
-from controlplane import metrics
+from controlplane import metrics, traces
 from controlplane.gateway.batches import Batches
+from nodeagent.tracing import failed
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 @dataclass
@@ -33,16 +38,39 @@ class RequestRecord:
     shed: bool = False  # admission refused it or gave it up
     first_token_at: float | None = None
     finished: bool = False
+    # Its span, where tracing is on (controlplane.traces): what the request learns is noted
+    # on it as it goes, and it ends as the request is counted.
+    span: Span | None = None
 
     def first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            if self.span is not None:
+                self.span.add_event("first token")
+
+    def note(self, **attributes: str | int | float | bool) -> None:
+        """Attributes of the request's span (llmfleet.<name>); nothing while tracing is off."""
+        if self.span is not None:
+            self.span.set_attributes({f"llmfleet.{name}": v for name, v in attributes.items()})
+
+    def event(self, name: str, **attributes: str | int | float | bool) -> None:
+        if self.span is not None:
+            self.span.add_event(name, {f"llmfleet.{k}": v for k, v in attributes.items()})
+
+    def trace_headers(self) -> dict[str, str]:
+        """The `traceparent` the next hop continues ({} while tracing is off)."""
+        headers: dict[str, str] = {}
+        if self.span is not None and (tracer := traces.tracer()) is not None:
+            tracer.inject(self.span, headers)
+        return headers
 
     def finish(self, status: int) -> None:
         """Count the request once, however many ways its end is seen (499: the client left)."""
         if self.finished:
             return
         self.finished = True
+        if self.span is not None:
+            self._end_span(status)
         now = time.perf_counter()
         duration = now - self.started
         ttft = (self.first_token_at or now) - self.started
@@ -55,6 +83,16 @@ class RequestRecord:
         if self.buffer is not None:
             self.buffer.add(self.model_pk, status, self.start, ttft if status < 400 else None,
                             self.queued, self.shed)  # fmt: skip
+
+    def _end_span(self, status: int) -> None:
+        assert self.span is not None
+        self.note(model=self.model, start=self.start, queued=self.queued, shed=self.shed)
+        self.span.set_attribute("http.response.status_code", status)
+        if self.first_token_at is not None:
+            self.note(ttft_ms=round((self.first_token_at - self.started) * 1000, 3))
+        if status >= 500 or status == 499:
+            failed(self.span, "client left" if status == 499 else f"status {status}")
+        self.span.end()
 
 
 class StatsBuffer(Batches[tuple[int, datetime]]):

@@ -87,6 +87,7 @@ async def post(
     adapter: AdapterRef | None = None,
     priority_class: str | None = None,
     sequences: int = 1,
+    trace: dict[str, str] | None = None,
 ) -> aiohttp.ClientResponse:
     """The replica's answer, headers read and body not; ReplicaFailed when it has none.
 
@@ -107,6 +108,8 @@ async def post(
         headers[PRIORITY_CLASS_HEADER] = BATCH_CLASS
     if sequences > 1:  # each of its `n` takes an engine seat
         headers[SEQUENCES_HEADER] = str(sequences)
+    if trace:  # the request's span, which the agent's continues
+        headers.update(trace)
     # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...` would
     # have the web process fetch that address and hand the body to the client.
     # A stream that goes silent past GATEWAY_STREAM_IDLE_SECONDS is given up (relay_chunks

@@ -18,6 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 from agents.choices import ModelKind
 from agents.models import Model, Placement
 from agents.scheduling import ADMISSION_CLASSES
+from controlplane import traces
 from controlplane.gateway import stats, upstream
 from controlplane.gateway.admission import Asker
 from controlplane.gateway.apis import Api, usage_tokens
@@ -38,6 +39,7 @@ from controlplane.gateway.validation import (
     parse_request,
 )
 from nodeagent.protocol import AdapterRef
+from nodeagent.tracing import trace_headers
 
 
 def _model_entry(model: Model, warm: bool) -> dict[str, Any]:
@@ -231,10 +233,12 @@ def _prompt_of(api: Api, body: dict[str, Any], model: Model) -> PromptBlocks | N
 
 
 def _usage_recorder(
-    state: GatewayState, key: ApiKey, model: Model, reserved: Reservation | None
-) -> upstream.UsageSink:
+    state: GatewayState, key: ApiKey, model: Model, reserved: Reservation | None,
+    record: stats.RequestRecord,
+) -> upstream.UsageSink:  # fmt: skip
     def on_usage(usage: dict[str, Any]) -> None:
         prompt, completion = usage_tokens(usage)
+        record.note(prompt_tokens=prompt, completion_tokens=completion)
         state.usage.add(key.pk, model.model_id, prompt, completion)
         if reserved is not None:  # settled after the answer, off its path
             state.in_background(reserved.settle(prompt + completion))
@@ -295,6 +299,13 @@ async def serve(
     batchrun), admitted in the batch class, its model loaded as `batch_line` says."""
     state = current()  # the running loop's: everything this request uses between requests
     record = stats.RequestRecord(state.stats)
+    if (tracer := traces.tracer()) is not None:
+        # The client's traceparent, where it sent one: the trace starts in the application.
+        record.span = tracer.start(
+            f"POST /v1/{api.value}", parent=trace_headers(header),
+            attributes={"llmfleet.api": api.value, "llmfleet.request_id": request_id,
+                        "llmfleet.batch_line": batch_line is not None},
+        )  # fmt: skip
     try:
         response = await _answer(
             state, api, method, find_key, read_body, record, request_id, header, batch_line
@@ -346,7 +357,8 @@ async def _answer(
         if parsed.stream and api.asks_for_usage
         else (parsed.raw, False)
     )
-    meter = upstream.Meter(_usage_recorder(state, key, model, admitted), prompt_tokens)
+    meter = upstream.Meter(_usage_recorder(state, key, model, admitted, record), prompt_tokens)
+    record.note(key=key.name, stream=parsed.stream, priority_class=admission[0])
     asker = Asker(key.pk, key.name, key.weight, admission[0], prompt_tokens)
     job = Job(
         model, api, raw, parsed.user, parsed.stream, strip_usage, meter, record,

@@ -69,6 +69,8 @@ async def open_warm(
     ):  # fmt: skip
         placement, reason = picked
         metrics.ROUTING_DECISIONS.labels(job.model.model_id, reason.value).inc()
+        job.record.event("routed", agent=placement.agent.agent_id, reason=reason.value,
+                         replica=placement.pk)  # fmt: skip
         opened = await try_replica(router, placement, job, tried, deadline)
         if isinstance(opened, HttpResponse | Opened):
             return opened
@@ -97,11 +99,13 @@ async def try_replica(
             router.state.session, placement, job.api.value, job.raw, job.stream,
             deadline - time.monotonic(), job.adapter,
             job.asker.priority_class if job.asker is not None else None, job.sequences,
+            job.record.trace_headers(),
         )  # fmt: skip
         refused = await upstream.refusal(answer)
     except ReplicaFailed as failure:
         claim.release()
         tried.add(generation(placement))
+        job.record.event("failover", agent=placement.agent.agent_id, fault=failure.fault.value)
         if failure.fault in (Fault.NO_ROOM, Fault.NO_LORA, Fault.BUSY):  # serves: not marked
             metrics.FAILOVERS.labels(job.model.model_id, failure.fault.value).inc()
             return failure.fault
@@ -124,6 +128,7 @@ async def try_replica(
         router.saw_adapter(placement, job.adapter.adapter_id)
     if job.prefix is not None and job.prefix.chunks:  # its engine now caches the prefix
         router.prefixes.record(job.prefix, str(placement.pk))
+    job.record.note(agent=placement.agent.agent_id, replica=placement.pk)
     return Opened(placement, answer, claim, job.meter)
 
 
