@@ -69,18 +69,9 @@ from pathlib import Path
 
 import aiohttp
 import requests
-from gateway import (
-    ROOT,
-    AgentProc,
-    answers,
-    cpu_seconds,
-    manage,
-    p,
-    peer_program,
-    start,
-    stop,
-    vllm_router_command,
-)
+from loadgen import p
+from peers import peer_program, vllm_router_command
+from stack import ROOT, AgentProc, answers, cpu_seconds, manage, start, stop
 
 from nodeagent.engines.simcache import PrefixCache
 from nodeagent.kvblocks import word_ids
