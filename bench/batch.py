@@ -63,7 +63,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-from gateway import manage, p, start, stop
+from loadgen import p
+from stack import answers, manage, start, stop
 
 from tests.support import free_port, wait_for
 
@@ -320,16 +321,6 @@ def engine_took(work: Path) -> Counter[str]:
     return taken
 
 
-def answers(url: str) -> bool:
-    """Whether `url` answers yet (a web process's first answers may take seconds)."""
-    import requests
-
-    try:
-        return requests.get(url, timeout=10).status_code < 500
-    except requests.RequestException:
-        return False
-
-
 def shell(code: str, env: dict[str, str]) -> str:
     """`manage` that says what failed."""
     try:
@@ -367,7 +358,8 @@ def main() -> None:
                              start_new_session=True)  # fmt: skip
     agents: list[subprocess.Popen[bytes]] = []
     try:
-        wait_for(lambda: answers(f"{base}/healthz"), 120, "the control plane")
+        # A web process's first answers may take seconds.
+        wait_for(lambda: answers(f"{base}/healthz", timeout=10), 120, "the control plane")
         log = work / "fleet.log"
         wait_for(lambda: log.read_text(errors="replace").count("ready.") >= 3, 120, "the workers")
         agents = start_agents(args, env, work, base)

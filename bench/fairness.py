@@ -56,7 +56,8 @@ from pathlib import Path
 
 import aiohttp
 import requests
-from gateway import ROOT, answers, manage, p, start, stop
+from loadgen import p
+from stack import ROOT, answers, manage, start, stop
 
 from tests.support import free_port, wait_for
 

@@ -22,8 +22,8 @@ from agents.models import Agent, Model, Placement
 from controlplane.gateway.models import PriorityClasses, RequestMinute
 from nodeagent import tinymodel
 from tests.e2e.agent_process import AgentProcess
-from tests.e2e.faults import private_redis
 from tests.e2e.fleet import SCRAPER, registered, running_control_plane, serving_on
+from tests.e2e.injectors import private_redis
 from tests.factories import make_api_key
 from tests.support import wait_for
 

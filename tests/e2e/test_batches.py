@@ -24,8 +24,8 @@ from agents.choices import LoadEventKind, LoadTrigger
 from agents.models import LoadEvent
 from controlplane.gateway.models import BatchOutcome
 from nodeagent import tinymodel
-from tests.e2e.faults import private_redis
 from tests.e2e.fleet import registered, running_control_plane, serving_on
+from tests.e2e.injectors import private_redis
 from tests.factories import make_api_key
 from tests.support import http_ok, wait_for
 

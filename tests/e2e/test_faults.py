@@ -11,7 +11,8 @@ from dataclasses import asdict
 import pytest
 
 from tests.e2e import netns
-from tests.e2e.faults import FAULTS, Fault, heartbeat_interval, run_fault
+from tests.e2e.fault_world import Fault
+from tests.e2e.faults import FAULTS, heartbeat_interval, run_fault
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
 

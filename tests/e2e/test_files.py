@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from agents.models import Model
-from tests.e2e.test_gateway import raw_request, web_process
+from tests.e2e.gateway_support import raw_request, web_process
 from tests.factories import make_api_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

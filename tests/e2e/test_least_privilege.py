@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from agents.models import Model
-from tests.e2e.test_gateway import web_process
+from tests.e2e.gateway_support import web_process
 from tests.factories import ModelFactory, make_role_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

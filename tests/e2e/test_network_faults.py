@@ -12,8 +12,9 @@ import pytest
 
 from controlplane.gateway.models import Usage
 from tests.e2e import netns
-from tests.e2e.faults import NET_AGENT, SIM, World, _networked_agent, catalog
+from tests.e2e.fault_world import SIM, World, catalog
 from tests.e2e.fleet import running_control_plane, serving_on
+from tests.e2e.injectors import NET_AGENT, _networked_agent
 from tests.factories import make_api_key
 from tests.support import wait_for
 

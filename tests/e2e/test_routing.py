@@ -18,7 +18,6 @@ from agents.choices import PlacementState
 from agents.models import Placement
 from nodeagent import tinymodel
 from tests.e2e.agent_process import AgentProcess
-from tests.e2e.faults import haproxy
 from tests.e2e.fleet import (
     SCRAPER,
     ControlPlane,
@@ -26,6 +25,7 @@ from tests.e2e.fleet import (
     running_control_plane,
     serving_on,
 )
+from tests.e2e.injectors import haproxy
 from tests.factories import make_api_key
 from tests.support import wait_for
 

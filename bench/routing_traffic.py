@@ -1,0 +1,140 @@
+"""The traffic bench/routing.py sends and what it makes of it: the workload (system prompts of
+Zipf-like popularity, multi-turn chats), the oracle's hit ratio, sending every request in order
+with its time to first token, and a path's figures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from loadgen import p
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodeagent.engines.simcache import PrefixCache  # noqa: E402
+from nodeagent.kvblocks import word_ids  # noqa: E402
+
+BLOCK_TOKENS = 16
+ENGINES = 4
+MAX_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prompts: int
+    system_words: int
+    conversations: int
+    turns: int
+    cache_blocks: int
+    prefill_ms: float
+    concurrency: int
+
+
+def workload(sizes: Sizes, seed: int, zipf: float = 1.1) -> list[list[dict[str, str]]]:
+    """Every request's messages, in the order they are sent."""
+    rng = random.Random(seed)  # noqa: S311 (a workload the same in every run, not a secret)
+    systems = [
+        " ".join(f"sys{n}-w{w}" for w in range(sizes.system_words)) for n in range(sizes.prompts)
+    ]
+    weights = [1 / (rank + 1) ** zipf for rank in range(sizes.prompts)]
+    chats = [rng.choices(range(sizes.prompts), weights)[0] for _ in range(sizes.conversations)]
+    order: list[list[dict[str, str]]] = []
+    for turn in range(sizes.turns):
+        for chat in rng.sample(range(sizes.conversations), sizes.conversations):
+            messages = [{"role": "system", "content": systems[chats[chat]]}]
+            for earlier in range(turn + 1):
+                words = " ".join(f"c{chat}-t{earlier}-q{w}" for w in range(24))
+                messages.append({"role": "user", "content": words})
+                if earlier < turn:
+                    answer = " ".join(f"c{chat}-t{earlier}-a{w}" for w in range(16))
+                    messages.append({"role": "assistant", "content": answer})
+            order.append(messages)
+    return order
+
+
+def oracle_hit_ratio(order: list[list[dict[str, str]]], sizes: Sizes) -> float:
+    """One cache as large as all the engines' together, every request in order (the sim
+    engine's prompt: the messages' contents, its tokens their words)."""
+    cache = PrefixCache(BLOCK_TOKENS, sizes.cache_blocks * ENGINES)
+    hits = queries = 0
+    for messages in order:
+        tokens = word_ids("\n".join(message["content"] for message in messages))
+        hits += cache.serve(tokens, "oracle")
+        queries += len(tokens)
+    return hits / queries
+
+
+@dataclass
+class Run:
+    hit_ratio: float
+    ttft_p50: float
+    ttft_p90: float
+    rps: float
+    imbalance: float
+    cpu_ms_per_request: float = float("nan")
+
+
+async def send_all(url: str | list[str], headers: dict[str, str], model: str,
+                   order: list[list[dict[str, str]]], concurrency: int) -> tuple[list[float], float]:  # fmt: skip
+    """Stream every request in order at `concurrency` (to several URLs: each request to the
+    next, as a load balancer would): each one's time to first token (ms), and the wall
+    seconds."""
+    ttfts: list[float] = []
+    urls = [url] if isinstance(url, str) else url
+    pending = list(reversed(list(enumerate(order))))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while pending:
+            number, messages = pending.pop()
+            url = urls[number % len(urls)]
+            body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "stream": True}
+            started = time.perf_counter()
+            first = None
+            async with session.post(url, json=body) as response:
+                assert response.status == 200, await response.text()
+                async for line in response.content:
+                    if first is None and line.startswith(b"data: {"):
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        if (choices[0].get("delta") or {}).get("content"):
+                            first = time.perf_counter()
+            ttfts.append(((first or time.perf_counter()) - started) * 1000)
+
+    async with aiohttp.ClientSession(
+        headers=headers, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return ttfts, time.perf_counter() - began
+
+
+def summarize(before: list[tuple[float, float]], after: list[tuple[float, float]],
+              ttfts: list[float], seconds: float) -> Run:  # fmt: skip
+    hits = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+    queries = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
+    mean = statistics.mean(queries)
+    return Run(
+        hit_ratio=sum(hits) / sum(queries), ttft_p50=p(ttfts, 50), ttft_p90=p(ttfts, 90),
+        rps=len(ttfts) / seconds, imbalance=max(queries) / mean if mean else float("nan"),
+    )  # fmt: skip
+
+
+async def latencies_c1(url: str, headers: dict[str, str], model: str, count: int) -> list[float]:
+    """Non-streaming requests one at a time, a 2-chunk prompt each (hashed by cache_aware)."""
+    body = {"model": model, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "x " * 600}]}  # fmt: skip
+    out = []
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(url, json=body) as response:
+                await response.read()
+            out.append((time.perf_counter() - started) * 1000)
+    return out
