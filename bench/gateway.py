@@ -42,6 +42,11 @@ same application under daphne instead. `--profile SECONDS`
 samples the gateway and the agent with py-spy while the gateway streams and
 prints where their CPU goes.
 
+Tracing's cost: a second web process and agent of this code with tracing on (OTLP/HTTP to
+`bench/otlp_sink.py`, a collector stand-in that discards every export) serve the same chat
+request; RESULT `tracing_overhead_p50_ms` is its added p50 at concurrency 1 less the untraced
+gateway's, measured in the same run.
+
 `--quick` runs every case at tiny sizes without the peers or the baseline, in a
 few seconds: what the test suite runs so that a benchmark that stops working
 fails CI. The figures come from full runs.
@@ -60,10 +65,13 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import requests
 from gateway_paths import (
     APIS,
     STREAM_BODY,
     STREAM_TOKENS,
+    TRACED,
+    TRACED_MODEL,
     Ports,
     Proc,
     RequestPath,
@@ -151,13 +159,19 @@ def main() -> None:
             tree = baseline_tree(args.baseline, work)
             stacks["baseline"] = Stack("bench-base", tree, env, work, args.tpot_ms)
         key = start_stacks(stacks, args.server, env, work, processes)
+        traced = start_traced(ports, args.server, env, work, processes)
         for port in (ports.engine, ports.embed, ports.stream, ports.stream_uv):
             wait_for(partial(answers, f"http://127.0.0.1:{port}/health"), 30, "the engines")
         peers = start_peers(args, ports, env, work, processes)
 
         gateway_auth = {"Authorization": f"Bearer {key}"}
         paths = request_paths(stacks["ours"], ports, peers, gateway_auth)
+        paths[TRACED, "gateway"] = (f"http://127.0.0.1:{traced.web_port}/v1/chat/completions",
+                                    gateway_auth, traced.web, traced.plain.process)  # fmt: skip
         results = measure_requests(paths, args.requests, args.quick)
+        # Spans leave in batches (every 5 s, or 512 at a time): the traced path did export.
+        sink = f"http://127.0.0.1:{ports.sink}/count"
+        wait_for(lambda: requests.get(sink, timeout=5).json()["exports"] > 0, 30, "an export")
         stream_paths = streaming_paths(stacks, ports, gateway_auth, stream_engine, stream_engine_uv)
         profiles = profile(args, stacks["ours"], paths, stream_paths)
         streams = measure_streams(stream_paths, args.rounds, stream_counts)
@@ -214,6 +228,23 @@ def start_stacks(
     for name, stack in stacks.items():
         processes.append(stack.start_web(server if name == "ours" else "daphne"))
     return key
+
+
+def start_traced(
+    ports: Ports, server: str, env: dict[str, str], work: Path, processes: list[Proc]
+) -> Stack:
+    """A web process and an agent of this code with tracing on, every span exported to a sink
+    (bench/otlp_sink.py) that discards it: the same path as `gateway`, traced."""
+    processes.append(start([sys.executable, str(ROOT / "bench" / "otlp_sink.py"), "--port",
+                            str(ports.sink)], env, work / "otlp-sink.log"))  # fmt: skip
+    wait_for(partial(answers, f"http://127.0.0.1:{ports.sink}/health"), 30, "the OTLP sink")
+    traced_env = env | {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{ports.sink}"}
+    traced = Stack("bench-traced", ROOT, traced_env, work, 0.0)
+    processes.append(traced.plain.start())
+    checkpoint = work / "checkpoint"
+    traced.plain.load({TRACED_MODEL: []}, checkpoint)
+    processes.append(traced.start_web(server))
+    return traced
 
 
 def start_peers(
@@ -317,6 +348,8 @@ def report(
         ]
         if peer == "vllm-router":  # the target: within 3x of its added latency
             fields.append(f"vs_vllm_router_added_p50={added / peer_added:.2f}")
+    traced = results[TRACED, "gateway"]
+    fields.append(f"tracing_overhead_p50_ms={traced['p50'] - gateway['p50']:.2f}")
     for api in APIS:
         if api == "chat":
             continue

@@ -25,6 +25,10 @@ APIS: dict[str, tuple[str, dict[str, object], bool]] = {
     ),
     "embeddings": ("/v1/embeddings", {"model": "bench/embed", "input": "hi"}, False),
 }
+# Chat through the gateway with tracing on (its web process and agent export every span to
+# bench/otlp_sink.py): a model of its own, on an agent of its own.
+TRACED = "chat traced"
+TRACED_MODEL = "bench/sim-traced"
 STREAM_TOKENS = 256
 STREAM_BODY: dict[str, object] = BODY | {"max_tokens": STREAM_TOKENS, "stream": True}
 
@@ -46,6 +50,7 @@ class Ports:
     litellm: int = field(default_factory=free_port)
     router: int = field(default_factory=free_port)
     floor: int = field(default_factory=free_port)
+    sink: int = field(default_factory=free_port)
 
 
 def request_paths(
@@ -77,7 +82,9 @@ def measure_requests(
     and its proxy's CPU per request."""
     results: dict[tuple[str, str], dict[str, float]] = {}
     for (api, name), (url, headers, proxy, _) in paths.items():
-        _, body, streaming = APIS[api]
+        _, body, streaming = APIS["chat" if api == TRACED else api]
+        if api == TRACED:
+            body = body | {"model": TRACED_MODEL}
         asyncio.run(measure(url, headers, max(requests // 10, 8), 8, body))  # warm up
         cpu_before = cpu_seconds(proxy.pid) if proxy else 0.0
         single, _ = asyncio.run(measure(url, headers, requests // 4, 1, body))
