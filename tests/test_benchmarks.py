@@ -32,11 +32,11 @@ QUICK_SECONDS = {
 
 def test_every_benchmark_has_a_quick_run_here() -> None:
     # Not benchmarks but parts of them, each run by the benchmarks that use it: stores.py is
-    # download.py's, floor_proxy.py and gateway_paths.py gateway.py's, routing_paths.py and
-    # routing_traffic.py routing.py's; loadgen.py, peers.py, profiling.py and stack.py are
-    # shared by gateway.py, batch.py, fairness.py and routing.py.
-    parts = {"stores", "floor_proxy", "gateway_paths", "loadgen", "peers", "profiling", "stack",
-             "routing_paths", "routing_traffic"}  # fmt: skip
+    # download.py's; floor_proxy.py, otlp_sink.py and gateway_paths.py are gateway.py's;
+    # routing_paths.py and routing_traffic.py routing.py's; loadgen.py, peers.py, profiling.py
+    # and stack.py are shared by gateway.py, batch.py, fairness.py and routing.py.
+    parts = {"stores", "floor_proxy", "otlp_sink", "gateway_paths", "loadgen", "peers",
+             "profiling", "stack", "routing_paths", "routing_traffic"}  # fmt: skip
     scripts = {path.stem for path in BENCH.glob("*.py") if path.stem not in parts}
     assert scripts == set(QUICK_SECONDS)
 
