@@ -15,7 +15,7 @@ from agents.choices import ModelKind
 from agents.models import Model, Placement
 from agents.scheduling import ReplicaLoad, choose_adapter_replica, engine_lora_rank, lora_flags
 from nodeagent.protocol import AdapterStatus, ModelStatus
-from tests.agents.test_lifecycle_actions import beat
+from tests.agents.conftest import beat
 from tests.factories import ModelFactory, PlacementFactory
 
 

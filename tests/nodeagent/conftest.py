@@ -74,6 +74,14 @@ def sim_args(cache_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def load_body(tiny_model, model_id: str = "org/tiny", **extra) -> dict:
+    return {"model_id": model_id, "source": tiny_model.as_uri(), **extra}
+
+
+def starts(agent) -> float:
+    return agent.server.metrics.engine_starts.labels("sim", "ready", "plain")._value.get()
+
+
 async def start_agent(args: list[str]) -> tuple[AgentServer, TestServer, str]:
     """An agent served in this event loop, advertising the address it really listens on."""
     port = free_port()

@@ -9,8 +9,7 @@ from aiohttp.test_utils import TestServer
 
 from nodeagent.batchgate import UNKNOWN_MAX_NUM_SEQS, BatchGate, EngineBusy, batch_seats
 from nodeagent.protocol import AGENT_ERROR_HEADER, BATCH_CLASS, PRIORITY_CLASS_HEADER
-from tests.nodeagent.conftest import TOKEN, RunningAgent, sim_args, start_agent
-from tests.nodeagent.test_server import load_body
+from tests.nodeagent.conftest import TOKEN, RunningAgent, load_body, sim_args, start_agent
 from tests.support import until
 
 

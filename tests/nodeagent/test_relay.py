@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from nodeagent.relay import EngineConnection, EngineUnreachable, StreamBroken
-from tests.nodeagent.test_server import load_body
+from tests.nodeagent.conftest import load_body
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENTS = [b'data: {"n": %d}\n\n' % n for n in range(5)]
