@@ -52,3 +52,21 @@ def _quiet_routine_lines(**kwargs: Any) -> None:
         for name in _ROUTINE_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("celery.beat").addFilter(_not_a_due_task)
+
+
+# Traces (controlplane.traces): a task whose message names a span continues it, in a span of
+# its own. Nothing happens for the others, or while tracing is off.
+@signals.task_prerun.connect
+def _task_span_starts(task: Any = None, **kwargs: Any) -> None:
+    from controlplane import traces
+
+    if task is not None:
+        traces.task_started(task)
+
+
+@signals.task_postrun.connect
+def _task_span_ends(task: Any = None, state: str | None = None, **kwargs: Any) -> None:
+    from controlplane import traces
+
+    if task is not None:
+        traces.task_ended(task, state)

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import posixpath
 import time
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -36,13 +35,10 @@ from nodeagent.protocol import (
 )
 from nodeagent.registry import ModelRegistry
 from nodeagent.relay import EngineUnreachable, StreamBroken
-from nodeagent.tracing import TRACE_HEADERS, Tracer, failed, trace_headers
+from nodeagent.tracing import TRACE_HEADERS, TRACEPARENT, Pending, Tracer
 
 # Hop-by-hop headers belong to one connection, not to the message; the agent's
 # token is for the agent, not the engine.
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
-
 _REQUEST_DROP = {
     "host",
     "connection",
@@ -155,29 +151,31 @@ class InferenceProxy:
             return await self._handle(request, session, None)
         # The agent's span: the child of the gateway's (its traceparent), the parent of the
         # engine's. It covers the wait at the batch gate, an adapter's load and the relay.
-        span = self.tracer.start(
-            "agent proxy", parent=trace_headers(request.headers.get),
-            attributes={"llmfleet.agent_id": self.registry.config.agent_id,
-                        "llmfleet.path": request.match_info["rest"],
-                        "llmfleet.priority_class":
-                            request.headers.get(PRIORITY_CLASS_HEADER) or "interactive"},
-        )  # fmt: skip
+        pending, started = self.tracer.begin(request.headers), time.time_ns()
+        status, error = 500, ""
         try:
-            response = await self._handle(request, session, span)
-            span.set_attribute("http.response.status_code", response.status)
+            response = await self._handle(request, session, pending)
+            status = response.status
             return response
         except AgentError as exc:
-            span.set_attribute("http.response.status_code", exc.status)
-            failed(span, exc.code)
+            status, error = exc.status, exc.code
             raise
         except BaseException as exc:
-            failed(span, type(exc).__name__)
+            error = type(exc).__name__
             raise
         finally:
-            span.end()
+            if pending.sampled:
+                pending.attributes.update({
+                    "llmfleet.agent_id": self.registry.config.agent_id,
+                    "llmfleet.path": request.match_info["rest"],
+                    "llmfleet.priority_class":
+                        request.headers.get(PRIORITY_CLASS_HEADER) or "interactive",
+                    "http.response.status_code": status,
+                })  # fmt: skip
+                self.tracer.record(pending, "agent proxy", "server", started, error=error)
 
     async def _handle(
-        self, request: web.Request, session: aiohttp.ClientSession, span: Span | None
+        self, request: web.Request, session: aiohttp.ClientSession, span: Pending | None
     ) -> web.StreamResponse:
         model_id, tail = split_model_path(request.match_info["rest"])
         path = engine_path(tail)
@@ -246,22 +244,21 @@ class InferenceProxy:
         engine: Engine,
         path: str,
         body: bytes,
-        span: Span | None = None,
+        span: Pending | None = None,
     ) -> web.StreamResponse:
         host, port = _address(engine.url)
         headers = _filtered(request.headers, _REQUEST_DROP)
-        engine_span = None
-        if span is not None and self.tracer is not None:
-            # The engine's spans (vLLM's, with --otlp-traces-endpoint) continue this one.
-            engine_span = self.tracer.child(f"engine {request.method} {path}", span, kind="client")
-            for name in TRACE_HEADERS:
-                headers.popall(name, None)
-            self.tracer.inject(engine_span, headers)
+        if span is None or self.tracer is None:
+            return await self._exchange(request, session, engine, path, body, host, port, headers)
+        # The engine's spans (vLLM's, with --otlp-traces-endpoint) continue this one.
+        exchange, started = self.tracer.child_of(span), time.time_ns()
+        for name in TRACE_HEADERS:
+            headers.popall(name, None)
+        headers[TRACEPARENT] = exchange.traceparent
         try:
             return await self._exchange(request, session, engine, path, body, host, port, headers)
         finally:
-            if engine_span is not None:
-                engine_span.end()
+            self.tracer.record(exchange, f"engine {request.method} {path}", "client", started)
 
     async def _exchange(
         self, request: web.Request, session: aiohttp.ClientSession, engine: Engine, path: str,

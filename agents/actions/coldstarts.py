@@ -193,7 +193,8 @@ def _start_load(
         "loading %s on %s (%s, about %.0f s, %d to step down first)",
         model.model_id, agent.agent_id, trigger, plan.estimated_seconds, len(victims),
     )  # fmt: skip
-    steps.queue("agents.tasks.load", event.pk, victims)
+    steps.queue("agents.tasks.load", event.pk, victims,
+                headers=traces.load_task_headers(trace_id, span_id))  # fmt: skip
     events.announce(placements=[placement.pk], loads=[event.pk])
     return placement
 

@@ -26,17 +26,18 @@ LOADING_STATES = tuple(sorted(transitions.LOADING))
 UNLOAD_TIMEOUT_SECONDS = 120.0
 
 
-def queue(task_name: str, *args: object) -> None:
+def queue(task_name: str, *args: object, headers: dict[str, str] | None = None) -> None:
     """Send a task once the transaction that wrote its rows commits (never before). A broker
-    that is away does not fail the caller: the sweep sends it again (settle_orphaned_steps)."""
-    transaction.on_commit(lambda: send(task_name, *args))
+    that is away does not fail the caller: the sweep sends it again (settle_orphaned_steps).
+    `headers` go with the message (a trace's context: controlplane.traces)."""
+    transaction.on_commit(lambda: send(task_name, *args, headers=headers))
 
 
-def send(task_name: str, *args: object) -> None:
+def send(task_name: str, *args: object, headers: dict[str, str] | None = None) -> None:
     from controlplane.celery import app
 
     try:
-        app.send_task(task_name, args=args)
+        app.send_task(task_name, args=args, headers=headers)
     except Exception as exc:  # kombu's OperationalError, a socket error: the broker is away
         log.warning("could not queue %s%s (the sweep will): %s", task_name, args, exc)
 

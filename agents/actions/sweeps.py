@@ -24,6 +24,7 @@ from agents.choices import (
 )
 from agents.models import LoadEvent, Model, Placement
 from agents.transitions import Event
+from controlplane import traces
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _resend(event: LoadEvent) -> None:
     _resent_at[event.pk] = time.monotonic()
     task = "agents.tasks.load" if event.kind == LoadEventKind.LOAD else "agents.tasks.unload"
     log.warning("%s %s was never started; queueing it again", event.kind.lower(), event.pk)
-    steps.send(task, event.pk)
+    steps.send(task, event.pk, headers=traces.load_task_headers(event.trace_id, event.span_id))
 
 
 def keep_alive(placement: Placement) -> timedelta:

@@ -37,7 +37,6 @@ from controlplane.gateway.job import (
     without_lora,
 )
 from controlplane.gateway.warm import answer_chunks, relay, try_replica
-from nodeagent.tracing import link
 
 if TYPE_CHECKING:
     from controlplane.gateway.router import Router
@@ -132,7 +131,7 @@ async def _wait_and_try(
         placement = await coldstart.wait_until_ready(
             router.state.watches, job.target, remaining, on_progress, job.asked
         )
-        if job.record.span is not None:  # the cold start's own trace, linked from this one
+        if job.record.trace is not None and job.record.trace.sampled:  # the cold start's trace
             await _link_cold_start(job, placement)
         job.leave_cold()  # its model serves: from here it waits for a seat, if at all
         router.state.cache.forget_placements(job.target)
@@ -251,7 +250,7 @@ async def _link_cold_start(job: Job, placement: Placement) -> None:
         LoadEvent.objects.filter(placement=placement, kind=LoadEventKind.LOAD)
         .exclude(trace_id="").order_by("-queued_at").values_list("trace_id", "span_id").first
     )()  # fmt: skip
-    assert job.record.span is not None
+    assert job.record.trace is not None
     if found is not None:
-        link(job.record.span, *found)
+        job.record.trace.links.append(found)
     job.record.event("replica ready", agent=placement.agent.agent_id)

@@ -11,17 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from django.db import IntegrityError
 from django.db.models import F
 
 from controlplane import metrics, traces
 from controlplane.gateway.batches import Batches
-from nodeagent.tracing import failed
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+from nodeagent.tracing import TRACEPARENT, Pending
 
 
 @dataclass
@@ -38,39 +34,38 @@ class RequestRecord:
     shed: bool = False  # admission refused it or gave it up
     first_token_at: float | None = None
     finished: bool = False
-    # Its span, where tracing is on (controlplane.traces): what the request learns is noted
-    # on it as it goes, and it ends as the request is counted.
-    span: Span | None = None
+    name: str = "POST /v1"  # its span's name
+    # Its span, where tracing is on (controlplane.traces): decided as the request starts,
+    # what the request learns noted on it as it goes, recorded as it is counted.
+    trace: Pending | None = None
+    trace_start_ns: int = 0
 
     def first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-            if self.span is not None:
-                self.span.add_event("first token")
+            if self.trace is not None:
+                self.trace.event("first token", {})
 
     def note(self, **attributes: str | int | float | bool) -> None:
         """Attributes of the request's span (llmfleet.<name>); nothing while tracing is off."""
-        if self.span is not None:
-            self.span.set_attributes({f"llmfleet.{name}": v for name, v in attributes.items()})
+        if self.trace is not None and self.trace.sampled:
+            self.trace.attributes.update({f"llmfleet.{k}": v for k, v in attributes.items()})
 
     def event(self, name: str, **attributes: str | int | float | bool) -> None:
-        if self.span is not None:
-            self.span.add_event(name, {f"llmfleet.{k}": v for k, v in attributes.items()})
+        if self.trace is not None:
+            self.trace.event(name, {f"llmfleet.{k}": v for k, v in attributes.items()})
 
-    def trace_headers(self) -> dict[str, str]:
-        """The `traceparent` the next hop continues ({} while tracing is off)."""
-        headers: dict[str, str] = {}
-        if self.span is not None and (tracer := traces.tracer()) is not None:
-            tracer.inject(self.span, headers)
-        return headers
+    def trace_headers(self) -> dict[str, str] | None:
+        """The `traceparent` the next hop continues (None while tracing is off)."""
+        return None if self.trace is None else {TRACEPARENT: self.trace.traceparent}
 
     def finish(self, status: int) -> None:
         """Count the request once, however many ways its end is seen (499: the client left)."""
         if self.finished:
             return
         self.finished = True
-        if self.span is not None:
-            self._end_span(status)
+        if self.trace is not None:
+            self._record_span(status)
         now = time.perf_counter()
         duration = now - self.started
         ttft = (self.first_token_at or now) - self.started
@@ -84,15 +79,19 @@ class RequestRecord:
             self.buffer.add(self.model_pk, status, self.start, ttft if status < 400 else None,
                             self.queued, self.shed)  # fmt: skip
 
-    def _end_span(self, status: int) -> None:
-        assert self.span is not None
+    def _record_span(self, status: int) -> None:
+        assert self.trace is not None
+        tracer = traces.tracer()
+        if tracer is None or not self.trace.sampled:
+            return
         self.note(model=self.model, start=self.start, queued=self.queued, shed=self.shed)
-        self.span.set_attribute("http.response.status_code", status)
+        self.trace.attributes["http.response.status_code"] = status
         if self.first_token_at is not None:
             self.note(ttft_ms=round((self.first_token_at - self.started) * 1000, 3))
-        if status >= 500 or status == 499:
-            failed(self.span, "client left" if status == 499 else f"status {status}")
-        self.span.end()
+        error = "" if status < 500 and status != 499 else (
+            "client left" if status == 499 else f"status {status}"
+        )  # fmt: skip
+        tracer.record(self.trace, self.name, "server", self.trace_start_ns, error=error)
 
 
 class StatsBuffer(Batches[tuple[int, datetime]]):

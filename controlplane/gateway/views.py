@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -301,11 +302,11 @@ async def serve(
     record = stats.RequestRecord(state.stats)
     if (tracer := traces.tracer()) is not None:
         # The client's traceparent, where it sent one: the trace starts in the application.
-        record.span = tracer.start(
-            f"POST /v1/{api.value}", parent=trace_headers(header),
-            attributes={"llmfleet.api": api.value, "llmfleet.request_id": request_id,
-                        "llmfleet.batch_line": batch_line is not None},
-        )  # fmt: skip
+        record.trace, record.trace_start_ns = tracer.begin(trace_headers(header)), time.time_ns()
+        record.name = f"POST /v1/{api.value}"
+        record.note(api=api.value, request_id=request_id, batch_line=batch_line is not None)
+        # What it asks for in the database's thread (a load) carries its context on.
+        traces.ASKING.set(record.trace_headers())
     try:
         response = await _answer(
             state, api, method, find_key, read_body, record, request_id, header, batch_line

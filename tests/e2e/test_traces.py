@@ -54,7 +54,7 @@ def test_a_cold_then_a_warm_stream_each_give_one_trace_linked_to_the_cold_start(
         gateway = receiver.wait_for(2, name="POST /v1/chat/completions")
         agent = receiver.wait_for(2, name="agent proxy")
         engine = receiver.wait_for(2, name="engine POST /v1/chat/completions")
-        phases = {span.name: span for span in receiver.wait_for(5, trace_id=event.trace_id)}
+        phases = {span.name: span for span in receiver.wait_for(6, trace_id=event.trace_id)}
         bodies = list(receiver.bodies)
 
     first, second = sorted(gateway, key=lambda span: span.start_ns)
@@ -87,6 +87,11 @@ def test_a_cold_then_a_warm_stream_each_give_one_trace_linked_to_the_cold_start(
     assert root.attributes["llmfleet.outcome"] == "SUCCEEDED"
     assert {"queued", "engine start", "first token"} <= set(phases)
     assert all(phases[n].parent_id == event.span_id for n in ("queued", "engine start"))
+    # The load task carried the context of the request that asked for it: its span is in the
+    # cold start's trace, linked to that request.
+    task = phases["task agents.tasks.load"]
+    assert task.parent_id == event.span_id
+    assert (first.trace_id, first.span_id) in task.links
     # The engine was asked with the agent's engine span as the parent.
     took = [json.loads(line) for line in log.read_text().splitlines()]
     assert {entry["traceparent"].split("-")[2] for entry in took} == {

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+import pytest
 
 from nodeagent import tracing
 from tests.otlp import otlp_receiver
@@ -121,3 +124,50 @@ async def test_the_agents_span_continues_the_gateways_and_the_engine_continues_t
     took = [json.loads(line) for line in log.read_text().splitlines()]
     assert [entry["traceparent"] for entry in took] == [f"00-{engine.trace_id}-{engine.span_id}-01"]
     assert "hi" not in str([span.attributes for span in receiver.spans])  # no prompt in a span
+
+
+def test_a_pending_span_is_decided_at_once_and_recorded_whole_as_it_ends():
+    with otlp_receiver() as receiver:
+        environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+        tracer = tracing.from_environment("gateway", environ=environ)
+        assert tracer is not None
+        pending = tracer.begin({"traceparent": PARENT})
+        assert pending.sampled
+        assert pending.traceparent.startswith("00-0af7651916cd43dd8448eb211c80319c-")
+        assert pending.traceparent.endswith("-01")
+        pending.attributes["llmfleet.model"] = "org/tiny"
+        pending.event("routed", {"llmfleet.agent": "gpu-a"})
+        pending.links.append(("1" * 32, "2" * 16))
+        child = tracer.child_of(pending)
+        tracer.record(child, "engine POST /v1/x", "client", time.time_ns())
+        tracer.record(pending, "POST /v1/x", "server", time.time_ns() - 1000, error="status 502")
+        unsampled = tracer.begin({"traceparent": UNSAMPLED})
+        assert unsampled.traceparent.endswith("-00")  # the caller's decision goes on
+        tracer.record(unsampled, "not recorded", "server", time.time_ns())
+        tracer.shutdown()
+        [span] = receiver.wait_for(1, name="POST /v1/x")
+        [engine] = receiver.wait_for(1, name="engine POST /v1/x")
+        assert not receiver.wait_for(1, timeout=0, name="not recorded")
+    trace_id, span_id = pending.ids
+    assert (span.trace_id, span.span_id, span.parent_id) == (trace_id, span_id, "b7ad6b7169203331")
+    assert span.attributes == {"llmfleet.model": "org/tiny"}
+    assert (span.links, span.status, span.kind) == ((("1" * 32, "2" * 16),), 2, 2)
+    assert (engine.trace_id, engine.parent_id, engine.kind) == (trace_id, span_id, 3)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "garbage",
+        "00-xyz-b7ad6b7169203331-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+    ],
+)
+def test_a_traceparent_that_is_not_one_starts_a_trace_of_its_own(header):
+    tracer = tracing.Tracer("gateway", "http://127.0.0.1:9/v1/traces", sample_ratio=1.0)
+    pending = tracer.begin({"traceparent": header})
+    assert pending.parent_id is None
+    assert pending.sampled  # a new trace, at the ratio (1.0)
+    assert tracing.Tracer("g", "http://127.0.0.1:9/v1/traces", 0.0).begin({}).sampled is False
