@@ -10,10 +10,14 @@ the first token. Nothing here runs while tracing is off (the event's ids are bla
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from agents.models import LoadEvent
 from controlplane import traces
 from nodeagent.tracing import Tracer, failed, traceparent
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 def _ns(moment: datetime) -> int:
@@ -38,16 +42,28 @@ def record_cold_start(event: LoadEvent) -> None:
     )  # fmt: skip
     parent = traceparent(event.trace_id, event.span_id)
     at = event.started_at or event.queued_at
-    _phase(tracer, parent, "queued", event.queued_at, at)
+    _phase(tracer, parent, "queued", event.queued_at).end(_ns(at))
     if event.download_seconds:
         end = at + timedelta(seconds=event.download_seconds)
-        _phase(tracer, parent, "download", at, end, source=event.source,
-               bytes=event.bytes_downloaded or 0)  # fmt: skip
+        given_up = [line for line in event.failed_sources.splitlines() if line]
+        download = _phase(tracer, parent, "download", at, source=event.source,
+                          bytes=event.bytes_downloaded or 0, failovers=len(given_up))  # fmt: skip
+        for failure in given_up:  # each source given up on before `source` served
+            download.add_event("source failed", {"llmfleet.source": failure[:1000]}, _ns(at))
+        download.end(_ns(end))
         at = end
     if event.engine_start_seconds:
         end = at + timedelta(seconds=event.engine_start_seconds)
-        _phase(tracer, parent, "engine start", at, end, engine_start=event.engine_start,
-               compile_cache=event.compile_cache, note=event.engine_start_note[:300])  # fmt: skip
+        engine = _phase(
+            tracer, parent, "engine start", at, engine_start=event.engine_start,
+            compile_cache=event.compile_cache, note=event.engine_start_note[:300],
+        )  # fmt: skip
+        if event.compile_cache_seconds is not None:  # its first step: the compile cache
+            cache_end = at + timedelta(seconds=event.compile_cache_seconds)
+            tracer.child("compile cache", engine, start_time=_ns(at),
+                         attributes={"llmfleet.compile_cache": event.compile_cache}
+                         ).end(_ns(cache_end))  # fmt: skip
+        engine.end(_ns(end))
     if event.error:
         failed(root, event.error[:300])
     root.end(_ns(event.finished_at))
@@ -59,13 +75,12 @@ def record_first_token(event: LoadEvent, seconds: float) -> None:
     if tracer is not None and event.finished_at is not None:
         end = event.finished_at + timedelta(seconds=seconds)
         _phase(tracer, traceparent(event.trace_id, event.span_id), "first token",
-               event.finished_at, end)  # fmt: skip
+               event.finished_at).end(_ns(end))  # fmt: skip
 
 
 def _phase(
-    tracer: Tracer, parent: dict[str, str], name: str, start: datetime, end: datetime,
-    **attributes: str | int,
-) -> None:  # fmt: skip
-    span = tracer.start(name, parent=parent, kind="internal", start_ns=_ns(start),
+    tracer: Tracer, parent: dict[str, str], name: str, start: datetime, **attributes: str | int,
+) -> Span:  # fmt: skip
+    """A phase's span under the cold start's root, started at `start`; its caller ends it."""
+    return tracer.start(name, parent=parent, kind="internal", start_ns=_ns(start),
                         attributes={f"llmfleet.{k}": v for k, v in attributes.items()})  # fmt: skip
-    span.end(_ns(end))

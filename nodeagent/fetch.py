@@ -87,6 +87,7 @@ class Fetched:
     result: DownloadResult | None
     source: str
     seconds: float = 0.0
+    failed: tuple[str, ...] = ()  # the sources given up on first: "uri: why"
 
 
 async def fetch_model(
@@ -143,5 +144,5 @@ async def fetch_model(
             failures.append(f"{uri}: {exc}")
             continue
         cached = cache.publish(staging, model_id, uri, revision, adapter_of)
-        return Fetched(cached, result, uri, loop.time() - started)
+        return Fetched(cached, result, uri, loop.time() - started, tuple(failures))
     raise StoreError("bad_source", f"{model_id}: no source to download from", 400)

@@ -112,6 +112,7 @@ class LoadPipeline:
         slot.cache_level = CacheLevel.NVME_CACHED
         engine_started = time.monotonic()
         compile_cache = await self._compile_cache(request, fetched.cached, session, deadline)
+        compile_cache_seconds = time.monotonic() - engine_started
         engine = await self._start_or_retry(slot, request, fetched.cached, session, deadline,
                                             compile_cache)  # fmt: skip
         self._install(slot, request, engine)
@@ -126,6 +127,8 @@ class LoadPipeline:
             compile_cache=compile_cache.origin if compile_cache is not None else "",
             source=fetched.source,
             download_bytes=fetched.result.fetched_bytes if fetched.result is not None else 0,
+            compile_cache_seconds=compile_cache_seconds if compile_cache is not None else None,
+            failed_sources=tuple(failure[:1000] for failure in fetched.failed[:16]),
         )
         if (
             compile_cache is not None

@@ -35,7 +35,8 @@ import msgspec
 # 1.7: PRIORITY_CLASS_HEADER on proxied requests admitted in the `batch` class (and
 #      SEQUENCES_HEADER on those of n > 1), and the agent's 503 `engine_busy` for one that
 #      found no room on its engine in time.
-CONTRACT_VERSION = "1.7"
+# 1.8: `compile_cache_seconds` and `failed_sources` in load timings (a cold start's trace).
+CONTRACT_VERSION = "1.8"
 
 
 class AgentReportedState(StrEnum):
@@ -392,6 +393,12 @@ class LoadTimings:
     # downloaded from), and how many bytes this load downloaded (a resumed download less).
     source: Annotated[str, msgspec.Meta(max_length=1000)] = ""
     download_bytes: Bytes = 0
+    # The seconds spent getting the engine's compile cache (within engine_start_seconds), and
+    # the sources a download gave up on before `source` served it ("uri: why", in order).
+    compile_cache_seconds: Seconds | None = None
+    failed_sources: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=1000)], ...], msgspec.Meta(max_length=16)
+    ] = ()
 
 
 @dataclass(frozen=True)

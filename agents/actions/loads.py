@@ -93,6 +93,8 @@ def finish_load(event_id: int, response: LoadModelResponse) -> Placement | None:
         event.engine_start_note = timings.engine_start_note
         event.compile_cache = timings.compile_cache
         event.source = timings.source
+        event.compile_cache_seconds = timings.compile_cache_seconds
+        event.failed_sources = "\n".join(timings.failed_sources)
         if timings.source:  # an agent of contract 1.4 counts what it fetched (0: all resumed)
             event.bytes_downloaded = timings.download_bytes
         else:

@@ -58,6 +58,9 @@ class LoadEvent(models.Model):
     error = models.TextField(blank=True)
     # A load's trace (OpenTelemetry; blank while tracing is off): chosen as it is queued, so
     # the requests that wait on it link to it and its phases are recorded under it as it ends.
+    compile_cache_seconds = models.FloatField(null=True, blank=True)
+    # The sources a download gave up on before `source` served it, one "uri: why" per line.
+    failed_sources = models.TextField(blank=True, db_default="")
     trace_id = models.CharField(max_length=32, blank=True, db_default="")
     span_id = models.CharField(max_length=16, blank=True, db_default="")
 

@@ -53,6 +53,8 @@ def test_a_model_whose_nearest_store_is_down_is_served_from_its_mirror(fleet, tm
 
     [load] = LoadEvent.objects.filter(model__model_id="org/tiny")
     assert load.source == "gs://models/e2e/tiny"
+    # The agent said which source it gave up on (its cold start's trace shows it too).
+    assert load.failed_sources.startswith("s3://models/org/tiny: ")
     assert load.bytes_downloaded == sum(p.stat().st_size for p in checkpoint.iterdir())
     # The agent went to its own cloud's copy first, and said why it left it.
     assert "source s3://models/org/tiny failed" in agent.log()

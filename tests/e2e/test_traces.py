@@ -85,7 +85,9 @@ def test_a_cold_then_a_warm_stream_each_give_one_trace_linked_to_the_cold_start(
     assert root.parent_id == ""
     assert root.attributes["llmfleet.agent"] == "gpu-a"
     assert root.attributes["llmfleet.outcome"] == "SUCCEEDED"
-    assert {"queued", "engine start", "first token"} <= set(phases)
+    assert {"queued", "download", "engine start", "first token"} <= set(phases)
+    assert phases["download"].attributes["llmfleet.source"] == tiny.as_uri()
+    assert phases["download"].attributes["llmfleet.failovers"] == 0
     assert all(phases[n].parent_id == event.span_id for n in ("queued", "engine start"))
     # The load task carried the context of the request that asked for it: its span is in the
     # cold start's trace, linked to that request.

@@ -52,6 +52,7 @@ async def test_loading_a_ready_model_again_is_instant(agent, tiny_model):
         "download_seconds": None, "engine_start_seconds": None, "wake_seconds": None,
         "total_seconds": 0.0, "files_cached": True, "engine_start": "", "engine_start_note": "",
         "compile_cache": "", "source": load_body(tiny_model)["source"], "download_bytes": 0,
+        "compile_cache_seconds": None, "failed_sources": [],
     }  # fmt: skip
     assert starts(agent) == 1
 
