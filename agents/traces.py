@@ -9,7 +9,7 @@ the first token. Nothing here runs while tracing is off (the event's ids are bla
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from agents.models import LoadEvent
@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ns(moment: datetime) -> int:
-    return int(moment.timestamp() * 1e9)
+    """Nanoseconds since the epoch, exact (a float's timestamp() would round them)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 def _tracer(event: LoadEvent) -> Tracer | None:
