@@ -59,7 +59,7 @@ SECTIONS: tuple[Section, ...] = (
                 Var(
                     "DATABASE_URL",
                     example="postgres://llmfleet:password@127.0.0.1:5432/llmfleet",
-                    unset="unset: SQLite in VAR_DIR",
+                    unset="SQLite in VAR_DIR",
                 ),
             ),
             _group("seconds to keep database connections (keep 0: Django opens one per request "
@@ -71,7 +71,7 @@ SECTIONS: tuple[Section, ...] = (
                 Var(
                     "REDIS_URL",
                     example="redis://127.0.0.1:6379/0",
-                    unset="unset: file-backed broker and layer",
+                    unset="file-backed broker and layer",
                 ),
             ),
             _group("`true` lets `DATABASE_URL` run without `REDIS_URL` (one host)",
@@ -168,7 +168,7 @@ SECTIONS: tuple[Section, ...] = (
                 Var("GATEWAY_RETRY_AFTER_SECONDS", default=5, minimum=1),
             ),
             _group("where `/v1/files` keeps files: an `azure://`, `s3://` or `gs://` prefix",
-                Var("FILES_STORE", unset="empty: VAR_DIR/files"),
+                Var("FILES_STORE", unset="VAR_DIR/files"),
             ),
             _group("largest file `/v1/files` takes; its upload's body may be this plus 1 MiB",
                 Var("GATEWAY_FILES_MAX_BYTES", default=100 * 1024 * 1024, minimum=1024),
@@ -334,7 +334,7 @@ SECTIONS: tuple[Section, ...] = (
             _group("where every process sends its spans, over OTLP/HTTP (the collector's base URL: "
                    "`/v1/traces` is added; unset: tracing is off, at no cost); the exporter's "
                    "other `OTEL_EXPORTER_OTLP_*` variables (headers, timeout) apply as usual",
-                Var("OTEL_EXPORTER_OTLP_ENDPOINT", example="http://127.0.0.1:4318"),
+                Var("OTEL_EXPORTER_OTLP_ENDPOINT", example="http://127.0.0.1:4318", commented=True),
             ),
             _group("the traces endpoint itself, where it is not the base URL's `/v1/traces`",
                 Var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
@@ -373,7 +373,7 @@ SECTIONS: tuple[Section, ...] = (
             ),
             _group("how often `make run` starts again a process that exits within a minute before "
                    "it stops the fleet",
-                Var("FLEET_MAX_RESTARTS", default=5, minimum=1),
+                Var("FLEET_MAX_RESTARTS", default=5, minimum=0),
             ),
         ),
     ),

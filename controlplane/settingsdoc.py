@@ -100,7 +100,7 @@ def _bounds(var: Var) -> str:
 def _default_shown(var: Var) -> str:
     if shown := _shown(var.default):
         return f"&nbsp;=&nbsp;`{shown}`"
-    return f" ({_cell(var.unset)})" if var.unset else ""
+    return f" (unset: {_cell(var.unset)})" if var.unset else ""
 
 
 def _group_row(group: Group) -> str:

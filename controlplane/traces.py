@@ -35,6 +35,12 @@ def trace_url(trace_id: str) -> str:
     return settings.TRACING_UI_URL.replace("{trace_id}", trace_id)
 
 
+def cold_start_ids() -> tuple[str, str]:
+    """A new load's trace ids: blank while tracing is off, or when sampling leaves it out."""
+    lifecycle = tracer(LIFECYCLE)
+    return (lifecycle.new_root() if lifecycle is not None else None) or ("", "")
+
+
 def load_task_headers(trace_id: str, span_id: str) -> dict[str, str] | None:
     """A load task's message headers: the cold start's trace, its span's parent, and the
     request that asked for it (ASKING), its link. None while tracing is off."""

@@ -129,6 +129,14 @@ class Tracer:
         # The SDK's own ratio rule (TraceIdRatioBased), on the same id: the same decision.
         return Pending(trace_id, span_id, (trace_id & _LOW_64) < self._bound, None)
 
+    def new_root(self) -> tuple[str, str] | None:
+        """Ids for a new trace's root recorded later (`start`'s `ids`), or None when the
+        sampling ratio leaves this trace out: everything recorded under it would be too."""
+        trace_id = random.getrandbits(128) or 1
+        if (trace_id & _LOW_64) >= self._bound:
+            return None
+        return f"{trace_id:032x}", f"{random.getrandbits(64) or 1:016x}"
+
     def child_of(self, parent: Pending) -> Pending:
         """A pending span under another (the agent's client span for the engine's exchange)."""
         return Pending(parent.trace_id, random.getrandbits(64) or 1, parent.sampled,
@@ -154,7 +162,9 @@ class Tracer:
             parent = trace.SpanContext(pending.trace_id, pending.parent_id, remote, flags)
         span = ReadableSpan(
             name, trace.SpanContext(pending.trace_id, pending.span_id, False, flags), parent,
-            self._resource, pending.attributes,
+            # Copies: a request may still note usage on its record after its span is handed
+            # over (a client that left), while the exporter's thread reads it.
+            self._resource, dict(pending.attributes),
             [Event(event, attributes, at) for event, attributes, at in pending.events],
             [_link(*ids) for ids in pending.links], trace.SpanKind[kind.upper()],
             status=Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET),

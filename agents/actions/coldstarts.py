@@ -27,7 +27,6 @@ from agents.models import Agent, LoadEstimate, LoadEvent, Model, Placement
 from agents.transitions import Event
 from controlplane import traces
 from nodeagent.protocol import order_sources, source_store
-from nodeagent.tracing import new_ids
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def _start_load(
         for victim in victims_locked
         if victim.state == PlacementState.READY  # else it changed since the plan: leave it
     ]
-    trace_id, span_id = new_ids() if traces.tracer(traces.LIFECYCLE) is not None else ("", "")
+    trace_id, span_id = traces.cold_start_ids()
     event = LoadEvent.objects.create(
         agent=agent, model=model, placement=placement, kind=LoadEventKind.LOAD, trigger=trigger,
         from_level=placement.cache_level, to_level=CacheLevel.GPU_RESIDENT,

@@ -13,6 +13,7 @@ from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from agents import events, scheduling, transitions
+from agents import traces as cold_traces
 from agents.actions import coldstarts, history, loads, steps, unloads
 from agents.choices import (
     UNROUTABLE_AGENT_STATES,
@@ -147,6 +148,8 @@ def _close_as_done(event_id: int) -> int:
         event.save(update_fields=["outcome", "finished_at", "to_level", "error"])
         history.count_finished(event, phases=False)
         events.announce(loads=[event.pk])
+    if event.kind == LoadEventKind.LOAD:  # its trace, with the phases the sweep knows
+        cold_traces.record_cold_start(event)
     log.info("%s %s finished on its agent; its task never said", event.kind.lower(), event_id)
     return 1
 

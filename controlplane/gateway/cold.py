@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpResponse, StreamingHttpResponse
 
 from agents.choices import LoadEventKind
@@ -246,11 +247,14 @@ def _abandon_if_opened(waiter: asyncio.Future[Opened | HttpResponse]) -> None:
 async def _link_cold_start(job: Job, placement: Placement) -> None:
     """Link the request's span to the trace of the load that made `placement` serve (agents.
     traces), and note how long it waited."""
-    found = await sync_to_async(
-        LoadEvent.objects.filter(placement=placement, kind=LoadEventKind.LOAD)
-        .exclude(trace_id="").order_by("-queued_at").values_list("trace_id", "span_id").first
-    )()  # fmt: skip
     assert job.record.trace is not None
-    if found is not None:
+    try:
+        found = await sync_to_async(
+            LoadEvent.objects.filter(placement=placement, kind=LoadEventKind.LOAD)
+            .exclude(trace_id="").order_by("-queued_at").values_list("trace_id", "span_id").first
+        )()  # fmt: skip
+    except DatabaseError:  # a trace's link is never worth a request: it goes on without
+        return
+    if found is not None and found not in job.record.trace.links:  # once, however many tries
         job.record.trace.links.append(found)
-    job.record.event("replica ready", agent=placement.agent.agent_id)
+        job.record.event("replica ready", agent=placement.agent.agent_id)

@@ -9,9 +9,10 @@ import pytest
 from django.utils import timezone
 
 from agents import traces as cold_traces
+from agents.actions import sweeps
 from controlplane import traces
 from nodeagent.tracing import new_ids
-from tests.factories import LoadEventFactory
+from tests.factories import LoadEventFactory, PlacementFactory
 from tests.otlp import otlp_receiver
 
 pytestmark = pytest.mark.django_db
@@ -62,3 +63,24 @@ def test_nothing_is_recorded_for_a_load_queued_while_tracing_was_off(receiver):
     cold_traces.record_cold_start(event)
     traces.tracer(traces.LIFECYCLE).shutdown()
     assert receiver.spans == []
+
+
+def test_a_load_closed_by_the_sweep_still_gets_its_root(receiver):
+    # Its task died (a loads worker killed): the sweep closes the load from a heartbeat.
+    trace_id, span_id = new_ids()
+    placement = PlacementFactory(state="READY", cache_level="GPU_RESIDENT")
+    event = LoadEventFactory(agent=placement.agent, model=placement.model, placement=placement,
+                             trace_id=trace_id, span_id=span_id)  # fmt: skip
+    assert sweeps._close_as_done(event.pk) == 1
+    traces.tracer(traces.LIFECYCLE).shutdown()
+    [root] = receiver.wait_for(1, trace_id=trace_id, span_id=span_id)
+    assert root.attributes["llmfleet.outcome"] == "SUCCEEDED"
+
+
+def test_sampling_leaves_a_cold_start_out_whole(receiver, settings):
+    settings.TRACING_SAMPLE_RATIO = 0.0
+    traces.tracer.cache_clear()
+    assert traces.cold_start_ids() == ("", "")  # no ids: nothing recorded under it, no link
+    settings.TRACING_SAMPLE_RATIO = 1.0
+    traces.tracer.cache_clear()
+    assert all(traces.cold_start_ids())
