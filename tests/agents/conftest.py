@@ -16,7 +16,7 @@ from nodeagent.protocol import AgentReportedState, DiskInfo, HeartbeatResponse, 
 def queued(monkeypatch):
     """The tasks actions queue, instead of a broker: (task name, args)."""
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(steps, "queue", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: sent.append((name, args)))
     return sent
 
 

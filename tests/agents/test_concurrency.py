@@ -98,7 +98,7 @@ def operator(rng: random.Random) -> None:
 
 def test_heartbeats_sweeps_and_cold_starts_at_once_never_deadlock(monkeypatch, settings):
     settings.GPU_MEMORY_PRESSURE_PERCENT = 50
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     for _ in range(4):
         AgentFactory()
     for _ in range(6):

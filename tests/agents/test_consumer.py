@@ -32,7 +32,7 @@ def in_memory_layer(settings):
 
 @pytest.fixture(autouse=True)
 def no_broker(monkeypatch):
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
 
 
 def socket(cookie: str | None = None) -> WebsocketCommunicator:

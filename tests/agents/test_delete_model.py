@@ -28,7 +28,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def queued(monkeypatch) -> list[tuple[str, tuple]]:
     sent: list[tuple[str, tuple]] = []
-    monkeypatch.setattr(steps, "queue", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: sent.append((name, args)))
     return sent
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.django_db
 
 
 def test_a_failed_replica_that_comes_back_ready_beyond_max_replicas_steps_down(monkeypatch):
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     model = ModelFactory(model_id="org/m", max_replicas=1, keep_alive="01:00:00")
     slow = AgentFactory(agent_id="slow")
     given_up = PlacementFactory(
@@ -47,7 +47,7 @@ def test_a_failed_replica_that_comes_back_ready_beyond_max_replicas_steps_down(m
 def test_a_heartbeat_round_steps_the_excess_down_at_once(monkeypatch):
     """What a round brought back is stepped down by the round's task, not a sweep later; a
     model within its bound costs one grouped query and nothing else."""
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     model = ModelFactory(model_id="org/m", max_replicas=1)
     PlacementFactory(model=model, agent=AgentFactory(agent_id="a"))
     assert actions.step_down_excess() == []
@@ -65,7 +65,7 @@ def test_two_deciders_choosing_different_excess_replicas_leave_max_replicas_serv
     from agents.actions import sweeps
     from agents.scheduling import Demotion
 
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     model = ModelFactory(model_id="org/m", max_replicas=1)
     first = PlacementFactory(model=model, agent=AgentFactory(agent_id="a"))
     second = PlacementFactory(model=model, agent=AgentFactory(agent_id="b"))

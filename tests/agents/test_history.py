@@ -67,7 +67,7 @@ def test_pruning_keeps_two_days_of_minutes_and_usage_by_day(settings):
 def test_a_finished_load_updates_its_agents_estimates_that_the_next_cold_start_reads(
     monkeypatch,
 ):
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     agent = AgentFactory()
     model = ModelFactory(size_bytes=GIB)
     placement = actions.ensure_placement(model)
@@ -88,7 +88,7 @@ def test_a_finished_load_updates_its_agents_estimates_that_the_next_cold_start_r
 
 
 def test_a_scrape_and_a_cold_start_decision_never_aggregate_the_history(monkeypatch):
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     AgentFactory()
     LoadEventFactory(outcome=LoadOutcome.SUCCEEDED)
     with CaptureQueriesContext(connection) as scraped:

@@ -207,7 +207,7 @@ def test_a_step_never_started_is_queued_again_and_an_unload_past_its_time_fails(
     monkeypatch, queued
 ):
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(steps, "send", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "send", lambda name, *args, **_: sent.append((name, args)))
     sweeps._resent_at.clear()
     agent = AgentFactory()
     actions.ensure_placement(ModelFactory())  # its task was never delivered (a broker blink)

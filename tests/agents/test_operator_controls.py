@@ -19,7 +19,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def queued(monkeypatch):
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(steps, "queue", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: sent.append((name, args)))
     return sent
 
 

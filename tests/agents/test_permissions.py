@@ -197,7 +197,7 @@ def test_a_trusted_model_s_checkpoint_is_the_trust_permission_s_to_change(fleet)
 def test_an_operator_deletes_a_model_in_the_admin_however_much_history_it_has(fleet, monkeypatch):
     from agents.actions import steps
 
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     model, placement = fleet
     LoadEventFactory(model=model, agent=placement.agent, placement=placement)
     client = client_for(make_role_user("op", OPERATOR))

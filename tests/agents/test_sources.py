@@ -28,7 +28,7 @@ def mirrored(**fields: object) -> Model:
 
 
 def load_on(agent_labels: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> LoadEvent:
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     agent = AgentFactory.create(labels=agent_labels)
     placement = actions.load_on_agent(mirrored(), agent)
     return LoadEvent.objects.get(placement=placement)
@@ -72,7 +72,7 @@ def test_the_source_a_load_used_is_recorded_and_its_store_bandwidth_learned(monk
 
 
 def test_a_cold_start_estimates_the_download_from_the_store_each_agent_would_read(monkeypatch):
-    monkeypatch.setattr(steps, "queue", lambda name, *args: None)
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: None)
     # Both agents downloaded 1 GiB/s overall, but `aws` reads the S3 mirror at 100 MB/s (a
     # thin link to that region) while `azure` reads Azure Blob at 1 GiB/s.
     aws = AgentFactory(agent_id="aws", labels={"cloud": "aws"})

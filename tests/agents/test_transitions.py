@@ -23,7 +23,7 @@ S = PlacementState
 @pytest.fixture
 def queued(monkeypatch):
     sent: list[tuple[str, tuple[object, ...]]] = []
-    monkeypatch.setattr(steps, "queue", lambda name, *args: sent.append((name, args)))
+    monkeypatch.setattr(steps, "queue", lambda name, *args, **_: sent.append((name, args)))
     return sent
 
 
