@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,13 @@ from controlplane.gateway.models import Usage
 from tests.e2e.agent_process import ROOT
 from tests.e2e.fleet import database_url
 from tests.support import free_port, http_ok, wait_for
+
+
+def _takes_ctrl_c() -> None:
+    """The web process hears SIGINT as a terminal's Ctrl-C sends it, however this test run was
+    started: a shell's background job ignores SIGINT, its children inherit that, and daphne
+    (Twisted) then leaves it ignored, as any program started so would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @contextmanager
@@ -44,8 +52,9 @@ def web_process(
         else ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "controlplane.asgi:application"]
     )
     web = subprocess.Popen(
-        [sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+        [sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=_takes_ctrl_c,
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
     try:

@@ -161,7 +161,7 @@ def test_a_bad_port_setting_is_refused_before_anything_starts(embedded_env):
         timeout=60,
     )
     assert result.returncode != 0
-    assert "WEB_PORT='not-a-port' is not a positive integer" in result.stderr
+    assert "fleet: WEB_PORT='not-a-port' is not an integer" in result.stderr
 
 
 def test_make_run_cold_starts_the_demo_model_with_vllm_and_ctrl_c_leaves_nothing(
