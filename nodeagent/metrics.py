@@ -6,9 +6,11 @@ name and, failing that, its old one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 # (new name, old name) of each vLLM series the agent reads.
@@ -17,6 +19,7 @@ _WAITING = ("vllm:num_requests_waiting",)
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 _PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+_TTFT = "vllm:time_to_first_token_seconds"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,10 @@ class EngineStats:
     kv_cache_usage: float | None = None
     prefix_cache_queries: float | None = None
     prefix_cache_hits: float | None = None
+    # vLLM's time-to-first-token histogram, summed over its labels: (upper bound, cumulative
+    # count) per bucket, +Inf last; empty where the engine reports none.
+    ttft_buckets: tuple[tuple[float, float], ...] = ()
+    ttft_sum: float = 0.0
 
     @property
     def kv_cache_hit_rate(self) -> float | None:
@@ -39,9 +46,13 @@ class EngineStats:
 def parse_engine_metrics(text: str) -> EngineStats:
     """Sum each series over its labels (engines, model names), preferring the new names."""
     totals: dict[str, float] = {}
+    buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            if sample.name == _TTFT + "_bucket":
+                bound = float(sample.labels.get("le", "+Inf"))
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
 
     def first(names: tuple[str, ...]) -> float | None:
         return next((totals[name] for name in names if name in totals), None)
@@ -52,7 +63,40 @@ def parse_engine_metrics(text: str) -> EngineStats:
         kv_cache_usage=first(_KV_USAGE),
         prefix_cache_queries=first(_PREFIX_QUERIES),
         prefix_cache_hits=first(_PREFIX_HITS),
+        ttft_buckets=tuple(sorted(buckets.items())),
+        ttft_sum=totals.get(_TTFT + "_sum", 0.0),
     )
+
+
+class EngineTtft:
+    """A collector of the engines' own time to first token, by model, as their /metrics said at
+    the last heartbeat or scrape (a histogram can only be copied, not set, through the
+    client's Histogram): what a request waited inside the engine, whatever the hops before it."""
+
+    NAME = "llmfleet_agent_engine_time_to_first_token_seconds"
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, EngineStats] = {}
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            self.NAME,
+            "An engine's time from a request's arrival to its first token (vLLM's histogram), "
+            "by model.",
+            labels=["model"],
+        )
+        for model, stats in sorted(self.by_model.items()):
+            if stats.ttft_buckets:
+                family.add_metric(
+                    [model],
+                    [(_bound(le), count) for le, count in stats.ttft_buckets],
+                    stats.ttft_sum,
+                )
+        yield family
+
+
+def _bound(le: float) -> str:
+    return "+Inf" if le == float("inf") else repr(le)
 
 
 class AgentMetrics:
@@ -178,6 +222,8 @@ class AgentMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.engine_ttft = EngineTtft()
+        self.registry.register(self.engine_ttft)
 
     def _standby_series(self) -> None:
         """Standby engines (nodeagent.engines.standby)."""

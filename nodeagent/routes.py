@@ -302,6 +302,9 @@ class AgentRoutes:
             await self.registry.refresh_stats(self.server.session)
         self.metrics.prefix_cache_queries.clear()
         self.metrics.prefix_cache_hits.clear()
+        self.metrics.engine_ttft.by_model = {
+            slot.model_id: slot.stats for slot in self.registry.slots.values() if slot.serving
+        }
         for slot in self.registry.slots.values():
             stats = slot.stats
             if slot.serving and stats.prefix_cache_queries is not None:

@@ -5,7 +5,8 @@ embeddings for a pooling runner, vLLM-named `/metrics`, LoRA adapters loaded at 
 time, the render endpoints and the sleep endpoints, each with vLLM's errors. It takes
 `ttft_ms` to the first token, `tpot_ms` to each next one and `prefill_ms_per_token`
 for each prompt token its prefix cache (nodeagent.engines.simcache) did not hold, and
-runs at most `max_num_seqs` requests at once. Its words are nodeagent.engines.simanswers'.
+runs at most `max_num_seqs` requests at once; its time to first token is reported as
+vLLM's is (nodeagent.engines.simprefill). Its words are nodeagent.engines.simanswers'.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from nodeagent.engines.simanswers import (
     words_for,
 )
 from nodeagent.engines.simcache import PrefixCache
+from nodeagent.engines.simprefill import TtftHistogram
 from nodeagent.kvblocks import sim_prompt, sim_responses_text, word_ids
 from nodeagent.kvevents import KvEventPublisher
 
@@ -97,6 +99,7 @@ class SimServer:
         self.kv_events = KvEventPublisher(kv_events) if kv_events else None
         self.prefix_cache = PrefixCache(settings.block_tokens, settings.cache_blocks,
                                         self.kv_events)  # fmt: skip
+        self.ttft = TtftHistogram()
         self.created = int(time.time())
 
     def app(self) -> web.Application:
@@ -322,10 +325,14 @@ class SimServer:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be a positive integer")
+        arrived = time.monotonic()
         prompt = sim_prompt(body, chat)
         prefill = self._count_prefix(prompt, str(body.get("model", "")))
         async with self._seat():
             self._log_request(body, prompt, request.headers.get("traceparent"))
+            # The time it models (simprefill): its wait for a seat, then its prefill and first
+            # token's times as set, whenever its event loop wakes.
+            self.ttft.observe(time.monotonic() - arrived + prefill + self.settings.ttft_ms / 1000)
             await asyncio.sleep(prefill)
             tokens = words_for(self._seed(body, prompt), max_tokens)
             usage = {
@@ -422,6 +429,7 @@ class SimServer:
             f"vllm:prefix_cache_hits_total{label} {c.prefix_hits}",
             "# TYPE vllm:generation_tokens counter",
             f"vllm:generation_tokens_total{label} {c.generation_tokens}",
+            *self.ttft.lines(label[1:-1]),
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

@@ -37,3 +37,18 @@ def test_several_engines_are_summed_and_missing_series_are_none():
     stats = parse_engine_metrics(text)
     assert stats.requests_running == 3
     assert (stats.kv_cache_usage, stats.kv_cache_hit_rate) == (None, None)
+
+
+def test_the_time_to_first_token_histogram_is_summed_bucket_by_bucket():
+    text = (
+        "".join(
+            f'vllm:time_to_first_token_seconds_bucket{{engine="{e}",le="{le}"}} {n}\n'
+            for e in (0, 1)
+            for le, n in (("0.01", 1), ("0.1", 3), ("+Inf", 4))
+        )
+        + 'vllm:time_to_first_token_seconds_sum{engine="0"} 0.5\n'
+    )
+    stats = parse_engine_metrics(text)
+    assert stats.ttft_buckets == ((0.01, 2.0), (0.1, 6.0), (float("inf"), 8.0))
+    assert stats.ttft_sum == 0.5
+    assert parse_engine_metrics(NEW).ttft_buckets == ()

@@ -178,3 +178,7 @@ async def test_metrics_endpoint_exposes_agent_series(agent, tiny_model):
         text = await response.text()
     assert 'llmfleet_agent_engine_prefix_cache_queries{model="org/tiny"} 64.0' in text
     assert 'llmfleet_agent_engine_prefix_cache_hits{model="org/tiny"} 32.0' in text
+    # And the engine's own time to first token, as a histogram of the agent's.
+    ttft = "llmfleet_agent_engine_time_to_first_token_seconds"
+    assert f'{ttft}_bucket{{le="+Inf",model="org/tiny"}} 2.0' in text
+    assert f'{ttft}_count{{model="org/tiny"}} 2.0' in text

@@ -8,6 +8,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nodeagent.config import SimSettings
 from nodeagent.engines.simanswers import words_for
 from nodeagent.engines.simcache import PrefixCache
+from nodeagent.engines.simprefill import BUCKETS, TtftHistogram
 from nodeagent.engines.simserver import SimServer
 from nodeagent.kvblocks import word_ids
 from nodeagent.metrics import parse_engine_metrics
@@ -138,6 +139,35 @@ def test_prefill_takes_time_per_token_not_cached():
     prompt = " ".join(words("p", 10))
     assert server._count_prefix(prompt, "m") == pytest.approx(0.020)  # ten tokens, none cached
     assert server._count_prefix(prompt, "m") == pytest.approx(0.004)  # eight cached, two not
+
+
+async def test_time_to_first_token_counts_the_prefill_of_what_the_cache_lacks():
+    server = SimServer("org/sim", SimSettings(block_tokens=4, prefill_ms_per_token=5.0,
+                                              ttft_ms=0, tpot_ms=0))  # fmt: skip
+    body = chat(messages=[{"role": "user", "content": " ".join(words("a", 8))}], max_tokens=1)
+    async with TestClient(TestServer(server.app())) as client:
+        for _ in range(2):  # 8 uncached tokens (40 ms), then none
+            assert (await client.post("/v1/chat/completions", json=body)).status == 200
+        stats = parse_engine_metrics(await (await client.get("/metrics")).text())
+    counts = dict(stats.ttft_buckets)
+    assert counts[float("inf")] == 2
+    assert counts[0.0395] == 1  # only the second came in under its prefill's 40 ms
+    assert stats.ttft_sum >= 0.040
+
+
+def test_the_ttft_histogram_is_cumulative_in_vllms_format():
+    histogram = TtftHistogram()
+    for seconds in (0.0002, 0.0031, 0.2001, 3000.0):
+        histogram.observe(seconds)
+    lines = histogram.lines('model_name="m"')
+    assert lines[0] == "# TYPE vllm:time_to_first_token_seconds histogram"
+    stats = parse_engine_metrics("\n".join(lines) + "\n")
+    counts = dict(stats.ttft_buckets)
+    assert (counts[0.0005], counts[0.003], counts[0.0035], counts[0.25]) == (1, 1, 2, 3)
+    assert counts[2560.0] == 3
+    assert counts[float("inf")] == 4  # beyond the last bound: +Inf only
+    assert stats.ttft_sum == pytest.approx(3000.2034)
+    assert list(BUCKETS) == sorted(set(BUCKETS))
 
 
 async def test_sleep_and_wake(sim):
