@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 from peers import peer_program, vllm_router_command
-from routing_traffic import BLOCK_TOKENS, ENGINES, Sizes
+from routing_traffic import BLOCK_TOKENS, ENGINES, Reading, Sizes
 from stack import ROOT, AgentProc, answers, manage, start, stop
 
 from tests.support import free_port, wait_for
@@ -21,11 +21,17 @@ SGLANG_ROUTER_VENV = ROOT / ".venv-sglang-router"
 TPOT_MS = 1.0
 
 
-def counters(text: str, hits_name: str, queries_name: str) -> tuple[float, float]:
+def counters(text: str, hits_name: str, queries_name: str, ttft_name: str) -> Reading:
+    """An engine's prefix-cache counters and TTFT histogram, from its (or its agent's) /metrics."""
+
     def total(name: str) -> float:
         return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
 
-    return total(hits_name), total(queries_name)
+    buckets: dict[float, float] = {}
+    for le, count in re.findall(rf'^{ttft_name}_bucket\{{[^}}]*le="([^"]+)"[^}}]*\}} (\S+)$',
+                                text, re.M):  # fmt: skip
+        buckets[float(le)] = buckets.get(float(le), 0.0) + float(count)
+    return Reading(total(hits_name), total(queries_name), buckets)
 
 
 class Llmfleet:
@@ -40,6 +46,7 @@ class Llmfleet:
             "AGENT_SIM_CACHE_BLOCKS": str(sizes.cache_blocks),
             "AGENT_SIM_BLOCK_TOKENS": str(BLOCK_TOKENS),
             "AGENT_SIM_PREFILL_MS_PER_TOKEN": str(sizes.prefill_ms),
+            "GATEWAY_WEB_PROCESSES": str(webs),  # as an operator sets it for several
         }
         self.agents = [
             AgentProc(f"{tag}-{n}", ROOT, self.env, work, TPOT_MS) for n in range(ENGINES)
@@ -100,11 +107,12 @@ class Llmfleet:
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{port}/v1/chat/completions" for port in self.ports]
 
-    def engine_counters(self) -> list[tuple[float, float]]:
+    def engine_counters(self) -> list[Reading]:
         return [
             counters(
                 requests.get(f"http://127.0.0.1:{a.port}/metrics", headers=a.auth, timeout=5).text,
                 "llmfleet_agent_engine_prefix_cache_hits", "llmfleet_agent_engine_prefix_cache_queries",
+                "llmfleet_agent_engine_time_to_first_token_seconds",
             )
             for a in self.agents
         ]  # fmt: skip
@@ -139,10 +147,11 @@ class Engines:
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{port}" for port in self.ports]
 
-    def engine_counters(self) -> list[tuple[float, float]]:
+    def engine_counters(self) -> list[Reading]:
         return [
             counters(requests.get(f"{url}/metrics", timeout=5).text,
-                     "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+                     "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+                     "vllm:time_to_first_token_seconds")
             for url in self.urls
         ]  # fmt: skip
 

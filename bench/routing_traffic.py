@@ -72,14 +72,43 @@ def oracle_hit_ratio(order: list[list[dict[str, str]]], sizes: Sizes) -> float:
     return hits / queries
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One engine's counters at a moment: prefix-cache hits and queries (tokens), and its TTFT
+    histogram (upper bound in seconds → cumulative count)."""
+
+    hits: float
+    queries: float
+    ttft: dict[float, float]
+
+
 @dataclass
 class Run:
     hit_ratio: float
-    ttft_p50: float
+    ttft_p50: float  # ms, inside the engines: a request's wait for a seat and prefill
     ttft_p90: float
+    client_p50: float  # ms, as the client saw it: the hops in front of the engines included
+    client_p90: float
     rps: float
     imbalance: float
     cpu_ms_per_request: float = float("nan")
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float:
+    """The q-quantile of a cumulative histogram, linear within its bucket, as Prometheus'
+    histogram_quantile reads one (NaN when it is empty)."""
+    bounds = sorted(buckets)
+    if not bounds or not buckets[bounds[-1]]:
+        return float("nan")
+    rank, lower, below = q * buckets[bounds[-1]], 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
 
 
 async def send_all(url: str | list[str], headers: dict[str, str], model: str,
@@ -115,13 +144,21 @@ async def send_all(url: str | list[str], headers: dict[str, str], model: str,
         return ttfts, time.perf_counter() - began
 
 
-def summarize(before: list[tuple[float, float]], after: list[tuple[float, float]],
-              ttfts: list[float], seconds: float) -> Run:  # fmt: skip
-    hits = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
-    queries = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
+def summarize(before: list[Reading], after: list[Reading], ttfts: list[float],
+              seconds: float) -> Run:  # fmt: skip
+    """A path's figures from its engines' counters before and after, and the client's TTFTs."""
+    hits = [a.hits - b.hits for a, b in zip(after, before, strict=True)]
+    queries = [a.queries - b.queries for a, b in zip(after, before, strict=True)]
+    merged: dict[float, float] = {}
+    for a, b in zip(after, before, strict=True):
+        for bound, count in a.ttft.items():
+            merged[bound] = merged.get(bound, 0.0) + count - b.ttft.get(bound, 0.0)
     mean = statistics.mean(queries)
     return Run(
-        hit_ratio=sum(hits) / sum(queries), ttft_p50=p(ttfts, 50), ttft_p90=p(ttfts, 90),
+        hit_ratio=sum(hits) / sum(queries),
+        ttft_p50=histogram_quantile(merged, 0.5) * 1000,
+        ttft_p90=histogram_quantile(merged, 0.9) * 1000,
+        client_p50=p(ttfts, 50), client_p90=p(ttfts, 90),
         rps=len(ttfts) / seconds, imbalance=max(queries) / mean if mean else float("nan"),
     )  # fmt: skip
 
