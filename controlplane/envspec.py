@@ -261,8 +261,16 @@ SECTIONS: tuple[Section, ...] = (
                 ),
             ),
             _group("how much busier (load score) than the least loaded a replica holding a "
-                   "request's prefix may be and still get it",
+                   "request's prefix may be and still get it: this many, or this percent of "
+                   "its engine's seats (`max_num_seqs`) where that is more",
                 Var("GATEWAY_PREFIX_BALANCE", default=4, minimum=0),
+                Var("GATEWAY_PREFIX_BALANCE_PERCENT", default=25, minimum=0),
+            ),
+            _group("a new prefix's home: the first replica in its rendezvous order whose "
+                   "recent prompt traffic is at most this percent of the replicas' mean "
+                   "(consistent hashing with bounded loads; under `precise`, or with one web "
+                   "process; 0: plain rendezvous)",
+                Var("GATEWAY_PREFIX_HOME_BOUND_PERCENT", default=125, minimum=0),
             ),
             _group("how much of a prompt cache-aware routing reads (its cost per request)",
                 Var("GATEWAY_PREFIX_HASH_KIB", default=64, minimum=1),

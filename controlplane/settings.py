@@ -181,8 +181,13 @@ GATEWAY_STREAM_IDLE_SECONDS = env_int("GATEWAY_STREAM_IDLE_SECONDS")
 # least_loaded; session, the `user`'s own.
 GATEWAY_ROUTING_POLICY = env_choice("GATEWAY_ROUTING_POLICY")
 # How much busier (in load score: a request in flight 1, one queued in the engine 2) a replica
-# holding a request's prefix may be than the least loaded one and still be chosen for it.
+# holding a request's prefix may be than the least loaded one and still be chosen for it: this
+# many, or this percent of its engine's seats (max_num_seqs) where that is more.
 GATEWAY_PREFIX_BALANCE = env_int("GATEWAY_PREFIX_BALANCE")
+GATEWAY_PREFIX_BALANCE_PERCENT = env_int("GATEWAY_PREFIX_BALANCE_PERCENT")
+# A new prefix's home is the first replica, in its rendezvous order, whose recent prompt traffic
+# from this web process is at most this percent of the replicas' mean (0: plain rendezvous).
+GATEWAY_PREFIX_HOME_BOUND_PERCENT = env_int("GATEWAY_PREFIX_HOME_BOUND_PERCENT")
 # How much of a prompt is hashed for routing (KiB): a cap on each request's cost.
 GATEWAY_PREFIX_HASH_KIB = env_int("GATEWAY_PREFIX_HASH_KIB")
 # The memory each web process gives its prefix index (MiB), least recently used first out.

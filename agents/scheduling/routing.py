@@ -22,12 +22,24 @@ class ReplicaLoad:
     in_flight: int = 0
     waiting: int = 0
     kv_cache_usage: float | None = None
+    seats: int = 0  # the engine's concurrent sequences (max_num_seqs); 0: not known
+    # The prompt volume this web process sent it lately (decayed): its share of new prefixes.
+    traffic: float = 0.0
 
 
 def replica_score(replica: ReplicaLoad) -> float:
     """Lower is better. A queued request weighs double (it has not started); a full KV cache
     adds one request's worth, so it breaks ties between equally busy replicas."""
     return replica.in_flight + 2 * replica.waiting + (replica.kv_cache_usage or 0.0)
+
+
+def prefix_allowance(replica: ReplicaLoad, balance: float, share: float) -> float:
+    """How much busier than the least loaded a replica holding a request's prefix may be and
+    still get it: `balance`, or `share` of its engine's seats where that is more. What a
+    replica can take before it slows grows with its seats: four more requests are half of
+    an 8-sequence engine and nothing to one running 256, where a prefix's prefill saved is
+    the same on both."""
+    return max(balance, share * replica.seats)
 
 
 def rendezvous_weight(session: str, replica_key: str) -> int:
@@ -39,6 +51,33 @@ def rendezvous_weight(session: str, replica_key: str) -> int:
 def rendezvous_replica(replicas: Sequence[ReplicaLoad], key: str) -> ReplicaLoad:
     """`key`'s replica by highest-random-weight hashing (a session's, a prefix's home)."""
     return max(replicas, key=lambda replica: rendezvous_weight(key, replica.key))
+
+
+@dataclass(frozen=True)
+class HomeBound:
+    """Consistent hashing with bounded loads (Mirrokni et al.; HAProxy's hash-balance-factor)
+    for a new prefix's home: the first replica in the prefix's rendezvous order whose recent
+    prompt traffic is at most `factor` times the replicas' mean. Plain rendezvous hashing
+    leaves where the few hottest prefixes land to chance, and a replica drawing two of them
+    takes twice its share of the conversations that follow, whose KV its cache then cannot
+    keep. The bound applies once the replicas' traffic adds up to `min_total`: below it the
+    shares are noise, and two web processes would act on different noise."""
+
+    factor: float
+    min_total: float
+
+
+def home_replica(
+    replicas: Sequence[ReplicaLoad], key: str, bound: HomeBound | None = None
+) -> ReplicaLoad:
+    """A prefix's home: `key`'s rendezvous replica, or under `bound`, the first in its
+    rendezvous order not past the bound (the first of all when every one is)."""
+    ranked = sorted(replicas, key=lambda replica: -rendezvous_weight(key, replica.key))
+    total = sum(replica.traffic for replica in replicas)
+    if bound is None or total < bound.min_total:
+        return ranked[0]
+    limit = bound.factor * total / len(replicas)
+    return next((replica for replica in ranked if replica.traffic <= limit), ranked[0])
 
 
 def choose_replica(
@@ -76,16 +115,20 @@ def choose_cached_replica(
     session: str | None = None,
     *,
     balance: float,
+    balance_share: float = 0.0,
+    home_bound: HomeBound | None = None,
     overload: float = 8.0,
 ) -> tuple[ReplicaLoad, RouteReason] | None:
     """Cache-aware routing: where the request's prompt prefix most likely is in an engine's KV
-    cache, among the replicas whose load score is within `balance` of the least loaded.
+    cache, among the replicas whose load score is within their allowance of the least loaded
+    (`prefix_allowance`: `balance`, or `balance_share` of the replica's seats if more).
 
     `matched` is how many leading chunks of the prefix each replica was last sent (the
     gateway's index): among those within the balance, the longest match wins, ties to the
     less loaded, then to `home`'s rendezvous order. With no match anywhere, `home` (the
-    prefix's first chunk, as a key) picks a replica by rendezvous hashing: every web process
-    sends a new prefix to the same replica without sharing any state. When the replicas
+    prefix's first chunk, as a key) picks a replica by rendezvous hashing, bounded by
+    `home_bound` (`home_replica`): every web process sends a new prefix to the same replica
+    without sharing any state, while the traffic it sees is balanced. When the replicas
     holding the prefix (or its home) are all too busy, the request goes to the next replica
     in the home's rendezvous order within the balance (the same from every web process), or,
     with a session key, to the session rule's choice within the balance (`choose_replica`).
@@ -93,7 +136,11 @@ def choose_cached_replica(
     if not replicas:
         return None
     least = min(replica_score(replica) for replica in replicas)
-    eligible = [replica for replica in replicas if replica_score(replica) - least <= balance]
+    eligible = [
+        replica
+        for replica in replicas
+        if replica_score(replica) - least <= prefix_allowance(replica, balance, balance_share)
+    ]
     salt = home or session or ""
     holders = [replica for replica in eligible if matched.get(replica.key, 0) > 0]
     if holders:
@@ -102,12 +149,12 @@ def choose_cached_replica(
         return best, RouteReason.PREFIX
     held = any(matched.get(replica.key, 0) > 0 for replica in replicas)
     if home is not None:
-        first = rendezvous_replica(replicas, home)
+        first = home_replica(replicas, home, home_bound)
         if not held and any(replica.key == first.key for replica in eligible):
             return first, RouteReason.PREFIX
     declined = RouteReason.FALLBACK if held or home is not None else RouteReason.LOAD
     if home is not None and not session:
-        return rendezvous_replica(eligible, home), declined
+        return home_replica(eligible, home, home_bound), declined
     chosen = choose_replica(eligible, session, overload=overload)
     assert chosen is not None
     return chosen, session_or(declined, chosen, replicas, session)

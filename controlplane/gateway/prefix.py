@@ -197,3 +197,29 @@ class PrefixIndex:
                 entries.move_to_end(entry)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
+
+
+class Traffic:
+    """How much prompt this process sent each replica lately (in chunks, halved every
+    HALF_LIFE seconds): each replica's share of new prefixes is bounded by it
+    (agents.scheduling.HomeBound)."""
+
+    # Long enough to even out bursts, short enough that a replica added or emptied is seen
+    # within minutes.
+    HALF_LIFE = 60.0
+    # The bound's minimum: below this much recent traffic, shares are noise
+    # (HomeBound.min_total). 512 chunks: 256 KiB of prompts.
+    MIN_TOTAL = 512.0
+
+    def __init__(self) -> None:
+        self.volumes: dict[str, tuple[float, float]] = {}  # replica → (volume, as of)
+
+    def add(self, replica: str, chunks: int, now: float) -> None:
+        self.volumes[replica] = (self.of(replica, now) + chunks, now)
+        if len(self.volumes) > 4096:  # replicas come and go: forget the faded
+            for key in [k for k in self.volumes if self.of(k, now) < 1.0]:
+                del self.volumes[key]
+
+    def of(self, replica: str, now: float) -> float:
+        volume, at = self.volumes.get(replica, (0.0, now))
+        return volume * float(0.5 ** ((now - at) / self.HALF_LIFE))

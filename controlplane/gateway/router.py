@@ -35,6 +35,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from agents import actions
 from agents.models import Model, Placement
 from agents.scheduling import (
+    HomeBound,
     ReplicaLoad,
     RouteReason,
     choose_adapter_replica,
@@ -61,7 +62,7 @@ from controlplane.gateway.job import (
     without_lora,
 )
 from controlplane.gateway.kvfollow import PromptBlocks
-from controlplane.gateway.prefix import Prefix, PrefixIndex
+from controlplane.gateway.prefix import Prefix, PrefixIndex, Traffic
 from controlplane.gateway.upstream import ReplicaFailed
 from controlplane.gateway.warm import answer_chunks, open_warm, relay, warm_replicas
 
@@ -93,18 +94,22 @@ class Router:
         self.adapter_seen: dict[tuple[Generation, str], float] = {}
         # Which replicas each request prefix was last sent to (cache-aware routing).
         self.prefixes = PrefixIndex.of_mib(settings.GATEWAY_PREFIX_INDEX_MIB)
+        self.traffic = Traffic()
 
     # --- state ----------------------------------------------------------------------------------
 
     def claim(self, placement: Placement, model: Model) -> Claim:
         return Claim(self.in_flight, placement, model)
 
-    def _load(self, placement: Placement) -> ReplicaLoad:
+    def _load(self, placement: Placement, now: float | None = None) -> ReplicaLoad:
+        key = str(placement.pk)
         return ReplicaLoad(
-            str(placement.pk),
+            key,
             self.in_flight[placement.pk],
             placement.requests_waiting,
             placement.kv_cache_usage,
+            placement.max_num_seqs or settings.GATEWAY_UNKNOWN_MAX_NUM_SEQS,
+            self.traffic.of(key, now) if now is not None else 0.0,
         )
 
     def scores(self, placements: list[Placement]) -> list[float]:
@@ -132,6 +137,7 @@ class Router:
         # Each replica's run of the request's leading blocks (or chunks), and its home: from
         # the engines' own word (precise), else from where this process sent what.
         matched = self.state.kv.match(prompt, placements) if prompt is not None else None
+        bound = _home_bound(from_engines=matched is not None)
         if matched is None and prefix is not None and prefix.chunks:
             matched = self.prefixes.match(prefix, by_key), prefix.home
         cached = (
@@ -140,12 +146,14 @@ class Router:
             and (bool(matched[0]) or matched[1] is not None)
         )
         if adapter_id is None:
-            loads = [self._load(p) for p in placements]
+            loads = [self._load(p, time.monotonic() if cached else None) for p in placements]
             if cached:
                 assert matched is not None
                 found = choose_cached_replica(
                     loads, matched[0], matched[1], user,
                     balance=settings.GATEWAY_PREFIX_BALANCE,
+                    balance_share=settings.GATEWAY_PREFIX_BALANCE_PERCENT / 100,
+                    home_bound=bound,
                     overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
                 )  # fmt: skip
                 assert found is not None
@@ -155,12 +163,15 @@ class Router:
             assert chosen is not None
             return by_key[chosen.key], session_or(RouteReason.LOAD, chosen, loads, session)
         holds = [self.holds(p, adapter_id) for p in placements]
-        holding = [self._load(p) for p, held in zip(placements, holds, strict=True) if held]
+        now = time.monotonic()
+        holding = [self._load(p, now) for p, held in zip(placements, holds, strict=True) if held]
         if cached and holding:
             assert matched is not None
             found = choose_cached_replica(
                 holding, matched[0], matched[1], None,
                 balance=settings.GATEWAY_PREFIX_BALANCE,
+                balance_share=settings.GATEWAY_PREFIX_BALANCE_PERCENT / 100,
+                home_bound=bound,
             )  # fmt: skip
             if found is not None and found[1] is RouteReason.PREFIX:
                 return by_key[found[0].key], found[1]
@@ -357,6 +368,18 @@ class Router:
         cleanup.add(opened.abandon)
         async for chunk in answer_chunks(self, opened, job, cold=False):
             yield chunk
+
+
+def _home_bound(from_engines: bool) -> HomeBound | None:
+    """GATEWAY_PREFIX_HOME_BOUND_PERCENT as a bound on new prefixes' homes (0: none), where
+    web processes still agree under it: each bounds by the traffic it sent itself, so two
+    could choose two homes for one new prefix. Where the match comes from the engines' own
+    word (precise), both see the prefix on both replicas after that and follow alike; from
+    this process's index, only a lone web process (GATEWAY_WEB_PROCESSES=1) sees it all."""
+    percent = settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT
+    if not percent or not (from_engines or settings.GATEWAY_WEB_PROCESSES == 1):
+        return None
+    return HomeBound(percent / 100, Traffic.MIN_TOTAL)
 
 
 def _abandon(queue: ModelQueue, waiter: Waiter) -> None:

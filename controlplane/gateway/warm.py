@@ -128,6 +128,7 @@ async def try_replica(
         router.saw_adapter(placement, job.adapter.adapter_id)
     if job.prefix is not None and job.prefix.chunks:  # its engine now caches the prefix
         router.prefixes.record(job.prefix, str(placement.pk))
+        router.traffic.add(str(placement.pk), len(job.prefix.chunks), time.monotonic())
     job.record.note(agent=placement.agent.agent_id, replica=placement.pk)
     return Opened(placement, answer, claim, job.meter)
 

@@ -6,9 +6,18 @@ from __future__ import annotations
 import time
 import tracemalloc
 
-from agents.scheduling import ReplicaLoad, RouteReason, choose_cached_replica, rendezvous_weight
+from agents.scheduling import (
+    HomeBound,
+    ReplicaLoad,
+    RouteReason,
+    choose_cached_replica,
+    home_replica,
+    prefix_allowance,
+    rendezvous_replica,
+    rendezvous_weight,
+)
 from controlplane.gateway.apis import Api
-from controlplane.gateway.prefix import CHUNK_BYTES, HOLDERS, PrefixIndex, prefix_of
+from controlplane.gateway.prefix import CHUNK_BYTES, HOLDERS, PrefixIndex, Traffic, prefix_of
 
 SYSTEM = "You are a careful assistant for the fleet's operators. " * 40  # about 2.2 KB
 CAP = 64 * 1024
@@ -116,6 +125,18 @@ def chosen_key(pool: list[ReplicaLoad], matched: dict[str, int], home: str | Non
     return found[0].key
 
 
+def test_the_balance_is_a_share_of_the_replicas_seats_where_that_is_more():
+    assert prefix_allowance(ReplicaLoad("a", seats=256), 4, 0.25) == 64
+    assert prefix_allowance(ReplicaLoad("a", seats=8), 4, 0.25) == 4
+    assert prefix_allowance(ReplicaLoad("a"), 4, 0.25) == 4  # seats not known: the floor
+    big = [ReplicaLoad("a", 40, seats=256), ReplicaLoad("b", 0, seats=256)]
+    assert choose_cached_replica(big, {"a": 3}, "h", balance=4, balance_share=0.25) == (
+        big[0], RouteReason.PREFIX)  # fmt: skip
+    small = [ReplicaLoad("a", 40, seats=32), ReplicaLoad("b", 0, seats=32)]
+    found = choose_cached_replica(small, {"a": 3}, "h", balance=4, balance_share=0.25)
+    assert found == (small[1], RouteReason.FALLBACK)  # 40 past 8 (a quarter of 32)
+
+
 def test_the_longest_match_wins_while_within_the_balance():
     pool = [load("a", 3), load("b", 1), load("c", 0)]
     assert choose_cached_replica(pool, {"a": 4, "b": 2}, "h", balance=4) == (
@@ -161,6 +182,42 @@ def test_a_new_prefix_goes_to_its_home_from_every_process_alike():
     assert chosen[0].key != home
     assert chosen[1] is RouteReason.FALLBACK
     assert choose_cached_replica(list(reversed(crowded)), {}, "home-0", balance=4) == chosen
+
+
+def test_a_new_prefixs_home_skips_replicas_past_the_traffic_bound():
+    bound = HomeBound(factor=1.25, min_total=100)
+    plain = [ReplicaLoad(key) for key in "abcd"]
+    home = home_replica(plain, "p").key
+    assert home == rendezvous_replica(plain, "p").key
+    order = sorted("abcd", key=lambda k: -rendezvous_weight("p", k))
+    # The home has drawn twice its share: past 1.25x the mean, the next in order takes it.
+    busy = [ReplicaLoad(k, traffic=200 if k == home else 100) for k in "abcd"]
+    assert home_replica(busy, "p", bound).key == order[1]
+    assert home_replica(list(reversed(busy)), "p", bound).key == order[1]  # any order alike
+    found = choose_cached_replica(busy, {}, "p", balance=4, home_bound=bound)
+    assert found == (busy["abcd".index(order[1])], RouteReason.PREFIX)
+    # Within the bound, or with too little traffic to judge, the plain home.
+    even = [ReplicaLoad(k, traffic=110 if k == home else 100) for k in "abcd"]
+    assert home_replica(even, "p", bound).key == home
+    few = [ReplicaLoad(k, traffic=20 if k == home else 10) for k in "abcd"]
+    assert home_replica(few, "p", bound).key == home
+    # Every replica past it (it cannot be, but a factor under 1 may): the plain home.
+    assert home_replica(busy, "p", HomeBound(factor=0.1, min_total=0)).key == home
+    # A prefix some replica holds is not moved by the bound.
+    assert choose_cached_replica(busy, {home: 2}, "p", balance=4, home_bound=bound) == (
+        busy["abcd".index(home)], RouteReason.PREFIX)  # fmt: skip
+
+
+def test_traffic_halves_every_half_life_and_forgets_the_faded():
+    traffic = Traffic()
+    traffic.add("a", 8, now=0.0)
+    traffic.add("a", 8, now=0.0)
+    assert traffic.of("a", 0.0) == 16
+    assert traffic.of("a", Traffic.HALF_LIFE) == 8
+    assert traffic.of("b", 5.0) == 0
+    for n in range(5000):
+        traffic.add(str(n), 1, now=float(n))
+    assert len(traffic.volumes) <= 4097
 
 
 def test_without_a_prefix_the_session_rule_decides():

@@ -15,10 +15,17 @@ from controlplane.gateway.router import Router
 SYSTEM = "Answer as the fleet's runbook says. " * 60
 
 
-def replicas(*adapters: dict) -> list[Placement]:
+def replicas(*adapters: dict, seats: int = 8) -> list[Placement]:
     now = datetime(2026, 12, 6, tzinfo=UTC)
     return [
-        Placement(pk=n + 1, adapters=held, requests_waiting=0, kv_cache_usage=None, updated_at=now)
+        Placement(
+            pk=n + 1,
+            adapters=held,
+            requests_waiting=0,
+            kv_cache_usage=None,
+            max_num_seqs=seats,
+            updated_at=now,
+        )
         for n, held in enumerate(adapters)
     ]
 
@@ -46,6 +53,32 @@ def test_cache_aware_sends_a_prefix_where_it_went_and_away_when_that_one_is_busy
     assert moved is not None
     assert moved[0] != first[0]
     assert moved[1] is RouteReason.FALLBACK
+
+
+def test_a_replica_with_more_seats_keeps_its_prefix_under_more_load(settings):
+    """The balance grows with the engine's seats: 3 more requests push a prefix off an
+    8-sequence engine (past the balance of 2), not off a 256-sequence one (25%: 64)."""
+    settings.GATEWAY_ROUTING_POLICY, settings.GATEWAY_PREFIX_BALANCE = "cache_aware", 2
+    settings.GATEWAY_PREFIX_BALANCE_PERCENT = 25
+    for seats, stays in ((8, False), (256, True)):
+        route, pool = router(), replicas({}, {}, {}, {}, seats=seats)
+        first = route.pick(pool, None, prefix=prefix())
+        assert first is not None
+        route.prefixes.record(prefix(), str(first[0].pk))
+        route.in_flight[first[0].pk] = 3
+        picked = route.pick(pool, None, prefix=prefix())
+        assert picked is not None
+        assert (picked[0] == first[0]) is stays
+    # Unknown seats count as GATEWAY_UNKNOWN_MAX_NUM_SEQS.
+    settings.GATEWAY_UNKNOWN_MAX_NUM_SEQS = 8
+    route, pool = router(), replicas({}, {}, {}, {}, seats=0)
+    first = route.pick(pool, None, prefix=prefix())
+    assert first is not None
+    route.prefixes.record(prefix(), str(first[0].pk))
+    route.in_flight[first[0].pk] = 3
+    moved = route.pick(pool, None, prefix=prefix())
+    assert moved is not None
+    assert moved[0] != first[0]
 
 
 @pytest.mark.parametrize(
