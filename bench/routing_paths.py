@@ -71,7 +71,8 @@ class Llmfleet:
             f"m = Model.objects.create(model_id='{self.model}', source='file:///x', max_replicas=4)\n"
             f"for name, url in zip({names!r}, {urls!r}):\n"
             "    Placement.objects.create(agent=Agent.objects.get(agent_id=name), model=m, "
-            "state='READY', cache_level='GPU_RESIDENT', inference_endpoint_url=url)\n"
+            "state='READY', cache_level='GPU_RESIDENT', inference_endpoint_url=url, "
+            "max_num_seqs=256)\n"  # what the agents report for their sims (stack.SIM)
             "print('ok')",
             self.env,
         )

@@ -225,7 +225,9 @@ SECTIONS: tuple[Section, ...] = (
                    " 503 `queue_timeout`",
                 Var("GATEWAY_QUEUE_TIMEOUT_SECONDS", default=60, minimum=1),
             ),
-            _group("web processes sharing the fleet: each admits its share of every model's seats",
+            _group("web processes sharing the fleet: each admits its share of every model's "
+                   "seats, holds prefixes against its share of each replica's, and bounds new "
+                   "prefixes' homes by its own traffic only when it is the one (`cache_aware`)",
                 Var("GATEWAY_WEB_PROCESSES", default=1, minimum=1),
             ),
             _group("how long a web process remembers API keys and models (READY replicas: at most "
@@ -269,7 +271,7 @@ SECTIONS: tuple[Section, ...] = (
             _group("a new prefix's home: the first replica in its rendezvous order whose "
                    "recent prompt traffic is at most this percent of the replicas' mean "
                    "(consistent hashing with bounded loads; under `precise`, or with one web "
-                   "process; 0: plain rendezvous)",
+                   "process; 0: plain rendezvous; under 100 counts as 100)",
                 Var("GATEWAY_PREFIX_HOME_BOUND_PERCENT", default=125, minimum=0),
             ),
             _group("how much of a prompt cache-aware routing reads (its cost per request)",

@@ -35,10 +35,11 @@ def replica_score(replica: ReplicaLoad) -> float:
 
 def prefix_allowance(replica: ReplicaLoad, balance: float, share: float) -> float:
     """How much busier than the least loaded a replica holding a request's prefix may be and
-    still get it: `balance`, or `share` of its engine's seats where that is more. What a
-    replica can take before it slows grows with its seats: four more requests are half of
-    an 8-sequence engine and nothing to one running 256, where a prefix's prefill saved is
-    the same on both."""
+    still get it: `balance`, or `share` of its engine's seats where that is more (`share`
+    already divided among the web processes, whose load scores count their own requests).
+    What a replica can take before it slows grows with its seats: four more requests are
+    half of an 8-sequence engine and nothing to one running 256, where a prefix's prefill
+    saved is the same on both."""
     return max(balance, share * replica.seats)
 
 
@@ -128,8 +129,9 @@ def choose_cached_replica(
     less loaded, then to `home`'s rendezvous order. With no match anywhere, `home` (the
     prefix's first chunk, as a key) picks a replica by rendezvous hashing, bounded by
     `home_bound` (`home_replica`): every web process sends a new prefix to the same replica
-    without sharing any state, while the traffic it sees is balanced. When the replicas
-    holding the prefix (or its home) are all too busy, the request goes to the next replica
+    without sharing any state (the bound, where given, by the traffic this process sent:
+    `HomeBound`). When the replicas holding the prefix (or its home) are all too busy, the
+    request goes to the next replica
     in the home's rendezvous order within the balance (the same from every web process), or,
     with a session key, to the session rule's choice within the balance (`choose_replica`).
     """
@@ -148,9 +150,9 @@ def choose_cached_replica(
                                             rendezvous_weight(salt, r.key)))  # fmt: skip
         return best, RouteReason.PREFIX
     held = any(matched.get(replica.key, 0) > 0 for replica in replicas)
-    if home is not None:
+    if home is not None and not held:
         first = home_replica(replicas, home, home_bound)
-        if not held and any(replica.key == first.key for replica in eligible):
+        if any(replica.key == first.key for replica in eligible):
             return first, RouteReason.PREFIX
     declined = RouteReason.FALLBACK if held or home is not None else RouteReason.LOAD
     if home is not None and not session:

@@ -222,4 +222,5 @@ class Traffic:
 
     def of(self, replica: str, now: float) -> float:
         volume, at = self.volumes.get(replica, (0.0, now))
-        return volume * float(0.5 ** ((now - at) / self.HALF_LIFE))
+        # A request that read `now` before another's add landed: no growth, no decay.
+        return volume * float(0.5 ** (max(0.0, now - at) / self.HALF_LIFE))

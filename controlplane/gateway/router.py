@@ -146,13 +146,14 @@ class Router:
             and (bool(matched[0]) or matched[1] is not None)
         )
         if adapter_id is None:
-            loads = [self._load(p, time.monotonic() if cached else None) for p in placements]
+            now = time.monotonic() if cached else None
+            loads = [self._load(p, now) for p in placements]
             if cached:
                 assert matched is not None
                 found = choose_cached_replica(
                     loads, matched[0], matched[1], user,
                     balance=settings.GATEWAY_PREFIX_BALANCE,
-                    balance_share=settings.GATEWAY_PREFIX_BALANCE_PERCENT / 100,
+                    balance_share=_balance_share(),
                     home_bound=bound,
                     overload=settings.SCALE_OUT_QUEUE_THRESHOLD,
                 )  # fmt: skip
@@ -170,7 +171,7 @@ class Router:
             found = choose_cached_replica(
                 holding, matched[0], matched[1], None,
                 balance=settings.GATEWAY_PREFIX_BALANCE,
-                balance_share=settings.GATEWAY_PREFIX_BALANCE_PERCENT / 100,
+                balance_share=_balance_share(),
                 home_bound=bound,
             )  # fmt: skip
             if found is not None and found[1] is RouteReason.PREFIX:
@@ -370,6 +371,12 @@ class Router:
             yield chunk
 
 
+def _balance_share() -> float:
+    """GATEWAY_PREFIX_BALANCE_PERCENT of a replica's seats, as this web process's share: its
+    load scores count only its own requests in flight."""
+    return settings.GATEWAY_PREFIX_BALANCE_PERCENT / 100 / settings.GATEWAY_WEB_PROCESSES
+
+
 def _home_bound(from_engines: bool) -> HomeBound | None:
     """GATEWAY_PREFIX_HOME_BOUND_PERCENT as a bound on new prefixes' homes (0: none), where
     web processes still agree under it: each bounds by the traffic it sent itself, so two
@@ -379,7 +386,8 @@ def _home_bound(from_engines: bool) -> HomeBound | None:
     percent = settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT
     if not percent or not (from_engines or settings.GATEWAY_WEB_PROCESSES == 1):
         return None
-    return HomeBound(percent / 100, Traffic.MIN_TOTAL)
+    # Under 100 % of the mean, some replica is always past it: count it as 100.
+    return HomeBound(max(percent, 100) / 100, Traffic.MIN_TOTAL)
 
 
 def _abandon(queue: ModelQueue, waiter: Waiter) -> None:

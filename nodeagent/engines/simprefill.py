@@ -2,10 +2,11 @@
 
 `TtftHistogram` is vLLM's `vllm:time_to_first_token_seconds`: from a request's arrival to
 its first token, with buckets finer than vLLM's below 200 ms. The sim observes the time it
-models: its wait for a seat as it happened, then the prefill and first-token times it sets
-(the prompt tokens its cache lacks, `ttft_ms`), not how late its event loop wakes from them,
-which on a shared machine is the host's doing (and, inside an agent, the share of the loop
-its proxy takes). Routing benchmarks read their percentiles from it: what routing decides,
+models: its wait for a seat as it happened (which holds any lateness of the requests before
+it, whose seats free as their sleeps end), then the prefill and first-token times it sets
+(the prompt tokens its cache lacks, `ttft_ms`), not how late its event loop wakes from
+them, which on a shared machine is the host's doing (and, inside an agent, the share of the
+loop its proxy takes). Routing benchmarks read their percentiles from it: what routing decides,
 whatever the hops in front of the engines cost.
 """
 

@@ -260,7 +260,9 @@ class SimServer:
             "output_tokens": len(tokens),
             "total_tokens": len(prompt.split()) + len(tokens),
         }
+        arrived = time.monotonic()
         async with self._seat():
+            self.ttft.observe(time.monotonic() - arrived + self.settings.ttft_ms / 1000)
             response = response_object(body["model"], body, usage)
             if not body.get("stream"):
                 await asyncio.sleep(self._seconds_for(len(tokens)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -79,6 +80,28 @@ def test_a_replica_with_more_seats_keeps_its_prefix_under_more_load(settings):
     moved = route.pick(pool, None, prefix=prefix())
     assert moved is not None
     assert moved[0] != first[0]
+
+
+@pytest.mark.parametrize(("web_processes", "moves"), [(1, True), (2, False)])
+def test_a_new_prefixs_home_is_bounded_by_traffic_where_web_processes_agree(
+    settings, web_processes, moves
+):
+    """A home that drew far more than its share of recent traffic gives a new prefix to the
+    next in its order, under cache_aware only where one web process sees everything."""
+    settings.GATEWAY_ROUTING_POLICY, settings.GATEWAY_WEB_PROCESSES = "cache_aware", web_processes
+    settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT = 125
+    route, pool = router(), replicas({}, {}, {}, {})
+    home = route.pick(pool, None, prefix=prefix())
+    assert home is not None
+    now = time.monotonic()
+    for placement in pool:  # the home at 4x the others, well past Traffic.MIN_TOTAL
+        route.traffic.add(str(placement.pk), 1600 if placement == home[0] else 400, now)
+    picked = route.pick(pool, None, prefix=prefix())
+    assert picked is not None
+    assert (picked[0] != home[0]) is moves
+    assert picked[1] is RouteReason.PREFIX
+    settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT = 0  # off: the plain home
+    assert route.pick(pool, None, prefix=prefix()) == home
 
 
 @pytest.mark.parametrize(
