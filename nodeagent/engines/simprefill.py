@@ -4,10 +4,11 @@
 its first token, with buckets finer than vLLM's below 200 ms. The sim observes the time it
 models: its wait for a seat as it happened (which holds any lateness of the requests before
 it, whose seats free as their sleeps end), then the prefill and first-token times it sets
-(the prompt tokens its cache lacks, `ttft_ms`), not how late its event loop wakes from
-them, which on a shared machine is the host's doing (and, inside an agent, the share of the
-loop its proxy takes). Routing benchmarks read their percentiles from it: what routing decides,
-whatever the hops in front of the engines cost.
+(the prompt tokens its cache lacks, `ttft_ms`); not its own bookkeeping (reading the prompt
+into its cache) nor how late its event loop wakes, which on a shared machine are the host's
+doing (and, inside an agent, the share of the loop its proxy takes). Routing benchmarks
+read their percentiles from it: what routing decides, whatever the hops in front of the
+engines cost.
 """
 
 from __future__ import annotations

@@ -327,9 +327,9 @@ class SimServer:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be a positive integer")
-        arrived = time.monotonic()
         prompt = sim_prompt(body, chat)
         prefill = self._count_prefix(prompt, str(body.get("model", "")))
+        arrived = time.monotonic()  # after the sim's own bookkeeping, which it does not model
         async with self._seat():
             self._log_request(body, prompt, request.headers.get("traceparent"))
             # The time it models (simprefill): its wait for a seat, then its prefill and first
