@@ -52,10 +52,11 @@ def served(agents: dict[str, AgentProcess]) -> dict[str, float]:
 def four_replicas(
     stack: ExitStack, settings: Any, tmp_path: Path, agent_args: list[str], **env: str
 ) -> tuple[ControlPlane, dict[str, AgentProcess]]:
-    """Two web processes and four sim agents, each serving org/tiny."""
-    plane = stack.enter_context(
-        running_control_plane(settings, tmp_path, web_replicas=2, **QUIET, **env)
-    )
+    """Two web processes (told so, as an operator does) and four sim agents, each serving
+    org/tiny."""
+    plane = stack.enter_context(running_control_plane(
+        settings, tmp_path, web_replicas=2, GATEWAY_WEB_PROCESSES="2", **QUIET, **env
+    ))  # fmt: skip
     agents = {name: plane.agent(stack, tmp_path, name, *agent_args) for name in NAMES}
     registered(*NAMES)
     tiny = tinymodel.build(tmp_path / "tiny").as_uri()
