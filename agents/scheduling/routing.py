@@ -73,10 +73,10 @@ def home_replica(
 ) -> ReplicaLoad:
     """A prefix's home: `key`'s rendezvous replica, or under `bound`, the first in its
     rendezvous order not past the bound (the first of all when every one is)."""
-    ranked = sorted(replicas, key=lambda replica: -rendezvous_weight(key, replica.key))
     total = sum(replica.traffic for replica in replicas)
     if bound is None or total < bound.min_total:
-        return ranked[0]
+        return rendezvous_replica(replicas, key)
+    ranked = sorted(replicas, key=lambda replica: -rendezvous_weight(key, replica.key))
     limit = bound.factor * total / len(replicas)
     return next((replica for replica in ranked if replica.traffic <= limit), ranked[0])
 
@@ -131,9 +131,9 @@ def choose_cached_replica(
     `home_bound` (`home_replica`): every web process sends a new prefix to the same replica
     without sharing any state (the bound, where given, by the traffic this process sent:
     `HomeBound`). When the replicas holding the prefix (or its home) are all too busy, the
-    request goes to the next replica
-    in the home's rendezvous order within the balance (the same from every web process), or,
-    with a session key, to the session rule's choice within the balance (`choose_replica`).
+    request goes to the next replica in the home's rendezvous order within the balance (the
+    same from every web process where no bound applies), or, with a session key, to the
+    session rule's choice within the balance (`choose_replica`).
     """
     if not replicas:
         return None

@@ -145,8 +145,9 @@ class Router:
             and matched is not None
             and (bool(matched[0]) or matched[1] is not None)
         )
+        # Replicas' recent traffic is read only where a home may be bounded by it.
+        now = time.monotonic() if cached and bound is not None else None
         if adapter_id is None:
-            now = time.monotonic() if cached else None
             loads = [self._load(p, now) for p in placements]
             if cached:
                 assert matched is not None
@@ -164,7 +165,6 @@ class Router:
             assert chosen is not None
             return by_key[chosen.key], session_or(RouteReason.LOAD, chosen, loads, session)
         holds = [self.holds(p, adapter_id) for p in placements]
-        now = time.monotonic()
         holding = [self._load(p, now) for p, held in zip(placements, holds, strict=True) if held]
         if cached and holding:
             assert matched is not None
