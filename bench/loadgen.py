@@ -47,7 +47,7 @@ async def measure(
         started = time.perf_counter()
         async with session.post(url, json=body) as response:
             await response.read()
-            assert response.status == 200, await response.text()
+            assert response.status == 200, f"{url}: {await response.text()}"
         latencies.append((time.perf_counter() - started) * 1000)
 
     seconds = await closed_loop(headers, count, concurrency, one)
