@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from django.conf import settings
 from django.http import JsonResponse
 
@@ -24,6 +23,7 @@ from agents.models import Model, Placement
 from controlplane import metrics
 from controlplane.gateway import coldstart, stats, upstream
 from controlplane.gateway.admission import Asker, Shed, Ticket
+from controlplane.gateway.agenthttp import AgentAnswer
 from controlplane.gateway.apis import Api, usage_tokens
 from controlplane.gateway.errors import openai_error
 from controlplane.gateway.kvfollow import PromptBlocks
@@ -132,7 +132,7 @@ class Opened:
     """A replica that answered: its response with headers read, and the request's claim."""
 
     placement: Placement
-    answer: aiohttp.ClientResponse
+    answer: AgentAnswer
     claim: Claim
     meter: Meter
 

@@ -22,8 +22,8 @@ from collections.abc import Awaitable
 
 import aiohttp
 
-from controlplane.gateway import upstream
 from controlplane.gateway.admission import Admission
+from controlplane.gateway.agenthttp import AgentConnections
 from controlplane.gateway.cache import Cache
 from controlplane.gateway.coldstart import Watches
 from controlplane.gateway.kvfollow import KvFollowers
@@ -39,7 +39,8 @@ class GatewayState:
     """What one event loop's gateway keeps between requests."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self.agents = AgentConnections()  # the warm path's connections to the node agents
+        self._session: aiohttp.ClientSession | None = None  # the KV feeds' and their files'
         self.usage = UsageBuffer()
         self.stats = StatsBuffer()
         self.cache = Cache()
@@ -54,9 +55,13 @@ class GatewayState:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The long-lived client session to the node agents (made on first use: in the loop)."""
+        """An aiohttp session to the node agents for what is off the warm path (precise
+        routing's KV feeds), made on first use: in the loop."""
         if self._session is None or self._session.closed:
-            self._session = upstream.new_session()
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers={"Accept-Encoding"}
+            )
         return self._session
 
     def in_background(self, work: Awaitable[object]) -> None:
@@ -72,7 +77,7 @@ class GatewayState:
             ("usage", self.usage.flush),
             ("request figures", self.stats.flush),
             ("KV feeds", self.kv.close),
-            ("agent session", self._close_session),
+            ("agent connections", self._close_session),
             ("rate-limit clients", self.limiter.close),
         ):
             try:
@@ -81,6 +86,7 @@ class GatewayState:
                 log.exception("could not close the gateway's %s as the web process stopped", what)
 
     async def _close_session(self) -> None:
+        self.agents.close()
         # aiohttp logs an ERROR for a session left open when the process exits.
         if self._session is not None:
             await self._session.close()

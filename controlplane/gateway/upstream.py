@@ -11,14 +11,20 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from agents.faults import Fault
 from agents.models import Placement
+from controlplane.gateway.agenthttp import (
+    AgentAnswer,
+    AgentConnections,
+    AgentUnreachable,
+    AnswerBroken,
+)
 from controlplane.gateway.apis import Api
+from controlplane.gateway.errors import openai_error
 from controlplane.gateway.stats import RequestRecord
 from nodeagent.protocol import (
     AGENT_ERROR_HEADER,
@@ -29,17 +35,6 @@ from nodeagent.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-_CONNECT = aiohttp.ClientTimeout(total=None, sock_connect=3)
-
-
-def new_session() -> aiohttp.ClientSession:
-    """The client session to the node agents: one per event loop (state.GatewayState)."""
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, skip_auto_headers={"Accept-Encoding"}
-    )
-
 
 # The agent's own error codes that say "not here, not now": another replica may answer.
 _FAULT_BY_AGENT_CODE = {
@@ -78,7 +73,7 @@ class AgentRefusal:
 
 
 async def post(
-    session: aiohttp.ClientSession,
+    agents: AgentConnections,
     placement: Placement,
     path: str,
     raw: bytes,
@@ -88,7 +83,7 @@ async def post(
     priority_class: str | None = None,
     sequences: int = 1,
     trace: dict[str, str] | None = None,
-) -> aiohttp.ClientResponse:
+) -> AgentAnswer:
     """The replica's answer, headers read and body not; ReplicaFailed when it has none.
 
     A stream's headers come as soon as the engine takes the request, so waiting
@@ -110,24 +105,15 @@ async def post(
         headers[SEQUENCES_HEADER] = str(sequences)
     if trace:  # the request's span, which the agent's continues
         headers.update(trace)
-    # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...` would
-    # have the web process fetch that address and hand the body to the client.
     # A stream that goes silent past GATEWAY_STREAM_IDLE_SECONDS is given up (relay_chunks
     # ends it with an error event); a plain answer comes whole, however long it takes.
-    timeout = (
-        aiohttp.ClientTimeout(
-            total=None, sock_connect=3, sock_read=settings.GATEWAY_STREAM_IDLE_SECONDS
-        )
-        if stream
-        else _CONNECT
-    )
-    sent = session.post(url, data=raw, headers=headers, timeout=timeout, allow_redirects=False)
+    idle = settings.GATEWAY_STREAM_IDLE_SECONDS if stream else None
+    sent = agents.post(url, headers, raw, idle)
     limit = max(min(settings.GATEWAY_STREAM_HEADERS_TIMEOUT_SECONDS, seconds_left), 0.1)
     try:
         answer = await (asyncio.wait_for(sent, limit) if stream else sent)
-    except aiohttp.ClientConnectionError as exc:  # connection timeouts too
-        text = str(exc) or type(exc).__name__
-        raise ReplicaFailed(Fault.UNREACHABLE, f"{placement.agent.agent_id}: {text}") from None
+    except AgentUnreachable as exc:
+        raise ReplicaFailed(Fault.UNREACHABLE, f"{placement.agent.agent_id}: {exc}") from None
     except TimeoutError:
         # A batch-class request may wait at its agent for room on a busy engine: no verdict on
         # the replica, which other requests show alive or not.
@@ -136,6 +122,8 @@ async def post(
             fault, f"no stream headers from {placement.agent.agent_id} in {limit:.0f} s"
         ) from None
     if 300 <= answer.status < 400:
+        # Never a redirect: an agent answering `303 Location: http://169.254.169.254/...`
+        # would have the web process fetch that address and hand the body to the client.
         answer.close()
         # Outside the contract: the agent is not trusted with this request, nor the next.
         raise ReplicaFailed(
@@ -145,7 +133,7 @@ async def post(
     return answer
 
 
-async def refusal(answer: aiohttp.ClientResponse) -> AgentRefusal | None:
+async def refusal(answer: AgentAnswer) -> AgentRefusal | None:
     """The agent's own refusal, when `answer` is one (the engine's answers pass as they are);
     raises ReplicaFailed when the refusal says that another replica may serve."""
     code = answer.headers.get(AGENT_ERROR_HEADER)
@@ -153,7 +141,7 @@ async def refusal(answer: aiohttp.ClientResponse) -> AgentRefusal | None:
         return None
     try:
         body = await answer.read()
-    except aiohttp.ClientError:
+    except AnswerBroken:
         body = b""
     finally:
         answer.release()
@@ -274,20 +262,20 @@ class UsageScanner:
 
 
 async def relay_chunks(
-    upstream: aiohttp.ClientResponse, placement_id: int, scanner: UsageScanner
+    upstream: AgentAnswer, placement_id: int, scanner: UsageScanner
 ) -> AsyncGenerator[bytes, None]:
     """An SSE answer's bytes as they come. Whoever iterates this must close it (the router's
     claim does): a client that went away cancels it, and closing the connection tells the
     agent, which cancels the engine's request."""
     finished = False
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.chunks():
             if kept := scanner.feed(chunk):
                 yield kept
         if rest := scanner.rest():
             yield rest
         finished = True
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except AnswerBroken as exc:
         # Headers are gone: the stream ends with an error event, as OpenAI clients expect.
         log.warning("stream from placement %s broke: %s", placement_id, exc)
         # The client hears that it broke; what broke (hosts, ports) is the log's.
@@ -342,12 +330,17 @@ def sse_response(
     return response
 
 
-async def read_answer(upstream: aiohttp.ClientResponse, meter: Meter) -> HttpResponse:
+async def read_answer(upstream: AgentAnswer, placement_id: int, meter: Meter) -> HttpResponse:
     """A non-streaming answer as the client's, its usage to `meter` (an estimate when the
     client leaves first: the engine did the prompt's work)."""
     content_type = upstream.headers.get("Content-Type", "application/json")
     try:
         body = await upstream.read()
+    except AnswerBroken as exc:
+        upstream.close()
+        meter.settle()
+        log.warning("answer from placement %s broke: %s", placement_id, exc)
+        return openai_error(502, "The model's server failed mid-answer.", code="upstream_error")
     except BaseException:
         upstream.close()
         meter.settle()

@@ -96,7 +96,7 @@ async def try_replica(
     claim = router.claim(placement, job.model)
     try:
         answer = await upstream.post(
-            router.state.session, placement, job.api.value, job.raw, job.stream,
+            router.state.agents, placement, job.api.value, job.raw, job.stream,
             deadline - time.monotonic(), job.adapter,
             job.asker.priority_class if job.asker is not None else None, job.sequences,
             job.record.trace_headers(),
@@ -144,7 +144,7 @@ async def relay(
             chunks, job.record, job.api, status=answer.status, cleanup=opened.abandon
         )
     try:
-        return await upstream.read_answer(answer, job.meter)
+        return await upstream.read_answer(answer, opened.placement.pk, job.meter)
     finally:
         opened.claim.release()
         if cold:

@@ -56,7 +56,7 @@ async def outcome(agent, code: str, status: int) -> AgentRefusal | Fault:
     server, _ = agent
     url = str(server.make_url(f"/models/org/tiny/{code}/{status}"))
     answer = await upstream.post(
-        current().session, placement(url), "chat/completions", b"{}", False, 10, ADAPTER
+        current().agents, placement(url), "chat/completions", b"{}", False, 10, ADAPTER
     )
     try:
         refused = await upstream.refusal(answer)
@@ -128,7 +128,7 @@ async def test_a_batch_stream_held_for_room_is_no_verdict_on_its_replica(
     url = str(server.make_url("/models/org/tiny/silent"))
     with pytest.raises(ReplicaFailed) as failed:
         await upstream.post(
-            current().session, placement(url), "chat/completions", b"{}", True, 0.3, None,
+            current().agents, placement(url), "chat/completions", b"{}", True, 0.3, None,
             priority_class,
         )  # fmt: skip
     assert failed.value.fault == fault
@@ -139,7 +139,7 @@ async def test_a_batch_class_request_says_so_to_the_agent(agent):
     url = str(server.make_url("/models/org/tiny/engine_busy/503"))
     for priority_class in ("batch", "interactive", None):
         answer = await upstream.post(
-            current().session, placement(url), "chat/completions", b"{}", False, 10, None,
+            current().agents, placement(url), "chat/completions", b"{}", False, 10, None,
             priority_class, 3,
         )  # fmt: skip
         answer.release()

@@ -57,7 +57,7 @@ async def test_the_gateway_refuses_an_agent_s_redirect(redirecting_agent, metada
     agent = Agent(agent_id="gpu-a", base_url=url, credential_nonce="n" * 64)
     replica = Placement(agent=agent, model=Model(model_id="org/tiny"), inference_endpoint_url=url)
     with pytest.raises(ReplicaFailed) as failed:
-        await upstream.post(current().session, replica, "chat/completions", b"{}", stream, 10)
+        await upstream.post(current().agents, replica, "chat/completions", b"{}", stream, 10)
     assert failed.value.fault == Fault.UNREACHABLE
     assert "redirect" in str(failed.value)
     assert metadata[1] == []
