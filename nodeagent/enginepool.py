@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
+from typing import Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 from nodeagent.http1 import Head
@@ -24,12 +25,77 @@ CONNECT_SECONDS = 5.0
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
+class Keepable(Protocol):
+    """A connection that runs one exchange at a time (nodeagent.relay's to an engine, the web
+    process's to an agent)."""
+
+    idle_since: float
+
+    @property
+    def key(self) -> Hashable: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def reusable(self) -> bool: ...
+    def abandon(self) -> None: ...
+
+
+K = TypeVar("K", bound=Hashable)
+C = TypeVar("C", bound=Keepable)
+
+
+class Kept(Generic[K, C]):
+    """Connections kept between exchanges, per address: one is kept only once its exchange
+    ended cleanly, at most `per_address` of them, and reused only within `idle_seconds`
+    (under the server's own keep-alive, so that it is not one the server is closing)."""
+
+    def __init__(self, idle_seconds: float, per_address: int) -> None:
+        self.idle_seconds = idle_seconds
+        self.per_address = per_address
+        self._kept: dict[K, list[C]] = {}
+
+    def take(self, key: K) -> C | None:
+        """The latest kept connection to `key` still open and fresh; None when there is none."""
+        kept = self._kept.get(key)
+        now = time.monotonic()
+        while kept:
+            connection = kept.pop()
+            if not connection.closed and now - connection.idle_since < self.idle_seconds:
+                return connection
+            connection.abandon()
+        return None
+
+    def give_back(self, connection: C) -> None:
+        """Keep a connection whose exchange ended cleanly; close any other."""
+        if not connection.reusable:
+            connection.abandon()
+            return
+        kept = self._kept.setdefault(connection.key, [])  # type: ignore[arg-type]
+        if len(kept) >= self.per_address:
+            connection.abandon()
+            return
+        connection.idle_since = time.monotonic()
+        kept.append(connection)
+
+    def holds(self, key: K) -> int:
+        """How many connections to `key` are kept."""
+        return len(self._kept.get(key, ()))
+
+    def close(self) -> None:
+        for kept in self._kept.values():
+            for connection in kept:
+                connection.abandon()
+        self._kept.clear()
+
+
 class EngineConnections:
     """The agent's connections to its engines, kept between exchanges (one pool per engine
     address). Owned by the agent's server: closed at shutdown."""
 
     def __init__(self) -> None:
-        self._kept: dict[tuple[str, int], list[EngineConnection]] = {}
+        self._kept: Kept[tuple[str, int], EngineConnection] = Kept(
+            KEEP_IDLE_SECONDS, KEEP_PER_ENGINE
+        )
 
     async def exchange(
         self, host: str, port: int, method: str, path: str, query: str,
@@ -54,25 +120,12 @@ class EngineConnections:
 
     def give_back(self, connection: EngineConnection) -> None:
         """Keep a connection whose exchange ended cleanly; close any other."""
-        if not connection.reusable:
-            connection.abandon()
-            return
-        kept = self._kept.setdefault(connection.key, [])
-        if len(kept) >= KEEP_PER_ENGINE:
-            connection.abandon()
-            return
-        connection.idle_since = time.monotonic()
-        kept.append(connection)
+        self._kept.give_back(connection)
 
     async def _take(self, host: str, port: int, fresh: bool = False) -> EngineConnection:
         key = (host, port)
-        kept = self._kept.get(key)
-        now = time.monotonic()
-        while kept and not fresh:
-            connection = kept.pop()
-            if not connection.closed and now - connection.idle_since < KEEP_IDLE_SECONDS:
-                return connection
-            connection.abandon()
+        if not fresh and (kept := self._kept.take(key)) is not None:
+            return kept
         loop = asyncio.get_running_loop()
         try:
             _, protocol = await asyncio.wait_for(
@@ -84,7 +137,4 @@ class EngineConnections:
         return protocol
 
     def close(self) -> None:
-        for kept in self._kept.values():
-            for connection in kept:
-                connection.abandon()
-        self._kept.clear()
+        self._kept.close()

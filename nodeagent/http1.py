@@ -76,3 +76,22 @@ def parse_head(raw: bytes, method: str) -> Head:
     if not head.body:
         head.length = 0
     return head
+
+
+def take_head(buffer: bytearray, method: str) -> tuple[Head, bytes] | None:
+    """The answer's head once `buffer` holds it whole, interim (1xx) answers skipped, and the
+    bytes that came after it (`buffer` is then emptied); None while it is not whole.
+    ValueError when it is not HTTP/1.x, or over MAX_HEAD."""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise ValueError("a status line and headers over 64 KiB")
+            return None
+        head = parse_head(bytes(buffer[:end]), method)
+        rest = bytes(buffer[end + 4 :])
+        buffer.clear()
+        if 100 <= head.status < 200:  # an interim answer: the real one follows
+            buffer += rest
+            continue
+        return head, rest

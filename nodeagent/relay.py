@@ -28,7 +28,7 @@ from typing import cast
 
 from aiohttp import web
 
-from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, parse_head
+from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, take_head
 
 # A kept connection that fails this soon after a request went out on it, before any answer,
 # was closed by its engine before the request arrived (its keep-alive ran out).
@@ -222,25 +222,15 @@ class EngineConnection(asyncio.Protocol):
     # -- reading ---------------------------------------------------------------------------
 
     def _read_head(self, data: bytes) -> None:
-        buffer = self._head_buffer
-        buffer += data
-        while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    self._bad_head("a status line and headers over 64 KiB")
-                return
-            try:
-                head = parse_head(bytes(buffer[:end]), self._method)
-            except ValueError as exc:
-                self._bad_head(str(exc))
-                return
-            rest = bytes(buffer[end + 4 :])
-            buffer.clear()
-            if 100 <= head.status < 200:  # an interim answer: the real one follows
-                buffer += rest
-                continue
-            break
+        self._head_buffer += data
+        try:
+            taken = take_head(self._head_buffer, self._method)
+        except ValueError as exc:
+            self._bad_head(str(exc))
+            return
+        if taken is None:
+            return
+        head, rest = taken
         self._framing = head
         self._remaining = head.length or 0
         assert self._head is not None

@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, parse_head
+from nodeagent.enginepool import Kept
+from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, take_head
 
 # How long a kept connection may sit idle before it is used again: well under the agent's own
 # keep-alive (aiohttp's server, 75 s), so a kept connection is not one the agent is closing.
@@ -260,25 +261,15 @@ class AgentConnection(asyncio.Protocol):
     # -- reading ---------------------------------------------------------------------------
 
     def _read_head(self, data: bytes) -> None:
-        buffer = self._head_buffer
-        buffer += data
-        while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    self._bad_head("a status line and headers over 64 KiB")
-                return
-            try:
-                head = parse_head(bytes(buffer[:end]), "POST")
-            except ValueError as exc:
-                self._bad_head(str(exc))
-                return
-            rest = bytes(buffer[end + 4 :])
-            buffer.clear()
-            if 100 <= head.status < 200:  # an interim answer: the real one follows
-                buffer += rest
-                continue
-            break
+        self._head_buffer += data
+        try:
+            taken = take_head(self._head_buffer, "POST")
+        except ValueError as exc:
+            self._bad_head(str(exc))
+            return
+        if taken is None:
+            return
+        head, rest = taken
         self.head = head
         self._remaining = head.length or 0
         if head.chunked:
@@ -415,7 +406,9 @@ class AgentConnections:
 
     def __init__(self, connect_seconds: float = 3.0) -> None:
         self.connect_seconds = connect_seconds
-        self._kept: dict[tuple[str, str, int], list[AgentConnection]] = {}
+        self._kept: Kept[tuple[str, str, int], AgentConnection] = Kept(
+            KEEP_IDLE_SECONDS, KEEP_PER_AGENT
+        )
         self._tls: ssl.SSLContext | None = None
 
     async def post(
@@ -440,24 +433,11 @@ class AgentConnections:
 
     def give_back(self, connection: AgentConnection) -> None:
         """Keep a connection whose exchange ended cleanly; close any other."""
-        if not connection.reusable:
-            connection.abandon()
-            return
-        kept = self._kept.setdefault(connection.key, [])
-        if len(kept) >= KEEP_PER_AGENT:
-            connection.abandon()
-            return
-        connection.idle_since = time.monotonic()
-        kept.append(connection)
+        self._kept.give_back(connection)
 
     async def _take(self, key: tuple[str, str, int], fresh: bool = False) -> AgentConnection:
-        kept = self._kept.get(key)
-        now = time.monotonic()
-        while kept and not fresh:
-            connection = kept.pop()
-            if not connection.closed and now - connection.idle_since < KEEP_IDLE_SECONDS:
-                return connection
-            connection.abandon()
+        if not fresh and (kept := self._kept.take(key)) is not None:
+            return kept
         scheme, host, port = key
         tls = None
         if scheme == "https":
@@ -476,7 +456,4 @@ class AgentConnections:
         return protocol
 
     def close(self) -> None:
-        for kept in self._kept.values():
-            for connection in kept:
-                connection.abandon()
-        self._kept.clear()
+        self._kept.close()

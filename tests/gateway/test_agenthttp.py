@@ -254,7 +254,7 @@ async def test_an_answer_left_unread_closes_its_connection(serve):
     got.release()  # the client left: the agent must hear of it, to cancel the engine's work
     got.close()  # a second word on it changes nothing
     await asyncio.wait_for(agent.closed.wait(), 5)
-    assert pool._kept.get(("http", "127.0.0.1", agent.port), []) == []
+    assert pool._kept.holds(("http", "127.0.0.1", agent.port)) == 0
 
 
 async def test_a_request_cancelled_before_its_head_closes_the_connection(serve):
@@ -303,3 +303,21 @@ async def test_a_slow_reader_stops_the_agent_s_connection_being_read(serve):
     assert total == 64 * 65536
     got.release()
     pool.close()
+
+
+async def test_a_plain_answer_that_breaks_off_is_the_client_s_502(serve):
+    from controlplane.gateway import upstream
+
+    async def answer(reader, writer, n):
+        writer.write(plain(b'{"usage": {"prompt_tokens": 3}, "whole": true}')[:-6])
+        await writer.drain()
+        writer.close()
+
+    agent = await serve(answer)
+    charged: list[dict[str, object]] = []
+    meter = upstream.Meter(charged.append, prompt_estimate=3)
+    got = await AgentConnections().post(agent.url, {}, b"{}")
+    response = await upstream.read_answer(got, 7, meter)
+    assert response.status_code == 502
+    assert b"failed mid-answer" in response.content
+    assert charged == [{"prompt_tokens": 3, "completion_tokens": 0}]  # the prompt's work
