@@ -322,10 +322,15 @@ class Router:
     async def _held_stream(
         self, job: Job, queue: ModelQueue, waiter: Waiter, cleanup: Cleanup
     ) -> AsyncIterator[bytes]:
-        """A stream held for a seat: comments while it waits, as a cold stream's, then the
-        answer (warm, or cold should every replica fail), or the queue's error event."""
+        """A stream held for a seat: its head at once, a keep-alive comment every
+        KEEPALIVE_SECONDS while it waits, then the answer (warm, or cold should every replica
+        fail), or the queue's error event.
+
+        No comment before the first wait is over: a seat usually comes within it, and
+        clients that take each read for whole events (vLLM's own load generator strips each
+        read and never finds an event boundary again after a lone comment) then see nothing
+        but the answer."""
         model_id = job.target.model_id
-        yield f": queued for {model_id}\n\n".encode()
         seat = asyncio.ensure_future(self.state.admission.wait(queue, waiter, job.queue_timeout))
         # A client that leaves while the stream waits at a yield: its place in line, or the
         # seat it was given meanwhile, goes back.

@@ -4,6 +4,7 @@ conservation and the reserved seats (controlplane.gateway.admission)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -227,3 +228,34 @@ def test_cold_waiters_are_bounded_per_model(settings):
     assert admission.enter_cold(2, "other") is None
     admission.leave_cold(1)
     assert admission.enter_cold(1, "m") is None
+
+
+def test_a_held_stream_sends_nothing_until_a_keep_alive_is_due(monkeypatch):
+    """Its head goes at once; a comment only once the keep-alive interval passed. A lone
+    comment breaks clients that take each read for whole events (vLLM's load generator
+    strips every read, and after a comment never finds an event's end again)."""
+    from types import SimpleNamespace
+
+    from controlplane.gateway import router
+    from controlplane.gateway.job import Cleanup
+    from controlplane.gateway.state import GatewayState
+
+    monkeypatch.setattr(router, "KEEPALIVE_SECONDS", 0.3)
+
+    async def scenario() -> None:
+        state = GatewayState()
+        queue = ModelQueue("org/tiny")
+        assert isinstance(state.admission.enter(queue, asker(1), capacity=1), Ticket)
+        held = state.admission.enter(queue, asker(1), capacity=1)
+        assert isinstance(held, Waiter)
+        job = SimpleNamespace(target=SimpleNamespace(model_id="org/tiny"), queue_timeout=30.0)
+        stream = state.router._held_stream(job, queue, held, Cleanup())  # type: ignore[arg-type]
+        began = time.monotonic()
+        first = await anext(stream)
+        assert time.monotonic() - began >= 0.29  # nothing before the keep-alive was due
+        assert first == b": queued for org/tiny\n\n"
+        await stream.aclose()  # type: ignore[attr-defined]  # the client left
+        await asyncio.sleep(0)
+        assert queue.queued == 0  # its place went back
+
+    run(scenario)
