@@ -79,25 +79,45 @@ def measure_requests(
     paths: dict[tuple[str, str], RequestPath], requests: int, quick: bool
 ) -> dict[tuple[str, str], dict[str, float]]:
     """Each path's latency at concurrency 1, requests/s at 32, time to the first streamed chunk
-    and its proxy's CPU per request."""
+    and its proxy's CPU per request.
+
+    The latencies at concurrency 1 are taken in rounds, a slice of each path's requests per
+    round, so that what the machine does meanwhile (these are shared cores, whose speed
+    drifts over minutes) falls on every path alike: the comparisons the RESULT line makes
+    (gateway against vllm-router and the floor) are of paths measured side by side."""
+    bodies = {}
+    for key, (url, headers, _, _) in paths.items():
+        api = key[0]
+        _, body, _ = APIS["chat" if api == TRACED else api]
+        bodies[key] = body | {"model": TRACED_MODEL} if api == TRACED else body
+        asyncio.run(measure(url, headers, max(requests // 10, 8), 8, bodies[key]))  # warm up
+    rounds = 2 if quick else 10
+    single: dict[tuple[str, str], list[float]] = {key: [] for key in paths}
+    cpu: dict[tuple[str, str], float] = dict.fromkeys(paths, 0.0)
+    for _ in range(rounds):
+        for key, (url, headers, proxy, _) in paths.items():
+            before = cpu_seconds(proxy.pid) if proxy else 0.0
+            latencies, _ = asyncio.run(
+                measure(url, headers, max(requests // 4 // rounds, 1), 1, bodies[key])
+            )
+            single[key] += latencies
+            cpu[key] += cpu_seconds(proxy.pid) - before if proxy else float("nan")
     results: dict[tuple[str, str], dict[str, float]] = {}
-    for (api, name), (url, headers, proxy, _) in paths.items():
-        _, body, streaming = APIS["chat" if api == TRACED else api]
-        if api == TRACED:
-            body = body | {"model": TRACED_MODEL}
-        asyncio.run(measure(url, headers, max(requests // 10, 8), 8, body))  # warm up
+    for key, (url, headers, proxy, _) in paths.items():
+        streaming = APIS["chat" if key[0] == TRACED else key[0]][2]
         cpu_before = cpu_seconds(proxy.pid) if proxy else 0.0
-        single, _ = asyncio.run(measure(url, headers, requests // 4, 1, body))
-        many, seconds = asyncio.run(measure(url, headers, requests, 32, body))
-        cpu = cpu_seconds(proxy.pid) - cpu_before if proxy else float("nan")
+        many, seconds = asyncio.run(measure(url, headers, requests, 32, bodies[key]))
+        cpu[key] += cpu_seconds(proxy.pid) - cpu_before if proxy else float("nan")
         count = 200 if not quick else 10
         firsts = (
-            asyncio.run(first_chunk(url, headers, count, body)) if streaming else [float("nan")]
+            asyncio.run(first_chunk(url, headers, count, bodies[key]))
+            if streaming
+            else [float("nan")]
         )
-        results[api, name] = {
-            "p50": p(single, 50), "p99": p(single, 99), "rps": len(many) / seconds,
+        results[key] = {
+            "p50": p(single[key], 50), "p99": p(single[key], 99), "rps": len(many) / seconds,
             "ttfc": statistics.median(firsts),
-            "cpu_ms": cpu * 1000 / (len(single) + len(many)),
+            "cpu_ms": cpu[key] * 1000 / (len(single[key]) + len(many)),
         }  # fmt: skip
     return results
 

@@ -93,7 +93,7 @@ def generate_load(
         "--ignore-eos", "--num-prompts", str(args.prompts), "--max-concurrency",
         str(args.concurrency), "--percentile-metrics", "ttft,itl", "--metric-percentiles",
         "50,99", "--disable-tqdm", "--save-result", "--result-dir", str(out.parent),
-        "--result-filename", out.name, "--seed", "0",
+        "--result-filename", out.name, "--seed", "0", "--save-detailed",
     ]  # fmt: skip
     if key is not None:
         argv += ["--header", f"Authorization=Bearer {key}"]
@@ -103,7 +103,9 @@ def generate_load(
         raise SystemExit(f"the load generator failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     result = json.loads(out.read_text())
     if result.get("completed") != args.prompts:
-        raise SystemExit(f"{result.get('completed')} of {args.prompts} requests completed")
+        errors = sorted({str(error)[:300] for error in result.get("errors", []) if error})
+        raise SystemExit(f"{result.get('completed')} of {args.prompts} requests completed at "
+                         f"{base_url}: " + "; ".join(errors[:5]))  # fmt: skip
     return {name: float(result[name]) for name in FIGURES}
 
 
