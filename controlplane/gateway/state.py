@@ -1,13 +1,13 @@
 """The gateway's per-process state, with one owner: one `GatewayState` per event loop.
 
-An asyncio client (aiohttp's session, a Redis connection, a task) belongs to the
-loop that made it. daphne runs one loop; tests and management commands make
-others. So everything the gateway keeps between requests lives in one object per
-loop, made in one place (`current`) and closed in one place (`close`, as the web
-process stops): the upstream session, the usage and request-figure buffers, the
-cache, the cold-start watches, the limiter's Redis clients, admission's queues and the
-router. The
-modules that use any of it take it from their caller; none keeps its own.
+An asyncio client (a connection to an agent, aiohttp's session, a Redis connection, a
+task) belongs to the loop that made it. daphne runs one loop; tests and management
+commands make others. So everything the gateway keeps between requests lives in one
+object per loop, made in one place (`current`) and closed in one place (`close`, as the
+web process stops): the connections to the agents (and the KV feeds' aiohttp session),
+the usage and request-figure buffers, the cache, the cold-start watches, the limiter's
+Redis clients, admission's queues and the router. The modules that use any of it take
+it from their caller; none keeps its own.
 
 Two things are deliberately the process's, not a loop's: what the cache remembers of
 the database's rows (plain values, valid on every loop: `cache.MEMORY`) and the
