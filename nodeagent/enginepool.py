@@ -22,7 +22,7 @@ from nodeagent.relay import EngineConnection, EngineUnreachable
 KEEP_IDLE_SECONDS = 2.0
 KEEP_PER_ENGINE = 256
 CONNECT_SECONDS = 5.0
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
 class Keepable(Protocol):
@@ -104,7 +104,7 @@ class EngineConnections:
         """Send the request and read the answer's status line and headers. A kept connection
         that the engine closed meanwhile (nothing of an answer received) is retried once on a
         new one: the engine never saw the request."""
-        target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
+        target = quote(path, safe=PATH_SAFE) + (f"?{query}" if query else "")
         connection = await self._take(host, port)
         while True:
             connection.send(method, target, headers, body)

@@ -24,11 +24,11 @@ import functools
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from multidict import CIMultiDict
 
-from nodeagent.enginepool import Kept
+from nodeagent.enginepool import PATH_SAFE, Kept
 from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, take_head
 
 # How long a kept connection may sit idle before it is used again: well under the agent's own
@@ -136,6 +136,7 @@ class AgentConnection(asyncio.Protocol):
         self.complete = False
         self._error: BaseException | None = None
         self._paused = False
+        self._streaming = False  # read by `chunks`: its back-pressure applies
         self._received = 0
         self._sent_at = 0.0
         self._idle: float | None = None  # a stream's limit on silence, seconds
@@ -149,11 +150,11 @@ class AgentConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
+        if self._idle is not None:
+            self._last_read = self._loop.time()
         if self._head is not None and not self._head.done():
             self._read_head(data)
         elif self.head is not None and not self.complete and self._error is None:
-            if self._idle is not None:
-                self._last_read = self._loop.time()
             self._body(data)
         else:  # nothing was asked: an agent that talks out of turn is not kept
             self.abandon()
@@ -166,7 +167,7 @@ class AgentConnection(asyncio.Protocol):
         because = f": {exc}" if exc else ""
         if self._head is not None and not self._head.done():
             self._head.set_exception(AgentUnreachable(f"the agent closed the connection{because}"))
-        elif self.head is not None and not self.complete:
+        elif self.head is not None and not self.complete and self._error is None:
             if self.head.length is None and not self.head.chunked and exc is None:
                 self._finish()  # an answer framed by the close ends with it
             else:
@@ -198,20 +199,25 @@ class AgentConnection(asyncio.Protocol):
 
     async def read(self) -> bytes:
         """The whole body."""
-        while not self.complete:
+        while not self.complete or self._error is not None:
             await self._wait()
         data, self._data = self._data, []
         return b"".join(data)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: whatever has come since the last step, joined."""
+        """The body as it arrives: whatever has come since the last step, joined. Past
+        _HIGH_WATER not yet taken, the connection is not read until it is."""
+        self._streaming = True
         while True:
             if self._data:
                 data, self._data, self._buffered = self._data, [], 0
                 if self._paused and self.transport is not None:
                     self._paused = False
+                    self._last_read = self._loop.time()  # its silence starts now
                     self.transport.resume_reading()
                 yield data[0] if len(data) == 1 else b"".join(data)
+            elif self._error is not None:
+                raise self._error
             elif self.complete:
                 return
             else:
@@ -315,7 +321,12 @@ class AgentConnection(asyncio.Protocol):
             self._keep(data)
         if self._waiter is not None and not self._waiter.done() and self._data:
             self._waiter.set_result(None)
-        if self._buffered > _HIGH_WATER and not self._paused and not self.complete:
+        if (
+            self._streaming
+            and self._buffered > _HIGH_WATER
+            and not self._paused
+            and not self.complete
+        ):
             self._paused = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -396,7 +407,8 @@ def _address(url: str) -> tuple[tuple[str, str, int], str, str]:
     if scheme not in ("http", "https") or not parts.hostname:
         raise AgentUnreachable(f"not an agent's URL: {url[:100]!r}")
     port = parts.port or (443 if scheme == "https" else 80)
-    path = parts.path or "/"
+    # As aiohttp sent it: a path's spaces and non-ASCII characters percent-encoded.
+    path = quote(parts.path or "/", safe=PATH_SAFE + "%")  # (never twice)
     return (scheme, parts.hostname, port), parts.netloc.rpartition("@")[2], path
 
 

@@ -293,12 +293,13 @@ async def test_a_slow_reader_stops_the_agent_s_connection_being_read(serve):
     agent = await serve(answer)
     pool = AgentConnections()
     got = await pool.post(agent.url, {}, b"{}", idle=5)
-    await asyncio.sleep(0.5)  # the agent writes as fast as it can; nobody reads
+    chunks = got.chunks()
+    total = len(await anext(chunks))
+    await asyncio.sleep(0.5)  # the agent writes as fast as it can; the relay does not read
     connection = got._connection
     assert connection._paused
     assert connection._buffered < agenthttp._HIGH_WATER + 4 * 65536
-    total = 0
-    async for data in got.chunks():
+    async for data in chunks:
         total += len(data)
     assert total == 64 * 65536
     got.release()
@@ -321,3 +322,47 @@ async def test_a_plain_answer_that_breaks_off_is_the_client_s_502(serve):
     assert response.status_code == 502
     assert b"failed mid-answer" in response.content
     assert charged == [{"prompt_tokens": 3, "completion_tokens": 0}]  # the prompt's work
+
+
+async def test_a_plain_answer_larger_than_the_stream_buffer_is_read_whole(serve):
+    body = b"[" + b"0.125, " * 300_000 + b"1]"  # 2 MiB of embeddings, in many reads
+
+    async def answer(reader, writer, n):
+        writer.write(plain(body))
+
+    agent = await serve(answer)
+    pool = AgentConnections()
+    got = await pool.post(agent.url, {}, b"{}")
+    assert await asyncio.wait_for(got.read(), 10) == body
+    got.release()
+    pool.close()
+
+
+async def test_a_stream_framed_by_its_close_that_fell_silent_is_broken_not_done(serve):
+    async def answer(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\n")
+        await writer.drain()
+        await until_closed(reader)
+
+    agent = await serve(answer)
+    got = await AgentConnections().post(agent.url, {}, b"{}", idle=0.2)
+    chunks = got.chunks()
+    assert await anext(chunks) == b"data: 1\n\n"
+    await asyncio.sleep(0.6)  # the relay is busy elsewhere as the silence is called, then the close
+    with pytest.raises(AnswerBroken, match="silent"):
+        await anext(chunks)
+
+
+def test_an_agent_url_is_split_and_its_path_encoded_once():
+    assert agenthttp._address("https://[::1]:8443/models/org/tiny v2/v1/chat") == (
+        ("https", "::1", 8443),
+        "[::1]:8443",
+        "/models/org/tiny%20v2/v1/chat",
+    )
+    assert agenthttp._address("http://gpu-1/models/org/a%20b/v1/x")[1:] == (
+        "gpu-1",
+        "/models/org/a%20b/v1/x",
+    )
+    assert agenthttp._address("http://gpu-1/x")[0] == ("http", "gpu-1", 80)
+    with pytest.raises(AgentUnreachable):
+        agenthttp._address("file:///etc/passwd")
