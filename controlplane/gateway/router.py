@@ -329,8 +329,10 @@ class Router:
         No comment before the first wait is over: a seat usually comes within it, and
         clients that take each read for whole events (vLLM's own load generator strips each
         read and never finds an event boundary again after a lone comment) then see nothing
-        but the answer."""
+        but the answer. An empty first chunk sends the head (daphne writes a response's
+        head only with a body write; uvicorn at once) and nothing else."""
         model_id = job.target.model_id
+        yield b""
         seat = asyncio.ensure_future(self.state.admission.wait(queue, waiter, job.queue_timeout))
         # A client that leaves while the stream waits at a yield: its place in line, or the
         # seat it was given meanwhile, goes back.

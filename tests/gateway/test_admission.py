@@ -250,6 +250,7 @@ def test_a_held_stream_sends_nothing_until_a_keep_alive_is_due(monkeypatch):
         assert isinstance(held, Waiter)
         job = SimpleNamespace(target=SimpleNamespace(model_id="org/tiny"), queue_timeout=30.0)
         stream = state.router._held_stream(job, queue, held, Cleanup())  # type: ignore[arg-type]
+        assert await anext(stream) == b""  # the head goes: under daphne, with a body write
         began = time.monotonic()
         first = await anext(stream)
         assert time.monotonic() - began >= 0.29  # nothing before the keep-alive was due
