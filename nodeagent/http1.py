@@ -4,7 +4,8 @@ framing of its body (a declared length, chunks, or the connection's close).
 Strict where the client's parser will read the same bytes (hex chunk sizes, CRLFs,
 header lines), and bounded (MAX_HEAD, MAX_SIZE_LINE) so that an engine that says
 nothing HTTP cannot make the agent buffer without end. nodeagent.relay reads the
-engine's connection with these.
+engine's connection with these; the web process reads its agents' answers with them too
+(controlplane.gateway.agenthttp), a chunked stream de-chunked by `Dechunker`.
 """
 
 from __future__ import annotations
@@ -95,3 +96,65 @@ def take_head(buffer: bytearray, method: str) -> tuple[Head, bytes] | None:
             buffer += rest
             continue
         return head, rest
+
+
+class Dechunker:
+    """A chunked body's data from its framing, as the bytes arrive, bounded as a head is
+    (the web process's client to its agents reads their streams with it)."""
+
+    _SIZE, _DATA, _CRLF, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self.state = self._SIZE
+        self.remaining = 0  # of the current chunk's data
+        self.pending = b""  # framing cut by a read, held until it is whole
+        self.trailer = 0  # bytes of trailer seen
+        self.done = False
+        self.extra = False  # bytes came past the answer's end
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The data in `data`; ValueError when the framing is not HTTP's."""
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        out: list[bytes] = []
+        position, end = 0, len(data)
+        while position < end and not self.done:
+            if self.state == self._DATA:
+                step = min(self.remaining, end - position)
+                out.append(data[position : position + step])
+                position += step
+                self.remaining -= step
+                if not self.remaining:
+                    self.state = self._CRLF
+                continue
+            if self.state == self._CRLF:
+                if end - position < 2:
+                    break
+                if data[position : position + 2] != CRLF:
+                    raise ValueError("a chunk without its closing CRLF")
+                position += 2
+                self.state = self._SIZE
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                if end - position > MAX_SIZE_LINE:
+                    raise ValueError("a chunk size or trailer line over 1 KiB")
+                break
+            line = data[position : newline + 1]
+            position = newline + 1
+            if self.state == self._SIZE:
+                size = chunk_size(line)
+                if size is None:
+                    raise ValueError(f"a chunk size line of {line[:40]!r}")
+                self.state, self.remaining = (self._TRAILER, 0) if size == 0 else (self._DATA, size)
+            elif line == CRLF:
+                self.done = True
+            else:
+                self.trailer += len(line)
+                if not line.endswith(CRLF) or self.trailer > MAX_HEAD:
+                    raise ValueError("a trailer that is not HTTP's")
+        if self.done:
+            self.extra = position < end
+        else:
+            self.pending = data[position:]
+        return out

@@ -14,7 +14,7 @@ may serve); an answer that breaks off, or a stream silent past its idle limit, a
 line is `AnswerBroken` (the client has heard the status: its answer ends with an error).
 
 The agent's answers are read as nodeagent.http1 reads an engine's (the same bounds on a
-status line, headers and chunk sizes).
+status line, headers and chunk sizes), their chunked streams by its `Dechunker`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 from multidict import CIMultiDict
 
 from nodeagent.enginepool import PATH_SAFE, Kept
-from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, take_head
+from nodeagent.http1 import Dechunker, Head, take_head
 
 # How long a kept connection may sit idle before it is used again: well under the agent's own
 # keep-alive (aiohttp's server, 75 s), so a kept connection is not one the agent is closing.
@@ -51,68 +51,6 @@ class AnswerBroken(Exception):
     """The agent's answer broke off after its status line (or a stream fell silent)."""
 
 
-class _Dechunker:
-    """A chunked body's data from its framing, as the bytes arrive (bounded like an engine's:
-    nodeagent.http1)."""
-
-    _SIZE, _DATA, _CRLF, _TRAILER = range(4)
-
-    def __init__(self) -> None:
-        self.state = self._SIZE
-        self.remaining = 0  # of the current chunk's data
-        self.pending = b""  # framing cut by a read, held until it is whole
-        self.trailer = 0  # bytes of trailer seen
-        self.done = False
-        self.extra = False  # bytes came past the answer's end
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """The data in `data`; ValueError when the framing is not HTTP's."""
-        if self.pending:
-            data, self.pending = self.pending + data, b""
-        out: list[bytes] = []
-        position, end = 0, len(data)
-        while position < end and not self.done:
-            if self.state == self._DATA:
-                step = min(self.remaining, end - position)
-                out.append(data[position : position + step])
-                position += step
-                self.remaining -= step
-                if not self.remaining:
-                    self.state = self._CRLF
-                continue
-            if self.state == self._CRLF:
-                if end - position < 2:
-                    break
-                if data[position : position + 2] != CRLF:
-                    raise ValueError("a chunk without its closing CRLF")
-                position += 2
-                self.state = self._SIZE
-                continue
-            newline = data.find(b"\n", position)
-            if newline < 0:
-                if end - position > MAX_SIZE_LINE:
-                    raise ValueError("a chunk size or trailer line over 1 KiB")
-                break
-            line = data[position : newline + 1]
-            position = newline + 1
-            if self.state == self._SIZE:
-                size = chunk_size(line)
-                if size is None:
-                    raise ValueError(f"a chunk size line of {line[:40]!r}")
-                self.state, self.remaining = (self._TRAILER, 0) if size == 0 else (self._DATA, size)
-            elif line == CRLF:
-                self.done = True
-            else:
-                self.trailer += len(line)
-                if not line.endswith(CRLF) or self.trailer > MAX_HEAD:
-                    raise ValueError("a trailer that is not HTTP's")
-        if self.done:
-            self.extra = position < end
-        else:
-            self.pending = data[position:]
-        return out
-
-
 class AgentConnection(asyncio.Protocol):
     """One connection to an agent: an exchange at a time, then kept for the next."""
 
@@ -129,7 +67,7 @@ class AgentConnection(asyncio.Protocol):
         self._head: asyncio.Future[Head] | None = None
         self.head: Head | None = None
         self._remaining = 0  # of a declared length
-        self._dechunker: _Dechunker | None = None
+        self._dechunker: Dechunker | None = None
         self._data: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -279,7 +217,7 @@ class AgentConnection(asyncio.Protocol):
         self.head = head
         self._remaining = head.length or 0
         if head.chunked:
-            self._dechunker = _Dechunker()
+            self._dechunker = Dechunker()
         assert self._head is not None
         self._head.set_result(head)
         if not head.body or head.length == 0:

@@ -13,8 +13,8 @@ from controlplane.gateway.agenthttp import (
     AgentConnections,
     AgentUnreachable,
     AnswerBroken,
-    _Dechunker,
 )
+from nodeagent.http1 import Dechunker
 from tests.support import free_port
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -137,7 +137,7 @@ def test_the_dechunker_reads_framing_cut_anywhere():
     wire = body + b"0\r\nTrailer: yes\r\n\r\n"
     for first in range(len(wire)):
         for second in range(first, len(wire), 7):
-            dechunker = _Dechunker()
+            dechunker = Dechunker()
             out = []
             for piece in (wire[:first], wire[first:second], wire[second:]):
                 out += dechunker.feed(piece)
@@ -157,7 +157,7 @@ def test_the_dechunker_reads_framing_cut_anywhere():
 )
 def test_the_dechunker_refuses_framing_that_is_not_http(wire):
     with pytest.raises(ValueError, match=r"chunk|trailer"):
-        _Dechunker().feed(wire)
+        Dechunker().feed(wire)
 
 
 @pytest.mark.parametrize(
