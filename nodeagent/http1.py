@@ -10,6 +10,7 @@ engine's connection with these; the web process reads its agents' answers with t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -77,6 +78,19 @@ def parse_head(raw: bytes, method: str) -> Head:
     if not head.body:
         head.length = 0
     return head
+
+
+# A kept connection that fails this soon after a request went out on it, before a byte of an
+# answer, was closed by its server before the request arrived (its keep-alive ran out).
+STALE_SECONDS = 0.1
+
+
+def failed_as_stale(exchanges: int, received: int, sent_at: float) -> bool:
+    """Whether an exchange failed as one on a kept connection that its server had closed does:
+    on a connection used before, at once, and before a byte of an answer. Only then is it sure
+    the server did not work on the request, and it may be sent again on a new connection.
+    (`sent_at`: time.monotonic() as the request went out.)"""
+    return exchanges > 1 and not received and time.monotonic() - sent_at < STALE_SECONDS
 
 
 def take_head(buffer: bytearray, method: str) -> tuple[Head, bytes] | None:

@@ -28,11 +28,16 @@ from typing import cast
 
 from aiohttp import web
 
-from nodeagent.http1 import CRLF, MAX_HEAD, MAX_SIZE_LINE, Head, chunk_size, take_head
+from nodeagent.http1 import (
+    CRLF,
+    MAX_HEAD,
+    MAX_SIZE_LINE,
+    Head,
+    chunk_size,
+    failed_as_stale,
+    take_head,
+)
 
-# A kept connection that fails this soon after a request went out on it, before any answer,
-# was closed by its engine before the request arrived (its keep-alive ran out).
-_STALE_SECONDS = 0.1
 # How the body's bytes go to the client: as they are; a chunked body's data without its
 # framing; a body framed by the close, given chunked framing.
 _PASS, _DECHUNK, _FRAME = "pass", "dechunk", "frame"
@@ -199,11 +204,7 @@ class EngineConnection(asyncio.Protocol):
         """Whether this exchange failed as one on a kept connection that its engine had closed
         does: at once, and before a byte of an answer. Only then is it sure the engine did not
         work on the request, and it may be sent again."""
-        return (
-            self.exchanges > 1
-            and not self._received
-            and time.monotonic() - self._sent_at < _STALE_SECONDS
-        )
+        return failed_as_stale(self.exchanges, self._received, self._sent_at)
 
     @property
     def closed(self) -> bool:

@@ -29,15 +29,12 @@ from urllib.parse import quote, urlsplit
 from multidict import CIMultiDict
 
 from nodeagent.enginepool import PATH_SAFE, Kept
-from nodeagent.http1 import Dechunker, Head, take_head
+from nodeagent.http1 import Dechunker, Head, failed_as_stale, take_head
 
 # How long a kept connection may sit idle before it is used again: well under the agent's own
 # keep-alive (aiohttp's server, 75 s), so a kept connection is not one the agent is closing.
 KEEP_IDLE_SECONDS = 15.0
 KEEP_PER_AGENT = 256
-# A kept connection that fails this soon after a request went out on it, before any answer,
-# was closed by its agent before the request arrived: the agent never saw it.
-_STALE_SECONDS = 0.1
 # A stream's bytes not yet taken by the relay, past which the agent's connection is not read
 # (a client slower than its engine): TCP's window then slows the agent, and so the engine.
 _HIGH_WATER = 256 * 1024
@@ -176,11 +173,7 @@ class AgentConnection(asyncio.Protocol):
     def stale(self) -> bool:
         """Whether the exchange failed as one on a kept connection that its agent had closed
         does: at once, before a byte of an answer. Only then may it be sent again."""
-        return (
-            self.exchanges > 1
-            and not self._received
-            and time.monotonic() - self._sent_at < _STALE_SECONDS
-        )
+        return failed_as_stale(self.exchanges, self._received, self._sent_at)
 
     @property
     def closed(self) -> bool:

@@ -77,7 +77,7 @@ class GatewayState:
             ("usage", self.usage.flush),
             ("request figures", self.stats.flush),
             ("KV feeds", self.kv.close),
-            ("agent connections", self._close_session),
+            ("agent connections", self._close_agent_clients),
             ("rate-limit clients", self.limiter.close),
         ):
             try:
@@ -85,7 +85,7 @@ class GatewayState:
             except Exception:
                 log.exception("could not close the gateway's %s as the web process stopped", what)
 
-    async def _close_session(self) -> None:
+    async def _close_agent_clients(self) -> None:
         self.agents.close()
         # aiohttp logs an ERROR for a session left open when the process exits.
         if self._session is not None:

@@ -88,6 +88,13 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+async def one_event_then_held(reader, writer, n):
+    """A stream's head and first event, then nothing until the client closes."""
+    writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+    await writer.drain()
+    await until_closed(reader)
+
+
 async def test_a_plain_answer_is_read_whole_and_its_connection_kept(serve):
     async def answer(reader, writer, n):
         writer.write(plain(b'{"n": %d}' % n))
@@ -208,12 +215,7 @@ async def test_an_answer_that_breaks_off_is_broken(serve, reply):
 
 
 async def test_a_stream_silent_past_its_idle_limit_is_broken(serve):
-    async def answer(reader, writer, n):
-        writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-        await until_closed(reader)
-
-    agent = await serve(answer)
+    agent = await serve(one_event_then_held)
     pool = AgentConnections()
     got = await pool.post(agent.url, {}, b"{}", idle=0.3)
     chunks = got.chunks()
@@ -243,12 +245,7 @@ async def test_a_connection_the_agent_closed_while_kept_is_replaced(serve):
 
 
 async def test_an_answer_left_unread_closes_its_connection(serve):
-    async def answer(reader, writer, n):
-        writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-        await until_closed(reader)
-
-    agent = await serve(answer)
+    agent = await serve(one_event_then_held)
     pool = AgentConnections()
     got = await pool.post(agent.url, {}, b"{}", idle=5)
     got.release()  # the client left: the agent must hear of it, to cancel the engine's work
