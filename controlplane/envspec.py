@@ -269,10 +269,11 @@ SECTIONS: tuple[Section, ...] = (
                 Var("GATEWAY_PREFIX_BALANCE_PERCENT", default=25, minimum=0),
             ),
             _group("a new prefix's home: the first replica in its rendezvous order whose "
-                   "recent prompt traffic is at most this percent of the replicas' mean "
-                   "(consistent hashing with bounded loads; under `precise`, or with one web "
-                   "process; 0: plain rendezvous; under 100 counts as 100)",
-                Var("GATEWAY_PREFIX_HOME_BOUND_PERCENT", default=125, minimum=0),
+                   "recent new prompt traffic (what its cache took in) is at most this "
+                   "percent of the replicas' mean (consistent hashing with bounded loads; "
+                   "under `precise`, or with one web process; 0: plain rendezvous; under 100 "
+                   "counts as 100)",
+                Var("GATEWAY_PREFIX_HOME_BOUND_PERCENT", default=100, minimum=0),
             ),
             _group("how much of a prompt cache-aware routing reads (its cost per request)",
                 Var("GATEWAY_PREFIX_HASH_KIB", default=64, minimum=1),

@@ -23,7 +23,8 @@ class ReplicaLoad:
     waiting: int = 0
     kv_cache_usage: float | None = None
     seats: int = 0  # the engine's concurrent sequences (max_num_seqs); 0: not known
-    # The prompt volume this web process sent it lately (decayed): its share of new prefixes.
+    # The new prompt this web process sent it lately (chunks its cache had to take in,
+    # decayed): bounds its share of new prefixes.
     traffic: float = 0.0
 
 
@@ -58,11 +59,12 @@ def rendezvous_replica(replicas: Sequence[ReplicaLoad], key: str) -> ReplicaLoad
 class HomeBound:
     """Consistent hashing with bounded loads (Mirrokni et al.; HAProxy's hash-balance-factor)
     for a new prefix's home: the first replica in the prefix's rendezvous order whose recent
-    prompt traffic is at most `factor` times the replicas' mean. Plain rendezvous hashing
-    leaves where the few hottest prefixes land to chance, and a replica drawing two of them
-    takes twice its share of the conversations that follow, whose KV its cache then cannot
-    keep. The bound applies once the replicas' traffic adds up to `min_total`: below it the
-    shares are noise, and two web processes would act on different noise."""
+    new prompt traffic (what its cache had to take in) is at most `factor` times the
+    replicas' mean. Plain rendezvous hashing leaves where the few hottest prefixes land to
+    chance, and a replica drawing two of them takes twice its share of the conversations
+    that follow, whose KV its cache then cannot keep. The bound applies once the replicas'
+    traffic adds up to `min_total`: below it the shares are noise, and two web processes
+    would act on different noise."""
 
     factor: float
     min_total: float

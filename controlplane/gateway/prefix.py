@@ -176,13 +176,16 @@ class PrefixIndex:
                 found[replica] = depth
         return found
 
-    def record(self, prefix: Prefix, replica: str) -> None:
-        """The prefix was sent to `replica`: it leads every chunk's holders now."""
+    def record(self, prefix: Prefix, replica: str) -> int:
+        """The prefix was sent to `replica`: it leads every chunk's holders now. Returns how
+        many of its chunks `replica` was not known to hold: what its engine likely prefilled,
+        and what its cache took in, pushing older prefixes out."""
         # One copy of each replica name, however many entries and requests name them (each
         # request brings its own strings; `prefix_of` interns the key): an entry's cost stays
         # ENTRY_BYTES.
         replica = sys.intern(replica)
         entries = self.entries
+        new = 0
         # Last to first: the first chunk ends most recent, and is evicted last (every longer
         # prefix needs it).
         for chunk in reversed(prefix.chunks):
@@ -190,25 +193,30 @@ class PrefixIndex:
             holders = entries.get(entry)
             if holders is None:
                 entries[entry] = (replica,)
+                new += 1
             else:
                 if holders[0] != replica:
+                    new += replica not in holders
                     kept = tuple(h for h in holders if h != replica)[: HOLDERS - 1]
                     entries[entry] = (replica, *kept)
                 entries.move_to_end(entry)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
+        return new
 
 
 class Traffic:
-    """How much prompt this process sent each replica lately (in chunks, halved every
-    HALF_LIFE seconds): each replica's share of new prefixes is bounded by it
-    (agents.scheduling.HomeBound)."""
+    """How much new prompt this process sent each replica lately: chunks it was not known to
+    hold (`PrefixIndex.record`), halved every HALF_LIFE seconds. Each replica's share of new
+    prefixes is bounded by it (agents.scheduling.HomeBound). New chunks, not all of them: a
+    hot prefix's hits cost its replica neither prefill nor cache room, and counting them
+    sent new prefixes away from a replica whose cache had room (bench/README.md, issue 29)."""
 
     # Long enough to even out bursts, short enough that a replica added or emptied is seen
     # within minutes.
     HALF_LIFE = 60.0
     # The bound's minimum: below this much recent traffic, shares are noise
-    # (HomeBound.min_total). 512 chunks: 256 KiB of prompts.
+    # (HomeBound.min_total). 512 new chunks: 256 KiB of prompts the caches took in.
     MIN_TOTAL = 512.0
 
     def __init__(self) -> None:

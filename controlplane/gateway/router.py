@@ -183,6 +183,13 @@ class Router:
         assert chosen is not None
         return by_key[chosen.key], session_or(RouteReason.LOAD, chosen, holding + others, user)
 
+    def sent(self, prefix: Prefix, placement: Placement) -> None:
+        """The prefix went to `placement`, whose engine caches it now: the index follows, and
+        what was new to it counts as its traffic (HomeBound)."""
+        if prefix.chunks:
+            fresh = self.prefixes.record(prefix, str(placement.pk))
+            self.traffic.add(str(placement.pk), fresh, time.monotonic())
+
     def holds(self, placement: Placement, adapter_id: str) -> bool:
         """Whether the replica's engine holds the adapter, as far as this process knows."""
         return adapter_id in (placement.adapters or {}) or (

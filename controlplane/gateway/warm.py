@@ -126,9 +126,8 @@ async def try_replica(
         )
     if job.adapter is not None:
         router.saw_adapter(placement, job.adapter.adapter_id)
-    if job.prefix is not None and job.prefix.chunks:  # its engine now caches the prefix
-        router.prefixes.record(job.prefix, str(placement.pk))
-        router.traffic.add(str(placement.pk), len(job.prefix.chunks), time.monotonic())
+    if job.prefix is not None:
+        router.sent(job.prefix, placement)
     job.record.note(agent=placement.agent.agent_id, replica=placement.pk)
     return Opened(placement, answer, claim, job.meter)
 

@@ -97,6 +97,22 @@ def test_the_index_finds_the_longest_run_each_live_replica_holds():
     assert index.match(other, {"a", "b"}) == {}
 
 
+def test_recording_says_how_many_chunks_were_new_to_the_replica():
+    """What a replica's cache had to take in: a hit's chunks are not new, a longer prompt's
+    tail is, and so is all of it on another replica or on one pushed out of the holders."""
+    index = PrefixIndex(1000)
+    short = prefix_of(Api.COMPLETIONS, {"prompt": SYSTEM[:1100]}, "7", CAP)
+    long = prefix_of(Api.COMPLETIONS, {"prompt": SYSTEM}, "7", CAP)
+    assert index.record(short, "a") == len(short.chunks) > 0
+    assert index.record(short, "a") == 0
+    assert index.record(long, "a") == len(long.chunks) - len(short.chunks) > 0
+    assert index.record(long, "b") == len(long.chunks)
+    assert index.record(long, "a") == 0  # still a holder, though not the latest
+    for replica in ["c", "d", "e"]:
+        assert index.record(short, replica) == len(short.chunks)
+    assert index.record(short, "b") == len(short.chunks)  # the oldest of HOLDERS: out
+
+
 def test_the_index_keeps_the_latest_holders_first_and_stays_within_its_bound():
     index = PrefixIndex(1000)
     prefix = prefix_of(Api.COMPLETIONS, {"prompt": SYSTEM}, "7", CAP)

@@ -36,6 +36,10 @@ def prefix(key: str = "7", user: str = "q"):
     return prefix_of(Api.CHAT, body, key, 65536)
 
 
+def system(text: str):
+    return prefix_of(Api.CHAT, {"messages": [{"role": "system", "content": text}]}, "7", 65536)
+
+
 def router() -> Router:
     return Router(state=None)  # type: ignore[arg-type]  # pick and the index use no state
 
@@ -93,6 +97,28 @@ def test_a_new_prefixs_home_is_bounded_by_traffic_where_web_processes_agree(
     assert picked[1] is RouteReason.PREFIX
     settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT = 0  # off: the plain home
     assert route.pick(pool, None, prefix=prefix()) == home
+
+
+def test_a_hot_prefixs_hits_leave_its_replica_room_for_new_prefixes(settings):
+    """Traffic that bounds homes is what was new to a replica: the thousandth request of one
+    system prompt costs its replica nothing in cache, and does not push new prefixes away."""
+    settings.GATEWAY_ROUTING_POLICY, settings.GATEWAY_WEB_PROCESSES = "cache_aware", 1
+    settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT = 100
+    route, pool = router(), replicas({}, {}, {}, {})
+    hot = system("the hot system prompt " * 2000)  # 44 KB: 86 chunks
+    picked = route.pick(pool, None, prefix=hot)
+    assert picked is not None
+    for _ in range(200):  # 200 times its chunks sent, all but the first time hits
+        route.sent(hot, picked[0])
+    now = time.monotonic()
+    assert route.traffic.of(str(picked[0].pk), now) == pytest.approx(len(hot.chunks), rel=0.01)
+    for placement in pool:  # twice as much new prompt on each of the others
+        if placement != picked[0]:
+            for n in range(2):
+                route.sent(system(f"elsewhere {placement.pk} {n} " * 2000), placement)
+    homes = {route.pick(pool, None, prefix=system(f"new {n} " * 200))[0].pk
+             for n in range(40)}  # fmt: skip
+    assert picked[0].pk in homes  # still takes its share of new prefixes
 
 
 @pytest.mark.parametrize(
