@@ -27,6 +27,7 @@ QUICK_SECONDS = {
     "history": 300,
     "realclient": 900,
     "routing": 300,
+    "routing_replay": 120,
 }
 
 
