@@ -38,7 +38,7 @@ Reported per path:
   wait for a seat, and the prefill of what the cache lacks), which routing decides; and as
   the client saw it, which adds every hop in front of the engines on this shared machine;
 - requests/s;
-- max/mean of the prompt tokens each engine took;
+- max/mean of the prompt tokens each engine took, and of those it prefilled (did not hold);
 - the web process's CPU per request.
 
 Also reported:
@@ -47,7 +47,8 @@ Also reported:
   in order, which no routing can beat;
 - `imbalance`: cache_aware's max/mean load on a uniform workload (every prompt equally
   popular);
-- `added_p50_ms`: what cache_aware adds to least_loaded's latency at concurrency 1.
+- `added_p50_ms`: what cache_aware adds to least_loaded's latency at concurrency 1 (a web
+  process under each policy in front of the same agents, in ten interleaved rounds).
 
 `--quick` runs tiny sizes without the routers, so that the test suite runs it.
 """
@@ -142,7 +143,6 @@ def run_policies(
     """llmfleet under each routing policy: each one's run, and its latency p50 at concurrency 1
     (non-streaming requests one at a time)."""
     runs: dict[str, Run] = {}
-    c1: dict[str, float] = {}
     for policy in ("least_loaded", "cache_aware", "precise"):
         with Llmfleet(policy, env, work, sizes, policy.replace("_", "")) as fleet:
             if policy == "precise":
@@ -153,9 +153,28 @@ def run_policies(
             run = summarize(before, fleet.engine_counters(), ttfts, seconds)
             run.cpu_ms_per_request = (cpu_seconds(fleet.web.pid) - cpu) * 1000 / len(order)
             runs[f"llmfleet {policy}"] = run
-            count = 40 if args.quick else 400
-            c1[policy] = p(asyncio.run(latencies_c1(fleet.url, auth, fleet.model, count)), 50)
+            if policy == "precise":
+                c1 = latencies_by_policy(args, fleet, auth)
     return runs, c1
+
+
+def latencies_by_policy(args: argparse.Namespace, fleet: Llmfleet,
+                        auth: dict[str, str]) -> dict[str, float]:  # fmt: skip
+    """Each policy's latency p50 at concurrency 1: a web process under each in front of the
+    same agents and engines, measured in interleaved rounds. This machine's speed drifts
+    over minutes, and where its two cores put each process differs from fleet to fleet:
+    policies measured on fleets of their own, one after another, differed by up to 0.3 ms
+    with the same routing cost. Each web process is new: none carries the run before."""
+    urls = {
+        policy: fleet.web_under(policy) for policy in ("least_loaded", "cache_aware", "precise")
+    }
+    fleet.follow_feeds(auth, [urls["precise"]])
+    latencies: dict[str, list[float]] = {policy: [] for policy in urls}
+    for _ in range(2 if args.quick else 10):
+        for policy, url in urls.items():
+            count = 20 if args.quick else 40
+            latencies[policy] += asyncio.run(latencies_c1(url, auth, fleet.model, count))
+    return {policy: p(values, 50) for policy, values in latencies.items()}
 
 
 def run_cache_aware_variants(
@@ -251,11 +270,13 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float], read_us: f
         "client saw it, every hop in front of the engines included (ms)"
     )
     print(f"\n{'path':<32} {'hit ratio':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'client p50':>10} "
-          f"{'client p90':>10} {'req/s':>7} {'max/mean':>9} {'web CPU ms/req':>15}")  # fmt: skip
+          f"{'client p90':>10} {'req/s':>7} {'max/mean':>9} {'prefill max/mean':>16} "
+          f"{'web CPU ms/req':>15}")  # fmt: skip
     for name, run in runs.items():
         print(f"{name:<32} {run.hit_ratio:9.3f} {run.ttft_p50:9.2f} {run.ttft_p90:9.2f} "
               f"{run.client_p50:10.1f} {run.client_p90:10.1f} {run.rps:7.1f} "
-              f"{run.imbalance:9.2f} {run.cpu_ms_per_request:15.2f}")  # fmt: skip
+              f"{run.imbalance:9.2f} {run.prefill_imbalance:16.2f} "
+              f"{run.cpu_ms_per_request:15.2f}")  # fmt: skip
     print(f"{'oracle (one cache, 4x as large)':<32} {oracle:9.3f}")
     least, aware = runs["llmfleet least_loaded"], runs["llmfleet cache_aware"]
     vllm, sglang = runs.get("vllm-router cache_aware"), runs.get("sglang-router cache_aware")
@@ -284,6 +305,7 @@ def report(runs: dict[str, Run], oracle: float, c1: dict[str, float], read_us: f
         f"hit_cache_aware_2web={runs['llmfleet cache_aware, 2 web'].hit_ratio:.3f}",
         f"imbalance={runs['llmfleet cache_aware, uniform'].imbalance:.2f}",
         f"imbalance_zipf={aware.imbalance:.2f}",
+        f"prefill_imbalance_zipf={aware.prefill_imbalance:.2f}",
         f"added_p50_ms={c1['cache_aware'] - c1['least_loaded']:.2f}",
         f"precise_added_p50_ms={c1['precise'] - c1['least_loaded']:.2f}",
         f"precise_model_read_us={read_us:.0f}",

@@ -78,23 +78,35 @@ class Llmfleet:
         )
         self.ports = [free_port() for _ in range(self.webs)]
         for n, port in enumerate(self.ports):
-            web = start([sys.executable, "-m", "controlplane.web", "--port", str(port)],
-                        self.env, self.work / f"web-{self.tag}-{n}.log")  # fmt: skip
-            self.processes.append(web)
-            wait_for(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 30, "a web process")  # noqa: B023
+            self._start_web(port, self.env, f"web-{self.tag}-{n}.log")
         self.web = self.processes[-self.webs]  # the first web process: its CPU is read
         return self
+
+    def _start_web(self, port: int, env: dict[str, str], log: str) -> None:
+        web = start([sys.executable, "-m", "controlplane.web", "--port", str(port)], env,
+                    self.work / log)  # fmt: skip
+        self.processes.append(web)
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/healthz"), 30, "a web process")
+
+    def web_under(self, policy: str) -> str:
+        """The chat URL of one more web process, under `policy`, in front of the same agents:
+        what differs between it and the others is the routing alone."""
+        port = free_port()
+        self._start_web(port, self.env | {"GATEWAY_ROUTING_POLICY": policy},
+                        f"web-{self.tag}-{policy}.log")  # fmt: skip
+        return f"http://127.0.0.1:{port}/v1/chat/completions"
 
     def __exit__(self, *exc: object) -> None:
         stop(self.processes)
 
-    def follow_feeds(self, auth: dict[str, str]) -> None:
-        """Under `precise`: once every web process follows the four engines' KV events (a
-        first request starts following; until the feeds are live, routing is cache_aware's)."""
+    def follow_feeds(self, auth: dict[str, str], urls: list[str] | None = None) -> None:
+        """Under `precise`: once every web process (of `urls`, else the fleet's) follows the
+        four engines' KV events (a first request starts following; until the feeds are live,
+        routing is cache_aware's)."""
         scraper = {"Authorization": f"Bearer {self.env['AGENT_TOKEN']}"}
         hello = {"model": self.model, "messages": [{"role": "user", "content": "hello"}],
                  "max_tokens": 1}  # fmt: skip
-        for url in self.urls:
+        for url in urls or self.urls:
             requests.post(url, json=hello, headers=auth, timeout=30).raise_for_status()
             metrics = url.replace("/v1/chat/completions", "/metrics")
             wait_for(lambda: requests.get(metrics, headers=scraper, timeout=5).text.count(  # noqa: B023

@@ -90,7 +90,8 @@ class Run:
     client_p50: float  # ms, as the client saw it: the hops in front of the engines included
     client_p90: float
     rps: float
-    imbalance: float
+    imbalance: float  # max/mean of the prompt tokens each engine took
+    prefill_imbalance: float  # max/mean of those it did not hold: the prefill it did
     cpu_ms_per_request: float = float("nan")
 
 
@@ -154,12 +155,15 @@ def summarize(before: list[Reading], after: list[Reading], ttfts: list[float],
         for bound, count in a.ttft.items():
             merged[bound] = merged.get(bound, 0.0) + count - b.ttft.get(bound, 0.0)
     mean = statistics.mean(queries)
+    prefill = [q - h for q, h in zip(queries, hits, strict=True)]
     return Run(
         hit_ratio=sum(hits) / sum(queries),
         ttft_p50=histogram_quantile(merged, 0.5) * 1000,
         ttft_p90=histogram_quantile(merged, 0.9) * 1000,
         client_p50=p(ttfts, 50), client_p90=p(ttfts, 90),
         rps=len(ttfts) / seconds, imbalance=max(queries) / mean if mean else float("nan"),
+        prefill_imbalance=(max(prefill) / statistics.mean(prefill)
+                           if statistics.mean(prefill) else float("nan")),
     )  # fmt: skip
 
 
