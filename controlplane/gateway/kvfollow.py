@@ -233,12 +233,16 @@ class KvFollowers:
                         placement.agent.agent_id, exc)  # fmt: skip
 
     async def close(self) -> None:
-        for task in [
+        """Stop following, and wait for every feed's task to end: the state closes the session
+        they read from next, under them otherwise."""
+        tasks = [
             *(held.task for held in self.replicas.values() if held.task is not None),
             *self._reading.values(),
-        ]:
+        ]
+        for task in tasks:
             task.cancel()
         self.replicas.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _follow(self, pk: int, model_id: str, held: HeldBlocks) -> None:
         """Read the replica's feed while anyone asks about it; again after a failure, later

@@ -174,7 +174,10 @@ def test_an_agent_that_answers_garbage_is_never_trusted(answer):
             assert followers.held(placement, "m") is None
             await until(lambda: served >= 2, 10, "a second try")
             live = followers.replicas[1].live and bool(followers.replicas[1].names)
+            task = followers.replicas[1].task
             await followers.close()
+            assert task is not None
+            assert task.done()  # ended before the session closes
         await runner.cleanup()
         return served, live
 
