@@ -185,8 +185,9 @@ GATEWAY_ROUTING_POLICY = env_choice("GATEWAY_ROUTING_POLICY")
 # many, or this percent of its engine's seats (max_num_seqs) where that is more.
 GATEWAY_PREFIX_BALANCE = env_int("GATEWAY_PREFIX_BALANCE")
 GATEWAY_PREFIX_BALANCE_PERCENT = env_int("GATEWAY_PREFIX_BALANCE_PERCENT")
-# A new prefix's home is the first replica, in its rendezvous order, whose recent prompt traffic
-# from this web process is at most this percent of the replicas' mean (0: plain rendezvous).
+# A new prefix's home is the first replica, in its rendezvous order, whose recent new prompt
+# traffic from this web process (chunks its index did not list for it) is at most this percent
+# of the replicas' mean (0: plain rendezvous).
 GATEWAY_PREFIX_HOME_BOUND_PERCENT = env_int("GATEWAY_PREFIX_HOME_BOUND_PERCENT")
 # How much of a prompt is hashed for routing (KiB): a cap on each request's cost.
 GATEWAY_PREFIX_HASH_KIB = env_int("GATEWAY_PREFIX_HASH_KIB")

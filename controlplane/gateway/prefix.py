@@ -178,8 +178,10 @@ class PrefixIndex:
 
     def record(self, prefix: Prefix, replica: str) -> int:
         """The prefix was sent to `replica`: it leads every chunk's holders now. Returns how
-        many of its chunks `replica` was not known to hold: what its engine likely prefilled,
-        and what its cache took in, pushing older prefixes out."""
+        many of its chunks this index did not list for `replica`: what its engine likely
+        prefilled and its cache took in, pushing older prefixes out. Likely: the index
+        outlives the engine's cache, so a prefix evicted there and sent again counts 0, and
+        another web process's requests are not seen here."""
         # One copy of each replica name, however many entries and requests name them (each
         # request brings its own strings; `prefix_of` interns the key): an entry's cost stays
         # ENTRY_BYTES.
@@ -206,8 +208,8 @@ class PrefixIndex:
 
 
 class Traffic:
-    """How much new prompt this process sent each replica lately: chunks it was not known to
-    hold (`PrefixIndex.record`), halved every HALF_LIFE seconds. Each replica's share of new
+    """How much new prompt this process sent each replica lately: chunks its index did not
+    list for it (`PrefixIndex.record`), halved every HALF_LIFE seconds. Each replica's share of new
     prefixes is bounded by it (agents.scheduling.HomeBound). New chunks, not all of them: a
     hot prefix's hits cost its replica neither prefill nor cache room, and counting them
     sent new prefixes away from a replica whose cache had room (bench/README.md, issue 29)."""

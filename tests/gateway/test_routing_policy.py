@@ -10,7 +10,7 @@ import pytest
 from agents.models import Placement
 from agents.scheduling import RouteReason
 from controlplane.gateway.apis import Api
-from controlplane.gateway.prefix import prefix_of
+from controlplane.gateway.prefix import Traffic, prefix_of
 from controlplane.gateway.router import Router
 
 SYSTEM = "Answer as the fleet's runbook says. " * 60
@@ -100,25 +100,30 @@ def test_a_new_prefixs_home_is_bounded_by_traffic_where_web_processes_agree(
 
 
 def test_a_hot_prefixs_hits_leave_its_replica_room_for_new_prefixes(settings):
-    """Traffic that bounds homes is what was new to a replica: the thousandth request of one
-    system prompt costs its replica nothing in cache, and does not push new prefixes away."""
+    """Traffic that bounds homes is what was new to a replica: the two hundredth request of
+    one system prompt costs its replica nothing in cache, and does not push new prefixes
+    away; the others, which took in more, are past the bound."""
     settings.GATEWAY_ROUTING_POLICY, settings.GATEWAY_WEB_PROCESSES = "cache_aware", 1
     settings.GATEWAY_PREFIX_HOME_BOUND_PERCENT = 100
     route, pool = router(), replicas({}, {}, {}, {})
-    hot = system("the hot system prompt " * 2000)  # 44 KB: 86 chunks
+    hot = system("the hot system prompt " * 2000)  # 44 KB: 85 chunks
     picked = route.pick(pool, None, prefix=hot)
     assert picked is not None
-    for _ in range(200):  # 200 times its chunks sent, all but the first time hits
+    for _ in range(200):  # its chunks sent 200 times, all hits after the first
         route.sent(hot, picked[0])
     now = time.monotonic()
     assert route.traffic.of(str(picked[0].pk), now) == pytest.approx(len(hot.chunks), rel=0.01)
-    for placement in pool:  # twice as much new prompt on each of the others
+    for placement in pool:  # about 4 x 54 new chunks on each of the others
         if placement != picked[0]:
-            for n in range(2):
+            for n in range(4):
                 route.sent(system(f"elsewhere {placement.pk} {n} " * 2000), placement)
+    total = sum(route.traffic.of(str(placement.pk), now) for placement in pool)
+    assert total > Traffic.MIN_TOTAL  # the bound applies
     homes = {route.pick(pool, None, prefix=system(f"new {n} " * 200))[0].pk
              for n in range(40)}  # fmt: skip
-    assert picked[0].pk in homes  # still takes its share of new prefixes
+    # The hot replica alone is under the mean: every new prefix's home. Counting all chunks
+    # sent, it would be far past it and take none.
+    assert homes == {picked[0].pk}
 
 
 @pytest.mark.parametrize(
