@@ -46,7 +46,9 @@ from nodeagent.kvblocks import word_ids  # noqa: E402
 SEATS = 256  # the sims' max_num_seqs, as bench/routing.py registers them
 HASH_KIB, INDEX_MIB, BALANCE, BALANCE_SHARE = 64, 8, 4, 0.25  # the settings' defaults
 REQUESTS_PER_SECOND = 600.0  # about bench/routing.py's rate: how fast Traffic decays here
-KEYS = ("bench/route-cacheaware", "a", "b", "c")
+# The gateway keys a model's prefixes by its row's id: "2" is the live benchmark's cache_aware
+# model (its second fleet), so the first draw here is the one bench/routing.py makes.
+KEYS = ("2", "a", "b", "c")
 
 # What a replica's traffic grows by when a prefix is sent to it: (the prefix, what
 # PrefixIndex.record said was new to it) → chunks.
