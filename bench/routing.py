@@ -143,6 +143,7 @@ def run_policies(
     """llmfleet under each routing policy: each one's run, and its latency p50 at concurrency 1
     (non-streaming requests one at a time)."""
     runs: dict[str, Run] = {}
+    c1: dict[str, float] = {}  # measured on the last fleet, precise's, with every policy
     for policy in ("least_loaded", "cache_aware", "precise"):
         with Llmfleet(policy, env, work, sizes, policy.replace("_", "")) as fleet:
             if policy == "precise":
@@ -170,9 +171,9 @@ def latencies_by_policy(args: argparse.Namespace, fleet: Llmfleet,
     }
     fleet.follow_feeds(auth, [urls["precise"]])
     latencies: dict[str, list[float]] = {policy: [] for policy in urls}
-    for _ in range(2 if args.quick else 10):
+    rounds, count = (2, 20) if args.quick else (10, 40)
+    for _ in range(rounds):
         for policy, url in urls.items():
-            count = 20 if args.quick else 40
             latencies[policy] += asyncio.run(latencies_c1(url, auth, fleet.model, count))
     return {policy: p(values, 50) for policy, values in latencies.items()}
 

@@ -35,13 +35,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from routing_traffic import BLOCK_TOKENS, ENGINES, Sizes, oracle_hit_ratio, workload  # noqa: E402
+from routing_traffic import (  # noqa: E402
+    BLOCK_TOKENS,
+    ENGINES,
+    Sizes,
+    max_over_mean,
+    oracle_hit_ratio,
+    sim_tokens,
+    workload,
+)
 
 from agents.scheduling import HomeBound, ReplicaLoad, choose_cached_replica  # noqa: E402
 from controlplane.gateway.apis import Api  # noqa: E402
 from controlplane.gateway.prefix import Prefix, PrefixIndex, Traffic, prefix_of  # noqa: E402
 from nodeagent.engines.simcache import PrefixCache  # noqa: E402
-from nodeagent.kvblocks import word_ids  # noqa: E402
 
 SEATS = 256  # the sims' max_num_seqs, as bench/routing.py registers them
 HASH_KIB, INDEX_MIB, BALANCE, BALANCE_SHARE = 64, 8, 4, 0.25  # the settings' defaults
@@ -79,11 +86,11 @@ def replay(order: list[list[dict[str, str]]], sizes: Sizes, key: str, factor: fl
         chosen = found[0].key
         if prefix.chunks:
             traffic.add(chosen, counting(prefix, index.record(prefix, chosen)), now)
-        tokens = word_ids("\n".join(message["content"] for message in messages))
+        tokens = sim_tokens(messages)
         hit = caches[chosen].serve(tokens, key)
         hits, queries = hits + hit, queries + len(tokens)
         missed[chosen] += len(tokens) - hit
-    return hits / queries, max(missed.values()) / statistics.mean(missed.values())
+    return hits / queries, max_over_mean(list(missed.values()))
 
 
 def main() -> None:

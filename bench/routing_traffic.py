@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nodeagent.engines.simcache import PrefixCache  # noqa: E402
-from nodeagent.kvblocks import word_ids  # noqa: E402
+from nodeagent.kvblocks import sim_prompt, word_ids  # noqa: E402
 
 BLOCK_TOKENS = 16
 ENGINES = 4
@@ -60,13 +60,18 @@ def workload(sizes: Sizes, seed: int, zipf: float = 1.1) -> list[list[dict[str, 
     return order
 
 
+def sim_tokens(messages: list[dict[str, str]]) -> list[int]:
+    """A chat's prompt tokens as the sim engine reads them (its prompt's words)."""
+    return word_ids(sim_prompt({"messages": messages}, chat=True))
+
+
 def oracle_hit_ratio(order: list[list[dict[str, str]]], sizes: Sizes) -> float:
-    """One cache as large as all the engines' together, every request in order (the sim
-    engine's prompt: the messages' contents, its tokens their words)."""
+    """One cache as large as all the engines' together, every request in order, as the sim
+    engine reads each (`sim_tokens`)."""
     cache = PrefixCache(BLOCK_TOKENS, sizes.cache_blocks * ENGINES)
     hits = queries = 0
     for messages in order:
-        tokens = word_ids("\n".join(message["content"] for message in messages))
+        tokens = sim_tokens(messages)
         hits += cache.serve(tokens, "oracle")
         queries += len(tokens)
     return hits / queries
@@ -154,17 +159,21 @@ def summarize(before: list[Reading], after: list[Reading], ttfts: list[float],
     for a, b in zip(after, before, strict=True):
         for bound, count in a.ttft.items():
             merged[bound] = merged.get(bound, 0.0) + count - b.ttft.get(bound, 0.0)
-    mean = statistics.mean(queries)
     prefill = [q - h for q, h in zip(queries, hits, strict=True)]
     return Run(
         hit_ratio=sum(hits) / sum(queries),
         ttft_p50=histogram_quantile(merged, 0.5) * 1000,
         ttft_p90=histogram_quantile(merged, 0.9) * 1000,
         client_p50=p(ttfts, 50), client_p90=p(ttfts, 90),
-        rps=len(ttfts) / seconds, imbalance=max(queries) / mean if mean else float("nan"),
-        prefill_imbalance=(max(prefill) / statistics.mean(prefill)
-                           if statistics.mean(prefill) else float("nan")),
+        rps=len(ttfts) / seconds, imbalance=max_over_mean(queries),
+        prefill_imbalance=max_over_mean(prefill),
     )  # fmt: skip
+
+
+def max_over_mean(values: list[float]) -> float:
+    """How far the busiest engine is above the mean (NaN when none did anything)."""
+    mean = statistics.mean(values)
+    return max(values) / mean if mean else float("nan")
 
 
 async def latencies_c1(url: str, headers: dict[str, str], model: str, count: int) -> list[float]:
